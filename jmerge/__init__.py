@@ -25,9 +25,23 @@ _MODULES = [
     "_spectral",
     "_layers",
     "_learned",
+    "_checkpoint",
+    "_config",
+    "_pipeline",
 ]
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "available_methods"]
+_METHODS: dict = {}
+
+
+def available_methods() -> dict:
+    """Named merge methods: ``{name: factory}``; ``factory(**hparams)`` returns a Transform.
+
+    Each family module lists its methods in a module-level ``METHODS`` dict.
+    """
+    return dict(_METHODS)
+
+
 for _m in _MODULES:
     try:
         _mod = _import_module(f"jmerge.{_m}")
@@ -38,4 +52,5 @@ for _m in _MODULES:
     for _name in _mod.__all__:
         globals()[_name] = getattr(_mod, _name)
     __all__ += list(_mod.__all__)
+    _METHODS.update(getattr(_mod, "METHODS", {}))
 del _m, _mod, _import_module

@@ -86,3 +86,6 @@ def negation(scale=1.0):
     """
     return chain(weighted_sum(1.0), globals()["scale"](-1.0 * scale) if not hasattr(scale, "shape")
                  else globals()["scale"](-scale), name="negation")
+
+
+METHODS = {"linear": linear, "task_arithmetic": task_arithmetic, "negation": negation}
