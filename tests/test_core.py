@@ -1,0 +1,158 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jmerge
+from jmerge import Gradient, MergeInputError, PerModel, Rules
+from tests._trees import random_trees
+
+
+def flat(tree):
+    paths, leaves, _ = jmerge.leaves_with_paths(tree)
+    return dict(zip(paths, [np.asarray(x, np.float32) for x in leaves]))
+
+
+def test_task_arithmetic_matches_numpy_and_keeps_dtype():
+    base, models = random_trees(T=3, dtype=jnp.bfloat16)
+    out = jmerge.merge(jmerge.task_arithmetic(scale=0.3, weight=PerModel([1.0, 0.5, 2.0])), base, models)
+    fb, fms, fo = flat(base), [flat(m) for m in models], flat(out)
+    for p in fb:
+        ref = fb[p] + 0.3 * sum(w * (fm[p] - fb[p]) for w, fm in zip([1.0, 0.5, 2.0], fms))
+        ref = np.asarray(jnp.asarray(ref, jnp.bfloat16), np.float32)
+        np.testing.assert_allclose(fo[p], ref, rtol=1e-2, atol=1e-2)  # bf16 output rounding
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+
+
+def test_task_arithmetic_fp32_exactish():
+    base, models = random_trees(T=2)
+    out = jmerge.merge(jmerge.task_arithmetic(scale=0.7), base, models)
+    fb, fms, fo = flat(base), [flat(m) for m in models], flat(out)
+    for p in fb:
+        ref = fb[p].astype(np.float64) + 0.7 * sum(fm[p].astype(np.float64) - fb[p] for fm in fms)
+        np.testing.assert_allclose(fo[p], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_is_weighted_average():
+    base, models = random_trees(T=3)
+    w = [0.2, 0.3, 0.5]
+    out = flat(jmerge.merge(jmerge.linear(weight=PerModel(w)), base, models))
+    fms = [flat(m) for m in models]
+    for p in out:
+        ref = sum(wi * fm[p].astype(np.float64) for wi, fm in zip(w, fms)) / sum(w)
+        np.testing.assert_allclose(out[p], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_negation():
+    base, models = random_trees(T=1)
+    out = flat(jmerge.merge(jmerge.negation(scale=0.5), base, models))
+    fb, fm = flat(base), flat(models[0])
+    for p in out:
+        np.testing.assert_allclose(out[p], fb[p] - 0.5 * (fm[p] - fb[p]), rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_rules_permodel_resolution():
+    base, _ = random_trees(T=1)
+    # 3 layers (0, 1, 2): t = 0, 0.5, 1; non-layer leaves get t = 0.
+    hp = jmerge.resolve_hparams({"g": [0.0, 1.0, 0.0], "r": Rules([("attn", 2.0), ("re:norm$", Gradient([1, 3]))], 9.0),
+                                 "pm": PerModel([1.0, [0.0, 4.0]])}, base)
+    paths = jmerge.leaves_with_paths(base)[0]
+    got = {p: {k: v.tolist() for k, v in h.items()} for p, h in zip(paths, hp)}
+    assert got["layers.0.attn.w"]["g"] == 0.0 and got["layers.1.attn.w"]["g"] == 1.0
+    assert got["layers.2.mlp.w"]["g"] == 0.0 and got["embed"]["g"] == 0.0
+    assert got["layers.1.attn.w"]["r"] == 2.0 and got["layers.1.norm"]["r"] == 2.0  # 1 + 2 * 0.5
+    assert got["head"]["r"] == 9.0
+    assert got["layers.1.norm"]["pm"] == [1.0, 2.0]
+    # mergekit list-of-dicts form: first matching filter wins, entry without filter is the default
+    hp2 = jmerge.resolve_hparams({"t": [{"filter": "attn", "value": [0, 1]}, {"filter": "w", "value": 5},
+                                        {"value": 0.25}]}, base)
+    got2 = dict(zip(paths, [h["t"].item() for h in hp2]))
+    assert got2["layers.1.attn.w"] == 0.5 and got2["layers.2.mlp.w"] == 5 and got2["head"] == 0.25
+
+
+def test_pytree_hparam_and_unknown_name():
+    base, models = random_trees(T=2)
+    scales = jax.tree.map(lambda x: 0.0, base)
+    scales["head"] = 1.0
+    out = flat(jmerge.merge(jmerge.task_arithmetic(), base, models, hparams={"scale": scales}))
+    fb = flat(base)
+    assert np.allclose(out["embed"], fb["embed"]) and not np.allclose(out["head"], fb["head"])
+    with pytest.raises(MergeInputError, match="no hyperparameter"):
+        jmerge.merge(jmerge.task_arithmetic(), base, models, hparams={"densty": 0.1})
+
+
+def test_no_retrace_on_new_values():
+    base, models = random_trees(T=2)
+    jmerge.merge(jmerge.task_arithmetic(scale=0.1), base, models, hparams={"weight": PerModel([0.5, 1.0])})
+    n = jmerge.trace_count()
+    for s in [0.2, 0.3, 0.9]:
+        jmerge.merge(jmerge.task_arithmetic(scale=s), base, models, hparams={"weight": PerModel([s, 1.0])})
+    jmerge.merge(jmerge.task_arithmetic(), base, models, hparams={"scale": [0.1, 0.9]})
+    assert jmerge.trace_count() == n
+
+
+def test_inside_user_jit_and_traced_hparams():
+    base, models = random_trees(T=2)
+    f = jax.jit(lambda b, ms, s: jmerge.merge(jmerge.task_arithmetic(), b, ms, hparams={"scale": s}))
+    a = flat(f(base, models, jnp.float32(0.4)))
+    b = flat(jmerge.merge(jmerge.task_arithmetic(scale=0.4), base, models))
+    for p in a:
+        np.testing.assert_allclose(a[p], b[p], rtol=1e-6, atol=1e-7)
+
+
+def test_task_vectors_input_and_apply_delta():
+    base, models = random_trees(T=2, dtype=jnp.bfloat16)
+    tv = jmerge.task_vectors(base, models)
+    assert jax.tree.leaves(tv)[0].dtype == jnp.float32 and jax.tree.leaves(tv)[0].shape[0] == 2
+    a = flat(jmerge.merge(jmerge.task_arithmetic(scale=0.5), base, task_vectors=tv))
+    b = flat(jmerge.merge(jmerge.task_arithmetic(scale=0.5), base, models))
+    for p in a:
+        np.testing.assert_array_equal(a[p], b[p])
+    d = jax.tree.map(lambda t: t.sum(0), tv)
+    out = jmerge.apply_delta(base, d, 0.5)
+    assert jax.tree.leaves(out)[0].dtype == jnp.bfloat16
+
+
+def test_errors_name_the_leaf():
+    base, models = random_trees(T=2)
+    bad = jax.tree.map(lambda x: x, models[1])
+    bad["layers"]["1"]["attn"]["w"] = jnp.zeros((16, 11))
+    with pytest.raises(MergeInputError, match=r"layers\.1\.attn\.w.*\(16, 11\)"):
+        jmerge.merge(jmerge.task_arithmetic(), base, [models[0], bad])
+    bad2 = dict(models[1])
+    bad2.pop("head")
+    with pytest.raises(MergeInputError, match="head"):
+        jmerge.merge(jmerge.task_arithmetic(), base, [models[0], bad2])
+    nan = jax.tree.map(lambda x: x, models[0])
+    nan["embed"] = nan["embed"].at[0, 0].set(jnp.nan)
+    jmerge.merge(jmerge.task_arithmetic(), base, [nan])  # opt-in check: no error by default
+    with pytest.raises(MergeInputError, match="embed.*NaN"):
+        jmerge.merge(jmerge.task_arithmetic(), base, [nan], check_finite=True)
+    with pytest.raises(MergeInputError, match="2 models"):
+        jmerge.merge(jmerge.task_arithmetic(weight=PerModel([1, 2, 3])), base, models)
+
+
+def test_leaf_key_depends_on_path_only():
+    k1 = jax.random.key_data(jmerge.leaf_key(3, "a.b"))
+    k2 = jax.random.key_data(jmerge.leaf_key(3, "a.b"))
+    k3 = jax.random.key_data(jmerge.leaf_key(3, "a.c"))
+    k4 = jax.random.key_data(jmerge.leaf_key(4, "a.b"))
+    assert np.array_equal(k1, k2) and not np.array_equal(k1, k3) and not np.array_equal(k1, k4)
+
+
+def test_flax_nnx_state_merges():
+    from flax import nnx
+
+    def make(seed):
+        return nnx.split(nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(seed)), nnx.Linear(3, 2, rngs=nnx.Rngs(seed + 1))))
+
+    gdef, base = make(0)
+    ms = [make(s)[1] for s in (10, 20)]
+    out = jmerge.merge(jmerge.task_arithmetic(scale=0.5), base, ms)
+    assert type(out) is type(base)
+    model = nnx.merge(gdef, out)
+    y = model(jnp.ones((1, 4)))
+    assert y.shape == (1, 2)
+    lb, l0, l1, lo = (jax.tree.leaves(t) for t in (base, ms[0], ms[1], out))
+    for b, a0, a1, o in zip(lb, l0, l1, lo):
+        np.testing.assert_allclose(o, b + 0.5 * ((a0 - b) + (a1 - b)), rtol=1e-6, atol=1e-6)
