@@ -49,8 +49,8 @@ for _m in _MODULES:
         if _e.name != f"jmerge.{_m}":
             raise
         continue
-    for _name in _mod.__all__:
+    for _name in getattr(_mod, "__all__", []):
         globals()[_name] = getattr(_mod, _name)
-    __all__ += list(_mod.__all__)
+    __all__ += list(getattr(_mod, "__all__", []))
     _METHODS.update(getattr(_mod, "METHODS", {}))
 del _m, _mod, _import_module

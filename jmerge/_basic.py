@@ -84,8 +84,7 @@ def negation(scale=1.0):
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
-    return chain(weighted_sum(1.0), globals()["scale"](-1.0 * scale) if not hasattr(scale, "shape")
-                 else globals()["scale"](-scale), name="negation")
+    return chain(weighted_sum(-1.0), globals()["scale"](scale), name="negation")
 
 
 METHODS = {"linear": linear, "task_arithmetic": task_arithmetic, "negation": negation}
