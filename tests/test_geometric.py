@@ -168,9 +168,18 @@ def test_slerp_endpoints_exact():
 def test_slerp_linear_fallback_and_gradient():
     r = np.random.default_rng(3)
     b = r.normal(size=(64,)).astype(np.float32)
-    near = (b * 1.5 + 1e-3 * r.normal(size=64)).astype(np.float32)  # cos > 0.9995: linear
-    out = jmerge.merge(slerp(0.25), {"x": b}, [{"x": near}])["x"]
-    np.testing.assert_allclose(np.asarray(out), 0.75 * b.astype(np.float64) + 0.25 * near, rtol=RTOL, atol=ATOL)
+    perp = r.normal(size=64)
+    perp -= (perp @ b) / (b @ b) * b
+    perp /= np.linalg.norm(perp)
+    for angle, linear in [(0.0245, True), (0.0330, False)]:  # cos 0.99970 (linear) / 0.99946 (spherical)
+        c = (1.5 * b + 1.5 * angle * np.linalg.norm(b) * perp).astype(np.float32)
+        cos = (b @ c) / np.linalg.norm(b) / np.linalg.norm(c)
+        assert (cos > 0.9995) == linear
+        out = np.asarray(jmerge.merge(slerp(0.25), {"x": b}, [{"x": c}])["x"])
+        lin = 0.75 * b.astype(np.float64) + 0.25 * c
+        np.testing.assert_allclose(out, ref_slerp(b.astype(np.float64), [c.astype(np.float64)], t=0.25),
+                                   rtol=RTOL, atol=ATOL)
+        assert np.allclose(out, lin, rtol=RTOL, atol=ATOL) == linear
     # per-layer t (mergekit gradient): layer 0 gets t=0 (base), layer 2 of 3 gets t=1 (model)
     base = {"layers": {str(i): r.normal(size=(5, 4)).astype(np.float32) for i in range(3)}}
     ft = {"layers": {k: v + r.normal(size=v.shape).astype(np.float32) for k, v in base["layers"].items()}}
