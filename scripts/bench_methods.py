@@ -1,0 +1,98 @@
+"""Time every data-free merge method on a ~100M-parameter tree with 3 task vectors.
+
+Prints each method's wall time (after compilation) and its ratio to task arithmetic measured in
+the same run. The issue's target: TIES with exact top-k trimming costs at most 3x task arithmetic.
+
+    python scripts/bench_methods.py                 # ~100M params, all methods
+    python scripts/bench_methods.py --params 20e6 --methods task_arithmetic ties
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jmerge
+
+
+def make_tree(n_params: float, seed: int = 0, dtype=jnp.float32):
+    """Llama-like leaves (hidden h, mlp 2.75h) sized to about n_params."""
+    h = 1024
+    per_layer = 4 * h * h + 3 * h * int(2.75 * h) + 2 * h
+    layers = max(1, int(round(n_params / per_layer)))
+    key = jax.random.key(seed)
+    shapes = {}
+    for l in range(layers):
+        for n in ("q", "k", "v", "o"):
+            shapes[f"layers.{l}.attn.{n}"] = (h, h)
+        for n in ("gate", "up"):
+            shapes[f"layers.{l}.mlp.{n}"] = (h, int(2.75 * h))
+        shapes[f"layers.{l}.mlp.down"] = (int(2.75 * h), h)
+        shapes[f"layers.{l}.norm1"] = (h,)
+        shapes[f"layers.{l}.norm2"] = (h,)
+    tree = {}
+    for i, (k, s) in enumerate(shapes.items()):
+        d = tree
+        parts = k.split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = jax.random.normal(jax.random.fold_in(key, i), s, dtype)
+    return tree
+
+
+def timed(fn, repeat):
+    jax.block_until_ready(fn())  # compile + warm
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=float, default=100e6)
+    ap.add_argument("--models", type=int, default=3)
+    ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+
+    base = make_tree(args.params)
+    n = sum(x.size for x in jax.tree.leaves(base))
+    models = [jax.tree.map(lambda x, i=i: x + 0.01 * jax.random.normal(jax.random.key(100 + i), x.shape, x.dtype),
+                           base) for i in range(args.models)]
+    jax.block_until_ready(models)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; tree: {n / 1e6:.1f}M params, "
+          f"{len(jax.tree.leaves(base))} leaves, {args.models} fine-tuned models (float32)")
+    registry = jmerge.available_methods()
+    names = args.methods or sorted(registry)
+    names = ["task_arithmetic"] + [m for m in names if m != "task_arithmetic"]
+    rows = []
+    ta = None
+    for name in names:
+        try:
+            method = registry[name]()
+            T = args.models
+            if method.max_models is not None:
+                T = min(T, method.max_models)
+            ms = models[:max(T, method.min_models)]
+            t = timed(lambda: jmerge.merge(method, base, ms), args.repeat)
+        except Exception as e:  # report and continue
+            print(f"{name:24s} FAILED: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        ta = t if name == "task_arithmetic" else ta
+        rows.append((name, t, t / ta))
+        print(f"{name:24s} {t:8.3f} s   {t / ta:6.2f}x task_arithmetic", flush=True)
+    ties = [r for r in rows if r[0] == "ties"]
+    if ties:
+        verdict = "OK" if ties[0][2] <= 3.0 else "ABOVE TARGET"
+        print(f"\nTIES / task arithmetic = {ties[0][2]:.2f}x (target <= 3x): {verdict}")
+
+
+if __name__ == "__main__":
+    main()
