@@ -330,3 +330,11 @@ def test_mergekit_multislerp_karcher_model_stock():
         exp = model_stock_merge_method.implementation(TensorGroup.from_tensors([b, x, y, z], base_index=0),
                                                       filter_wise=fw).numpy()
         np.testing.assert_allclose(_jm(model_stock(filter_wise=fw), b, [x, y, z]), exp, rtol=1e-5, atol=1e-5)
+
+
+def test_inside_user_jit_with_traced_t():
+    import jax
+    base, models = make(1, seed=12, spread=1.0, bf16_leaf=False)
+    f = jax.jit(lambda t: jmerge.merge(slerp(), base, models, hparams={"t": t}))
+    out = f(jnp.float32(0.4))
+    check(out, base, models, ref_slerp, t=0.4)
