@@ -94,8 +94,12 @@ def _save_orbax_dir(params: Any, path: str, *, overwrite: bool, extra=None) -> s
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path}: output already exists; pass overwrite=True to replace it")
-    stage = _staging_dir(path)
-    shutil.rmtree(stage, ignore_errors=True)
+    # Orbax writes its own ``<dir>.orbax-checkpoint-tmp`` next to the target: keep both inside one
+    # private staging dir so that a failure leaves nothing behind.
+    root = _staging_dir(path)
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    stage = os.path.join(root, "ckpt")
     try:
         ckpt = _ocp().PyTreeCheckpointer()
         ckpt.save(stage, params)
@@ -103,9 +107,8 @@ def _save_orbax_dir(params: Any, path: str, *, overwrite: bool, extra=None) -> s
             extra(stage)
         _fsync_tree(stage)
         _atomic_replace_dir(stage, path, overwrite)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return path
 
 
