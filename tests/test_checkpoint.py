@@ -463,3 +463,58 @@ def test_writer_output_loads_in_transformers(tmp_path, tiny_base):
     assert torch.equal(ref, got)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert tok("the cat")["input_ids"] == transformers.AutoTokenizer.from_pretrained(tiny_base)("the cat")["input_ids"]
+
+
+def test_reader_parallel_threads(tmp_path):
+    t = _tensors(10, f8=False)
+    _write_sharded_reference(str(tmp_path), t, 2)
+    results = {}
+    with open_checkpoint(tmp_path) as r:
+        def work(names):
+            for k in names:
+                results[k] = r.get(k)
+
+        names = r.keys()
+        ths = [threading.Thread(target=work, args=(names[i::4],)) for i in range(4)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+    assert sorted(results) == sorted(t) and all(_same_bytes(results[k], v) for k, v in t.items())
+
+
+def test_writer_accepts_jax_arrays(tmp_path):
+    jnp = pytest.importorskip("jax.numpy")
+    x = jnp.linspace(-3, 3, 35, dtype=jnp.float32).reshape(5, 7)
+    lay = [("x.bf16", (5, 7), ml_dtypes.bfloat16), ("x.f32", (5, 7), np.float32)]
+    with CheckpointWriter(tmp_path / "o", lay) as w:
+        w.write("x.bf16", x.astype(jnp.bfloat16))
+        w.write("x.f32", x)
+    got = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert _same_bytes(got["x.bf16"], np.asarray(x).astype(ml_dtypes.bfloat16))
+    assert _same_bytes(got["x.f32"], np.asarray(x))
+
+
+def test_reader_dir_with_single_nonstandard_file_and_tied(tmp_path, tiny_tied):
+    save_file({"w": np.ones(4, np.float32)}, str(tmp_path / "adapter.safetensors"))
+    with open_checkpoint(tmp_path) as r:
+        assert r.keys() == ["w"]
+    save_file({"v": np.ones(4, np.float32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="no index"):
+        open_checkpoint(tmp_path)
+    base, fts = tiny_tied
+    with open_checkpoint(base) as r:
+        assert "lm_head.weight" not in r and "model.embed_tokens.weight" in r
+        assert r.config["tie_word_embeddings"] is True
+
+
+def test_mergekit_goldens_readable(mergekit_golden):
+    from tests.conftest import mergekit_cases
+
+    cases = mergekit_cases()
+    assert {"linear", "ties", "slerp", "passthrough", "della", "task_arithmetic_filters"} <= set(cases)
+    for c in cases:
+        cfg, path = mergekit_golden(c)
+        assert "merge_method" in cfg
+        with open_checkpoint(path) as r:
+            assert len(r) >= 30 and r.dtype("model.norm.weight") == np.dtype(ml_dtypes.bfloat16)
