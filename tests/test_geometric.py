@@ -326,6 +326,9 @@ def test_mergekit_multislerp_karcher_model_stock():
         np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-5)
     exp = karcher_merge_method.implementation(TensorGroup.from_tensors([x, y, z]), max_iter=10, tol=1e-5).numpy()
     np.testing.assert_allclose(_jm(karcher(), b, [x, y, z]), exp, rtol=1e-5, atol=1e-5)
+    zero = torch.zeros_like(y)  # a zero tensor does not steer the direction but counts in the norm
+    exp = karcher_merge_method.implementation(TensorGroup.from_tensors([x, zero, z]), max_iter=10, tol=1e-5).numpy()
+    np.testing.assert_allclose(_jm(karcher(), b, [x, zero, z]), exp, rtol=1e-5, atol=1e-5)
     for fw in [False, True]:
         exp = model_stock_merge_method.implementation(TensorGroup.from_tensors([b, x, y, z], base_index=0),
                                                       filter_wise=fw).numpy()
