@@ -175,6 +175,9 @@ def test_error_missing_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="model.safetensors"):
         open_checkpoint(tmp_path / "empty")
+    (tmp_path / "empty" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        open_checkpoint(tmp_path / "empty")
 
 
 def test_error_missing_shard(tmp_path):
@@ -285,7 +288,7 @@ def _check_against_safetensors(out_dir, t):
 def test_writer_single_any_order(tmp_path):
     t = _tensors(5, f8=False)
     out = tmp_path / "out"
-    with CheckpointWriter(out, _layout(t), metadata={"merged_by": "jmerge"}) as w:
+    with CheckpointWriter(out, _layout(t), metadata={"merged_by": "jmerge"}, fsync=False) as w:
         for k in reversed(list(t)):
             w.write(k, t[k])
     assert sorted(os.listdir(out)) == ["model.safetensors"]

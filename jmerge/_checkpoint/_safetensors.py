@@ -164,6 +164,11 @@ class CheckpointReader:
                 cands = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
                 if len(cands) == 1:
                     self._open_files([os.path.join(path, cands[0])], None)
+                elif any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(path)):
+                    raise CheckpointError(
+                        f"{path}: only PyTorch pickle weights (.bin/.pt) found; jmerge reads safetensors only. "
+                        "Re-save the model with `save_pretrained(..., safe_serialization=True)`"
+                    )
                 else:
                     raise CheckpointError(
                         f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found"
@@ -294,6 +299,8 @@ class CheckpointReader:
 
         Returns:
           A new (or ``out``-backed) array with the stored dtype and shape.
+
+        Safe to call from several threads at once (positional reads, no shared file offset).
         """
         info = self._get_info(name)
         if not self._fds:
@@ -419,11 +426,17 @@ class CheckpointWriter:
       overwrite: replace an existing ``out_dir`` at commit.
       metadata: extra ``__metadata__`` string entries (``{"format": "pt"}`` is always set, so
         transformers accepts the files).
+      fsync: fsync the files and directories before the rename (durable on power loss; costs
+        time proportional to the bytes on slow disks). The rename is atomic either way.
+
+    Thread safety: :meth:`write` may be called concurrently for different names; ``commit``/``abort``
+    must be called once, after all writes returned.
     """
 
     def __init__(self, out_dir: str | os.PathLike, layout: Iterable[tuple[str, Sequence[int], Any]], *,
                  max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, fsync: bool = True):
+        self.fsync = fsync
         self.out_dir = os.path.abspath(os.fspath(out_dir))
         self.overwrite = overwrite
         if os.path.exists(self.out_dir) and not overwrite:
@@ -574,10 +587,12 @@ class CheckpointWriter:
                 with open(os.path.join(self.tmp_dir, INDEX_FILE), "w", encoding="utf-8") as f:
                     json.dump(index, f, indent=2)
                     f.write("\n")
-            for fd in self._fds:
-                os.fsync(fd)
+            if self.fsync:
+                for fd in self._fds:
+                    os.fsync(fd)
             self._close_fds()
-            _fsync_tree(self.tmp_dir)
+            if self.fsync:
+                _fsync_tree(self.tmp_dir)
             _atomic_replace_dir(self.tmp_dir, self.out_dir, self.overwrite)
             self._done = True
             return self.out_dir
