@@ -85,7 +85,8 @@ def _learn_coefficients(apply_fn, base, models, task_vectors, batches, granulari
     batches, labels, sizes = check_batches(batches, T, labels if loss == "ce" else None)
     check_logits(fns, base, batches, sizes)
     lam0 = init_coefficients(tv, granularity, init, simplex)
-    project = coefficient_projection(clamp, simplex)
+    clamp_fn = coefficient_projection(clamp, simplex)
+    project = lambda lam, consts: clamp_fn(lam)  # noqa: E731
     optimizer = optax.adam(1e-3) if optimizer is None else optimizer
     batcher = Batcher(batches, labels, sizes, batch_size, seed, mesh)
 

@@ -326,7 +326,7 @@ def train(objective: Callable, variables, consts, batcher: Batcher, *, optimizer
       batcher: yields the per-step data.
       optimizer: optax GradientTransformation.
       steps: number of steps.
-      project: applied to the variables after each update (clamp, simplex ...).
+      project: ``project(variables, consts)`` applied after each update (clamp, simplex, subspace ...).
       grad_transform: applied to the gradient before the optimizer (e.g. a subspace projection).
       log_every: print the loss every this many steps (0: never).
       name: used in messages.
@@ -340,7 +340,7 @@ def train(objective: Callable, variables, consts, batcher: Batcher, *, optimizer
     """
     if int(steps) < 0:
         raise MergeInputError(f"steps must be >= 0, got {steps}.")
-    project = project or (lambda v: v)
+    project = project or (lambda v, c: v)
     grad_transform = grad_transform or (lambda g, c: g)
 
     @jax.jit
@@ -348,7 +348,7 @@ def train(objective: Callable, variables, consts, batcher: Batcher, *, optimizer
         loss, grads = jax.value_and_grad(objective)(variables, consts, data, key)
         grads = grad_transform(grads, consts)
         updates, new_opt = optimizer.update(grads, opt_state, variables)
-        new_vars = project(optax.apply_updates(variables, updates))
+        new_vars = project(optax.apply_updates(variables, updates), consts)
         ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_vars)
         return new_vars, new_opt, loss, ok
 

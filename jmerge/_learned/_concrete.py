@@ -86,7 +86,7 @@ def concrete_merge(apply_fn, base, models=None, *, task_vectors=None, batches, i
         opt = optax.multi_transform({"logits": mask_opt, "lam": coef_opt},
                                     {"logits": "logits", "lam": "lam"})
         clamp_fn = coefficient_projection(clamp, False)
-        project = lambda v: {"logits": v["logits"], "lam": clamp_fn(v["lam"])}  # noqa: E731
+        project = lambda v, c: {"logits": v["logits"], "lam": clamp_fn(v["lam"])}  # noqa: E731
         fixed = None
     else:
         opt = optax.multi_transform({"logits": mask_opt}, {"logits": "logits"})

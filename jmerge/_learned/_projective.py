@@ -48,8 +48,9 @@ def adaptive_projective_gd(base, models=None, *, task_vectors=None, rank_ratio=0
       directions (the data-free proxy ``X_t ~ tau_t^T``); scale-invariant per task;
     * shared subspace ``B``: the top ``k = ceil(rank_ratio * min(in, out))`` left singular vectors of
       ``[tau_1, ..., tau_T]`` (the directions the tasks share); the gradient of ``Delta`` is projected
-      onto its orthogonal complement (``g - B B^T g``) before the optax update, so the shared knowledge is
-      kept and only task-specific interference is corrected.
+      onto its orthogonal complement (``g - B B^T g``) before the optax update, and ``Delta`` is projected
+      again after it (adaptive optimisers rescale entries), so ``B^T Delta = 0``: the shared knowledge
+      is kept and only task-specific interference is corrected.
 
     Not implemented from the paper: data-dependent inputs, its per-layer heuristics beyond the above.
 
@@ -103,9 +104,12 @@ def adaptive_projective_gd(base, models=None, *, task_vectors=None, rank_ratio=0
         lam = g["lam"] if learn_coefficients else jnp.zeros_like(g["lam"])
         return {"lam": lam, "delta": delta}
 
+    def project_delta(v, c):  # adaptive optimisers rescale per entry: keep Delta in the complement
+        return {"lam": v["lam"], "delta": [d - b @ (b.T @ d) for d, b in zip(v["delta"], c["bases"])]}
+
     opt = optax.adam(1e-3) if optimizer is None else optimizer
     variables, losses = train(objective, variables, consts, _NoData(), optimizer=opt, steps=steps,
-                              grad_transform=project_grad, log_every=log_every, name="adaptive_projective_gd",
+                              grad_transform=project_grad, project=project_delta, log_every=log_every, name="adaptive_projective_gd",
                               seed=seed)
     lam = np.asarray(variables["lam"])
     deltas = []
