@@ -179,3 +179,26 @@ def test_convert_tiny_model_loads_in_transformers(tmp_path, tiny_base):
         b = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).eval()(ids).logits
     assert torch.equal(a, b)
     transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))
+
+
+def test_failed_convert_leaves_nothing(tmp_path, monkeypatch):
+    import jmerge._checkpoint._orbax as orbax_mod
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    save_file({"a.b": np.ones((4, 4), np.float32)}, str(src / "model.safetensors"))
+    (src / "config.json").write_text("{}")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(orbax_mod, "copy_aux_files", boom)
+    with pytest.raises(OSError, match="disk full"):
+        convert(src, tmp_path / "ob", to="orbax")
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    monkeypatch.undo()
+    convert(src, tmp_path / "ob", to="orbax")
+    monkeypatch.setattr(orbax_mod, "copy_aux_files", boom)
+    with pytest.raises(OSError, match="disk full"):
+        convert(tmp_path / "ob", tmp_path / "back", to="safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["hf", "ob"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -86,7 +87,7 @@ def _ocp():
 def _staging_dir(path: str) -> str:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    return os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-", dir=parent)
 
 
 def _save_orbax_dir(params: Any, path: str, *, overwrite: bool, extra=None) -> str:
@@ -97,8 +98,6 @@ def _save_orbax_dir(params: Any, path: str, *, overwrite: bool, extra=None) -> s
     # Orbax writes its own ``<dir>.orbax-checkpoint-tmp`` next to the target: keep both inside one
     # private staging dir so that a failure leaves nothing behind.
     root = _staging_dir(path)
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
     stage = os.path.join(root, "ckpt")
     try:
         ocp = _ocp()
