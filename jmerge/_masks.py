@@ -310,8 +310,8 @@ def _pcb(state: MergeState, hp) -> MergeState:
     tau2 = state.tau.reshape(T, -1)
     n = tau2.shape[1]
     beta = _pcb_scores(tau2)
-    keep_k = n - density_to_k(hp["ratio"], n)
-    keep = jax.vmap(topk_mask, in_axes=(0, None))(beta, keep_k)
+    keep_k = jnp.broadcast_to(n - density_to_k(hp["ratio"], n), (T,))
+    keep = jax.vmap(topk_mask)(beta, keep_k)
     beta = jnp.where(keep, beta, 0.0)
     total = jnp.sum(beta, axis=0, keepdims=True)
     w = jnp.where(total > 0, beta / jnp.where(total > 0, total, 1.0), 0.0)
