@@ -470,3 +470,28 @@ def test_linearize_is_first_order_taylor():
     # usable for fine-tuning: gradients flow through apply_lin
     g = jax.grad(lambda p: jnp.sum(lin(p, x) ** 2))(p1)
     assert np.abs(np.asarray(g["l1"]["w"])).max() > 0
+
+
+def test_task_vectors_input_and_init_forms():
+    rng = np.random.default_rng(15)
+    base = mlp_params(rng)
+    models = [mlp_params(rng) for _ in range(2)]
+    tvs = [jax.tree.map(lambda m, b: m - b, m, base) for m in models]
+    xs = [rng.normal(size=(4, 6)).astype(np.float32) for _ in range(2)]
+    init = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]], np.float32)  # (T, L), leaves in path order
+    a = jmerge.adamerging(mlp_apply, base, task_vectors=tvs, batches=xs, steps=0, init=init)
+    b = jmerge.adamerging(mlp_apply, base, models, batches=xs, steps=0, init=a.coefficients)
+    np.testing.assert_allclose(a.coefficients["l2"]["b"], [0.3, 0.7])
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6), a.params, b.params)
+    ref = np_merge(base, models, lambda p: init[:, ["l1.b", "l1.w", "l2.b", "l2.w"].index(p)])
+    np.testing.assert_allclose(a.params["l1"]["w"], ref["l1"]["w"], rtol=1e-6, atol=1e-6)
+    with pytest.raises(MergeInputError, match="broadcast"):
+        jmerge.adamerging(mlp_apply, base, models, batches=xs, steps=0, init=np.ones((3,)))
+    with pytest.raises(MergeInputError, match="exactly one"):
+        jmerge.adamerging(mlp_apply, base, models, task_vectors=tvs, batches=xs, steps=0)
+    with pytest.raises(MergeInputError, match="callables"):
+        jmerge.adamerging([mlp_apply], base, models, batches=xs, steps=0)
+    # simplex layer-wise: every leaf's coefficients sum to one
+    s = jmerge.adamerging(mlp_apply, base, models, batches=xs, steps=0, simplex=True, init=init)
+    for v in jax.tree.leaves(s.coefficients):
+        np.testing.assert_allclose(np.sum(v), 1.0, rtol=1e-6)

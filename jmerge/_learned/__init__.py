@@ -1,25 +1,21 @@
 """Learned merges: coefficients, masks or weights optimised with JAX gradients or closed forms.
 
-AdaMerging, aTLAS, Concrete masks, Fisher merging, RegMean, adaptive projective gradient descent and
-tangent-space (linearised) models. Learned merges are functions returning :class:`LearnedMerge`,
-not Transforms, so ``METHODS`` is empty.
+AdaMerging and aTLAS (``_adamerging``), Concrete masks (``_concrete``), Fisher merging (``_fisher``),
+RegMean (``_regmean``), adaptive projective gradient descent (``_projective``) and tangent-space
+linearisation (``_tangent``); shared input checks and the jitted optax trainer live in ``_common``.
+Learned merges are functions returning :class:`LearnedMerge`, not Transforms, so ``METHODS`` is empty.
 """
 
-from importlib import import_module as _imp
+from . import _adamerging, _common, _concrete, _fisher, _projective, _regmean, _tangent
+from ._adamerging import *  # noqa: F401,F403
+from ._common import *  # noqa: F401,F403
+from ._concrete import *  # noqa: F401,F403
+from ._fisher import *  # noqa: F401,F403
+from ._projective import *  # noqa: F401,F403
+from ._regmean import *  # noqa: F401,F403
+from ._tangent import *  # noqa: F401,F403
 
-__all__ = []
-_SUBMODULES = ["_common", "_adamerging", "_concrete", "_fisher", "_regmean", "_projective", "_tangent"]
-
-for _m in _SUBMODULES:
-    try:
-        _mod = _imp(f"{__name__}.{_m}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_m}":
-            raise
-        continue
-    for _n in _mod.__all__:
-        globals()[_n] = getattr(_mod, _n)
-    __all__ += list(_mod.__all__)
-del _m, _mod, _imp
+__all__ = (_common.__all__ + _adamerging.__all__ + _concrete.__all__ + _fisher.__all__ + _regmean.__all__
+           + _projective.__all__ + _tangent.__all__)
 
 METHODS: dict = {}

@@ -25,6 +25,15 @@ def init_coefficients(tv, granularity: str, init, simplex: bool) -> jnp.ndarray:
         raise MergeInputError(f"granularity must be 'task' or 'layer', got {granularity!r}.")
     T, L = tv.num_tasks, tv.num_leaves
     shape = (T,) if granularity == "task" else (T, L)
+    if not isinstance(init, (int, float, np.ndarray, jnp.ndarray, list, tuple)):
+        # a base-shaped tree of (T,) coefficients, e.g. from a previous LearnedMerge
+        from .._tree import leaves_with_paths
+        leaves = leaves_with_paths(init)[1]
+        if len(leaves) != L or granularity != "layer":
+            raise MergeInputError(
+                f"init given as a tree has {len(leaves)} leaves; it needs one (T,) array per mergeable leaf "
+                f"({L}) and granularity='layer'.")
+        init = np.stack([np.broadcast_to(np.asarray(v, np.float32), (T,)) for v in leaves], axis=1)
     init = np.asarray(init, np.float32)
     if init.ndim == 1 and init.shape[0] == T and granularity == "layer":
         init = init[:, None]
@@ -120,7 +129,8 @@ def adamerging(apply_fn, base, models=None, *, task_vectors=None, batches, granu
       task_vectors: T task-vector pytrees ``theta_t - theta_0`` instead of ``models``.
       batches: T per-task inputs (arrays or pytrees with a leading example axis).
       granularity: ``"task"`` or ``"layer"``.
-      init: initial coefficient(s): scalar, ``(T,)`` or ``(T, L)``.
+      init: initial coefficient(s): scalar, ``(T,)``, ``(T, L)`` (L = floating leaves, in leaf order) or,
+        layer-wise, a base-shaped tree of ``(T,)`` arrays (e.g. a previous result's ``coefficients``).
       optimizer: an optax GradientTransformation (default ``optax.adam(1e-3)``).
       steps: optimisation steps.
       batch_size: examples per task and step, drawn deterministically from ``seed``; None: whole batches.
