@@ -9,6 +9,8 @@ Writes (all bf16, ``save_pretrained`` layout, one ``model.safetensors`` each):
                 entries with 4x larger outliers, ``scale`` = the tensor's std (or mean |w| for norms);
                 the independent parts make signs conflict between models.
   tied_base/, tied_ft1/, tied_ft2/   the same with ``tie_word_embeddings=True`` (no lm_head tensor).
+  gpt2_base/, gpt2_ft1/, gpt2_ft2/   tiny GPT-2 (n_embd 64, 2 layers, 4 heads, vocab 128, tied wte;
+                Conv1D weights, ``transformer.h.N`` names, biases), same kind of deltas.
 Norm weights have 64 elements (fewer than 100) to keep the fixtures small; every other tensor has
 at least 2048 (k_proj/v_proj are 32x64).
 """
@@ -66,6 +68,7 @@ def perturb(sd: dict, seed: int, n_models: int) -> list[dict]:
     for name in sorted(sd):
         w = sd[name].float().numpy()
         scale = float(w.std()) if w.std() > 1e-6 else float(np.abs(w).mean())
+        scale = scale if scale > 1e-6 else 0.02  # zero-initialised biases still move in fine-tuning
         common = rng.standard_normal(w.shape)
         for i in range(n_models):
             own = rng.standard_normal(w.shape)
@@ -75,21 +78,32 @@ def perturb(sd: dict, seed: int, n_models: int) -> list[dict]:
     return outs
 
 
-def build(prefix: str, tied: bool, n_ft: int, seed: int) -> None:
+def gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
+
+
+def build(prefix: str, tied: bool, n_ft: int, seed: int, arch: str = "llama") -> None:
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = llama_config(tied)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    if arch == "gpt2":
+        cfg, cls = gpt2_config(), GPT2LMHeadModel
+    else:
+        cfg, cls = llama_config(tied), LlamaForCausalLM
+    model = cls(cfg).to(torch.bfloat16).eval()
     base_dir = os.path.join(ROOT, f"{prefix}base")
     model.save_pretrained(base_dir)
     make_tokenizer(base_dir)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if tied:
         sd.pop("lm_head.weight", None)
+    sd = {k: v for k, v in sd.items() if v.is_floating_point()}
     for i, ft in enumerate(perturb(sd, seed + 1, n_ft)):
-        m = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        m = cls(cfg).to(torch.bfloat16).eval()
         missing, unexpected = m.load_state_dict(ft, strict=False)
         assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
         if tied:
@@ -103,6 +117,7 @@ def main() -> int:
     os.makedirs(ROOT)
     build("", tied=False, n_ft=3, seed=0)
     build("tied_", tied=True, n_ft=2, seed=100)
+    build("gpt2_", tied=True, n_ft=2, seed=200, arch="gpt2")
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ROOT) for f in fs)
     print(f"wrote {ROOT}: {total / 1e6:.2f} MB")
     return 0

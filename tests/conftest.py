@@ -33,7 +33,7 @@ def in_repo_root(monkeypatch) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> str:
-    """tests/data/tiny: base/, ft1/, ft2/, ft3/ (tiny bf16 Llama, untied) and tied_base/, tied_ft1/, tied_ft2/."""
+    """tests/data/tiny: base/, ft1..ft3/ (tiny bf16 Llama), tied_base/, tied_ft1..2/, gpt2_base/, gpt2_ft1..2/."""
     if not os.path.isdir(os.path.join(TINY_DIR, "base")):
         pytest.skip("tiny fixtures missing; run scripts/make_tiny_models.py")
     return TINY_DIR
@@ -55,6 +55,12 @@ def tiny_fts(tiny_dir) -> list[str]:
 def tiny_tied(tiny_dir) -> tuple[str, list[str]]:
     """(base dir, [ft dirs]) of the tied-embedding variant (no lm_head tensor)."""
     return os.path.join(tiny_dir, "tied_base"), [os.path.join(tiny_dir, f"tied_ft{i}") for i in (1, 2)]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_dir) -> tuple[str, list[str]]:
+    """(base dir, [ft dirs]) of a tiny GPT-2 (tied wte, Conv1D weights, ``transformer.h.N`` names, biases)."""
+    return os.path.join(tiny_dir, "gpt2_base"), [os.path.join(tiny_dir, f"gpt2_ft{i}") for i in (1, 2)]
 
 
 def mergekit_cases() -> list[str]:

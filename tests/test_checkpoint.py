@@ -511,6 +511,14 @@ def test_reader_dir_with_single_nonstandard_file_and_tied(tmp_path, tiny_tied):
         assert r.config["tie_word_embeddings"] is True
 
 
+def test_gpt2_fixture(tiny_gpt2):
+    base, fts = tiny_gpt2
+    with open_checkpoint(base) as b, open_checkpoint(fts[0]) as f:
+        assert b.keys() == f.keys() and "transformer.h.1.attn.c_attn.weight" in b
+        k = "transformer.h.0.attn.c_attn.bias"
+        assert np.any(b.get(k) != f.get(k))  # biases moved too
+
+
 def test_mergekit_goldens_readable(mergekit_golden):
     from tests.conftest import mergekit_cases
 
