@@ -495,3 +495,32 @@ def test_task_vectors_input_and_init_forms():
     s = jmerge.adamerging(mlp_apply, base, models, batches=xs, steps=0, simplex=True, init=init)
     for v in jax.tree.leaves(s.coefficients):
         np.testing.assert_allclose(np.sum(v), 1.0, rtol=1e-6)
+
+
+def test_gram_matrices_nnx_and_regmean_on_state():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(5, 4, rngs=rngs)
+            self.b = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    rng = np.random.default_rng(16)
+    nets = [Net(nnx.Rngs(s)) for s in (0, 1)]
+    xs = [rng.normal(size=(9, 5)).astype(np.float32) for _ in range(2)]
+    grams = [jmerge.gram_matrices(None, n, x) for n, x in zip(nets, xs)]
+    assert set(grams[0]) == {"a.kernel.value", "b.kernel.value"}
+    np.testing.assert_allclose(grams[0]["a.kernel.value"], xs[0].T @ xs[0] / 9, rtol=1e-5)
+    h = np.tanh(xs[1] @ np.asarray(nets[1].a.kernel[...]) + np.asarray(nets[1].a.bias[...]))
+    np.testing.assert_allclose(grams[1]["b.kernel.value"], h.T @ h / 9, rtol=1e-4, atol=1e-6)
+    states = [nnx.split(n)[1] for n in nets]
+    res = jmerge.regmean_merge(states, grams, alpha=0.9)
+    g = [0.9 * gr["b.kernel.value"] + 0.1 * np.diag(np.diag(gr["b.kernel.value"])) for gr in grams]
+    ws = [np.asarray(n.b.kernel[...], np.float64) for n in nets]
+    want = np.linalg.solve(sum(g), sum(gi @ w for gi, w in zip(g, ws)))
+    np.testing.assert_allclose(np.asarray(res.params["b"]["kernel"][...]), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.params["a"]["bias"][...]),
+                               (np.asarray(nets[0].a.bias[...]) + np.asarray(nets[1].a.bias[...])) / 2, rtol=1e-6)

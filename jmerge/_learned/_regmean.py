@@ -30,6 +30,10 @@ def gram_matrices(apply_fn, params, batch, *, features_fn=None, kernel_name="ker
     * ``features_fn(params, batch) -> {kernel_path: X}`` when given (plain functions of dicts, Flax
       NNX models, anything): ``X`` is the input of the layer whose kernel is at ``kernel_path``
       (shape ``(..., in)``; all leading axes are rows).
+    * Flax NNX: pass the model itself as ``params`` and ``apply_fn=None``; ``model(batch)`` is called
+      while ``nnx.Linear.__call__`` is temporarily wrapped (process-wide, not thread-safe) to record the
+      inputs of the model's own ``nnx.Linear`` layers; the key is the kernel's leaf path in
+      ``nnx.split(model)[1]``, e.g. ``blocks.0.kernel.value``.
     * otherwise Flax linen: ``apply_fn`` is run under ``flax.linen.intercept_methods`` and the input of
       every ``nn.Dense.__call__`` is recorded; the key is ``"params." + module path + ".kernel"``
       (e.g. ``params.Dense_0.kernel``), the leaf path of that kernel in ``{"params": ...}`` variables.
@@ -49,7 +53,9 @@ def gram_matrices(apply_fn, params, batch, *, features_fn=None, kernel_name="ker
     References: Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models" (ICLR 2023).
     """
     grams, counts = {}, {}
-    if features_fn is not None:
+    if apply_fn is None and features_fn is None and _is_nnx_module(params):
+        _nnx_linear_inputs(params, batch, grams, counts)
+    elif features_fn is not None:
         feats = features_fn(params, batch)
         for k, x in feats.items():
             _accumulate(grams, counts, k, x)
@@ -70,6 +76,35 @@ def gram_matrices(apply_fn, params, batch, *, features_fn=None, kernel_name="ker
                 "gram_matrices found no flax.linen nn.Dense calls in apply_fn; for NNX models or plain "
                 "functions pass features_fn(params, batch) -> {kernel_path: inputs}.")
     return {k: g / counts[k] for k, g in grams.items()}
+
+
+def _is_nnx_module(x) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, nnx.Module)
+
+
+def _nnx_linear_inputs(model, batch, grams, counts):
+    from flax import nnx
+
+    paths = {id(node): ".".join(str(k) for k in path) for path, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.Linear)}
+    if not paths:
+        raise MergeInputError("gram_matrices: the NNX model has no nnx.Linear layers; pass features_fn.")
+    original = nnx.Linear.__call__
+
+    def recording_call(self, inputs, *args, **kwargs):
+        if id(self) in paths:
+            _accumulate(grams, counts, f"{paths[id(self)]}.kernel.value", inputs)
+        return original(self, inputs, *args, **kwargs)
+
+    nnx.Linear.__call__ = recording_call
+    try:
+        model(batch)
+    finally:
+        nnx.Linear.__call__ = original
 
 
 def regmean_merge(models, grams, *, alpha=0.95, weights=None, reduce_nonlinear="mean") -> LearnedMerge:
