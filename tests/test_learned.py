@@ -418,6 +418,10 @@ def test_adaptive_projective_gd():
     rng = np.random.default_rng(13)
     base = {"w": rng.normal(size=(8, 6)).astype(np.float32), "b": rng.normal(size=(6,)).astype(np.float32)}
     models = [jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(np.float32), base) for _ in range(3)]
+    frozen = rng.normal(size=(3, 2)).astype(np.float32)  # a leaf no fine-tuning changed (zero task vectors)
+    base["frozen"] = frozen
+    for m in models:
+        m["frozen"] = frozen.copy()
     r0 = jmerge.adaptive_projective_gd(base, models, steps=0, scale=0.3)
     taus = [m["w"].astype(np.float64) - base["w"] for m in models]
     inv = np.array([1 / np.linalg.norm(t) for t in taus])
@@ -426,6 +430,7 @@ def test_adaptive_projective_gd():
     np.testing.assert_allclose(r0.params["w"], base["w"] + sum(l * t for l, t in zip(lam0, taus)), rtol=1e-5, atol=1e-6)
     r = jmerge.adaptive_projective_gd(base, models, steps=60, optimizer=optax.adam(1e-2), rank_ratio=0.34)
     assert r.losses[-1] < 0.5 * r.losses[0]
+    np.testing.assert_array_equal(r.params["frozen"], frozen)
     # the correction Delta lies in the orthogonal complement of the shared subspace
     lam = r.coefficients["w"]
     delta = np.asarray(r.params["w"], np.float64) - base["w"] - sum(l * t for l, t in zip(lam, taus))

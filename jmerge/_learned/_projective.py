@@ -42,7 +42,7 @@ def adaptive_projective_gd(base, models=None, *, task_vectors=None, rank_ratio=0
     * merged task vector ``tau_m = sum_t lambda_t tau_t + Delta``, ``Delta`` initialised to 0 and
       ``lambda_t`` (per task and leaf) initialised adaptively to
       ``scale * T * (1 / ||tau_t||) / sum_s (1 / ||tau_s||)`` (smaller weight for larger task vectors, mean
-      ``scale``); ``lambda`` is trained too when ``learn_coefficients``;
+      ``scale``; zero task vectors get 0 and drop out of the loss); ``lambda`` is trained too when ``learn_coefficients``;
     * loss ``sum_leaves sum_t ||tau_t^T (tau_m - tau_t)||_F^2 / ||tau_t||_F^4``: the gap between the merged
       and the task-t layer on task t's data, with the data replaced by the task vector's own input
       directions (the data-free proxy ``X_t ~ tau_t^T``); scale-invariant per task;
@@ -78,7 +78,7 @@ def adaptive_projective_gd(base, models=None, *, task_vectors=None, rank_ratio=0
     tv = task_vectors_from(base, models, task_vectors)
     T = tv.num_tasks
     mats = [_as_matrix(t) for t in tv.taus]
-    norms = [jnp.sqrt(jnp.sum(jnp.square(m), axis=(1, 2))) + 1e-12 for m in mats]
+    norms = [jnp.sqrt(jnp.sum(jnp.square(m), axis=(1, 2))) for m in mats]  # zero for untouched leaves
     bases = []
     for m in mats:
         n_in, n_out = m.shape[1], m.shape[2]
@@ -86,7 +86,12 @@ def adaptive_projective_gd(base, models=None, *, task_vectors=None, rank_ratio=0
         cat = jnp.concatenate(list(m), axis=1)  # (in, T*out)
         u, _, _ = jnp.linalg.svd(cat, full_matrices=False)
         bases.append(u[:, :k])
-    lam0 = jnp.stack([scale * T * (1.0 / n) / jnp.sum(1.0 / n) for n in norms], axis=1)  # (T, L)
+    lam0 = []
+    for n in norms:
+        inv = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
+        tot = jnp.sum(inv)
+        lam0.append(jnp.where(tot > 0, scale * T * inv / jnp.where(tot > 0, tot, 1.0), scale))
+    lam0 = jnp.stack(lam0, axis=1)  # (T, L)
     variables = {"lam": lam0, "delta": [jnp.zeros(m.shape[1:], jnp.float32) for m in mats]}
     consts = {"mats": mats, "norms": norms, "bases": bases}
 
@@ -96,7 +101,8 @@ def adaptive_projective_gd(base, models=None, *, task_vectors=None, rank_ratio=0
             lam = v["lam"][:, j] if learn_coefficients else jax.lax.stop_gradient(v["lam"][:, j])
             tm = jnp.tensordot(lam, m, axes=1) + v["delta"][j]
             gap = jnp.einsum("tio,tip->top", m, tm[None] - m)
-            total = total + jnp.sum(jnp.sum(jnp.square(gap), axis=(1, 2)) / n**4)
+            w = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0) ** 4, 0.0)  # zero task vectors: no term
+            total = total + jnp.sum(jnp.sum(jnp.square(gap), axis=(1, 2)) * w)
         return total
 
     def project_grad(g, c):
