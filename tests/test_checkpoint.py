@@ -529,3 +529,20 @@ def test_mergekit_goldens_readable(mergekit_golden):
         assert "merge_method" in cfg
         with open_checkpoint(path) as r:
             assert len(r) >= 30 and r.dtype("model.norm.weight") == np.dtype(ml_dtypes.bfloat16)
+
+
+def test_seek_fallback_without_positional_io(tmp_path, monkeypatch):
+    """Platforms without pread/pwrite (Windows) use seek + read/write under a lock; same bytes."""
+    import jmerge._checkpoint._safetensors as st
+
+    monkeypatch.setattr(st, "_HAVE_POSITIONAL_IO", False)
+    t = _tensors(11, f8=False)
+    with CheckpointWriter(tmp_path / "o", _layout(t), max_shard_bytes=700) as w:
+        ths = [threading.Thread(target=w.write, args=(k, v)) for k, v in t.items()]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+    _check_against_safetensors(tmp_path / "o", t)
+    with open_checkpoint(tmp_path / "o") as r:
+        assert all(_same_bytes(r.get(k), v) for k, v in t.items())

@@ -75,12 +75,35 @@ def st_dtype_name(dtype: Any) -> str:
         ) from None
 
 
+_HAVE_POSITIONAL_IO = hasattr(os, "preadv") and hasattr(os, "pwrite")
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_SEEK_LOCK = threading.Lock()  # only for platforms without positional I/O (Windows)
+
+
+def _pread(fd: int, buf: memoryview, offset: int) -> int:
+    if _HAVE_POSITIONAL_IO:
+        return os.preadv(fd, [buf], offset)
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, len(buf))
+    buf[: len(data)] = data
+    return len(data)
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> int:
+    if _HAVE_POSITIONAL_IO:
+        return os.pwrite(fd, data, offset)
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
 def _pread_into(fd: int, buf: memoryview, offset: int, path: str, name: str) -> None:
     """Fill ``buf`` (a byte memoryview) from ``fd`` at ``offset``; error on a short read."""
     total = len(buf)
     done = 0
     while done < total:
-        n = os.preadv(fd, [buf[done:]], offset + done)
+        n = _pread(fd, buf[done:], offset + done)
         if n <= 0:
             raise CheckpointError(
                 f"{path}: tensor {name!r} is truncated: read {done} of {total} bytes at offset {offset} "
@@ -93,7 +116,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     total = len(data)
     while done < total:
-        done += os.pwrite(fd, data[done:], offset + done)
+        done += _pwrite(fd, data[done:], offset + done)
 
 
 class _TensorInfo:
@@ -242,7 +265,7 @@ class CheckpointReader:
                 for _, name, info in entries:
                     self._info[name] = info
                 self._files.append(p)
-                self._fds.append(os.open(p, os.O_RDONLY))
+                self._fds.append(os.open(p, os.O_RDONLY | _O_BINARY))
             if weight_map is not None:
                 missing = [k for k in weight_map if k not in self._info]
                 if missing:
@@ -488,7 +511,7 @@ class CheckpointWriter:
                     entries[name] = {"dtype": st_dtype_name(dt), "shape": list(shape), "data_offsets": [off, off + nb]}
                     off += nb
                 head = _encode_header(entries)
-                fd = os.open(os.path.join(self.tmp_dir, self.shard_files[si]), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(os.path.join(self.tmp_dir, self.shard_files[si]), os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
                 self._fds.append(fd)
                 _pwrite_all(fd, memoryview(head), 0)
                 os.ftruncate(fd, len(head) + off)
