@@ -305,6 +305,14 @@ def test_concrete_mask_matches_numpy_and_training_runs():
         tau = sum(l * (np.asarray(m["enc"]["w"], np.float64) - base["enc"]["w"]) for l, m in zip(lam, models))
         hard = mask / mask.mean()
         np.testing.assert_allclose(r.params["enc"]["w"], base["enc"]["w"] + hard * tau, rtol=1e-5, atol=1e-6)
+    # second stage: AdaMerging over the hard-masked task vectors with the mask fixed
+    r2 = jmerge.concrete_merge(fns, base, models, batches=xs, steps=3, inner="adamerging", refine_steps=4,
+                               coef_optimizer=optax.adam(5e-2))
+    lam = np.asarray(r2.coefficients["enc"]["w"])
+    mask = np.asarray(r2.mask["enc"]["w"])
+    tau = sum(l * (np.asarray(m["enc"]["w"], np.float64) - base["enc"]["w"]) for l, m in zip(lam, models))
+    np.testing.assert_allclose(r2.params["enc"]["w"], base["enc"]["w"] + mask / mask.mean() * tau, rtol=1e-5, atol=1e-6)
+    assert len(r2.info["refine_losses"]) == 4
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def hard_mask(logits) -> jax.Array:
 def concrete_merge(apply_fn, base, models=None, *, task_vectors=None, batches, inner="task_arithmetic",
                    scale=0.3, granularity="layer", init=0.3, temperature=0.5, optimizer=None,
                    coef_optimizer=None, steps=100, batch_size=None, loss="entropy", labels=None,
-                   clamp=(0.0, 1.0), mesh=None, seed=0, log_every=0) -> LearnedMerge:
+                   clamp=(0.0, 1.0), refine_steps=0, mesh=None, seed=0, log_every=0) -> LearnedMerge:
     """Concrete subspace learning: learn one mask shared by all task vectors to remove interference.
 
     Per mergeable leaf, mask logits ``s`` (init 0) define a concrete (relaxed Bernoulli, ``temperature``
@@ -58,7 +58,10 @@ def concrete_merge(apply_fn, base, models=None, *, task_vectors=None, batches, i
       temperature: concrete temperature.
       optimizer: optax optimiser of the mask logits (default ``optax.adam(1e-2)``).
       coef_optimizer: optax optimiser of the coefficients (default ``optax.adam(1e-3)``).
-      steps: optimisation steps.
+      steps: optimisation steps (mask stage).
+      refine_steps: with ``inner="adamerging"``, a second stage of this many AdaMerging steps on the
+        hard-masked task vectors (mask fixed), starting from the learned coefficients; its losses are
+        in ``info["refine_losses"]``.
 
     Returns:
       :class:`LearnedMerge` with ``params`` (hard mask), ``mask`` (base-shaped tree of boolean masks,
@@ -82,7 +85,7 @@ def concrete_merge(apply_fn, base, models=None, *, task_vectors=None, batches, i
     variables = {"logits": [jnp.zeros(t.shape[1:], jnp.float32) for t in tv.taus]}
     if inner == "adamerging":
         variables["lam"] = init_coefficients(tv, granularity, init, False)
-        coef_opt = optax.adam(1e-3) if coef_optimizer is None else coef_optimizer
+        coef_opt = coef_optimizer = optax.adam(1e-3) if coef_optimizer is None else coef_optimizer
         opt = optax.multi_transform({"logits": mask_opt, "lam": coef_opt},
                                     {"logits": "logits", "lam": "lam"})
         clamp_fn = coefficient_projection(clamp, False)
@@ -112,6 +115,19 @@ def concrete_merge(apply_fn, base, models=None, *, task_vectors=None, batches, i
     params = tv.build(consts, deltas)
     mask = tv.per_leaf_tree([np.asarray(s >= 0.0) for s in variables["logits"]])
     coefs = export_coefficients(tv, lam, granularity) if inner == "adamerging" else np.asarray(lam)
-    return LearnedMerge(params=params, coefficients=coefs, losses=losses, mask=mask,
-                        info={"mask_logits": tv.per_leaf_tree([np.asarray(s) for s in variables["logits"]]),
-                              "inner": inner})
+    info = {"mask_logits": tv.per_leaf_tree([np.asarray(s) for s in variables["logits"]]), "inner": inner}
+    if refine_steps and inner == "adamerging":
+        # second stage: AdaMerging on the hard-masked task vectors, starting from the learned lambda
+        from ._adamerging import _learn_coefficients
+        masked = []
+        for t in range(T):
+            leaves = [jnp.zeros_like(jnp.asarray(b)) for b in tv.base_leaves]
+            for j, i in enumerate(tv.idx):
+                leaves[i] = hard_mask(variables["logits"][j]) * consts["taus"][j][t]
+            masked.append(jax.tree_util.tree_unflatten(tv.treedef, leaves))
+        refined = _learn_coefficients(apply_fn, base, None, masked, batches, granularity, np.asarray(lam),
+                                      coef_optimizer, refine_steps, batch_size, loss, labels, clamp, False, mesh,
+                                      seed, log_every, "concrete_merge(refine)")
+        params, coefs = refined.params, refined.coefficients
+        info["refine_losses"] = refined.losses
+    return LearnedMerge(params=params, coefficients=coefs, losses=losses, mask=mask, info=info)
