@@ -130,6 +130,12 @@ def test_orbax_reader(tmp_path):
             assert _same_bytes(r.get(k, out=buf), v) and buf.tobytes() == v.tobytes()
         with pytest.raises(CheckpointError, match="no tensor named"):
             r.get("nope")
+    # a CheckpointManager-style step dir with a `params` item
+    save_orbax(flat_to_nested(flat), tmp_path / "step" / "params")
+    with open_checkpoint(tmp_path / "step") as r:
+        assert sorted(r.keys()) == sorted(flat)
+        k = sorted(flat)[0]
+        assert _same_bytes(r.get(k), flat[k])
 
 
 @pytest.mark.parametrize("shard_bytes", [2**30, 300])

@@ -26,7 +26,6 @@ from ._safetensors import (
     CheckpointWriter,
     _atomic_replace_dir,
     _fsync_tree,
-    _is_orbax_dir,
     open_checkpoint,
 )
 

@@ -381,14 +381,20 @@ def _read_json_or_none(p: str) -> dict | None:
         raise CheckpointError(f"{p}: invalid JSON ({e})") from None
 
 
-def _is_orbax_dir(path: str) -> bool:
+_ORBAX_MARKERS = {"_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt"}
+
+
+def _orbax_dir(path: str) -> str | None:
+    """``path`` itself, or its ``params``/``default`` item dir, when it holds an Orbax checkpoint."""
     if not os.path.isdir(path):
-        return False
-    names = set(os.listdir(path))
-    return bool(names & {"_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "_sharding", "checkpoint"}) or (
-        "params" in names and os.path.isdir(os.path.join(path, "params"))
-        and bool(set(os.listdir(os.path.join(path, "params"))) & {"_METADATA", "manifest.ocdbt"})
-    )
+        return None
+    if set(os.listdir(path)) & _ORBAX_MARKERS:
+        return path
+    for item in ("params", "default"):
+        sub = os.path.join(path, item)
+        if os.path.isdir(sub) and set(os.listdir(sub)) & _ORBAX_MARKERS:
+            return sub
+    return None
 
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
@@ -396,7 +402,8 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
 
     Args:
       path: a HF model dir (``model.safetensors`` or sharded with ``model.safetensors.index.json``),
-        a single ``.safetensors`` file, or an Orbax checkpoint dir (as written by :func:`save_orbax`).
+        a single ``.safetensors`` file, or an Orbax checkpoint dir (as written by :func:`save_orbax`,
+        or a CheckpointManager step dir whose ``params/`` or ``default/`` item holds the arrays).
 
     Returns:
       A :class:`CheckpointReader` (context manager).
@@ -407,10 +414,12 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
     """
     p = os.fspath(path)
     if os.path.isdir(p) and not os.path.isfile(os.path.join(p, INDEX_FILE)) \
-            and not os.path.isfile(os.path.join(p, SINGLE_FILE)) and _is_orbax_dir(p):
-        from ._orbax import OrbaxReader
+            and not os.path.isfile(os.path.join(p, SINGLE_FILE)):
+        ob = _orbax_dir(p)
+        if ob is not None:
+            from ._orbax import OrbaxReader
 
-        return OrbaxReader(p)
+            return OrbaxReader(ob)
     return CheckpointReader(p)
 
 
