@@ -44,6 +44,7 @@ __all__ = [
     "consensus_ties",
     "tall_merge",
     "tall_task_models",
+    "extras_item",
     "PackedMask",
     "pack_masks",
     "unpack_masks",
@@ -218,7 +219,33 @@ def unpack_masks(packed: Any) -> Any:
     return jax.tree.map(unpack, packed, is_leaf=_is_packed)
 
 
+def extras_item(extras: Any, key: str) -> Any:
+    """One named output from the extras of ``merge(..., return_extras=True)``, as a pytree like the
+    params, e.g. ``extras_item(extras, "tall_masks")``.
+
+    Raises:
+      MergeInputError: when a leaf's extras lack ``key``.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression" (ICML 2024).
+    """
+    is_leaf = lambda x: isinstance(x, dict) and (key in x or not x or
+                                                 not any(isinstance(v, dict) for v in x.values()))
+
+    def get(e):
+        if not isinstance(e, dict) or key not in e:
+            have = sorted(e) if isinstance(e, dict) else type(e).__name__
+            raise MergeInputError(f"extras_item: a leaf's extras have no '{key}' (they have {have}); run the "
+                                  f"merge with a method that produces '{key}' and return_extras=True.")
+        return e[key]
+
+    return jax.tree.map(get, extras, is_leaf=is_leaf)
+
+
 def _mask_leaves(masks, bpaths, base_leaves, what: str):
+    if any(isinstance(x, dict) and "tall_masks" in x
+           for x in jax.tree.leaves(masks, is_leaf=lambda x: isinstance(x, dict) and "tall_masks" in x)):
+        masks = extras_item(masks, "tall_masks")
     masks = unpack_masks(masks)
     mpaths, mleaves, _ = leaves_with_paths(masks)
     if mpaths != bpaths:
@@ -247,9 +274,9 @@ def tall_task_models(base: Any, merged: Any, masks: Any, *, delta: bool = False,
     Args:
       base: the base params pytree ``theta_0``.
       merged: the merged params (``tau_MTL = merged - base``), or ``tau_MTL`` itself when ``delta``.
-      masks: pytree like ``base`` with ``(T, *shape)`` boolean leaves (the ``"tall_masks"`` extras,
-        e.g. ``jax.tree.map(lambda e: e["tall_masks"], extras, is_leaf=lambda x: "tall_masks" in x)``),
-        or its :func:`pack_masks` form.
+      masks: pytree like ``base`` with ``(T, *shape)`` boolean leaves (``extras_item(extras,
+        "tall_masks")``), or its :func:`pack_masks` form, or the extras pytree of
+        ``merge(tall_merge(), ..., return_extras=True)`` itself.
       delta: whether ``merged`` is the task vector ``tau_MTL`` rather than params.
       out_dtype: dtype of the outputs (default: each base leaf's).
 
@@ -338,7 +365,7 @@ def pcb(ratio=0.1, scale=1.0):
     tensor (the authors flatten the whole model).
 
     Args:
-      ratio: fraction of entries dropped per task and tensor, in [0, 1].
+      ratio: fraction of entries dropped per task and tensor, in [0, 1]; may be per model.
       scale: the final scaling lambda.
 
     References: Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024).

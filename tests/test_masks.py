@@ -202,8 +202,10 @@ def test_out_of_range_hyperparameters_raise(method, hp):
 def test_tall_task_models_are_base_plus_masked_mtl(dtype):
     base, models = random_trees(T=3, seed=7, dtype=dtype)
     merged, ex = run(jmerge.tall_merge(lambda_=0.5, scale=0.8), base, models)
-    masks = jax.tree.map(lambda e: e["tall_masks"], ex, is_leaf=lambda x: isinstance(x, dict) and "tall_masks" in x)
+    masks = jmerge.extras_item(ex, "tall_masks")
+    assert jax.tree.structure(masks) == jax.tree.structure(base)
     per_task = jmerge.tall_task_models(base, merged, masks, out_dtype=jnp.float32)
+    per_task_ex = jmerge.tall_task_models(base, merged, ex, out_dtype=jnp.float32)  # extras directly
     per_task_packed = jmerge.tall_task_models(base, merged, jmerge.pack_masks(masks), out_dtype=jnp.float32)
     assert len(per_task) == 3
     fb, tau = taus(base, models)
@@ -214,6 +216,7 @@ def test_tall_task_models_are_base_plus_masked_mtl(dtype):
             ref = fb[p] + fm[p][t] * 0.8 * tau[p].sum(0)
             np.testing.assert_allclose(ft[p], ref, rtol=1e-6, atol=1e-6, err_msg=p)
             np.testing.assert_array_equal(ft[p], ftp[p])
+            np.testing.assert_array_equal(ft[p], flat(per_task_ex[t])[p])
     # default output dtype is the base's; delta=True takes tau_MTL directly
     tau_mtl = jax.tree.map(lambda m, b: jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32), merged, base)
     d = jmerge.tall_task_models(base, tau_mtl, masks, delta=True)
@@ -246,6 +249,9 @@ def test_tall_task_models_rejects_mismatched_masks():
     bad = jax.tree.map(lambda x: np.ones((2,) + tuple(np.shape(x)[:-1]) + (np.shape(x)[-1] + 1,), bool), base)
     with pytest.raises(MergeInputError, match="expected"):
         jmerge.tall_task_models(base, merged, bad)
+    _, ex = run(jmerge.pcb(), base, models)
+    with pytest.raises(MergeInputError, match="tall_masks"):
+        jmerge.extras_item(ex, "tall_masks")
 
 
 # ------------------------------------------------------------------ PCB
@@ -276,6 +282,9 @@ def test_emr_unified_and_task_models_match_numpy(dtype):
     base, models = random_trees(T=3, seed=12, dtype=dtype)
     out, ex = run(jmerge.emr_merge(), base, models)
     per_task = jmerge.emr_task_models(base, models, out_dtype=jnp.float32)
+    per_task_tv = jmerge.emr_task_models(base, task_vectors=jmerge.task_vectors(base, models), out_dtype=jnp.float32)
+    for a, b in zip(jax.tree.leaves(per_task), jax.tree.leaves(per_task_tv)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     fb, tau = taus(base, models)
     fo, fm, fs = flat(out), flat_extras(ex, "emr_masks"), flat_extras(ex, "emr_rescalers")
     for p, t in tau.items():
