@@ -77,7 +77,7 @@ class MergeConfig(_Strict):
     name: Optional[str] = None
     # jmerge extras
     seed: int = 0
-    scope: Optional[str] = None  # "per_tensor" (mergekit) or a method-specific scope
+    scope: Optional[str] = None  # the method's `scope` option, e.g. "global" for whole-model TIES
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,6 +515,11 @@ def parse_config(text: str, source: str = "<config>", cfg_dir: str = "",
             factory_kwargs.update(mk.translate(options, has_base))
         except ValueError as e:
             raise ctx.error(("parameters",), str(e)) from None
+    if cfg.scope is not None:
+        if "scope" not in fparams:
+            raise ctx.error(("scope",), f"method '{mname}' has no `scope` option (jmerge's '{jm_name}' takes "
+                            f"{sorted(fparams)}).")
+        factory_kwargs["scope"] = cfg.scope
     if mname == "slerp" and "t" not in hparams:
         raise ctx.error(("parameters",) if cfg.parameters is not None else ("merge_method",),
                         "slerp needs parameter 't' (interpolation factor: 0 = base, 1 = the other model).")
