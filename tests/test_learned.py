@@ -294,7 +294,7 @@ def test_concrete_mask_matches_numpy_and_training_runs():
     ref = np_merge(base, models, lambda p: [0.4, 0.4])
     np.testing.assert_allclose(r0.params["enc"]["w"], ref["enc"]["w"], rtol=1e-6, atol=1e-6)
     assert all(bool(np.all(m)) for m in jax.tree.leaves(r0.mask))
-    for inner in ("task_arithmetic", "adamerging"):
+    for inner in ("task_arithmetic",):  # inner="adamerging" is checked below (with a refine stage)
         r = jmerge.concrete_merge(fns, base, models, batches=xs, steps=30, inner=inner,
                                   optimizer=optax.adam(5e-2), coef_optimizer=optax.adam(2e-2))
         assert np.mean(r.losses[-5:]) < np.mean(r.losses[:5])
@@ -306,8 +306,10 @@ def test_concrete_mask_matches_numpy_and_training_runs():
         hard = mask / mask.mean()
         np.testing.assert_allclose(r.params["enc"]["w"], base["enc"]["w"] + hard * tau, rtol=1e-5, atol=1e-6)
     # second stage: AdaMerging over the hard-masked task vectors with the mask fixed
-    r2 = jmerge.concrete_merge(fns, base, models, batches=xs, steps=3, inner="adamerging", refine_steps=4,
-                               coef_optimizer=optax.adam(5e-2))
+    r2 = jmerge.concrete_merge(fns, base, models, batches=xs, steps=30, inner="adamerging", refine_steps=4,
+                               optimizer=optax.adam(5e-2), coef_optimizer=optax.adam(2e-2))
+    assert np.mean(r2.losses[-5:]) < np.mean(r2.losses[:5])
+    np.testing.assert_array_equal(r2.mask["enc"]["w"], np.asarray(r2.info["mask_logits"]["enc"]["w"]) >= 0)
     lam = np.asarray(r2.coefficients["enc"]["w"])
     mask = np.asarray(r2.mask["enc"]["w"])
     tau = sum(l * (np.asarray(m["enc"]["w"], np.float64) - base["enc"]["w"]) for l, m in zip(lam, models))

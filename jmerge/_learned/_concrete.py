@@ -17,7 +17,11 @@ __all__ = ["concrete_merge", "concrete_mask"]
 
 def concrete_mask(logits, key, temperature: float = 0.5) -> jax.Array:
     """Relaxed-Bernoulli sample ``sigmoid((logits + log u - log(1 - u)) / temperature)``, ``u ~ U(0,1)``,
-    divided by its mean (so the masked tensor keeps its scale)."""
+    divided by its mean (so the masked tensor keeps its scale).
+
+    References: Maddison et al., "The Concrete Distribution" (ICLR 2017); Tang et al., "Concrete Subspace
+    Learning based Interference Elimination for Multi-task Model Fusion" (2023).
+    """
     u = jax.random.uniform(key, logits.shape, jnp.float32, minval=1e-6, maxval=1.0 - 1e-6)
     m = jax.nn.sigmoid((logits + jnp.log(u) - jnp.log1p(-u)) / temperature)
     return m / jnp.mean(m)
