@@ -170,6 +170,13 @@ def test_adamerging_supervised_ce_and_simplex_and_atlas():
     np.testing.assert_allclose(lam.sum(), 1.0, rtol=1e-6)
     assert lam.min() >= 0
     assert res.losses[-1] <= res.losses[0] + 1e-5
+    # a callable loss (here: cross-entropy written out) gives the same training run
+    def my_ce(logits, y):
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+    res_c = jmerge.adamerging(fns, base, models, batches=xs, labels=ys, loss=my_ce, steps=60,
+                              optimizer=optax.adam(5e-2), granularity="task", simplex=True)
+    np.testing.assert_allclose(res_c.losses, res.losses, rtol=1e-5)
+    np.testing.assert_allclose(res_c.coefficients, res.coefficients, rtol=1e-5, atol=1e-7)
     at = jmerge.atlas(fns, base, models, batches=xs, labels=ys, steps=60, optimizer=optax.adam(5e-2))
     assert at.losses[-1] < at.losses[0] - 0.5
     assert accuracy(at.params, fns, xs, ys) > 0.85

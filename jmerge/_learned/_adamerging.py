@@ -91,7 +91,7 @@ def _learn_coefficients(apply_fn, base, models, task_vectors, batches, granulari
     T = tv.num_tasks
     fns = as_apply_fns(apply_fn, T)
     check_loss_kind(loss, labels)
-    batches, labels, sizes = check_batches(batches, T, labels if loss == "ce" else None)
+    batches, labels, sizes = check_batches(batches, T, None if loss == "entropy" else labels)
     check_logits(fns, base, batches, sizes)
     lam0 = init_coefficients(tv, granularity, init, simplex)
     clamp_fn = coefficient_projection(clamp, simplex)
@@ -134,7 +134,8 @@ def adamerging(apply_fn, base, models=None, *, task_vectors=None, batches, granu
       optimizer: an optax GradientTransformation (default ``optax.adam(1e-3)``).
       steps: optimisation steps.
       batch_size: examples per task and step, drawn deterministically from ``seed``; None: whole batches.
-      loss: ``"entropy"`` (unsupervised) or ``"ce"`` (needs ``labels``).
+      loss: ``"entropy"`` (unsupervised), ``"ce"`` (needs ``labels``) or a callable
+        ``loss(logits, labels) -> scalar`` (``labels`` is the task's minibatch of ``labels``, or None).
       labels: T integer label arrays (for ``loss="ce"``).
       clamp: ``(lo, hi)`` applied after each step (None: no clamp; either bound may be None).
       simplex: project the coefficients of each leaf group onto the simplex (sum to 1, >= 0) instead

@@ -209,17 +209,25 @@ def ce_loss(logits, labels) -> jax.Array:
 
 
 def multitask_loss(apply_fns, params, data, loss: str) -> jax.Array:
-    """Sum over tasks of the per-task mean loss; ``data`` = list of (inputs, labels or None)."""
+    """Sum over tasks of the per-task loss; ``data`` = list of (inputs, labels or None).
+
+    ``loss`` is ``"entropy"``, ``"ce"`` or a callable ``loss(logits, labels_or_None) -> scalar``.
+    """
     total = 0.0
     for f, (x, y) in zip(apply_fns, data):
         logits = f(params, x)
-        total = total + (entropy_loss(logits) if loss == "entropy" else ce_loss(logits, y))
+        if callable(loss):
+            total = total + loss(logits, y)
+        else:
+            total = total + (entropy_loss(logits) if loss == "entropy" else ce_loss(logits, y))
     return total
 
 
-def check_loss_kind(loss: str, labels) -> None:
+def check_loss_kind(loss, labels) -> None:
+    if callable(loss):
+        return
     if loss not in ("entropy", "ce"):
-        raise MergeInputError(f"loss must be 'entropy' or 'ce', got {loss!r}.")
+        raise MergeInputError(f"loss must be 'entropy', 'ce' or a callable(logits, labels), got {loss!r}.")
     if loss == "ce" and labels is None:
         raise MergeInputError("loss='ce' needs `labels` (one integer array per task).")
 

@@ -82,7 +82,7 @@ def concrete_merge(apply_fn, base, models=None, *, task_vectors=None, batches, i
     T = tv.num_tasks
     fns = as_apply_fns(apply_fn, T)
     check_loss_kind(loss, labels)
-    batches, labels, sizes = check_batches(batches, T, labels if loss == "ce" else None)
+    batches, labels, sizes = check_batches(batches, T, None if loss == "entropy" else labels)
     check_logits(fns, base, batches, sizes)
     batcher = Batcher(batches, labels, sizes, batch_size, seed, mesh)
     mask_opt = optax.adam(1e-2) if optimizer is None else optimizer
