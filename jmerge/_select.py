@@ -21,7 +21,7 @@ exact integer operations. ``topk_mask`` finds the exact k-th largest key ``v`` i
 2. one fused counting pass: how many keys are ``> hi``, ``== hi``, ``== lo``, and in ``(lo, hi)``
    per block of 1024 elements. Either ``v`` is ``hi`` or ``lo`` (common with ties), or it lies inside;
 3. then the candidates in ``(lo, hi)`` (typically ~1% of the data) are extracted with a blocked
-   ``lax.top_k`` (at most 32 per block) and only they are sorted, giving ``v`` exactly;
+   float ``lax.top_k`` (at most 32 per block) and only they are sorted, giving ``v`` exactly;
 4. the mask is ``key > v`` plus the first ``q = k - #(key > v)`` entries equal to ``v`` in flat order.
    When all equal entries fit (the usual case) that is ``key >= v``; otherwise per-block counts of
    equal entries and a cumulative sum over blocks locate the one boundary block, and a cumulative
@@ -57,7 +57,7 @@ _I32_MIN = np.int32(np.iinfo(np.int32).min)
 _I32_MAX = np.int32(np.iinfo(np.int32).max)
 _LOW = np.int32(_I32_MIN + 1)  # "minus infinity" bracket end: below every real key
 _PAD = _I32_MIN  # padding key: below _LOW, never counted
-_CANON_NAN = np.int32(0x7FC00000)
+_INF_KEY = np.int32(0x7F800000)  # NaN compares as +inf
 
 _BLOCK = 1024  # block of the candidate extraction
 _PER_BLOCK = 32  # candidates kept per block by the extraction
@@ -77,15 +77,24 @@ def _keys(x: jax.Array) -> jax.Array:
     b = lax.bitcast_convert_type(x, jnp.int32)
     k = jnp.where(b < 0, b ^ np.int32(0x7FFFFFFF), b)
     k = jnp.where(x == 0, np.int32(0), k)  # -0.0 == 0.0
-    return jnp.where(jnp.isnan(x), _CANON_NAN, k)
+    return jnp.where(jnp.isnan(x), _INF_KEY, k)
+
+
+def _from_keys(keys: jax.Array) -> jax.Array:
+    """Inverse of :func:`_keys` (to float32)."""
+    return lax.bitcast_convert_type(jnp.where(keys < 0, keys ^ np.int32(0x7FFFFFFF), keys), jnp.float32)
+
+
+_NEG_INF_KEY = np.int32(np.int32(np.float32(-np.inf).view(np.int32)) ^ np.int32(0x7FFFFFFF))
 
 
 def _pad_blocks(keys: jax.Array, block: int) -> jax.Array:
-    """(R, n) -> (R, nb, block), padded with the _PAD key."""
+    """(R, n) -> (R, nb, block), padded with a value equal to nothing (NaN) or below all keys."""
     R, n = keys.shape
     nb = -(-n // block)
     if nb * block != n:
-        keys = jnp.pad(keys, ((0, 0), (0, nb * block - n)), constant_values=_PAD)
+        fill = jnp.nan if jnp.issubdtype(keys.dtype, jnp.floating) else _PAD
+        keys = jnp.pad(keys, ((0, 0), (0, nb * block - n)), constant_values=fill)
     return keys.reshape(R, nb, block)
 
 
@@ -119,11 +128,14 @@ def _radix_kth(keys: jax.Array, k: jax.Array):
     return v, above1 + above2, eq
 
 
-def _fast_kth(keys: jax.Array, k: jax.Array):
-    """Sample bracket + one counting pass + candidate extraction. Returns (v, gt, eq, ok)."""
-    R, n = keys.shape
+def _fast_kth(x: jax.Array, k: jax.Array):
+    """Sample bracket + one fused counting/extraction pass on float32 ``x`` (NaN already +inf).
+
+    Returns (v, gt, eq, ok) with ``v`` as a key; ``ok`` is False where the result is not proven.
+    """
+    R, n = x.shape
     stride = max(1, n // _SAMPLE)
-    sample = jnp.sort(keys[:, ::stride], axis=1)  # ascending
+    sample = jnp.sort(x[:, ::stride], axis=1)  # ascending
     M = sample.shape[1]
     kf = k.astype(jnp.float32)
     q = kf / n
@@ -131,55 +143,59 @@ def _fast_kth(keys: jax.Array, k: jax.Array):
     d = _Z * jnp.sqrt(M * q * (1.0 - q)) + 2.0
     j_lo = jnp.floor(pos - d).astype(jnp.int32)
     j_hi = jnp.ceil(pos + d).astype(jnp.int32)
-    lo = jnp.where(j_lo < 0, _LOW, jnp.take_along_axis(sample, jnp.clip(j_lo, 0, M - 1)[:, None], 1)[:, 0])
-    hi = jnp.where(j_hi >= M, _I32_MAX, jnp.take_along_axis(sample, jnp.clip(j_hi, 0, M - 1)[:, None], 1)[:, 0])
-
-    kb = _pad_blocks(keys, _BLOCK)
-    lo3, hi3 = lo[:, None, None], hi[:, None, None]
-    mid = (kb > lo3) & (kb < hi3)
-    n_mid_blk = jnp.sum(mid, axis=2, dtype=jnp.int32)  # (R, nb)
-    n_gt_hi = jnp.sum(kb > hi3, axis=(1, 2), dtype=jnp.int32)
-    n_eq_hi = jnp.sum(kb == hi3, axis=(1, 2), dtype=jnp.int32)
-    n_eq_lo = jnp.sum(kb == lo3, axis=(1, 2), dtype=jnp.int32)
-    n_eq_lo = jnp.where(lo == hi, 0, n_eq_lo)
-    n_mid = jnp.sum(n_mid_blk, axis=1)
+    lo = jnp.where(j_lo < 0, -jnp.inf, jnp.take_along_axis(sample, jnp.clip(j_lo, 0, M - 1)[:, None], 1)[:, 0])
+    hi = jnp.where(j_hi >= M, jnp.inf, jnp.take_along_axis(sample, jnp.clip(j_hi, 0, M - 1)[:, None], 1)[:, 0])
+    lo2, hi2 = lo[:, None], hi[:, None]
+    mid = (x > lo2) & (x < hi2)
+    # one pass: the counts, and the candidates in (lo, hi) for the blocked extraction
+    n_gt_hi = jnp.sum(x > hi2, axis=1, dtype=jnp.int32)
+    n_eq_hi = jnp.sum(x == hi2, axis=1, dtype=jnp.int32)
+    n_eq_lo = jnp.where(lo == hi, 0, jnp.sum(x == lo2, axis=1, dtype=jnp.int32))
+    n_mid = jnp.sum(mid, axis=1, dtype=jnp.int32)
+    cand = jnp.where(mid, x, -jnp.inf)
+    nb = -(-n // _BLOCK)
+    if nb * _BLOCK != n:
+        cand = jnp.pad(cand, ((0, 0), (0, nb * _BLOCK - n)), constant_values=-jnp.inf)
     ge_hi = n_gt_hi + n_eq_hi
     gt_lo = ge_hi + n_mid
     ge_lo = gt_lo + n_eq_lo
-
     is_hi = (n_gt_hi < k) & (k <= ge_hi)
     is_mid = (ge_hi < k) & (k <= gt_lo)
     is_lo = (gt_lo < k) & (k <= ge_lo)
-    overflow = jnp.max(n_mid_blk, axis=1) > _PER_BLOCK
-    ok = is_hi | is_lo | (is_mid & ~overflow)
-    need_mid = is_mid & ~overflow
 
     def extract(_):
-        m = min(_PER_BLOCK, _BLOCK)
-        cand = jnp.where(mid, kb, _PAD)
-        top = lax.top_k(cand, m)[0].reshape(R, -1)
+        # lax.top_k is fast on float32 (not on int32) on CPU. The -inf filler is never a candidate.
+        top = lax.top_k(cand.reshape(R, nb, _BLOCK), _PER_BLOCK)[0].reshape(R, -1)
+        n_got = jnp.sum(top > lo2, axis=1, dtype=jnp.int32)  # < n_mid: some block overflowed
         srt = jnp.sort(top, axis=1)
         L = srt.shape[1]
         r = jnp.clip(k - ge_hi, 1, L)
         vm = jnp.take_along_axis(srt, (L - r)[:, None], 1)[:, 0]
-        gt = ge_hi + jnp.sum(srt > vm[:, None], axis=1, dtype=jnp.int32)
+        n_above = jnp.sum(srt > vm[:, None], axis=1, dtype=jnp.int32)
         eq = jnp.sum(srt == vm[:, None], axis=1, dtype=jnp.int32)
-        return vm, gt, eq
+        return vm, ge_hi + n_above, eq, n_got == n_mid
 
     def no_extract(_):
         z = jnp.zeros((R,), jnp.int32)
-        return z, z, z
+        return jnp.zeros((R,), jnp.float32), z, z, jnp.ones((R,), bool)
 
-    vm, gtm, eqm = lax.cond(jnp.any(need_mid), extract, no_extract, None)
+    vm, gtm, eqm, okm = lax.cond(jnp.any(is_mid), extract, no_extract, None)
     v = jnp.where(is_hi, hi, jnp.where(is_lo, lo, vm))
     gt = jnp.where(is_hi, n_gt_hi, jnp.where(is_lo, gt_lo, gtm))
     eq = jnp.where(is_hi, n_eq_hi, jnp.where(is_lo, n_eq_lo, eqm))
-    return v, gt, eq, ok
+    ok = is_hi | is_lo | (is_mid & okm)
+    return _keys(v), gt, eq, ok
 
 
-def _kth(keys: jax.Array, k: jax.Array):
-    v, gt, eq, ok = _fast_kth(keys, k)
-    return lax.cond(jnp.all(ok), lambda _: (v, gt, eq), lambda _: _radix_kth(keys, k), None)
+def _canon(x: jax.Array) -> jax.Array:
+    """float32 with NaN -> +inf (so float comparisons give a total order; -0.0 == 0.0 already)."""
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.where(jnp.isnan(x), jnp.inf, x)
+
+
+def _kth(x: jax.Array, k: jax.Array):
+    v, gt, eq, ok = _fast_kth(x, k)
+    return lax.cond(jnp.all(ok), lambda _: (v, gt, eq), lambda _: _radix_kth(_keys(x), k), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +203,8 @@ def _kth(keys: jax.Array, k: jax.Array):
 
 def _mask_from_threshold(keys: jax.Array, v: jax.Array, quota: jax.Array, eq: jax.Array) -> jax.Array:
     """``key > v`` plus the first ``quota`` entries with ``key == v`` (flat order), per row.
+
+    ``keys`` are int32 order keys, or float32 values without NaN (then ``v`` is float32).
 
     ``eq`` is the number of entries equal to ``v`` in each row (``quota >= eq`` keeps them all).
     """
@@ -217,12 +235,14 @@ def _mask_from_threshold(keys: jax.Array, v: jax.Array, quota: jax.Array, eq: ja
     return lax.cond(jnp.any((quota < eq) & (quota > 0)), partial_ties, all_ties, None)
 
 
-def _topk_rows_keys(keys: jax.Array, k: jax.Array) -> jax.Array:
-    R, n = keys.shape
+def _topk_rows(x: jax.Array, k: jax.Array) -> jax.Array:
+    """Row-wise top-k mask of (R, n) values (any float dtype), k (R,)."""
+    R, n = x.shape
+    x = _canon(x)
     k = jnp.asarray(k).astype(jnp.int32)
     kc = jnp.clip(k, 1, n)
-    v, gt, eq = _kth(keys, kc)
-    mask = _mask_from_threshold(keys, v, kc - gt, eq)
+    v, gt, eq = _kth(x, kc)
+    mask = _mask_from_threshold(x, _from_keys(v), kc - gt, eq)
     mask = jnp.where((k <= 0)[:, None], False, mask)
     return jnp.where((k >= n)[:, None], True, mask)
 
@@ -250,7 +270,7 @@ def topk_mask(x: jax.Array, k) -> jax.Array:
     if k.ndim != 0:
         raise MergeInputError(f"topk_mask: k must be a scalar, got shape {k.shape}; use topk_mask_rows "
                               "for one k per row.")
-    return _topk_rows_keys(_keys(x.reshape(1, -1)), k.reshape(1)).reshape(x.shape)
+    return _topk_rows(x.reshape(1, -1), k.reshape(1)).reshape(x.shape)
 
 
 def topk_mask_rows(x: jax.Array, k) -> jax.Array:
@@ -277,7 +297,7 @@ def topk_mask_rows(x: jax.Array, k) -> jax.Array:
     k = jnp.broadcast_to(k, (T,))
     if x.size == 0:
         return jnp.zeros(x.shape, bool)
-    return _topk_rows_keys(_keys(x.reshape(T, -1)), k).reshape(x.shape)
+    return _topk_rows(x.reshape(T, -1), k).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,244 @@
+"""Exact top-k masks (jmerge._select) against a NumPy reference: stable argsort on -x."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jmerge
+from jmerge import _select as S
+from jmerge._core import transform
+
+SHAPES = [(1,), (7,), (16, 12), (3, 4, 5), (41, 33)]
+
+
+def ref_mask(x, k):
+    """Keep the k largest of x (flattened), ties by lowest index: NumPy stable argsort on -x."""
+    f = np.asarray(x, np.float32).ravel()
+    f = np.where(f == 0, np.float32(0), f)  # -0.0 == 0.0
+    f = np.where(np.isnan(f), np.float32(np.inf), f)  # NaN counts as +inf
+    order = np.argsort(-f, kind="stable")
+    m = np.zeros(f.size, bool)
+    m[order[:min(max(int(k), 0), f.size)]] = True
+    return m.reshape(np.shape(x))
+
+
+def ref_rows(x, ks):
+    return np.stack([ref_mask(x[t], ks[t]) for t in range(x.shape[0])])
+
+
+def make(kind, shape, rng):
+    n = int(np.prod(shape))
+    if kind == "normal":
+        x = np.abs(rng.normal(size=shape))
+    elif kind == "signed":
+        x = rng.normal(size=shape)
+    elif kind == "int_ties":
+        x = rng.integers(0, 4, size=shape)
+    elif kind == "bf16":
+        x = np.abs(rng.normal(size=shape)).astype(jnp.bfloat16).astype(np.float32)
+    elif kind == "equal":
+        x = np.full(shape, 0.5)
+    elif kind == "zeros":
+        x = np.zeros(shape)
+    elif kind == "sorted":
+        x = np.arange(n, dtype=np.float64).reshape(shape) / n
+    else:
+        raise ValueError(kind)
+    return np.asarray(x, np.float32)
+
+
+KINDS = ["normal", "signed", "int_ties", "bf16", "equal", "zeros", "sorted"]
+_topk = jax.jit(S.topk_mask)
+
+
+def edge_ks(n, rng):
+    return sorted({-3, 0, 1, n // 2, max(n - 1, 0), n, n + 4, int(rng.integers(0, n + 1))})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_mask_matches_numpy(kind):
+    rng = np.random.default_rng(hash(kind) % 2**32)
+    for shape in SHAPES:
+        x = make(kind, shape, rng)
+        for k in edge_ks(x.size, rng):
+            got = np.asarray(_topk(x, k))
+            assert got.shape == x.shape and got.dtype == bool
+            np.testing.assert_array_equal(got, ref_mask(x, k), err_msg=f"{kind} {shape} k={k}")
+            assert got.sum() == min(max(k, 0), x.size)
+
+
+def test_bfloat16_input_compared_as_float32():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(np.abs(rng.normal(size=(16, 12))), jnp.bfloat16)  # many ties after rounding
+    for k in (5, 50, 100, 191):
+        np.testing.assert_array_equal(np.asarray(_topk(x, k)), ref_mask(np.asarray(x, np.float32), k))
+
+
+@pytest.mark.parametrize("kind", ["normal", "bf16", "int_ties", "sorted"])
+def test_large_inputs_all_paths(kind):
+    """Large enough for the sampled bracket, the blocked extraction, the radix fallback (sorted input
+    overflows the per-block candidate budget) and the partial-tie resolution."""
+    rng = np.random.default_rng(7)
+    x = make(kind, (150_001,), rng)
+    for k in (1, 12_345, 75_000, 149_999):
+        got = np.asarray(_topk(x, k))
+        np.testing.assert_array_equal(got, ref_mask(x, k), err_msg=f"{kind} k={k}")
+
+
+def test_fast_path_and_fallback_agree_and_are_exact():
+    rng = np.random.default_rng(3)
+    x = np.abs(rng.normal(size=(2, 200_000))).astype(np.float32)
+    x[1] = np.round(x[1] * 16) / 16  # heavy ties in row 1
+    keys = S._keys(jnp.asarray(x))
+    k = jnp.array([40_000, 123_457], jnp.int32)
+    v, gt, eq, ok = jax.jit(S._fast_kth)(jnp.asarray(x), k)
+    vr, gtr, eqr = jax.jit(S._radix_kth)(keys, k)
+    assert bool(np.all(ok))
+    for t in range(2):
+        srt = np.sort(x[t])[::-1]
+        kth = srt[int(k[t]) - 1]
+        np.testing.assert_array_equal([int(gt[t]), int(eq[t])], [(x[t] > kth).sum(), (x[t] == kth).sum()])
+        np.testing.assert_array_equal([int(v[t]), int(gt[t]), int(eq[t])], [int(vr[t]), int(gtr[t]), int(eqr[t])])
+        assert np.asarray(S._from_keys(v))[t] == kth
+    # sorted data puts all candidates in a few blocks: the fast path must decline (then radix runs)
+    xs = jnp.asarray(np.arange(200_000, dtype=np.float32)[None])
+    assert not bool(jax.jit(S._fast_kth)(xs, jnp.array([70_000], jnp.int32))[3][0])
+
+
+def test_special_values():
+    x = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1.0, -1.0, 0.0, 2.0, np.inf], np.float32)
+    for k in range(0, 10):
+        np.testing.assert_array_equal(np.asarray(_topk(x, k)), ref_mask(x, k), err_msg=f"k={k}")
+    y = np.array([1.0, np.nan, 3.0, np.inf], np.float32)  # NaN counts as +inf (tie, index order)
+    np.testing.assert_array_equal(np.asarray(_topk(y, 1)), [False, True, False, False])
+
+
+def test_rows_per_row_k():
+    rng = np.random.default_rng(5)
+    rows = jax.jit(S.topk_mask_rows)
+    for shape in [(3, 16, 12), (2, 3, 4, 5), (4, 5000)]:
+        x = np.abs(rng.normal(size=shape)).astype(np.float32)
+        x[0] = np.round(x[0] * 4) / 4
+        n = int(np.prod(shape[1:]))
+        ks = rng.integers(-1, n + 2, size=shape[0])
+        got = np.asarray(rows(x, jnp.asarray(ks)))
+        np.testing.assert_array_equal(got, ref_rows(x, ks))
+        got = np.asarray(rows(x, n // 3))  # scalar k broadcasts
+        np.testing.assert_array_equal(got, ref_rows(x, [n // 3] * shape[0]))
+
+
+def test_traced_k_does_not_retrace():
+    traces = {"n": 0}
+
+    @jax.jit
+    def f(x, k):
+        traces["n"] += 1
+        return S.topk_mask(x, k)
+
+    x = np.abs(np.random.default_rng(0).normal(size=(16, 12))).astype(np.float32)
+    for k in (0, 3, 50, 192, 500):
+        np.testing.assert_array_equal(np.asarray(f(x, jnp.int32(k))), ref_mask(x, k))
+    assert traces["n"] == 1
+
+    g = jax.jit(lambda x, d: S.topk_mask(x, S.density_to_k(d, x.size)))
+    for d in (0.0, 0.1, 0.2, 0.5, 1.0):
+        np.testing.assert_array_equal(np.asarray(g(x, jnp.float32(d))), ref_mask(x, int(np.round(np.float32(d) * 192))))
+    assert g._cache_size() == 1
+
+
+def test_density_to_k():
+    assert int(S.density_to_k(0.2, 100)) == 20
+    assert int(S.density_to_k(0.0, 100)) == 0 and int(S.density_to_k(1.0, 7)) == 7
+    assert int(S.density_to_k(0.25, 10)) == 2  # round half to even, like np.round
+    np.testing.assert_array_equal(np.asarray(S.density_to_k(jnp.array([0.1, 0.5]), 30)), [3, 15])
+
+
+def test_bad_k_shape():
+    with pytest.raises(jmerge.MergeInputError):
+        S.topk_mask(jnp.ones(5), jnp.array([1, 2]))
+    with pytest.raises(jmerge.MergeInputError):
+        S.topk_mask_rows(jnp.ones((3, 5)), jnp.array([1, 2]))
+
+
+def test_empty():
+    assert S.topk_mask(jnp.zeros((0, 3)), 2).shape == (0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Global top-k over all leaves, through jmerge.merge
+
+def _keep_global(state, hp):
+    mask = S.global_topk_mask(state, "gtk")
+    merged = jnp.sum(jnp.where(mask, state.tau, 0.0), axis=0)
+    return state.replace(merged=merged, extras={"mask": mask})
+
+
+def _global_method(density=0.2):
+    return transform("keep_global", _keep_global, hparams={"density": density},
+                     stats=S.global_topk_phases("gtk", "density"))
+
+
+def ref_global(taus, dens):
+    """Per task: stable argsort of -|tau| over all leaves concatenated in leaf order."""
+    T = taus[0].shape[0]
+    flat = np.concatenate([np.abs(t).reshape(T, -1) for t in taus], axis=1)
+    sizes = np.cumsum([0] + [int(np.prod(t.shape[1:])) for t in taus])
+    masks = [np.zeros(t.shape, bool) for t in taus]
+    for t in range(T):
+        k = int(np.round(np.float64(np.float32(dens[t])) * flat.shape[1]))
+        m = ref_mask(flat[t], k)
+        for i, tau in enumerate(taus):
+            masks[i][t] = m[sizes[i]:sizes[i + 1]].reshape(tau.shape[1:])
+    return masks
+
+
+def _tree(rng, quantize):
+    shapes = {"a": (7,), "b": {"w": (16, 12)}, "c": (3, 4, 5), "d": (1,)}
+    base = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes,
+                        is_leaf=lambda s: isinstance(s, tuple))
+
+    def ft(_):
+        d = jax.tree.map(lambda b: rng.normal(size=b.shape).astype(np.float32) * 0.1, base)
+        if quantize:  # heavy ties across leaves (and exact zeros)
+            d = jax.tree.map(lambda x: np.round(x * 20) / 20, d)
+        return jax.tree.map(lambda b, x: b + x, base, d)
+    return base, [ft(i) for i in range(3)]
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_global_topk_matches_numpy(quantize):
+    rng = np.random.default_rng(11 + quantize)
+    base, models = _tree(rng, quantize)
+    method = _global_method()
+    tv = jmerge.task_vectors(base, models)
+    taus = [np.asarray(t) for t in jax.tree.leaves(tv)]
+    for dens in ([0.2] * 3, [0.0, 0.5, 1.0], [0.013, 0.37, 0.999]):
+        hp = {"density": jmerge.PerModel(dens)}
+        out, extras = jmerge.merge(method, base, task_vectors=tv, hparams=hp, return_extras=True)
+        want = ref_global(taus, dens)
+        for got, w, tau, b, o in zip(jax.tree.leaves(extras), want, taus, jax.tree.leaves(base), jax.tree.leaves(out)):
+            np.testing.assert_array_equal(np.asarray(got), w)
+            np.testing.assert_allclose(np.asarray(o), b + np.where(w, tau, 0).sum(0), rtol=1e-6, atol=1e-6)
+        total = sum(int(np.prod(t.shape[1:])) for t in taus)
+        kept = np.sum([np.asarray(g).reshape(3, -1).sum(1) for g in jax.tree.leaves(extras)], axis=0)
+        np.testing.assert_array_equal(kept, np.round(np.asarray(dens, np.float32).astype(np.float64) * total))
+
+
+def test_global_ties_broken_by_leaf_order():
+    base = {"a": np.zeros(4, np.float32), "b": np.zeros(3, np.float32)}
+    m1 = {"a": np.array([1, 2, 2, 0], np.float32), "b": np.array([2, 2, 3], np.float32)}
+    out, ex = jmerge.merge(_global_method(density=3 / 7), base, [m1], return_extras=True)
+    # k = 3: the 3, then the first two of the four 2s in leaf order (leaf a, indices 1 and 2)
+    np.testing.assert_array_equal(np.asarray(ex["a"]["mask"])[0], [False, True, True, False])
+    np.testing.assert_array_equal(np.asarray(ex["b"]["mask"])[0], [False, False, True])
+    out, ex = jmerge.merge(_global_method(density=4 / 7), base, [m1], return_extras=True)
+    np.testing.assert_array_equal(np.asarray(ex["a"]["mask"])[0], [False, True, True, False])
+    np.testing.assert_array_equal(np.asarray(ex["b"]["mask"])[0], [True, False, True])
+
+
+def test_global_density_must_be_uniform():
+    rng = np.random.default_rng(0)
+    base, models = _tree(rng, False)
+    with pytest.raises(jmerge.MergeInputError, match="differs between leaves"):
+        jmerge.merge(_global_method(), base, models, hparams={"density": jmerge.Rules([("b", 0.5)], default=0.2)})
