@@ -42,7 +42,8 @@ def adaptive_projective_gd(base, models=None, *, task_vectors=None, rank_ratio=0
     * merged task vector ``tau_m = sum_t lambda_t tau_t + Delta``, ``Delta`` initialised to 0 and
       ``lambda_t`` (per task and leaf) initialised adaptively to
       ``scale * T * (1 / ||tau_t||) / sum_s (1 / ||tau_s||)`` (smaller weight for larger task vectors, mean
-      ``scale``; zero task vectors get 0 and drop out of the loss); ``lambda`` is trained too when ``learn_coefficients``;
+      ``scale``; zero task vectors get 0 and drop out of the loss); ``lambda`` is trained too when
+      ``learn_coefficients``;
     * loss ``sum_leaves sum_t ||tau_t^T (tau_m - tau_t)||_F^2 / ||tau_t||_F^4``: the gap between the merged
       and the task-t layer on task t's data, with the data replaced by the task vector's own input
       directions (the data-free proxy ``X_t ~ tau_t^T``); scale-invariant per task;
@@ -115,7 +116,8 @@ def adaptive_projective_gd(base, models=None, *, task_vectors=None, rank_ratio=0
 
     opt = optax.adam(1e-3) if optimizer is None else optimizer
     variables, losses = train(objective, variables, consts, _NoData(), optimizer=opt, steps=steps,
-                              grad_transform=project_grad, project=project_delta, log_every=log_every, name="adaptive_projective_gd",
+                              grad_transform=project_grad, project=project_delta, log_every=log_every,
+                              name="adaptive_projective_gd",
                               seed=seed)
     lam = np.asarray(variables["lam"])
     deltas = []
