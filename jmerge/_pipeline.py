@@ -173,9 +173,11 @@ def plan_summary(plan, *, window: int = 4) -> str:
                 vals = collections.OrderedDict()
                 for j in js:
                     for k, v in hps[j.out_name].items():
-                        vals.setdefault(k, set()).add(tuple(np.atleast_1d(v).round(6).tolist()))
+                        a = np.atleast_1d(np.asarray(v, np.float64))
+                        a = a[:1] if np.all(a == a[0]) else a
+                        vals.setdefault(k, set()).add(tuple(f"{x:.6g}" for x in a))
                 hp_txt = " " + ", ".join(
-                    f"{k}=" + ("/".join(str(list(x)) if len(x) > 1 else str(x[0]) for x in sorted(v))
+                    f"{k}=" + ("/".join("[" + ", ".join(x) + "]" if len(x) > 1 else x[0] for x in sorted(v))
                                if len(v) <= 4 else f"<{len(v)} values>") for k, v in vals.items())
             lines.append(f"  {g} x{len(js)} {js[0].shape} {np.dtype(js[0].in_dtype).name}->"
                          f"{np.dtype(js[0].dtype).name}{hp_txt}")
@@ -186,13 +188,20 @@ def plan_summary(plan, *, window: int = 4) -> str:
         big = max((int(np.prod(j.shape)) for j in jobs), default=0)
         itm = max((np.dtype(j.in_dtype).itemsize for j in jobs), default=4)
         peak = window * big * itm * n_in + big * 4 * (n_in + 3) + 400 * 2**20
-        lines += [f"output tensors: {len(jobs)}", f"bytes read: {read_b / 1e9:.3f} GB, written: {out_b / 1e9:.3f} GB",
+        lines += [f"output tensors: {len(jobs)}", f"bytes read: {_fmt_bytes(read_b)}, written: {_fmt_bytes(out_b)}",
                   f"peak memory estimate: {peak / 2**30:.2f} GiB ({window} tensors in flight, largest "
                   f"{big * itm / 2**20:.1f} MiB per input, + ~0.4 GiB JAX runtime)"]
         return "\n".join(lines)
     finally:
         for r in readers:
             r.close()
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.3f} {unit}"
+    return f"{int(n)} B"
 
 
 def _leaf_hparams(plan, method, jobs) -> dict[str, dict]:

@@ -160,6 +160,9 @@ def _cmd_demo(a) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the ``jmerge`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":  # everything after `demo` belongs to the demo
+        return _cmd_demo(argparse.Namespace(demo_args=argv[1:]))
     p = _parser()
     try:
         a = p.parse_args(argv)

@@ -1,0 +1,87 @@
+"""The `jmerge` command: dry run, exit codes, overwrite refusal, atomic output, methods list, version."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import jmerge
+from jmerge.cli import main, parse_size
+
+
+def _cfg(tmp_path, text, name="c.yml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_version_and_methods(capsys):
+    assert main(["--version"]) == 0 and jmerge.__version__ in capsys.readouterr().out
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in jmerge.available_methods():
+        assert f"\n{name}(" in "\n" + out
+    assert "ties(density=0.2" in out and "sce(" in out and "[mergekit: select" not in out
+
+
+def test_bad_config_exit_2_one_line_with_location(tmp_path, capsys):
+    p = _cfg(tmp_path, "merge_method: tiez\nbase_model: b\nmodels:\n  - model: m\n")
+    assert main(["merge", p, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{p}:1:15" in err and "unknown merge method 'tiez'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tiny_base, tiny_fts, tmp_path, capsys):
+    p = _cfg(tmp_path, f"merge_method: ties\nbase_model: {tiny_base}\nmodels:\n"
+             + "".join(f"  - model: {f}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for f in tiny_fts))
+    assert main(["merge", p, str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "method: ties" in out and "model.layers.*.self_attn.q_proj.weight x3" in out
+    assert "density=0.5" in out and "output tensors:" in out and "peak memory estimate" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_overwrite_refusal_and_outputs(tiny_base, tiny_fts, tmp_path, capsys):
+    p = _cfg(tmp_path, f"merge_method: task_arithmetic\nbase_model: {tiny_base}\nmodels:\n  - model: {tiny_fts[0]}\n"
+             "parameters: {lambda: 0.5}\nchat_template: 'hi {{ x }}'\n")
+    out = tmp_path / "out"
+    assert main(["merge", p, str(out), "--quiet", "--out-shard-size", "50KB"]) == 0
+    files = os.listdir(out)
+    assert "README.md" in files and "config.json" in files and "tokenizer.json" in files
+    assert "chat_template.jinja" in files and "model.safetensors.index.json" in files
+    assert main(["merge", p, str(out), "--quiet"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["merge", p, str(out), "--quiet", "--overwrite", "--no-copy-tokenizer"]) == 0
+    assert "tokenizer.json" not in os.listdir(out)
+
+
+def test_failure_leaves_no_output(tiny_base, tmp_path, capsys):
+    # a model with another architecture fails after the plan is made: nothing is written
+    other = os.path.join(os.path.dirname(tiny_base), "gpt2_base")
+    if not os.path.isdir(other):
+        pytest.skip("gpt2 fixture missing")
+    p = _cfg(tmp_path, f"merge_method: task_arithmetic\nbase_model: {tiny_base}\nmodels:\n  - model: {other}\n")
+    assert main(["merge", p, str(tmp_path / "out"), "--quiet"]) == 1
+    assert "missing from model" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["c.yml"]
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1000") == 1000
+    with pytest.raises(Exception):
+        parse_size("five")
+
+
+def test_demo_entry(capsys, monkeypatch):
+    import jmerge._demo as demo
+    if not hasattr(demo, "run_demo"):
+        assert main(["demo"]) == 1
+        assert "not available" in capsys.readouterr().err
+    else:
+        calls = []
+        monkeypatch.setattr(demo, "run_demo", lambda args: calls.append(args) or 0)
+        assert main(["demo", "--steps", "3"]) == 0 and calls == [["--steps", "3"]]
