@@ -332,26 +332,51 @@ def _pcb_scores(tau2: jax.Array) -> jax.Array:
     return intra * inter
 
 
-def _pcb(state: MergeState, hp) -> MergeState:
+def _pcb_paper(tau2: jax.Array, ratio):
+    T, n = tau2.shape
+    beta = _pcb_scores(tau2)
+    keep_k = jnp.broadcast_to(n - density_to_k(ratio, n), (T,))
+    keep = jax.vmap(topk_mask)(beta, keep_k)
+    return tau2, jnp.where(keep, beta, 0.0)
+
+
+def _pcb_authors(tau2: jax.Array, ratio, outlier: float):
+    T, n = tau2.shape
+    a = jnp.abs(tau2)
+    srt = jnp.sort(a, axis=1)
+    lo_i, hi_i = int(n * outlier), max(int(n * (1 - outlier) - 1), 0)
+    a = jnp.clip(a, srt[:, lo_i:lo_i + 1], srt[:, hi_i:hi_i + 1])
+    clamped = jnp.sign(tau2) * a
+    intra = jnp.exp(T * _minmax(a) ** 2)
+    inter = jnp.tanh(tau2 * jnp.sum(tau2, axis=0, keepdims=True))
+    score = intra * inter
+    idx = jnp.clip(jnp.floor(jnp.broadcast_to(jnp.asarray(ratio, jnp.float32), (T,)) * n).astype(jnp.int32), 0, n - 1)
+    thr = jnp.take_along_axis(jnp.sort(score, axis=1), idx[:, None], axis=1)
+    return clamped, _minmax(jnp.maximum(score, thr))
+
+
+def _pcb(state: MergeState, hp, *, variant: str, outlier: float) -> MergeState:
     T = state.num_models
     tau2 = state.tau.reshape(T, -1)
-    n = tau2.shape[1]
-    beta = _pcb_scores(tau2)
-    keep_k = jnp.broadcast_to(n - density_to_k(hp["ratio"], n), (T,))
-    keep = jax.vmap(topk_mask)(beta, keep_k)
-    beta = jnp.where(keep, beta, 0.0)
-    total = jnp.sum(beta, axis=0, keepdims=True)
-    w = jnp.where(total > 0, beta / jnp.where(total > 0, total, 1.0), 0.0)
+    if variant == "authors":
+        tau2, beta = _pcb_authors(tau2, hp["ratio"], outlier)
+        total = jnp.sum(beta, axis=0, keepdims=True)
+        w = beta / jnp.maximum(total, 1e-12)
+    else:
+        tau2, beta = _pcb_paper(tau2, hp["ratio"])
+        total = jnp.sum(beta, axis=0, keepdims=True)
+        w = jnp.where(total > 0, beta / jnp.where(total > 0, total, 1.0), 0.0)
     merged = hp["scale"] * jnp.sum(w * tau2, axis=0)
     return state.replace(merged=merged.reshape(state.tau.shape[1:]),
                          extras={**state.extras, "pcb_weights": w.reshape(state.tau.shape)})
 
 
-def pcb(ratio=0.1, scale=1.0):
+def pcb(ratio=0.1, scale=1.0, *, variant: str = "paper", outlier: float = 1e-4):
     """PCB merging: balance parameter competition within and across tasks, drop, rescale, merge.
 
-    Per tensor, with ``N`` tasks, ``Norm`` the min-max normalisation over the tensor's entries
-    (a constant tensor normalises to 0) and softmax over the tensor's entries:
+    ``variant="paper"`` (default), per tensor, with ``N`` tasks, ``Norm`` the min-max
+    normalisation over the tensor's entries (a constant tensor normalises to 0) and softmax over
+    the tensor's entries:
 
     * intra-balancing ``beta_intra_t = softmax(N * Norm(tau_t ⊙ tau_t))``;
     * inter-balancing ``beta_inter_t = sum_s softmax(N * Norm(tau_t ⊙ tau_s))``;
@@ -359,18 +384,31 @@ def pcb(ratio=0.1, scale=1.0):
       ``beta_t`` (``round(ratio * n)`` entries, ties broken by index) is set to 0;
     * ``merged = scale * sum_t beta_t tau_t / sum_s beta_s`` (0 where no task is kept).
 
-    The per-task weights ``beta_t / sum_s beta_s`` are in ``extras["pcb_weights"]``.
-    Note: the authors' code takes ``pcb_ratio`` as the fraction *kept*; pass
-    ``ratio = 1 - pcb_ratio`` here to keep the same number of entries. Scores are computed per
-    tensor (the authors flatten the whole model).
+    ``variant="authors"`` follows the authors' released code, per tensor: ``|tau_t|`` clamped to its
+    ``outlier`` and ``1 - outlier`` order statistics (``tau_t`` keeps its sign); intra
+    ``exp(N * Norm(|tau_t|)^2)``; inter ``tanh(tau_t * sum_s tau_s)``; score = intra * inter;
+    per task the score is clamped from below at its ``floor(ratio * n)``-th smallest value and
+    min-max normalised (so the lowest ``ratio`` fraction gets weight 0, the rest weights in
+    (0, 1]); ``merged = scale * sum_t w_t tau_t / max(sum_t w_t, 1e-12)``. The authors'
+    ``pcb_ratio`` is the fraction *kept*: their ``pcb_ratio=0.1`` is ``ratio=0.9`` here; they
+    flatten the whole model, jmerge scores per tensor.
+
+    The per-task weights (divided by their sum over tasks) are in ``extras["pcb_weights"]``.
 
     Args:
       ratio: fraction of entries dropped per task and tensor, in [0, 1]; may be per model.
       scale: the final scaling lambda.
+      variant: ``"paper"`` or ``"authors"`` (see above).
+      outlier: ``"authors"`` only: fraction clamped at each end of ``|tau_t|`` (static).
 
     References: Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024).
     """
-    return transform("pcb", _pcb, hparams={"ratio": ratio, "scale": scale}, ranges={"ratio": (0.0, 1.0)})
+    if variant not in ("paper", "authors"):
+        raise MergeInputError(f"pcb: variant must be 'paper' or 'authors', got {variant!r}.")
+    if not 0.0 <= float(outlier) < 0.5:
+        raise MergeInputError(f"pcb: outlier must be in [0, 0.5), got {outlier!r}.")
+    return transform("pcb", _pcb, hparams={"ratio": ratio, "scale": scale},
+                     static={"variant": variant, "outlier": float(outlier)}, ranges={"ratio": (0.0, 1.0)})
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,6 +93,31 @@ def ref_pcb(tau, ratio, scale):
     return scale * (w * x).sum(0).reshape(tau.shape[1:]), w.reshape(tau.shape)
 
 
+def ref_pcb_authors(tau, ratio, scale, outlier=1e-4):
+    """The authors' released PCB procedure (as described in jmerge.pcb), per tensor, in float64."""
+    T = tau.shape[0]
+    x = tau.reshape(T, -1).astype(np.float64)
+    n = x.shape[1]
+
+    def norm(v):
+        r = v.max() - v.min()
+        return (v - v.min()) / r if r > 0 else np.zeros_like(v)
+
+    a = np.abs(x)
+    lo, hi = int(n * outlier), max(int(n * (1 - outlier) - 1), 0)
+    clamped = np.empty_like(x)
+    w = np.empty_like(x)
+    for t in range(T):
+        s = np.sort(a[t])
+        a_t = np.clip(a[t], s[lo], s[hi])
+        clamped[t] = np.sign(x[t]) * a_t
+        score = np.exp(T * norm(a_t) ** 2) * np.tanh(x[t] * x.sum(0))
+        thr = np.sort(score)[min(int(np.floor(np.broadcast_to(ratio, (T,))[t] * n)), n - 1)]
+        w[t] = norm(np.maximum(score, thr))
+    tot = np.maximum(w.sum(0), 1e-12)
+    return scale * (clamped * w).sum(0).reshape(tau.shape[1:]) / tot.reshape(tau.shape[1:]), (w / tot).reshape(tau.shape)
+
+
 def ref_emr(tau):
     gamma = np.sign(tau.sum(0))
     masks = tau * gamma[None] > 0
@@ -273,6 +298,25 @@ def test_pcb_matches_numpy(dtype, ratios):
             assert (np.asarray(fw[p][i]) == 0).sum() == int(np.round(r * n))
         s = fw[p].sum(0)
         np.testing.assert_allclose(s[s > 0], 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pcb_authors_variant_matches_numpy(dtype):
+    base, models = random_trees(T=3, seed=16, dtype=dtype)
+    for ratios in ([0.83, 0.83, 0.83], [0.83, 0.47, 0.0]):  # ratio * n never near an integer here
+        out, ex = run(jmerge.pcb(scale=0.8, variant="authors"), base, models, ratio=PerModel(ratios))
+        fb, tau = taus(base, models)
+        fo, fw = flat(out), flat_extras(ex, "pcb_weights")
+        for p, t in tau.items():
+            ref, w = ref_pcb_authors(t, ratios, 0.8)
+            # weights in [0, 1]; (score - threshold) cancels near the threshold: absolute tolerance
+            np.testing.assert_allclose(fw[p], w, rtol=1e-5, atol=1e-6, err_msg=p)
+            np.testing.assert_allclose(fo[p], fb[p] + ref, rtol=1e-6, atol=1e-6, err_msg=p)
+            n = t[0].size
+            for i, r in enumerate(ratios):  # the lowest floor(r n) + 1 scores (threshold included) get 0
+                assert (fw[p][i] == 0).sum() >= int(np.floor(r * n)) + 1
+    with pytest.raises(MergeInputError, match="variant"):
+        jmerge.pcb(variant="official")
 
 
 # ------------------------------------------------------------------ EMR
