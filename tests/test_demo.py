@@ -132,3 +132,14 @@ def test_cli_hooks():
     a = p.parse_args(["--methods", "ties,task_arithmetic", "--cache-dir", "/x", "--quiet"])
     assert a.methods == "ties,task_arithmetic" and a.cache_dir == "/x" and a.quiet and not a.full
     assert a.out_dir == "jmerge-demo" and a.seed == 0
+
+
+def test_run_demo_accepts_cli_argv(monkeypatch):
+    from jmerge._demo import bench
+    seen = {}
+    monkeypatch.setattr(bench, "run_benchmark", lambda cfg, **kw: seen.update(cfg=cfg, **kw) or (_ for _ in ()).throw(
+        RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        bench.run_demo(["--methods", "ties", "--seed", "3", "--quiet", "--cache-dir", "/c"])
+    assert seen["methods"] == ["ties"] and seen["seed"] == 3 and seen["cache_dir"] == "/c"
+    assert seen["cfg"] == bench.REDUCED

@@ -463,7 +463,7 @@ def _plot(results: dict, path: str):
 # Entry points
 
 
-def run_demo(*, full: bool = False, out_dir: str = "jmerge-demo", cache_dir: str | None = None,
+def run_demo(argv: Sequence[str] | None = None, *, full: bool = False, out_dir: str = "jmerge-demo", cache_dir: str | None = None,
              methods: Sequence[str] | None = None, seed: int = 0, quiet: bool = False,
              config: DemoConfig | None = None) -> dict:
     """Run the digits merging benchmark and print its table (what ``jmerge demo`` does).
@@ -472,6 +472,8 @@ def run_demo(*, full: bool = False, out_dir: str = "jmerge-demo", cache_dir: str
     cached under ``cache_dir`` keyed by the configuration, so later runs only merge and evaluate.
 
     Args:
+      argv: command-line arguments of ``jmerge demo`` (e.g. ``["--full"]``); when given, they are
+        parsed with :func:`add_arguments` and the exit code is returned instead of the results.
       full: the full benchmark (bigger model, more steps) instead of the reduced one.
       out_dir: where ``results.md``, ``results.csv``, ``results.json`` and ``accuracy.png`` go
         (None: write nothing).
@@ -485,6 +487,11 @@ def run_demo(*, full: bool = False, out_dir: str = "jmerge-demo", cache_dir: str
     Returns:
       The results dict of :func:`run_benchmark`, plus ``"paths"`` of the written files.
     """
+    if argv is not None:
+        import argparse
+        parser = argparse.ArgumentParser(prog="jmerge demo", description="jmerge's digits merging benchmark")
+        add_arguments(parser)
+        return main_from_args(parser.parse_args(list(argv)))
     cfg = config or (FULL if full else REDUCED)
     if methods is None and not full and config is None:
         methods = list(DEMO_METHODS)
