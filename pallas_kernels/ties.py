@@ -14,6 +14,8 @@ from jax.experimental import pallas as pl
 __all__ = ["disjoint_merge", "disjoint_merge_reference"]
 
 _LANES = 128
+# a squeezed block dimension (the task axis): pl.squeezed in current JAX, None in older releases
+_SQUEEZED = getattr(pl, "squeezed", None)
 
 
 def disjoint_merge_reference(tau, keep_mask, weight=1.0, *, normalize_by: str = "count"):
@@ -103,7 +105,7 @@ def disjoint_merge(tau, keep_mask, weight=1.0, *, normalize_by: str = "count", b
     w_arr = jnp.zeros((tp, _LANES), jnp.float32).at[:T].set(w[:, None])
 
     def row_spec(t):
-        return pl.BlockSpec((None, br, _LANES), lambda i, t=t: (t, i, 0))
+        return pl.BlockSpec((_SQUEEZED, br, _LANES), lambda i, t=t: (t, i, 0))
 
     out = pl.pallas_call(
         functools.partial(_kernel, T=T, by_weight=normalize_by == "weight"),
