@@ -361,3 +361,18 @@ def test_ties_density_out_of_range_names_leaf():
         jmerge.merge(della(), base, models, hparams={"epsilon": 0.7})
     with pytest.raises(MergeInputError, match="reduce"):
         ties(reduce="median")
+
+
+def test_new_hyperparameter_values_do_not_recompile_and_user_jit_matches():
+    base, models = make_tree(11)
+    run(ties(), base, models, density=0.2, weight=1.0, scale=1.0)
+    n = jmerge.trace_count()
+    outs = [run(ties(), base, models, density=d, weight=w, scale=s)[0]
+            for d, w, s in [(0.3, 1.0, 0.5), ([0.1, 0.9, 0.5], [2.0, 1.0, 0.1], 1.2)]]
+    assert jmerge.trace_count() == n
+    assert not np.allclose(np.asarray(outs[0]["d"]), np.asarray(outs[1]["d"]))
+    # inside a user's jax.jit the same per-leaf code is traced inline
+    one, one_models = {"c": base["b"]["c"]}, [{"c": m["b"]["c"]} for m in models]
+    f = jax.jit(lambda b, ms: jmerge.merge(ties(density=0.3), b, ms))
+    eager = jmerge.merge(ties(density=0.3), one, one_models)
+    np.testing.assert_allclose(np.asarray(f(one, one_models)["c"]), np.asarray(eager["c"]), rtol=1e-6, atol=1e-6)
