@@ -218,7 +218,8 @@ def della_keep_probs(tau: jax.Array, density, epsilon) -> jax.Array:
     """DELLA keep probabilities ``(density - eps) + 2 eps * rank / (m - 1)``, clipped to [0, 1].
 
     ``rank`` is the ascending magnitude rank of an entry within its row (ties by lower index);
-    a row of one entry gets ``density``. Returned with ``tau``'s shape.
+    a row of one entry gets ``density``. ``density >= 1`` keeps everything and ``density <= 0``
+    drops everything whatever ``epsilon`` (as mergekit). Returned with ``tau``'s shape.
     """
     T = tau.shape[0]
     x = jnp.abs(_rows_view(tau))
@@ -227,7 +228,9 @@ def della_keep_probs(tau: jax.Array, density, epsilon) -> jax.Array:
     rank_norm = ranks / (m - 1) if m > 1 else jnp.full(x.shape, 0.5, jnp.float32)
     d = _per_task(density, T).reshape(T, 1, 1)
     e = _per_task(epsilon, T).reshape(T, 1, 1)
-    return jnp.clip(d - e + 2.0 * e * rank_norm, 0.0, 1.0).reshape(tau.shape)
+    p = jnp.clip(d - e + 2.0 * e * rank_norm, 0.0, 1.0)
+    p = jnp.where(d >= 1.0, 1.0, jnp.where(d <= 0.0, 0.0, p))  # density 1 keeps all, 0 drops all
+    return p.reshape(tau.shape)
 
 
 def _della(state: MergeState, hp, *, rescale: str) -> MergeState:
@@ -244,7 +247,8 @@ def della_drop(density=0.7, epsilon=0.15, *, rescale: str = "inverse"):
     Within each row (the leaf's leading axis; vectors are one row) entries are ranked by magnitude
     (ascending, rank normalised to [0, 1]); entry ``i`` is kept with probability
     ``p_i = (density - epsilon) + 2 * epsilon * rank_i`` (clipped to [0, 1]; mergekit instead rejects
-    ``density +- epsilon`` outside (0, 1)). For leaves of 3 or more dimensions a row is everything
+    ``density +- epsilon`` outside (0, 1)); ``density`` 1 keeps every entry and 0 drops every entry
+    (mergekit's shortcuts, also its default density 1). For leaves of 3 or more dimensions a row is everything
     under one index of the leading axis (mergekit ranks along axis 1 of the unflattened tensor).
 
     Args:

@@ -303,6 +303,8 @@ def np_della_probs(tau_t, d, e):
     ranks = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable").astype(np.float32)
     rn = ranks / np.float32(m - 1) if m > 1 else np.full(rows.shape, 0.5, np.float32)
     p = np.clip(np.float32(d) - np.float32(e) + np.float32(2) * np.float32(e) * rn, 0, 1)
+    if d >= 1 or d <= 0:  # density 1 keeps everything, 0 drops everything
+        p = np.full(p.shape, 1.0 if d >= 1 else 0.0, np.float32)
     return p.reshape(tau_t.shape)
 
 
@@ -359,3 +361,12 @@ def test_della_same_seed_independent_of_leaf_order():
                   [{"d": mm["d"], "0a": mm["a"] * 2, "a": mm["a"]} for mm in models], seed=7, density=dens, epsilon=eps)
     np.testing.assert_array_equal(np.asarray(part["d"]), np.asarray(full["d"]))
     np.testing.assert_array_equal(np.asarray(part["a"]), np.asarray(full["a"]))
+
+
+def test_della_density_one_keeps_all_and_zero_drops_all():
+    base, models = make_tree(15)
+    out, ex = run(della_method(), base, models, seed=1, density=[1.0, 0.0, 1.0], epsilon=0.15)
+    for (p, b, tau), m in zip(np_taus(base, models), masks_of(ex, "della_mask")):
+        assert m[0].all() and not m[1].any() and m[2].all()
+        np.testing.assert_allclose(np.asarray(leaves_with_paths(out)[1][[q for q, _, _ in np_taus(base, models)].index(p)]),
+                                   b + tau[0] + tau[2], rtol=1e-6, atol=1e-6, err_msg=p)
