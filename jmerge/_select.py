@@ -12,16 +12,19 @@ Interface contract (other modules rely on it):
   global top-k of ``|state.tau|`` (k = density * total size of each task vector). After them,
   ``global_topk_mask(state, name)`` returns this leaf's ``(T, *shape)`` bool mask.
 
-How it works. Values are compared through an order-preserving int32 key of their float32 bit
-pattern (``-0.0`` counts as ``0.0``; NaN counts as the largest value), so thresholds and counts are
-exact integer operations. ``topk_mask`` finds the exact k-th largest key ``v`` in a few passes:
+How it works. Values are compared as float32 with NaN counted as +inf and ``-0.0 == 0.0``
+(subnormals may compare as zero where the backend flushes them), so all thresholds and counts are
+exact comparisons and integer sums. ``topk_mask`` finds the exact k-th largest value ``v`` in a few
+passes:
 
 1. sort a strided sample (``~n/256`` elements) and take a bracket ``[lo, hi]`` of sample values
    around the estimated rank of the k-th largest value (+-4 standard deviations);
-2. one fused counting pass: how many keys are ``> hi``, ``== hi``, ``== lo``, and in ``(lo, hi)``
-   per block of 1024 elements. Either ``v`` is ``hi`` or ``lo`` (common with ties), or it lies inside;
-3. then the candidates in ``(lo, hi)`` (typically ~1% of the data) are extracted with a blocked
-   float ``lax.top_k`` (at most 32 per block) and only they are sorted, giving ``v`` exactly;
+2. one fused pass counts the values ``> hi``, ``== hi``, ``== lo`` and in ``(lo, hi)``, and writes the
+   candidates (values in ``(lo, hi)``, -inf elsewhere). Either ``v`` is ``hi`` or ``lo`` (common with
+   ties), or it lies inside;
+3. then the candidates (typically ~1% of the data) are extracted with a float ``lax.top_k`` over
+   blocks of 1024 (at most 32 per block) and only they are sorted, giving ``v`` exactly; if fewer
+   than all candidates came out (a block overflowed) the fast path declines;
 4. the mask is ``key > v`` plus the first ``q = k - #(key > v)`` entries equal to ``v`` in flat order.
    When all equal entries fit (the usual case) that is ``key >= v``; otherwise per-block counts of
    equal entries and a cumulative sum over blocks locate the one boundary block, and a cumulative
@@ -30,7 +33,8 @@ exact integer operations. ``topk_mask`` finds the exact k-th largest key ``v`` i
 When the bracket misses the k-th value (an adversarial sample) or a block holds more candidates
 than the extraction keeps, a ``lax.cond`` switches to an always-exact radix select: a 65536-bin
 histogram of the high 16 bits, then one of the low 16 bits inside the boundary bin. Every step is
-integer counting, so the result is deterministic and does not depend on how ``x`` is sharded.
+comparison and integer counting, so the result is deterministic and does not depend on how ``x``
+is sharded. The radix path orders values by an int32 key of the float32 bit pattern.
 Rows (``topk_mask_rows``) run batched; a branch taken by any row runs for all rows, so no
 ``vmap`` turns the branches into both-sides selects.
 
@@ -215,22 +219,28 @@ def _mask_from_threshold(keys: jax.Array, v: jax.Array, quota: jax.Array, eq: ja
         return (keys > vv) | ((keys == vv) & (quota > 0)[:, None])
 
     def partial_ties(_):
-        kb = _pad_blocks(keys, _TIE_BLOCK)
-        nb = kb.shape[1]
-        v3 = vv[:, :, None]
-        cnt = jnp.sum(kb == v3, axis=2, dtype=jnp.int32)  # (R, nb) equal entries per block
+        # The first `quota` equal entries are those before a cut position p*: find p* from per-block
+        # counts of equal entries (a cumulative sum over blocks) and a cumulative sum inside the one
+        # boundary block; the mask is then elementwise (no padding, no gather over the data).
+        TB = _TIE_BLOCK
+        nbf = n // TB
+        parts = []
+        if nbf:
+            parts.append(jnp.sum(keys[:, :nbf * TB].reshape(R, nbf, TB) == vv[:, :, None], axis=2, dtype=jnp.int32))
+        if nbf * TB != n:
+            parts.append(jnp.sum(keys[:, nbf * TB:] == vv, axis=1, dtype=jnp.int32, keepdims=True))
+        cnt = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # (R, nb)
         inc = jnp.cumsum(cnt, axis=1)
-        bb = jnp.sum(inc < quota[:, None], axis=1).astype(jnp.int32)  # the boundary block
-        bbc = jnp.clip(bb, 0, nb - 1)
-        rem = quota - jnp.take_along_axis(inc - cnt, bbc[:, None], 1)[:, 0]
-        blk = jnp.take_along_axis(kb, bbc[:, None, None], 1)[:, 0]  # (R, TIE_BLOCK)
-        eqb = blk == vv
-        keep_b = eqb & (jnp.cumsum(eqb, axis=1, dtype=jnp.int32) <= rem[:, None])
-        bid = jnp.arange(nb, dtype=jnp.int32)[None, :, None]
-        b3 = bb[:, None, None]
-        tie_keep = (bid < b3) | ((bid == b3) & keep_b[:, None, :])
-        m = (kb > v3) | ((kb == v3) & tie_keep)
-        return m.reshape(R, -1)[:, :n]
+        bb = jnp.clip(jnp.sum(inc < quota[:, None], axis=1).astype(jnp.int32), 0, cnt.shape[1] - 1)
+        rem = quota - jnp.take_along_axis(inc - cnt, bb[:, None], 1)[:, 0]
+        idx = bb[:, None] * TB + jnp.arange(TB, dtype=jnp.int32)[None]
+        fill = jnp.nan if jnp.issubdtype(keys.dtype, jnp.floating) else _PAD
+        blk = jnp.take_along_axis(keys, idx, 1, mode="fill", fill_value=fill)
+        cs = jnp.cumsum(blk == vv, axis=1, dtype=jnp.int32)
+        cut = bb * TB + jnp.sum(cs < rem[:, None], axis=1).astype(jnp.int32) + 1  # after the rem-th tie
+        cut = jnp.where(quota > 0, cut, 0)
+        pos = lax.broadcasted_iota(jnp.int32, (R, n), 1)
+        return (keys > vv) | ((keys == vv) & (pos < cut[:, None]))
 
     return lax.cond(jnp.any((quota < eq) & (quota > 0)), partial_ties, all_ties, None)
 

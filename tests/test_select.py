@@ -241,6 +241,13 @@ def test_global_ties_broken_by_leaf_order():
     np.testing.assert_array_equal(np.asarray(ex["b"]["mask"])[0], [True, False, True])
 
 
+def test_tie_quota_zero_in_one_row_partial_in_another():
+    keys = jnp.array([[7, 5, 7, 7, 1], [7, 7, 7, 2, 7]], jnp.int32)
+    v = jnp.array([7, 7], jnp.int32)
+    got = np.asarray(S._mask_from_threshold(keys, v, jnp.array([0, 2]), jnp.array([3, 4])))
+    np.testing.assert_array_equal(got, [[False] * 5, [True, True, False, False, False]])
+
+
 def test_global_density_must_be_uniform():
     rng = np.random.default_rng(0)
     base, models = _tree(rng, False)
