@@ -34,7 +34,7 @@ import numpy as np
 from ._basic import per_model, scale as _scale_step, weighted_sum
 from ._core import MergeState, StatsPhase, chain, transform
 from ._core import task_vectors as task_vectors_of
-from ._select import density_to_k, topk_mask
+from ._select import density_to_k, topk_mask_rows
 from ._tree import MergeInputError, leaves_with_paths
 
 __all__ = [
@@ -336,7 +336,7 @@ def _pcb_paper(tau2: jax.Array, ratio):
     T, n = tau2.shape
     beta = _pcb_scores(tau2)
     keep_k = jnp.broadcast_to(n - density_to_k(ratio, n), (T,))
-    keep = jax.vmap(topk_mask)(beta, keep_k)
+    keep = topk_mask_rows(beta, keep_k)
     return tau2, jnp.where(keep, beta, 0.0)
 
 
