@@ -83,8 +83,8 @@ def test_class_mask():
 
 
 TINY = DemoConfig(model=M.ModelConfig(width=16, depth=1, heads=2), tasks=("rot90-digit", "noise-mod3"),
-                  pretrain_steps=60, pretrain_batch=32, probe_steps=100, finetune_steps=120, finetune_batch=32,
-                  finetune_lr=3e-3, multitask_steps=60, multitask_batch=16, adamerging_steps=5, chunks=2)
+                  pretrain_steps=40, pretrain_batch=32, probe_steps=100, finetune_steps=100, finetune_batch=32,
+                  finetune_lr=3e-3, multitask_steps=20, multitask_batch=16, adamerging_steps=5, chunks=1)
 
 
 def test_tiny_end_to_end_and_cache(tmp_path):
