@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ._core import MergeState, chain, transform
+from ._core import model_sum
 
 __all__ = ["per_model", "weighted_sum", "scale", "linear", "task_arithmetic", "negation"]
 
@@ -21,7 +22,7 @@ def per_model(hp_value, state: MergeState) -> jnp.ndarray:
 
 def _weighted_sum(state: MergeState, hp, *, normalize: bool) -> MergeState:
     w = per_model(hp["weight"], state)
-    total = jnp.sum(w * state.tau, axis=0)
+    total = model_sum(w * state.tau)
     if normalize:
         total = total / jnp.sum(w)
     return state.replace(merged=total)
@@ -49,7 +50,7 @@ def scale(scale=1.0):
 
 def _linear(state: MergeState, hp, *, normalize: bool) -> MergeState:
     w = per_model(hp["weight"], state)
-    avg = jnp.sum(w * state.models(), axis=0)
+    avg = model_sum(w * state.models())
     if normalize:
         avg = avg / jnp.sum(w)
     return state.replace(merged=avg - state.base)

@@ -37,6 +37,9 @@ __all__ = [
     "task_vectors",
     "apply_delta",
     "trace_count",
+    "model_sum",
+    "model_mean",
+    "model_max",
 ]
 
 HParams = Mapping[str, jax.Array]
@@ -170,6 +173,37 @@ def chain(*transforms: Transform, name: str | None = None) -> Transform:
             max_models = t.max_models if max_models is None else min(max_models, t.max_models)
     return Transform(name=name or "+".join(t.name for t in transforms), hparams=hparams, ranges=ranges,
                      min_models=min_models, max_models=max_models, steps=tuple(steps))
+
+
+# --------------------------------------------------------------------------------------------
+# Reductions over the model axis
+
+def _unrolled(op, x, keepdims: bool):
+    x = jnp.asarray(x)
+    out = x[0]
+    for i in range(1, x.shape[0]):
+        out = op(out, x[i])
+    return out[None] if keepdims else out
+
+
+def model_sum(x, keepdims: bool = False):
+    """Sum over the leading (model) axis, unrolled over its static size.
+
+    Use this, not ``jnp.sum(x, axis=0)``, for per-entry reductions over tasks: on XLA:CPU an
+    add-reduction over the leading axis of a large leaf is pathologically slow (measured with
+    jax 0.10.2: 40-85 s for a (3, 5632, 2048) float32 array, against 0.05 s unrolled).
+    """
+    return _unrolled(jnp.add, x, keepdims)
+
+
+def model_mean(x, keepdims: bool = False):
+    """Mean over the leading (model) axis (see :func:`model_sum`)."""
+    return model_sum(x, keepdims) / jnp.asarray(x).shape[0]
+
+
+def model_max(x, keepdims: bool = False):
+    """Maximum over the leading (model) axis, unrolled (see :func:`model_sum`)."""
+    return _unrolled(jnp.maximum, x, keepdims)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from ._basic import per_model
 from ._core import MergeState, transform
+from ._core import model_mean, model_sum
 from ._tree import MergeInputError
 
 __all__ = ["slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap"]
@@ -160,16 +161,16 @@ def _multislerp(state: MergeState, hp, *, normalize_weights: bool, base_relative
         w = w / jnp.sum(w)
     norms = _safe_norm(flat, axis=-1, keepdims=True)
     units = flat / (norms + eps)
-    mean = jnp.sum(units * w[:, None], axis=0)
+    mean = model_sum(units * w[:, None])
     mean_norm = _safe_norm(mean)
     degenerate = mean_norm < eps
     mean = mean / jnp.where(degenerate, 1.0, mean_norm)
     dots = jnp.sum(units * mean, axis=-1, keepdims=True)
-    tangent = jnp.sum((units - dots * mean) * w[:, None], axis=0)
+    tangent = model_sum((units - dots * mean) * w[:, None])
     tn = _safe_norm(tangent) + eps
     res = mean * jnp.cos(tn) + tangent * (jnp.sin(tn) / tn)
     res = res * jnp.sum(norms[:, 0] * w)
-    lin = jnp.sum(flat * w[:, None], axis=0)
+    lin = model_sum(flat * w[:, None])
     res = jnp.where(degenerate, lin, res).reshape(state.base.shape)
     merged = res if base_relative else res - state.base
     return state.replace(merged=merged)
@@ -218,7 +219,7 @@ def _karcher(state: MergeState, hp, *, max_iter: int, base_relative: bool) -> Me
     va = jnp.where(valid, alphas, 0.0)
     any_valid = jnp.any(valid)
     na = va / jnp.where(any_valid, jnp.sum(va), 1.0)
-    mean0 = jnp.sum(na[:, None] * units, axis=0)
+    mean0 = model_sum(na[:, None] * units)
     mn = _safe_norm(mean0)
     first = units[jnp.argmax(valid)]
     mean0 = jnp.where(mn < tol, first, mean0 / jnp.where(mn < tol, 1.0, mn))
@@ -230,7 +231,7 @@ def _karcher(state: MergeState, hp, *, max_iter: int, base_relative: bool) -> Me
         skip = theta < tol
         sin_t = jnp.where(skip, 1.0, jnp.sin(theta))
         coef = jnp.where(skip, 0.0, na * theta / sin_t)
-        tangent = jnp.sum(coef[:, None] * (units - dot[:, None] * mean[None]), axis=0)
+        tangent = model_sum(coef[:, None] * (units - dot[:, None] * mean[None]))
         tn = _safe_norm(tangent)
         stop = done | (tn < tol)
         safe_tn = jnp.where(tn > 0, tn, 1.0)
@@ -292,7 +293,7 @@ def _model_stock(state: MergeState, hp, *, filter_wise: bool) -> MergeState:
     den = 1.0 + (T - 1) * cos
     singular = jnp.abs(den) < 1e-6
     t = jnp.where(singular, 0.0, T * cos / jnp.where(singular, 1.0, den))
-    avg = jnp.mean(off, axis=0)
+    avg = model_mean(off)
     merged = (t * avg).reshape(state.base.shape)
     extras = {**state.extras, "model_stock_t": t[..., 0] if filter_wise else t.reshape(())}
     return state.replace(merged=merged, extras=extras)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from ._basic import scale as _scale_step
 from ._basic import weighted_sum
 from ._core import MergeState, chain, transform
+from ._core import model_sum
 from ._tree import layer_index
 
 __all__ = ["lines", "lines_scale", "lines_position", "layer_swap", "layer_swap_source", "select_model",
@@ -96,7 +97,7 @@ def _select_model(state: MergeState, hp) -> MergeState:
     src = jnp.round(jnp.asarray(hp["source"], jnp.float32)).astype(jnp.int32)
     onehot = (jnp.arange(state.num_models, dtype=jnp.int32) == src).astype(jnp.float32)
     onehot = onehot.reshape((state.num_models,) + (1,) * (state.tau.ndim - 1))
-    return state.replace(merged=jnp.sum(onehot * state.tau, axis=0))
+    return state.replace(merged=model_sum(onehot * state.tau))
 
 
 def select_model(source=0, *, min_models: int = 1):

@@ -33,6 +33,7 @@ import numpy as np
 
 from ._basic import per_model, scale as _scale_step, weighted_sum
 from ._core import MergeState, StatsPhase, chain, transform
+from ._core import model_max, model_sum
 from ._core import task_vectors as task_vectors_of
 from ._select import density_to_k, topk_mask_rows
 from ._tree import MergeInputError, leaves_with_paths
@@ -61,7 +62,7 @@ _INF = float("inf")
 
 def _compute_tall_masks(state: MergeState, lam) -> jax.Array:
     tau = state.tau
-    tau_mtl = jnp.sum(tau, axis=0)
+    tau_mtl = model_sum(tau)
     lam = per_model(lam, state)
     return jnp.abs(tau) >= lam * jnp.abs(tau_mtl[None] - tau)
 
@@ -96,7 +97,7 @@ def _consensus_mask(state: MergeState, hp) -> MergeState:
     masks = state.extras.get("tall_masks")
     if masks is None:
         masks = _compute_tall_masks(state, hp["lambda_"])
-    count = jnp.sum(masks.astype(jnp.float32), axis=0)
+    count = model_sum(masks.astype(jnp.float32))
     keep = count >= hp["k"]
     return state.replace(merged=jnp.where(keep, state.merged, 0.0),
                          extras={**state.extras, "tall_masks": masks, "consensus_mask": keep})
@@ -348,7 +349,7 @@ def _pcb_authors(tau2: jax.Array, ratio, outlier: float):
     a = jnp.clip(a, srt[:, lo_i:lo_i + 1], srt[:, hi_i:hi_i + 1])
     clamped = jnp.sign(tau2) * a
     intra = jnp.exp(T * _minmax(a) ** 2)
-    inter = jnp.tanh(tau2 * jnp.sum(tau2, axis=0, keepdims=True))
+    inter = jnp.tanh(tau2 * model_sum(tau2, keepdims=True))
     score = intra * inter
     idx = jnp.clip(jnp.floor(jnp.broadcast_to(jnp.asarray(ratio, jnp.float32), (T,)) * n).astype(jnp.int32), 0, n - 1)
     thr = jnp.take_along_axis(jnp.sort(score, axis=1), idx[:, None], axis=1)
@@ -360,13 +361,13 @@ def _pcb(state: MergeState, hp, *, variant: str, outlier: float) -> MergeState:
     tau2 = state.tau.reshape(T, -1)
     if variant == "authors":
         tau2, beta = _pcb_authors(tau2, hp["ratio"], outlier)
-        total = jnp.sum(beta, axis=0, keepdims=True)
+        total = model_sum(beta, keepdims=True)
         w = beta / jnp.maximum(total, 1e-12)
     else:
         tau2, beta = _pcb_paper(tau2, hp["ratio"])
-        total = jnp.sum(beta, axis=0, keepdims=True)
+        total = model_sum(beta, keepdims=True)
         w = jnp.where(total > 0, beta / jnp.where(total > 0, total, 1.0), 0.0)
-    merged = hp["scale"] * jnp.sum(w * tau2, axis=0)
+    merged = hp["scale"] * model_sum(w * tau2)
     return state.replace(merged=merged.reshape(state.tau.shape[1:]),
                          extras={**state.extras, "pcb_weights": w.reshape(state.tau.shape)})
 
@@ -415,9 +416,9 @@ def pcb(ratio=0.1, scale=1.0, *, variant: str = "paper", outlier: float = 1e-4):
 # EMR
 
 def _emr_parts(tau: jax.Array):
-    gamma = jnp.sign(jnp.sum(tau, axis=0))
+    gamma = jnp.sign(model_sum(tau))
     masks = tau * gamma[None] > 0
-    tau_uni = gamma * jnp.max(jnp.where(masks, jnp.abs(tau), 0.0), axis=0)
+    tau_uni = gamma * model_max(jnp.where(masks, jnp.abs(tau), 0.0))
     axes = tuple(range(1, tau.ndim))
     num = jnp.sum(jnp.abs(tau), axis=axes)
     den = jnp.sum(jnp.where(masks, jnp.abs(tau_uni)[None], 0.0), axis=axes)

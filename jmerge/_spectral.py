@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ._core import MergeState, transform
+from ._core import model_mean, model_sum
 
 __all__ = ["tsv_m", "iso_c", "tsv_rank"]
 
@@ -36,7 +37,7 @@ def _tsv_m(state: MergeState, hp, *, rank_fraction) -> MergeState:
     tau = state.tau
     T = state.num_models
     if tau.ndim < 3:  # vectors and scalars: mean of the task vectors
-        return state.replace(merged=hp["scale"] * jnp.mean(tau, axis=0))
+        return state.replace(merged=hp["scale"] * model_mean(tau))
     m, n = tau.shape[-2:]
     r = tsv_rank(min(m, n), T, rank_fraction)
     u, s, vt = jnp.linalg.svd(tau, full_matrices=False)  # (T,...,m,k) (T,...,k) (T,...,k,n)
@@ -75,8 +76,8 @@ def tsv_m(scale=1.0, *, rank_fraction: float | None = None):
 def _iso_c(state: MergeState, hp) -> MergeState:
     tau = state.tau
     if tau.ndim < 3:
-        return state.replace(merged=hp["scale"] * jnp.mean(tau, axis=0))
-    total = jnp.sum(tau, axis=0)
+        return state.replace(merged=hp["scale"] * model_mean(tau))
+    total = model_sum(tau)
     u, s, vt = jnp.linalg.svd(total, full_matrices=False)
     s_iso = jnp.mean(s, axis=-1, keepdims=True)
     merged = (u * s_iso[..., None, :]) @ vt

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from ._basic import per_model, scale as _scale_step, weighted_sum
 from ._core import MergeState, chain, transform
+from ._core import model_mean, model_sum
 from ._sparsify import _check_option, _topk_rows, breadcrumbs_drop, dare, della_drop, trim
 from ._tree import MergeInputError
 
@@ -29,7 +30,7 @@ __all__ = ["elect_sign", "disjoint_merge", "ties", "dare_linear", "dare_ties", "
 
 def _elect_sign(state: MergeState, hp, *, method: str, weighted: bool) -> MergeState:
     x = state.tau * per_model(hp["weight"], state) if weighted else state.tau
-    votes = jnp.sum(x, axis=0) if method == "sum" else jnp.sum(jnp.sign(x), axis=0)
+    votes = model_sum(x) if method == "sum" else model_sum(jnp.sign(x))
     sign = jnp.where(votes >= 0, 1.0, -1.0).astype(jnp.float32)
     return state.replace(extras={**state.extras, "sign": sign})
 
@@ -57,12 +58,12 @@ def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str) ->
     w = per_model(hp["weight"], state)
     contrib = w * state.tau
     agree = jnp.sign(contrib) == state.extras["sign"][None]
-    total = jnp.sum(jnp.where(agree, contrib, 0.0), axis=0)
+    total = model_sum(jnp.where(agree, contrib, 0.0))
     if reduce == "mean":
         if normalize_by == "count":
-            div = jnp.sum(agree, axis=0).astype(jnp.float32)
+            div = model_sum(agree.astype(jnp.float32))
         else:
-            div = jnp.sum(jnp.where(agree, w, 0.0), axis=0)
+            div = model_sum(jnp.where(agree, w, 0.0))
         total = total / jnp.where(div == 0, 1.0, div)
     return state.replace(merged=total)
 
@@ -207,8 +208,10 @@ def della_linear(density=0.7, epsilon=0.15, scale=1.0, weight=1.0, *, rescale: s
 
 
 def _magmax(state: MergeState, hp) -> MergeState:
-    idx = jnp.argmax(jnp.abs(state.tau), axis=0)
-    picked = jnp.take_along_axis(state.tau, idx[None], axis=0)[0]
+    # Unrolled over the model axis (see model_sum); strict ">" keeps the earliest model on ties.
+    picked = state.tau[0]
+    for t in range(1, state.num_models):
+        picked = jnp.where(jnp.abs(state.tau[t]) > jnp.abs(picked), state.tau[t], picked)
     return state.replace(merged=picked)
 
 
@@ -226,7 +229,8 @@ def magmax(scale=0.5):
 def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
     T = state.num_models
     tau = state.tau
-    var = jnp.var(tau, axis=0).reshape(1, -1)  # population variance across tasks
+    mu = model_mean(tau)
+    var = model_mean(jnp.square(tau - mu[None])).reshape(1, -1)  # population variance across tasks
     nonzero = jnp.sum(var != 0)
     d = jnp.asarray(hp["density"], jnp.float32)
     x = d * nonzero.astype(jnp.float32)
@@ -234,14 +238,14 @@ def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
     k = jnp.where(d >= 1, var.size, jnp.clip(k, 0, var.size)).astype(jnp.int32)
     select = _topk_rows(var, k[None]).reshape(tau.shape[1:])
     tau = jnp.where(select[None], tau, 0.0)
-    votes = jnp.sum(tau, axis=0)
+    votes = model_sum(tau)
     sign = jnp.where(votes >= 0, 1.0, -1.0)
     erase = jnp.sign(tau) == sign[None]
     energy = jnp.mean(jnp.square(tau).reshape(T, -1), axis=1)
     esum = jnp.sum(energy)
     wt = jnp.where(jnp.abs(esum) < 1e-6, jnp.full((T,), 1.0 / T), energy / jnp.where(esum == 0, 1.0, esum))
     ew = jnp.where(erase, wt.reshape((T,) + (1,) * (tau.ndim - 1)), 0.0)
-    merged = jnp.sum(tau * ew, axis=0) / jnp.maximum(jnp.sum(ew, axis=0), 1e-6)
+    merged = model_sum(tau * ew) / jnp.maximum(model_sum(ew), 1e-6)
     return state.replace(merged=merged, extras={**state.extras, "sign": sign, "sce_mask": select})
 
 
