@@ -254,6 +254,7 @@ def _mesh_sharding(mesh_spec: Optional[str]):
 
 def run_merge(plan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
               quiet: bool = False, copy_tokenizer: bool = True, window: int = 4, read_threads: int = 2,
+              max_inflight_bytes: int = 768 * 2**20,
               mesh: Optional[str] = None, seed: Optional[int] = None,
               _fail_after: Optional[int] = None) -> dict:
     """Merge the checkpoints of ``plan`` into ``out_dir`` (sharded safetensors, written atomically).
@@ -266,6 +267,9 @@ def run_merge(plan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: i
       quiet: no progress bar.
       copy_tokenizer: copy tokenizer files (from ``tokenizer_source`` or the base) next to the weights.
       window: how many tensors may be in flight (read, merging or being written) at once.
+      max_inflight_bytes: input bytes (all models of a tensor) allowed in flight at once, on top of
+        ``window``; a tensor larger than this is processed alone. Bounds peak memory for methods
+        whose intermediates are several times their inputs (TIES on a large embedding).
       read_threads: threads reading inputs ahead of the merge.
       mesh: shard each tensor's first axis over this many devices (``"8"`` or ``"data=8"``).
       seed: overrides the config's seed.
@@ -340,17 +344,23 @@ def run_merge(plan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: i
             """Read ahead with a bounded window; call fn_submit(job, base, models, raw) in order."""
             pending = collections.deque()
             it = iter(jobs)
-            for j in it:
-                pending.append((j, rpool.submit(read, j)))
-                if len(pending) >= window:
-                    break
+            nxt = next(it, None)
+
+            def fill():
+                nonlocal nxt
+                # at least one read ahead; more while under both the count and the byte budget
+                while nxt is not None and (not pending or (len(pending) < window and
+                                                           sum(in_bytes(q) for q, _ in pending) + in_bytes(nxt)
+                                                           <= max_inflight_bytes)):
+                    pending.append((nxt, rpool.submit(read, nxt)))
+                    nxt = next(it, None)
+
+            fill()
             while pending:
                 j, fut = pending.popleft()
                 base, arrs, raw = fut.result()
                 fn_submit(j, base, arrs, raw)
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((nxt, rpool.submit(read, nxt)))
+                fill()
 
         def put(x):
             if sharding is None:
@@ -399,13 +409,15 @@ def run_merge(plan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: i
                     out = merge_leaf(method, put(base), tuple(put(a) for a in arrs), hp=hps[j.out_name],
                                      path=j.out_name, seed=seed, stats=stats[j.out_name] or None,
                                      out_dtype=j.dtype)
-                futures.append(wpool.submit(finish, j, out, raw))
-                while len(futures) > window or (futures and futures[0].done()):
-                    futures.popleft().result()
+                futures.append((in_bytes(j), wpool.submit(finish, j, out, raw)))
+                # bound the merges in flight (JAX dispatches asynchronously) by count and by bytes
+                while futures and (len(futures) > window or futures[0][1].done()
+                                   or sum(b for b, _ in futures) > max_inflight_bytes):
+                    futures.popleft()[1].result()
 
             stream(merge_one)
             while futures:
-                futures.popleft().result()
+                futures.popleft()[1].result()
             bar.close()
             # config, tokenizer, model card
             if plan.slices is not None and first_cfg is not None:

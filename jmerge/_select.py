@@ -65,6 +65,7 @@ _INF_KEY = np.int32(0x7F800000)  # NaN compares as +inf
 
 _BLOCK = 1024  # block of the candidate extraction
 _PER_BLOCK = 32  # candidates kept per block by the extraction
+_ROW_MAP_MIN = 1 << 22  # rows at least this long are selected one at a time
 _SAMPLE = 1 << 17  # target sample size (before striding rounds it)
 _TIE_BLOCK = 4096  # block of the tie-quota resolution
 _Z = 4.0  # bracket half-width in standard deviations of the sample rank
@@ -337,7 +338,13 @@ def topk_mask_rows(x: jax.Array, k) -> jax.Array:
     k = jnp.broadcast_to(k, (T,))
     if x.size == 0:
         return jnp.zeros(x.shape, bool)
-    return _topk_rows(x.reshape(T, -1), k).reshape(x.shape)
+    flat = x.reshape(T, -1)
+    if T > 1 and flat.shape[1] >= _ROW_MAP_MIN:
+        # Large rows one at a time: the selection's temporaries (keys, candidates, masks) then exist
+        # for one task vector instead of all T, which bounds peak memory on embedding-sized leaves.
+        out = lax.map(lambda a: _topk_rows(a[0][None], a[1][None])[0], (flat, k))
+        return out.reshape(x.shape)
+    return _topk_rows(flat, k).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------

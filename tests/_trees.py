@@ -25,3 +25,29 @@ def random_trees(T=3, seed=0, dtype=jnp.float32, delta=0.1, shapes=SHAPES):
               for _ in range(T)]
     conv = lambda d: nest({k: jnp.asarray(v, dtype) for k, v in d.items()})
     return conv(base), [conv(m) for m in models]
+
+
+SMALL_SHAPES = {"a": (7,), "b": {"c": (16, 12)}, "d": (3, 4, 5)}
+
+
+def small_tree(seed, T=3, dtype=np.float32, shapes=SMALL_SHAPES):
+    """NumPy base and T models (base + N(0, 1) deltas) on a small nested tree."""
+    import jax
+    rng = np.random.default_rng(seed)
+    base = jax.tree.map(lambda s: rng.normal(size=s).astype(dtype), shapes, is_leaf=lambda x: isinstance(x, tuple))
+    models = [jax.tree.map(lambda b: (b.astype(np.float32) + rng.normal(size=b.shape)).astype(dtype), base)
+              for _ in range(T)]
+    return base, models
+
+
+def np_taus(base, models):
+    """Per-leaf (path, base f32, tau (T, ...) f32) from the actual (possibly bf16) values."""
+    from jmerge import leaves_with_paths
+    paths, bl, _ = leaves_with_paths(base)
+    mls = [leaves_with_paths(m)[1] for m in models]
+    out = []
+    for i, p in enumerate(paths):
+        b = np.asarray(bl[i]).astype(np.float32)
+        tau = np.stack([np.asarray(ml[i]).astype(np.float32) for ml in mls]) - b[None]
+        out.append((p, b, tau))
+    return out

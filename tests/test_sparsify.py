@@ -11,28 +11,13 @@ from jmerge._basic import weighted_sum
 from jmerge._core import chain
 from jmerge._sparsify import breadcrumbs_drop, dare, della_drop, trim
 from jmerge._tree import MergeInputError, leaves_with_paths
+from tests._trees import np_taus, small_tree
 
 SHAPES = {"a": (7,), "b": {"c": (16, 12)}, "d": (3, 4, 5)}
 
 
 def make_tree(seed, T=3, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    base = jax.tree.map(lambda s: rng.normal(size=s).astype(dtype), SHAPES, is_leaf=lambda x: isinstance(x, tuple))
-    models = [jax.tree.map(lambda b: (b.astype(np.float32) + rng.normal(size=b.shape)).astype(dtype), base)
-              for _ in range(T)]
-    return base, models
-
-
-def np_taus(base, models):
-    """Per-leaf (path, base f32, tau (T, ...) f32) from the actual (possibly bf16) values."""
-    paths, bl, _ = leaves_with_paths(base)
-    mls = [leaves_with_paths(m)[1] for m in models]
-    out = []
-    for i, p in enumerate(paths):
-        b = np.asarray(bl[i]).astype(np.float32)
-        tau = np.stack([np.asarray(ml[i]).astype(np.float32) for ml in mls]) - b[None]
-        out.append((p, b, tau))
-    return out
+    return small_tree(seed, T, dtype, SHAPES)
 
 
 def np_topk(x, k):

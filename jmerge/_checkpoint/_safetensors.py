@@ -57,6 +57,16 @@ _ST_TO_NP: dict[str, np.dtype] = {
 _NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
 
 
+
+def _close_all(fds: list) -> list:
+    """Close file descriptors, ignoring ones already closed; returns an empty list."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return []
+
 class CheckpointError(MergeInputError):
     """A checkpoint cannot be read or written; the message names the file and the tensor."""
 
@@ -348,12 +358,7 @@ class CheckpointReader:
         return self.get(name)
 
     def close(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._fds = _close_all(self._fds)
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -639,12 +644,7 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def _close_fds(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._fds = _close_all(self._fds)
 
     def __enter__(self) -> "CheckpointWriter":
         return self
