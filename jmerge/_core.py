@@ -136,9 +136,7 @@ class Transform:
         return self.steps if self.steps else (self,)
 
     def __call__(self, state: MergeState, hp: HParams) -> MergeState:
-        for s in self.flat_steps:
-            state = s.update(state, hp, **dict(s.static))
-        return state
+        return _run_steps(self.flat_steps, state, hp)
 
     def with_hparams(self, **hparams) -> "Transform":
         """A copy with other default hyperparameter values (same identity: no recompile)."""
@@ -245,21 +243,16 @@ def _initial_state(base_leaf, model_leaves, key, stacked: bool) -> MergeState:
     return MergeState(tau=tau, base=b, merged=None, key=key)
 
 
-def _prefix(method: Transform, step_index: int) -> Transform:
-    return Transform(name="prefix", steps=method.flat_steps[:step_index]) if step_index else Transform(
-        name="identity", steps=())
-
-
 def _run_steps(steps, state, hp):
     for s in steps:
         state = s.update(state, hp, **dict(s.static))
     return state
 
 
-def _finish(method_name: str, state: MergeState, base_leaf, out_dtype, path: str):
+def _finish(method_name: str, state: MergeState, base_leaf, out_dtype):
     if state.merged is None:
         raise MergeInputError(
-            f"method '{method_name}' left leaf '{path}' without a merged value: end the chain with an "
+            f"method '{method_name}' produces no merged value: end the chain with an "
             "aggregation step (weighted_sum, disjoint_merge, ...)."
         )
     dt = jnp.dtype(out_dtype) if out_dtype is not None else jnp.asarray(base_leaf).dtype
@@ -281,17 +274,18 @@ def _collect_fn(method: Transform, step_index: int, phase: StatsPhase, stacked: 
     return f
 
 
-@functools.partial(jax.jit, static_argnames=("method", "stacked", "out_dtype", "path", "return_extras"))
-def _leaf_jit(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, path, return_extras):
+# Paths are not part of the compile key: leaves of equal shape and dtype share one executable.
+@functools.partial(jax.jit, static_argnames=("method", "stacked", "out_dtype", "return_extras"))
+def _leaf_jit(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras):
     _TRACES["count"] += 1
     return _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, stacked=stacked, out_dtype=out_dtype,
-                      path=path, return_extras=return_extras)
+                      return_extras=return_extras)
 
 
-def _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, path, return_extras):
+def _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras):
     state = _initial_state(base_leaf, model_leaves, key, stacked).replace(stats=stats)
     state = _run_steps(method.flat_steps, state, hp)
-    out = _finish(method.name, state, base_leaf, out_dtype, path)
+    out = _finish(method.name, state, base_leaf, out_dtype)
     return (out, state.extras) if return_extras else out
 
 
@@ -419,9 +413,9 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
             st[phase.name] = v
 
     outs, extras = [], []
-    for p, b, m, hp, k, st in zip(bpaths, base_leaves, per_leaf_models, hp_leaves, keys, stats_leaves):
-        kw = dict(stacked=stacked, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
-                  path=p if _PATH_IN_KEY else "", return_extras=return_extras)
+    kw = dict(stacked=stacked, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
+              return_extras=return_extras)
+    for b, m, hp, k, st in zip(base_leaves, per_leaf_models, hp_leaves, keys, stats_leaves):
         if traced:
             r = _leaf_impl(method, b, m, hp, k, st, **kw)
         else:
@@ -437,10 +431,6 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
     return merged
 
 
-# Paths are not part of the per-leaf compile key: leaves of equal shape share one executable.
-_PATH_IN_KEY = False
-
-
 def merge_leaf(method: Transform, base_leaf, model_leaves, *, hp: Mapping[str, Any], path: str, seed: int = 0,
                stats: Mapping[str, Any] | None = None, stacked: bool = False, out_dtype=None,
                return_extras: bool = False):
@@ -453,5 +443,5 @@ def merge_leaf(method: Transform, base_leaf, model_leaves, *, hp: Mapping[str, A
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
     return _leaf_jit(method, base_leaf, tuple(model_leaves) if not stacked else model_leaves, hp, key,
                      dict(stats or {}), stacked=stacked,
-                     out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name, path="",
+                     out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
                      return_extras=return_extras)
