@@ -13,8 +13,8 @@ import numpy as np
 import optax
 
 from .._tree import MergeInputError
-from ._common import (Batcher, LearnedMerge, as_apply_fns, check_batches, check_logits, check_loss_kind,
-                      coefficient_projection, multitask_loss, task_vectors_from, train)
+from ._common import (Batcher, LearnedMerge, coefficient_projection, multitask_loss, prepare_task_inputs,
+                      task_vectors_from, train)
 
 __all__ = ["adamerging", "atlas", "merge_with_coefficients"]
 
@@ -87,12 +87,9 @@ def merge_with_coefficients(base, models=None, coefficients=None, *, task_vector
 
 def _learn_coefficients(apply_fn, base, models, task_vectors, batches, granularity, init, optimizer, steps,
                         batch_size, loss, labels, clamp, simplex, mesh, seed, log_every, name):
-    tv = task_vectors_from(base, models, task_vectors)
+    tv, fns, batches, labels, sizes = prepare_task_inputs(apply_fn, base, models, task_vectors, batches, loss,
+                                                          labels)
     T = tv.num_tasks
-    fns = as_apply_fns(apply_fn, T)
-    check_loss_kind(loss, labels)
-    batches, labels, sizes = check_batches(batches, T, None if loss == "entropy" else labels)
-    check_logits(fns, base, batches, sizes)
     lam0 = init_coefficients(tv, granularity, init, simplex)
     clamp_fn = coefficient_projection(clamp, simplex)
     project = lambda lam, consts: clamp_fn(lam)  # noqa: E731

@@ -232,6 +232,20 @@ def check_loss_kind(loss, labels) -> None:
         raise MergeInputError("loss='ce' needs `labels` (one integer array per task).")
 
 
+def prepare_task_inputs(apply_fn, base, models, task_vectors, batches, loss, labels):
+    """Validate the inputs shared by the coefficient/mask learners.
+
+    Returns ``(tv, apply_fns, batches, labels, sizes)``: task vectors, one apply function per task,
+    the checked per-task batches (and labels when the loss uses them) and their sizes.
+    """
+    tv = task_vectors_from(base, models, task_vectors)
+    fns = as_apply_fns(apply_fn, tv.num_tasks)
+    check_loss_kind(loss, labels)
+    batches, labels, sizes = check_batches(batches, tv.num_tasks, None if loss == "entropy" else labels)
+    check_logits(fns, base, batches, sizes)
+    return tv, fns, batches, labels, sizes
+
+
 # ----------------------------------------------------------------------------------------------
 # Minibatches and sharding
 

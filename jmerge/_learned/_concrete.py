@@ -9,8 +9,8 @@ import optax
 
 from .._tree import MergeInputError
 from ._adamerging import export_coefficients, init_coefficients
-from ._common import (Batcher, LearnedMerge, as_apply_fns, check_batches, check_logits, check_loss_kind,
-                      coefficient_projection, multitask_loss, task_vectors_from, train)
+from ._common import (Batcher, LearnedMerge, coefficient_projection, multitask_loss, prepare_task_inputs,
+                      train)
 
 __all__ = ["concrete_merge", "concrete_mask"]
 
@@ -78,12 +78,9 @@ def concrete_merge(apply_fn, base, models=None, *, task_vectors=None, batches, i
         raise MergeInputError(f"inner must be 'task_arithmetic' or 'adamerging', got {inner!r}.")
     if not temperature > 0:
         raise MergeInputError(f"temperature must be > 0, got {temperature}.")
-    tv = task_vectors_from(base, models, task_vectors)
+    tv, fns, batches, labels, sizes = prepare_task_inputs(apply_fn, base, models, task_vectors, batches, loss,
+                                                          labels)
     T = tv.num_tasks
-    fns = as_apply_fns(apply_fn, T)
-    check_loss_kind(loss, labels)
-    batches, labels, sizes = check_batches(batches, T, None if loss == "entropy" else labels)
-    check_logits(fns, base, batches, sizes)
     batcher = Batcher(batches, labels, sizes, batch_size, seed, mesh)
     mask_opt = optax.adam(1e-2) if optimizer is None else optimizer
     variables = {"logits": [jnp.zeros(t.shape[1:], jnp.float32) for t in tv.taus]}
