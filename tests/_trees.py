@@ -51,3 +51,16 @@ def np_taus(base, models):
         tau = np.stack([np.asarray(ml[i]).astype(np.float32) for ml in mls]) - b[None]
         out.append((p, b, tau))
     return out
+
+
+def np_topk(x, k):
+    """NumPy reference: mask of the k largest entries of flat x, ties broken by the lowest index."""
+    order = np.argsort(-x, kind="stable")
+    m = np.zeros(x.shape, bool)
+    m[order[:k]] = True
+    return m
+
+
+def k_round(d, n):
+    """NumPy reference for density -> kept count: round(float32(d) * n), clipped to [0, n]."""
+    return int(np.clip(np.round(np.float32(d) * np.float32(n)), 0, n))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -21,6 +20,7 @@ from jmerge._checkpoint import (
     model_card,
     open_checkpoint,
 )
+from tests._files import hash_dir as _hash_dir, same_bytes as _same_bytes
 from jmerge._tree import MergeInputError
 
 DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
@@ -48,21 +48,6 @@ def _tensors(seed=0, f8=True):
         for j, shp in enumerate(SHAPES):
             out[f"layer.{i}.{np.dtype(dt).name}.t{j}"] = np.asarray(_rand(rng, shp, dt), dtype=dt)
     return out
-
-
-def _same_bytes(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def _hash_dir(d):
-    h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(d)):
-        for f in sorted(files):
-            h.update(f.encode())
-            with open(os.path.join(root, f), "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
 
 
 def _write_sharded_reference(d, tensors, n_shards):

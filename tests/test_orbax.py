@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -21,21 +20,7 @@ from jmerge._checkpoint import (
     open_checkpoint,
     save_orbax,
 )
-
-
-def _same_bytes(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def _hash_dir(d):
-    h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(d)):
-        for f in sorted(files):
-            h.update(f.encode())
-            with open(os.path.join(root, f), "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
+from tests._files import hash_dir as _hash_dir, same_bytes as _same_bytes
 
 
 def _flat(seed=0):

@@ -11,25 +11,13 @@ from jmerge._basic import weighted_sum
 from jmerge._core import chain
 from jmerge._sparsify import breadcrumbs_drop, dare, della_drop, trim
 from jmerge._tree import MergeInputError, leaves_with_paths
-from tests._trees import np_taus, small_tree
+from tests._trees import k_round, np_taus, np_topk, small_tree
 
 SHAPES = {"a": (7,), "b": {"c": (16, 12)}, "d": (3, 4, 5)}
 
 
 def make_tree(seed, T=3, dtype=np.float32):
     return small_tree(seed, T, dtype, SHAPES)
-
-
-def np_topk(x, k):
-    """Mask of the k largest entries of flat x, ties broken by lowest index."""
-    order = np.argsort(-x, kind="stable")
-    m = np.zeros(x.shape, bool)
-    m[order[:k]] = True
-    return m
-
-
-def k_round(d, n):
-    return int(np.clip(np.round(np.float32(d) * np.float32(n)), 0, n))
 
 
 def check_out(out_tree, base, refs, dtype, atol=1e-6):

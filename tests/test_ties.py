@@ -11,7 +11,8 @@ from jmerge._core import chain
 from jmerge._ties import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear,
                           disjoint_merge, elect_sign, magmax, sce, ties)
 from jmerge._tree import MergeInputError, leaves_with_paths
-from tests._trees import np_taus, small_tree
+from tests._trees import k_round, np_taus, small_tree
+from tests._trees import np_topk as np_topk_mask
 
 SHAPES = {"a": (7,), "b": {"c": (16, 12)}, "d": (3, 4, 5)}
 T = 3
@@ -45,17 +46,6 @@ def run(method, base, models, seed=0, scalars=("scale",), **hp):
 
 def bshape(v, tau):
     return np.asarray(v, np.float32).reshape((T,) + (1,) * (tau.ndim - 1))
-
-
-def np_topk_mask(x, k):
-    order = np.argsort(-x, kind="stable")
-    m = np.zeros(x.shape, bool)
-    m[order[:k]] = True
-    return m
-
-
-def k_round(d, n):
-    return int(np.clip(np.round(np.float32(d) * np.float32(n)), 0, n))
 
 
 # ---- paper formulas, written independently -------------------------------------------------
