@@ -5,44 +5,43 @@ Interface contract (other modules rely on it):
 * ``topk_mask(x, k)``: bool mask of ``x``'s shape with exactly ``k`` True entries at the ``k``
   largest values of ``x`` (flattened); ties broken by the lowest flat index. ``k`` may be a traced
   integer scalar; ``k <= 0`` gives all False, ``k >= x.size`` all True.
-* ``topk_mask_rows(x, k)``: the same for each row ``x[t]`` of a ``(T, ...)`` array, with ``k`` of
-  shape ``(T,)`` (TIES trims each task vector separately).
+* ``topk_mask_rows(x, k, magnitude=False)``: the same for each row ``x[t]`` of a ``(T, ...)`` array,
+  with ``k`` of shape ``(T,)`` (TIES trims each task vector separately); ``magnitude=True`` ranks
+  ``|x|`` without materializing it.
 * ``density_to_k(density, n)``: ``round(density * n)`` as int32 (traced-friendly).
 * ``global_topk_phases(name, density_key)``: StatsPhases computing, over all leaves, the per-task
   global top-k of ``|state.tau|`` (k = density * total size of each task vector). After them,
   ``global_topk_mask(state, name)`` returns this leaf's ``(T, *shape)`` bool mask.
 
-How it works. Values are compared as float32 with NaN counted as +inf and ``-0.0 == 0.0``
-(subnormals may compare as zero where the backend flushes them), so all thresholds and counts are
-exact comparisons and integer sums. ``topk_mask`` finds the exact k-th largest value ``v`` in a few
-passes:
+How it works. Values are ranked by an int32 order key of their float32 bit pattern (``a < b`` iff
+``key(a) < key(b)``; ``-0.0 == 0.0``; NaN counts as +inf), so every step is an exact integer
+comparison or count and the result does not depend on how ``x`` is sharded. Per row we look for the
+k-th largest key ``v`` with ``G(t) = #{key >= t}``:
 
-1. sort a strided sample (``~n/256`` elements) and take a bracket ``[lo, hi]`` of sample values
-   around the estimated rank of the k-th largest value (+-4 standard deviations);
-2. one fused pass counts the values ``> hi``, ``== hi``, ``== lo`` and in ``(lo, hi)``, and writes the
-   candidates (values in ``(lo, hi)``, -inf elsewhere). Either ``v`` is ``hi`` or ``lo`` (common with
-   ties), or it lies inside;
-3. then the candidates (typically ~1% of the data) are extracted with a float ``lax.top_k`` over
-   blocks of 1024 (at most 32 per block) and only they are sorted, giving ``v`` exactly; if fewer
-   than all candidates came out (a block overflowed) the fast path declines;
-4. the mask is ``key > v`` plus the first ``q = k - #(key > v)`` entries equal to ``v`` in flat order.
-   When all equal entries fit (the usual case) that is ``key >= v``; otherwise per-block counts of
-   equal entries and a cumulative sum over blocks locate the one boundary block, and a cumulative
-   sum inside that block alone resolves the quota.
+1. a strided sample of about 4096 keys is sorted (int32 sorts are cheap at that size) and six of its
+   order statistics around the expected rank of ``v`` are the first thresholds;
+2. each pass counts ``G`` at six thresholds at once: the six comparisons of an element are packed
+   into 5-bit fields of one int32, summed over blocks of 16 (so no field overflows), and the block
+   sums are unpacked and added up. The same variadic reduction returns the largest key below the
+   current upper bound (the "snap"). The bracket ``lo <= v < hi`` (``G(lo) >= k > G(hi)``) shrinks to
+   the thresholds around ``k``; the next thresholds are interpolated in key space from the counts
+   (spread by the expected error), or split the bracket evenly when the last pass did not halve
+   the number of entries inside. Every pass moves an end of the bracket, so the loop ends.
+3. It stops when some threshold has ``G(t) == k`` (the mask is ``key >= t``: no ties to break) or
+   the bracket holds one key ``v`` (then ``q = k - #(key > v)`` of the entries equal to ``v`` are kept,
+   the first ``q`` in flat order: block counts of equal keys locate the cut position).
 
-When the bracket misses the k-th value (an adversarial sample) or a block holds more candidates
-than the extraction keeps, a ``lax.cond`` switches to an always-exact radix select: a 65536-bin
-histogram of the high 16 bits, then one of the low 16 bits inside the boundary bin. Every step is
-comparison and integer counting, so the result is deterministic and does not depend on how ``x``
-is sharded. The radix path orders values by an int32 key of the float32 bit pattern.
-Rows (``topk_mask_rows``) run batched; a branch taken by any row runs for all rows, so no
-``vmap`` turns the branches into both-sides selects.
+On smooth data this takes 4-6 passes, each about the cost of reading the data once; heavy ties
+(bfloat16 task vectors, exact zeros) a few more. XLA:CPU materializes the operand of a long
+reduction (its tree-reduction rewrite), so every reduction here runs over blocks of 16 first, and
+the key transform carries a loop-dependent operand so that it is not hoisted out of the loop and
+materialized as a full-size int32 copy.
 
-The global (whole-model) selection uses the same radix idea across leaves: phase 1 collects per
-task a 65536-bin histogram of the high 16 bits of ``|tau|`` per leaf, the host sums them and finds
-the boundary bin; phase 2 collects per leaf the histogram of the low 16 bits inside that bin, the
-host finds the exact threshold and splits the quota of tied entries across leaves in leaf order
-(ties are broken by leaf order, then by flat index). Only histograms leave the device.
+The global (whole-model) selection uses radix histograms across leaves: phase 1 collects per task a
+65536-bin histogram of the high 16 bits of ``|tau|`` per leaf, the host sums them and finds the
+boundary bin; phase 2 collects per leaf the histogram of the low 16 bits inside that bin, the host
+finds the exact threshold and splits the quota of tied entries across leaves in leaf order (ties are
+broken by leaf order, then by flat index). Only histograms leave the device.
 """
 
 from __future__ import annotations
@@ -59,16 +58,18 @@ __all__ = ["topk_mask", "topk_mask_rows", "density_to_k", "global_topk_phases", 
 
 _I32_MIN = np.int32(np.iinfo(np.int32).min)
 _I32_MAX = np.int32(np.iinfo(np.int32).max)
-_LOW = np.int32(_I32_MIN + 1)  # "minus infinity" bracket end: below every real key
-_PAD = _I32_MIN  # padding key: below _LOW, never counted
-_INF_KEY = np.int32(0x7F800000)  # NaN compares as +inf
+_ABS = np.int32(0x7FFFFFFF)
+_INF_KEY = np.int32(0x7F800000)  # key of +inf; NaN gets it too (NaN counts as +inf)
+_TOP = np.int32(0x7F800001)  # above every key: G(_TOP) == 0
+_NEG_INF_KEY = np.int32(np.int32(np.float32(-np.inf).view(np.int32)) ^ _ABS)  # the lowest key
 
-_BLOCK = 1024  # block of the candidate extraction
-_PER_BLOCK = 32  # candidates kept per block by the extraction
-_ROW_MAP_MIN = 1 << 22  # rows at least this long are selected one at a time
-_SAMPLE = 1 << 17  # target sample size (before striding rounds it)
-_TIE_BLOCK = 4096  # block of the tie-quota resolution
-_Z = 4.0  # bracket half-width in standard deviations of the sample rank
+_W = 16  # block of the packed count: fields never exceed 16
+_BITS = 5  # bits per packed field
+_J = 6  # thresholds per pass (6 fields x 5 bits in an int32)
+_SAMPLE = 4096  # target sample size for the first thresholds
+_SORT_MAX = 2048  # rows up to this length are simply sorted
+_CS0 = (-3.0, -1.5, -0.5, 0.5, 1.5, 3.0)  # first thresholds, in sample standard deviations
+_CS = (-3.0, -1.2, -0.4, 0.4, 1.2, 3.0)  # later thresholds, in expected errors
 
 
 def density_to_k(density, n: int) -> jax.Array:
@@ -76,214 +77,248 @@ def density_to_k(density, n: int) -> jax.Array:
     return jnp.round(jnp.asarray(density, jnp.float32) * n).astype(jnp.int32)
 
 
-def _keys(x: jax.Array) -> jax.Array:
-    """Order-preserving int32 keys of float values (as float32): a < b  <=>  key(a) < key(b)."""
+def _keys(x: jax.Array, magnitude: bool = False, m=_ABS) -> jax.Array:
+    """Order-preserving int32 keys of float values (as float32): a < b  <=>  key(a) < key(b).
+
+    ``magnitude``: keys of ``|x|``. ``m`` must equal ``0x7FFFFFFF``; passing a loop-carried copy keeps
+    XLA from hoisting the transform out of a loop (and materializing it as a full-size copy).
+    """
     x = jnp.asarray(x, jnp.float32)
+    if not isinstance(m, np.integer):  # a bit-exact select that XLA cannot prove loop-invariant
+        x = jnp.where(m != 0, x, np.float32(0))
     b = lax.bitcast_convert_type(x, jnp.int32)
-    k = jnp.where(b < 0, b ^ np.int32(0x7FFFFFFF), b)
-    k = jnp.where(x == 0, np.int32(0), k)  # -0.0 == 0.0
-    return jnp.where(jnp.isnan(x), _INF_KEY, k)
+    a = b & m
+    if magnitude:
+        return jnp.minimum(a, _INF_KEY)  # +0 == -0; NaN == +inf
+    k = b ^ ((b >> 31) & m)  # negative floats: flip the magnitude bits
+    k = jnp.where(a == 0, np.int32(0), k)  # -0.0 == 0.0
+    return jnp.where(a > _INF_KEY, _INF_KEY, k)
 
 
 def _from_keys(keys: jax.Array) -> jax.Array:
     """Inverse of :func:`_keys` (to float32)."""
-    return lax.bitcast_convert_type(jnp.where(keys < 0, keys ^ np.int32(0x7FFFFFFF), keys), jnp.float32)
+    return lax.bitcast_convert_type(jnp.where(keys < 0, keys ^ _ABS, keys), jnp.float32)
 
 
-_NEG_INF_KEY = np.int32(np.int32(np.float32(-np.inf).view(np.int32)) ^ np.int32(0x7FFFFFFF))
+def _u32(a):
+    return lax.bitcast_convert_type(a, jnp.uint32)
 
 
-def _pad_blocks(keys: jax.Array, block: int) -> jax.Array:
-    """(R, n) -> (R, nb, block), padded with a value equal to nothing (NaN) or below all keys."""
-    R, n = keys.shape
-    nb = -(-n // block)
-    if nb * block != n:
-        fill = jnp.nan if jnp.issubdtype(keys.dtype, jnp.floating) else _PAD
-        keys = jnp.pad(keys, ((0, 0), (0, nb * block - n)), constant_values=fill)
-    return keys.reshape(R, nb, block)
+def _i32(a):
+    return lax.bitcast_convert_type(a, jnp.int32)
 
 
-# ---------------------------------------------------------------------------------------------
-# The exact k-th key, fast path and exact fallback. Inputs: keys (R, n), k (R,) in [1, n].
-# Outputs per row: v (the k-th largest key), count_gt = #(key > v), count_eq = #(key == v).
-
-def _radix_kth(keys: jax.Array, k: jax.Array):
-    """Always-exact radix select by two 16-bit histograms (scatter-add passes)."""
-    R, n = keys.shape
-    u = lax.bitcast_convert_type(keys, jnp.uint32) ^ np.uint32(0x80000000)
-    hi16 = (u >> 16).astype(jnp.int32)
-    lo16 = (u & np.uint32(0xFFFF)).astype(jnp.int32)
-    rows = jnp.arange(R, dtype=jnp.int32)[:, None]
-
-    def level(bins, kk):
-        hist = jnp.zeros((R, 65537), jnp.int32).at[rows, bins].add(1, mode="drop")[:, :65536]
-        # count strictly above each bin, from the top
-        above = jnp.flip(jnp.cumsum(jnp.flip(hist, 1), axis=1), 1) - hist
-        b = jnp.sum((above + hist) >= kk[:, None], axis=1).astype(jnp.int32) - 1  # highest bin reaching kk
-        b = jnp.clip(b, 0, 65535)
-        ab = jnp.take_along_axis(above, b[:, None], 1)[:, 0]
-        hb = jnp.take_along_axis(hist, b[:, None], 1)[:, 0]
-        return b, ab, hb
-
-    b1, above1, _ = level(hi16, k)
-    inbin = jnp.where(hi16 == b1[:, None], lo16, 65536)
-    b2, above2, eq = level(inbin, k - above1)
-    vu = (b1.astype(jnp.uint32) << 16) | b2.astype(jnp.uint32)
-    v = lax.bitcast_convert_type(vu ^ np.uint32(0x80000000), jnp.int32)
-    return v, above1 + above2, eq
+def _blocks(x: jax.Array):
+    """(R, n) -> main part as (R, n0 / _W, _W) and the tail (R, n - n0), n0 = n rounded down."""
+    R, n = x.shape
+    n0 = n // _W * _W
+    return x[:, :n0].reshape(R, n0 // _W, _W), x[:, n0:]
 
 
-def _desc_order_stats(a: jax.Array, ranks: jax.Array) -> jax.Array:
-    """Values of descending rank ``ranks`` (1-based, shape (R, m)) in each row of ``a`` (R, L).
+def _sum_rows(s: jax.Array) -> jax.Array:
+    """Sum of a (R, m) int32 array over its last axis."""
+    return jnp.sum(s, axis=1, dtype=jnp.int32)
 
-    On CPU ``lax.top_k`` with k about L/2 costs a third of a full sort, so the order statistics are
-    read from a top_k of the larger values, or of the smaller ones (negated) when every rank lies
-    in the lower part; only ranks on both sides of the middle fall back to a sort.
+
+def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
+    """Column sums of the ``J`` 5-bit fields of ``s`` (R, M) (each field <= 16) as (R, J) int32.
+
+    Even and odd fields are moved into 10-bit slots, so groups of 32 block sums add up without
+    overflow before the slots are separated: one pass over ``s`` instead of one per field.
     """
-    R, L = a.shape
-    K = min(L, L // 2 + L // 8 + 1)
-    ranks = jnp.clip(ranks, 1, L)
-
-    def from_top(_):
-        t = lax.top_k(a, K)[0]
-        return jnp.take_along_axis(t, jnp.clip(ranks - 1, 0, K - 1), 1)
-
-    def from_bottom(_):
-        t = -lax.top_k(-a, K)[0]  # ascending: t[:, j] is the (j+1)-th smallest
-        return jnp.take_along_axis(t, jnp.clip(L - ranks, 0, K - 1), 1)
-
-    def full(_):
-        srt = jnp.sort(a, axis=1)
-        return jnp.take_along_axis(srt, L - ranks, 1)
-
-    if K >= L:
-        return full(None)
-    return lax.cond(jnp.all(ranks <= K), from_top,
-                    lambda _: lax.cond(jnp.all(L - ranks + 1 <= K), from_bottom, full, None), None)
+    R, M = s.shape
+    slots = np.int32(sum(0x3FF << (10 * i) for i in range(3)) & 0x3FFFFFFF)
+    G = 32
+    Mp = -(-M // G) * G
+    out = []
+    for part in (s & np.int32(sum(31 << (10 * i) for i in range(3))),
+                 (s >> _BITS) & np.int32(sum(31 << (10 * i) for i in range(3)))):
+        part = jnp.pad(part, ((0, 0), (0, Mp - M))).reshape(R, Mp // G, G)
+        g = jnp.sum(part, axis=2, dtype=jnp.int32) & slots
+        out.append([_sum_rows((g >> (10 * i)) & 0x3FF) for i in range(3)])
+    even, odd = out
+    return jnp.stack([even[0], odd[0], even[1], odd[1], even[2], odd[2]][:J], 1)
 
 
-def _fast_kth(x: jax.Array, k: jax.Array):
-    """Sample bracket + one fused counting/extraction pass on float32 ``x`` (NaN already +inf).
+def _count_pass(x, ts, lo, hi, m, magnitude):
+    """Counts at six thresholds (``counts[:, j] = #{key >= ts[:, j]}``) and the two snaps
+    ``below = max{key < hi}`` and ``above = min{key > lo}`` per row, in one read of ``x``."""
+    R = x.shape[0]
+    J = ts.shape[1]
+    assert J == _J
+    main, tail = _blocks(x)
+    counts = jnp.zeros((R, J), jnp.int32)
+    below = jnp.full((R,), _I32_MIN, jnp.int32)
+    above = jnp.full((R,), _I32_MAX, jnp.int32)
+    if main.shape[1]:
+        km = _keys(main, magnitude, m)
+        packed = sum((km >= ts[:, j, None, None]).astype(jnp.int32) << (_BITS * j) for j in range(J))
+        lo3, hi3 = lo[:, None, None], hi[:, None, None]
+        s, mx, mn = lax.reduce((packed, jnp.where(km < hi3, km, _I32_MIN), jnp.where(km > lo3, km, _I32_MAX)),
+                               (np.int32(0), _I32_MIN, _I32_MAX),
+                               lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.minimum(a[2], b[2])), (2,))
+        counts = counts + _unpack_counts(s, J)
+        below = jnp.maximum(below, jnp.max(mx, axis=1))
+        above = jnp.minimum(above, jnp.min(mn, axis=1))
+    if tail.shape[1]:
+        kt = _keys(tail, magnitude, m)
+        counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
+        below = jnp.maximum(below, jnp.max(jnp.where(kt < hi[:, None], kt, _I32_MIN), axis=1))
+        above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
+    return counts, below, above
 
-    Returns (v, gt, eq, ok) with ``v`` as a key; ``ok`` is False where the result is not proven.
+
+def _first_thresholds(x, k, magnitude):
+    """Six keys of a sorted strided sample around the expected rank of the k-th largest."""
+    n = x.shape[1]
+    stride = max(1, n // _SAMPLE)
+    sk = jnp.sort(_keys(x[:, ::stride], magnitude), axis=1)
+    M = sk.shape[1]
+    q = k.astype(jnp.float32) / n
+    pos = (1.0 - q) * M  # ascending sample position of the k-th largest
+    sd = jnp.sqrt(M * q * (1.0 - q)) + 1.0
+    idx = jnp.round(pos[:, None] + sd[:, None] * jnp.asarray(_CS0, jnp.float32)[None])
+    return jnp.take_along_axis(sk, jnp.clip(idx.astype(jnp.int32), 0, M - 1), 1)
+
+
+def _next_thresholds(lo, glo, hi, ghi, even, below, above, k):
+    """Six keys strictly inside (lo, hi): interpolated around the estimated k-th key (or an even
+    split), with the outer two replaced by the snaps of the last pass when they lie inside."""
+    D = _u32(hi) - _u32(lo)  # >= 2 for rows still searching
+    Df = D.astype(jnp.float32)
+    m = jnp.maximum(glo - ghi, 1).astype(jnp.float32)  # entries in [lo, hi)
+    est = Df * ((glo - k).astype(jnp.float32) + 0.5) / m
+    err = 0.5 * Df * lax.rsqrt(m) + 1.0  # expected error of est, in keys
+    off = est[:, None] + err[:, None] * jnp.asarray(_CS, jnp.float32)[None]
+    grid = Df[:, None] * (jnp.arange(1, _J + 1, dtype=jnp.float32) / (_J + 1))[None]
+    off = jnp.where(even[:, None], grid, off)
+    off = jnp.clip(off, 1.0, 4.0e9).astype(jnp.uint32)
+    enum = jnp.arange(1, _J + 1, dtype=jnp.uint32)[None]  # tiny brackets: every key inside
+    small = D <= _J + 1
+    off = jnp.where(small[:, None], enum, off)
+    off = jnp.clip(off, 1, jnp.maximum(D, 2)[:, None] - 1)
+    ts = _i32(_u32(lo)[:, None] + off)
+    inside = lambda t: (t > lo) & (t < hi) & ~small
+    ts = ts.at[:, 0].set(jnp.where(inside(above), above, ts[:, 0]))
+    return ts.at[:, _J - 1].set(jnp.where(inside(below), below, ts[:, _J - 1]))
+
+
+def _narrow(state, ts, counts, below, above, k):
+    """New bracket from the counts at ``ts`` and the snaps (both relative to the old bracket)."""
+    lo, glo, hi, ghi = state[:4]
+    ge = counts >= k[:, None]
+    nlo = jnp.maximum(jnp.max(jnp.where(ge, ts, _I32_MIN), axis=1), lo)
+    nglo = jnp.where(nlo == lo, glo, jnp.min(jnp.where(ge & (ts == nlo[:, None]), counts, _I32_MAX), axis=1))
+    nhi = jnp.minimum(jnp.min(jnp.where(ge, _I32_MAX, ts), axis=1), hi)
+    nghi = jnp.where(nhi == hi, ghi, jnp.max(jnp.where(~ge & (ts == nhi[:, None]), counts, -1), axis=1))
+    # No key lies in (below, hi): G(below + 1) == G(hi), so hi may drop to below + 1.
+    nhi = jnp.where((nhi == hi) & (below >= nlo), below + 1, nhi)
+    # No key lies in (lo, above): if that covers the new bracket, the k-th key is lo itself.
+    nhi = jnp.where((nlo == lo) & (above >= nhi), lo + 1, nhi)
+    even = (nglo - nghi) * 2 > (glo - ghi)  # fewer than half the entries left the bracket
+    return nlo, nglo, nhi, nghi, even, below, above
+
+
+def _search(x, k, magnitude):
+    """Per row, a key ``t`` with ``G(t) == k``, else the k-th largest key ``v`` (with ties at it).
+
+    Returns ``(v, gt, ge)``: keep ``key > v`` (``gt`` entries) and the first ``k - gt`` of the
+    ``ge - gt`` entries equal to ``v``. When a threshold ``t`` hit ``k`` exactly, ``v = t - 1`` and
+    ``gt == k``.
     """
     R, n = x.shape
-    stride = max(1, n // _SAMPLE)
-    sample = x[:, ::stride]
-    M = sample.shape[1]
-    kf = k.astype(jnp.float32)
-    q = kf / n
-    pos = (1.0 - q) * M  # ascending sample position of the k-th largest value
-    d = _Z * jnp.sqrt(M * q * (1.0 - q)) + 2.0
-    j_lo = jnp.floor(pos - d).astype(jnp.int32)
-    j_hi = jnp.ceil(pos + d).astype(jnp.int32)
-    # ascending sample position j is descending rank M - j
-    st = _desc_order_stats(sample, jnp.stack([M - jnp.clip(j_lo, 0, M - 1), M - jnp.clip(j_hi, 0, M - 1)], 1))
-    lo = jnp.where(j_lo < 0, -jnp.inf, st[:, 0])
-    hi = jnp.where(j_hi >= M, jnp.inf, st[:, 1])
-    lo2, hi2 = lo[:, None], hi[:, None]
-    mid = (x > lo2) & (x < hi2)
-    # one pass: the counts, and the candidates in (lo, hi) for the blocked extraction
-    n_gt_hi = jnp.sum(x > hi2, axis=1, dtype=jnp.int32)
-    n_eq_hi = jnp.sum(x == hi2, axis=1, dtype=jnp.int32)
-    n_eq_lo = jnp.where(lo == hi, 0, jnp.sum(x == lo2, axis=1, dtype=jnp.int32))
-    n_mid = jnp.sum(mid, axis=1, dtype=jnp.int32)
-    cand = jnp.where(mid, x, -jnp.inf)
-    nb = -(-n // _BLOCK)
-    if nb * _BLOCK != n:
-        cand = jnp.pad(cand, ((0, 0), (0, nb * _BLOCK - n)), constant_values=-jnp.inf)
-    ge_hi = n_gt_hi + n_eq_hi
-    gt_lo = ge_hi + n_mid
-    ge_lo = gt_lo + n_eq_lo
-    is_hi = (n_gt_hi < k) & (k <= ge_hi)
-    is_mid = (ge_hi < k) & (k <= gt_lo)
-    is_lo = (gt_lo < k) & (k <= ge_lo)
+    z = jnp.zeros((R,), jnp.int32)
+    lo = jnp.full((R,), _NEG_INF_KEY, jnp.int32)
+    hi = jnp.full((R,), _TOP, jnp.int32)
+    state = (lo, z + n, hi, z, jnp.zeros((R,), bool), hi, lo)  # no snaps yet (outside every bracket)
 
-    def extract(_):
-        # lax.top_k is fast on float32 (not on int32) on CPU. The -inf filler is never a candidate.
-        top = lax.top_k(cand.reshape(R, nb, _BLOCK), _PER_BLOCK)[0].reshape(R, -1)
-        n_got = jnp.sum(top > lo2, axis=1, dtype=jnp.int32)  # < n_mid: some block overflowed
-        L = top.shape[1]
-        r = jnp.clip(k - ge_hi, 1, L)
-        vm = _desc_order_stats(top, r[:, None])[:, 0]
-        n_above = jnp.sum(top > vm[:, None], axis=1, dtype=jnp.int32)
-        eq = jnp.sum(top == vm[:, None], axis=1, dtype=jnp.int32)
-        return vm, ge_hi + n_above, eq, n_got == n_mid
+    def done(s):
+        lo, glo, hi = s[:3]
+        return (glo == k) | (_u32(hi) - _u32(lo) <= 1)
 
-    def no_extract(_):
-        z = jnp.zeros((R,), jnp.int32)
-        return jnp.zeros((R,), jnp.float32), z, z, jnp.ones((R,), bool)
+    def body(carry):
+        s, ts, m = carry
+        counts, below, above = _count_pass(x, ts, s[0], s[2], m, magnitude)
+        new = _narrow(s, ts, counts, below, above, k)
+        fin = done(s)
+        s = tuple(jnp.where(fin, a, b) for a, b in zip(s, new))
+        m = jnp.where(counts[0, 0] < 0, 0, m)  # always m, but loop-variant to XLA (see _keys)
+        return s, _next_thresholds(*s, k), m
 
-    vm, gtm, eqm, okm = lax.cond(jnp.any(is_mid), extract, no_extract, None)
-    v = jnp.where(is_hi, hi, jnp.where(is_lo, lo, vm))
-    gt = jnp.where(is_hi, n_gt_hi, jnp.where(is_lo, gt_lo, gtm))
-    eq = jnp.where(is_hi, n_eq_hi, jnp.where(is_lo, n_eq_lo, eqm))
-    ok = is_hi | is_lo | (is_mid & okm)
-    return _keys(v), gt, eq, ok
+    carry = (state, _first_thresholds(x, k, magnitude), jnp.int32(_ABS))
+    state = lax.while_loop(lambda c: ~jnp.all(done(c[0])), body, carry)[0]
+    lo, glo, hi, ghi = state[:4]
+    exact = glo == k
+    return jnp.where(exact, lo - 1, lo), jnp.where(exact, glo, ghi), glo
 
 
-def _canon(x: jax.Array) -> jax.Array:
-    """float32 with NaN -> +inf (so float comparisons give a total order; -0.0 == 0.0 already)."""
-    x = jnp.asarray(x, jnp.float32)
-    return jnp.where(jnp.isnan(x), jnp.inf, x)
+def _sorted_kth(x, k, magnitude):
+    """The same result for short rows, from a full sort of the keys."""
+    keys = _keys(x, magnitude)
+    n = keys.shape[1]
+    srt = jnp.sort(keys, axis=1)
+    v = jnp.take_along_axis(srt, (n - k)[:, None], 1)
+    gt = jnp.sum(keys > v, axis=1, dtype=jnp.int32)
+    ge = jnp.sum(keys >= v, axis=1, dtype=jnp.int32)
+    return v[:, 0], gt, ge
 
 
-def _kth(x: jax.Array, k: jax.Array):
-    v, gt, eq, ok = _fast_kth(x, k)
-    return lax.cond(jnp.all(ok), lambda _: (v, gt, eq), lambda _: _radix_kth(_keys(x), k), None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Mask from a threshold key and a tie quota.
-
-def _mask_from_threshold(keys: jax.Array, v: jax.Array, quota: jax.Array, eq: jax.Array) -> jax.Array:
-    """``key > v`` plus the first ``quota`` entries with ``key == v`` (flat order), per row.
-
-    ``keys`` are int32 order keys, or float32 values without NaN (then ``v`` is float32).
-
-    ``eq`` is the number of entries equal to ``v`` in each row (``quota >= eq`` keeps them all).
-    """
-    R, n = keys.shape
+def _tie_cut(x, v, quota, magnitude):
+    """Per row, the position after the ``quota``-th entry with key ``v`` (flat order)."""
+    R, n = x.shape
+    main, tail = _blocks(x)
+    n0 = main.shape[1] * _W
     vv = v[:, None]
-
-    def all_ties(_):
-        return (keys > vv) | ((keys == vv) & (quota > 0)[:, None])
-
-    def partial_ties(_):
-        # The first `quota` equal entries are those before a cut position p*: find p* from per-block
-        # counts of equal entries (a cumulative sum over blocks) and a cumulative sum inside the one
-        # boundary block; the mask is then elementwise (no padding, no gather over the data).
-        TB = _TIE_BLOCK
-        nbf = n // TB
-        parts = []
-        if nbf:
-            parts.append(jnp.sum(keys[:, :nbf * TB].reshape(R, nbf, TB) == vv[:, :, None], axis=2, dtype=jnp.int32))
-        if nbf * TB != n:
-            parts.append(jnp.sum(keys[:, nbf * TB:] == vv, axis=1, dtype=jnp.int32, keepdims=True))
-        cnt = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # (R, nb)
-        inc = jnp.cumsum(cnt, axis=1)
-        bb = jnp.clip(jnp.sum(inc < quota[:, None], axis=1).astype(jnp.int32), 0, cnt.shape[1] - 1)
-        rem = quota - jnp.take_along_axis(inc - cnt, bb[:, None], 1)[:, 0]
-        idx = bb[:, None] * TB + jnp.arange(TB, dtype=jnp.int32)[None]
-        fill = jnp.nan if jnp.issubdtype(keys.dtype, jnp.floating) else _PAD
-        blk = jnp.take_along_axis(keys, idx, 1, mode="fill", fill_value=fill)
-        cs = jnp.cumsum(blk == vv, axis=1, dtype=jnp.int32)
-        cut = bb * TB + jnp.sum(cs < rem[:, None], axis=1).astype(jnp.int32) + 1  # after the rem-th tie
-        cut = jnp.where(quota > 0, cut, 0)
-        pos = lax.broadcasted_iota(jnp.int32, (R, n), 1)
-        return (keys > vv) | ((keys == vv) & (pos < cut[:, None]))
-
-    return lax.cond(jnp.any((quota < eq) & (quota > 0)), partial_ties, all_ties, None)
+    parts = []
+    if main.shape[1]:
+        eq = (_keys(main, magnitude) == vv[:, :, None]).astype(jnp.int32)
+        parts.append(jnp.sum(eq, axis=2, dtype=jnp.int32) & 31)  # (R, n0/W); '& 31' keeps XLA from merging sums
+    if tail.shape[1]:
+        parts.append(_sum_rows(_keys(tail, magnitude) == vv)[:, None])
+    c1 = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # counts per block of _W (tail last)
+    B = 256
+    nb1 = c1.shape[1]
+    nb2 = -(-nb1 // B)
+    c1p = jnp.pad(c1, ((0, 0), (0, nb2 * B - nb1)))
+    c2 = _sum_rows(c1p.reshape(R * nb2, B)).reshape(R, nb2)
+    inc2 = jnp.cumsum(c2, axis=1)
+    b2 = jnp.clip(jnp.sum(inc2 < quota[:, None], axis=1, dtype=jnp.int32), 0, nb2 - 1)
+    rem = quota - jnp.take_along_axis(inc2 - c2, b2[:, None], 1)[:, 0]
+    seg = jnp.take_along_axis(c1p, b2[:, None] * B + jnp.arange(B, dtype=jnp.int32)[None], 1)
+    inc1 = jnp.cumsum(seg, axis=1)
+    j1 = jnp.clip(jnp.sum(inc1 < rem[:, None], axis=1, dtype=jnp.int32), 0, B - 1)
+    rem = rem - jnp.take_along_axis(inc1 - seg, j1[:, None], 1)[:, 0]
+    blk = b2 * B + j1  # block of _W entries holding the cut (the tail block when blk == n0 / _W)
+    idx = blk[:, None] * _W + jnp.arange(_W, dtype=jnp.int32)[None]
+    vals = jnp.take_along_axis(x, jnp.clip(idx, 0, n - 1), 1)
+    hit = (_keys(vals, magnitude) == vv) & (idx < n)
+    inc0 = jnp.cumsum(hit.astype(jnp.int32), axis=1)
+    return blk * _W + jnp.sum(inc0 < rem[:, None], axis=1, dtype=jnp.int32) + 1
 
 
-def _topk_rows(x: jax.Array, k: jax.Array) -> jax.Array:
+def _threshold_mask(x, v, quota, eq, magnitude):
+    """``key > v`` plus the first ``quota`` of the ``eq`` entries with ``key == v`` (flat order), per row."""
+    R, n = x.shape
+    partial = (quota > 0) & (quota < eq)
+    cut = lax.cond(jnp.any(partial), lambda _: jnp.where(partial, _tie_cut(x, v, quota, magnitude), n),
+                   lambda _: jnp.full((R,), n, jnp.int32), None)
+    cut = jnp.where(quota > 0, cut, 0)
+    keys = _keys(x, magnitude)
+    pos = lax.broadcasted_iota(jnp.int32, (R, n), 1)
+    return (keys > v[:, None]) | ((keys == v[:, None]) & (pos < cut[:, None]))
+
+
+def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array:
     """Row-wise top-k mask of (R, n) values (any float dtype), k (R,)."""
     R, n = x.shape
-    x = _canon(x)
+    x = jnp.asarray(x, jnp.float32)
     k = jnp.asarray(k).astype(jnp.int32)
     kc = jnp.clip(k, 1, n)
-    v, gt, eq = _kth(x, kc)
-    mask = _mask_from_threshold(x, _from_keys(v), kc - gt, eq)
+    if n <= _SORT_MAX:
+        v, gt, ge = _sorted_kth(x, kc, magnitude)
+    else:
+        v, gt, ge = _search(x, kc, magnitude)
+    mask = _threshold_mask(x, v, kc - gt, ge - gt, magnitude)
     mask = jnp.where((k <= 0)[:, None], False, mask)
     return jnp.where((k >= n)[:, None], True, mask)
 
@@ -314,12 +349,13 @@ def topk_mask(x: jax.Array, k) -> jax.Array:
     return _topk_rows(x.reshape(1, -1), k.reshape(1)).reshape(x.shape)
 
 
-def topk_mask_rows(x: jax.Array, k) -> jax.Array:
+def topk_mask_rows(x: jax.Array, k, *, magnitude: bool = False) -> jax.Array:
     """Per-row :func:`topk_mask`: row ``t`` of ``x`` (shape ``(T, ...)``) keeps its ``k[t]`` largest.
 
     Args:
       x: array of shape ``(T, ...)``; each ``x[t]`` is flattened and selected separately.
       k: integer scalar or ``(T,)`` array (may be traced).
+      magnitude: rank ``|x|`` instead of ``x`` (cheaper than passing ``jnp.abs(x)``).
 
     Returns:
       A bool array of ``x``'s shape.
@@ -338,13 +374,7 @@ def topk_mask_rows(x: jax.Array, k) -> jax.Array:
     k = jnp.broadcast_to(k, (T,))
     if x.size == 0:
         return jnp.zeros(x.shape, bool)
-    flat = x.reshape(T, -1)
-    if T > 1 and flat.shape[1] >= _ROW_MAP_MIN:
-        # Large rows one at a time: the selection's temporaries (keys, candidates, masks) then exist
-        # for one task vector instead of all T, which bounds peak memory on embedding-sized leaves.
-        out = lax.map(lambda a: _topk_rows(a[0][None], a[1][None])[0], (flat, k))
-        return out.reshape(x.shape)
-    return _topk_rows(flat, k).reshape(x.shape)
+    return _topk_rows(x.reshape(T, -1), k, magnitude).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +383,7 @@ def topk_mask_rows(x: jax.Array, k) -> jax.Array:
 def _abs_u(tau: jax.Array) -> jax.Array:
     """(T, n) uint32 order keys of |tau| (non-negative floats: the bit pattern is monotone)."""
     T = tau.shape[0]
-    return lax.bitcast_convert_type(_keys(jnp.abs(tau.reshape(T, -1))), jnp.uint32)
+    return lax.bitcast_convert_type(_keys(tau.reshape(T, -1), True), jnp.uint32)
 
 
 def _hist_rows(bins: jax.Array, nbins: int) -> jax.Array:
@@ -473,8 +503,8 @@ def global_topk_mask(state: MergeState, name: str = "global_topk") -> jax.Array:
     T = state.tau.shape[0]
     if state.tau.size == 0:
         return jnp.zeros(state.tau.shape, bool)
-    keys = _keys(jnp.abs(state.tau.reshape(T, -1)))
+    x = jnp.asarray(state.tau, jnp.float32).reshape(T, -1)
     v = jnp.asarray(st["v"], jnp.int32)
     quota = jnp.asarray(st["quota"], jnp.int32)
-    eq = jnp.sum(keys == v[:, None], axis=1, dtype=jnp.int32)
-    return _mask_from_threshold(keys, v, quota, eq).reshape(state.tau.shape)
+    eq = jnp.sum(_keys(x, True) == v[:, None], axis=1, dtype=jnp.int32)
+    return _threshold_mask(x, v, quota, eq, True).reshape(state.tau.shape)

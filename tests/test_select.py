@@ -86,24 +86,50 @@ def test_large_inputs_all_paths(kind):
         np.testing.assert_array_equal(got, ref_mask(x, k), err_msg=f"{kind} k={k}")
 
 
-def test_fast_path_and_fallback_agree_and_are_exact():
-    rng = np.random.default_rng(3)
-    x = np.abs(rng.normal(size=(2, 200_000))).astype(np.float32)
-    x[1] = np.round(x[1] * 16) / 16  # heavy ties in row 1
-    keys = S._keys(jnp.asarray(x))
-    k = jnp.array([40_000, 123_457], jnp.int32)
-    v, gt, eq, ok = jax.jit(S._fast_kth)(jnp.asarray(x), k)
-    vr, gtr, eqr = jax.jit(S._radix_kth)(keys, k)
-    assert bool(np.all(ok))
-    for t in range(2):
-        srt = np.sort(x[t])[::-1]
-        kth = srt[int(k[t]) - 1]
-        np.testing.assert_array_equal([int(gt[t]), int(eq[t])], [(x[t] > kth).sum(), (x[t] == kth).sum()])
-        np.testing.assert_array_equal([int(v[t]), int(gt[t]), int(eq[t])], [int(vr[t]), int(gtr[t]), int(eqr[t])])
-        assert np.asarray(S._from_keys(v))[t] == kth
-    # sorted data puts all candidates in a few blocks: the fast path must decline (then radix runs)
-    xs = jnp.asarray(np.arange(200_000, dtype=np.float32)[None])
-    assert not bool(jax.jit(S._fast_kth)(xs, jnp.array([70_000], jnp.int32))[3][0])
+@pytest.mark.parametrize("kind", ["normal", "signed", "bf16", "int_ties", "zeros", "sorted", "lognormal"])
+def test_search_path_rows_match_numpy(kind):
+    """Rows longer than the sort cut-off go through the counting search: every row and k exact,
+    including lengths that leave a tail after the blocks of 16 and ties that need the cut position."""
+    rng = np.random.default_rng(abs(hash(kind)) % 2**32)
+    rows = jax.jit(S.topk_mask_rows)
+    for n in (S._SORT_MAX + 1, 40_009, 65_536):
+        if kind == "lognormal":
+            x = np.exp(rng.normal(size=(3, n)) * 8).astype(np.float32)
+        elif kind == "zeros":  # mostly exact zeros: the boundary often falls among them
+            x = np.where(rng.random((3, n)) < 0.7, 0, rng.normal(size=(3, n))).astype(np.float32)
+        else:
+            x = make(kind, (3, n), rng)
+        for ks in ([1, n // 2, n - 1], [int(0.2 * n), int(0.01 * n) + 1, int(0.9 * n)],
+                   list(rng.integers(1, n, size=3))):
+            got = np.asarray(rows(x, jnp.asarray(ks)))
+            np.testing.assert_array_equal(got, ref_rows(x, ks), err_msg=f"{kind} n={n} k={ks}")
+
+
+def test_magnitude_flag_ranks_absolute_values():
+    rng = np.random.default_rng(4)
+    rows = jax.jit(lambda x, k: S.topk_mask_rows(x, k, magnitude=True))
+    for n in (100, 30_001):
+        x = rng.normal(size=(2, n)).astype(np.float32)
+        x[1, ::7] = -x[1, 1::7][: x[1, ::7].size] if n % 7 else x[1, ::7]  # equal magnitudes, both signs
+        x[0, :5] = [np.nan, -np.inf, -0.0, 0.0, np.inf]
+        for ks in ([1, 2], [n // 3, n // 2], [n - 1, 7]):
+            np.testing.assert_array_equal(np.asarray(rows(x, jnp.asarray(ks))), ref_rows(np.abs(x), ks))
+
+
+def test_search_internals_bracket_invariant():
+    """_search returns v with #(key > v) < k <= #(key >= v), or an exact threshold (gt == k)."""
+    rng = np.random.default_rng(8)
+    x = np.round(np.abs(rng.normal(size=(4, 50_000))) * 64) / 64  # ties everywhere
+    x[3] = rng.random(50_000)  # smooth row: usually an exact threshold
+    x = x.astype(np.float32)
+    k = jnp.array([1, 25_000, 49_999, 12_345], jnp.int32)
+    v, gt, ge = jax.jit(lambda x, k: S._search(x, k, False))(jnp.asarray(x), k)
+    keys = np.asarray(S._keys(jnp.asarray(x)))
+    for t in range(4):
+        assert (keys[t] > int(v[t])).sum() == int(gt[t]) and int(gt[t]) <= int(k[t])
+        if int(gt[t]) < int(k[t]):
+            assert (keys[t] >= int(v[t])).sum() == int(ge[t]) and int(ge[t]) >= int(k[t])
+            assert int(v[t]) in set(keys[t].tolist())
 
 
 def test_special_values():
@@ -242,9 +268,9 @@ def test_global_ties_broken_by_leaf_order():
 
 
 def test_tie_quota_zero_in_one_row_partial_in_another():
-    keys = jnp.array([[7, 5, 7, 7, 1], [7, 7, 7, 2, 7]], jnp.int32)
-    v = jnp.array([7, 7], jnp.int32)
-    got = np.asarray(S._mask_from_threshold(keys, v, jnp.array([0, 2]), jnp.array([3, 4])))
+    x = jnp.array([[7, 5, 7, 7, 1], [7, 7, 7, 2, 7]], jnp.float32)
+    v = S._keys(jnp.array([7.0, 7.0]))
+    got = np.asarray(S._threshold_mask(x, v, jnp.array([0, 2]), jnp.array([3, 4]), False))
     np.testing.assert_array_equal(got, [[False] * 5, [True, True, False, False, False]])
 
 
@@ -253,18 +279,3 @@ def test_global_density_must_be_uniform():
     base, models = _tree(rng, False)
     with pytest.raises(jmerge.MergeInputError, match="differs between leaves"):
         jmerge.merge(_global_method(), base, models, hparams={"density": jmerge.Rules([("b", 0.5)], default=0.2)})
-
-
-def test_rows_one_at_a_time_path_matches_numpy(monkeypatch):
-    """Large rows go through lax.map (memory bound); same exact masks as the NumPy reference."""
-    import jmerge._select as S
-    monkeypatch.setattr(S, "_ROW_MAP_MIN", 16)
-    rng = np.random.default_rng(5)
-    x = np.round(rng.normal(size=(3, 40, 30)), 1).astype(np.float32)  # many ties
-    k = np.array([0, 333, 1200])
-    got = np.asarray(S.topk_mask_rows(jnp.asarray(np.abs(x)), jnp.asarray(k)))
-    for t in range(3):
-        flat = np.abs(x[t]).ravel()
-        ref = np.zeros(flat.size, bool)
-        ref[np.argsort(-flat, kind="stable")[:k[t]]] = True
-        np.testing.assert_array_equal(got[t].ravel(), ref)
