@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from ._hparams import resolve_hparams
@@ -108,6 +109,9 @@ class Transform:
       min_models / max_models: how many fine-tuned models the step accepts.
       stats: whole-model statistics this step needs.
       steps: for a chain, its flattened steps (then ``update`` is unused).
+      materialize_tau: performance hint of steps that read the task vectors many times (the
+        exact top-k's counting passes): build ``tau`` once into its own buffer, instead of letting
+        XLA fuse its computation from the models into each reader.
     """
 
     name: str
@@ -119,6 +123,7 @@ class Transform:
     max_models: int | None = None
     stats: tuple[StatsPhase, ...] = ()
     steps: tuple["Transform", ...] = ()
+    materialize_tau: bool = False
 
     def _identity(self):
         if self.steps:
@@ -146,11 +151,12 @@ class Transform:
 def transform(name: str, update: Callable[..., MergeState], *, hparams: Mapping[str, Any] | None = None,
               static: Mapping[str, Any] | None = None, ranges: Mapping[str, tuple[float, float]] | None = None,
               min_models: int = 1, max_models: int | None = None,
-              stats: Sequence[StatsPhase] = ()) -> Transform:
+              stats: Sequence[StatsPhase] = (), materialize_tau: bool = False) -> Transform:
     """Build a :class:`Transform` from a module-level ``update(state, hp, **static)`` function."""
     return Transform(name=name, update=update, hparams=dict(hparams or {}),
                      static=tuple(sorted((static or {}).items())), ranges=dict(ranges or {}),
-                     min_models=min_models, max_models=max_models, stats=tuple(stats))
+                     min_models=min_models, max_models=max_models, stats=tuple(stats),
+                     materialize_tau=materialize_tau)
 
 
 def chain(*transforms: Transform, name: str | None = None) -> Transform:
@@ -213,8 +219,22 @@ def task_vectors(base: Any, models: Sequence[Any]) -> Any:
     Computed in float32 whatever the input dtypes (bf16/fp16 differences are exact in float32).
     """
     check_compatible(base, models)
-    return jax.tree.map(lambda b, *ms: jnp.stack([jnp.asarray(m, jnp.float32) for m in ms])
-                        - jnp.asarray(b, jnp.float32)[None], base, *models)
+    return jax.tree.map(lambda b, *ms: _stack_diffs(jnp.asarray(b, jnp.float32), ms), base, *models)
+
+
+def _materialized(fn, probe: jax.Array) -> jax.Array:
+    """``fn()`` computed into a buffer of its own: the result of a conditional, which XLA cannot fuse
+    into its consumers (``optimization_barrier`` does not survive XLA:CPU's pipeline). The
+    predicate is always true but traced; the other branch never runs."""
+    p = jnp.reshape(probe, (-1,))[:1]
+    p = jnp.all(p == p) | jnp.all(p != p)
+    return lax.cond(p, fn, lambda: jnp.zeros(jax.eval_shape(fn).shape, jnp.float32))
+
+
+def _stack_diffs(b: jax.Array, ms) -> jax.Array:
+    # Differences first, then the stack: XLA builds tau in one fusion instead of materializing the
+    # stacked models (a second full-size buffer) and subtracting later.
+    return jnp.stack([jnp.asarray(m, jnp.float32) - b for m in ms])
 
 
 def apply_delta(base: Any, delta: Any, scale: float | jax.Array = 1.0) -> Any:
@@ -234,12 +254,14 @@ def trace_count() -> int:
     return _TRACES["count"]
 
 
-def _initial_state(base_leaf, model_leaves, key, stacked: bool) -> MergeState:
+def _initial_state(base_leaf, model_leaves, key, stacked: bool, steps=()) -> MergeState:
     b = jnp.asarray(base_leaf, jnp.float32)
     if stacked:
         tau = jnp.asarray(model_leaves, jnp.float32)
+    elif any(s.materialize_tau for s in steps) and b.size:
+        tau = _materialized(lambda: _stack_diffs(b, model_leaves), b)
     else:
-        tau = jnp.stack([jnp.asarray(m, jnp.float32) for m in model_leaves]) - b[None]
+        tau = _stack_diffs(b, model_leaves)
     return MergeState(tau=tau, base=b, merged=None, key=key)
 
 
@@ -267,7 +289,7 @@ def _collect_fn(method: Transform, step_index: int, phase: StatsPhase, stacked: 
     steps = method.flat_steps[:step_index]
 
     def f(base_leaf, model_leaves, hp, key, stats):
-        state = _initial_state(base_leaf, model_leaves, key, stacked).replace(stats=stats)
+        state = _initial_state(base_leaf, model_leaves, key, stacked, steps).replace(stats=stats)
         state = _run_steps(steps, state, hp)
         return phase.collect(state, hp)
 
@@ -283,7 +305,7 @@ def _leaf_jit(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_d
 
 
 def _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras):
-    state = _initial_state(base_leaf, model_leaves, key, stacked).replace(stats=stats)
+    state = _initial_state(base_leaf, model_leaves, key, stacked, method.flat_steps).replace(stats=stats)
     state = _run_steps(method.flat_steps, state, hp)
     out = _finish(method.name, state, base_leaf, out_dtype)
     return (out, state.extras) if return_extras else out

@@ -296,20 +296,37 @@ def _tie_cut(x, v, quota, magnitude):
     return blk * _W + jnp.sum(inc0 < rem[:, None], axis=1, dtype=jnp.int32) + 1
 
 
-def _threshold_mask(x, v, quota, eq, magnitude):
-    """``key > v`` plus the first ``quota`` of the ``eq`` entries with ``key == v`` (flat order), per row."""
+def _threshold_mask(x, v, quota, eq, magnitude, keep_values=False):
+    """``key > v`` plus the first ``quota`` of the ``eq`` entries with ``key == v`` (flat order), per row.
+
+    The mask is built inside a conditional, so it is materialized (as a bool array, or with
+    ``keep_values`` also as ``where(mask, x, 0)``) rather than fused into every consumer, where XLA
+    tends to materialize a full-size float result of the masking anyway. Returns the mask, or
+    ``(mask, kept values)`` with ``keep_values``.
+    """
     R, n = x.shape
     partial = (quota > 0) & (quota < eq)
-    cut = lax.cond(jnp.any(partial), lambda _: jnp.where(partial, _tie_cut(x, v, quota, magnitude), n),
-                   lambda _: jnp.full((R,), n, jnp.int32), None)
-    cut = jnp.where(quota > 0, cut, 0)
-    keys = _keys(x, magnitude)
-    pos = lax.broadcasted_iota(jnp.int32, (R, n), 1)
-    return (keys > v[:, None]) | ((keys == v[:, None]) & (pos < cut[:, None]))
+    vv = v[:, None]
+
+    def out(mask):
+        return (mask, jnp.where(mask, x, np.float32(0))) if keep_values else mask
+
+    def with_cut(_):
+        cut = jnp.where(partial, _tie_cut(x, v, quota, magnitude), n)
+        cut = jnp.where(quota > 0, cut, 0)
+        keys = _keys(x, magnitude)
+        pos = lax.broadcasted_iota(jnp.int32, (R, n), 1)
+        return out((keys > vv) | ((keys == vv) & (pos < cut[:, None])))
+
+    def whole(_):  # every row keeps all of its ties at v, or none
+        return out(_keys(x, magnitude) > jnp.where(quota > 0, v - 1, v)[:, None])
+
+    return lax.cond(jnp.any(partial), with_cut, whole, None)
 
 
-def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array:
-    """Row-wise top-k mask of (R, n) values (any float dtype), k (R,)."""
+def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False, keep_values: bool = False):
+    """Row-wise top-k mask of (R, n) values (any float dtype), k (R,); with ``keep_values`` also
+    ``where(mask, x, 0)`` (float32)."""
     R, n = x.shape
     x = jnp.asarray(x, jnp.float32)
     k = jnp.asarray(k).astype(jnp.int32)
@@ -318,9 +335,26 @@ def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array
         v, gt, ge = _sorted_kth(x, kc, magnitude)
     else:
         v, gt, ge = _search(x, kc, magnitude)
-    mask = _threshold_mask(x, v, kc - gt, ge - gt, magnitude)
-    mask = jnp.where((k <= 0)[:, None], False, mask)
-    return jnp.where((k >= n)[:, None], True, mask)
+    # k <= 0: a threshold above every key keeps nothing; k >= n: one below every key keeps all.
+    v = jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v))
+    gt = jnp.where(k <= 0, 0, jnp.where(k >= n, n, gt))
+    ge = jnp.where((k <= 0) | (k >= n), gt, ge)
+    return _threshold_mask(x, v, jnp.maximum(k, 0) - gt, ge - gt, magnitude, keep_values)
+
+
+def topk_keep_rows(x: jax.Array, k, *, magnitude: bool = False):
+    """``(where(mask, x, 0), mask)`` for :func:`topk_mask_rows`'s mask, ``x`` of shape ``(T, ...)``.
+
+    The kept values come out of the same materialized step as the mask (cheaper than masking
+    afterwards when ``x`` is large). The values are float32.
+    """
+    x = jnp.asarray(x)
+    T = x.shape[0]
+    k = jnp.broadcast_to(jnp.asarray(k), (T,))
+    if x.size == 0:
+        return jnp.zeros(x.shape, jnp.float32), jnp.zeros(x.shape, bool)
+    mask, kept = _topk_rows(x.reshape(T, -1), k, magnitude, keep_values=True)
+    return kept.reshape(x.shape), mask.reshape(x.shape)
 
 
 def topk_mask(x: jax.Array, k) -> jax.Array:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from . import _select
 from ._basic import per_model
@@ -59,12 +60,9 @@ def _count(frac: jax.Array, n: int, rounding: str) -> jax.Array:
     return jnp.clip(k, 0, n).astype(jnp.int32)
 
 
-def _topk_rows(x: jax.Array, k: jax.Array) -> jax.Array:
-    """Per-row top-k mask of a ``(T, n)`` array with ``k`` of shape ``(T,)``."""
-    rows = getattr(_select, "topk_mask_rows", None)
-    if rows is not None:
-        return rows(x, k)
-    return jax.vmap(_select.topk_mask)(x, k)
+def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array:
+    """Per-row top-k mask of a ``(T, n)`` array (of ``|x|`` with ``magnitude``), ``k`` of shape ``(T,)``."""
+    return _select.topk_mask_rows(x, k, magnitude=magnitude)
 
 
 def rescale_l1(tau: jax.Array, kept: jax.Array) -> jax.Array:
@@ -91,13 +89,15 @@ def _trim(state: MergeState, hp, *, scope: str, rounding: str) -> MergeState:
     if scope == "global":
         mask = _select.global_topk_mask(state, _TRIM_STATS)
     else:
-        flat = jnp.abs(state.tau).reshape(T, -1)
+        flat = state.tau.reshape(T, -1)
         n = flat.shape[1]
         d = _per_task(hp["density"], T)
         k = _count(d, n, rounding)
         if rounding == "floor":  # mergekit keeps at least one entry when density > 0
             k = jnp.where(d > 0, jnp.maximum(k, min(1, n)), k)
-        mask = _topk_rows(flat, k).reshape(state.tau.shape)
+        kept, mask = _select.topk_keep_rows(flat, k, magnitude=True)
+        return state.replace(tau=kept.reshape(state.tau.shape),
+                             extras={**state.extras, "trim_mask": mask.reshape(state.tau.shape)})
     tau = jnp.where(mask, state.tau, 0.0)
     return state.replace(tau=tau, extras={**state.extras, "trim_mask": mask})
 
@@ -122,7 +122,7 @@ def trim(density=0.2, *, scope: str = "tensor", rounding: str = "round"):
     _check_option("rounding", rounding, _ROUNDINGS)
     stats = _select.global_topk_phases(_TRIM_STATS, "density") if scope == "global" else ()
     return transform("trim", _trim, hparams={"density": density}, static={"scope": scope, "rounding": rounding},
-                     ranges={"density": (0.0, 1.0)}, stats=stats)
+                     ranges={"density": (0.0, 1.0)}, stats=stats, materialize_tau=scope == "tensor")
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,13 +168,13 @@ def dare(density=0.5, *, rescale: str = "inverse"):
 
 def _breadcrumbs(state: MergeState, hp, *, rounding: str) -> MergeState:
     T = state.num_models
-    flat = jnp.abs(state.tau).reshape(T, -1)
+    flat = state.tau.reshape(T, -1)
     n = flat.shape[1]
     k_keep = _count(_per_task(hp["density"], T), n, rounding)
     k_top = _count(_per_task(hp["gamma"], T), n, rounding)
     k_top = jnp.minimum(k_top, n - k_keep)  # fewer outliers dropped when density needs them
-    upper = _topk_rows(flat, k_top + k_keep)
-    outliers = _topk_rows(flat, k_top)
+    upper = _topk_rows(flat, k_top + k_keep, magnitude=True)
+    outliers = _topk_rows(flat, k_top, magnitude=True)
     mask = (upper & ~outliers).reshape(state.tau.shape)
     return state.replace(tau=jnp.where(mask, state.tau, 0.0), extras={**state.extras, "breadcrumbs_mask": mask})
 
@@ -197,7 +197,8 @@ def breadcrumbs_drop(density=0.9, gamma=0.01, *, rounding: str = "round"):
     """
     _check_option("rounding", rounding, _ROUNDINGS)
     return transform("breadcrumbs", _breadcrumbs, hparams={"density": density, "gamma": gamma},
-                     static={"rounding": rounding}, ranges={"density": (0.0, 1.0), "gamma": (0.0, 1.0)})
+                     static={"rounding": rounding}, ranges={"density": (0.0, 1.0), "gamma": (0.0, 1.0)},
+                     materialize_tau=True)
 
 
 breadcrumbs = breadcrumbs_drop  # the step's short name (``jmerge.breadcrumbs`` is the named method)
