@@ -63,13 +63,13 @@ _INF_KEY = np.int32(0x7F800000)  # key of +inf; NaN gets it too (NaN counts as +
 _TOP = np.int32(0x7F800001)  # above every key: G(_TOP) == 0
 _NEG_INF_KEY = np.int32(np.int32(np.float32(-np.inf).view(np.int32)) ^ _ABS)  # the lowest key
 
-_W = 16  # block of the packed count: fields never exceed 16
-_BITS = 5  # bits per packed field
-_J = 6  # thresholds per pass (6 fields x 5 bits in an int32)
+_W = 32  # block of the packed count: fields never exceed 32
+_BITS = 6  # bits per packed field
+_J = 5  # thresholds per pass (5 fields x 6 bits in an int32)
 _SAMPLE = 4096  # target sample size for the first thresholds
 _SORT_MAX = 2048  # rows up to this length are simply sorted
-_CS0 = (-3.0, -1.5, -0.5, 0.5, 1.5, 3.0)  # first thresholds, in sample standard deviations
-_CS = (-3.0, -1.2, -0.4, 0.4, 1.2, 3.0)  # later thresholds, in expected errors
+_CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard deviations
+_CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
 
 
 def density_to_k(density, n: int) -> jax.Array:
@@ -121,23 +121,26 @@ def _sum_rows(s: jax.Array) -> jax.Array:
 
 
 def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
-    """Column sums of the ``J`` 5-bit fields of ``s`` (R, M) (each field <= 16) as (R, J) int32.
+    """Column sums of the ``J`` ``_BITS``-bit fields of ``s`` (R, M) (each field <= ``_W``), (R, J) int32.
 
-    Even and odd fields are moved into 10-bit slots, so groups of 32 block sums add up without
-    overflow before the slots are separated: one pass over ``s`` instead of one per field.
+    Fields ``j`` and ``j + 2`` are moved into two slots twice as wide, so groups of block sums add up
+    without overflow before the slots are separated: about J / 4 passes over ``s`` instead of J.
     """
     R, M = s.shape
-    slots = np.int32(sum(0x3FF << (10 * i) for i in range(3)) & 0x3FFFFFFF)
-    G = 32
+    slot = 2 * _BITS
+    fmask = (1 << _BITS) - 1
+    G = (1 << slot) // (2 * _W)  # block sums per group: a slot never exceeds half its range
     Mp = -(-M // G) * G
-    out = []
-    for part in (s & np.int32(sum(31 << (10 * i) for i in range(3))),
-                 (s >> _BITS) & np.int32(sum(31 << (10 * i) for i in range(3)))):
+    groups = [(j, j + 2) if j + 2 < J else (j,) for j in range(J) if j % 4 < 2]
+    fields = {}
+    for grp in groups:
+        spread = np.int32(sum(fmask << (slot * i) for i in range(len(grp))))
+        part = (s >> (_BITS * grp[0])) & spread
         part = jnp.pad(part, ((0, 0), (0, Mp - M))).reshape(R, Mp // G, G)
-        g = jnp.sum(part, axis=2, dtype=jnp.int32) & slots
-        out.append([_sum_rows((g >> (10 * i)) & 0x3FF) for i in range(3)])
-    even, odd = out
-    return jnp.stack([even[0], odd[0], even[1], odd[1], even[2], odd[2]][:J], 1)
+        g = jnp.sum(part, axis=2, dtype=jnp.int32) & np.int32((1 << (slot * len(grp))) - 1)
+        for i, j in enumerate(grp):
+            fields[j] = _sum_rows((g >> (slot * i)) & ((1 << slot) - 1))
+    return jnp.stack([fields[j] for j in range(J)], 1)
 
 
 def _count_pass(x, ts, lo, hi, m, magnitude):
@@ -272,7 +275,7 @@ def _tie_cut(x, v, quota, magnitude):
     parts = []
     if main.shape[1]:
         eq = (_keys(main, magnitude) == vv[:, :, None]).astype(jnp.int32)
-        parts.append(jnp.sum(eq, axis=2, dtype=jnp.int32) & 31)  # (R, n0/W); '& 31' keeps XLA from merging sums
+        parts.append(jnp.sum(eq, axis=2, dtype=jnp.int32) & (2 * _W - 1))  # (R, n0/W); the no-op mask keeps XLA from merging the sums
     if tail.shape[1]:
         parts.append(_sum_rows(_keys(tail, magnitude) == vv)[:, None])
     c1 = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # counts per block of _W (tail last)

@@ -192,7 +192,9 @@ def main(argv=None) -> int:
             if not a.skip_mergekit:
                 mk_out = os.path.join(work, f"mk-{m}")
                 warm(dirs)
-                mk = shutil.which("mergekit-yaml") or "mergekit-yaml"
+                # the venv's own script first: the venv need not be activated
+                here = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+                mk = here if os.path.exists(here) else (shutil.which("mergekit-yaml") or "mergekit-yaml")
                 res["mergekit"] = timed([mk, cfg, mk_out, "--allow-crimes", "--lazy-unpickle"])
                 if res["mergekit"]["rc"] == 0 and res["jmerge"]["rc"] == 0:
                     res["max_rel_diff"] = compare(jm_out, mk_out)
