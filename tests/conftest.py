@@ -12,6 +12,11 @@ import os
 
 import pytest
 
+# CLI merges enable JAX's persistent compilation cache: keep the tests' cache out of ~/.cache.
+if "JMERGE_COMPILE_CACHE" not in os.environ:
+    import tempfile
+    os.environ["JMERGE_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jmerge-test-xla-")
+
 REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 DATA_DIR = os.path.join(REPO_ROOT, "tests", "data")
 TINY_DIR = os.path.join(DATA_DIR, "tiny")
