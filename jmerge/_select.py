@@ -18,24 +18,27 @@ How it works. Values are ranked by an int32 order key of their float32 bit patte
 comparison or count and the result does not depend on how ``x`` is sharded. Per row we look for the
 k-th largest key ``v`` with ``G(t) = #{key >= t}``:
 
-1. a strided sample of about 4096 keys is sorted (int32 sorts are cheap at that size) and six of its
+1. a strided sample of about 4096 keys is sorted (int32 sorts are cheap at that size) and five of its
    order statistics around the expected rank of ``v`` are the first thresholds;
-2. each pass counts ``G`` at six thresholds at once: the six comparisons of an element are packed
-   into 5-bit fields of one int32, summed over blocks of 16 (so no field overflows), and the block
-   sums are unpacked and added up. The same variadic reduction returns the largest key below the
-   current upper bound (the "snap"). The bracket ``lo <= v < hi`` (``G(lo) >= k > G(hi)``) shrinks to
-   the thresholds around ``k``; the next thresholds are interpolated in key space from the counts
-   (spread by the expected error), or split the bracket evenly when the last pass did not halve
-   the number of entries inside. Every pass moves an end of the bracket, so the loop ends.
+2. each pass counts ``G`` at five thresholds at once: the five comparisons of an element are packed
+   into 6-bit fields of one int32, summed over blocks of 32 (so no field overflows), and the block
+   sums are unpacked two fields at a time. The same variadic reduction returns the largest key below
+   the bracket's upper end and the smallest above its lower end (the "snaps"). The bracket
+   ``lo <= v < hi`` (``G(lo) >= k > G(hi)``) shrinks to the thresholds around ``k``; the next
+   thresholds are interpolated in key space from the counts (spread by the expected error), or split
+   the bracket evenly when the last pass did not halve the number of entries inside; the snaps of
+   the last pass replace the outer two. Every pass moves an end of the bracket, so the loop ends.
 3. It stops when some threshold has ``G(t) == k`` (the mask is ``key >= t``: no ties to break) or
    the bracket holds one key ``v`` (then ``q = k - #(key > v)`` of the entries equal to ``v`` are kept,
    the first ``q`` in flat order: block counts of equal keys locate the cut position).
 
-On smooth data this takes 4-6 passes, each about the cost of reading the data once; heavy ties
-(bfloat16 task vectors, exact zeros) a few more. XLA:CPU materializes the operand of a long
-reduction (its tree-reduction rewrite), so every reduction here runs over blocks of 16 first, and
-the key transform carries a loop-dependent operand so that it is not hoisted out of the loop and
-materialized as a full-size int32 copy.
+On smooth data this takes 4-5 passes, each about the cost of reading the data once; heavy ties
+(bfloat16 task vectors, exact zeros) up to about 9. XLA:CPU materializes the operand of a long
+reduction (its tree-reduction rewrite), so every reduction here runs over blocks of 32 first, and
+the key transform carries a loop-variant operand so that it is not hoisted out of the loop and
+materialized as a full-size int32 copy. The mask is built inside a conditional (materialized once,
+optionally with the kept values), which keeps XLA from materializing the masking again in every
+consumer.
 
 The global (whole-model) selection uses radix histograms across leaves: phase 1 collects per task a
 65536-bin histogram of the high 16 bits of ``|tau|`` per leaf, the host sums them and finds the

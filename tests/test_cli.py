@@ -85,3 +85,20 @@ def test_demo_entry(capsys, monkeypatch):
         calls = []
         monkeypatch.setattr(demo, "run_demo", lambda args: calls.append(args) or 0)
         assert main(["demo", "--steps", "3"]) == 0 and calls == [["--steps", "3"]]
+
+
+def test_merge_fills_the_compile_cache_and_rerun_is_identical(tiny_base, tiny_fts, tmp_path):
+    # conftest points $JMERGE_COMPILE_CACHE at a temp dir (JAX initialises its cache once per process,
+    # so every CLI merge in this process uses that directory).
+    cache = os.environ["JMERGE_COMPILE_CACHE"]
+    p = _cfg(tmp_path, f"merge_method: ties\nbase_model: {tiny_base}\nmodels:\n"
+             + "".join(f"  - model: {f}\n    parameters: {{weight: 1.0, density: 0.3}}\n" for f in tiny_fts))
+    outs = [tmp_path / "a", tmp_path / "b"]
+    assert main(["merge", p, str(outs[0]), "--quiet"]) == 0
+    assert any("leaf_jit" in f for f in os.listdir(cache)), os.listdir(cache)
+    assert main(["merge", p, str(outs[1]), "--quiet"]) == 0
+    from jmerge._checkpoint._safetensors import open_checkpoint
+    with open_checkpoint(str(outs[0])) as a, open_checkpoint(str(outs[1])) as b:
+        for k in a.keys():
+            np.testing.assert_array_equal(a.get(k), b.get(k))
+    assert main(["merge", p, str(tmp_path / "c"), "--quiet", "--no-compile-cache"]) == 0
