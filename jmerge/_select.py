@@ -98,11 +98,6 @@ def _keys(x: jax.Array, magnitude: bool = False, m=_ABS) -> jax.Array:
     return jnp.where(a > _INF_KEY, _INF_KEY, k)
 
 
-def _from_keys(keys: jax.Array) -> jax.Array:
-    """Inverse of :func:`_keys` (to float32)."""
-    return lax.bitcast_convert_type(jnp.where(keys < 0, keys ^ _ABS, keys), jnp.float32)
-
-
 def _u32(a):
     return lax.bitcast_convert_type(a, jnp.uint32)
 
@@ -273,12 +268,11 @@ def _tie_cut(x, v, quota, magnitude):
     """Per row, the position after the ``quota``-th entry with key ``v`` (flat order)."""
     R, n = x.shape
     main, tail = _blocks(x)
-    n0 = main.shape[1] * _W
     vv = v[:, None]
     parts = []
     if main.shape[1]:
         eq = (_keys(main, magnitude) == vv[:, :, None]).astype(jnp.int32)
-        parts.append(jnp.sum(eq, axis=2, dtype=jnp.int32) & (2 * _W - 1))  # (R, n0/W); the no-op mask keeps XLA from merging the sums
+        parts.append(jnp.sum(eq, axis=2, dtype=jnp.int32) & (2 * _W - 1))  # (R, n // W); the no-op mask keeps XLA from merging the sums
     if tail.shape[1]:
         parts.append(_sum_rows(_keys(tail, magnitude) == vv)[:, None])
     c1 = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # counts per block of _W (tail last)
@@ -294,7 +288,7 @@ def _tie_cut(x, v, quota, magnitude):
     inc1 = jnp.cumsum(seg, axis=1)
     j1 = jnp.clip(jnp.sum(inc1 < rem[:, None], axis=1, dtype=jnp.int32), 0, B - 1)
     rem = rem - jnp.take_along_axis(inc1 - seg, j1[:, None], 1)[:, 0]
-    blk = b2 * B + j1  # block of _W entries holding the cut (the tail block when blk == n0 / _W)
+    blk = b2 * B + j1  # block of _W entries holding the cut (the tail block when blk == n // _W)
     idx = blk[:, None] * _W + jnp.arange(_W, dtype=jnp.int32)[None]
     vals = jnp.take_along_axis(x, jnp.clip(idx, 0, n - 1), 1)
     hit = (_keys(vals, magnitude) == vv) & (idx < n)

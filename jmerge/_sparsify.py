@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from . import _select
 from ._basic import per_model
@@ -58,11 +57,6 @@ def _count(frac: jax.Array, n: int, rounding: str) -> jax.Array:
     else:  # floor; the tiny relative bump undoes float32's representation error of frac
         k = jnp.floor(x * (1.0 + 2.0 ** -21))
     return jnp.clip(k, 0, n).astype(jnp.int32)
-
-
-def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array:
-    """Per-row top-k mask of a ``(T, n)`` array (of ``|x|`` with ``magnitude``), ``k`` of shape ``(T,)``."""
-    return _select.topk_mask_rows(x, k, magnitude=magnitude)
 
 
 def rescale_l1(tau: jax.Array, kept: jax.Array) -> jax.Array:
@@ -173,8 +167,8 @@ def _breadcrumbs(state: MergeState, hp, *, rounding: str) -> MergeState:
     k_keep = _count(_per_task(hp["density"], T), n, rounding)
     k_top = _count(_per_task(hp["gamma"], T), n, rounding)
     k_top = jnp.minimum(k_top, n - k_keep)  # fewer outliers dropped when density needs them
-    upper = _topk_rows(flat, k_top + k_keep, magnitude=True)
-    outliers = _topk_rows(flat, k_top, magnitude=True)
+    upper = _select.topk_mask_rows(flat, k_top + k_keep, magnitude=True)
+    outliers = _select.topk_mask_rows(flat, k_top, magnitude=True)
     mask = (upper & ~outliers).reshape(state.tau.shape)
     return state.replace(tau=jnp.where(mask, state.tau, 0.0), extras={**state.extras, "breadcrumbs_mask": mask})
 

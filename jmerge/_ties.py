@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from ._basic import per_model, scale as _scale_step, weighted_sum
 from ._core import MergeState, chain, transform
 from ._core import model_mean, model_sum
-from ._sparsify import _check_option, _topk_rows, breadcrumbs_drop, dare, della_drop, trim
+from ._select import topk_mask_rows
+from ._sparsify import _check_option, breadcrumbs_drop, dare, della_drop, trim
 from ._tree import MergeInputError
 
 __all__ = ["elect_sign", "disjoint_merge", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
@@ -236,7 +237,7 @@ def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
     x = d * nonzero.astype(jnp.float32)
     k = jnp.round(x) if rounding == "round" else jnp.floor(x * (1.0 + 2.0 ** -21))
     k = jnp.where(d >= 1, var.size, jnp.clip(k, 0, var.size)).astype(jnp.int32)
-    select = _topk_rows(var, k[None]).reshape(tau.shape[1:])
+    select = topk_mask_rows(var, k[None]).reshape(tau.shape[1:])
     tau = jnp.where(select[None], tau, 0.0)
     votes = model_sum(tau)
     sign = jnp.where(votes >= 0, 1.0, -1.0)
