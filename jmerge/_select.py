@@ -36,9 +36,10 @@ On smooth data this takes 4-5 passes, each about the cost of reading the data on
 (bfloat16 task vectors, exact zeros) up to about 9. XLA:CPU materializes the operand of a long
 reduction (its tree-reduction rewrite), so every reduction here runs over blocks of 32 first, and
 the key transform carries a loop-variant operand so that it is not hoisted out of the loop and
-materialized as a full-size int32 copy. The mask is built inside a conditional (materialized once,
-optionally with the kept values), which keeps XLA from materializing the masking again in every
-consumer.
+materialized as a full-size int32 copy. The result is a per-row threshold ``(v, cut)`` (keep
+``key > v``, and ``key == v`` before flat position ``cut``), so the mask is elementwise and XLA fuses
+it into its consumers: TIES reads the task vectors once more in its final pass instead of writing
+and reading a masked copy.
 
 The global (whole-model) selection uses radix histograms across leaves: phase 1 collects per task a
 65536-bin histogram of the high 16 bits of ``|tau|`` per leaf, the host sums them and finds the
@@ -296,37 +297,33 @@ def _tie_cut(x, v, quota, magnitude):
     return blk * _W + jnp.sum(inc0 < rem[:, None], axis=1, dtype=jnp.int32) + 1
 
 
-def _threshold_mask(x, v, quota, eq, magnitude, keep_values=False):
-    """``key > v`` plus the first ``quota`` of the ``eq`` entries with ``key == v`` (flat order), per row.
+def _tie_cuts(x, v, quota, eq, magnitude):
+    """Per row, the cut position ``c`` such that ``key > v`` plus ``key == v`` before ``c`` (flat
+    order) keeps exactly ``quota`` of the ``eq`` entries equal to ``v``.
 
-    The mask is built inside a conditional, so it is materialized (as a bool array, or with
-    ``keep_values`` also as ``where(mask, x, 0)``) rather than fused into every consumer, where XLA
-    tends to materialize a full-size float result of the masking anyway. Returns the mask, or
-    ``(mask, kept values)`` with ``keep_values``.
+    Rows that keep all of their ties get ``n``, rows that keep none ``0``; only when some row keeps
+    a part of them does a conditional read ``x`` once more to locate the cut (:func:`_tie_cut`).
     """
-    R, n = x.shape
+    n = x.shape[1]
     partial = (quota > 0) & (quota < eq)
-    vv = v[:, None]
-
-    def out(mask):
-        return (mask, jnp.where(mask, x, np.float32(0))) if keep_values else mask
-
-    def with_cut(_):
-        cut = jnp.where(partial, _tie_cut(x, v, quota, magnitude), n)
-        cut = jnp.where(quota > 0, cut, 0)
-        keys = _keys(x, magnitude)
-        pos = lax.broadcasted_iota(jnp.int32, (R, n), 1)
-        return out((keys > vv) | ((keys == vv) & (pos < cut[:, None])))
-
-    def whole(_):  # every row keeps all of its ties at v, or none
-        return out(_keys(x, magnitude) > jnp.where(quota > 0, v - 1, v)[:, None])
-
-    return lax.cond(jnp.any(partial), with_cut, whole, None)
+    whole = jnp.where(quota > 0, np.int32(n), np.int32(0))
+    return lax.cond(jnp.any(partial),
+                    lambda: jnp.where(partial, _tie_cut(x, v, jnp.where(partial, quota, 1), magnitude), whole),
+                    lambda: whole)
 
 
-def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False, keep_values: bool = False):
-    """Row-wise top-k mask of (R, n) values (any float dtype), k (R,); with ``keep_values`` also
-    ``where(mask, x, 0)`` (float32)."""
+def _threshold_mask(x, v, cut, magnitude):
+    """The elementwise top-k mask of (R, n) values from :func:`_row_thresholds`: ``key > v``, and
+    ``key == v`` at flat positions below ``cut``. Elementwise, so XLA fuses it into its consumers
+    (a merge reads the task vectors once more instead of a materialized mask and masked copy)."""
+    R, n = x.shape
+    keys = _keys(x, magnitude)
+    pos = lax.broadcasted_iota(jnp.int32, (R, n), 1)
+    return (keys > v[:, None]) | ((keys == v[:, None]) & (pos < cut[:, None]))
+
+
+def _row_thresholds(x: jax.Array, k: jax.Array, magnitude: bool = False):
+    """Row-wise top-k of (R, n) values (any float dtype) as ``(v, cut)`` for :func:`_threshold_mask`."""
     R, n = x.shape
     x = jnp.asarray(x, jnp.float32)
     k = jnp.asarray(k).astype(jnp.int32)
@@ -339,22 +336,36 @@ def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False, keep_values:
     v = jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v))
     gt = jnp.where(k <= 0, 0, jnp.where(k >= n, n, gt))
     ge = jnp.where((k <= 0) | (k >= n), gt, ge)
-    return _threshold_mask(x, v, jnp.maximum(k, 0) - gt, ge - gt, magnitude, keep_values)
+    return v, _tie_cuts(x, v, jnp.maximum(k, 0) - gt, ge - gt, magnitude)
+
+
+def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array:
+    """Row-wise top-k mask of (R, n) values, k (R,)."""
+    x = jnp.asarray(x, jnp.float32)
+    v, cut = _row_thresholds(x, k, magnitude)
+    return _threshold_mask(x, v, cut, magnitude)
 
 
 def topk_keep_rows(x: jax.Array, k, *, magnitude: bool = False):
     """``(where(mask, x, 0), mask)`` for :func:`topk_mask_rows`'s mask, ``x`` of shape ``(T, ...)``.
 
-    The kept values come out of the same materialized step as the mask (cheaper than masking
-    afterwards when ``x`` is large). The values are float32.
+    Both are elementwise in ``x`` once the per-row thresholds are known, so XLA fuses them into
+    whatever consumes them (TIES' sign election and disjoint merge read ``x`` instead of a masked
+    copy). The values are float32.
     """
     x = jnp.asarray(x)
     T = x.shape[0]
     k = jnp.broadcast_to(jnp.asarray(k), (T,))
     if x.size == 0:
         return jnp.zeros(x.shape, jnp.float32), jnp.zeros(x.shape, bool)
-    mask, kept = _topk_rows(x.reshape(T, -1), k, magnitude, keep_values=True)
-    return kept.reshape(x.shape), mask.reshape(x.shape)
+    flat = jnp.asarray(x, jnp.float32).reshape(T, -1)
+    v, cut = _row_thresholds(flat, k, magnitude)
+    mask = _threshold_mask(flat, v, cut, magnitude)
+    mask = mask.reshape(x.shape)
+    x = jnp.asarray(x, jnp.float32)
+    # Stacked per row (in x's shape), so that XLA folds a consumer's x[t] into this row's expression.
+    kept = jnp.stack([jnp.where(mask[t], x[t], np.float32(0)) for t in range(T)])
+    return kept, mask
 
 
 def topk_mask(x: jax.Array, k) -> jax.Array:
@@ -541,4 +552,4 @@ def global_topk_mask(state: MergeState, name: str = "global_topk") -> jax.Array:
     v = jnp.asarray(st["v"], jnp.int32)
     quota = jnp.asarray(st["quota"], jnp.int32)
     eq = jnp.sum(_keys(x, True) == v[:, None], axis=1, dtype=jnp.int32)
-    return _threshold_mask(x, v, quota, eq, True).reshape(state.tau.shape)
+    return _threshold_mask(x, v, _tie_cuts(x, v, quota, eq, True), True).reshape(state.tau.shape)

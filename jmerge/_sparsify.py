@@ -89,9 +89,8 @@ def _trim(state: MergeState, hp, *, scope: str, rounding: str) -> MergeState:
         k = _count(d, n, rounding)
         if rounding == "floor":  # mergekit keeps at least one entry when density > 0
             k = jnp.where(d > 0, jnp.maximum(k, min(1, n)), k)
-        kept, mask = _select.topk_keep_rows(flat, k, magnitude=True)
-        return state.replace(tau=kept.reshape(state.tau.shape),
-                             extras={**state.extras, "trim_mask": mask.reshape(state.tau.shape)})
+        kept, mask = _select.topk_keep_rows(state.tau, k, magnitude=True)
+        return state.replace(tau=kept, extras={**state.extras, "trim_mask": mask})
     tau = jnp.where(mask, state.tau, 0.0)
     return state.replace(tau=tau, extras={**state.extras, "trim_mask": mask})
 

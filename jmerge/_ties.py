@@ -29,9 +29,22 @@ __all__ = ["elect_sign", "disjoint_merge", "ties", "dare_linear", "dare_ties", "
 # --------------------------------------------------------------------------------------------
 # Steps
 
+def _rows(x):
+    """The per-model slices ``x[t]``. The TIES steps compute per model and sum over a Python list, so
+    that XLA sees slices of the (possibly lazily masked) stacked ``tau`` and fuses the trim's mask,
+    the election and the merge into one pass over the data instead of materializing the masked
+    task vectors."""
+    return [x[t] for t in range(x.shape[0])]
+
+
+def _weights(hp_value, T: int):
+    return _rows(jnp.broadcast_to(jnp.asarray(hp_value, jnp.float32), (T,)))
+
+
 def _elect_sign(state: MergeState, hp, *, method: str, weighted: bool) -> MergeState:
-    x = state.tau * per_model(hp["weight"], state) if weighted else state.tau
-    votes = model_sum(x) if method == "sum" else model_sum(jnp.sign(x))
+    taus = _rows(state.tau)
+    x = [w * t for w, t in zip(_weights(hp["weight"], len(taus)), taus)] if weighted else taus
+    votes = sum(x[1:], x[0]) if method == "sum" else sum([jnp.sign(v) for v in x[1:]], jnp.sign(x[0]))
     sign = jnp.where(votes >= 0, 1.0, -1.0).astype(jnp.float32)
     return state.replace(extras={**state.extras, "sign": sign})
 
@@ -56,15 +69,16 @@ def elect_sign(weight=1.0, *, method: str = "sum", weighted: bool = True):
 def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str) -> MergeState:
     if "sign" not in state.extras:
         raise MergeInputError("disjoint_merge needs an elected sign: put elect_sign(...) before it in the chain.")
-    w = per_model(hp["weight"], state)
-    contrib = w * state.tau
-    agree = jnp.sign(contrib) == state.extras["sign"][None]
-    total = model_sum(jnp.where(agree, contrib, 0.0))
+    sign = state.extras["sign"]
+    ws = _weights(hp["weight"], state.num_models)
+    contrib = [w * t for w, t in zip(ws, _rows(state.tau))]
+    agree = [jnp.sign(c) == sign for c in contrib]
+    total = sum([jnp.where(a, c, 0.0) for a, c in zip(agree, contrib)])
     if reduce == "mean":
         if normalize_by == "count":
-            div = model_sum(agree.astype(jnp.float32))
+            div = sum([a.astype(jnp.float32) for a in agree])
         else:
-            div = model_sum(jnp.where(agree, w, 0.0))
+            div = sum([jnp.where(a, w, 0.0) for a, w in zip(agree, ws)])
         total = total / jnp.where(div == 0, 1.0, div)
     return state.replace(merged=total)
 
