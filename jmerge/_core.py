@@ -58,6 +58,8 @@ class MergeState:
       key: PRNG key of this leaf (from the seed and the leaf path).
       stats: whole-model statistics from stats phases, by phase name.
       extras: named per-leaf outputs (masks, rescalers ...) returned with ``return_extras=True``.
+      source: ``(tau, base_leaf, model_leaves)`` as given to the merge while ``tau`` is still the
+        stack of ``model - base`` it was built as (else None); see :meth:`tau_inputs`.
     """
 
     tau: jax.Array
@@ -66,10 +68,19 @@ class MergeState:
     key: jax.Array
     stats: dict = dataclasses.field(default_factory=dict)
     extras: dict = dataclasses.field(default_factory=dict)
+    source: tuple | None = None
 
     @property
     def num_models(self) -> int:
         return self.tau.shape[0]
+
+    def tau_inputs(self):
+        """``(base_leaf, model_leaves)`` (original dtypes) when ``tau`` is still ``models - base``
+        as built, else None. A step that reads ``tau`` in a loop recomputes it from these instead
+        of materializing it (see :func:`jmerge._select.topk_keep_rows`)."""
+        if self.source is None or self.source[0] is not self.tau:
+            return None
+        return self.source[1], self.source[2]
 
     def models(self) -> jax.Array:
         """The fine-tuned leaves ``base + tau`` as a ``(T, *shape)`` float32 array."""
@@ -262,6 +273,7 @@ def _initial_state(base_leaf, model_leaves, key, stacked: bool, steps=()) -> Mer
         tau = _materialized(lambda: _stack_diffs(b, model_leaves), b)
     else:
         tau = _stack_diffs(b, model_leaves)
+        return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, base_leaf, tuple(model_leaves)))
     return MergeState(tau=tau, base=b, merged=None, key=key)
 
 

@@ -81,22 +81,42 @@ def density_to_k(density, n: int) -> jax.Array:
     return jnp.round(jnp.asarray(density, jnp.float32) * n).astype(jnp.int32)
 
 
-def _keys(x: jax.Array, magnitude: bool = False, m=_ABS) -> jax.Array:
+def _keys(x: jax.Array, magnitude: bool = False) -> jax.Array:
     """Order-preserving int32 keys of float values (as float32): a < b  <=>  key(a) < key(b).
 
-    ``magnitude``: keys of ``|x|``. ``m`` must equal ``0x7FFFFFFF``; passing a loop-carried copy keeps
-    XLA from hoisting the transform out of a loop (and materializing it as a full-size copy).
+    ``magnitude``: keys of ``|x|``.
     """
     x = jnp.asarray(x, jnp.float32)
-    if not isinstance(m, np.integer):  # a bit-exact select that XLA cannot prove loop-invariant
-        x = jnp.where(m != 0, x, np.float32(0))
     b = lax.bitcast_convert_type(x, jnp.int32)
-    a = b & m
+    a = b & _ABS
     if magnitude:
         return jnp.minimum(a, _INF_KEY)  # +0 == -0; NaN == +inf
-    k = b ^ ((b >> 31) & m)  # negative floats: flip the magnitude bits
+    k = b ^ ((b >> 31) & _ABS)  # negative floats: flip the magnitude bits
     k = jnp.where(a == 0, np.int32(0), k)  # -0.0 == 0.0
     return jnp.where(a > _INF_KEY, _INF_KEY, k)
+
+
+def _guard(a: jax.Array, m) -> jax.Array:
+    """``a`` itself, made loop-variant to XLA when ``m`` is a loop-carried copy of a nonzero int32.
+
+    Inside the search loop every read of the data goes through this bit-exact select, so XLA
+    cannot hoist the key transform (or the building of ``tau`` from the models) out of the loop and
+    materialize it as a full-size copy. Outside loops ``m`` is the constant ``_ABS`` and ``a`` is
+    returned as is.
+    """
+    if isinstance(m, np.integer):
+        return a
+    return jnp.where(m != 0, a, jnp.zeros((), a.dtype))
+
+
+def _rows_fn(x: jax.Array):
+    """The data source of a materialized (R, n) array: ``guard -> [x[0], ..., x[R-1]]``."""
+    return lambda g: [g(x[t]) for t in range(x.shape[0])]
+
+
+def _stacked(xs) -> jax.Array:
+    """The (R, n) float32 array of a data source (outside loops)."""
+    return jnp.stack([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)])
 
 
 def _u32(a):
@@ -142,7 +162,7 @@ def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
     return jnp.stack([fields[j] for j in range(J)], 1)
 
 
-def _count_pass(x, ts, lo, hi, m, magnitude):
+def _count_pass(x, ts, lo, hi, magnitude):
     """Counts at six thresholds (``counts[:, j] = #{key >= ts[:, j]}``) and the two snaps
     ``below = max{key < hi}`` and ``above = min{key > lo}`` per row, in one read of ``x``."""
     R = x.shape[0]
@@ -153,7 +173,7 @@ def _count_pass(x, ts, lo, hi, m, magnitude):
     below = jnp.full((R,), _I32_MIN, jnp.int32)
     above = jnp.full((R,), _I32_MAX, jnp.int32)
     if main.shape[1]:
-        km = _keys(main, magnitude, m)
+        km = _keys(main, magnitude)
         packed = sum((km >= ts[:, j, None, None]).astype(jnp.int32) << (_BITS * j) for j in range(J))
         lo3, hi3 = lo[:, None, None], hi[:, None, None]
         s, mx, mn = lax.reduce((packed, jnp.where(km < hi3, km, _I32_MIN), jnp.where(km > lo3, km, _I32_MAX)),
@@ -163,18 +183,18 @@ def _count_pass(x, ts, lo, hi, m, magnitude):
         below = jnp.maximum(below, jnp.max(mx, axis=1))
         above = jnp.minimum(above, jnp.min(mn, axis=1))
     if tail.shape[1]:
-        kt = _keys(tail, magnitude, m)
+        kt = _keys(tail, magnitude)
         counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
         below = jnp.maximum(below, jnp.max(jnp.where(kt < hi[:, None], kt, _I32_MIN), axis=1))
         above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
     return counts, below, above
 
 
-def _first_thresholds(x, k, magnitude):
+def _first_thresholds(rows, k, magnitude):
     """Six keys of a sorted strided sample around the expected rank of the k-th largest."""
-    n = x.shape[1]
+    n = rows[0].shape[0]
     stride = max(1, n // _SAMPLE)
-    sk = jnp.sort(_keys(x[:, ::stride], magnitude), axis=1)
+    sk = jnp.sort(_keys(jnp.stack([r[::stride] for r in rows]), magnitude), axis=1)
     M = sk.shape[1]
     q = k.astype(jnp.float32) / n
     pos = (1.0 - q) * M  # ascending sample position of the k-th largest
@@ -221,14 +241,21 @@ def _narrow(state, ts, counts, below, above, k):
     return nlo, nglo, nhi, nghi, even, below, above
 
 
-def _search(x, k, magnitude):
+def _search(xs, k, magnitude):
     """Per row, a key ``t`` with ``G(t) == k``, else the k-th largest key ``v`` (with ties at it).
+
+    ``xs(guard)`` returns the data as a list of R rows (each ``(n,)`` float32) with every input
+    wrapped in ``guard`` (see :func:`_guard`); it is rebuilt on every pass, and each row is counted
+    by its own reduction, so data computed from other arrays (``tau`` from the models) is read from
+    those arrays without being materialized (one stacked reduction would put a concatenate, which
+    XLA:CPU does not vectorize, in the loop).
 
     Returns ``(v, gt, ge)``: keep ``key > v`` (``gt`` entries) and the first ``k - gt`` of the
     ``ge - gt`` entries equal to ``v``. When a threshold ``t`` hit ``k`` exactly, ``v = t - 1`` and
     ``gt == k``.
     """
-    R, n = x.shape
+    rows0 = xs(lambda a: a)
+    R, n = len(rows0), rows0[0].shape[0]
     z = jnp.zeros((R,), jnp.int32)
     lo = jnp.full((R,), _NEG_INF_KEY, jnp.int32)
     hi = jnp.full((R,), _TOP, jnp.int32)
@@ -238,16 +265,35 @@ def _search(x, k, magnitude):
         lo, glo, hi = s[:3]
         return (glo == k) | (_u32(hi) - _u32(lo) <= 1)
 
+    def row_pass(t, s, ts, m, fin):
+        # Rows that are done skip their pass (their results are discarded below).
+        def run():
+            r = jnp.asarray(xs(lambda a: _guard(a, m))[t], jnp.float32)
+            return _count_pass(r[None], ts[t:t + 1], s[0][t:t + 1], s[2][t:t + 1], magnitude)
+
+        skip = lambda: (jnp.zeros((1, _J), jnp.int32), jnp.full((1,), _I32_MIN), jnp.full((1,), _I32_MAX))
+        return lax.cond(fin[t], skip, run)
+
     def body(carry):
         s, ts, m = carry
-        counts, below, above = _count_pass(x, ts, s[0], s[2], m, magnitude)
-        new = _narrow(s, ts, counts, below, above, k)
         fin = done(s)
+        parts = [row_pass(t, s, ts, m, fin) for t in range(R)]
+        counts, below, above = (jnp.concatenate(z) for z in zip(*parts))
+        new = _narrow(s, ts, counts, below, above, k)
         s = tuple(jnp.where(fin, a, b) for a, b in zip(s, new))
-        m = jnp.where(counts[0, 0] < 0, 0, m)  # always m, but loop-variant to XLA (see _keys)
+        m = jnp.where(counts[0, 0] < 0, 0, m)  # always m, but loop-variant to XLA (see _guard)
         return s, _next_thresholds(*s, k), m
 
-    carry = (state, _first_thresholds(x, k, magnitude), jnp.int32(_ABS))
+    # The sample is taken inside a conditional that reads the source's inputs: outside one, XLA
+    # would share the data's expression with the caller's (unmaterialized) uses and materialize it.
+    # An always-true predicate that XLA does not fold: p == p or p is NaN, p a data value computed
+    # from the first element of each input (not a slice of the full-size data, which would make XLA
+    # materialize it for the two users).
+    p = xs(lambda a: jnp.ravel(a)[:1])[0][0]
+    first = lax.cond((p == p) | (p != p),
+                     lambda: _first_thresholds([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)], k, magnitude),
+                     lambda: jnp.zeros((R, _J), jnp.int32))
+    carry = (state, first, jnp.int32(_ABS))
     state = lax.while_loop(lambda c: ~jnp.all(done(c[0])), body, carry)[0]
     lo, glo, hi, ghi = state[:4]
     exact = glo == k
@@ -297,19 +343,25 @@ def _tie_cut(x, v, quota, magnitude):
     return blk * _W + jnp.sum(inc0 < rem[:, None], axis=1, dtype=jnp.int32) + 1
 
 
-def _tie_cuts(x, v, quota, eq, magnitude):
+def _tie_cuts(xs, v, quota, eq, magnitude):
     """Per row, the cut position ``c`` such that ``key > v`` plus ``key == v`` before ``c`` (flat
     order) keeps exactly ``quota`` of the ``eq`` entries equal to ``v``.
 
     Rows that keep all of their ties get ``n``, rows that keep none ``0``; only when some row keeps
-    a part of them does a conditional read ``x`` once more to locate the cut (:func:`_tie_cut`).
+    a part of them does a conditional read the data once more to locate the cut
+    (:func:`_tie_cut`). ``xs`` is a data source (see :func:`_search`) or an (R, n) array.
     """
-    n = x.shape[1]
+    if not callable(xs):
+        xs = _rows_fn(xs)
+    n = jax.eval_shape(lambda: _stacked(xs)).shape[1]
     partial = (quota > 0) & (quota < eq)
     whole = jnp.where(quota > 0, np.int32(n), np.int32(0))
-    return lax.cond(jnp.any(partial),
-                    lambda: jnp.where(partial, _tie_cut(x, v, jnp.where(partial, quota, 1), magnitude), whole),
-                    lambda: whole)
+
+    def cut():
+        x = _stacked(xs)
+        return jnp.where(partial, _tie_cut(x, v, jnp.where(partial, quota, 1), magnitude), whole)
+
+    return lax.cond(jnp.any(partial), cut, lambda: whole)
 
 
 def _threshold_mask(x, v, cut, magnitude):
@@ -322,21 +374,23 @@ def _threshold_mask(x, v, cut, magnitude):
     return (keys > v[:, None]) | ((keys == v[:, None]) & (pos < cut[:, None]))
 
 
-def _row_thresholds(x: jax.Array, k: jax.Array, magnitude: bool = False):
-    """Row-wise top-k of (R, n) values (any float dtype) as ``(v, cut)`` for :func:`_threshold_mask`."""
-    R, n = x.shape
-    x = jnp.asarray(x, jnp.float32)
+def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
+    """Row-wise top-k as ``(v, cut)`` for :func:`_threshold_mask`; ``xs`` an (R, n) array (any float
+    dtype) or a data source ``guard -> (R, n)`` (see :func:`_search`)."""
+    if not callable(xs):
+        xs = _rows_fn(jnp.asarray(xs, jnp.float32))
+    R, n = jax.eval_shape(lambda: _stacked(xs)).shape
     k = jnp.asarray(k).astype(jnp.int32)
     kc = jnp.clip(k, 1, n)
     if n <= _SORT_MAX:
-        v, gt, ge = _sorted_kth(x, kc, magnitude)
+        v, gt, ge = _sorted_kth(_stacked(xs), kc, magnitude)
     else:
-        v, gt, ge = _search(x, kc, magnitude)
+        v, gt, ge = _search(xs, kc, magnitude)
     # k <= 0: a threshold above every key keeps nothing; k >= n: one below every key keeps all.
     v = jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v))
     gt = jnp.where(k <= 0, 0, jnp.where(k >= n, n, gt))
     ge = jnp.where((k <= 0) | (k >= n), gt, ge)
-    return v, _tie_cuts(x, v, jnp.maximum(k, 0) - gt, ge - gt, magnitude)
+    return v, _tie_cuts(xs, v, jnp.maximum(k, 0) - gt, ge - gt, magnitude)
 
 
 def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array:
@@ -346,26 +400,44 @@ def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array
     return _threshold_mask(x, v, cut, magnitude)
 
 
-def topk_keep_rows(x: jax.Array, k, *, magnitude: bool = False):
+def topk_keep_rows(x: jax.Array, k, *, magnitude: bool = False, rebuild=None):
     """``(where(mask, x, 0), mask)`` for :func:`topk_mask_rows`'s mask, ``x`` of shape ``(T, ...)``.
 
     Both are elementwise in ``x`` once the per-row thresholds are known, so XLA fuses them into
     whatever consumes them (TIES' sign election and disjoint merge read ``x`` instead of a masked
     copy). The values are float32.
+
+    ``rebuild``: optional ``guard -> [x[0], ..., x[T-1]]`` recomputing the rows of ``x`` from the
+    arrays they derive from, each wrapped in ``guard`` (e.g. ``tau[t] = model_t - base``). The
+    counting passes then read those arrays directly, and ``x`` is never materialized.
     """
     x = jnp.asarray(x)
     T = x.shape[0]
     k = jnp.broadcast_to(jnp.asarray(k), (T,))
     if x.size == 0:
         return jnp.zeros(x.shape, jnp.float32), jnp.zeros(x.shape, bool)
-    flat = jnp.asarray(x, jnp.float32).reshape(T, -1)
-    v, cut = _row_thresholds(flat, k, magnitude)
-    mask = _threshold_mask(flat, v, cut, magnitude)
-    mask = mask.reshape(x.shape)
+    if rebuild is None:
+        xs = _rows_fn(jnp.asarray(x, jnp.float32).reshape(T, -1))
+    else:
+        xs = lambda g: [jnp.asarray(r, jnp.float32).reshape(-1) for r in rebuild(g)]
+    v, cut = _row_thresholds(xs, k, magnitude)
     x = jnp.asarray(x, jnp.float32)
-    # Stacked per row (in x's shape), so that XLA folds a consumer's x[t] into this row's expression.
-    kept = jnp.stack([jnp.where(mask[t], x[t], np.float32(0)) for t in range(T)])
-    return kept, mask
+    # Per row and in x's shape (no reshape of the stack), so that XLA folds a consumer's x[t] into
+    # this row's expression and fuses everything from the inputs of x to the consumer.
+    masks = [_row_mask(x[t], v[t], cut[t], magnitude) for t in range(T)]
+    kept = jnp.stack([jnp.where(mt, x[t], np.float32(0)) for t, mt in enumerate(masks)])
+    return kept, jnp.stack(masks)
+
+
+def _row_mask(xt, v, cut, magnitude):
+    """:func:`_threshold_mask` of one row kept in its own shape (flat positions from iotas)."""
+    keys = _keys(xt, magnitude)
+    pos = jnp.zeros(xt.shape, jnp.int32)
+    stride = 1
+    for d in reversed(range(xt.ndim)):
+        pos = pos + lax.broadcasted_iota(jnp.int32, xt.shape, d) * np.int32(stride)
+        stride *= xt.shape[d]
+    return (keys > v) | ((keys == v) & (pos < cut))
 
 
 def topk_mask(x: jax.Array, k) -> jax.Array:

@@ -89,7 +89,12 @@ def _trim(state: MergeState, hp, *, scope: str, rounding: str) -> MergeState:
         k = _count(d, n, rounding)
         if rounding == "floor":  # mergekit keeps at least one entry when density > 0
             k = jnp.where(d > 0, jnp.maximum(k, min(1, n)), k)
-        kept, mask = _select.topk_keep_rows(state.tau, k, magnitude=True)
+        src = state.tau_inputs()
+        rebuild = None
+        if src is not None:  # the counting passes read the models, tau is never materialized
+            b, ms = src
+            rebuild = lambda g: [jnp.asarray(g(m), jnp.float32) - jnp.asarray(g(b), jnp.float32) for m in ms]
+        kept, mask = _select.topk_keep_rows(state.tau, k, magnitude=True, rebuild=rebuild)
         return state.replace(tau=kept, extras={**state.extras, "trim_mask": mask})
     tau = jnp.where(mask, state.tau, 0.0)
     return state.replace(tau=tau, extras={**state.extras, "trim_mask": mask})
@@ -115,7 +120,7 @@ def trim(density=0.2, *, scope: str = "tensor", rounding: str = "round"):
     _check_option("rounding", rounding, _ROUNDINGS)
     stats = _select.global_topk_phases(_TRIM_STATS, "density") if scope == "global" else ()
     return transform("trim", _trim, hparams={"density": density}, static={"scope": scope, "rounding": rounding},
-                     ranges={"density": (0.0, 1.0)}, stats=stats, materialize_tau=scope == "tensor")
+                     ranges={"density": (0.0, 1.0)}, stats=stats)
 
 
 # --------------------------------------------------------------------------------------------

@@ -105,6 +105,34 @@ def test_search_path_rows_match_numpy(kind):
             np.testing.assert_array_equal(got, ref_rows(x, ks), err_msg=f"{kind} n={n} k={ks}")
 
 
+@pytest.mark.parametrize("kind", ["normal", "bf16"])
+def test_keep_rows_rebuilt_from_models_equals_materialized(kind):
+    """topk_keep_rows with ``rebuild`` (tau recomputed from base and models on every pass, as the
+    trim does) keeps exactly what the materialized path and NumPy keep, for bf16 and float32
+    inputs, rows of 2-D leaves and a length with a tail."""
+    rng = np.random.default_rng(11)
+    dt = jnp.bfloat16 if kind == "bf16" else jnp.float32
+    for shape in ((97, 131), (3000,)):
+        base = jnp.asarray(rng.normal(size=shape), dt)
+        models = [jnp.asarray(np.asarray(base, np.float32) + 0.01 * rng.normal(size=shape), dt) for _ in range(3)]
+        tau = jnp.stack([jnp.asarray(m, jnp.float32) - jnp.asarray(base, jnp.float32) for m in models])
+        n = int(np.prod(shape))
+        k = jnp.array([1, n // 5, n - 2], jnp.int32)
+
+        def rebuilt(b, ms, k):
+            t = jnp.stack([jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32) for m in ms])
+            rb = lambda g: [jnp.asarray(g(m), jnp.float32) - jnp.asarray(g(b), jnp.float32) for m in ms]
+            return S.topk_keep_rows(t, k, magnitude=True, rebuild=rb)
+
+        kept_r, mask_r = jax.jit(rebuilt)(base, models, k)
+        kept_m, mask_m = jax.jit(lambda t, k: S.topk_keep_rows(t, k, magnitude=True))(tau, k)
+        ref = ref_rows(np.abs(np.asarray(tau)).reshape(3, -1), [int(v) for v in k]).reshape(tau.shape)
+        np.testing.assert_array_equal(np.asarray(mask_r), ref)
+        np.testing.assert_array_equal(np.asarray(mask_m), ref)
+        np.testing.assert_array_equal(np.asarray(kept_r), np.where(ref, np.asarray(tau), 0))
+        np.testing.assert_array_equal(np.asarray(kept_m), np.asarray(kept_r))
+
+
 def test_magnitude_flag_ranks_absolute_values():
     rng = np.random.default_rng(4)
     rows = jax.jit(lambda x, k: S.topk_mask_rows(x, k, magnitude=True))
@@ -123,7 +151,7 @@ def test_search_internals_bracket_invariant():
     x[3] = rng.random(50_000)  # smooth row: usually an exact threshold
     x = x.astype(np.float32)
     k = jnp.array([1, 25_000, 49_999, 12_345], jnp.int32)
-    v, gt, ge = jax.jit(lambda x, k: S._search(x, k, False))(jnp.asarray(x), k)
+    v, gt, ge = jax.jit(lambda x, k: S._search(S._rows_fn(x), k, False))(jnp.asarray(x), k)
     keys = np.asarray(S._keys(jnp.asarray(x)))
     for t in range(4):
         assert (keys[t] > int(v[t])).sum() == int(gt[t]) and int(gt[t]) <= int(k[t])
