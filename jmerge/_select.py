@@ -74,6 +74,8 @@ _SAMPLE = 4096  # target sample size for the first thresholds
 _SORT_MAX = 2048  # rows up to this length are simply sorted
 _CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard deviations
 _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
+_UNHOIST = 16384  # entries of the float sum that keeps XLA:CPU from running the loop single-threaded
+_UNHOIST_MIN = 65536  # rows at least this long need it (shorter loops are cheap either way)
 
 
 def density_to_k(density, n: int) -> jax.Array:
@@ -116,7 +118,7 @@ def _rows_fn(x: jax.Array):
 
 def _stacked(xs) -> jax.Array:
     """The (R, n) float32 array of a data source (outside loops)."""
-    return jnp.stack([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)])
+    return jnp.stack([jnp.asarray(r, jnp.float32).reshape(-1) for r in xs(lambda a: a)])
 
 
 def _u32(a):
@@ -128,7 +130,16 @@ def _i32(a):
 
 
 def _blocks(x: jax.Array):
-    """(R, n) -> main part as (R, n0 / _W, _W) and the tail (R, n - n0), n0 = n rounded down."""
+    """(R, n) -> main part as (R, n0 / _W, _W) and the tail (R, n - n0), n0 = n rounded down.
+
+    ``x`` may also be (R, *shape): when the last dimension is a multiple of ``_W`` the blocks split
+    only that dimension, ``(R, *shape[:-1], L / _W, _W)``, and there is no tail. (Splitting the
+    flattened row instead makes JAX 0.12's XLA:CPU compute each element's row and column with a
+    division inside the search loop: measured 4x slower.)
+    """
+    if x.ndim > 2 and x.shape[-1] % _W == 0:
+        return x.reshape(x.shape[:-1] + (x.shape[-1] // _W, _W)), x.reshape(x.shape[0], -1)[:, :0]
+    x = x.reshape(x.shape[0], -1)
     R, n = x.shape
     n0 = n // _W * _W
     return x[:, :n0].reshape(R, n0 // _W, _W), x[:, n0:]
@@ -172,13 +183,16 @@ def _count_pass(x, ts, lo, hi, magnitude):
     counts = jnp.zeros((R, J), jnp.int32)
     below = jnp.full((R,), _I32_MIN, jnp.int32)
     above = jnp.full((R,), _I32_MAX, jnp.int32)
-    if main.shape[1]:
+    if main.size:
         km = _keys(main, magnitude)
-        packed = sum((km >= ts[:, j, None, None]).astype(jnp.int32) << (_BITS * j) for j in range(J))
-        lo3, hi3 = lo[:, None, None], hi[:, None, None]
+        col = lambda a: a.reshape((R,) + (1,) * (main.ndim - 1))
+        packed = sum((km >= col(ts[:, j])).astype(jnp.int32) << (_BITS * j) for j in range(J))
+        lo3, hi3 = col(lo), col(hi)
         s, mx, mn = lax.reduce((packed, jnp.where(km < hi3, km, _I32_MIN), jnp.where(km > lo3, km, _I32_MAX)),
                                (np.int32(0), _I32_MIN, _I32_MAX),
-                               lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.minimum(a[2], b[2])), (2,))
+                               lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.minimum(a[2], b[2])),
+                               (main.ndim - 1,))
+        s, mx, mn = (a.reshape(R, -1) for a in (s, mx, mn))
         counts = counts + _unpack_counts(s, J)
         below = jnp.maximum(below, jnp.max(mx, axis=1))
         above = jnp.minimum(above, jnp.min(mn, axis=1))
@@ -192,6 +206,7 @@ def _count_pass(x, ts, lo, hi, magnitude):
 
 def _first_thresholds(rows, k, magnitude):
     """Six keys of a sorted strided sample around the expected rank of the k-th largest."""
+    rows = [r.reshape(-1) for r in rows]
     n = rows[0].shape[0]
     stride = max(1, n // _SAMPLE)
     sk = jnp.sort(_keys(jnp.stack([r[::stride] for r in rows]), magnitude), axis=1)
@@ -244,7 +259,8 @@ def _narrow(state, ts, counts, below, above, k):
 def _search(xs, k, magnitude):
     """Per row, a key ``t`` with ``G(t) == k``, else the k-th largest key ``v`` (with ties at it).
 
-    ``xs(guard)`` returns the data as a list of R rows (each ``(n,)`` float32) with every input
+    ``xs(guard)`` returns the data as a list of R rows (float32, each of ``n`` entries in any shape,
+    flat order is row-major) with every input
     wrapped in ``guard`` (see :func:`_guard`); it is rebuilt on every pass, and each row is counted
     by its own reduction, so data computed from other arrays (``tau`` from the models) is read from
     those arrays without being materialized (one stacked reduction would put a concatenate, which
@@ -255,7 +271,7 @@ def _search(xs, k, magnitude):
     ``gt == k``.
     """
     rows0 = xs(lambda a: a)
-    R, n = len(rows0), rows0[0].shape[0]
+    R, n = len(rows0), rows0[0].size
     z = jnp.zeros((R,), jnp.int32)
     lo = jnp.full((R,), _NEG_INF_KEY, jnp.int32)
     hi = jnp.full((R,), _TOP, jnp.int32)
@@ -281,7 +297,15 @@ def _search(xs, k, magnitude):
         counts, below, above = (jnp.concatenate(z) for z in zip(*parts))
         new = _narrow(s, ts, counts, below, above, k)
         s = tuple(jnp.where(fin, a, b) for a, b in zip(s, new))
-        m = jnp.where(counts[0, 0] < 0, 0, m)  # always m, but loop-variant to XLA (see _guard)
+        never = counts[0, 0] < 0  # always false, but XLA cannot tell
+        if n >= _UNHOIST_MIN:
+            # XLA:CPU (JAX >= 0.11) runs a while loop whose estimated bytes accessed are small as one
+            # single-threaded kernel, and it estimates our integer counting passes as small: a float
+            # sum over a few thousand entries makes the estimate honest (measured: the search on a
+            # 2.9M-entry leaf 4x slower on 2 cores without it).
+            touch = jnp.sum(jnp.asarray(xs(lambda a: _guard(a, m))[0], jnp.float32).reshape(-1)[:_UNHOIST])
+            never = never & (touch != 0)
+        m = jnp.where(never, 0, m)  # always m, but loop-variant to XLA (see _guard)
         return s, _next_thresholds(*s, k), m
 
     # The sample is taken inside a conditional that reads the source's inputs: outside one, XLA
@@ -419,7 +443,7 @@ def topk_keep_rows(x: jax.Array, k, *, magnitude: bool = False, rebuild=None):
     if rebuild is None:
         xs = _rows_fn(jnp.asarray(x, jnp.float32).reshape(T, -1))
     else:
-        xs = lambda g: [jnp.asarray(r, jnp.float32).reshape(-1) for r in rebuild(g)]
+        xs = lambda g: [jnp.asarray(r, jnp.float32) for r in rebuild(g)]
     v, cut = _row_thresholds(xs, k, magnitude)
     x = jnp.asarray(x, jnp.float32)
     # Per row and in x's shape (no reshape of the stack), so that XLA folds a consumer's x[t] into
