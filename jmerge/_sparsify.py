@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from . import _select
 from ._basic import per_model
@@ -213,17 +214,30 @@ def _rows_view(tau: jax.Array) -> jax.Array:
     return tau.reshape(T, 1, -1)
 
 
+def _magnitude_ranks(x: jax.Array) -> jax.Array:
+    """Ascending rank of ``|x|`` along the last axis (ties by lower index; NaN ranks as +inf), int32.
+
+    Two stable sorts of int32 pairs: the order keys of ``|x|`` with their positions (the
+    permutation), then the permutation with positions (its inverse, the ranks). Sorting int32 keys
+    is several times faster on XLA:CPU than ``argsort`` of floats (whose comparator orders NaN).
+    """
+    pos = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    _, perm = lax.sort((_select._keys(x, magnitude=True), pos), dimension=x.ndim - 1, is_stable=True, num_keys=1)
+    _, ranks = lax.sort((perm, pos), dimension=x.ndim - 1, is_stable=True, num_keys=1)
+    return ranks
+
+
 def della_keep_probs(tau: jax.Array, density, epsilon) -> jax.Array:
     """DELLA keep probabilities ``(density - eps) + 2 eps * rank / (m - 1)``, clipped to [0, 1].
 
-    ``rank`` is the ascending magnitude rank of an entry within its row (ties by lower index);
-    a row of one entry gets ``density``. ``density >= 1`` keeps everything and ``density <= 0``
+    ``rank`` is the ascending magnitude rank of an entry within its row (ties by lower index, NaN
+    ranks as +inf); a row of one entry gets ``density``. ``density >= 1`` keeps everything and ``density <= 0``
     drops everything whatever ``epsilon`` (as mergekit). Returned with ``tau``'s shape.
     """
     T = tau.shape[0]
-    x = jnp.abs(_rows_view(tau))
+    x = _rows_view(tau)
     m = x.shape[-1]
-    ranks = jnp.argsort(jnp.argsort(x, axis=-1, stable=True), axis=-1, stable=True).astype(jnp.float32)
+    ranks = _magnitude_ranks(x).astype(jnp.float32)
     rank_norm = ranks / (m - 1) if m > 1 else jnp.full(x.shape, 0.5, jnp.float32)
     d = _per_task(density, T).reshape(T, 1, 1)
     e = _per_task(epsilon, T).reshape(T, 1, 1)

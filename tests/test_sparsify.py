@@ -304,6 +304,24 @@ def test_della_formula_given_mask(dtype, rescale):
     check_out(out, base, refs, dtype, atol=1e-5 if rescale != "none" else 1e-6)
 
 
+def test_della_ranks_with_ties_match_numpy_stable_argsort():
+    """Magnitude ranks (int32 key sorts) equal NumPy's stable double argsort of |x|, with heavy ties:
+    values rounded to a few levels, both signs of equal magnitudes, +0 and -0, rows of 1 and 3001."""
+    from jmerge._sparsify import _magnitude_ranks, della_keep_probs
+    rng = np.random.default_rng(21)
+    for shape in ((2, 5, 3001), (3, 7, 1), (2, 40, 64)):
+        x = np.round(rng.normal(size=shape) * 4) / 4
+        x[..., ::5] = -x[..., ::5]
+        x.flat[::7] = -0.0
+        x = x.astype(np.float32)
+        ref = np.argsort(np.argsort(np.abs(x), axis=-1, kind="stable"), axis=-1, kind="stable")
+        np.testing.assert_array_equal(np.asarray(jax.jit(_magnitude_ranks)(jnp.asarray(x))), ref)
+    tau = x.reshape(2, 40, 64)
+    p = np.asarray(della_keep_probs(jnp.asarray(tau), jnp.array([0.6, 0.5]), jnp.array([0.2, 0.1])))
+    ref = np.stack([np_della_probs(tau[t], [0.6, 0.5][t], [0.2, 0.1][t]) for t in range(2)])
+    np.testing.assert_allclose(p, ref, rtol=1e-6)
+
+
 def test_della_keep_rates_follow_rank():
     # rows of 11 distinct magnitudes: keep rate of rank r ~ (d - e) + 2 e r / 10
     R, m, d, e = 4000, 11, 0.6, 0.3
