@@ -120,9 +120,10 @@ class Transform:
       min_models / max_models: how many fine-tuned models the step accepts.
       stats: whole-model statistics this step needs.
       steps: for a chain, its flattened steps (then ``update`` is unused).
-      materialize_tau: performance hint of steps that read the task vectors many times (the
-        exact top-k's counting passes): build ``tau`` once into its own buffer, instead of letting
-        XLA fuse its computation from the models into each reader.
+      materialize_tau: performance hint of steps that read the task vectors many times and cannot
+        rebuild them from :meth:`MergeState.tau_inputs` (breadcrumbs' two selections): build
+        ``tau`` once into its own buffer, instead of letting XLA fuse its computation from the
+        models into each reader.
     """
 
     name: str
