@@ -150,6 +150,19 @@ def _sum_rows(s: jax.Array) -> jax.Array:
     return jnp.sum(s, axis=1, dtype=jnp.int32)
 
 
+def _count_rows(b: jax.Array) -> jax.Array:
+    """Number of True entries per row of a (R, n) bool array, summed over blocks of ``_W`` first
+    (a long reduction would make XLA:CPU materialize its operand; the no-op mask between the two
+    levels keeps XLA from merging them back into one)."""
+    main, tail = _blocks(b.astype(jnp.int32))
+    total = jnp.zeros((b.shape[0],), jnp.int32)
+    if main.size:
+        total = total + _sum_rows(jnp.sum(main, axis=2, dtype=jnp.int32) & np.int32(2 * _W - 1))
+    if tail.shape[1]:
+        total = total + _sum_rows(tail)
+    return total
+
+
 def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
     """Column sums of the ``J`` ``_BITS``-bit fields of ``s`` (R, M) (each field <= ``_W``), (R, J) int32.
 
@@ -530,8 +543,11 @@ def _abs_u(tau: jax.Array) -> jax.Array:
 def _hist_rows(bins: jax.Array, nbins: int) -> jax.Array:
     """Per-row histogram of int32 ``bins`` (R, n) in [0, nbins]; bin ``nbins`` is dropped."""
     R = bins.shape[0]
-    rows = jnp.arange(R, dtype=jnp.int32)[:, None]
-    return jnp.zeros((R, nbins + 1), jnp.int32).at[rows, bins].add(1, mode="drop")[:, :nbins]
+    # One flat index per entry (row-major bins): XLA:CPU's scatter-add is ~40% faster with a 1-D
+    # index than with (row, bin) pairs.
+    flat = (bins + jnp.arange(R, dtype=jnp.int32)[:, None] * np.int32(nbins + 1)).reshape(-1)
+    hist = jnp.zeros((R * (nbins + 1),), jnp.int32).at[flat].add(1, mode="drop")
+    return hist.reshape(R, nbins + 1)[:, :nbins]
 
 
 def _boundary(hist: np.ndarray, k: int) -> tuple[int, int]:
@@ -580,7 +596,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density"):
         b1 = state.stats[hi_name]["b1"]
         h = (u >> 16).astype(jnp.int32)
         inbin = jnp.where(h == b1[:, None], (u & np.uint32(0xFFFF)).astype(jnp.int32), 65536)
-        return {"hist": _hist_rows(inbin, 65536), "above": jnp.sum(h > b1[:, None], axis=1, dtype=jnp.int32),
+        return {"hist": _hist_rows(inbin, 65536), "above": _count_rows(h > b1[:, None]),
                 "n": jnp.int32(h.shape[1]), "b1": b1}
 
     def finalize_lo(collected, hps):
@@ -647,5 +663,5 @@ def global_topk_mask(state: MergeState, name: str = "global_topk") -> jax.Array:
     x = jnp.asarray(state.tau, jnp.float32).reshape(T, -1)
     v = jnp.asarray(st["v"], jnp.int32)
     quota = jnp.asarray(st["quota"], jnp.int32)
-    eq = jnp.sum(_keys(x, True) == v[:, None], axis=1, dtype=jnp.int32)
+    eq = _count_rows(_keys(x, True) == v[:, None])
     return _threshold_mask(x, v, _tie_cuts(x, v, quota, eq, True), True).reshape(state.tau.shape)
