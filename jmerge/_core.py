@@ -59,7 +59,7 @@ class MergeState:
       stats: whole-model statistics from stats phases, by phase name.
       extras: named per-leaf outputs (masks, rescalers ...) returned with ``return_extras=True``.
       source: ``(tau, base_leaf, model_leaves)`` as given to the merge while ``tau`` is still the
-        stack of ``model - base`` it was built as (else None); see :meth:`tau_inputs`.
+        stack of ``model - base`` it was built as (else None); see :meth:`tau_rebuild`.
     """
 
     tau: jax.Array
@@ -74,13 +74,15 @@ class MergeState:
     def num_models(self) -> int:
         return self.tau.shape[0]
 
-    def tau_inputs(self):
-        """``(base_leaf, model_leaves)`` (original dtypes) when ``tau`` is still ``models - base``
-        as built, else None. A step that reads ``tau`` in a loop recomputes it from these instead
-        of materializing it (see :func:`jmerge._select.topk_keep_rows`)."""
+    def tau_rebuild(self):
+        """When ``tau`` is still ``models - base`` as built: ``guard -> [tau[0], ..., tau[T-1]]``,
+        the rows recomputed from the original leaves, each leaf wrapped in ``guard``; else None.
+        A step that reads ``tau`` in a loop recomputes it this way instead of materializing it
+        (see :func:`jmerge._select.topk_keep_rows`)."""
         if self.source is None or self.source[0] is not self.tau:
             return None
-        return self.source[1], self.source[2]
+        _, base_leaf, model_leaves = self.source
+        return lambda guard: _diff_rows(base_leaf, model_leaves, guard)
 
     def models(self) -> jax.Array:
         """The fine-tuned leaves ``base + tau`` as a ``(T, *shape)`` float32 array."""
@@ -121,7 +123,7 @@ class Transform:
       stats: whole-model statistics this step needs.
       steps: for a chain, its flattened steps (then ``update`` is unused).
       materialize_tau: performance hint of steps that read the task vectors many times and cannot
-        rebuild them from :meth:`MergeState.tau_inputs` (breadcrumbs' two selections): build
+        rebuild them with :meth:`MergeState.tau_rebuild` (breadcrumbs' two selections): build
         ``tau`` once into its own buffer, instead of letting XLA fuse its computation from the
         models into each reader.
     """
@@ -237,16 +239,24 @@ def task_vectors(base: Any, models: Sequence[Any]) -> Any:
 def _materialized(fn, probe: jax.Array) -> jax.Array:
     """``fn()`` computed into a buffer of its own: the result of a conditional, which XLA cannot fuse
     into its consumers (``optimization_barrier`` does not survive XLA:CPU's pipeline). The
-    predicate is always true but traced; the other branch never runs."""
+    predicate is always true but traced (``p == p`` or ``p`` is NaN, ``p`` the first entry of
+    ``probe``); the other branch never runs."""
     p = jnp.reshape(probe, (-1,))[:1]
     p = jnp.all(p == p) | jnp.all(p != p)
-    return lax.cond(p, fn, lambda: jnp.zeros(jax.eval_shape(fn).shape, jnp.float32))
+    out = jax.eval_shape(fn)
+    return lax.cond(p, fn, lambda: jnp.zeros(out.shape, out.dtype))
+
+
+def _diff_rows(base_leaf, model_leaves, guard=lambda a: a) -> list:
+    """The rows of ``tau``: ``float32(model_t) - float32(base)``, each input passed through ``guard``."""
+    b = jnp.asarray(guard(base_leaf), jnp.float32)
+    return [jnp.asarray(guard(m), jnp.float32) - b for m in model_leaves]
 
 
 def _stack_diffs(b: jax.Array, ms) -> jax.Array:
     # Differences first, then the stack: XLA builds tau in one fusion instead of materializing the
     # stacked models (a second full-size buffer) and subtracting later.
-    return jnp.stack([jnp.asarray(m, jnp.float32) - b for m in ms])
+    return jnp.stack(_diff_rows(b, ms))
 
 
 def apply_delta(base: Any, delta: Any, scale: float | jax.Array = 1.0) -> Any:
@@ -268,14 +278,15 @@ def trace_count() -> int:
 
 def _initial_state(base_leaf, model_leaves, key, stacked: bool, steps=()) -> MergeState:
     b = jnp.asarray(base_leaf, jnp.float32)
+    source = None
     if stacked:
         tau = jnp.asarray(model_leaves, jnp.float32)
     elif any(s.materialize_tau for s in steps) and b.size:
         tau = _materialized(lambda: _stack_diffs(b, model_leaves), b)
     else:
         tau = _stack_diffs(b, model_leaves)
-        return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, base_leaf, tuple(model_leaves)))
-    return MergeState(tau=tau, base=b, merged=None, key=key)
+        source = (tau, base_leaf, tuple(model_leaves))
+    return MergeState(tau=tau, base=b, merged=None, key=key, source=source)
 
 
 def _run_steps(steps, state, hp):

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._core import MergeState, StatsPhase
+from ._core import MergeState, StatsPhase, _materialized
 from ._tree import MergeInputError
 
 __all__ = ["topk_mask", "topk_mask_rows", "density_to_k", "global_topk_phases", "global_topk_mask"]
@@ -150,17 +150,24 @@ def _sum_rows(s: jax.Array) -> jax.Array:
     return jnp.sum(s, axis=1, dtype=jnp.int32)
 
 
-def _count_rows(b: jax.Array) -> jax.Array:
-    """Number of True entries per row of a (R, n) bool array, summed over blocks of ``_W`` first
-    (a long reduction would make XLA:CPU materialize its operand; the no-op mask between the two
-    levels keeps XLA from merging them back into one)."""
+def _block_counts(b: jax.Array) -> jax.Array:
+    """True entries of a (R, n) bool array per block of ``_W`` (the tail's count last), (R, blocks).
+
+    Counting over blocks first keeps XLA:CPU from materializing the operand of a long reduction;
+    the no-op mask keeps it from merging the two levels back into one.
+    """
     main, tail = _blocks(b.astype(jnp.int32))
-    total = jnp.zeros((b.shape[0],), jnp.int32)
-    if main.size:
-        total = total + _sum_rows(jnp.sum(main, axis=2, dtype=jnp.int32) & np.int32(2 * _W - 1))
+    parts = []
+    if main.shape[1]:
+        parts.append(jnp.sum(main, axis=2, dtype=jnp.int32) & np.int32(2 * _W - 1))
     if tail.shape[1]:
-        total = total + _sum_rows(tail)
-    return total
+        parts.append(_sum_rows(tail)[:, None])
+    return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def _count_rows(b: jax.Array) -> jax.Array:
+    """Number of True entries per row of a (R, n) bool array (over blocks first, see above)."""
+    return _sum_rows(_block_counts(b))
 
 
 def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
@@ -323,13 +330,11 @@ def _search(xs, k, magnitude):
 
     # The sample is taken inside a conditional that reads the source's inputs: outside one, XLA
     # would share the data's expression with the caller's (unmaterialized) uses and materialize it.
-    # An always-true predicate that XLA does not fold: p == p or p is NaN, p a data value computed
-    # from the first element of each input (not a slice of the full-size data, which would make XLA
-    # materialize it for the two users).
-    p = xs(lambda a: jnp.ravel(a)[:1])[0][0]
-    first = lax.cond((p == p) | (p != p),
-                     lambda: _first_thresholds([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)], k, magnitude),
-                     lambda: jnp.zeros((R, _J), jnp.int32))
+    # The probe is computed from the first element of each input, not sliced from the full-size
+    # data (which would make XLA materialize the data for its two users).
+    first = _materialized(
+        lambda: _first_thresholds([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)], k, magnitude),
+        xs(lambda a: jnp.ravel(a)[:1])[0])
     carry = (state, first, jnp.int32(_ABS))
     state = lax.while_loop(lambda c: ~jnp.all(done(c[0])), body, carry)[0]
     lo, glo, hi, ghi = state[:4]
@@ -351,15 +356,8 @@ def _sorted_kth(x, k, magnitude):
 def _tie_cut(x, v, quota, magnitude):
     """Per row, the position after the ``quota``-th entry with key ``v`` (flat order)."""
     R, n = x.shape
-    main, tail = _blocks(x)
     vv = v[:, None]
-    parts = []
-    if main.shape[1]:
-        eq = (_keys(main, magnitude) == vv[:, :, None]).astype(jnp.int32)
-        parts.append(jnp.sum(eq, axis=2, dtype=jnp.int32) & (2 * _W - 1))  # (R, n // W); the no-op mask keeps XLA from merging the sums
-    if tail.shape[1]:
-        parts.append(_sum_rows(_keys(tail, magnitude) == vv)[:, None])
-    c1 = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # counts per block of _W (tail last)
+    c1 = _block_counts(_keys(x, magnitude) == vv)  # counts per block of _W (tail last)
     B = 256
     nb1 = c1.shape[1]
     nb2 = -(-nb1 // B)
@@ -386,10 +384,8 @@ def _tie_cuts(xs, v, quota, eq, magnitude):
 
     Rows that keep all of their ties get ``n``, rows that keep none ``0``; only when some row keeps
     a part of them does a conditional read the data once more to locate the cut
-    (:func:`_tie_cut`). ``xs`` is a data source (see :func:`_search`) or an (R, n) array.
+    (:func:`_tie_cut`). ``xs`` is a data source (see :func:`_search`).
     """
-    if not callable(xs):
-        xs = _rows_fn(xs)
     n = jax.eval_shape(lambda: _stacked(xs)).shape[1]
     partial = (quota > 0) & (quota < eq)
     whole = jnp.where(quota > 0, np.int32(n), np.int32(0))
@@ -402,13 +398,22 @@ def _tie_cuts(xs, v, quota, eq, magnitude):
 
 
 def _threshold_mask(x, v, cut, magnitude):
-    """The elementwise top-k mask of (R, n) values from :func:`_row_thresholds`: ``key > v``, and
-    ``key == v`` at flat positions below ``cut``. Elementwise, so XLA fuses it into its consumers
-    (a merge reads the task vectors once more instead of a materialized mask and masked copy)."""
-    R, n = x.shape
+    """The elementwise top-k mask from :func:`_row_thresholds`: ``key > v``, and ``key == v`` at flat
+    positions below ``cut``. Elementwise, so XLA fuses it into its consumers (a merge reads the task
+    vectors once more instead of a materialized mask and masked copy).
+
+    ``x`` is rows ``(R, *shape)`` with ``v`` and ``cut`` of shape ``(R,)``, or one row of any shape
+    with scalar ``v`` and ``cut``; flat positions count within a row (row-major).
+    """
+    lead = jnp.ndim(v)
     keys = _keys(x, magnitude)
-    pos = lax.broadcasted_iota(jnp.int32, (R, n), 1)
-    return (keys > v[:, None]) | ((keys == v[:, None]) & (pos < cut[:, None]))
+    pos = jnp.zeros(x.shape, jnp.int32)
+    stride = 1
+    for d in reversed(range(lead, x.ndim)):
+        pos = pos + lax.broadcasted_iota(jnp.int32, x.shape, d) * np.int32(stride)
+        stride *= x.shape[d]
+    col = lambda a: jnp.reshape(a, jnp.shape(a) + (1,) * (x.ndim - lead))
+    return (keys > col(v)) | ((keys == col(v)) & (pos < col(cut)))
 
 
 def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
@@ -461,20 +466,9 @@ def topk_keep_rows(x: jax.Array, k, *, magnitude: bool = False, rebuild=None):
     x = jnp.asarray(x, jnp.float32)
     # Per row and in x's shape (no reshape of the stack), so that XLA folds a consumer's x[t] into
     # this row's expression and fuses everything from the inputs of x to the consumer.
-    masks = [_row_mask(x[t], v[t], cut[t], magnitude) for t in range(T)]
+    masks = [_threshold_mask(x[t], v[t], cut[t], magnitude) for t in range(T)]
     kept = jnp.stack([jnp.where(mt, x[t], np.float32(0)) for t, mt in enumerate(masks)])
     return kept, jnp.stack(masks)
-
-
-def _row_mask(xt, v, cut, magnitude):
-    """:func:`_threshold_mask` of one row kept in its own shape (flat positions from iotas)."""
-    keys = _keys(xt, magnitude)
-    pos = jnp.zeros(xt.shape, jnp.int32)
-    stride = 1
-    for d in reversed(range(xt.ndim)):
-        pos = pos + lax.broadcasted_iota(jnp.int32, xt.shape, d) * np.int32(stride)
-        stride *= xt.shape[d]
-    return (keys > v) | ((keys == v) & (pos < cut))
 
 
 def topk_mask(x: jax.Array, k) -> jax.Array:
@@ -664,4 +658,4 @@ def global_topk_mask(state: MergeState, name: str = "global_topk") -> jax.Array:
     v = jnp.asarray(st["v"], jnp.int32)
     quota = jnp.asarray(st["quota"], jnp.int32)
     eq = _count_rows(_keys(x, True) == v[:, None])
-    return _threshold_mask(x, v, _tie_cuts(x, v, quota, eq, True), True).reshape(state.tau.shape)
+    return _threshold_mask(x, v, _tie_cuts(_rows_fn(x), v, quota, eq, True), True).reshape(state.tau.shape)

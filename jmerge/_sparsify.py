@@ -84,18 +84,13 @@ def _trim(state: MergeState, hp, *, scope: str, rounding: str) -> MergeState:
     if scope == "global":
         mask = _select.global_topk_mask(state, _TRIM_STATS)
     else:
-        flat = state.tau.reshape(T, -1)
-        n = flat.shape[1]
+        n = state.tau[0].size
         d = _per_task(hp["density"], T)
         k = _count(d, n, rounding)
         if rounding == "floor":  # mergekit keeps at least one entry when density > 0
             k = jnp.where(d > 0, jnp.maximum(k, min(1, n)), k)
-        src = state.tau_inputs()
-        rebuild = None
-        if src is not None:  # the counting passes read the models, tau is never materialized
-            b, ms = src
-            rebuild = lambda g: [jnp.asarray(g(m), jnp.float32) - jnp.asarray(g(b), jnp.float32) for m in ms]
-        kept, mask = _select.topk_keep_rows(state.tau, k, magnitude=True, rebuild=rebuild)
+        # While tau is models - base, the counting passes read the models: tau is never materialized.
+        kept, mask = _select.topk_keep_rows(state.tau, k, magnitude=True, rebuild=state.tau_rebuild())
         return state.replace(tau=kept, extras={**state.extras, "trim_mask": mask})
     tau = jnp.where(mask, state.tau, 0.0)
     return state.replace(tau=tau, extras={**state.extras, "trim_mask": mask})

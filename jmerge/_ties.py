@@ -37,13 +37,13 @@ def _rows(x):
     return [x[t] for t in range(x.shape[0])]
 
 
-def _weights(hp_value, T: int):
-    return _rows(jnp.broadcast_to(jnp.asarray(hp_value, jnp.float32), (T,)))
+def _weights(hp_value, state: MergeState):
+    return _rows(per_model(hp_value, state))
 
 
 def _elect_sign(state: MergeState, hp, *, method: str, weighted: bool) -> MergeState:
     taus = _rows(state.tau)
-    x = [w * t for w, t in zip(_weights(hp["weight"], len(taus)), taus)] if weighted else taus
+    x = [w * t for w, t in zip(_weights(hp["weight"], state), taus)] if weighted else taus
     votes = sum(x[1:], x[0]) if method == "sum" else sum([jnp.sign(v) for v in x[1:]], jnp.sign(x[0]))
     sign = jnp.where(votes >= 0, 1.0, -1.0).astype(jnp.float32)
     return state.replace(extras={**state.extras, "sign": sign})
@@ -70,7 +70,7 @@ def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str) ->
     if "sign" not in state.extras:
         raise MergeInputError("disjoint_merge needs an elected sign: put elect_sign(...) before it in the chain.")
     sign = state.extras["sign"]
-    ws = _weights(hp["weight"], state.num_models)
+    ws = _weights(hp["weight"], state)
     contrib = [w * t for w, t in zip(ws, _rows(state.tau))]
     agree = [jnp.sign(c) == sign for c in contrib]
     total = sum([jnp.where(a, c, 0.0) for a, c in zip(agree, contrib)])

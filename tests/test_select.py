@@ -298,12 +298,12 @@ def test_global_ties_broken_by_leaf_order():
 def test_tie_quota_zero_in_one_row_partial_in_another():
     x = jnp.array([[7, 5, 7, 7, 1], [7, 7, 7, 2, 7]], jnp.float32)
     v = S._keys(jnp.array([7.0, 7.0]))
-    cut = S._tie_cuts(x, v, jnp.array([0, 2]), jnp.array([3, 4]), False)
+    cut = S._tie_cuts(S._rows_fn(x), v, jnp.array([0, 2]), jnp.array([3, 4]), False)
     np.testing.assert_array_equal(np.asarray(cut), [0, 2])  # row 1 keeps its 7s before position 2
     got = np.asarray(S._threshold_mask(x, v, cut, False))
     np.testing.assert_array_equal(got, [[False] * 5, [True, True, False, False, False]])
     # every row keeps all of its ties, or none: no cut to search, n or 0
-    cut = S._tie_cuts(x, v, jnp.array([3, 0]), jnp.array([3, 4]), False)
+    cut = S._tie_cuts(S._rows_fn(x), v, jnp.array([3, 0]), jnp.array([3, 4]), False)
     np.testing.assert_array_equal(np.asarray(cut), [5, 0])
     got = np.asarray(S._threshold_mask(x, v, cut, False))
     np.testing.assert_array_equal(got, [[True, False, True, True, False], [False] * 5])
