@@ -7,50 +7,21 @@ pure, jittable, shardable pytree transforms, composable like ``optax.chain``.
     merged = jmerge.merge(jmerge.ties(density=0.2, scale=1.0), base_params, [ft1, ft2, ft3])
 """
 
-from importlib import import_module as _import_module
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# Each private module declares its public names in ``__all__``; they are re-exported here.
-_MODULES = [
-    "_tree",
-    "_hparams",
-    "_core",
-    "_basic",
-    "_select",
-    "_sparsify",
-    "_ties",
-    "_masks",
-    "_geometric",
-    "_spectral",
-    "_layers",
-    "_learned",
-    "_checkpoint",
-    "_config",
-    "_pipeline",
-]
-
-__all__ = ["__version__", "available_methods"]
-_METHODS: dict = {}
+from .core import (MergeInputError, path_str, leaves_with_paths, check_compatible, leaf_key, layer_index, count_layers, Gradient, Rules, PerModel, resolve_hparams, layer_positions, MergeState, Transform, StatsPhase, transform, chain, merge, merge_leaf, prepare_leaf_hparams, task_vectors, apply_delta, trace_count, model_sum, model_mean, model_max, topk_mask, topk_mask_rows, density_to_k, global_topk_phases, global_topk_mask)
+from .methods import (per_model, weighted_sum, scale, linear, task_arithmetic, negation, trim, dare, breadcrumbs_drop, della_drop, rescale_l1, elect_sign, disjoint_merge, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, magmax, sce, tall_masks, consensus_mask, consensus_ta, consensus_ties, tall_merge, tall_task_models, extras_item, PackedMask, pack_masks, unpack_masks, pcb, emr_merge, emr_task_models, slerp, nuslerp, multislerp, karcher, model_stock, nearswap, tsv_m, iso_c, tsv_rank, lines, lines_scale, lines_position, layer_swap, layer_swap_source, select_model, HEAD_FILTER)
+from .learned import (LearnedMerge, LearnedMergeError, adamerging, atlas, merge_with_coefficients, concrete_merge, concrete_mask, fisher_information, fisher_merge, gram_matrices, regmean_merge, adaptive_projective_gd, linearize)
+from .io import (CheckpointError, CheckpointReader, CheckpointWriter, open_checkpoint, copy_aux_files, model_card, save_orbax, load_orbax, convert, flat_to_nested, nested_to_flat)
+from .mergekit import (ConfigError, MergeConfig, MergePlan, load_config, parse_config, MERGEKIT_METHODS)
+from .pipeline import (run_merge, plan_summary, TensorJob)
+from .methods import METHODS as _METHODS
 
 
 def available_methods() -> dict:
-    """Named merge methods: ``{name: factory}``; ``factory(**hparams)`` returns a Transform.
-
-    Each family module lists its methods in a module-level ``METHODS`` dict.
-    """
+    """Named merge methods: ``{name: factory}``; ``factory(**hparams)`` returns a Transform."""
     return dict(_METHODS)
 
-
-for _m in _MODULES:
-    try:
-        _mod = _import_module(f"jmerge.{_m}")
-    except ModuleNotFoundError as _e:  # a family not written yet
-        if _e.name != f"jmerge.{_m}":
-            raise
-        continue
-    for _name in getattr(_mod, "__all__", []):
-        globals()[_name] = getattr(_mod, _name)
-    __all__ += list(getattr(_mod, "__all__", []))
-    _METHODS.update(getattr(_mod, "METHODS", {}))
-del _m, _mod, _import_module
+__all__ = ['__version__', 'available_methods', 'MergeInputError', 'path_str', 'leaves_with_paths', 'check_compatible', 'leaf_key', 'layer_index', 'count_layers', 'Gradient', 'Rules', 'PerModel', 'resolve_hparams', 'layer_positions', 'MergeState', 'Transform', 'StatsPhase', 'transform', 'chain', 'merge', 'merge_leaf', 'prepare_leaf_hparams', 'task_vectors', 'apply_delta', 'trace_count', 'model_sum', 'model_mean', 'model_max', 'topk_mask', 'topk_mask_rows', 'density_to_k', 'global_topk_phases', 'global_topk_mask', 'per_model', 'weighted_sum', 'scale', 'linear', 'task_arithmetic', 'negation', 'trim', 'dare', 'breadcrumbs_drop', 'della_drop', 'rescale_l1', 'elect_sign', 'disjoint_merge', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs', 'breadcrumbs_ties', 'della', 'della_linear', 'magmax', 'sce', 'tall_masks', 'consensus_mask', 'consensus_ta', 'consensus_ties', 'tall_merge', 'tall_task_models', 'extras_item', 'PackedMask', 'pack_masks', 'unpack_masks', 'pcb', 'emr_merge', 'emr_task_models', 'slerp', 'nuslerp', 'multislerp', 'karcher', 'model_stock', 'nearswap', 'tsv_m', 'iso_c', 'tsv_rank', 'lines', 'lines_scale', 'lines_position', 'layer_swap', 'layer_swap_source', 'select_model', 'HEAD_FILTER', 'LearnedMerge', 'LearnedMergeError', 'adamerging', 'atlas', 'merge_with_coefficients', 'concrete_merge', 'concrete_mask', 'fisher_information', 'fisher_merge', 'gram_matrices', 'regmean_merge', 'adaptive_projective_gd', 'linearize', 'CheckpointError', 'CheckpointReader', 'CheckpointWriter', 'open_checkpoint', 'copy_aux_files', 'model_card', 'save_orbax', 'load_orbax', 'convert', 'flat_to_nested', 'nested_to_flat', 'ConfigError', 'MergeConfig', 'MergePlan', 'load_config', 'parse_config', 'MERGEKIT_METHODS', 'run_merge', 'plan_summary', 'TensorJob']

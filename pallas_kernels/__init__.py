@@ -1,8 +1,7 @@
-"""Fused Pallas kernels for jmerge's inner loops (GPU/TPU; run with ``interpret=True`` on CPU).
+"""Compatibility alias: the Pallas kernels live in :mod:`jmerge.kernels`.
 
 References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
 """
 
-from .ties import disjoint_merge, disjoint_merge_reference
-
-__all__ = ["disjoint_merge", "disjoint_merge_reference"]
+from jmerge.kernels import *  # noqa: F401,F403
+from jmerge.kernels import __all__  # noqa: F401

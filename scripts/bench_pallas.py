@@ -25,7 +25,7 @@ def _best(f, *args, repeat=5):
 
 
 def main(argv=None):
-    from pallas_kernels import disjoint_merge, disjoint_merge_reference
+    from jmerge.kernels import disjoint_merge, disjoint_merge_reference
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=30_000_000)

@@ -24,7 +24,7 @@ def _best(f, *args, repeat=3):
 
 
 def main(argv=None):
-    from jmerge._select import density_to_k, topk_mask_rows
+    from jmerge.core.select import density_to_k, topk_mask_rows
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=30_000_000, help="elements per task vector")

@@ -66,7 +66,7 @@ def make_models(root: str, size: str, n_ft: int = 3, seed: int = 0, delta: float
     """Write base + ``n_ft`` fine-tuned variants under ``root``; returns their dirs (cached)."""
     import ml_dtypes
 
-    from jmerge._checkpoint._safetensors import CheckpointWriter
+    from jmerge.io.safetensors import CheckpointWriter
 
     dims = SIZES[size]
     layout = llama_layout(**dims)
@@ -155,7 +155,7 @@ def warm(dirs):
 
 def compare(a_dir: str, b_dir: str) -> float:
     """Largest |a - b| relative to max(|a|, |b|) over all tensors (outputs of the two tools)."""
-    from jmerge._checkpoint._safetensors import open_checkpoint
+    from jmerge.io.safetensors import open_checkpoint
     worst = 0.0
     with open_checkpoint(a_dir) as a, open_checkpoint(b_dir) as b:
         assert set(a.keys()) == set(b.keys()), "different tensor sets"

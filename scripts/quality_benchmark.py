@@ -3,7 +3,7 @@
 Usage: python3 scripts/quality_benchmark.py [--out-dir docs/quality] [--cache-dir DIR] [--methods a,b]
 [--reduced] [--seed 0]
 
-Trains (or loads from the cache) the full-size models of :mod:`jmerge._demo`, merges the 8 fine-tuned
+Trains (or loads from the cache) the full-size models of :mod:`jmerge.demo`, merges the 8 fine-tuned
 backbones with every available jmerge method, prints the table and writes the outputs.
 """
 
@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jmerge._demo import FULL, REDUCED, run_demo  # noqa: E402
+from jmerge.demo import FULL, REDUCED, run_demo  # noqa: E402
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from jmerge._checkpoint import (
+from jmerge.io import (
     CheckpointError,
     CheckpointWriter,
     copy_aux_files,
@@ -21,7 +21,7 @@ from jmerge._checkpoint import (
     open_checkpoint,
 )
 from tests._files import hash_dir as _hash_dir, same_bytes as _same_bytes
-from jmerge._tree import MergeInputError
+from jmerge.core.tree import MergeInputError
 
 DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
           ml_dtypes.float8_e5m2, np.int64, np.int32, np.int16, np.int8, np.uint64, np.uint32, np.uint16,
@@ -518,7 +518,7 @@ def test_mergekit_goldens_readable(mergekit_golden):
 
 def test_seek_fallback_without_positional_io(tmp_path, monkeypatch):
     """Platforms without pread/pwrite (Windows) use seek + read/write under a lock; same bytes."""
-    import jmerge._checkpoint._safetensors as st
+    import jmerge.io.safetensors as st
 
     monkeypatch.setattr(st, "_HAVE_POSITIONAL_IO", False)
     t = _tensors(11, f8=False)

@@ -77,7 +77,7 @@ def test_parse_size():
 
 
 def test_demo_entry(capsys, monkeypatch):
-    import jmerge._demo as demo
+    import jmerge.demo as demo
     if not hasattr(demo, "run_demo"):
         assert main(["demo"]) == 1
         assert "not available" in capsys.readouterr().err
@@ -97,7 +97,7 @@ def test_merge_fills_the_compile_cache_and_rerun_is_identical(tiny_base, tiny_ft
     assert main(["merge", p, str(outs[0]), "--quiet"]) == 0
     assert any("leaf_jit" in f for f in os.listdir(cache)), os.listdir(cache)
     assert main(["merge", p, str(outs[1]), "--quiet"]) == 0
-    from jmerge._checkpoint._safetensors import open_checkpoint
+    from jmerge.io.safetensors import open_checkpoint
     with open_checkpoint(str(outs[0])) as a, open_checkpoint(str(outs[1])) as b:
         for k in a.keys():
             np.testing.assert_array_equal(a.get(k), b.get(k))

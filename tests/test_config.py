@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge._config import ConfigError, MERGEKIT_METHODS, parse_config
-from jmerge._hparams import Gradient, PerModel, Rules
+from jmerge.mergekit.config import ConfigError, MERGEKIT_METHODS, parse_config
+from jmerge.core.hparams import Gradient, PerModel, Rules
 
 
 def _interp_ref(values, t):

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("optax")
 
-from jmerge._demo import DemoConfig, TASKS, run_demo  # noqa: E402
-from jmerge._demo import model as M  # noqa: E402
-from jmerge._demo.tasks import load_images, split_indices, task_data  # noqa: E402
+from jmerge.demo import DemoConfig, TASKS, run_demo  # noqa: E402
+from jmerge.demo import model as M  # noqa: E402
+from jmerge.demo.tasks import load_images, split_indices, task_data  # noqa: E402
 
 BY_NAME = {t.name: t for t in TASKS}
 DIGITS = np.arange(10)
@@ -126,7 +126,7 @@ def test_tiny_end_to_end_and_cache(tmp_path):
 
 def test_cli_hooks():
     import argparse
-    from jmerge._demo import add_arguments
+    from jmerge.demo import add_arguments
     p = argparse.ArgumentParser()
     add_arguments(p)
     a = p.parse_args(["--methods", "ties,task_arithmetic", "--cache-dir", "/x", "--quiet"])
@@ -135,7 +135,7 @@ def test_cli_hooks():
 
 
 def test_run_demo_accepts_cli_argv(monkeypatch):
-    from jmerge._demo import bench
+    from jmerge.demo import bench
     seen = {}
     monkeypatch.setattr(bench, "run_benchmark", lambda cfg, **kw: seen.update(cfg=cfg, **kw) or (_ for _ in ()).throw(
         RuntimeError("stop")))

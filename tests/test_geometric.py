@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge._geometric import karcher, model_stock, multislerp, nearswap, nuslerp, slerp
-from jmerge._tree import MergeInputError
+from jmerge.methods.geometric import karcher, model_stock, multislerp, nearswap, nuslerp, slerp
+from jmerge.core.tree import MergeInputError
 
 SHAPES = {"layers": {"0": {"w": (16, 12)}, "1": {"b": (7,)}}, "head": {"k": (3, 4, 5)}}
 RTOL, ATOL = 2e-6, 1e-6          # float32 vs float64 reference

@@ -1,4 +1,4 @@
-"""Tests of the learned merges (jmerge._learned) against independent NumPy references."""
+"""Tests of the learned merges (jmerge.learned) against independent NumPy references."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 import jmerge
-from jmerge._tree import MergeInputError
+from jmerge.core.tree import MergeInputError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_adamerging_layerwise_lowers_entropy_and_raises_accuracy():
     assert lam.min() >= 0.0 and lam.max() <= 1.0
     assert len(res.losses) == 150
     # minibatches are deterministic from the seed
-    from jmerge._learned._common import Batcher
+    from jmerge.learned.common import Batcher
     b1, b2 = (Batcher(xs, None, [64, 64], 32, 3, None) for _ in range(2))
     np.testing.assert_array_equal(b1.get(7)[1][0], b2.get(7)[1][0])
     assert not np.array_equal(b1.get(7)[1][0], b1.get(8)[1][0])
@@ -186,7 +186,7 @@ def test_adamerging_supervised_ce_and_simplex_and_atlas():
 
 
 def test_project_simplex_matches_numpy():
-    from jmerge._learned._common import project_simplex
+    from jmerge.learned.common import project_simplex
     rng = np.random.default_rng(5)
     v = rng.normal(size=(4, 7)).astype(np.float32)
 
@@ -286,7 +286,7 @@ def test_adamerging_nnx_linear_stack():
 
 
 def test_concrete_mask_matches_numpy_and_training_runs():
-    from jmerge._learned._concrete import concrete_mask
+    from jmerge.learned.concrete import concrete_mask
     key = jax.random.key(3)
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32)
     got = np.asarray(concrete_mask(logits, key, 0.5))

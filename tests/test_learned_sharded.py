@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(r'''
     import numpy as np
     import optax
     import jmerge
-    from jmerge._learned._common import Batcher
+    from jmerge.learned.common import Batcher
 
     assert len(jax.devices()) == 8, jax.devices()
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))

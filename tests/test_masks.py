@@ -404,7 +404,7 @@ def test_emr_rejects_bad_scope_and_inputs():
 
 
 def test_methods_registered_and_callable_without_arguments():
-    from jmerge import _masks
+    from jmerge.methods import masks as _masks
     assert {"consensus_ta", "consensus_ties", "tall_merge", "pcb", "emr"} <= set(jmerge.available_methods())
     base, models = _random_trees(T=3, seed=15, shapes={"w": (7,)})
     for name, f in _masks.METHODS.items():

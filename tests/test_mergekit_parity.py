@@ -26,8 +26,8 @@ import pytest
 import yaml
 
 import jmerge
-from jmerge._checkpoint._safetensors import open_checkpoint
-from jmerge._config import MERGEKIT_METHODS
+from jmerge.io.safetensors import open_checkpoint
+from jmerge.mergekit.config import MERGEKIT_METHODS
 from jmerge.cli import main
 
 REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))

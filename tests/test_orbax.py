@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jmerge._checkpoint import (
+from jmerge.io import (
     CheckpointError,
     convert,
     flat_to_nested,
@@ -173,7 +173,7 @@ def test_convert_tiny_model_loads_in_transformers(tmp_path, tiny_base):
 
 
 def test_failed_convert_leaves_nothing(tmp_path, monkeypatch):
-    import jmerge._checkpoint._orbax as orbax_mod
+    import jmerge.io.orbax as orbax_mod
 
     src = tmp_path / "hf"
     src.mkdir()
@@ -206,7 +206,7 @@ def test_restore_sharded_on_4_cpu_devices(tmp_path):
     code = textwrap.dedent(f"""
         import numpy as np, jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from jmerge._checkpoint import load_orbax
+        from jmerge.io import load_orbax
         assert len(jax.devices()) == 4, jax.devices()
         mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("a", "b"))
         sh = {{"w": NamedSharding(mesh, P("a", "b")), "b": NamedSharding(mesh, P("b"))}}

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import disjoint_merge, disjoint_merge_reference
+from jmerge.kernels import disjoint_merge, disjoint_merge_reference
 
 
 def ref_disjoint(tau, keep, w, by_weight=False):

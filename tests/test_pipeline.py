@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge._checkpoint._safetensors import open_checkpoint
-from jmerge._config import parse_config
-from jmerge._pipeline import plan_summary, run_merge
+from jmerge.io.safetensors import open_checkpoint
+from jmerge.mergekit.config import parse_config
+from jmerge.pipeline.executor import plan_summary, run_merge
 
 
 def _read_all(path):

@@ -1,4 +1,4 @@
-"""Exact top-k masks (jmerge._select) against a NumPy reference: stable argsort on -x."""
+"""Exact top-k masks (jmerge.core.select) against a NumPy reference: stable argsort on -x."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge import _select as S
-from jmerge._core import transform
+from jmerge.core import select as S
+from jmerge.core.driver import transform
 
 SHAPES = [(1,), (7,), (16, 12), (3, 4, 5), (41, 33)]
 

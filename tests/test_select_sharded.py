@@ -10,7 +10,7 @@ SCRIPT = textwrap.dedent(r"""
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np, jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jmerge import _select as S
+    from jmerge.core import select as S
     assert len(jax.devices()) == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("x",))
     rng = np.random.default_rng(0)

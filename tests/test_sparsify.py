@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge._basic import weighted_sum
-from jmerge._core import chain
-from jmerge._sparsify import breadcrumbs_drop, dare, della_drop, trim
-from jmerge._tree import MergeInputError, leaves_with_paths
+from jmerge.methods.basic import weighted_sum
+from jmerge.core.driver import chain
+from jmerge.methods.sparsify import breadcrumbs_drop, dare, della_drop, trim
+from jmerge.core.tree import MergeInputError, leaves_with_paths
 from tests._trees import k_round, np_taus, np_topk, small_tree
 
 SHAPES = {"a": (7,), "b": {"c": (16, 12)}, "d": (3, 4, 5)}
@@ -307,7 +307,7 @@ def test_della_formula_given_mask(dtype, rescale):
 def test_della_ranks_with_ties_match_numpy_stable_argsort():
     """Magnitude ranks (int32 key sorts) equal NumPy's stable double argsort of |x|, with heavy ties:
     values rounded to a few levels, both signs of equal magnitudes, +0 and -0, rows of 1 and 3001."""
-    from jmerge._sparsify import _magnitude_ranks, della_keep_probs
+    from jmerge.methods.sparsify import _magnitude_ranks, della_keep_probs
     rng = np.random.default_rng(21)
     for shape in ((2, 5, 3001), (3, 7, 1), (2, 40, 64)):
         x = np.round(rng.normal(size=shape) * 4) / 4

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge._spectral import iso_c, tsv_m, tsv_rank
+from jmerge.methods.spectral import iso_c, tsv_m, tsv_rank
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge._core import chain
-from jmerge._ties import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear,
+from jmerge.core.driver import chain
+from jmerge.methods.ties import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear,
                           disjoint_merge, elect_sign, magmax, sce, ties)
-from jmerge._tree import MergeInputError, leaves_with_paths
+from jmerge.core.tree import MergeInputError, leaves_with_paths
 from tests._trees import k_round, np_taus, small_tree
 from tests._trees import np_topk as np_topk_mask
 

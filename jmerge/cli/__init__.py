@@ -1,0 +1,2 @@
+from .main import main, parse_size
+__all__ = ["main", "parse_size"]

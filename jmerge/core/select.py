@@ -1,0 +1,661 @@
+"""Exact top-k selection by magnitude without a full sort.
+
+Interface contract (other modules rely on it):
+
+* ``topk_mask(x, k)``: bool mask of ``x``'s shape with exactly ``k`` True entries at the ``k``
+  largest values of ``x`` (flattened); ties broken by the lowest flat index. ``k`` may be a traced
+  integer scalar; ``k <= 0`` gives all False, ``k >= x.size`` all True.
+* ``topk_mask_rows(x, k, magnitude=False)``: the same for each row ``x[t]`` of a ``(T, ...)`` array,
+  with ``k`` of shape ``(T,)`` (TIES trims each task vector separately); ``magnitude=True`` ranks
+  ``|x|`` without materializing it.
+* ``density_to_k(density, n)``: ``round(density * n)`` as int32 (traced-friendly).
+* ``global_topk_phases(name, density_key)``: StatsPhases computing, over all leaves, the per-task
+  global top-k of ``|state.tau|`` (k = density * total size of each task vector). After them,
+  ``global_topk_mask(state, name)`` returns this leaf's ``(T, *shape)`` bool mask.
+
+How it works. Values are ranked by an int32 order key of their float32 bit pattern (``a < b`` iff
+``key(a) < key(b)``; ``-0.0 == 0.0``; NaN counts as +inf), so every step is an exact integer
+comparison or count and the result does not depend on how ``x`` is sharded. Per row we look for the
+k-th largest key ``v`` with ``G(t) = #{key >= t}``:
+
+1. a strided sample of about 4096 keys is sorted (int32 sorts are cheap at that size) and five of its
+   order statistics around the expected rank of ``v`` are the first thresholds;
+2. each pass counts ``G`` at five thresholds at once: the five comparisons of an element are packed
+   into 6-bit fields of one int32, summed over blocks of 32 (so no field overflows), and the block
+   sums are unpacked two fields at a time. The same variadic reduction returns the largest key below
+   the bracket's upper end and the smallest above its lower end (the "snaps"). The bracket
+   ``lo <= v < hi`` (``G(lo) >= k > G(hi)``) shrinks to the thresholds around ``k``; the next
+   thresholds are interpolated in key space from the counts (spread by the expected error), or split
+   the bracket evenly when the last pass did not halve the number of entries inside; the snaps of
+   the last pass replace the outer two. Every pass moves an end of the bracket, so the loop ends.
+3. It stops when some threshold has ``G(t) == k`` (the mask is ``key >= t``: no ties to break) or
+   the bracket holds one key ``v`` (then ``q = k - #(key > v)`` of the entries equal to ``v`` are kept,
+   the first ``q`` in flat order: block counts of equal keys locate the cut position).
+
+On smooth data this takes 4-5 passes, each about the cost of reading the data once; heavy ties
+(bfloat16 task vectors, exact zeros) up to about 9. XLA:CPU materializes the operand of a long
+reduction (its tree-reduction rewrite), so every reduction here runs over blocks of 32 first, and
+the key transform carries a loop-variant operand so that it is not hoisted out of the loop and
+materialized as a full-size int32 copy. The result is a per-row threshold ``(v, cut)`` (keep
+``key > v``, and ``key == v`` before flat position ``cut``), so the mask is elementwise and XLA fuses
+it into its consumers: TIES reads the task vectors once more in its final pass instead of writing
+and reading a masked copy.
+
+The global (whole-model) selection uses radix histograms across leaves: phase 1 collects per task a
+65536-bin histogram of the high 16 bits of ``|tau|`` per leaf, the host sums them and finds the
+boundary bin; phase 2 collects per leaf the histogram of the low 16 bits inside that bin, the host
+finds the exact threshold and splits the quota of tied entries across leaves in leaf order (ties are
+broken by leaf order, then by flat index). Only histograms leave the device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .driver import MergeState, StatsPhase, _materialized
+from .tree import MergeInputError
+
+__all__ = ["topk_mask", "topk_mask_rows", "density_to_k", "global_topk_phases", "global_topk_mask"]
+
+_I32_MIN = np.int32(np.iinfo(np.int32).min)
+_I32_MAX = np.int32(np.iinfo(np.int32).max)
+_ABS = np.int32(0x7FFFFFFF)
+_INF_KEY = np.int32(0x7F800000)  # key of +inf; NaN gets it too (NaN counts as +inf)
+_TOP = np.int32(0x7F800001)  # above every key: G(_TOP) == 0
+_NEG_INF_KEY = np.int32(np.int32(np.float32(-np.inf).view(np.int32)) ^ _ABS)  # the lowest key
+
+_W = 32  # block of the packed count: fields never exceed 32
+_BITS = 6  # bits per packed field
+_J = 5  # thresholds per pass (5 fields x 6 bits in an int32)
+_SAMPLE = 4096  # target sample size for the first thresholds
+_SORT_MAX = 2048  # rows up to this length are simply sorted
+_CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard deviations
+_CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
+_UNHOIST = 16384  # entries of the float sum that keeps XLA:CPU from running the loop single-threaded
+_UNHOIST_MIN = 65536  # rows at least this long need it (shorter loops are cheap either way)
+
+
+def density_to_k(density, n: int) -> jax.Array:
+    """Number of entries kept at ``density``: ``round(density * n)`` as int32 (traced-friendly)."""
+    return jnp.round(jnp.asarray(density, jnp.float32) * n).astype(jnp.int32)
+
+
+def _keys(x: jax.Array, magnitude: bool = False) -> jax.Array:
+    """Order-preserving int32 keys of float values (as float32): a < b  <=>  key(a) < key(b).
+
+    ``magnitude``: keys of ``|x|``.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    b = lax.bitcast_convert_type(x, jnp.int32)
+    a = b & _ABS
+    if magnitude:
+        return jnp.minimum(a, _INF_KEY)  # +0 == -0; NaN == +inf
+    k = b ^ ((b >> 31) & _ABS)  # negative floats: flip the magnitude bits
+    k = jnp.where(a == 0, np.int32(0), k)  # -0.0 == 0.0
+    return jnp.where(a > _INF_KEY, _INF_KEY, k)
+
+
+def _guard(a: jax.Array, m) -> jax.Array:
+    """``a`` itself, made loop-variant to XLA when ``m`` is a loop-carried copy of a nonzero int32.
+
+    Inside the search loop every read of the data goes through this bit-exact select, so XLA
+    cannot hoist the key transform (or the building of ``tau`` from the models) out of the loop and
+    materialize it as a full-size copy. Outside loops ``m`` is the constant ``_ABS`` and ``a`` is
+    returned as is.
+    """
+    if isinstance(m, np.integer):
+        return a
+    return jnp.where(m != 0, a, jnp.zeros((), a.dtype))
+
+
+def _rows_fn(x: jax.Array):
+    """The data source of a materialized (R, n) array: ``guard -> [x[0], ..., x[R-1]]``."""
+    return lambda g: [g(x[t]) for t in range(x.shape[0])]
+
+
+def _stacked(xs) -> jax.Array:
+    """The (R, n) float32 array of a data source (outside loops)."""
+    return jnp.stack([jnp.asarray(r, jnp.float32).reshape(-1) for r in xs(lambda a: a)])
+
+
+def _u32(a):
+    return lax.bitcast_convert_type(a, jnp.uint32)
+
+
+def _i32(a):
+    return lax.bitcast_convert_type(a, jnp.int32)
+
+
+def _blocks(x: jax.Array):
+    """(R, n) -> main part as (R, n0 / _W, _W) and the tail (R, n - n0), n0 = n rounded down.
+
+    ``x`` may also be (R, *shape): when the last dimension is a multiple of ``_W`` the blocks split
+    only that dimension, ``(R, *shape[:-1], L / _W, _W)``, and there is no tail. (Splitting the
+    flattened row instead makes JAX 0.12's XLA:CPU compute each element's row and column with a
+    division inside the search loop: measured 4x slower.)
+    """
+    if x.ndim > 2 and x.shape[-1] % _W == 0:
+        return x.reshape(x.shape[:-1] + (x.shape[-1] // _W, _W)), x.reshape(x.shape[0], -1)[:, :0]
+    x = x.reshape(x.shape[0], -1)
+    R, n = x.shape
+    n0 = n // _W * _W
+    return x[:, :n0].reshape(R, n0 // _W, _W), x[:, n0:]
+
+
+def _sum_rows(s: jax.Array) -> jax.Array:
+    """Sum of a (R, m) int32 array over its last axis."""
+    return jnp.sum(s, axis=1, dtype=jnp.int32)
+
+
+def _block_counts(b: jax.Array) -> jax.Array:
+    """True entries of a (R, n) bool array per block of ``_W`` (the tail's count last), (R, blocks).
+
+    Counting over blocks first keeps XLA:CPU from materializing the operand of a long reduction;
+    the no-op mask keeps it from merging the two levels back into one.
+    """
+    main, tail = _blocks(b.astype(jnp.int32))
+    parts = []
+    if main.shape[1]:
+        parts.append(jnp.sum(main, axis=2, dtype=jnp.int32) & np.int32(2 * _W - 1))
+    if tail.shape[1]:
+        parts.append(_sum_rows(tail)[:, None])
+    return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def _count_rows(b: jax.Array) -> jax.Array:
+    """Number of True entries per row of a (R, n) bool array (over blocks first, see above)."""
+    return _sum_rows(_block_counts(b))
+
+
+def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
+    """Column sums of the ``J`` ``_BITS``-bit fields of ``s`` (R, M) (each field <= ``_W``), (R, J) int32.
+
+    Fields ``j`` and ``j + 2`` are moved into two slots twice as wide, so groups of block sums add up
+    without overflow before the slots are separated: about J / 4 passes over ``s`` instead of J.
+    """
+    R, M = s.shape
+    slot = 2 * _BITS
+    fmask = (1 << _BITS) - 1
+    G = (1 << slot) // (2 * _W)  # block sums per group: a slot never exceeds half its range
+    Mp = -(-M // G) * G
+    groups = [(j, j + 2) if j + 2 < J else (j,) for j in range(J) if j % 4 < 2]
+    fields = {}
+    for grp in groups:
+        spread = np.int32(sum(fmask << (slot * i) for i in range(len(grp))))
+        part = (s >> (_BITS * grp[0])) & spread
+        part = jnp.pad(part, ((0, 0), (0, Mp - M))).reshape(R, Mp // G, G)
+        g = jnp.sum(part, axis=2, dtype=jnp.int32) & np.int32((1 << (slot * len(grp))) - 1)
+        for i, j in enumerate(grp):
+            fields[j] = _sum_rows((g >> (slot * i)) & ((1 << slot) - 1))
+    return jnp.stack([fields[j] for j in range(J)], 1)
+
+
+def _count_pass(x, ts, lo, hi, magnitude):
+    """Counts at six thresholds (``counts[:, j] = #{key >= ts[:, j]}``) and the two snaps
+    ``below = max{key < hi}`` and ``above = min{key > lo}`` per row, in one read of ``x``."""
+    R = x.shape[0]
+    J = ts.shape[1]
+    assert J == _J
+    main, tail = _blocks(x)
+    counts = jnp.zeros((R, J), jnp.int32)
+    below = jnp.full((R,), _I32_MIN, jnp.int32)
+    above = jnp.full((R,), _I32_MAX, jnp.int32)
+    if main.size:
+        km = _keys(main, magnitude)
+        col = lambda a: a.reshape((R,) + (1,) * (main.ndim - 1))
+        packed = sum((km >= col(ts[:, j])).astype(jnp.int32) << (_BITS * j) for j in range(J))
+        lo3, hi3 = col(lo), col(hi)
+        s, mx, mn = lax.reduce((packed, jnp.where(km < hi3, km, _I32_MIN), jnp.where(km > lo3, km, _I32_MAX)),
+                               (np.int32(0), _I32_MIN, _I32_MAX),
+                               lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.minimum(a[2], b[2])),
+                               (main.ndim - 1,))
+        s, mx, mn = (a.reshape(R, -1) for a in (s, mx, mn))
+        counts = counts + _unpack_counts(s, J)
+        below = jnp.maximum(below, jnp.max(mx, axis=1))
+        above = jnp.minimum(above, jnp.min(mn, axis=1))
+    if tail.shape[1]:
+        kt = _keys(tail, magnitude)
+        counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
+        below = jnp.maximum(below, jnp.max(jnp.where(kt < hi[:, None], kt, _I32_MIN), axis=1))
+        above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
+    return counts, below, above
+
+
+def _first_thresholds(rows, k, magnitude):
+    """Six keys of a sorted strided sample around the expected rank of the k-th largest."""
+    rows = [r.reshape(-1) for r in rows]
+    n = rows[0].shape[0]
+    stride = max(1, n // _SAMPLE)
+    sk = jnp.sort(_keys(jnp.stack([r[::stride] for r in rows]), magnitude), axis=1)
+    M = sk.shape[1]
+    q = k.astype(jnp.float32) / n
+    pos = (1.0 - q) * M  # ascending sample position of the k-th largest
+    sd = jnp.sqrt(M * q * (1.0 - q)) + 1.0
+    idx = jnp.round(pos[:, None] + sd[:, None] * jnp.asarray(_CS0, jnp.float32)[None])
+    return jnp.take_along_axis(sk, jnp.clip(idx.astype(jnp.int32), 0, M - 1), 1)
+
+
+def _next_thresholds(lo, glo, hi, ghi, even, below, above, k):
+    """Six keys strictly inside (lo, hi): interpolated around the estimated k-th key (or an even
+    split), with the outer two replaced by the snaps of the last pass when they lie inside."""
+    D = _u32(hi) - _u32(lo)  # >= 2 for rows still searching
+    Df = D.astype(jnp.float32)
+    m = jnp.maximum(glo - ghi, 1).astype(jnp.float32)  # entries in [lo, hi)
+    est = Df * ((glo - k).astype(jnp.float32) + 0.5) / m
+    err = 0.5 * Df * lax.rsqrt(m) + 1.0  # expected error of est, in keys
+    off = est[:, None] + err[:, None] * jnp.asarray(_CS, jnp.float32)[None]
+    grid = Df[:, None] * (jnp.arange(1, _J + 1, dtype=jnp.float32) / (_J + 1))[None]
+    off = jnp.where(even[:, None], grid, off)
+    off = jnp.clip(off, 1.0, 4.0e9).astype(jnp.uint32)
+    enum = jnp.arange(1, _J + 1, dtype=jnp.uint32)[None]  # tiny brackets: every key inside
+    small = D <= _J + 1
+    off = jnp.where(small[:, None], enum, off)
+    off = jnp.clip(off, 1, jnp.maximum(D, 2)[:, None] - 1)
+    ts = _i32(_u32(lo)[:, None] + off)
+    inside = lambda t: (t > lo) & (t < hi) & ~small
+    ts = ts.at[:, 0].set(jnp.where(inside(above), above, ts[:, 0]))
+    return ts.at[:, _J - 1].set(jnp.where(inside(below), below, ts[:, _J - 1]))
+
+
+def _narrow(state, ts, counts, below, above, k):
+    """New bracket from the counts at ``ts`` and the snaps (both relative to the old bracket)."""
+    lo, glo, hi, ghi = state[:4]
+    ge = counts >= k[:, None]
+    nlo = jnp.maximum(jnp.max(jnp.where(ge, ts, _I32_MIN), axis=1), lo)
+    nglo = jnp.where(nlo == lo, glo, jnp.min(jnp.where(ge & (ts == nlo[:, None]), counts, _I32_MAX), axis=1))
+    nhi = jnp.minimum(jnp.min(jnp.where(ge, _I32_MAX, ts), axis=1), hi)
+    nghi = jnp.where(nhi == hi, ghi, jnp.max(jnp.where(~ge & (ts == nhi[:, None]), counts, -1), axis=1))
+    # No key lies in (below, hi): G(below + 1) == G(hi), so hi may drop to below + 1.
+    nhi = jnp.where((nhi == hi) & (below >= nlo), below + 1, nhi)
+    # No key lies in (lo, above): if that covers the new bracket, the k-th key is lo itself.
+    nhi = jnp.where((nlo == lo) & (above >= nhi), lo + 1, nhi)
+    even = (nglo - nghi) * 2 > (glo - ghi)  # fewer than half the entries left the bracket
+    return nlo, nglo, nhi, nghi, even, below, above
+
+
+def _search(xs, k, magnitude):
+    """Per row, a key ``t`` with ``G(t) == k``, else the k-th largest key ``v`` (with ties at it).
+
+    ``xs(guard)`` returns the data as a list of R rows (float32, each of ``n`` entries in any shape,
+    flat order is row-major) with every input
+    wrapped in ``guard`` (see :func:`_guard`); it is rebuilt on every pass, and each row is counted
+    by its own reduction, so data computed from other arrays (``tau`` from the models) is read from
+    those arrays without being materialized (one stacked reduction would put a concatenate, which
+    XLA:CPU does not vectorize, in the loop).
+
+    Returns ``(v, gt, ge)``: keep ``key > v`` (``gt`` entries) and the first ``k - gt`` of the
+    ``ge - gt`` entries equal to ``v``. When a threshold ``t`` hit ``k`` exactly, ``v = t - 1`` and
+    ``gt == k``.
+    """
+    rows0 = xs(lambda a: a)
+    R, n = len(rows0), rows0[0].size
+    z = jnp.zeros((R,), jnp.int32)
+    lo = jnp.full((R,), _NEG_INF_KEY, jnp.int32)
+    hi = jnp.full((R,), _TOP, jnp.int32)
+    state = (lo, z + n, hi, z, jnp.zeros((R,), bool), hi, lo)  # no snaps yet (outside every bracket)
+
+    def done(s):
+        lo, glo, hi = s[:3]
+        return (glo == k) | (_u32(hi) - _u32(lo) <= 1)
+
+    def row_pass(t, s, ts, m, fin):
+        # Rows that are done skip their pass (their results are discarded below).
+        def run():
+            r = jnp.asarray(xs(lambda a: _guard(a, m))[t], jnp.float32)
+            return _count_pass(r[None], ts[t:t + 1], s[0][t:t + 1], s[2][t:t + 1], magnitude)
+
+        skip = lambda: (jnp.zeros((1, _J), jnp.int32), jnp.full((1,), _I32_MIN), jnp.full((1,), _I32_MAX))
+        return lax.cond(fin[t], skip, run)
+
+    def body(carry):
+        s, ts, m = carry
+        fin = done(s)
+        parts = [row_pass(t, s, ts, m, fin) for t in range(R)]
+        counts, below, above = (jnp.concatenate(z) for z in zip(*parts))
+        new = _narrow(s, ts, counts, below, above, k)
+        s = tuple(jnp.where(fin, a, b) for a, b in zip(s, new))
+        never = counts[0, 0] < 0  # always false, but XLA cannot tell
+        if n >= _UNHOIST_MIN:
+            # XLA:CPU (JAX >= 0.11) runs a while loop whose estimated bytes accessed are small as one
+            # single-threaded kernel, and it estimates our integer counting passes as small: a float
+            # sum over a few thousand entries makes the estimate honest (measured: the search on a
+            # 2.9M-entry leaf 4x slower on 2 cores without it).
+            touch = jnp.sum(jnp.asarray(xs(lambda a: _guard(a, m))[0], jnp.float32).reshape(-1)[:_UNHOIST])
+            never = never & (touch != 0)
+        m = jnp.where(never, 0, m)  # always m, but loop-variant to XLA (see _guard)
+        return s, _next_thresholds(*s, k), m
+
+    # The sample is taken inside a conditional that reads the source's inputs: outside one, XLA
+    # would share the data's expression with the caller's (unmaterialized) uses and materialize it.
+    # The probe is computed from the first element of each input, not sliced from the full-size
+    # data (which would make XLA materialize the data for its two users).
+    first = _materialized(
+        lambda: _first_thresholds([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)], k, magnitude),
+        xs(lambda a: jnp.ravel(a)[:1])[0])
+    carry = (state, first, jnp.int32(_ABS))
+    state = lax.while_loop(lambda c: ~jnp.all(done(c[0])), body, carry)[0]
+    lo, glo, hi, ghi = state[:4]
+    exact = glo == k
+    return jnp.where(exact, lo - 1, lo), jnp.where(exact, glo, ghi), glo
+
+
+def _sorted_kth(x, k, magnitude):
+    """The same result for short rows, from a full sort of the keys."""
+    keys = _keys(x, magnitude)
+    n = keys.shape[1]
+    srt = jnp.sort(keys, axis=1)
+    v = jnp.take_along_axis(srt, (n - k)[:, None], 1)
+    gt = jnp.sum(keys > v, axis=1, dtype=jnp.int32)
+    ge = jnp.sum(keys >= v, axis=1, dtype=jnp.int32)
+    return v[:, 0], gt, ge
+
+
+def _tie_cut(x, v, quota, magnitude):
+    """Per row, the position after the ``quota``-th entry with key ``v`` (flat order)."""
+    R, n = x.shape
+    vv = v[:, None]
+    c1 = _block_counts(_keys(x, magnitude) == vv)  # counts per block of _W (tail last)
+    B = 256
+    nb1 = c1.shape[1]
+    nb2 = -(-nb1 // B)
+    c1p = jnp.pad(c1, ((0, 0), (0, nb2 * B - nb1)))
+    c2 = _sum_rows(c1p.reshape(R * nb2, B)).reshape(R, nb2)
+    inc2 = jnp.cumsum(c2, axis=1)
+    b2 = jnp.clip(jnp.sum(inc2 < quota[:, None], axis=1, dtype=jnp.int32), 0, nb2 - 1)
+    rem = quota - jnp.take_along_axis(inc2 - c2, b2[:, None], 1)[:, 0]
+    seg = jnp.take_along_axis(c1p, b2[:, None] * B + jnp.arange(B, dtype=jnp.int32)[None], 1)
+    inc1 = jnp.cumsum(seg, axis=1)
+    j1 = jnp.clip(jnp.sum(inc1 < rem[:, None], axis=1, dtype=jnp.int32), 0, B - 1)
+    rem = rem - jnp.take_along_axis(inc1 - seg, j1[:, None], 1)[:, 0]
+    blk = b2 * B + j1  # block of _W entries holding the cut (the tail block when blk == n // _W)
+    idx = blk[:, None] * _W + jnp.arange(_W, dtype=jnp.int32)[None]
+    vals = jnp.take_along_axis(x, jnp.clip(idx, 0, n - 1), 1)
+    hit = (_keys(vals, magnitude) == vv) & (idx < n)
+    inc0 = jnp.cumsum(hit.astype(jnp.int32), axis=1)
+    return blk * _W + jnp.sum(inc0 < rem[:, None], axis=1, dtype=jnp.int32) + 1
+
+
+def _tie_cuts(xs, v, quota, eq, magnitude):
+    """Per row, the cut position ``c`` such that ``key > v`` plus ``key == v`` before ``c`` (flat
+    order) keeps exactly ``quota`` of the ``eq`` entries equal to ``v``.
+
+    Rows that keep all of their ties get ``n``, rows that keep none ``0``; only when some row keeps
+    a part of them does a conditional read the data once more to locate the cut
+    (:func:`_tie_cut`). ``xs`` is a data source (see :func:`_search`).
+    """
+    n = jax.eval_shape(lambda: _stacked(xs)).shape[1]
+    partial = (quota > 0) & (quota < eq)
+    whole = jnp.where(quota > 0, np.int32(n), np.int32(0))
+
+    def cut():
+        x = _stacked(xs)
+        return jnp.where(partial, _tie_cut(x, v, jnp.where(partial, quota, 1), magnitude), whole)
+
+    return lax.cond(jnp.any(partial), cut, lambda: whole)
+
+
+def _threshold_mask(x, v, cut, magnitude):
+    """The elementwise top-k mask from :func:`_row_thresholds`: ``key > v``, and ``key == v`` at flat
+    positions below ``cut``. Elementwise, so XLA fuses it into its consumers (a merge reads the task
+    vectors once more instead of a materialized mask and masked copy).
+
+    ``x`` is rows ``(R, *shape)`` with ``v`` and ``cut`` of shape ``(R,)``, or one row of any shape
+    with scalar ``v`` and ``cut``; flat positions count within a row (row-major).
+    """
+    lead = jnp.ndim(v)
+    keys = _keys(x, magnitude)
+    pos = jnp.zeros(x.shape, jnp.int32)
+    stride = 1
+    for d in reversed(range(lead, x.ndim)):
+        pos = pos + lax.broadcasted_iota(jnp.int32, x.shape, d) * np.int32(stride)
+        stride *= x.shape[d]
+    col = lambda a: jnp.reshape(a, jnp.shape(a) + (1,) * (x.ndim - lead))
+    return (keys > col(v)) | ((keys == col(v)) & (pos < col(cut)))
+
+
+def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
+    """Row-wise top-k as ``(v, cut)`` for :func:`_threshold_mask`; ``xs`` an (R, n) array (any float
+    dtype) or a data source ``guard -> (R, n)`` (see :func:`_search`)."""
+    if not callable(xs):
+        xs = _rows_fn(jnp.asarray(xs, jnp.float32))
+    R, n = jax.eval_shape(lambda: _stacked(xs)).shape
+    k = jnp.asarray(k).astype(jnp.int32)
+    kc = jnp.clip(k, 1, n)
+    if n <= _SORT_MAX:
+        v, gt, ge = _sorted_kth(_stacked(xs), kc, magnitude)
+    else:
+        v, gt, ge = _search(xs, kc, magnitude)
+    # k <= 0: a threshold above every key keeps nothing; k >= n: one below every key keeps all.
+    v = jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v))
+    gt = jnp.where(k <= 0, 0, jnp.where(k >= n, n, gt))
+    ge = jnp.where((k <= 0) | (k >= n), gt, ge)
+    return v, _tie_cuts(xs, v, jnp.maximum(k, 0) - gt, ge - gt, magnitude)
+
+
+def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array:
+    """Row-wise top-k mask of (R, n) values, k (R,)."""
+    x = jnp.asarray(x, jnp.float32)
+    v, cut = _row_thresholds(x, k, magnitude)
+    return _threshold_mask(x, v, cut, magnitude)
+
+
+def topk_keep_rows(x: jax.Array, k, *, magnitude: bool = False, rebuild=None):
+    """``(where(mask, x, 0), mask)`` for :func:`topk_mask_rows`'s mask, ``x`` of shape ``(T, ...)``.
+
+    Both are elementwise in ``x`` once the per-row thresholds are known, so XLA fuses them into
+    whatever consumes them (TIES' sign election and disjoint merge read ``x`` instead of a masked
+    copy). The values are float32.
+
+    ``rebuild``: optional ``guard -> [x[0], ..., x[T-1]]`` recomputing the rows of ``x`` from the
+    arrays they derive from, each wrapped in ``guard`` (e.g. ``tau[t] = model_t - base``). The
+    counting passes then read those arrays directly, and ``x`` is never materialized.
+    """
+    x = jnp.asarray(x)
+    T = x.shape[0]
+    k = jnp.broadcast_to(jnp.asarray(k), (T,))
+    if x.size == 0:
+        return jnp.zeros(x.shape, jnp.float32), jnp.zeros(x.shape, bool)
+    if rebuild is None:
+        xs = _rows_fn(jnp.asarray(x, jnp.float32).reshape(T, -1))
+    else:
+        xs = lambda g: [jnp.asarray(r, jnp.float32) for r in rebuild(g)]
+    v, cut = _row_thresholds(xs, k, magnitude)
+    x = jnp.asarray(x, jnp.float32)
+    # Per row and in x's shape (no reshape of the stack), so that XLA folds a consumer's x[t] into
+    # this row's expression and fuses everything from the inputs of x to the consumer.
+    masks = [_threshold_mask(x[t], v[t], cut[t], magnitude) for t in range(T)]
+    kept = jnp.stack([jnp.where(mt, x[t], np.float32(0)) for t, mt in enumerate(masks)])
+    return kept, jnp.stack(masks)
+
+
+def topk_mask(x: jax.Array, k) -> jax.Array:
+    """Mask of the ``k`` largest entries of ``x`` (flattened), exact and without a full sort.
+
+    Args:
+      x: array of any shape; compared as float32 (``-0.0 == 0.0``; NaN counts as the largest).
+        Usually ``|tau|``.
+      k: number of entries to keep: a Python int or a traced integer scalar (no recompile when it
+        changes). ``k <= 0`` keeps nothing, ``k >= x.size`` keeps everything.
+
+    Returns:
+      A bool array of ``x``'s shape with exactly ``clip(k, 0, x.size)`` True entries; among equal
+      values the lowest flat indices are kept.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
+    (NeurIPS 2023) (the trim step this selection serves).
+    """
+    x = jnp.asarray(x)
+    if x.size == 0:
+        return jnp.zeros(x.shape, bool)
+    k = jnp.asarray(k)
+    if k.ndim != 0:
+        raise MergeInputError(f"topk_mask: k must be a scalar, got shape {k.shape}; use topk_mask_rows "
+                              "for one k per row.")
+    return _topk_rows(x.reshape(1, -1), k.reshape(1)).reshape(x.shape)
+
+
+def topk_mask_rows(x: jax.Array, k, *, magnitude: bool = False) -> jax.Array:
+    """Per-row :func:`topk_mask`: row ``t`` of ``x`` (shape ``(T, ...)``) keeps its ``k[t]`` largest.
+
+    Args:
+      x: array of shape ``(T, ...)``; each ``x[t]`` is flattened and selected separately.
+      k: integer scalar or ``(T,)`` array (may be traced).
+      magnitude: rank ``|x|`` instead of ``x`` (cheaper than passing ``jnp.abs(x)``).
+
+    Returns:
+      A bool array of ``x``'s shape.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
+    (NeurIPS 2023).
+    """
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+        raise MergeInputError("topk_mask_rows: x must have a leading row axis (T, ...); got a scalar.")
+    T = x.shape[0]
+    k = jnp.asarray(k)
+    if k.ndim > 1 or (k.ndim == 1 and k.shape[0] != T):
+        raise MergeInputError(f"topk_mask_rows: k must be a scalar or shape ({T},), got shape {k.shape} "
+                              f"for x of shape {x.shape}.")
+    k = jnp.broadcast_to(k, (T,))
+    if x.size == 0:
+        return jnp.zeros(x.shape, bool)
+    return _topk_rows(x.reshape(T, -1), k, magnitude).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Global (whole-model) top-k per task.
+
+def _abs_u(tau: jax.Array) -> jax.Array:
+    """(T, n) uint32 order keys of |tau| (non-negative floats: the bit pattern is monotone)."""
+    T = tau.shape[0]
+    return lax.bitcast_convert_type(_keys(tau.reshape(T, -1), True), jnp.uint32)
+
+
+def _hist_rows(bins: jax.Array, nbins: int) -> jax.Array:
+    """Per-row histogram of int32 ``bins`` (R, n) in [0, nbins]; bin ``nbins`` is dropped."""
+    R = bins.shape[0]
+    # One flat index per entry (row-major bins): XLA:CPU's scatter-add is ~40% faster with a 1-D
+    # index than with (row, bin) pairs.
+    flat = (bins + jnp.arange(R, dtype=jnp.int32)[:, None] * np.int32(nbins + 1)).reshape(-1)
+    hist = jnp.zeros((R * (nbins + 1),), jnp.int32).at[flat].add(1, mode="drop")
+    return hist.reshape(R, nbins + 1)[:, :nbins]
+
+
+def _boundary(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """Highest bin b with (#above b + hist[b]) >= k, and #above b (host, int64)."""
+    above = np.cumsum(hist[::-1])[::-1] - hist
+    b = int(np.sum(above + hist >= k)) - 1
+    b = min(max(b, 0), hist.size - 1)
+    return b, int(above[b])
+
+
+def global_topk_phases(name: str = "global_topk", density_key: str = "density"):
+    """StatsPhases for a per-task top-k of ``|tau|`` over the whole model (all leaves together).
+
+    Each task vector keeps ``round(density * N)`` entries, ``N`` its total size over all leaves;
+    ``density`` is read from ``hp[density_key]`` (scalar or one per task, the same at every leaf).
+    Ties at the threshold are broken by leaf order, then by flat index. Read the leaf's mask with
+    :func:`global_topk_mask` in the update that follows.
+
+    Args:
+      name: stats name (two phases: ``name + "/hi"`` and ``name``).
+      density_key: hyperparameter holding the kept fraction.
+
+    Returns:
+      A tuple of two :class:`StatsPhase` to pass as ``stats=`` to :func:`jmerge._core.transform`.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
+    (NeurIPS 2023) (trim over the whole model per task).
+    """
+    hi_name = name + "/hi"
+
+    def collect_hi(state: MergeState, hp):
+        u = _abs_u(state.tau)
+        return _hist_rows((u >> 16).astype(jnp.int32), 65536)
+
+    def finalize_hi(collected, hps):
+        T = collected[0].shape[0]
+        hist = np.sum([np.asarray(c, np.int64) for c in collected], axis=0)  # (T, 65536)
+        total = int(hist[0].sum())
+        ks = _global_ks(hps, density_key, T, name, total)
+        b1 = np.array([_boundary(hist[t], int(min(max(ks[t], 1), max(total, 1))))[0] for t in range(T)],
+                      np.int32)
+        return [{"b1": jnp.asarray(b1)} for _ in collected]
+
+    def collect_lo(state: MergeState, hp):
+        u = _abs_u(state.tau)
+        b1 = state.stats[hi_name]["b1"]
+        h = (u >> 16).astype(jnp.int32)
+        inbin = jnp.where(h == b1[:, None], (u & np.uint32(0xFFFF)).astype(jnp.int32), 65536)
+        return {"hist": _hist_rows(inbin, 65536), "above": _count_rows(h > b1[:, None]),
+                "n": jnp.int32(h.shape[1]), "b1": b1}
+
+    def finalize_lo(collected, hps):
+        T = collected[0]["hist"].shape[0]
+        hists = np.stack([np.asarray(c["hist"], np.int64) for c in collected])  # (L, T, 65536)
+        hist = hists.sum(0)
+        above = np.sum([np.asarray(c["above"], np.int64) for c in collected], axis=0)
+        total = int(sum(int(c["n"]) for c in collected))
+        b1 = np.asarray(collected[0]["b1"], np.int64)
+        ks = _global_ks(hps, density_key, T, name, total)
+        v = np.zeros(T, np.int64)
+        quotas = np.zeros((len(collected), T), np.int64)
+        for t in range(T):
+            kt = int(ks[t])
+            if kt <= 0:
+                v[t] = int(_I32_MAX)  # nothing lies above it, and no quota
+                continue
+            if kt >= total:
+                v[t] = -1  # every key of |tau| (>= 0) lies above it
+                continue
+            b2, above2 = _boundary(hist[t], kt - int(above[t]))
+            v[t] = (int(b1[t]) << 16) | b2
+            q = kt - int(above[t]) - above2  # tied entries to keep, given to leaves in order
+            for i in range(len(collected)):
+                quotas[i, t] = min(int(hists[i, t, b2]), max(q, 0))
+                q -= quotas[i, t]
+        vj = jnp.asarray(v.astype(np.int32))
+        return [{"v": vj, "quota": jnp.asarray(quotas[i].astype(np.int32))} for i in range(len(collected))]
+
+    return (StatsPhase(hi_name, collect_hi, finalize_hi), StatsPhase(name, collect_lo, finalize_lo))
+
+
+def _global_ks(hps, key: str, T: int, name: str, total: int) -> np.ndarray:
+    dens = _global_density(hps, key, T, name).astype(np.float64)
+    return np.round(dens * total).astype(np.int64)
+
+
+def _global_density(hps, key: str, T: int, name: str) -> np.ndarray:
+    if not hps or key not in hps[0]:
+        raise MergeInputError(f"global top-k '{name}' reads hyperparameter '{key}', which the method does not have.")
+    vals = [np.broadcast_to(np.asarray(hp[key], np.float32), (T,)) for hp in hps]
+    first = vals[0]
+    for i, v in enumerate(vals[1:], 1):
+        if not np.array_equal(v, first):
+            raise MergeInputError(
+                f"global top-k '{name}': '{key}' differs between leaves (leaf 0: {first.tolist()}, leaf {i}: "
+                f"{v.tolist()}); a whole-model selection needs one {key} per task. Use a constant, or a "
+                "per-tensor trim for per-layer values.")
+    if np.any(first < 0) or np.any(first > 1) or not np.all(np.isfinite(first)):
+        raise MergeInputError(f"global top-k '{name}': '{key}' = {first.tolist()} must lie in [0, 1].")
+    return first
+
+
+def global_topk_mask(state: MergeState, name: str = "global_topk") -> jax.Array:
+    """This leaf's ``(T, *shape)`` bool mask from :func:`global_topk_phases` statistics.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
+    (NeurIPS 2023).
+    """
+    st = state.stats[name]
+    T = state.tau.shape[0]
+    if state.tau.size == 0:
+        return jnp.zeros(state.tau.shape, bool)
+    x = jnp.asarray(state.tau, jnp.float32).reshape(T, -1)
+    v = jnp.asarray(st["v"], jnp.int32)
+    quota = jnp.asarray(st["quota"], jnp.int32)
+    eq = _count_rows(_keys(x, True) == v[:, None])
+    return _threshold_mask(x, v, _tie_cuts(_rows_fn(x), v, quota, eq, True), True).reshape(state.tau.shape)

@@ -1,0 +1,3 @@
+"""mergekit"""
+from .config import *  # noqa
+from .config import __all__

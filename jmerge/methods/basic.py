@@ -1,0 +1,91 @@
+"""Aggregation and scaling steps, and the methods built only from them.
+
+References: Wortsman et al., "Model soups" (ICML 2022); Ilharco et al., "Editing Models with Task
+Arithmetic" (ICLR 2023).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ..core.driver import MergeState, chain, transform
+from ..core.driver import model_sum
+
+__all__ = ["per_model", "weighted_sum", "scale", "linear", "task_arithmetic", "negation"]
+
+
+def per_model(hp_value, state: MergeState) -> jnp.ndarray:
+    """Broadcast a scalar or per-model hyperparameter to shape ``(T, 1, ..., 1)`` for ``tau``."""
+    v = jnp.broadcast_to(jnp.asarray(hp_value, jnp.float32), (state.num_models,))
+    return v.reshape((state.num_models,) + (1,) * (state.tau.ndim - 1))
+
+
+def _weighted_sum(state: MergeState, hp, *, normalize: bool) -> MergeState:
+    w = per_model(hp["weight"], state)
+    total = model_sum(w * state.tau)
+    if normalize:
+        total = total / jnp.sum(w)
+    return state.replace(merged=total)
+
+
+def weighted_sum(weight=1.0, normalize: bool = False):
+    """Aggregate: ``merged = sum_t w_t tau_t`` (divided by ``sum_t w_t`` when ``normalize``).
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
+    """
+    return transform("weighted_sum", _weighted_sum, hparams={"weight": weight}, static={"normalize": normalize})
+
+
+def _scale(state: MergeState, hp) -> MergeState:
+    return state.replace(merged=hp["scale"] * state.merged)
+
+
+def scale(scale=1.0):
+    """Multiply the merged task vector by ``scale`` (the paper's lambda).
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
+    """
+    return transform("scale", _scale, hparams={"scale": scale})
+
+
+def _linear(state: MergeState, hp, *, normalize: bool) -> MergeState:
+    w = per_model(hp["weight"], state)
+    avg = model_sum(w * state.models())
+    if normalize:
+        avg = avg / jnp.sum(w)
+    return state.replace(merged=avg - state.base)
+
+
+def linear(weight=1.0, normalize: bool = True):
+    """Weighted average of the fine-tuned models (a uniform "model soup" by default).
+
+    ``theta = sum_t w_t theta_t / sum_t w_t``; with ``normalize=False`` the weights are used as given
+    (mergekit's ``normalize: false``). The base only supplies the output dtype; to include it in the
+    average, pass it among the models.
+
+    References: Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models
+    improves accuracy without increasing inference time" (ICML 2022).
+    """
+    return transform("linear", _linear, hparams={"weight": weight}, static={"normalize": normalize})
+
+
+def task_arithmetic(scale=1.0, weight=1.0, normalize: bool = False):
+    """Task arithmetic: ``theta = theta_0 + scale * sum_t w_t tau_t``.
+
+    mergekit's ``task_arithmetic`` is ``scale=1`` with per-model ``weight`` (``normalize`` optional);
+    FusionBench's is ``weight=1``, ``scale=0.3``.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
+    """
+    return chain(weighted_sum(weight, normalize), globals()["scale"](scale), name="task_arithmetic")
+
+
+def negation(scale=1.0):
+    """Task negation (forgetting): ``theta = theta_0 - scale * sum_t tau_t``.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
+    """
+    return chain(weighted_sum(-1.0), globals()["scale"](scale), name="negation")
+
+
+METHODS = {"linear": linear, "task_arithmetic": task_arithmetic, "negation": negation}

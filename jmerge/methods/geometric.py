@@ -1,0 +1,351 @@
+"""Geometric merges: spherical interpolation (SLERP, NuSLERP, multi-SLERP), the Karcher mean,
+Model Stock and nearswap.
+
+Every method here works per tensor (per leaf), like mergekit: a tensor is flattened to one vector
+unless the method's options say otherwise. The results match mergekit 0.1.5's merge methods
+(checked numerically in ``tests/test_geometric.py``); where mergekit raises on data-dependent
+degenerate inputs (which cannot be done inside ``jit``) jmerge falls back to a documented value.
+
+References: Shoemake, "Animating rotation with quaternion curves" (SIGGRAPH 1985) for SLERP;
+Goddard, "Multi-SLERP" (blog, 2024); Karcher, "Riemannian center of mass and mollifier
+smoothing" (1977); Jang et al., "Model Stock: All we need is just a few fine-tuned models"
+(ECCV 2024); alchemonaut, "QuartetAnemoi-70B" model card (nearswap).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .basic import per_model
+from ..core.driver import MergeState, transform
+from ..core.driver import model_mean, model_sum
+from ..core.tree import MergeInputError
+
+__all__ = ["slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap"]
+
+DOT_THRESHOLD = 0.9995
+
+
+def _safe_norm(x, axis=None, keepdims=False):
+    return jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=keepdims))
+
+
+# --------------------------------------------------------------------------------------------
+# SLERP (base <-> one fine-tuned model)
+
+def _slerp(state: MergeState, hp) -> MergeState:
+    if state.num_models != 1:
+        raise MergeInputError(
+            f"SLERP needs two models: the base and exactly one fine-tuned model; got {state.num_models} "
+            f"fine-tuned models for a leaf of shape {tuple(state.base.shape)}. Use multislerp or karcher "
+            "for more models.")
+    t = jnp.asarray(hp["t"], jnp.float32)
+    a = state.base.reshape(-1)
+    tau = state.tau[0].reshape(-1)
+    b = a + tau
+    if a.size == 0:
+        return state.replace(merged=jnp.zeros_like(state.base))
+    eps = 1e-8
+    na = _safe_norm(a)
+    nb = _safe_norm(b)
+    na = jnp.where(na > eps, na, 1.0)
+    nb = jnp.where(nb > eps, nb, 1.0)
+    dot = jnp.clip(jnp.sum((a / na) * (b / nb)), -1.0, 1.0)
+    lin = jnp.abs(dot) > DOT_THRESHOLD
+    theta = jnp.arccos(jnp.where(lin, 0.0, dot))
+    sin_theta = jnp.where(lin, 1.0, jnp.sin(theta))
+    ca = jnp.where(lin, 1.0 - t, jnp.sin((1.0 - t) * theta) / sin_theta)
+    cb = jnp.where(lin, t, jnp.sin(t * theta) / sin_theta)
+    # result = ca*a + cb*b; written relative to the base so that t=0 gives exactly the base and
+    # t=1 exactly base + tau.
+    merged = (ca + cb - 1.0) * state.base + cb * state.tau[0]
+    return state.replace(merged=merged)
+
+
+def slerp(t=0.5):
+    """Spherical linear interpolation between the base and one fine-tuned model, per tensor.
+
+    Each tensor is flattened; the angle is taken between normalised copies, and the unnormalised
+    tensors are interpolated: ``sin((1-t)θ)/sinθ · θ0 + sin(tθ)/sinθ · θ1``. When
+    ``|cos θ| > 0.9995`` it falls back to linear interpolation. ``t = 0`` returns the base, ``t = 1``
+    the fine-tuned model. ``t`` may vary per layer (a list or :class:`jmerge.Gradient`), as in
+    mergekit.
+
+    Args:
+      t: interpolation factor toward the fine-tuned model.
+
+    Raises:
+      MergeInputError: unless exactly one fine-tuned model is given ("SLERP needs two models").
+
+    References: Shoemake, "Animating rotation with quaternion curves" (SIGGRAPH 1985); mergekit's
+    ``slerp`` (Goddard et al., "Arcee's MergeKit", 2024).
+    """
+    return transform("slerp", _slerp, hparams={"t": t}, min_models=1, max_models=1)
+
+
+# --------------------------------------------------------------------------------------------
+# NuSLERP (two models, optionally relative to the base)
+
+def _nuslerp_pair(t, v0, v1, *, flatten: bool, row_wise: bool):
+    eps = 1e-8
+    shape = v0.shape
+    if flatten or v0.ndim <= 1:
+        v0 = v0.reshape(-1)
+        v1 = v1.reshape(-1)
+        axis = -1
+    else:
+        axis = 0 if row_wise else -1
+
+    def unit(x):
+        return x / jnp.maximum(_safe_norm(x, axis=axis, keepdims=True), 1e-7)
+
+    cos = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=axis, keepdims=True), -1.0, 1.0)
+    colinear = (1.0 - cos * cos) <= eps ** 2
+    theta = jnp.arccos(jnp.where(colinear, 0.0, cos))
+    sin_theta = jnp.where(colinear, 1.0, jnp.sin(theta))
+    sph = (jnp.sin((1.0 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / sin_theta
+    out = jnp.where(colinear, (1.0 - t) * v0 + t * v1, sph)
+    return out.reshape(shape)
+
+
+def _nuslerp(state: MergeState, hp, *, flatten: bool, row_wise: bool, base_relative: bool) -> MergeState:
+    if state.num_models != 2:
+        raise MergeInputError(f"NuSLERP merges exactly two fine-tuned models; got {state.num_models} for a leaf "
+                              f"of shape {tuple(state.base.shape)}.")
+    w = jnp.broadcast_to(jnp.asarray(hp["weight"], jnp.float32), (2,))
+    total = w[0] + w[1]
+    t = jnp.where(jnp.abs(total) < 1e-6, 0.5, w[1] / jnp.where(jnp.abs(total) < 1e-6, 1.0, total))
+    if base_relative:
+        merged = _nuslerp_pair(t, state.tau[0], state.tau[1], flatten=flatten, row_wise=row_wise)
+    else:
+        m = state.models()
+        merged = _nuslerp_pair(t, m[0], m[1], flatten=flatten, row_wise=row_wise) - state.base
+    return state.replace(merged=merged)
+
+
+def nuslerp(weight=1.0, *, flatten: bool = True, row_wise: bool = False, base_relative: bool = False):
+    """NuSLERP: spherical interpolation of two models with ``t = w1 / (w0 + w1)`` (mergekit's nuslerp).
+
+    ``t = 0.5`` when ``|w0 + w1| < 1e-6``. With ``flatten`` (default) each tensor is one vector;
+    otherwise the interpolation runs per row (``row_wise``: vectors along axis 0) or per column
+    (vectors along the last axis). Exactly collinear vectors are interpolated linearly.
+
+    Args:
+      weight: per-model weights (``PerModel([w0, w1])``); only their ratio matters.
+      flatten: interpolate whole flattened tensors (mergekit's ``nuslerp_flatten``).
+      row_wise: without ``flatten``, interpolate along axis 0 (mergekit's ``nuslerp_row_wise``).
+      base_relative: interpolate the task vectors ``θ_t − θ0`` and add the result to the base
+        (mergekit with a ``base_model``); by default the two models themselves are interpolated
+        and the base only supplies the output dtype (mergekit without ``base_model``).
+
+    References: mergekit's ``nuslerp`` (Goddard et al., "Arcee's MergeKit", 2024); Shoemake (1985).
+    """
+    return transform("nuslerp", _nuslerp, hparams={"weight": weight},
+                     static={"flatten": bool(flatten), "row_wise": bool(row_wise),
+                             "base_relative": bool(base_relative)}, min_models=2, max_models=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-SLERP (spherical barycentre through the tangent space at the weighted mean)
+
+def _multislerp(state: MergeState, hp, *, normalize_weights: bool, base_relative: bool) -> MergeState:
+    T = state.num_models
+    x = state.tau if base_relative else state.models()
+    if T == 1:
+        return state.replace(merged=state.tau[0])
+    flat = x.reshape(T, -1)
+    eps = jnp.asarray(hp["eps"], jnp.float32)
+    w = jnp.broadcast_to(jnp.asarray(hp["weight"], jnp.float32), (T,))
+    if normalize_weights:
+        w = w / jnp.sum(w)
+    norms = _safe_norm(flat, axis=-1, keepdims=True)
+    units = flat / (norms + eps)
+    mean = model_sum(units * w[:, None])
+    mean_norm = _safe_norm(mean)
+    degenerate = mean_norm < eps
+    mean = mean / jnp.where(degenerate, 1.0, mean_norm)
+    dots = jnp.sum(units * mean, axis=-1, keepdims=True)
+    tangent = model_sum((units - dots * mean) * w[:, None])
+    tn = _safe_norm(tangent) + eps
+    res = mean * jnp.cos(tn) + tangent * (jnp.sin(tn) / tn)
+    res = res * jnp.sum(norms[:, 0] * w)
+    lin = model_sum(flat * w[:, None])
+    res = jnp.where(degenerate, lin, res).reshape(state.base.shape)
+    merged = res if base_relative else res - state.base
+    return state.replace(merged=merged)
+
+
+def multislerp(weight=1.0, eps=1e-8, *, normalize_weights: bool = True, base_relative: bool = False):
+    """Multi-SLERP: barycentric interpolation of several models on a hypersphere (per tensor).
+
+    The flattened tensors ``x_t`` are projected to the unit sphere ``u_t = x_t / (|x_t| + eps)``;
+    ``m`` is the normalised weighted mean of the ``u_t``; the weighted mean of their tangent
+    components ``u_t − (u_t·m) m`` is mapped back by the exponential map at ``m``; the result is
+    rescaled by the weighted mean norm ``Σ w_t |x_t|``. One model is returned unchanged.
+
+    Where the weighted mean of the units vanishes (``|m| < eps``) mergekit falls back to linear
+    interpolation for two models and raises for more; jmerge (inside ``jit``) falls back to the
+    weighted linear average ``Σ w_t x_t`` for any number of models.
+
+    Args:
+      weight: per-model weights (``PerModel``).
+      eps: numerical-stability constant.
+      normalize_weights: divide the weights by their sum.
+      base_relative: interpolate the task vectors and add the result to the base (mergekit with a
+        ``base_model``); by default the models themselves (the base only gives the dtype).
+
+    References: Goddard, "Multi-SLERP" (goddard.blog, 2024); mergekit's ``multislerp``.
+    """
+    return transform("multislerp", _multislerp, hparams={"weight": weight, "eps": eps},
+                     static={"normalize_weights": bool(normalize_weights), "base_relative": bool(base_relative)})
+
+
+# --------------------------------------------------------------------------------------------
+# Karcher mean on the unit sphere
+
+def _karcher(state: MergeState, hp, *, max_iter: int, base_relative: bool) -> MergeState:
+    T = state.num_models
+    x = state.tau if base_relative else state.models()
+    if T == 1:
+        return state.replace(merged=state.tau[0])
+    flat = x.reshape(T, -1)
+    tol = jnp.asarray(hp["tol"], jnp.float32)
+    w = jnp.broadcast_to(jnp.asarray(hp["weight"], jnp.float32), (T,))
+    alphas = w / jnp.sum(w)
+    norms = _safe_norm(flat, axis=-1)
+    units = jnp.where((norms > 0)[:, None], flat / jnp.where(norms > 0, norms, 1.0)[:, None], 0.0)
+    valid = norms > tol
+    va = jnp.where(valid, alphas, 0.0)
+    any_valid = jnp.any(valid)
+    na = va / jnp.where(any_valid, jnp.sum(va), 1.0)
+    mean0 = model_sum(na[:, None] * units)
+    mn = _safe_norm(mean0)
+    first = units[jnp.argmax(valid)]
+    mean0 = jnp.where(mn < tol, first, mean0 / jnp.where(mn < tol, 1.0, mn))
+
+    def body(_, carry):
+        mean, done = carry
+        dot = jnp.clip(units @ mean, -1.0, 1.0)
+        theta = jnp.arccos(dot)
+        skip = theta < tol
+        sin_t = jnp.where(skip, 1.0, jnp.sin(theta))
+        coef = jnp.where(skip, 0.0, na * theta / sin_t)
+        tangent = model_sum(coef[:, None] * (units - dot[:, None] * mean[None]))
+        tn = _safe_norm(tangent)
+        stop = done | (tn < tol)
+        safe_tn = jnp.where(tn > 0, tn, 1.0)
+        new = jnp.cos(tn) * mean + jnp.sin(tn) * (tangent / safe_tn)
+        un = _safe_norm(new)
+        new = jnp.where(un > tol, new / jnp.where(un > tol, un, 1.0), new)
+        return jnp.where(stop, mean, new), stop
+
+    mean, _ = jax.lax.fori_loop(0, max_iter, body, (mean0, jnp.asarray(False)))
+    scale = jnp.sum(alphas * norms)
+    res = jnp.where(any_valid, scale * mean, 0.0).reshape(state.base.shape)
+    merged = res if base_relative else res - state.base
+    return state.replace(merged=merged)
+
+
+def karcher(max_iter: int = 10, tol=1e-5, weight=1.0, *, base_relative: bool = False):
+    """Karcher (Riemannian, Fréchet) mean of the models on the unit sphere, per tensor.
+
+    Each flattened tensor is normalised to ``u_t``; starting from the normalised weighted mean,
+    the mean ``m`` is moved along the weighted mean of the log maps
+    ``Σ α_t θ_t/sin θ_t (u_t − cos θ_t m)`` by the exponential map, for at most ``max_iter``
+    iterations (a ``fori_loop`` that freezes once the tangent norm drops below ``tol``). The
+    result is ``m · Σ α_t |x_t|`` with ``α = weight / Σ weight``. Tensors with norm ``≤ tol``
+    do not steer the direction (mergekit semantics); all-zero inputs give zero.
+
+    Args:
+      max_iter: iteration count (static).
+      tol: convergence tolerance on the tangent norm (and the angle below which a point is skipped).
+      weight: per-model weights (``PerModel``); uniform by default, as mergekit.
+      base_relative: average the task vectors instead of the models (the base only gives dtype by
+        default; to include the base as a point, pass it among the models).
+
+    References: Karcher, "Riemannian center of mass and mollifier smoothing" (Comm. Pure Appl. Math.
+    1977); mergekit's ``karcher``.
+    """
+    return transform("karcher", _karcher, hparams={"tol": tol, "weight": weight},
+                     static={"max_iter": int(max_iter), "base_relative": bool(base_relative)})
+
+
+# --------------------------------------------------------------------------------------------
+# Model Stock
+
+def _model_stock(state: MergeState, hp, *, filter_wise: bool) -> MergeState:
+    T = state.num_models
+    if T < 2:
+        raise MergeInputError(f"Model Stock needs at least two fine-tuned models besides the base; got {T} "
+                              f"for a leaf of shape {tuple(state.base.shape)}.")
+    if filter_wise:
+        off = state.tau if state.base.ndim >= 1 else state.tau.reshape(T, 1)
+    else:
+        off = state.tau.reshape(T, -1)
+    norms = _safe_norm(off, axis=-1)
+    cos_list = []
+    for i in range(T):
+        for j in range(i + 1, T):
+            c = jnp.sum(off[i] * off[j], axis=-1) / jnp.maximum(norms[i] * norms[j], 1e-6)
+            cos_list.append(jnp.clip(c, -1.0, 1.0))
+    cos = jnp.mean(jnp.stack(cos_list), axis=0)[..., None]
+    den = 1.0 + (T - 1) * cos
+    singular = jnp.abs(den) < 1e-6
+    t = jnp.where(singular, 0.0, T * cos / jnp.where(singular, 1.0, den))
+    avg = model_mean(off)
+    merged = (t * avg).reshape(state.base.shape)
+    extras = {**state.extras, "model_stock_t": t[..., 0] if filter_wise else t.reshape(())}
+    return state.replace(merged=merged, extras=extras)
+
+
+def model_stock(*, filter_wise: bool = False):
+    """Model Stock: move from the base toward the average of the fine-tuned models by
+    ``t = T cos θ / (1 + (T−1) cos θ)``, where ``cos θ`` is the mean pairwise cosine of the task
+    vectors of the tensor: ``θ = t · mean(θ_t) + (1 − t) · θ0``.
+
+    With ``filter_wise`` the cosine and ``t`` are computed per vector along the last axis (per row of
+    a matrix), as mergekit's ``filter_wise`` option. Where ``1 + (T−1) cos θ`` vanishes (``|·| < 1e-6``)
+    the base is kept (mergekit). ``t`` is returned in the extras as ``model_stock_t``.
+
+    Raises:
+      MergeInputError: with fewer than two fine-tuned models.
+
+    References: Jang et al., "Model Stock: All we need is just a few fine-tuned models" (ECCV 2024).
+    """
+    return transform("model_stock", _model_stock, static={"filter_wise": bool(filter_wise)}, min_models=2)
+
+
+# --------------------------------------------------------------------------------------------
+# nearswap
+
+def _nearswap(state: MergeState, hp) -> MergeState:
+    if state.num_models != 1:
+        raise MergeInputError(f"nearswap merges the base with exactly one fine-tuned model; got "
+                              f"{state.num_models} for a leaf of shape {tuple(state.base.shape)}.")
+    t = jnp.asarray(hp["t"], jnp.float32)
+    tau = state.tau[0]
+    w = jnp.clip(t / jnp.maximum(jnp.abs(tau), 1e-6), 0.0, 1.0)
+    return state.replace(merged=w * tau)
+
+
+def nearswap(t=1e-4):
+    """Nearswap: take the fine-tuned value where it is close to the base, keep the base elsewhere.
+
+    Per entry ``w = clip(t / max(|θ1 − θ0|, 1e-6), 0, 1)`` and ``θ = w θ1 + (1 − w) θ0``: entries
+    that differ by less than ``t`` are swapped to the fine-tuned model, larger differences are
+    interpolated toward it with weight ``t / |θ1 − θ0|``.
+
+    Args:
+      t: similarity threshold (mergekit requires it; the default ``1e-4`` is the value of the
+        model that introduced the method).
+
+    References: alchemonaut, "QuartetAnemoi-70B-t0.0001" (Hugging Face model card, 2024); mergekit's
+    ``nearswap``.
+    """
+    return transform("nearswap", _nearswap, hparams={"t": t}, ranges={"t": (0.0, float("inf"))},
+                     min_models=1, max_models=1)
+
+
+METHODS = {"slerp": slerp, "nuslerp": nuslerp, "multislerp": multislerp, "karcher": karcher,
+           "model_stock": model_stock, "nearswap": nearswap}

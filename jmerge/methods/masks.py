@@ -1,0 +1,542 @@
+"""Mask-based merges: TALL masks, Consensus merging, PCB merging and EMR merging.
+
+* **TALL masks** (Wang et al. 2024): per task, the entries where the fine-tuned model is closer to the
+  multi-task vector than to the base, ``mask_t = |tau_t| >= lambda_t * |tau_MTL - tau_t|`` with
+  ``tau_MTL = sum_t tau_t``. They localise each task's information inside the merged vector, so one
+  merged vector plus T bit masks (:func:`pack_masks`, 1 bit per entry) replaces T checkpoints:
+  :func:`tall_task_models` rebuilds ``theta_0 + mask_t * tau_MTL``.
+* **Consensus merging** (same paper): keep only the entries that at least ``k`` TALL masks select
+  (``k = 2`` removes "selfish" weights used by one task and "catastrophic" ones used by none) in the
+  merged task vector of task arithmetic or TIES.
+* **PCB merging** (Du et al. 2024): intra- and inter-task balancing scores, drop the lowest scores,
+  weight each task vector by its normalised score.
+* **EMR merging** (Huang et al. 2024): elect a unified task vector, and per task a sign mask and a
+  rescaler; :func:`emr_task_models` rebuilds the per-task models.
+
+Getting the masks: run the named method with ``jmerge.merge(..., return_extras=True)``; the extras
+pytree has, per leaf, ``"tall_masks"`` ``(T, *shape)`` bool (and ``"consensus_mask"``), or
+``"emr_masks"`` and ``"emr_rescalers"`` ``(T,)``.
+
+References: Wang et al., "Localizing Task Information for Improved Model Merging and Compression"
+(ICML 2024); Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024); Huang et
+al., "EMR-Merging: Tuning-Free High-Performance Model Merging" (NeurIPS 2024).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .basic import per_model, scale as _scale_step, weighted_sum
+from ..core.driver import MergeState, StatsPhase, chain, transform
+from ..core.driver import model_max, model_sum
+from ..core.driver import task_vectors as task_vectors_of
+from ..core.select import density_to_k, topk_mask_rows
+from ..core.tree import MergeInputError, leaves_with_paths
+
+__all__ = [
+    "tall_masks",
+    "consensus_mask",
+    "consensus_ta",
+    "consensus_ties",
+    "tall_merge",
+    "tall_task_models",
+    "extras_item",
+    "PackedMask",
+    "pack_masks",
+    "unpack_masks",
+    "pcb",
+    "emr_merge",
+    "emr_task_models",
+]
+
+_INF = float("inf")
+
+
+# --------------------------------------------------------------------------------------------
+# TALL masks and Consensus
+
+def _compute_tall_masks(state: MergeState, lam) -> jax.Array:
+    tau = state.tau
+    tau_mtl = model_sum(tau)
+    lam = per_model(lam, state)
+    return jnp.abs(tau) >= lam * jnp.abs(tau_mtl[None] - tau)
+
+
+def _tall_masks(state: MergeState, hp) -> MergeState:
+    masks = _compute_tall_masks(state, hp["lambda_"])
+    return state.replace(extras={**state.extras, "tall_masks": masks})
+
+
+def tall_masks(lambda_=0.6):
+    """Compute TALL masks and store them in ``state.extras["tall_masks"]`` (bool ``(T, *shape)``).
+
+    ``mask_t = |tau_t| >= lambda_t * |tau_MTL - tau_t|`` with ``tau_MTL = sum_t tau_t`` computed from
+    the task vectors as they enter this step (put it first in a chain to use the raw task vectors).
+    ``lambda_`` may be per task (``PerModel``), as the paper tunes it per task on validation data.
+    Ties (equality) count as selected; FusionBench uses a strict ``>`` (differs only on exact ties).
+    The step does not aggregate: follow it with an aggregation step.
+
+    Args:
+      lambda_: mask threshold(s), ``>= 0``; larger values select fewer entries.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression" (ICML 2024).
+    """
+    return transform("tall_masks", _tall_masks, hparams={"lambda_": lambda_}, ranges={"lambda_": (0.0, _INF)})
+
+
+def _consensus_mask(state: MergeState, hp) -> MergeState:
+    if state.merged is None:
+        raise MergeInputError("consensus_mask needs a merged task vector: put it after an aggregation step "
+                              "(weighted_sum, disjoint_merge, ...).")
+    masks = state.extras.get("tall_masks")
+    if masks is None:
+        masks = _compute_tall_masks(state, hp["lambda_"])
+    count = model_sum(masks.astype(jnp.float32))
+    keep = count >= hp["k"]
+    return state.replace(merged=jnp.where(keep, state.merged, 0.0),
+                         extras={**state.extras, "tall_masks": masks, "consensus_mask": keep})
+
+
+def consensus_mask(k=2, lambda_=0.6):
+    """Zero the merged task vector where fewer than ``k`` TALL masks are on.
+
+    Uses ``state.extras["tall_masks"]`` when an earlier :func:`tall_masks` step stored them (the
+    named methods compute them from the raw task vectors, before any trimming); otherwise computes
+    them here from the current ``tau`` with ``lambda_``. Stores the kept entries in
+    ``extras["consensus_mask"]``. Place it after the aggregation step; it commutes with scaling.
+
+    Args:
+      k: minimum number of tasks that must use an entry (paper: 2), ``>= 0``; ``k`` above the number of
+        tasks zeroes everything.
+      lambda_: TALL mask threshold(s) when the masks are computed here.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression" (ICML 2024).
+    """
+    return transform("consensus_mask", _consensus_mask, hparams={"k": k, "lambda_": lambda_},
+                     ranges={"k": (0.0, _INF), "lambda_": (0.0, _INF)})
+
+
+def consensus_ta(k=2, lambda_=0.6, scale=1.0):
+    """Consensus task arithmetic: ``theta_0 + scale * consensus ⊙ sum_t tau_t``.
+
+    ``consensus = [#{t : mask_t} >= k]`` with the TALL masks of :func:`tall_masks`.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression" (ICML 2024).
+    """
+    return chain(tall_masks(lambda_), weighted_sum(1.0), consensus_mask(k, lambda_), _scale_step(scale),
+                 name="consensus_ta")
+
+
+def consensus_ties(k=2, lambda_=0.6, density=0.2, scale=1.0):
+    """Consensus TIES: the TIES merged task vector restricted to the entries of >= ``k`` TALL masks.
+
+    The TALL masks are computed from the untrimmed task vectors (``tau_MTL = sum_t tau_t``); TIES
+    then trims, elects signs and takes the disjoint mean as :func:`jmerge.ties` does.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression" (ICML 2024); Yadav et al., "TIES-Merging" (NeurIPS 2023).
+    """
+    from .ties import ties  # lazy: sibling family module
+
+    return chain(tall_masks(lambda_), ties(density=density, scale=scale), consensus_mask(k, lambda_),
+                 name="consensus_ties")
+
+
+def tall_merge(lambda_=0.6, scale=1.0):
+    """Task arithmetic that also returns TALL masks for per-task model retrieval (compression).
+
+    The merged model is ``theta_0 + scale * sum_t tau_t``; with ``return_extras=True`` the extras
+    hold ``"tall_masks"`` (masks use the unscaled ``tau_MTL = sum_t tau_t``). Rebuild per-task
+    models with :func:`tall_task_models` and store masks with :func:`pack_masks`.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression" (ICML 2024).
+    """
+    return chain(tall_masks(lambda_), weighted_sum(1.0), _scale_step(scale), name="tall_merge")
+
+
+# --------------------------------------------------------------------------------------------
+# Bit-packed masks
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedMask:
+    """A boolean array stored 1 bit per entry (``np.packbits`` layout, big bit order).
+
+    Attributes:
+      bits: uint8 array of ``ceil(prod(shape) / 8)`` bytes.
+      shape: shape of the unpacked boolean array.
+    """
+
+    bits: Any
+    shape: tuple = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.asarray(self.bits).nbytes)
+
+
+def _is_packed(x) -> bool:
+    return isinstance(x, PackedMask)
+
+
+def pack_masks(masks: Any) -> Any:
+    """Pack every boolean leaf of ``masks`` into a :class:`PackedMask` (1 bit per entry, 32x smaller
+    than float32). Runs on the host (NumPy); the result is a pytree of uint8 arrays.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression" (ICML 2024).
+    """
+    def pack(m):
+        a = np.asarray(m)
+        if a.dtype != np.bool_:
+            raise MergeInputError(f"pack_masks: mask leaf has dtype {a.dtype} and shape {a.shape}; give boolean "
+                                  "masks (e.g. the 'tall_masks' extras), or cast with `!= 0` first.")
+        return PackedMask(bits=np.packbits(a.reshape(-1)), shape=tuple(a.shape))
+
+    return jax.tree.map(pack, masks)
+
+
+def unpack_masks(packed: Any) -> Any:
+    """Inverse of :func:`pack_masks`: a pytree of NumPy boolean arrays with the original shapes.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression" (ICML 2024).
+    """
+    def unpack(p):
+        if not _is_packed(p):
+            return np.asarray(p, bool)
+        n = int(np.prod(p.shape)) if p.shape else 1
+        return np.unpackbits(np.asarray(p.bits, np.uint8), count=n).astype(bool).reshape(p.shape)
+
+    return jax.tree.map(unpack, packed, is_leaf=_is_packed)
+
+
+def extras_item(extras: Any, key: str) -> Any:
+    """One named output from the extras of ``merge(..., return_extras=True)``, as a pytree like the
+    params, e.g. ``extras_item(extras, "tall_masks")``.
+
+    Raises:
+      MergeInputError: when a leaf's extras lack ``key``.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression" (ICML 2024).
+    """
+    is_leaf = lambda x: isinstance(x, dict) and (key in x or not x or
+                                                 not any(isinstance(v, dict) for v in x.values()))
+
+    def get(e):
+        if not isinstance(e, dict) or key not in e:
+            have = sorted(e) if isinstance(e, dict) else type(e).__name__
+            raise MergeInputError(f"extras_item: a leaf's extras have no '{key}' (they have {have}); run the "
+                                  f"merge with a method that produces '{key}' and return_extras=True.")
+        return e[key]
+
+    return jax.tree.map(get, extras, is_leaf=is_leaf)
+
+
+def _mask_leaves(masks, bpaths, base_leaves, what: str):
+    if any(isinstance(x, dict) and "tall_masks" in x
+           for x in jax.tree.leaves(masks, is_leaf=lambda x: isinstance(x, dict) and "tall_masks" in x)):
+        masks = extras_item(masks, "tall_masks")
+    masks = unpack_masks(masks)
+    mpaths, mleaves, _ = leaves_with_paths(masks)
+    if mpaths != bpaths:
+        raise MergeInputError(f"{what}: the masks tree does not match the base tree (first leaves "
+                              f"{mpaths[:3]} vs {bpaths[:3]}); give one (T, *shape) mask per base leaf.")
+    T = None
+    for p, b, m in zip(bpaths, base_leaves, mleaves):
+        if tuple(np.shape(m))[1:] != tuple(np.shape(b)):
+            raise MergeInputError(f"{what}: leaf '{p}' mask has shape {tuple(np.shape(m))}, expected "
+                                  f"(T, *{tuple(np.shape(b))}).")
+        if T is None:
+            T = np.shape(m)[0]
+        elif np.shape(m)[0] != T:
+            raise MergeInputError(f"{what}: leaf '{p}' has masks for {np.shape(m)[0]} tasks, other leaves for {T}.")
+    return mleaves, T or 0
+
+
+@jax.jit
+def _tall_leaf(b, tau_mtl, masks):
+    return jnp.asarray(b, jnp.float32)[None] + jnp.where(masks, tau_mtl[None], 0.0)
+
+
+def tall_task_models(base: Any, merged: Any, masks: Any, *, delta: bool = False, out_dtype=None) -> list:
+    """Per-task models ``theta_0 + mask_t ⊙ tau_MTL`` from one merged vector and T masks.
+
+    Args:
+      base: the base params pytree ``theta_0``.
+      merged: the merged params (``tau_MTL = merged - base``), or ``tau_MTL`` itself when ``delta``.
+      masks: pytree like ``base`` with ``(T, *shape)`` boolean leaves (``extras_item(extras,
+        "tall_masks")``), or its :func:`pack_masks` form, or the extras pytree of
+        ``merge(tall_merge(), ..., return_extras=True)`` itself.
+      delta: whether ``merged`` is the task vector ``tau_MTL`` rather than params.
+      out_dtype: dtype of the outputs (default: each base leaf's).
+
+    Returns:
+      A list of T params pytrees, one per task.
+
+    Raises:
+      MergeInputError: when the trees or shapes do not match.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and
+    Compression" (ICML 2024).
+    """
+    bpaths, base_leaves, treedef = leaves_with_paths(base)
+    gpaths, merged_leaves, _ = leaves_with_paths(merged)
+    if gpaths != bpaths:
+        raise MergeInputError(f"tall_task_models: the merged tree does not match the base tree (first leaves "
+                              f"{gpaths[:3]} vs {bpaths[:3]}).")
+    mask_leaves, T = _mask_leaves(masks, bpaths, base_leaves, "tall_task_models")
+    per_leaf = []
+    for p, b, g, m in zip(bpaths, base_leaves, merged_leaves, mask_leaves):
+        if np.shape(g) != np.shape(b):
+            raise MergeInputError(f"tall_task_models: leaf '{p}' merged has shape {np.shape(g)} but the base "
+                                  f"has {np.shape(b)}.")
+        tau = jnp.asarray(g, jnp.float32) - (0.0 if delta else jnp.asarray(b, jnp.float32))
+        dt = jnp.dtype(out_dtype) if out_dtype is not None else jnp.asarray(b).dtype
+        per_leaf.append(_tall_leaf(b, tau, jnp.asarray(m)).astype(dt))
+    return [jax.tree.unflatten(treedef, [x[t] for x in per_leaf]) for t in range(T)]
+
+
+# --------------------------------------------------------------------------------------------
+# PCB
+
+def _minmax(x: jax.Array) -> jax.Array:
+    """Min-max normalise each row of ``(..., n)`` to [0, 1]; a constant row gives zeros."""
+    lo = jnp.min(x, axis=-1, keepdims=True)
+    hi = jnp.max(x, axis=-1, keepdims=True)
+    rng = hi - lo
+    return jnp.where(rng > 0, (x - lo) / jnp.where(rng > 0, rng, 1.0), 0.0)
+
+
+def _nsoftmax(x: jax.Array) -> jax.Array:
+    """``n * softmax(x)`` over the last axis of length n (the factor n cancels in PCB's weights and
+    keeps the scores O(1) in float32 for large tensors)."""
+    return x.shape[-1] * jax.nn.softmax(x, axis=-1)
+
+
+def _pcb_scores(tau2: jax.Array) -> jax.Array:
+    T = tau2.shape[0]
+    intra = _nsoftmax(T * _minmax(tau2 * tau2))
+    inter = jnp.zeros_like(tau2)
+    for s in range(T):  # T is static and small: O(T n) memory instead of O(T^2 n)
+        inter = inter + _nsoftmax(T * _minmax(tau2 * tau2[s][None]))
+    return intra * inter
+
+
+def _pcb_paper(tau2: jax.Array, ratio):
+    T, n = tau2.shape
+    beta = _pcb_scores(tau2)
+    keep_k = jnp.broadcast_to(n - density_to_k(ratio, n), (T,))
+    keep = topk_mask_rows(beta, keep_k)
+    return tau2, jnp.where(keep, beta, 0.0)
+
+
+def _pcb_authors(tau2: jax.Array, ratio, outlier: float):
+    T, n = tau2.shape
+    a = jnp.abs(tau2)
+    srt = jnp.sort(a, axis=1)
+    lo_i, hi_i = int(n * outlier), max(int(n * (1 - outlier) - 1), 0)
+    a = jnp.clip(a, srt[:, lo_i:lo_i + 1], srt[:, hi_i:hi_i + 1])
+    clamped = jnp.sign(tau2) * a
+    intra = jnp.exp(T * _minmax(a) ** 2)
+    inter = jnp.tanh(tau2 * model_sum(tau2, keepdims=True))
+    score = intra * inter
+    idx = jnp.clip(jnp.floor(jnp.broadcast_to(jnp.asarray(ratio, jnp.float32), (T,)) * n).astype(jnp.int32), 0, n - 1)
+    thr = jnp.take_along_axis(jnp.sort(score, axis=1), idx[:, None], axis=1)
+    return clamped, _minmax(jnp.maximum(score, thr))
+
+
+def _pcb(state: MergeState, hp, *, variant: str, outlier: float) -> MergeState:
+    T = state.num_models
+    tau2 = state.tau.reshape(T, -1)
+    if variant == "authors":
+        tau2, beta = _pcb_authors(tau2, hp["ratio"], outlier)
+        total = model_sum(beta, keepdims=True)
+        w = beta / jnp.maximum(total, 1e-12)
+    else:
+        tau2, beta = _pcb_paper(tau2, hp["ratio"])
+        total = model_sum(beta, keepdims=True)
+        w = jnp.where(total > 0, beta / jnp.where(total > 0, total, 1.0), 0.0)
+    merged = hp["scale"] * model_sum(w * tau2)
+    return state.replace(merged=merged.reshape(state.tau.shape[1:]),
+                         extras={**state.extras, "pcb_weights": w.reshape(state.tau.shape)})
+
+
+def pcb(ratio=0.1, scale=1.0, *, variant: str = "paper", outlier: float = 1e-4):
+    """PCB merging: balance parameter competition within and across tasks, drop, rescale, merge.
+
+    ``variant="paper"`` (default), per tensor, with ``N`` tasks, ``Norm`` the min-max
+    normalisation over the tensor's entries (a constant tensor normalises to 0) and softmax over
+    the tensor's entries:
+
+    * intra-balancing ``beta_intra_t = softmax(N * Norm(tau_t ⊙ tau_t))``;
+    * inter-balancing ``beta_inter_t = sum_s softmax(N * Norm(tau_t ⊙ tau_s))``;
+    * ``beta_t = beta_intra_t ⊙ beta_inter_t``; per task, the lowest ``ratio`` fraction of
+      ``beta_t`` (``round(ratio * n)`` entries, ties broken by index) is set to 0;
+    * ``merged = scale * sum_t beta_t tau_t / sum_s beta_s`` (0 where no task is kept).
+
+    ``variant="authors"`` follows the authors' released code, per tensor: ``|tau_t|`` clamped to its
+    ``outlier`` and ``1 - outlier`` order statistics (``tau_t`` keeps its sign); intra
+    ``exp(N * Norm(|tau_t|)^2)``; inter ``tanh(tau_t * sum_s tau_s)``; score = intra * inter;
+    per task the score is clamped from below at its ``floor(ratio * n)``-th smallest value and
+    min-max normalised (so the lowest ``ratio`` fraction gets weight 0, the rest weights in
+    (0, 1]); ``merged = scale * sum_t w_t tau_t / max(sum_t w_t, 1e-12)``. The authors'
+    ``pcb_ratio`` is the fraction *kept*: their ``pcb_ratio=0.1`` is ``ratio=0.9`` here; they
+    flatten the whole model, jmerge scores per tensor.
+
+    The per-task weights (divided by their sum over tasks) are in ``extras["pcb_weights"]``.
+
+    Args:
+      ratio: fraction of entries dropped per task and tensor, in [0, 1]; may be per model.
+      scale: the final scaling lambda.
+      variant: ``"paper"`` or ``"authors"`` (see above).
+      outlier: ``"authors"`` only: fraction clamped at each end of ``|tau_t|`` (static).
+
+    References: Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024).
+    """
+    if variant not in ("paper", "authors"):
+        raise MergeInputError(f"pcb: variant must be 'paper' or 'authors', got {variant!r}.")
+    if not 0.0 <= float(outlier) < 0.5:
+        raise MergeInputError(f"pcb: outlier must be in [0, 0.5), got {outlier!r}.")
+    return transform("pcb", _pcb, hparams={"ratio": ratio, "scale": scale},
+                     static={"variant": variant, "outlier": float(outlier)}, ranges={"ratio": (0.0, 1.0)})
+
+
+# --------------------------------------------------------------------------------------------
+# EMR
+
+def _emr_parts(tau: jax.Array):
+    gamma = jnp.sign(model_sum(tau))
+    masks = tau * gamma[None] > 0
+    tau_uni = gamma * model_max(jnp.where(masks, jnp.abs(tau), 0.0))
+    axes = tuple(range(1, tau.ndim))
+    num = jnp.sum(jnp.abs(tau), axis=axes)
+    den = jnp.sum(jnp.where(masks, jnp.abs(tau_uni)[None], 0.0), axis=axes)
+    return tau_uni, masks, num, den
+
+
+def _emr_collect(state: MergeState, hp):
+    _, _, num, den = _emr_parts(state.tau)
+    n = state.tau[0].size
+    return jnp.stack([num / n, den / n])  # per-tensor means, summed over tensors (the authors' code)
+
+
+def _emr_finalize(collected, hps):
+    tot = np.sum([np.asarray(c, np.float64) for c in collected], axis=0)
+    s = np.where(tot[1] > 0, tot[0] / np.where(tot[1] > 0, tot[1], 1.0), 1.0).astype(np.float32)
+    return [jnp.asarray(s) for _ in collected]
+
+
+_EMR_STATS = (StatsPhase("emr_rescalers", _emr_collect, _emr_finalize),)
+
+
+def _emr(state: MergeState, hp, *, scope: str) -> MergeState:
+    tau_uni, masks, num, den = _emr_parts(state.tau)
+    if scope == "model":
+        s = state.stats["emr_rescalers"]
+    else:
+        s = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
+    return state.replace(merged=tau_uni, extras={**state.extras, "emr_masks": masks, "emr_rescalers": s})
+
+
+def emr_merge(scope: str = "tensor"):
+    """EMR merging: the unified task vector ``tau_uni``, with per-task masks and rescalers as extras.
+
+    ``gamma = sign(sum_t tau_t)``; ``mask_t = [tau_t * gamma > 0]``;
+    ``tau_uni = gamma * max_t |tau_t| over the tasks with mask_t``; rescaler
+    ``s_t = sum|tau_t| / sum|mask_t ⊙ tau_uni|``. The merged model is ``theta_0 + tau_uni`` (the
+    "unified" model); per-task models ``theta_0 + s_t mask_t ⊙ tau_uni`` come from
+    :func:`emr_task_models` or from the extras ``"emr_masks"`` (bool ``(T, *shape)``) and
+    ``"emr_rescalers"`` (``(T,)``). Where ``sum_t tau_t = 0`` the sign is 0 and no task keeps the
+    entry (FusionBench counts 0 as negative). A task whose mask is empty gets ``s_t = 1``.
+
+    Args:
+      scope: ``"tensor"``: one rescaler per task and tensor (the paper's formula applied per
+        tensor); ``"model"``: one rescaler per task for the whole model, as the authors' code
+        (sum over tensors of the per-tensor mean ``|tau_t|`` over that of ``|mask_t ⊙ tau_uni|``).
+
+    References: Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging"
+    (NeurIPS 2024).
+    """
+    if scope not in ("tensor", "model"):
+        raise MergeInputError(f"emr_merge: scope must be 'tensor' or 'model', got {scope!r}.")
+    return transform("emr_merge", _emr, static={"scope": scope},
+                     stats=_EMR_STATS if scope == "model" else ())
+
+
+def emr_task_models(base: Any, models: Sequence[Any] | None = None, *, task_vectors: Any = None,
+                    scope: str = "tensor", out_dtype=None) -> list:
+    """Per-task EMR models ``theta_0 + s_t * mask_t ⊙ tau_uni`` (see :func:`emr_merge`).
+
+    Args:
+      base: the base params pytree.
+      models: the T fine-tuned params pytrees (or give ``task_vectors``, leaves ``(T, *shape)``).
+      task_vectors: stacked task vectors instead of ``models``.
+      scope: rescaler scope, ``"tensor"`` or ``"model"``.
+      out_dtype: dtype of the outputs (default: each base leaf's).
+
+    Returns:
+      A list of T params pytrees, one per task.
+
+    Raises:
+      MergeInputError: for mismatched trees or shapes, or a bad ``scope``.
+
+    References: Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging"
+    (NeurIPS 2024).
+    """
+    if scope not in ("tensor", "model"):
+        raise MergeInputError(f"emr_task_models: scope must be 'tensor' or 'model', got {scope!r}.")
+    if (models is None) == (task_vectors is None):
+        raise MergeInputError("emr_task_models: give exactly one of `models` or `task_vectors`.")
+    if task_vectors is None:
+        tv = task_vectors_of(base, list(models))
+    else:
+        tv = task_vectors
+    bpaths, base_leaves, treedef = leaves_with_paths(base)
+    tpaths, tv_leaves, _ = leaves_with_paths(tv)
+    if tpaths != bpaths:
+        raise MergeInputError("emr_task_models: task_vectors must have the base's tree structure.")
+    for p, b, t in zip(bpaths, base_leaves, tv_leaves):
+        if tuple(np.shape(t))[1:] != tuple(np.shape(b)):
+            raise MergeInputError(f"emr_task_models: leaf '{p}' task vectors have shape {tuple(np.shape(t))}, "
+                                  f"expected (T, *{tuple(np.shape(b))}).")
+    parts = [_emr_parts_jit(jnp.asarray(t, jnp.float32)) for t in tv_leaves]
+    if scope == "model":
+        s_model = _emr_finalize([jnp.stack([num / t[0].size, den / t[0].size])
+                                 for (_, _, num, den), t in zip(parts, tv_leaves)], None)[0]
+    per_leaf = []
+    for b, (tau_uni, masks, num, den) in zip(base_leaves, parts):
+        s = s_model if scope == "model" else jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
+        dt = jnp.dtype(out_dtype) if out_dtype is not None else jnp.asarray(b).dtype
+        per_leaf.append(_emr_leaf(b, tau_uni, masks, s).astype(dt))
+    T = per_leaf[0].shape[0] if per_leaf else 0
+    return [jax.tree.unflatten(treedef, [x[t] for x in per_leaf]) for t in range(T)]
+
+
+_emr_parts_jit = jax.jit(_emr_parts)
+
+
+@jax.jit
+def _emr_leaf(b, tau_uni, masks, s):
+    b = jnp.asarray(b, jnp.float32)
+    s = s.reshape((-1,) + (1,) * b.ndim)
+    return b[None] + s * jnp.where(masks, tau_uni[None], 0.0)
+
+
+METHODS = {
+    "consensus_ta": consensus_ta,
+    "consensus_ties": consensus_ties,
+    "tall_merge": tall_merge,
+    "pcb": pcb,
+    "emr": emr_merge,
+}

@@ -1,0 +1,276 @@
+"""Sparsifiers of task vectors: magnitude trim (top-k), DARE, Model Breadcrumbs and DELLA drops.
+
+Each step rewrites ``state.tau`` (the stacked task vectors, ``(T, *shape)``) and leaves the
+aggregation to a later step (``weighted_sum``, ``disjoint_merge`` ...). Every step works per task:
+a per-model ``density`` (``jmerge.PerModel([...])``) gives each task its own ``k``. The keep masks
+are stored in ``state.extras`` (``"trim_mask"``, ``"dare_mask"``, ``"breadcrumbs_mask"``,
+``"della_mask"``) and returned by ``merge(..., return_extras=True)``.
+
+Random drops (DARE, DELLA) draw from the leaf's PRNG key (seed folded with the leaf path), so the
+same seed gives the same result whatever the leaf order and whether the model is merged whole or
+tensor by tensor.
+
+Rounding of ``k``: by default ``k = round(density * n)``. ``rounding="floor"`` gives mergekit's
+``int(density * n)`` (with ``trim``, at least one entry is kept when ``density > 0``, as mergekit's
+``magnitude``). Hyperparameters arrive as float32, so when ``density * n`` lies within float32
+rounding of an integer the floor may differ from mergekit's float64 arithmetic by one entry.
+
+References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023);
+Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
+Lunch" (DARE, ICML 2024); Davari and Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model
+Merging with Sparse Masks" (ECCV 2024); Deep et al., "DELLA-Merging: Reducing Interference in Model
+Merging through Magnitude-Based Sampling" (2024).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ..core import select as _select
+from .basic import per_model
+from ..core.driver import MergeState, transform
+from ..core.tree import MergeInputError
+
+__all__ = ["trim", "dare", "breadcrumbs_drop", "della_drop", "rescale_l1"]
+
+_ROUNDINGS = ("round", "floor")
+_RESCALES = ("inverse", "l1", "none")
+_L1_EPS = 1e-7  # below this L1 norm (before or after dropping) no rescaling, as mergekit
+
+
+def _check_option(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise MergeInputError(f"{what}={value!r} is not supported; use one of {list(allowed)}.")
+
+
+def _per_task(v, T: int) -> jax.Array:
+    """A scalar or per-model hyperparameter as a ``(T,)`` float32 vector."""
+    return jnp.broadcast_to(jnp.asarray(v, jnp.float32), (T,))
+
+
+def _count(frac: jax.Array, n: int, rounding: str) -> jax.Array:
+    """Number of entries ``frac * n`` (per task) as int32, clipped to ``[0, n]``."""
+    x = frac * jnp.float32(n)
+    if rounding == "round":
+        k = jnp.round(x)
+    else:  # floor; the tiny relative bump undoes float32's representation error of frac
+        k = jnp.floor(x * (1.0 + 2.0 ** -21))
+    return jnp.clip(k, 0, n).astype(jnp.int32)
+
+
+def rescale_l1(tau: jax.Array, kept: jax.Array) -> jax.Array:
+    """Rescale each task's ``kept`` so its L1 norm equals that of ``tau`` (mergekit's ``rescale``).
+
+    Tasks whose L1 norm before or after dropping is below 1e-7 are left unscaled.
+    """
+    T = tau.shape[0]
+    before = jnp.sum(jnp.abs(tau).reshape(T, -1), axis=1)
+    after = jnp.sum(jnp.abs(kept).reshape(T, -1), axis=1)
+    ok = (before >= _L1_EPS) & (after >= _L1_EPS)
+    f = jnp.where(ok, before / jnp.where(ok, after, 1.0), 1.0)
+    return kept * f.reshape((T,) + (1,) * (tau.ndim - 1))
+
+
+# --------------------------------------------------------------------------------------------
+# trim: top-k by magnitude
+
+_TRIM_STATS = "trim_global_topk"
+
+
+def _trim(state: MergeState, hp, *, scope: str, rounding: str) -> MergeState:
+    T = state.num_models
+    if scope == "global":
+        mask = _select.global_topk_mask(state, _TRIM_STATS)
+    else:
+        n = state.tau[0].size
+        d = _per_task(hp["density"], T)
+        k = _count(d, n, rounding)
+        if rounding == "floor":  # mergekit keeps at least one entry when density > 0
+            k = jnp.where(d > 0, jnp.maximum(k, min(1, n)), k)
+        # While tau is models - base, the counting passes read the models: tau is never materialized.
+        kept, mask = _select.topk_keep_rows(state.tau, k, magnitude=True, rebuild=state.tau_rebuild())
+        return state.replace(tau=kept, extras={**state.extras, "trim_mask": mask})
+    tau = jnp.where(mask, state.tau, 0.0)
+    return state.replace(tau=tau, extras={**state.extras, "trim_mask": mask})
+
+
+def trim(density=0.2, *, scope: str = "tensor", rounding: str = "round"):
+    """Keep each task vector's ``k = density * n`` entries of largest magnitude; zero the rest.
+
+    Args:
+      density: fraction kept, in [0, 1]; scalar, per layer, or per model (``PerModel``).
+      scope: ``"tensor"`` ranks within each tensor (mergekit); ``"global"`` ranks over the whole
+        model per task, as the TIES paper (``n`` is then the task vector's total size, and the
+        density of the first leaf is used).
+      rounding: ``"round"`` (default) or ``"floor"`` (mergekit's ``int(density * n)``, at least one
+        entry kept when ``density > 0``); only for ``scope="tensor"``.
+
+    Ties in magnitude are broken by the lowest flat index.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
+    (NeurIPS 2023).
+    """
+    _check_option("scope", scope, ("tensor", "global"))
+    _check_option("rounding", rounding, _ROUNDINGS)
+    stats = _select.global_topk_phases(_TRIM_STATS, "density") if scope == "global" else ()
+    return transform("trim", _trim, hparams={"density": density}, static={"scope": scope, "rounding": rounding},
+                     ranges={"density": (0.0, 1.0)}, stats=stats)
+
+
+# --------------------------------------------------------------------------------------------
+# DARE: random drop and rescale
+
+def _apply_rescale(tau, keep, kept, p, rescale):
+    if rescale == "inverse":
+        return kept * jnp.where(p > 0, 1.0 / jnp.where(p > 0, p, 1.0), 0.0)
+    if rescale == "l1":
+        return rescale_l1(tau, kept)
+    return kept
+
+
+def _dare(state: MergeState, hp, *, rescale: str) -> MergeState:
+    p = per_model(hp["density"], state)
+    keep = jax.random.bernoulli(state.key, jnp.broadcast_to(p, state.tau.shape))
+    kept = jnp.where(keep, state.tau, 0.0)
+    tau = _apply_rescale(state.tau, keep, kept, p, rescale)
+    return state.replace(tau=tau, extras={**state.extras, "dare_mask": keep})
+
+
+def dare(density=0.5, *, rescale: str = "inverse"):
+    """DARE: drop each task-vector entry with probability ``1 - density``, rescale the survivors.
+
+    The keep mask is Bernoulli(``density``) drawn from the leaf's PRNG key.
+
+    Args:
+      density: keep probability in [0, 1] (the paper's ``1 - p``); scalar, per layer or per model.
+      rescale: ``"inverse"`` multiplies survivors by ``1 / density`` (the paper, unbiased);
+        ``"l1"`` rescales each task's tensor so its L1 norm matches the undropped one (mergekit's
+        ``rescale: true``); ``"none"`` keeps survivors as they are.
+
+    References: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
+    Models as a Free Lunch" (ICML 2024).
+    """
+    _check_option("rescale", rescale, _RESCALES)
+    return transform("dare", _dare, hparams={"density": density}, static={"rescale": rescale},
+                     ranges={"density": (0.0, 1.0)})
+
+
+# --------------------------------------------------------------------------------------------
+# Model Breadcrumbs: drop the largest outliers and the smallest entries
+
+def _breadcrumbs(state: MergeState, hp, *, rounding: str) -> MergeState:
+    T = state.num_models
+    flat = state.tau.reshape(T, -1)
+    n = flat.shape[1]
+    k_keep = _count(_per_task(hp["density"], T), n, rounding)
+    k_top = _count(_per_task(hp["gamma"], T), n, rounding)
+    k_top = jnp.minimum(k_top, n - k_keep)  # fewer outliers dropped when density needs them
+    upper = _select.topk_mask_rows(flat, k_top + k_keep, magnitude=True)
+    outliers = _select.topk_mask_rows(flat, k_top, magnitude=True)
+    mask = (upper & ~outliers).reshape(state.tau.shape)
+    return state.replace(tau=jnp.where(mask, state.tau, 0.0), extras={**state.extras, "breadcrumbs_mask": mask})
+
+
+def breadcrumbs_drop(density=0.9, gamma=0.01, *, rounding: str = "round"):
+    """Model Breadcrumbs mask: per tensor and task, drop the ``gamma`` fraction of largest-magnitude
+    entries (outliers) and the smallest ones, keeping ``density * n`` entries.
+
+    When ``density + gamma > 1`` fewer outliers are dropped so that ``density`` is kept (as mergekit).
+    When ``gamma * n`` rounds to 0 no outliers are dropped and the ``density * n`` largest entries
+    are kept (older mergekit releases kept nothing in that case: a bug not reproduced here).
+
+    Args:
+      density: fraction kept, in [0, 1].
+      gamma: fraction of largest entries dropped, in [0, 1].
+      rounding: ``"round"`` or ``"floor"`` (mergekit's ``int``) for both counts.
+
+    References: Davari and Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with
+    Sparse Masks" (ECCV 2024).
+    """
+    _check_option("rounding", rounding, _ROUNDINGS)
+    return transform("breadcrumbs", _breadcrumbs, hparams={"density": density, "gamma": gamma},
+                     static={"rounding": rounding}, ranges={"density": (0.0, 1.0), "gamma": (0.0, 1.0)},
+                     materialize_tau=True)
+
+
+breadcrumbs = breadcrumbs_drop  # the step's short name (``jmerge.breadcrumbs`` is the named method)
+
+
+# --------------------------------------------------------------------------------------------
+# DELLA: magnitude-ranked random drop
+
+def _rows_view(tau: jax.Array) -> jax.Array:
+    """``(T, R, m)`` view: rows are the leading axis of the leaf (one row for vectors and scalars)."""
+    T = tau.shape[0]
+    if tau.ndim >= 3:
+        return tau.reshape(T, tau.shape[1], -1)
+    return tau.reshape(T, 1, -1)
+
+
+def _magnitude_ranks(x: jax.Array) -> jax.Array:
+    """Ascending rank of ``|x|`` along the last axis (ties by lower index; NaN ranks as +inf), int32.
+
+    Two stable sorts of int32 pairs: the order keys of ``|x|`` with their positions (the
+    permutation), then the permutation with positions (its inverse, the ranks). Sorting int32 keys
+    is several times faster on XLA:CPU than ``argsort`` of floats (whose comparator orders NaN).
+    """
+    pos = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    _, perm = lax.sort((_select._keys(x, magnitude=True), pos), dimension=x.ndim - 1, is_stable=True, num_keys=1)
+    _, ranks = lax.sort((perm, pos), dimension=x.ndim - 1, is_stable=True, num_keys=1)
+    return ranks
+
+
+def della_keep_probs(tau: jax.Array, density, epsilon) -> jax.Array:
+    """DELLA keep probabilities ``(density - eps) + 2 eps * rank / (m - 1)``, clipped to [0, 1].
+
+    ``rank`` is the ascending magnitude rank of an entry within its row (ties by lower index, NaN
+    ranks as +inf); a row of one entry gets ``density``. ``density >= 1`` keeps everything and ``density <= 0``
+    drops everything whatever ``epsilon`` (as mergekit). Returned with ``tau``'s shape.
+    """
+    T = tau.shape[0]
+    x = _rows_view(tau)
+    m = x.shape[-1]
+    ranks = _magnitude_ranks(x).astype(jnp.float32)
+    rank_norm = ranks / (m - 1) if m > 1 else jnp.full(x.shape, 0.5, jnp.float32)
+    d = _per_task(density, T).reshape(T, 1, 1)
+    e = _per_task(epsilon, T).reshape(T, 1, 1)
+    p = jnp.clip(d - e + 2.0 * e * rank_norm, 0.0, 1.0)
+    p = jnp.where(d >= 1.0, 1.0, jnp.where(d <= 0.0, 0.0, p))  # density 1 keeps all, 0 drops all
+    return p.reshape(tau.shape)
+
+
+def _della(state: MergeState, hp, *, rescale: str) -> MergeState:
+    p = della_keep_probs(state.tau, hp["density"], hp["epsilon"])
+    keep = jax.random.bernoulli(state.key, p)
+    kept = jnp.where(keep, state.tau, 0.0)
+    tau = _apply_rescale(state.tau, keep, kept, p, rescale)
+    return state.replace(tau=tau, extras={**state.extras, "della_mask": keep})
+
+
+def della_drop(density=0.7, epsilon=0.15, *, rescale: str = "inverse"):
+    """DELLA's MagPrune: drop entries at random with keep probabilities rising with magnitude.
+
+    Within each row (the leaf's leading axis; vectors are one row) entries are ranked by magnitude
+    (ascending, rank normalised to [0, 1]); entry ``i`` is kept with probability
+    ``p_i = (density - epsilon) + 2 * epsilon * rank_i`` (clipped to [0, 1]; mergekit instead rejects
+    ``density +- epsilon`` outside (0, 1)); ``density`` 1 keeps every entry and 0 drops every entry
+    (mergekit's shortcuts, also its default density 1). For leaves of 3 or more dimensions a row is everything
+    under one index of the leading axis (mergekit ranks along axis 1 of the unflattened tensor).
+
+    Args:
+      density: mean keep probability, in [0, 1].
+      epsilon: spread of keep probabilities, in [0, 0.5].
+      rescale: ``"inverse"`` multiplies survivors by ``1 / p_i`` (the paper); ``"l1"`` matches each
+        task's tensor L1 norm (mergekit's ``rescale: true``); ``"none"``.
+
+    References: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
+    Magnitude-Based Sampling" (2024).
+    """
+    _check_option("rescale", rescale, _RESCALES)
+    return transform("della", _della, hparams={"density": density, "epsilon": epsilon},
+                     static={"rescale": rescale}, ranges={"density": (0.0, 1.0), "epsilon": (0.0, 0.5)})
+
+
+della = della_drop  # the step's short name (``jmerge.della`` is the named method)

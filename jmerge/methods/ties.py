@@ -1,0 +1,294 @@
+"""Sign election, disjoint merge, and the TIES family: TIES, DARE, Breadcrumbs, DELLA, MagMax, SCE.
+
+Paper versus mergekit. The papers' TIES trims over the whole model per task (``scope="global"``),
+elects the sign of the unweighted sum, and averages the agreeing entries by count. mergekit trims
+per tensor, multiplies each task vector by its weight before electing (``weighted=True``), divides
+by the summed weights of the agreeing models (``normalize_by="weight"``, or sums with
+``normalize: false`` = ``reduce="sum"``), and rescales DARE/DELLA survivors to the tensor's L1 norm
+(``rescale="l1"``). Both are expressible with the options of each factory; with unit weights the
+weighted/unweighted and count/weight choices coincide.
+
+References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .basic import per_model, scale as _scale_step, weighted_sum
+from ..core.driver import MergeState, chain, transform
+from ..core.driver import model_mean, model_sum
+from ..core.select import topk_mask_rows
+from .sparsify import _check_option, breadcrumbs_drop, dare, della_drop, trim
+from ..core.tree import MergeInputError
+
+__all__ = ["elect_sign", "disjoint_merge", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+           "della", "della_linear", "magmax", "sce"]
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+
+def _rows(x):
+    """The per-model slices ``x[t]``. The TIES steps compute per model and sum over a Python list, so
+    that XLA sees slices of the (possibly lazily masked) stacked ``tau`` and fuses the trim's mask,
+    the election and the merge into one pass over the data instead of materializing the masked
+    task vectors."""
+    return [x[t] for t in range(x.shape[0])]
+
+
+def _weights(hp_value, state: MergeState):
+    return _rows(per_model(hp_value, state))
+
+
+def _elect_sign(state: MergeState, hp, *, method: str, weighted: bool) -> MergeState:
+    taus = _rows(state.tau)
+    x = [w * t for w, t in zip(_weights(hp["weight"], state), taus)] if weighted else taus
+    votes = sum(x[1:], x[0]) if method == "sum" else sum([jnp.sign(v) for v in x[1:]], jnp.sign(x[0]))
+    sign = jnp.where(votes >= 0, 1.0, -1.0).astype(jnp.float32)
+    return state.replace(extras={**state.extras, "sign": sign})
+
+
+def elect_sign(weight=1.0, *, method: str = "sum", weighted: bool = True):
+    """Elect one sign per entry and store it in ``state.extras["sign"]`` (+1 or -1).
+
+    ``method="sum"``: the sign of ``sum_t x_t`` (the TIES paper: the sign of the larger total mass);
+    ``method="count"``: the majority of the signs of ``x_t``. ``x_t = w_t tau_t`` when ``weighted``
+    (mergekit) else ``tau_t`` (the paper, which has no weights). A zero total elects +1 (as
+    mergekit); since zero entries never agree with a sign, entries that are zero in every task
+    merge to 0 whatever the elected sign.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
+    (NeurIPS 2023).
+    """
+    _check_option("method", method, ("sum", "count"))
+    return transform("elect_sign", _elect_sign, hparams={"weight": weight},
+                     static={"method": method, "weighted": bool(weighted)})
+
+
+def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str) -> MergeState:
+    if "sign" not in state.extras:
+        raise MergeInputError("disjoint_merge needs an elected sign: put elect_sign(...) before it in the chain.")
+    sign = state.extras["sign"]
+    ws = _weights(hp["weight"], state)
+    contrib = [w * t for w, t in zip(ws, _rows(state.tau))]
+    agree = [jnp.sign(c) == sign for c in contrib]
+    total = sum([jnp.where(a, c, 0.0) for a, c in zip(agree, contrib)])
+    if reduce == "mean":
+        if normalize_by == "count":
+            div = sum([a.astype(jnp.float32) for a in agree])
+        else:
+            div = sum([jnp.where(a, w, 0.0) for a, w in zip(agree, ws)])
+        total = total / jnp.where(div == 0, 1.0, div)
+    return state.replace(merged=total)
+
+
+def disjoint_merge(weight=1.0, *, reduce: str = "mean", normalize_by: str = "count"):
+    """Aggregate the entries that agree with the elected sign (``state.extras["sign"]``).
+
+    An entry of task ``t`` agrees when its weighted contribution ``w_t tau_t`` is nonzero and has
+    the elected sign. ``merged = sum_{t agreeing} w_t tau_t``, divided for ``reduce="mean"`` by the
+    number of agreeing tasks (``normalize_by="count"``, the paper's disjoint mean) or by the sum of
+    their weights (``normalize_by="weight"``, mergekit's ``normalize: true``); a zero divisor counts
+    as 1. ``reduce="sum"`` skips the division (mergekit's ``normalize: false``, FusionBench's
+    ``merge_func: sum``).
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
+    (NeurIPS 2023).
+    """
+    _check_option("reduce", reduce, ("mean", "sum"))
+    _check_option("normalize_by", normalize_by, ("count", "weight"))
+    return transform("disjoint_merge", _disjoint_merge, hparams={"weight": weight},
+                     static={"reduce": reduce, "normalize_by": normalize_by})
+
+
+def _sign_and_merge(weight, sign_method, weighted, reduce, normalize_by):
+    return (elect_sign(weight, method=sign_method, weighted=weighted),
+            disjoint_merge(weight, reduce=reduce, normalize_by=normalize_by))
+
+
+# --------------------------------------------------------------------------------------------
+# Named methods
+
+def ties(density=0.2, scale=1.0, weight=1.0, *, scope: str = "tensor", reduce: str = "mean",
+         normalize_by: str = "count", weighted: bool = True, sign_method: str = "sum",
+         rounding: str = "round"):
+    """TIES-Merging: trim, elect sign, disjoint merge, scale: ``theta_0 + scale * merged``.
+
+    Defaults follow the paper (density 0.2, scale 1.0, disjoint mean by count) except the trim
+    scope: ``scope="tensor"`` ranks per tensor (mergekit, streamable); the paper's whole-model
+    top-k per task is ``scope="global"`` (FusionBench; also ``reduce="sum"`` there). mergekit's
+    ``ties`` is ``scope="tensor", weighted=True, normalize_by="weight", rounding="floor"``
+    (``normalize: false`` -> ``reduce="sum"``, mergekit's ``lambda`` is ``scale``); the paper's
+    unweighted election is ``weighted=False`` (identical with unit weights).
+
+    Args:
+      density: fraction of each task vector kept by the trim, in [0, 1]; may be per model.
+      scale: the paper's lambda.
+      weight: per-model weights (``PerModel``), applied to the contributions.
+      scope, rounding: see :func:`jmerge.trim`.
+      reduce, normalize_by: see :func:`jmerge.disjoint_merge`.
+      weighted, sign_method: see :func:`jmerge.elect_sign`.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
+    (NeurIPS 2023).
+    """
+    return chain(trim(density, scope=scope, rounding=rounding),
+                 *_sign_and_merge(weight, sign_method, weighted, reduce, normalize_by),
+                 _scale_step(scale), name="ties")
+
+
+def dare_linear(density=0.5, scale=1.0, weight=1.0, *, rescale: str = "inverse", normalize: bool = False):
+    """DARE then task arithmetic: ``theta_0 + scale * sum_t w_t dare(tau_t)``.
+
+    The paper rescales survivors by ``1 / density``; mergekit's ``dare_linear`` rescales to the
+    tensor's L1 norm (``rescale="l1"``), and ``normalize: true`` divides by the weight sum.
+
+    References: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
+    Models as a Free Lunch" (ICML 2024).
+    """
+    return chain(dare(density, rescale=rescale), weighted_sum(weight, normalize), _scale_step(scale),
+                 name="dare_linear")
+
+
+def dare_ties(density=0.5, scale=1.0, weight=1.0, *, rescale: str = "inverse", reduce: str = "mean",
+              normalize_by: str = "count", weighted: bool = True, sign_method: str = "sum"):
+    """DARE then TIES' sign election and disjoint merge (no trim), then scale.
+
+    Paper: ``rescale="inverse"`` and the disjoint mean. mergekit's ``dare_ties``:
+    ``rescale="l1", reduce="sum"`` (its ``normalize`` defaults to false; ``normalize: true`` is
+    ``reduce="mean", normalize_by="weight"``).
+
+    References: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
+    Models as a Free Lunch" (ICML 2024); Yadav et al., "TIES-Merging" (NeurIPS 2023).
+    """
+    return chain(dare(density, rescale=rescale), *_sign_and_merge(weight, sign_method, weighted, reduce, normalize_by),
+                 _scale_step(scale), name="dare_ties")
+
+
+def breadcrumbs(density=0.9, gamma=0.01, scale=1.0, weight=1.0, *, normalize: bool = False,
+                rounding: str = "round"):
+    """Model Breadcrumbs: drop outliers and small entries per tensor, then task arithmetic.
+
+    mergekit's ``breadcrumbs`` uses ``rounding="floor"``; when ``gamma * n`` rounds to 0 no outliers
+    are dropped here (some mergekit releases then keep nothing).
+
+    References: Davari and Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with
+    Sparse Masks" (ECCV 2024).
+    """
+    return chain(breadcrumbs_drop(density, gamma, rounding=rounding), weighted_sum(weight, normalize),
+                 _scale_step(scale), name="breadcrumbs")
+
+
+def breadcrumbs_ties(density=0.9, gamma=0.01, scale=1.0, weight=1.0, *, reduce: str = "mean",
+                     normalize_by: str = "count", weighted: bool = True, sign_method: str = "sum",
+                     rounding: str = "round"):
+    """Model Breadcrumbs mask, then TIES' sign election and disjoint merge, then scale.
+
+    mergekit's ``breadcrumbs_ties``: ``reduce="sum", rounding="floor"`` (``normalize: true`` is
+    ``reduce="mean", normalize_by="weight"``).
+
+    References: Davari and Belilovsky, "Model Breadcrumbs" (ECCV 2024); Yadav et al.,
+    "TIES-Merging" (NeurIPS 2023).
+    """
+    return chain(breadcrumbs_drop(density, gamma, rounding=rounding),
+                 *_sign_and_merge(weight, sign_method, weighted, reduce, normalize_by),
+                 _scale_step(scale), name="breadcrumbs_ties")
+
+
+def della(density=0.7, epsilon=0.15, scale=1.0, weight=1.0, *, rescale: str = "inverse", reduce: str = "mean",
+          normalize_by: str = "count", weighted: bool = True, sign_method: str = "sum"):
+    """DELLA: magnitude-ranked random drop (MagPrune), sign election, disjoint merge, scale.
+
+    Paper: survivors rescaled by ``1 / p_i``. mergekit's ``della``: ``rescale="l1",
+    normalize_by="weight"`` (its ``normalize`` defaults to true), ``lambda`` = ``scale``.
+
+    References: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
+    Magnitude-Based Sampling" (2024).
+    """
+    return chain(della_drop(density, epsilon, rescale=rescale),
+                 *_sign_and_merge(weight, sign_method, weighted, reduce, normalize_by),
+                 _scale_step(scale), name="della")
+
+
+def della_linear(density=0.7, epsilon=0.15, scale=1.0, weight=1.0, *, rescale: str = "inverse",
+                 normalize: bool = False):
+    """DELLA's MagPrune drop, then task arithmetic (mergekit's ``della_linear``: ``rescale="l1"``).
+
+    References: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
+    Magnitude-Based Sampling" (2024).
+    """
+    return chain(della_drop(density, epsilon, rescale=rescale), weighted_sum(weight, normalize),
+                 _scale_step(scale), name="della_linear")
+
+
+def _magmax(state: MergeState, hp) -> MergeState:
+    # Unrolled over the model axis (see model_sum); strict ">" keeps the earliest model on ties.
+    picked = state.tau[0]
+    for t in range(1, state.num_models):
+        picked = jnp.where(jnp.abs(state.tau[t]) > jnp.abs(picked), state.tau[t], picked)
+    return state.replace(merged=picked)
+
+
+def magmax(scale=0.5):
+    """MagMax: per entry, the task vector entry of largest magnitude; ``theta_0 + scale * tau_max``.
+
+    Ties in magnitude pick the earliest model.
+
+    References: Marczak et al., "MagMax: Leveraging Model Merging for Seamless Continual Learning"
+    (ECCV 2024).
+    """
+    return chain(transform("magmax", _magmax), _scale_step(scale), name="magmax")
+
+
+def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
+    T = state.num_models
+    tau = state.tau
+    mu = model_mean(tau)
+    var = model_mean(jnp.square(tau - mu[None])).reshape(1, -1)  # population variance across tasks
+    nonzero = jnp.sum(var != 0)
+    d = jnp.asarray(hp["density"], jnp.float32)
+    x = d * nonzero.astype(jnp.float32)
+    k = jnp.round(x) if rounding == "round" else jnp.floor(x * (1.0 + 2.0 ** -21))
+    k = jnp.where(d >= 1, var.size, jnp.clip(k, 0, var.size)).astype(jnp.int32)
+    select = topk_mask_rows(var, k[None]).reshape(tau.shape[1:])
+    tau = jnp.where(select[None], tau, 0.0)
+    votes = model_sum(tau)
+    sign = jnp.where(votes >= 0, 1.0, -1.0)
+    erase = jnp.sign(tau) == sign[None]
+    energy = jnp.mean(jnp.square(tau).reshape(T, -1), axis=1)
+    esum = jnp.sum(energy)
+    wt = jnp.where(jnp.abs(esum) < 1e-6, jnp.full((T,), 1.0 / T), energy / jnp.where(esum == 0, 1.0, esum))
+    ew = jnp.where(erase, wt.reshape((T,) + (1,) * (tau.ndim - 1)), 0.0)
+    merged = model_sum(tau * ew) / jnp.maximum(model_sum(ew), 1e-6)
+    return state.replace(merged=merged, extras={**state.extras, "sign": sign, "sce_mask": select})
+
+
+def sce(density=1.0, scale=1.0, *, rounding: str = "floor"):
+    """SCE (Select, Calculate, Erase), as defined by mergekit's ``sce``.
+
+    Per tensor: Select keeps the ``k = density * (number of entries with nonzero variance)``
+    entries of largest variance across the task vectors (one mask for all tasks; ``density >= 1``
+    keeps all); Calculate weighs task ``t`` by ``mean(tau_t^2) / sum_s mean(tau_s^2)`` over the
+    selected tensor (uniform when that sum is below 1e-6); Erase keeps only entries agreeing with
+    the sign of the (unweighted) sum; ``merged = sum_t w_t m_t tau_t / max(sum_t w_t m_t, 1e-6)``,
+    then ``scale``. mergekit's ``select_topk`` is ``density`` here (``rounding="floor"`` as its ``int``).
+
+    References: Wan et al., "FuseChat: Knowledge Fusion of Chat Models" (SCE merging, 2024).
+    """
+    _check_option("rounding", rounding, ("round", "floor"))
+    return chain(transform("sce", _sce, hparams={"density": density}, static={"rounding": rounding},
+                           ranges={"density": (0.0, 1.0)}), _scale_step(scale), name="sce")
+
+
+METHODS = {
+    "ties": ties,
+    "dare_linear": dare_linear,
+    "dare_ties": dare_ties,
+    "breadcrumbs": breadcrumbs,
+    "breadcrumbs_ties": breadcrumbs_ties,
+    "della": della,
+    "della_linear": della_linear,
+    "magmax": magmax,
+    "sce": sce,
+}

@@ -1,0 +1,3 @@
+"""pipeline"""
+from .executor import *  # noqa
+from .executor import __all__
