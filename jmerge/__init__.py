@@ -1,27 +1,75 @@
 """jmerge: JAX-native model merging.
 
 Task vectors, masks and merges (task arithmetic, TIES, DARE, TALL masks, PCB, AdaMerging ...) as
-pure, jittable, shardable pytree transforms, composable like ``optax.chain``.
+pure, jittable, shardable pytree transforms, composable like ``optax.named_chain``.
 
     import jmerge
     merged = jmerge.merge(jmerge.ties(density=0.2, scale=1.0), base_params, [ft1, ft2, ft3])
+
+Packages: :mod:`jmerge.core` (state, steps, composition, hyperparameters, matrix views, driver),
+:mod:`jmerge.methods` (one family per module), :mod:`jmerge.learned`, :mod:`jmerge.io` (checkpoint
+formats), :mod:`jmerge.mergekit` (YAML configs), :mod:`jmerge.pipeline` (out-of-core merges),
+:mod:`jmerge.cli`, :mod:`jmerge.kernels` (Pallas).
+
+References: see each method's docstring.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .core import (MergeInputError, path_str, leaves_with_paths, check_compatible, leaf_key, layer_index, count_layers, Gradient, Rules, PerModel, resolve_hparams, layer_positions, MergeState, Transform, StatsPhase, transform, chain, merge, merge_leaf, prepare_leaf_hparams, task_vectors, apply_delta, trace_count, model_sum, model_mean, model_max, topk_mask, topk_mask_rows, density_to_k, global_topk_phases, global_topk_mask)
-from .methods import (per_model, weighted_sum, scale, linear, task_arithmetic, negation, trim, dare, breadcrumbs_drop, della_drop, rescale_l1, elect_sign, disjoint_merge, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, magmax, sce, tall_masks, consensus_mask, consensus_ta, consensus_ties, tall_merge, tall_task_models, extras_item, PackedMask, pack_masks, unpack_masks, pcb, emr_merge, emr_task_models, slerp, nuslerp, multislerp, karcher, model_stock, nearswap, tsv_m, iso_c, tsv_rank, lines, lines_scale, lines_position, layer_swap, layer_swap_source, select_model, HEAD_FILTER)
-from .learned import (LearnedMerge, LearnedMergeError, adamerging, atlas, merge_with_coefficients, concrete_merge, concrete_mask, fisher_information, fisher_merge, gram_matrices, regmean_merge, adaptive_projective_gd, linearize)
-from .io import (CheckpointError, CheckpointReader, CheckpointWriter, open_checkpoint, copy_aux_files, model_card, save_orbax, load_orbax, convert, flat_to_nested, nested_to_flat)
-from .mergekit import (ConfigError, MergeConfig, MergePlan, load_config, parse_config, MERGEKIT_METHODS)
-from .pipeline import (run_merge, plan_summary, TensorJob)
+from .core import (Gradient, LeafProgram, MatrixView, MergeInputError, MergeState, NonFloatLeavesWarning,
+                   OptimizerStateWarning, PerModel, Rules, StatsPhase, Step, Transform, apply_delta, chain,
+                   check_compatible, count_layers, density_to_k, global_topk_mask, global_topk_phases, infer_view,
+                   infer_views, layer_index, layer_positions, leaf_key, leaf_kind, leaves_with_paths, merge,
+                   merge_leaf, model_max, model_mean, model_sum, named_chain, path_str, prepare_leaf_hparams,
+                   resolve_hparams, task_vectors, topk_mask, topk_mask_rows, trace_count, transform)
+from .io import (CheckpointError, CheckpointReader, CheckpointWriter, convert, copy_aux_files, flat_to_nested,
+                 load_orbax, model_card, nested_to_flat, open_checkpoint, save_orbax)
+from .learned import (LearnedMerge, LearnedMergeError, adamerging, adaptive_projective_gd, atlas, concrete_mask,
+                      concrete_merge, fisher_information, fisher_merge, gram_matrices, linearize,
+                      merge_with_coefficients, regmean_merge)
 from .methods import METHODS as _METHODS
+from .methods import (HEAD_FILTER, PackedMask, breadcrumbs, breadcrumbs_drop, breadcrumbs_ties, consensus_mask,
+                      consensus_ta, consensus_ties, dare, dare_linear, dare_ties, della, della_drop, della_linear,
+                      disjoint_merge, elect_sign, emr_merge, emr_task_models, extras_item, iso_c, iso_cts,
+                      iso_cts_sizes, karcher, layer_swap, layer_swap_source, linear, lines, lines_position,
+                      lines_scale, magmax, model_stock, multislerp, nearswap, negation, nuslerp, pack_masks, pcb,
+                      per_model, rescale_l1, scale, sce, select_model, slerp, tall_masks, tall_merge,
+                      tall_task_models, task_arithmetic, ties, trim, tsv_m, tsv_rank, unpack_masks, weighted_sum)
+from .mergekit import MERGEKIT_METHODS, ConfigError, MergeConfig, MergePlan, load_config, parse_config
+from .pipeline import TensorJob, plan_summary, run_merge
 
 
 def available_methods() -> dict:
-    """Named merge methods: ``{name: factory}``; ``factory(**hparams)`` returns a Transform."""
+    """Named merge methods: ``{name: factory}``; ``factory(**kwargs)`` returns a :class:`Transform`."""
     return dict(_METHODS)
 
-__all__ = ['__version__', 'available_methods', 'MergeInputError', 'path_str', 'leaves_with_paths', 'check_compatible', 'leaf_key', 'layer_index', 'count_layers', 'Gradient', 'Rules', 'PerModel', 'resolve_hparams', 'layer_positions', 'MergeState', 'Transform', 'StatsPhase', 'transform', 'chain', 'merge', 'merge_leaf', 'prepare_leaf_hparams', 'task_vectors', 'apply_delta', 'trace_count', 'model_sum', 'model_mean', 'model_max', 'topk_mask', 'topk_mask_rows', 'density_to_k', 'global_topk_phases', 'global_topk_mask', 'per_model', 'weighted_sum', 'scale', 'linear', 'task_arithmetic', 'negation', 'trim', 'dare', 'breadcrumbs_drop', 'della_drop', 'rescale_l1', 'elect_sign', 'disjoint_merge', 'ties', 'dare_linear', 'dare_ties', 'breadcrumbs', 'breadcrumbs_ties', 'della', 'della_linear', 'magmax', 'sce', 'tall_masks', 'consensus_mask', 'consensus_ta', 'consensus_ties', 'tall_merge', 'tall_task_models', 'extras_item', 'PackedMask', 'pack_masks', 'unpack_masks', 'pcb', 'emr_merge', 'emr_task_models', 'slerp', 'nuslerp', 'multislerp', 'karcher', 'model_stock', 'nearswap', 'tsv_m', 'iso_c', 'tsv_rank', 'lines', 'lines_scale', 'lines_position', 'layer_swap', 'layer_swap_source', 'select_model', 'HEAD_FILTER', 'LearnedMerge', 'LearnedMergeError', 'adamerging', 'atlas', 'merge_with_coefficients', 'concrete_merge', 'concrete_mask', 'fisher_information', 'fisher_merge', 'gram_matrices', 'regmean_merge', 'adaptive_projective_gd', 'linearize', 'CheckpointError', 'CheckpointReader', 'CheckpointWriter', 'open_checkpoint', 'copy_aux_files', 'model_card', 'save_orbax', 'load_orbax', 'convert', 'flat_to_nested', 'nested_to_flat', 'ConfigError', 'MergeConfig', 'MergePlan', 'load_config', 'parse_config', 'MERGEKIT_METHODS', 'run_merge', 'plan_summary', 'TensorJob']
+
+__all__ = [
+    "__version__", "available_methods",
+    # core
+    "MergeInputError", "NonFloatLeavesWarning", "OptimizerStateWarning", "path_str", "leaves_with_paths",
+    "check_compatible", "leaf_key", "leaf_kind", "layer_index", "count_layers", "Gradient", "Rules", "PerModel",
+    "resolve_hparams", "layer_positions", "MatrixView", "infer_view", "infer_views", "MergeState", "StatsPhase", "Step",
+    "Transform", "transform", "chain", "named_chain", "LeafProgram", "merge", "merge_leaf", "prepare_leaf_hparams",
+    "task_vectors", "apply_delta", "trace_count", "model_sum", "model_mean", "model_max", "topk_mask",
+    "topk_mask_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
+    # steps and named methods
+    "weighted_sum", "scale", "per_model", "trim", "dare", "breadcrumbs_drop", "della_drop", "rescale_l1",
+    "elect_sign", "disjoint_merge", "tall_masks", "consensus_mask", "lines_scale", "select_model",
+    "linear", "task_arithmetic", "negation", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+    "della", "della_linear", "magmax", "sce", "consensus_ta", "consensus_ties", "tall_merge", "pcb", "emr_merge",
+    "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "tsv_m", "iso_c", "iso_cts", "lines",
+    "layer_swap", "tall_task_models", "extras_item", "PackedMask", "pack_masks", "unpack_masks", "emr_task_models",
+    "tsv_rank", "iso_cts_sizes", "lines_position", "layer_swap_source", "HEAD_FILTER",
+    # learned
+    "LearnedMerge", "LearnedMergeError", "adamerging", "atlas", "merge_with_coefficients", "concrete_merge",
+    "concrete_mask", "fisher_information", "fisher_merge", "gram_matrices", "regmean_merge",
+    "adaptive_projective_gd", "linearize",
+    # checkpoints, configs, out-of-core merges
+    "CheckpointError", "CheckpointReader", "CheckpointWriter", "open_checkpoint", "copy_aux_files", "model_card",
+    "save_orbax", "load_orbax", "convert", "flat_to_nested", "nested_to_flat",
+    "ConfigError", "MergeConfig", "MergePlan", "load_config", "parse_config", "MERGEKIT_METHODS",
+    "run_merge", "plan_summary", "TensorJob",
+]

@@ -36,4 +36,4 @@ def float_hparams(method):
 
 
 def has_stats(method):
-    return any(s.stats for s in method.flat_steps)
+    return bool(method.stats)

@@ -21,7 +21,7 @@ from jmerge.io import (
     open_checkpoint,
 )
 from tests._files import hash_dir as _hash_dir, same_bytes as _same_bytes
-from jmerge.core.tree import MergeInputError
+from jmerge import MergeInputError
 
 DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
           ml_dtypes.float8_e5m2, np.int64, np.int32, np.int16, np.int8, np.uint64, np.uint32, np.uint16,

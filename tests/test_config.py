@@ -7,7 +7,7 @@ import pytest
 
 import jmerge
 from jmerge.mergekit.config import ConfigError, MERGEKIT_METHODS, parse_config
-from jmerge.core.hparams import Gradient, PerModel, Rules
+from jmerge import Gradient, PerModel, Rules
 
 
 def _interp_ref(values, t):
@@ -90,9 +90,9 @@ def test_gradients_and_filters_resolve_like_mergekit():
             w2 = _interp_ref([1.0, 0.0], t)
         else:
             w2 = 0.5  # the entry without a filter
-        np.testing.assert_allclose(got[n]["density"], exp_density, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(got[n]["weight"], [0.7, w2], rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(got[n]["scale"], 0.9, rtol=1e-6)
+        np.testing.assert_allclose(got[n]["trim.density"], exp_density, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got[n]["elect_sign.weight"], [0.7, w2], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got[n]["scale.scale"], 0.9, rtol=1e-6)
 
 
 def test_first_matching_filter_wins_even_before_a_default():
@@ -112,7 +112,7 @@ parameters:
     plan = parse_config(cfg)
     tree = {"model.layers.0.mlp.w": 0, "model.layers.0.self_attn.q": 0, "lm_head.weight": 0}
     per = jmerge.prepare_leaf_hparams(plan.build(), tree, 1, plan.hparams)
-    got = {p: float(d["weight"]) for p, d in zip(jmerge.leaves_with_paths(tree)[0], per)}
+    got = {p: float(d["weighted_sum.weight"]) for p, d in zip(jmerge.leaves_with_paths(tree)[0], per)}
     # mergekit: the filterless entry matches everything, so the later self_attn entry never applies
     assert got == {"model.layers.0.mlp.w": 2.0, "model.layers.0.self_attn.q": 3.0, "lm_head.weight": 3.0}
 

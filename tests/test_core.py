@@ -54,8 +54,9 @@ def test_negation():
 def test_gradient_rules_permodel_resolution():
     base, _ = random_trees(T=1)
     # 3 layers (0, 1, 2): t = 0, 0.5, 1; non-layer leaves get t = 0.
-    hp = jmerge.resolve_hparams({"g": [0.0, 1.0, 0.0], "r": Rules([("attn", 2.0), ("re:norm$", Gradient([1, 3]))], 9.0),
-                                 "pm": PerModel([1.0, [0.0, 4.0]])}, base)
+    hp = jmerge.resolve_hparams({"g": Gradient([0.0, 1.0, 0.0]),
+                                 "r": Rules([("attn", 2.0), ("re:norm$", Gradient([1, 3]))], 9.0),
+                                 "pm": PerModel([1.0, Gradient([0.0, 4.0])])}, base)
     paths = jmerge.leaves_with_paths(base)[0]
     got = {p: {k: v.tolist() for k, v in h.items()} for p, h in zip(paths, hp)}
     assert got["layers.0.attn.w"]["g"] == 0.0 and got["layers.1.attn.w"]["g"] == 1.0
@@ -87,7 +88,7 @@ def test_no_retrace_on_new_values():
     n = jmerge.trace_count()
     for s in [0.2, 0.3, 0.9]:
         jmerge.merge(jmerge.task_arithmetic(scale=s), base, models, hparams={"weight": PerModel([s, 1.0])})
-    jmerge.merge(jmerge.task_arithmetic(), base, models, hparams={"scale": [0.1, 0.9]})
+    jmerge.merge(jmerge.task_arithmetic(), base, models, hparams={"scale": Gradient([0.1, 0.9])})
     assert jmerge.trace_count() == n
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import jmerge
 from jmerge.methods.geometric import karcher, model_stock, multislerp, nearswap, nuslerp, slerp
-from jmerge.core.tree import MergeInputError
+from jmerge import MergeInputError
 
 SHAPES = {"layers": {"0": {"w": (16, 12)}, "1": {"b": (7,)}}, "head": {"k": (3, 4, 5)}}
 RTOL, ATOL = 2e-6, 1e-6          # float32 vs float64 reference
@@ -183,7 +183,7 @@ def test_slerp_linear_fallback_and_gradient():
     # per-layer t (mergekit gradient): layer 0 gets t=0 (base), layer 2 of 3 gets t=1 (model)
     base = {"layers": {str(i): r.normal(size=(5, 4)).astype(np.float32) for i in range(3)}}
     ft = {"layers": {k: v + r.normal(size=v.shape).astype(np.float32) for k, v in base["layers"].items()}}
-    out = jmerge.merge(slerp(), base, [ft], hparams={"t": [0.0, 1.0]})
+    out = jmerge.merge(slerp(), base, [ft], hparams={"t": jmerge.Gradient([0.0, 1.0])})
     np.testing.assert_array_equal(np.asarray(out["layers"]["0"]), base["layers"]["0"])
     np.testing.assert_allclose(np.asarray(out["layers"]["1"]),
                                ref_slerp(base["layers"]["1"].astype(np.float64), [ft["layers"]["1"]], t=0.5),
@@ -197,7 +197,7 @@ def test_slerp_model_count_errors():
         jmerge.merge(slerp(), base, models)
     with pytest.raises(MergeInputError, match="SLERP needs two models"):
         jmerge.merge_leaf(slerp(), base["layers"]["1"]["b"], [m["layers"]["1"]["b"] for m in models],
-                          hp={"t": 0.5}, path="x")
+                          hp={"slerp.t": 0.5}, path="x")
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(flatten=False), dict(flatten=False, row_wise=True),

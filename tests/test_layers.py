@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge.core.hparams import Rules
+from jmerge import Rules
 from jmerge.methods.layers import layer_swap, lines, lines_scale, select_model
-from jmerge.core.tree import MergeInputError
+from jmerge import MergeInputError
 
 L = 5
 

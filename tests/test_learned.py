@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 import jmerge
-from jmerge.core.tree import MergeInputError
+from jmerge import MergeInputError
 
 
 # ------------------------------------------------------------------------------------------------

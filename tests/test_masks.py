@@ -324,9 +324,10 @@ def test_pcb_authors_variant_matches_numpy(dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_emr_unified_and_task_models_match_numpy(dtype):
     base, models = random_trees(T=3, seed=12, dtype=dtype)
-    out, ex = run(jmerge.emr_merge(), base, models)
-    per_task = jmerge.emr_task_models(base, models, out_dtype=jnp.float32)
-    per_task_tv = jmerge.emr_task_models(base, task_vectors=jmerge.task_vectors(base, models), out_dtype=jnp.float32)
+    out, ex = run(jmerge.emr_merge(scope="tensor"), base, models)
+    per_task = jmerge.emr_task_models(base, models, scope="tensor", out_dtype=jnp.float32)
+    per_task_tv = jmerge.emr_task_models(base, task_vectors=jmerge.task_vectors(base, models), scope="tensor",
+                                         out_dtype=jnp.float32)
     for a, b in zip(jax.tree.leaves(per_task), jax.tree.leaves(per_task_tv)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     fb, tau = taus(base, models)

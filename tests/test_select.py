@@ -7,7 +7,7 @@ import pytest
 
 import jmerge
 from jmerge.core import select as S
-from jmerge.core.driver import transform
+from jmerge import transform
 
 SHAPES = [(1,), (7,), (16, 12), (3, 4, 5), (41, 33)]
 
@@ -233,7 +233,7 @@ def _keep_global(state, hp):
 
 
 def _global_method(density=0.2):
-    return transform("keep_global", _keep_global, hparams={"density": density},
+    return transform("keep_global", _keep_global, hparams={"density": density}, per_model=("density",),
                      stats=S.global_topk_phases("gtk", "density"))
 
 

@@ -8,9 +8,9 @@ import pytest
 
 import jmerge
 from jmerge.methods.basic import weighted_sum
-from jmerge.core.driver import chain
+from jmerge import chain
 from jmerge.methods.sparsify import breadcrumbs_drop, dare, della_drop, trim
-from jmerge.core.tree import MergeInputError, leaves_with_paths
+from jmerge import MergeInputError, leaves_with_paths
 from tests._trees import k_round, np_taus, np_topk, small_tree
 
 SHAPES = {"a": (7,), "b": {"c": (16, 12)}, "d": (3, 4, 5)}

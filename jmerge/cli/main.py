@@ -105,7 +105,7 @@ def _cmd_merge(a) -> int:
     if not a.no_compile_cache and not a.dry_run:
         enable_compile_cache(a.compile_cache)
     from ..mergekit.config import ConfigError, load_config
-    from ..core.tree import MergeInputError
+    from ..core import MergeInputError
     try:
         plan = load_config(a.config)
     except ConfigError as e:
@@ -136,7 +136,7 @@ def _cmd_merge(a) -> int:
 
 
 def _cmd_convert(a) -> int:
-    from ..core.tree import MergeInputError
+    from ..core import MergeInputError
     try:
         from .. import io as _checkpoint
         _checkpoint.convert(a.src, a.dst, to=a.to)

@@ -1,10 +1,42 @@
-"""core"""
+"""jmerge's core: merge state, named steps and their composition, hyperparameter specs, matrix views,
+exact top-k selection, the XLA:CPU workarounds and the per-leaf driver.
+
+Nothing here depends on a merge method; the methods (``jmerge.methods``) are short compositions of
+steps built with :func:`transform` and :func:`chain`.
+
+References: optax's ``chain``/``named_chain`` (DeepMind) for the composition style.
+"""
 
 from __future__ import annotations
 
-from .tree import (MergeInputError, path_str, leaves_with_paths, check_compatible, leaf_key, layer_index, count_layers)
-from .hparams import (Gradient, Rules, PerModel, resolve_hparams, layer_positions)
-from .driver import (MergeState, Transform, StatsPhase, transform, chain, merge, merge_leaf, prepare_leaf_hparams, task_vectors, apply_delta, trace_count, model_sum, model_mean, model_max)
-from .select import (topk_mask, topk_mask_rows, density_to_k, global_topk_phases, global_topk_mask)
+from .driver import (LeafProgram, apply_delta, check_method, check_ranges, merge, merge_leaf, prepare_leaf_hparams,
+                     task_vectors, trace_count)
+from .errors import MergeInputError, NonFloatLeavesWarning, OptimizerStateWarning
+from .hparams import Gradient, PerModel, Rules, interp_gradient, layer_positions, resolve_hparams
+from .select import density_to_k, global_topk_mask, global_topk_phases, topk_keep_rows, topk_mask, topk_mask_rows
+from .state import MergeState, diff_rows
+from .transform import StatsPhase, Step, Transform, chain, is_transform, named_chain, transform
+from .tree import (check_compatible, count_layers, layer_index, leaf_key, leaf_kind, leaves_with_paths,
+                   optimizer_state_paths, path_str)
+from .views import MatrixView, infer_view, infer_views, leaf_name
+from .xla import model_max, model_mean, model_sum
 
-__all__ = ['MergeInputError', 'path_str', 'leaves_with_paths', 'check_compatible', 'leaf_key', 'layer_index', 'count_layers', 'Gradient', 'Rules', 'PerModel', 'resolve_hparams', 'layer_positions', 'MergeState', 'Transform', 'StatsPhase', 'transform', 'chain', 'merge', 'merge_leaf', 'prepare_leaf_hparams', 'task_vectors', 'apply_delta', 'trace_count', 'model_sum', 'model_mean', 'model_max', 'topk_mask', 'topk_mask_rows', 'density_to_k', 'global_topk_phases', 'global_topk_mask']
+__all__ = [
+    # errors and warnings
+    "MergeInputError", "NonFloatLeavesWarning", "OptimizerStateWarning",
+    # trees
+    "path_str", "leaves_with_paths", "check_compatible", "leaf_key", "leaf_kind", "layer_index", "count_layers",
+    "optimizer_state_paths",
+    # hyperparameters
+    "Gradient", "Rules", "PerModel", "resolve_hparams", "layer_positions", "interp_gradient",
+    # matrix views
+    "MatrixView", "infer_view", "infer_views", "leaf_name",
+    # state, steps, composition
+    "MergeState", "diff_rows", "StatsPhase", "Step", "Transform", "transform", "chain", "named_chain", "is_transform",
+    # driver
+    "LeafProgram", "merge", "merge_leaf", "prepare_leaf_hparams", "check_ranges", "check_method", "task_vectors",
+    "apply_delta", "trace_count",
+    # selection and reductions
+    "topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
+    "model_sum", "model_mean", "model_max",
+]

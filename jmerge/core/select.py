@@ -55,10 +55,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .driver import MergeState, StatsPhase, _materialized
-from .tree import MergeInputError
+from .errors import MergeInputError
+from .state import MergeState
+from .transform import StatsPhase
+from .xla import HONEST_COST_MIN, honest_cost, loop_variant, materialized, split_blocks
 
-__all__ = ["topk_mask", "topk_mask_rows", "density_to_k", "global_topk_phases", "global_topk_mask"]
+__all__ = ["topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask"]
 
 _I32_MIN = np.int32(np.iinfo(np.int32).min)
 _I32_MAX = np.int32(np.iinfo(np.int32).max)
@@ -74,8 +76,6 @@ _SAMPLE = 4096  # target sample size for the first thresholds
 _SORT_MAX = 2048  # rows up to this length are simply sorted
 _CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard deviations
 _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
-_UNHOIST = 16384  # entries of the float sum that keeps XLA:CPU from running the loop single-threaded
-_UNHOIST_MIN = 65536  # rows at least this long need it (shorter loops are cheap either way)
 
 
 def density_to_k(density, n: int) -> jax.Array:
@@ -98,19 +98,6 @@ def _keys(x: jax.Array, magnitude: bool = False) -> jax.Array:
     return jnp.where(a > _INF_KEY, _INF_KEY, k)
 
 
-def _guard(a: jax.Array, m) -> jax.Array:
-    """``a`` itself, made loop-variant to XLA when ``m`` is a loop-carried copy of a nonzero int32.
-
-    Inside the search loop every read of the data goes through this bit-exact select, so XLA
-    cannot hoist the key transform (or the building of ``tau`` from the models) out of the loop and
-    materialize it as a full-size copy. Outside loops ``m`` is the constant ``_ABS`` and ``a`` is
-    returned as is.
-    """
-    if isinstance(m, np.integer):
-        return a
-    return jnp.where(m != 0, a, jnp.zeros((), a.dtype))
-
-
 def _rows_fn(x: jax.Array):
     """The data source of a materialized (R, n) array: ``guard -> [x[0], ..., x[R-1]]``."""
     return lambda g: [g(x[t]) for t in range(x.shape[0])]
@@ -130,19 +117,8 @@ def _i32(a):
 
 
 def _blocks(x: jax.Array):
-    """(R, n) -> main part as (R, n0 / _W, _W) and the tail (R, n - n0), n0 = n rounded down.
-
-    ``x`` may also be (R, *shape): when the last dimension is a multiple of ``_W`` the blocks split
-    only that dimension, ``(R, *shape[:-1], L / _W, _W)``, and there is no tail. (Splitting the
-    flattened row instead makes JAX 0.12's XLA:CPU compute each element's row and column with a
-    division inside the search loop: measured 4x slower.)
-    """
-    if x.ndim > 2 and x.shape[-1] % _W == 0:
-        return x.reshape(x.shape[:-1] + (x.shape[-1] // _W, _W)), x.reshape(x.shape[0], -1)[:, :0]
-    x = x.reshape(x.shape[0], -1)
-    R, n = x.shape
-    n0 = n // _W * _W
-    return x[:, :n0].reshape(R, n0 // _W, _W), x[:, n0:]
+    """(R, ...) -> blocks of ``_W`` entries and a tail (:func:`jmerge.core.xla.split_blocks`)."""
+    return split_blocks(x, _W)
 
 
 def _sum_rows(s: jax.Array) -> jax.Array:
@@ -281,7 +257,7 @@ def _search(xs, k, magnitude):
 
     ``xs(guard)`` returns the data as a list of R rows (float32, each of ``n`` entries in any shape,
     flat order is row-major) with every input
-    wrapped in ``guard`` (see :func:`_guard`); it is rebuilt on every pass, and each row is counted
+    wrapped in ``guard`` (see :func:`jmerge.core.xla.loop_variant`); it is rebuilt on every pass, and each row is counted
     by its own reduction, so data computed from other arrays (``tau`` from the models) is read from
     those arrays without being materialized (one stacked reduction would put a concatenate, which
     XLA:CPU does not vectorize, in the loop).
@@ -304,7 +280,7 @@ def _search(xs, k, magnitude):
     def row_pass(t, s, ts, m, fin):
         # Rows that are done skip their pass (their results are discarded below).
         def run():
-            r = jnp.asarray(xs(lambda a: _guard(a, m))[t], jnp.float32)
+            r = jnp.asarray(xs(lambda a: loop_variant(a, m))[t], jnp.float32)
             return _count_pass(r[None], ts[t:t + 1], s[0][t:t + 1], s[2][t:t + 1], magnitude)
 
         skip = lambda: (jnp.zeros((1, _J), jnp.int32), jnp.full((1,), _I32_MIN), jnp.full((1,), _I32_MAX))
@@ -318,21 +294,16 @@ def _search(xs, k, magnitude):
         new = _narrow(s, ts, counts, below, above, k)
         s = tuple(jnp.where(fin, a, b) for a, b in zip(s, new))
         never = counts[0, 0] < 0  # always false, but XLA cannot tell
-        if n >= _UNHOIST_MIN:
-            # XLA:CPU (JAX >= 0.11) runs a while loop whose estimated bytes accessed are small as one
-            # single-threaded kernel, and it estimates our integer counting passes as small: a float
-            # sum over a few thousand entries makes the estimate honest (measured: the search on a
-            # 2.9M-entry leaf 4x slower on 2 cores without it).
-            touch = jnp.sum(jnp.asarray(xs(lambda a: _guard(a, m))[0], jnp.float32).reshape(-1)[:_UNHOIST])
-            never = never & (touch != 0)
-        m = jnp.where(never, 0, m)  # always m, but loop-variant to XLA (see _guard)
+        if n >= HONEST_COST_MIN:  # see jmerge.core.xla.honest_cost
+            never = honest_cost(xs(lambda a: loop_variant(a, m))[0], never)
+        m = jnp.where(never, 0, m)  # always m, but loop-variant to XLA (see jmerge.core.xla.loop_variant)
         return s, _next_thresholds(*s, k), m
 
     # The sample is taken inside a conditional that reads the source's inputs: outside one, XLA
     # would share the data's expression with the caller's (unmaterialized) uses and materialize it.
     # The probe is computed from the first element of each input, not sliced from the full-size
     # data (which would make XLA materialize the data for its two users).
-    first = _materialized(
+    first = materialized(
         lambda: _first_thresholds([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)], k, magnitude),
         xs(lambda a: jnp.ravel(a)[:1])[0])
     carry = (state, first, jnp.int32(_ABS))
@@ -552,7 +523,7 @@ def _boundary(hist: np.ndarray, k: int) -> tuple[int, int]:
     return b, int(above[b])
 
 
-def global_topk_phases(name: str = "global_topk", density_key: str = "density"):
+def global_topk_phases(name: str = "global_topk", density_key: str = "density", rounding: str = "round"):
     """StatsPhases for a per-task top-k of ``|tau|`` over the whole model (all leaves together).
 
     Each task vector keeps ``round(density * N)`` entries, ``N`` its total size over all leaves;
@@ -563,9 +534,11 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density"):
     Args:
       name: stats name (two phases: ``name + "/hi"`` and ``name``).
       density_key: hyperparameter holding the kept fraction.
+      rounding: ``"round"`` keeps ``round(density * N)``, ``"floor"`` ``int(density * N)``, ``"authors"``
+        ``int(density * N) + 1`` (at most ``N``), as the TIES authors' code.
 
     Returns:
-      A tuple of two :class:`StatsPhase` to pass as ``stats=`` to :func:`jmerge._core.transform`.
+      A tuple of two :class:`StatsPhase` to pass as ``stats=`` to :func:`jmerge.transform`.
 
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
     (NeurIPS 2023) (trim over the whole model per task).
@@ -580,7 +553,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density"):
         T = collected[0].shape[0]
         hist = np.sum([np.asarray(c, np.int64) for c in collected], axis=0)  # (T, 65536)
         total = int(hist[0].sum())
-        ks = _global_ks(hps, density_key, T, name, total)
+        ks = _global_ks(hps, density_key, T, name, total, rounding)
         b1 = np.array([_boundary(hist[t], int(min(max(ks[t], 1), max(total, 1))))[0] for t in range(T)],
                       np.int32)
         return [{"b1": jnp.asarray(b1)} for _ in collected]
@@ -600,7 +573,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density"):
         above = np.sum([np.asarray(c["above"], np.int64) for c in collected], axis=0)
         total = int(sum(int(c["n"]) for c in collected))
         b1 = np.asarray(collected[0]["b1"], np.int64)
-        ks = _global_ks(hps, density_key, T, name, total)
+        ks = _global_ks(hps, density_key, T, name, total, rounding)
         v = np.zeros(T, np.int64)
         quotas = np.zeros((len(collected), T), np.int64)
         for t in range(T):
@@ -623,9 +596,13 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density"):
     return (StatsPhase(hi_name, collect_hi, finalize_hi), StatsPhase(name, collect_lo, finalize_lo))
 
 
-def _global_ks(hps, key: str, T: int, name: str, total: int) -> np.ndarray:
+def _global_ks(hps, key: str, T: int, name: str, total: int, rounding: str = "round") -> np.ndarray:
     dens = _global_density(hps, key, T, name).astype(np.float64)
-    return np.round(dens * total).astype(np.int64)
+    x = dens * total
+    if rounding == "round":
+        return np.round(x).astype(np.int64)
+    k = np.floor(x * (1.0 + 2.0 ** -21)).astype(np.int64)  # undo float32 error of density
+    return np.minimum(k + 1, total) if rounding == "authors" else k
 
 
 def _global_density(hps, key: str, T: int, name: str) -> np.ndarray:

@@ -18,6 +18,9 @@ import numpy as np
 __all__ = [
     "MergeInputError",
     "path_str",
+    "LeafKind",
+    "leaf_kind",
+    "optimizer_state_paths",
     "leaves_with_paths",
     "check_compatible",
     "leaf_key",
@@ -26,8 +29,76 @@ __all__ = [
 ]
 
 
-class MergeInputError(ValueError):
-    """Raised for inputs a merge cannot use; the message names the leaf path and what to do."""
+from .errors import MergeInputError
+
+LeafKind = str
+"""One of ``"float"`` (merged), ``"int"``, ``"bool"``, ``"key"`` (PRNG keys), ``"complex"``, ``"other"``."""
+
+
+def leaf_kind(x: Any) -> LeafKind:
+    """How the merge treats a leaf, from its dtype.
+
+    ``"float"`` leaves (float16/32/64, bfloat16, float8 ...) and Python floats are merged; ``"int"``,
+    ``"bool"`` and ``"key"`` (typed PRNG keys such as Flax NNX ``Rngs`` state) leaves are taken from the
+    base by default; ``"complex"`` leaves are refused; anything else is ``"other"``.
+    """
+    if isinstance(x, bool):
+        return "bool"
+    if isinstance(x, int):
+        return "int"
+    if isinstance(x, float):
+        return "float"
+    dt = getattr(x, "dtype", None)
+    if dt is None:
+        try:
+            dt = np.asarray(x).dtype
+        except Exception:  # noqa: BLE001 - not array-like at all
+            return "other"
+    if jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
+        return "key"
+    if jnp.issubdtype(dt, jnp.complexfloating):
+        return "complex"
+    if jnp.issubdtype(dt, jnp.floating):
+        return "float"
+    if jnp.issubdtype(dt, jnp.bool_):
+        return "bool"
+    if jnp.issubdtype(dt, jnp.integer):
+        return "int"
+    return "other"
+
+
+def optimizer_state_paths(tree: Any) -> list[tuple[str, str]]:
+    """``(path, type name)`` of optimizer-state nodes in ``tree``: optax states (any node whose type
+    comes from ``optax``), Flax NNX ``OptState`` variables, and ``opt_state`` path components."""
+    found: list[tuple[str, str]] = []
+
+    def visit(path, x):
+        mod = type(x).__module__ or ""
+        name = type(x).__name__
+        if mod.split(".")[0] == "optax" or name in ("OptState", "OptArray", "OptVariable"):
+            found.append((path_str(path), name))
+            return True
+        return False
+
+    jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: False)  # validates the tree
+    _walk(tree, (), visit)
+    if not found:
+        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            s = path_str(p)
+            if "opt_state" in s.split("."):
+                found.append((s.split("opt_state")[0] + "opt_state", "opt_state"))
+                break
+    return found
+
+
+def _walk(x, path, visit):
+    """Depth-first walk over pytree nodes (not only leaves), stopping below a node ``visit`` accepts."""
+    if visit(path, x):
+        return
+    children, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+    for p, c in children:
+        if p and c is not x:
+            _walk(c, path + tuple(p), visit)
 
 
 def _key_str(k: Any) -> str:

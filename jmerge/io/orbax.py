@@ -67,7 +67,7 @@ def nested_to_flat(tree: Any, sep: str = ".") -> dict[str, Any]:
     """Inverse of :func:`flat_to_nested` for any pytree: ``{dotted path: leaf}`` in JAX leaf order."""
     import jax
 
-    from ..core.tree import path_str
+    from ..core import path_str
 
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     out: dict[str, Any] = {}

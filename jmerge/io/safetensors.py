@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
-from ..core.tree import MergeInputError
+from ..core import MergeInputError
 
 __all__ = [
     "CheckpointError",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..core.tree import MergeInputError
+from ..core import MergeInputError
 from .common import (Batcher, LearnedMerge, coefficient_projection, multitask_loss, prepare_task_inputs,
                       task_vectors_from, train)
 
@@ -27,7 +27,7 @@ def init_coefficients(tv, granularity: str, init, simplex: bool) -> jnp.ndarray:
     shape = (T,) if granularity == "task" else (T, L)
     if not isinstance(init, (int, float, np.ndarray, jnp.ndarray, list, tuple)):
         # a base-shaped tree of (T,) coefficients, e.g. from a previous LearnedMerge
-        from ..core.tree import leaves_with_paths
+        from ..core import leaves_with_paths
         leaves = leaves_with_paths(init)[1]
         if len(leaves) != L or granularity != "layer":
             raise MergeInputError(
@@ -75,7 +75,7 @@ def merge_with_coefficients(base, models=None, coefficients=None, *, task_vector
     if isinstance(coefficients, (np.ndarray, jnp.ndarray, list, tuple, float, int)):
         lam = jnp.broadcast_to(jnp.asarray(coefficients, jnp.float32), (tv.num_tasks,))
     else:
-        from ..core.tree import leaves_with_paths
+        from ..core import leaves_with_paths
         cl = leaves_with_paths(coefficients)[1]
         if len(cl) != tv.num_leaves:
             raise MergeInputError(

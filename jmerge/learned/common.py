@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..core.tree import MergeInputError, check_compatible, leaves_with_paths
+from ..core import MergeInputError, check_compatible, leaves_with_paths
 
 __all__ = ["LearnedMerge", "LearnedMergeError"]
 

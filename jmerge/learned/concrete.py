@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..core.tree import MergeInputError
+from ..core import MergeInputError
 from .adamerging import export_coefficients, init_coefficients
 from .common import (Batcher, LearnedMerge, coefficient_projection, multitask_loss, prepare_task_inputs,
                       train)

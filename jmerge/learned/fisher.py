@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.tree import MergeInputError, check_compatible, leaves_with_paths
+from ..core import MergeInputError, check_compatible, leaves_with_paths
 from .common import LearnedMerge, as_apply_fns, check_batches, check_logits
 
 __all__ = ["fisher_information", "fisher_merge"]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..core.tree import MergeInputError
+from ..core import MergeInputError
 from .common import LearnedMerge, task_vectors_from, train
 
 __all__ = ["adaptive_projective_gd"]

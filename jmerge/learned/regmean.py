@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.tree import MergeInputError, check_compatible, leaves_with_paths
+from ..core import MergeInputError, check_compatible, leaves_with_paths
 from .common import LearnedMerge
 
 __all__ = ["gram_matrices", "regmean_merge"]

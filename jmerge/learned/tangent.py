@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..core.tree import check_compatible
+from ..core import check_compatible
 
 __all__ = ["linearize"]
 

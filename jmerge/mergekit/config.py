@@ -26,8 +26,8 @@ from typing import Any, Mapping, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..core.hparams import Gradient, PerModel, Rules
-from ..core.tree import MergeInputError
+from ..core import Gradient, PerModel, Rules
+from ..core import MergeInputError
 
 __all__ = ["ConfigError", "MergeConfig", "MergePlan", "load_config", "parse_config", "MERGEKIT_METHODS"]
 
@@ -254,7 +254,7 @@ def _check_value(ctx: _Ctx, loc: tuple, v: Any) -> Any:
                 if isinstance(inner, Rules):
                     raise ctx.error(loc + (i, "value"), "filtered values cannot nest filters.")
                 rules.append(("" if f in (None, "*") else f, inner))
-            return Rules(rules, default=None)
+            return Rules(rules, default=None, allow_unused=True)
         raise ctx.error(loc, f"mixed list {v!r}; give {allowed}.")
     raise ctx.error(loc, f"cannot use {v!r} ({type(v).__name__}); give {allowed}.")
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ..core.driver import MergeState, chain, transform
-from ..core.driver import model_sum
+from ..core import MergeState, chain, model_sum, transform
 
 __all__ = ["per_model", "weighted_sum", "scale", "linear", "task_arithmetic", "negation"]
 
@@ -33,7 +32,8 @@ def weighted_sum(weight=1.0, normalize: bool = False):
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
-    return transform("weighted_sum", _weighted_sum, hparams={"weight": weight}, static={"normalize": normalize})
+    return transform("weighted_sum", _weighted_sum, hparams={"weight": weight}, static={"normalize": normalize},
+                     per_model=("weight",))
 
 
 def _scale(state: MergeState, hp) -> MergeState:
@@ -66,7 +66,8 @@ def linear(weight=1.0, normalize: bool = True):
     References: Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models
     improves accuracy without increasing inference time" (ICML 2022).
     """
-    return transform("linear", _linear, hparams={"weight": weight}, static={"normalize": normalize})
+    return transform("linear", _linear, hparams={"weight": weight}, static={"normalize": normalize},
+                     per_model=("weight",))
 
 
 def task_arithmetic(scale=1.0, weight=1.0, normalize: bool = False):
@@ -77,7 +78,8 @@ def task_arithmetic(scale=1.0, weight=1.0, normalize: bool = False):
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
-    return chain(weighted_sum(weight, normalize), globals()["scale"](scale), name="task_arithmetic")
+    return chain(weighted_sum(weight, normalize), globals()["scale"](scale), name="task_arithmetic",
+                 aliases={"weight": "weighted_sum.weight", "scale": "scale.scale"})
 
 
 def negation(scale=1.0):
@@ -85,7 +87,7 @@ def negation(scale=1.0):
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
-    return chain(weighted_sum(-1.0), globals()["scale"](scale), name="negation")
+    return chain(weighted_sum(-1.0), globals()["scale"](scale), name="negation", aliases={"scale": "scale.scale"})
 
 
 METHODS = {"linear": linear, "task_arithmetic": task_arithmetic, "negation": negation}

@@ -17,10 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .basic import per_model
-from ..core.driver import MergeState, transform
-from ..core.driver import model_mean, model_sum
-from ..core.tree import MergeInputError
+from ..core import MergeInputError, MergeState, model_mean, model_sum, transform
 
 __all__ = ["slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap"]
 
@@ -141,7 +138,7 @@ def nuslerp(weight=1.0, *, flatten: bool = True, row_wise: bool = False, base_re
 
     References: mergekit's ``nuslerp`` (Goddard et al., "Arcee's MergeKit", 2024); Shoemake (1985).
     """
-    return transform("nuslerp", _nuslerp, hparams={"weight": weight},
+    return transform("nuslerp", _nuslerp, hparams={"weight": weight}, per_model=("weight",),
                      static={"flatten": bool(flatten), "row_wise": bool(row_wise),
                              "base_relative": bool(base_relative)}, min_models=2, max_models=2)
 
@@ -197,7 +194,7 @@ def multislerp(weight=1.0, eps=1e-8, *, normalize_weights: bool = True, base_rel
 
     References: Goddard, "Multi-SLERP" (goddard.blog, 2024); mergekit's ``multislerp``.
     """
-    return transform("multislerp", _multislerp, hparams={"weight": weight, "eps": eps},
+    return transform("multislerp", _multislerp, hparams={"weight": weight, "eps": eps}, per_model=("weight",),
                      static={"normalize_weights": bool(normalize_weights), "base_relative": bool(base_relative)})
 
 
@@ -267,14 +264,14 @@ def karcher(max_iter: int = 10, tol=1e-5, weight=1.0, *, base_relative: bool = F
     References: Karcher, "Riemannian center of mass and mollifier smoothing" (Comm. Pure Appl. Math.
     1977); mergekit's ``karcher``.
     """
-    return transform("karcher", _karcher, hparams={"tol": tol, "weight": weight},
+    return transform("karcher", _karcher, hparams={"tol": tol, "weight": weight}, per_model=("weight",),
                      static={"max_iter": int(max_iter), "base_relative": bool(base_relative)})
 
 
 # --------------------------------------------------------------------------------------------
 # Model Stock
 
-def _model_stock(state: MergeState, hp, *, filter_wise: bool) -> MergeState:
+def _model_stock(state: MergeState, hp, *, filter_wise: bool, average: str) -> MergeState:
     T = state.num_models
     if T < 2:
         raise MergeInputError(f"Model Stock needs at least two fine-tuned models besides the base; got {T} "
@@ -289,7 +286,11 @@ def _model_stock(state: MergeState, hp, *, filter_wise: bool) -> MergeState:
         for j in range(i + 1, T):
             c = jnp.sum(off[i] * off[j], axis=-1) / jnp.maximum(norms[i] * norms[j], 1e-6)
             cos_list.append(jnp.clip(c, -1.0, 1.0))
-    cos = jnp.mean(jnp.stack(cos_list), axis=0)[..., None]
+    cs = jnp.stack(cos_list)
+    if average == "angle":
+        cos = jnp.cos(jnp.mean(jnp.arccos(cs), axis=0))[..., None]
+    else:
+        cos = jnp.mean(cs, axis=0)[..., None]
     den = 1.0 + (T - 1) * cos
     singular = jnp.abs(den) < 1e-6
     t = jnp.where(singular, 0.0, T * cos / jnp.where(singular, 1.0, den))
@@ -299,21 +300,33 @@ def _model_stock(state: MergeState, hp, *, filter_wise: bool) -> MergeState:
     return state.replace(merged=merged, extras=extras)
 
 
-def model_stock(*, filter_wise: bool = False):
+def model_stock(*, filter_wise: bool = False, average: str = "cosine"):
     """Model Stock: move from the base toward the average of the fine-tuned models by
-    ``t = T cos θ / (1 + (T−1) cos θ)``, where ``cos θ`` is the mean pairwise cosine of the task
-    vectors of the tensor: ``θ = t · mean(θ_t) + (1 − t) · θ0``.
+    ``t = T cos θ / (1 + (T−1) cos θ)``, where ``θ`` is the angle between the task vectors of the
+    tensor: ``θ = t · mean(θ_t) + (1 − t) · θ0``.
+
+    With two models ``cos θ`` is their cosine. With more, the paper assumes equal pairwise angles and
+    does not say how to estimate the common one; two estimates are in use, selected by ``average``:
+    ``"cosine"`` (default) averages the pairwise cosines (mergekit), ``"angle"`` averages the pairwise
+    angles and takes the cosine of the mean (FusionBench). They agree for two models.
 
     With ``filter_wise`` the cosine and ``t`` are computed per vector along the last axis (per row of
     a matrix), as mergekit's ``filter_wise`` option. Where ``1 + (T−1) cos θ`` vanishes (``|·| < 1e-6``)
     the base is kept (mergekit). ``t`` is returned in the extras as ``model_stock_t``.
+
+    Args:
+      filter_wise: one ``t`` per row instead of per tensor.
+      average: ``"cosine"`` or ``"angle"`` (see above).
 
     Raises:
       MergeInputError: with fewer than two fine-tuned models.
 
     References: Jang et al., "Model Stock: All we need is just a few fine-tuned models" (ECCV 2024).
     """
-    return transform("model_stock", _model_stock, static={"filter_wise": bool(filter_wise)}, min_models=2)
+    if average not in ("cosine", "angle"):
+        raise MergeInputError(f"model_stock: average must be 'cosine' or 'angle', got {average!r}.")
+    return transform("model_stock", _model_stock, static={"filter_wise": bool(filter_wise), "average": average},
+                     min_models=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,11 +18,9 @@ import re
 
 import jax.numpy as jnp
 
+from ..core import MergeState, chain, layer_index, model_sum, transform
 from .basic import scale as _scale_step
 from .basic import weighted_sum
-from ..core.driver import MergeState, chain, transform
-from ..core.driver import model_sum
-from ..core.tree import layer_index
 
 __all__ = ["lines", "lines_scale", "lines_position", "layer_swap", "layer_swap_source", "select_model",
            "HEAD_FILTER"]
@@ -87,7 +85,9 @@ def lines(alpha=0.0, beta=1.0, scale=1.0, weight=1.0, *, head_filter: str = HEAD
     Model Merging" (ICLR 2025).
     """
     return chain(weighted_sum(weight), lines_scale(alpha, beta, head_filter=head_filter), _scale_step(scale),
-                 name="lines")
+                 name="lines", aliases={"weight": "weighted_sum.weight", "alpha": "lines_scale.alpha",
+                                        "beta": "lines_scale.beta", "layer_position": "lines_scale.layer_position",
+                                        "scale": "scale.scale"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def layer_swap(k: int = 2, *, outer: int = 0, inner: int = 1, nonlayer: int | No
     need = max(int(outer), int(inner), int(nonlayer_i)) + 1
     spec = layer_swap_source(k, outer=outer, inner=inner, nonlayer=nonlayer, k_top=k_top, num_layers=num_layers)
     step = select_model(spec, min_models=max(1, need))
-    return chain(step, name="layer_swap")
+    return chain(step, name="layer_swap", aliases={"source": "select_model.source"})
 
 
 METHODS = {"lines": lines, "layer_swap": layer_swap}

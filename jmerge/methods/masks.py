@@ -31,12 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core import (MergeInputError, MergeState, StatsPhase, chain, density_to_k, leaves_with_paths, model_max,
+                    model_sum, topk_mask_rows, transform)
+from ..core import task_vectors as task_vectors_of
 from .basic import per_model, scale as _scale_step, weighted_sum
-from ..core.driver import MergeState, StatsPhase, chain, transform
-from ..core.driver import model_max, model_sum
-from ..core.driver import task_vectors as task_vectors_of
-from ..core.select import density_to_k, topk_mask_rows
-from ..core.tree import MergeInputError, leaves_with_paths
 
 __all__ = [
     "tall_masks",
@@ -60,94 +58,149 @@ _INF = float("inf")
 # --------------------------------------------------------------------------------------------
 # TALL masks and Consensus
 
-def _compute_tall_masks(state: MergeState, lam) -> jax.Array:
-    tau = state.tau
-    tau_mtl = model_sum(tau)
-    lam = per_model(lam, state)
-    return jnp.abs(tau) >= lam * jnp.abs(tau_mtl[None] - tau)
+def _tall(tau: jax.Array, tau_mtl: jax.Array, lam: jax.Array, strict: bool) -> jax.Array:
+    lhs, rhs = jnp.abs(tau), lam * jnp.abs(tau_mtl[None] - tau)
+    return lhs > rhs if strict else lhs >= rhs
 
 
-def _tall_masks(state: MergeState, hp) -> MergeState:
-    masks = _compute_tall_masks(state, hp["lambda_"])
+def _tall_masks(state: MergeState, hp, *, strict: bool) -> MergeState:
+    masks = _tall(state.tau, model_sum(state.tau), per_model(hp["lambda_"], state), strict)
     return state.replace(extras={**state.extras, "tall_masks": masks})
 
 
-def tall_masks(lambda_=0.6):
+def tall_masks(lambda_=0.6, *, strict: bool = False):
     """Compute TALL masks and store them in ``state.extras["tall_masks"]`` (bool ``(T, *shape)``).
 
     ``mask_t = |tau_t| >= lambda_t * |tau_MTL - tau_t|`` with ``tau_MTL = sum_t tau_t`` computed from
     the task vectors as they enter this step (put it first in a chain to use the raw task vectors).
     ``lambda_`` may be per task (``PerModel``), as the paper tunes it per task on validation data.
-    Ties (equality) count as selected; FusionBench uses a strict ``>`` (differs only on exact ties).
     The step does not aggregate: follow it with an aggregation step.
 
     Args:
       lambda_: mask threshold(s), ``>= 0``; larger values select fewer entries.
+      strict: compare with ``>`` as the authors' code and FusionBench (differs only on exact ties).
 
     References: Wang et al., "Localizing Task Information for Improved Model Merging and
     Compression" (ICML 2024).
     """
-    return transform("tall_masks", _tall_masks, hparams={"lambda_": lambda_}, ranges={"lambda_": (0.0, _INF)})
+    return transform("tall_masks", _tall_masks, hparams={"lambda_": lambda_}, ranges={"lambda_": (0.0, _INF)},
+                     static={"strict": bool(strict)}, per_model=("lambda_",))
 
 
-def _consensus_mask(state: MergeState, hp) -> MergeState:
+def _consensus_mask(state: MergeState, hp, *, masks_from: str, strict: bool) -> MergeState:
     if state.merged is None:
         raise MergeInputError("consensus_mask needs a merged task vector: put it after an aggregation step "
                               "(weighted_sum, disjoint_merge, ...).")
-    masks = state.extras.get("tall_masks")
-    if masks is None:
-        masks = _compute_tall_masks(state, hp["lambda_"])
+    lam = per_model(hp["lambda_"], state)
+    if masks_from == "merged":
+        masks = _tall(state.raw_tau(), state.merged, lam, strict)
+    else:
+        masks = state.extras.get("tall_masks")
+        if masks is None:
+            masks = _tall(state.tau, model_sum(state.tau), lam, strict)
     count = model_sum(masks.astype(jnp.float32))
     keep = count >= hp["k"]
     return state.replace(merged=jnp.where(keep, state.merged, 0.0),
                          extras={**state.extras, "tall_masks": masks, "consensus_mask": keep})
 
 
-def consensus_mask(k=2, lambda_=0.6):
+def consensus_mask(k=2, lambda_=0.6, *, masks_from: str = "stored", strict: bool = False):
     """Zero the merged task vector where fewer than ``k`` TALL masks are on.
 
-    Uses ``state.extras["tall_masks"]`` when an earlier :func:`tall_masks` step stored them (the
-    named methods compute them from the raw task vectors, before any trimming); otherwise computes
-    them here from the current ``tau`` with ``lambda_``. Stores the kept entries in
-    ``extras["consensus_mask"]``. Place it after the aggregation step; it commutes with scaling.
+    Place it after the aggregation step (before scaling). The TALL masks come from:
+
+    * ``masks_from="stored"``: ``state.extras["tall_masks"]`` when an earlier :func:`tall_masks` step
+      stored them (the named methods compute them from the raw task vectors, before any trimming);
+      otherwise from the current ``tau`` with ``tau_MTL = sum_t tau_t``;
+    * ``masks_from="merged"``: ``|tau_t| >= lambda_t * |merged - tau_t|`` with the raw task vectors
+      and the merged vector of the preceding steps (the authors' TALL masks "built with TIES").
+
+    Stores the masks in ``extras["tall_masks"]`` and the kept entries in ``extras["consensus_mask"]``.
 
     Args:
       k: minimum number of tasks that must use an entry (paper: 2), ``>= 0``; ``k`` above the number of
         tasks zeroes everything.
-      lambda_: TALL mask threshold(s) when the masks are computed here.
+      lambda_: TALL mask threshold(s) when the masks are computed here; may be per task.
+      masks_from: ``"stored"`` or ``"merged"`` (see above).
+      strict: compare with ``>`` (the authors' code).
 
     References: Wang et al., "Localizing Task Information for Improved Model Merging and
     Compression" (ICML 2024).
     """
+    if masks_from not in ("stored", "merged"):
+        raise MergeInputError(f"consensus_mask: masks_from must be 'stored' or 'merged', got {masks_from!r}.")
     return transform("consensus_mask", _consensus_mask, hparams={"k": k, "lambda_": lambda_},
-                     ranges={"k": (0.0, _INF), "lambda_": (0.0, _INF)})
+                     ranges={"k": (0.0, _INF), "lambda_": (0.0, _INF)}, per_model=("lambda_",),
+                     static={"masks_from": masks_from, "strict": bool(strict)})
 
 
 def consensus_ta(k=2, lambda_=0.6, scale=1.0):
     """Consensus task arithmetic: ``theta_0 + scale * consensus ⊙ sum_t tau_t``.
 
-    ``consensus = [#{t : mask_t} >= k]`` with the TALL masks of :func:`tall_masks`.
+    ``consensus = [#{t : mask_t} >= k]`` with the TALL masks of :func:`tall_masks`. ``lambda_``
+    binds to both ``tall_masks.lambda_`` and ``consensus_mask.lambda_``.
 
     References: Wang et al., "Localizing Task Information for Improved Model Merging and
     Compression" (ICML 2024).
     """
     return chain(tall_masks(lambda_), weighted_sum(1.0), consensus_mask(k, lambda_), _scale_step(scale),
-                 name="consensus_ta")
+                 name="consensus_ta", aliases={"k": "consensus_mask.k", "scale": "scale.scale",
+                                               "lambda_": ("tall_masks.lambda_", "consensus_mask.lambda_")})
 
 
-def consensus_ties(k=2, lambda_=0.6, density=0.2, scale=1.0):
+_CONSENSUS_AUTHORS = {"masks_from": "merged", "scope": "global", "reduce": "sum", "rounding": "authors",
+                      "strict": True}
+
+
+def consensus_ties(k=2, lambda_=0.6, density=0.2, scale=1.0, *, variant: str = "jmerge",
+                   masks_from: str | None = None, scope: str | None = None, reduce: str | None = None,
+                   rounding: str | None = None, strict: bool | None = None):
     """Consensus TIES: the TIES merged task vector restricted to the entries of >= ``k`` TALL masks.
 
-    The TALL masks are computed from the untrimmed task vectors (``tau_MTL = sum_t tau_t``); TIES
-    then trims, elects signs and takes the disjoint mean as :func:`jmerge.ties` does.
+    ``variant="jmerge"`` (default): TALL masks from the untrimmed task vectors
+    (``tau_MTL = sum_t tau_t``, ``>=``); TIES trims per tensor (``round(density * n)``), elects signs
+    and takes the disjoint mean, as :func:`jmerge.ties`.
+
+    ``variant="authors"``, as the Consensus authors' code (and FusionBench): TIES with a whole-model
+    trim keeping ``int(density * N) + 1`` per task and the disjoint *sum*; TALL masks
+    ``|tau_t| > lambda * |tau_TIES - tau_t|`` from the raw task vectors and that TIES vector. (Their
+    sign election gives an exactly-zero sum the sign of the whole model's majority; jmerge elects +1
+    there: it differs only where trimmed entries cancel exactly.)
+
+    The keyword options override single choices of the variant.
+
+    Args:
+      k: minimum number of TALL masks (paper: 2).
+      lambda_: TALL mask threshold(s), may be per task; binds to every step that has it.
+      density: TIES trim density.
+      scale: the final scaling lambda.
+      variant: ``"jmerge"`` or ``"authors"``.
+      masks_from: ``"stored"`` (masks from the raw sum, by a first ``tall_masks`` step) or ``"merged"``.
+      scope, rounding: of the trim (see :func:`jmerge.trim`).
+      reduce: of the disjoint merge (see :func:`jmerge.disjoint_merge`).
+      strict: ``>`` in the TALL masks.
 
     References: Wang et al., "Localizing Task Information for Improved Model Merging and
     Compression" (ICML 2024); Yadav et al., "TIES-Merging" (NeurIPS 2023).
     """
-    from .ties import ties  # lazy: sibling family module
+    from .sparsify import trim  # noqa: PLC0415 - sibling family modules (they import nothing from here)
+    from .ties import disjoint_merge, elect_sign  # noqa: PLC0415
 
-    return chain(tall_masks(lambda_), ties(density=density, scale=scale), consensus_mask(k, lambda_),
-                 name="consensus_ties")
+    if variant not in ("jmerge", "authors"):
+        raise MergeInputError(f"consensus_ties: variant must be 'jmerge' or 'authors', got {variant!r}.")
+    base = dict(_CONSENSUS_AUTHORS) if variant == "authors" else \
+        {"masks_from": "stored", "scope": "tensor", "reduce": "mean", "rounding": "round", "strict": False}
+    given = {"masks_from": masks_from, "scope": scope, "reduce": reduce, "rounding": rounding, "strict": strict}
+    o = {**base, **{n: v for n, v in given.items() if v is not None}}
+    stored = o["masks_from"] == "stored"
+    parts = [tall_masks(lambda_, strict=o["strict"])] if stored else []
+    parts += [trim(density, scope=o["scope"], rounding=o["rounding"]), elect_sign(1.0),
+              disjoint_merge(1.0, reduce=o["reduce"]),
+              consensus_mask(k, lambda_, masks_from=o["masks_from"], strict=o["strict"]), _scale_step(scale)]
+    lam = ("tall_masks.lambda_", "consensus_mask.lambda_") if stored else "consensus_mask.lambda_"
+    return chain(*parts, name="consensus_ties",
+                 aliases={"k": "consensus_mask.k", "lambda_": lam, "density": "trim.density",
+                          "weight": ("elect_sign.weight", "disjoint_merge.weight"), "scale": "scale.scale"})
 
 
 def tall_merge(lambda_=0.6, scale=1.0):
@@ -160,7 +213,8 @@ def tall_merge(lambda_=0.6, scale=1.0):
     References: Wang et al., "Localizing Task Information for Improved Model Merging and
     Compression" (ICML 2024).
     """
-    return chain(tall_masks(lambda_), weighted_sum(1.0), _scale_step(scale), name="tall_merge")
+    return chain(tall_masks(lambda_), weighted_sum(1.0), _scale_step(scale), name="tall_merge",
+                 aliases={"lambda_": "tall_masks.lambda_", "scale": "scale.scale"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,7 +462,7 @@ def pcb(ratio=0.1, scale=1.0, *, variant: str = "paper", outlier: float = 1e-4):
         raise MergeInputError(f"pcb: variant must be 'paper' or 'authors', got {variant!r}.")
     if not 0.0 <= float(outlier) < 0.5:
         raise MergeInputError(f"pcb: outlier must be in [0, 0.5), got {outlier!r}.")
-    return transform("pcb", _pcb, hparams={"ratio": ratio, "scale": scale},
+    return transform("pcb", _pcb, hparams={"ratio": ratio, "scale": scale}, per_model=("ratio",),
                      static={"variant": variant, "outlier": float(outlier)}, ranges={"ratio": (0.0, 1.0)})
 
 
@@ -425,10 +479,20 @@ def _emr_parts(tau: jax.Array):
     return tau_uni, masks, num, den
 
 
-def _emr_collect(state: MergeState, hp):
-    _, _, num, den = _emr_parts(state.tau)
-    n = state.tau[0].size
-    return jnp.stack([num / n, den / n])  # per-tensor means, summed over tensors (the authors' code)
+_EMR_SCOPES = ("model", "model_sum", "tensor")
+
+
+def _emr_stat(num, den, n: int, scope: str):
+    """Per-tensor contribution to the whole-model rescaler: means (authors' code) or sums (paper)."""
+    d = n if scope == "model" else 1
+    return jnp.stack([num / d, den / d])
+
+
+def _emr_collect_fn(scope: str):
+    def collect(state: MergeState, hp):
+        _, _, num, den = _emr_parts(state.tau)
+        return _emr_stat(num, den, state.tau[0].size, scope)
+    return collect
 
 
 def _emr_finalize(collected, hps):
@@ -437,19 +501,27 @@ def _emr_finalize(collected, hps):
     return [jnp.asarray(s) for _ in collected]
 
 
-_EMR_STATS = (StatsPhase("emr_rescalers", _emr_collect, _emr_finalize),)
+def _emr_finalize_traced(collected, hps):
+    tot = model_sum(jnp.stack(collected))  # inside a trace: float32 on the device
+    s = jnp.where(tot[1] > 0, tot[0] / jnp.where(tot[1] > 0, tot[1], 1.0), 1.0)
+    return [s for _ in collected]
 
 
 def _emr(state: MergeState, hp, *, scope: str) -> MergeState:
     tau_uni, masks, num, den = _emr_parts(state.tau)
-    if scope == "model":
-        s = state.stats["emr_rescalers"]
-    else:
+    if scope == "tensor":
         s = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
+    else:
+        s = state.stats["emr_rescalers"]
     return state.replace(merged=tau_uni, extras={**state.extras, "emr_masks": masks, "emr_rescalers": s})
 
 
-def emr_merge(scope: str = "tensor"):
+def _check_emr_scope(where: str, scope: str) -> None:
+    if scope not in _EMR_SCOPES:
+        raise MergeInputError(f"{where}: scope must be one of {list(_EMR_SCOPES)}, got {scope!r}.")
+
+
+def emr_merge(scope: str = "model"):
     """EMR merging: the unified task vector ``tau_uni``, with per-task masks and rescalers as extras.
 
     ``gamma = sign(sum_t tau_t)``; ``mask_t = [tau_t * gamma > 0]``;
@@ -461,28 +533,29 @@ def emr_merge(scope: str = "tensor"):
     entry (FusionBench counts 0 as negative). A task whose mask is empty gets ``s_t = 1``.
 
     Args:
-      scope: ``"tensor"``: one rescaler per task and tensor (the paper's formula applied per
-        tensor); ``"model"``: one rescaler per task for the whole model, as the authors' code
-        (sum over tensors of the per-tensor mean ``|tau_t|`` over that of ``|mask_t ⊙ tau_uni|``).
+      scope: the rescaler ``s_t``: ``"model"`` (default): one per task for the whole model, as the
+        authors' code and FusionBench compute it (the sum over tensors of the per-tensor mean
+        ``|tau_t|`` over that of the per-tensor mean ``|mask_t ⊙ tau_uni|``); ``"model_sum"``: one per
+        task from whole-model sums, the paper's formula literally; ``"tensor"``: one per task and
+        tensor (streams without a statistics pass).
 
     References: Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging"
     (NeurIPS 2024).
     """
-    if scope not in ("tensor", "model"):
-        raise MergeInputError(f"emr_merge: scope must be 'tensor' or 'model', got {scope!r}.")
-    return transform("emr_merge", _emr, static={"scope": scope},
-                     stats=_EMR_STATS if scope == "model" else ())
+    _check_emr_scope("emr_merge", scope)
+    stats = () if scope == "tensor" else (StatsPhase("emr_rescalers", _emr_collect_fn(scope), _emr_finalize, _emr_finalize_traced),)
+    return transform("emr_merge", _emr, static={"scope": scope}, stats=stats)
 
 
 def emr_task_models(base: Any, models: Sequence[Any] | None = None, *, task_vectors: Any = None,
-                    scope: str = "tensor", out_dtype=None) -> list:
+                    scope: str = "model", out_dtype=None) -> list:
     """Per-task EMR models ``theta_0 + s_t * mask_t ⊙ tau_uni`` (see :func:`emr_merge`).
 
     Args:
       base: the base params pytree.
       models: the T fine-tuned params pytrees (or give ``task_vectors``, leaves ``(T, *shape)``).
       task_vectors: stacked task vectors instead of ``models``.
-      scope: rescaler scope, ``"tensor"`` or ``"model"``.
+      scope: rescaler scope, ``"model"``, ``"model_sum"`` or ``"tensor"`` (see :func:`emr_merge`).
       out_dtype: dtype of the outputs (default: each base leaf's).
 
     Returns:
@@ -494,8 +567,7 @@ def emr_task_models(base: Any, models: Sequence[Any] | None = None, *, task_vect
     References: Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging"
     (NeurIPS 2024).
     """
-    if scope not in ("tensor", "model"):
-        raise MergeInputError(f"emr_task_models: scope must be 'tensor' or 'model', got {scope!r}.")
+    _check_emr_scope("emr_task_models", scope)
     if (models is None) == (task_vectors is None):
         raise MergeInputError("emr_task_models: give exactly one of `models` or `task_vectors`.")
     if task_vectors is None:
@@ -511,12 +583,12 @@ def emr_task_models(base: Any, models: Sequence[Any] | None = None, *, task_vect
             raise MergeInputError(f"emr_task_models: leaf '{p}' task vectors have shape {tuple(np.shape(t))}, "
                                   f"expected (T, *{tuple(np.shape(b))}).")
     parts = [_emr_parts_jit(jnp.asarray(t, jnp.float32)) for t in tv_leaves]
-    if scope == "model":
-        s_model = _emr_finalize([jnp.stack([num / t[0].size, den / t[0].size])
+    if scope != "tensor":
+        s_model = _emr_finalize([_emr_stat(num, den, t[0].size, scope)
                                  for (_, _, num, den), t in zip(parts, tv_leaves)], None)[0]
     per_leaf = []
     for b, (tau_uni, masks, num, den) in zip(base_leaves, parts):
-        s = s_model if scope == "model" else jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
+        s = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0) if scope == "tensor" else s_model
         dt = jnp.dtype(out_dtype) if out_dtype is not None else jnp.asarray(b).dtype
         per_leaf.append(_emr_leaf(b, tau_uni, masks, s).astype(dt))
     T = per_leaf[0].shape[0] if per_leaf else 0

@@ -12,7 +12,8 @@ tensor by tensor.
 
 Rounding of ``k``: by default ``k = round(density * n)``. ``rounding="floor"`` gives mergekit's
 ``int(density * n)`` (with ``trim``, at least one entry is kept when ``density > 0``, as mergekit's
-``magnitude``). Hyperparameters arrive as float32, so when ``density * n`` lies within float32
+``magnitude``); ``rounding="authors"`` gives the TIES authors' ``int(density * n) + 1`` (their
+``kthvalue`` threshold keeps one more entry; at most ``n``). Hyperparameters arrive as float32, so when ``density * n`` lies within float32
 rounding of an integer the floor may differ from mergekit's float64 arithmetic by one entry.
 
 References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023);
@@ -28,14 +29,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..core import MergeInputError, MergeState, transform
 from ..core import select as _select
 from .basic import per_model
-from ..core.driver import MergeState, transform
-from ..core.tree import MergeInputError
 
 __all__ = ["trim", "dare", "breadcrumbs_drop", "della_drop", "rescale_l1"]
 
-_ROUNDINGS = ("round", "floor")
+_ROUNDINGS = ("round", "floor", "authors")
 _RESCALES = ("inverse", "l1", "none")
 _L1_EPS = 1e-7  # below this L1 norm (before or after dropping) no rescaling, as mergekit
 
@@ -57,6 +57,8 @@ def _count(frac: jax.Array, n: int, rounding: str) -> jax.Array:
         k = jnp.round(x)
     else:  # floor; the tiny relative bump undoes float32's representation error of frac
         k = jnp.floor(x * (1.0 + 2.0 ** -21))
+        if rounding == "authors":  # the TIES authors' kthvalue keeps int(density * n) + 1
+            k = k + 1
     return jnp.clip(k, 0, n).astype(jnp.int32)
 
 
@@ -104,8 +106,9 @@ def trim(density=0.2, *, scope: str = "tensor", rounding: str = "round"):
       scope: ``"tensor"`` ranks within each tensor (mergekit); ``"global"`` ranks over the whole
         model per task, as the TIES paper (``n`` is then the task vector's total size, and the
         density of the first leaf is used).
-      rounding: ``"round"`` (default) or ``"floor"`` (mergekit's ``int(density * n)``, at least one
-        entry kept when ``density > 0``); only for ``scope="tensor"``.
+      rounding: ``"round"`` (default), ``"floor"`` (mergekit's ``int(density * n)``, at least one
+        entry kept when ``density > 0``) or ``"authors"`` (the TIES authors' ``int(density * n) + 1``;
+        also for ``scope="global"``, where ``n`` is the task vector's total size).
 
     Ties in magnitude are broken by the lowest flat index.
 
@@ -114,9 +117,9 @@ def trim(density=0.2, *, scope: str = "tensor", rounding: str = "round"):
     """
     _check_option("scope", scope, ("tensor", "global"))
     _check_option("rounding", rounding, _ROUNDINGS)
-    stats = _select.global_topk_phases(_TRIM_STATS, "density") if scope == "global" else ()
+    stats = _select.global_topk_phases(_TRIM_STATS, "density", rounding) if scope == "global" else ()
     return transform("trim", _trim, hparams={"density": density}, static={"scope": scope, "rounding": rounding},
-                     ranges={"density": (0.0, 1.0)}, stats=stats)
+                     ranges={"density": (0.0, 1.0)}, stats=stats, per_model=("density",))
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +157,7 @@ def dare(density=0.5, *, rescale: str = "inverse"):
     """
     _check_option("rescale", rescale, _RESCALES)
     return transform("dare", _dare, hparams={"density": density}, static={"rescale": rescale},
-                     ranges={"density": (0.0, 1.0)})
+                     ranges={"density": (0.0, 1.0)}, per_model=("density",))
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,10 +192,10 @@ def breadcrumbs_drop(density=0.9, gamma=0.01, *, rounding: str = "round"):
     References: Davari and Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with
     Sparse Masks" (ECCV 2024).
     """
-    _check_option("rounding", rounding, _ROUNDINGS)
+    _check_option("rounding", rounding, ("round", "floor"))
     return transform("breadcrumbs", _breadcrumbs, hparams={"density": density, "gamma": gamma},
                      static={"rounding": rounding}, ranges={"density": (0.0, 1.0), "gamma": (0.0, 1.0)},
-                     materialize_tau=True)
+                     materialize_tau=True, per_model=("density", "gamma"))
 
 
 breadcrumbs = breadcrumbs_drop  # the step's short name (``jmerge.breadcrumbs`` is the named method)
@@ -270,7 +273,8 @@ def della_drop(density=0.7, epsilon=0.15, *, rescale: str = "inverse"):
     """
     _check_option("rescale", rescale, _RESCALES)
     return transform("della", _della, hparams={"density": density, "epsilon": epsilon},
-                     static={"rescale": rescale}, ranges={"density": (0.0, 1.0), "epsilon": (0.0, 0.5)})
+                     static={"rescale": rescale}, ranges={"density": (0.0, 1.0), "epsilon": (0.0, 0.5)},
+                     per_model=("density", "epsilon"))
 
 
 della = della_drop  # the step's short name (``jmerge.della`` is the named method)

@@ -1,10 +1,13 @@
-"""Spectral merges of task matrices: TSV-M (Task Singular Vectors) and ISO-C (isotropic merging).
+"""Spectral merges of task matrices: TSV-M (Task Singular Vectors), ISO-C and ISO-CTS (isotropic merging).
 
-Matrices: every leaf with two or more dimensions is treated as a stack of matrices over its last
-two dimensions (a ``(3, 4, 5)`` leaf is three ``4 x 5`` matrices; scan-stacked layer weights
-``(L, d_in, d_out)`` are L matrices), and the SVDs run batched over the leading dimensions. Other
-leaves (biases, norms, scalars) take the plain mean of the task vectors, as both papers' code does.
-The papers' reference code treats only 2-D tensors as matrices; for 2-D leaves jmerge matches it.
+Matrices come from the core's matrix views (:class:`jmerge.MatrixView`): a Flax
+``MultiHeadDotProductAttention`` query kernel ``(in, heads, head_dim)`` is one ``in x (heads*head_dim)``
+matrix, a ``Conv`` kernel ``(kh, kw, in, out)`` one ``(kh*kw*in) x out`` matrix, a scan-stacked
+``(L, in, out)`` kernel a batch of L matrices, a Hugging Face ``(out, in)`` weight one matrix; the
+SVDs run batched. Vector leaves (biases of any shape, norm scales, scalars) take the plain mean of the
+task vectors, as the papers' code does. Override a leaf's view with ``merge(..., views=...)``.
+
+These methods need each whole matrix: under a sharded merge the matrix is gathered.
 
 References: Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging"
 (CVPR 2025); Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
@@ -15,10 +18,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ..core.driver import MergeState, transform
-from ..core.driver import model_mean, model_sum
+from ..core import MergeInputError, MergeState, model_mean, model_sum, transform
 
-__all__ = ["tsv_m", "iso_c", "tsv_rank"]
+__all__ = ["tsv_m", "iso_c", "iso_cts", "tsv_rank", "iso_cts_sizes"]
 
 
 def tsv_rank(min_dim: int, num_models: int, rank_fraction: float | None = None) -> int:
@@ -28,28 +30,28 @@ def tsv_rank(min_dim: int, num_models: int, rank_fraction: float | None = None) 
 
 
 def _orthogonalize(x):
-    """Closest matrix with orthonormal columns (Procrustes): ``P Qᵀ`` from ``x = P S Qᵀ``."""
+    """Closest matrix with orthonormal columns (rows, if wider than tall): ``P Qᵀ`` from ``x = P S Qᵀ``."""
     p, _, qt = jnp.linalg.svd(x, full_matrices=False)
     return p @ qt
 
 
+def _mean_vector(state: MergeState, hp) -> MergeState:
+    return state.replace(merged=hp["scale"] * model_mean(state.tau))
+
+
 def _tsv_m(state: MergeState, hp, *, rank_fraction) -> MergeState:
-    tau = state.tau
+    if state.view is None:
+        return _mean_vector(state, hp)
     T = state.num_models
-    if tau.ndim < 3:  # vectors and scalars: mean of the task vectors
-        return state.replace(merged=hp["scale"] * model_mean(tau))
-    m, n = tau.shape[-2:]
+    mats = state.view.to_matrices(state.tau, lead=1)  # (T, B, m, n)
+    m, n = mats.shape[-2:]
     r = tsv_rank(min(m, n), T, rank_fraction)
-    u, s, vt = jnp.linalg.svd(tau, full_matrices=False)  # (T,...,m,k) (T,...,k) (T,...,k,n)
-    u, s, vt = u[..., :r], s[..., :r], vt[..., :r, :]
-    # concatenate the tasks' triplets: U_cat (..., m, T r), S_cat (..., T r), V_cat (..., T r, n)
-    u_cat = jnp.concatenate([u[t] for t in range(T)], axis=-1)
-    s_cat = jnp.concatenate([s[t] for t in range(T)], axis=-1)
-    vt_cat = jnp.concatenate([vt[t] for t in range(T)], axis=-2)
-    u_orth = _orthogonalize(u_cat)
-    vt_orth = _orthogonalize(vt_cat)
-    merged = (u_orth * s_cat[..., None, :]) @ vt_orth
-    return state.replace(merged=hp["scale"] * merged)
+    u, s, vt = jnp.linalg.svd(mats, full_matrices=False)  # (T,B,m,k) (T,B,k) (T,B,k,n)
+    u_cat = jnp.concatenate([u[t, ..., :r] for t in range(T)], axis=-1)
+    s_cat = jnp.concatenate([s[t, ..., :r] for t in range(T)], axis=-1)
+    vt_cat = jnp.concatenate([vt[t, ..., :r, :] for t in range(T)], axis=-2)
+    merged = (_orthogonalize(u_cat) * s_cat[..., None, :]) @ _orthogonalize(vt_cat)
+    return state.replace(merged=hp["scale"] * state.view.from_matrices(merged, state.base.shape))
 
 
 def tsv_m(scale=1.0, *, rank_fraction: float | None = None):
@@ -59,8 +61,8 @@ def tsv_m(scale=1.0, *, rank_fraction: float | None = None):
     triplets (``rank_fraction = 1/T`` by default, at least one). The kept ``U``'s and ``V``'s are
     concatenated across tasks and each concatenation is replaced by its closest orthonormal matrix
     (``P Qᵀ`` from its SVD, the orthogonal Procrustes solution); the merged update is
-    ``scale · U⊥ diag(Σ_cat) V⊥ᵀ``. Non-matrix leaves get ``scale · mean_t τ_t``. See the module
-    docstring for leaves with more than two dimensions.
+    ``scale · U⊥ diag(Σ_cat) V⊥ᵀ``. Vector leaves get ``scale · mean_t τ_t``. Matrices come from the
+    leaves' matrix views (see the module docstring); a whole matrix is needed.
 
     Args:
       scale: the paper's α (1.0 in the paper and FusionBench).
@@ -70,34 +72,98 @@ def tsv_m(scale=1.0, *, rank_fraction: float | None = None):
     (CVPR 2025).
     """
     rf = None if rank_fraction is None else float(rank_fraction)
-    return transform("tsv_m", _tsv_m, hparams={"scale": scale}, static={"rank_fraction": rf})
+    return transform("tsv_m", _tsv_m, hparams={"scale": scale}, static={"rank_fraction": rf}, uses_view=True)
 
 
 def _iso_c(state: MergeState, hp) -> MergeState:
-    tau = state.tau
-    if tau.ndim < 3:
-        return state.replace(merged=hp["scale"] * model_mean(tau))
-    total = model_sum(tau)
+    if state.view is None:
+        return _mean_vector(state, hp)
+    total = model_sum(state.view.to_matrices(state.tau, lead=1))  # (B, m, n)
     u, s, vt = jnp.linalg.svd(total, full_matrices=False)
-    s_iso = jnp.mean(s, axis=-1, keepdims=True)
-    merged = (u * s_iso[..., None, :]) @ vt
-    return state.replace(merged=hp["scale"] * merged)
+    merged = (u * jnp.mean(s, axis=-1, keepdims=True)[..., None, :]) @ vt
+    return state.replace(merged=hp["scale"] * state.view.from_matrices(merged, state.base.shape))
 
 
 def iso_c(scale=1.0):
     """ISO-C: task arithmetic with an isotropic (flattened) spectrum.
 
     Per matrix, ``M = Σ_t τ_t = U Σ Vᵀ`` and the merged update is ``scale · U (mean(Σ) I) Vᵀ``: all
-    singular values are replaced by their mean. Non-matrix leaves get ``scale · mean_t τ_t``, as the
-    paper's code. See the module docstring for leaves with more than two dimensions.
+    singular values are replaced by their mean. Vector leaves get ``scale · mean_t τ_t``, as the
+    paper's code. Matrices come from the leaves' matrix views; a whole matrix is needed.
 
     Args:
-      scale: the paper's α (tuned on validation, typically 1.0–1.5).
+      scale: the paper's α (tuned on validation; 1.0–1.5 in the paper and FusionBench).
 
     References: Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
     Task-Specific Subspaces" (ICML 2025).
     """
-    return transform("iso_c", _iso_c, hparams={"scale": scale})
+    return transform("iso_c", _iso_c, hparams={"scale": scale}, uses_view=True)
 
 
-METHODS = {"tsv_m": tsv_m, "iso_c": iso_c}
+def iso_cts_sizes(min_dim: int, num_models: int, common_fraction: float) -> tuple[int, int]:
+    """``(k_common, k_per_task)`` of ISO-CTS for a matrix of rank bound ``min_dim``.
+
+    As the authors' code: ``k = int(min_dim * common_fraction)``, the task-specific total
+    ``round((min_dim - k) / T) * T`` (Python rounding) and ``k = min_dim -`` that total, so that
+    ``k + T * k_per_task == min_dim``. When the rounding would ask for more than ``min_dim``
+    directions, one direction less per task is used.
+    """
+    T = num_models
+    k = int(min_dim * common_fraction)
+    total = round((min_dim - k) / T) * T
+    if total > min_dim:
+        total -= T
+    return min_dim - total, total // T
+
+
+def _iso_cts(state: MergeState, hp, *, common_fraction: float) -> MergeState:
+    if state.view is None:
+        return _mean_vector(state, hp)
+    T = state.num_models
+    mats = state.view.to_matrices(state.tau, lead=1)  # (T, B, m, n)
+    m, n = mats.shape[-2:]
+    kc, d = iso_cts_sizes(min(m, n), T, common_fraction)
+    u, s, vt = jnp.linalg.svd(model_sum(mats), full_matrices=False)
+    uc, sc, vc = u[..., :kc], s[..., :kc], vt[..., :kc, :]
+    us, ss, vs = [], [], []
+    for t in range(T):
+        w = mats[t] - uc @ (jnp.swapaxes(uc, -1, -2) @ mats[t])  # remove the common subspace
+        ut, st, vtt = jnp.linalg.svd(w, full_matrices=False)
+        us.append(ut[..., :d])
+        ss.append(st[..., :d])
+        vs.append(vtt[..., :d, :])
+    u_all = _orthogonalize(jnp.concatenate(us + [uc], axis=-1))
+    v_all = _orthogonalize(jnp.concatenate(vs + [vc], axis=-2))
+    s_iso = jnp.mean(jnp.concatenate(ss + [sc], axis=-1), axis=-1, keepdims=True)
+    merged = (u_all * s_iso[..., None, :]) @ v_all
+    return state.replace(merged=hp["scale"] * state.view.from_matrices(merged, state.base.shape))
+
+
+def iso_cts(scale=1.0, *, common_fraction: float = 0.8):
+    """ISO-CTS: isotropic merging in the common and task-specific subspaces.
+
+    Per matrix (``m x n``, ``r = min(m, n)``), with ``k`` and ``d`` from :func:`iso_cts_sizes`:
+
+    1. ``Σ_t τ_t = U Σ Vᵀ``; the common subspace is its top ``k`` triplets ``(U_k, Σ_k, V_k)``;
+    2. per task, ``τ_t − U_k U_kᵀ τ_t`` (the common subspace projected out) keeps its top ``d`` triplets;
+    3. the task triplets (in task order) and the common ones are concatenated (``r`` of them), the
+       ``U``'s and ``V``'s orthogonalized (closest orthonormal matrices), and every singular value
+       replaced by the mean of the ``r`` concatenated ones: ``scale · U⊥ (mean I) V⊥ᵀ``.
+
+    Vector leaves get ``scale · mean_t τ_t``. Matrices come from the leaves' matrix views; a whole
+    matrix is needed.
+
+    Args:
+      scale: the paper's α (tuned on validation; 1.5 for ViT-B/32 in the paper and FusionBench).
+      common_fraction: fraction of the rank given to the common subspace (paper: 0.8; static).
+
+    References: Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+    Task-Specific Subspaces" (ICML 2025).
+    """
+    if not 0.0 <= float(common_fraction) <= 1.0:
+        raise MergeInputError(f"iso_cts: common_fraction must be in [0, 1], got {common_fraction!r}.")
+    return transform("iso_cts", _iso_cts, hparams={"scale": scale}, static={"common_fraction": float(common_fraction)},
+                     uses_view=True)
+
+
+METHODS = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts}

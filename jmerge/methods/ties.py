@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from ..core import MergeInputError, MergeState, chain, model_mean, model_sum, topk_mask_rows, transform
+from ..core.xla import rows
 from .basic import per_model, scale as _scale_step, weighted_sum
-from ..core.driver import MergeState, chain, transform
-from ..core.driver import model_mean, model_sum
-from ..core.select import topk_mask_rows
 from .sparsify import _check_option, breadcrumbs_drop, dare, della_drop, trim
-from ..core.tree import MergeInputError
 
 __all__ = ["elect_sign", "disjoint_merge", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
            "della", "della_linear", "magmax", "sce"]
@@ -29,20 +27,12 @@ __all__ = ["elect_sign", "disjoint_merge", "ties", "dare_linear", "dare_ties", "
 # --------------------------------------------------------------------------------------------
 # Steps
 
-def _rows(x):
-    """The per-model slices ``x[t]``. The TIES steps compute per model and sum over a Python list, so
-    that XLA sees slices of the (possibly lazily masked) stacked ``tau`` and fuses the trim's mask,
-    the election and the merge into one pass over the data instead of materializing the masked
-    task vectors."""
-    return [x[t] for t in range(x.shape[0])]
-
-
 def _weights(hp_value, state: MergeState):
-    return _rows(per_model(hp_value, state))
+    return rows(per_model(hp_value, state))
 
 
 def _elect_sign(state: MergeState, hp, *, method: str, weighted: bool) -> MergeState:
-    taus = _rows(state.tau)
+    taus = rows(state.tau)
     x = [w * t for w, t in zip(_weights(hp["weight"], state), taus)] if weighted else taus
     votes = sum(x[1:], x[0]) if method == "sum" else sum([jnp.sign(v) for v in x[1:]], jnp.sign(x[0]))
     sign = jnp.where(votes >= 0, 1.0, -1.0).astype(jnp.float32)
@@ -63,7 +53,7 @@ def elect_sign(weight=1.0, *, method: str = "sum", weighted: bool = True):
     """
     _check_option("method", method, ("sum", "count"))
     return transform("elect_sign", _elect_sign, hparams={"weight": weight},
-                     static={"method": method, "weighted": bool(weighted)})
+                     static={"method": method, "weighted": bool(weighted)}, per_model=("weight",))
 
 
 def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str) -> MergeState:
@@ -71,7 +61,7 @@ def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str) ->
         raise MergeInputError("disjoint_merge needs an elected sign: put elect_sign(...) before it in the chain.")
     sign = state.extras["sign"]
     ws = _weights(hp["weight"], state)
-    contrib = [w * t for w, t in zip(ws, _rows(state.tau))]
+    contrib = [w * t for w, t in zip(ws, rows(state.tau))]
     agree = [jnp.sign(c) == sign for c in contrib]
     total = sum([jnp.where(a, c, 0.0) for a, c in zip(agree, contrib)])
     if reduce == "mean":
@@ -99,12 +89,16 @@ def disjoint_merge(weight=1.0, *, reduce: str = "mean", normalize_by: str = "cou
     _check_option("reduce", reduce, ("mean", "sum"))
     _check_option("normalize_by", normalize_by, ("count", "weight"))
     return transform("disjoint_merge", _disjoint_merge, hparams={"weight": weight},
-                     static={"reduce": reduce, "normalize_by": normalize_by})
+                     static={"reduce": reduce, "normalize_by": normalize_by}, per_model=("weight",))
 
 
 def _sign_and_merge(weight, sign_method, weighted, reduce, normalize_by):
     return (elect_sign(weight, method=sign_method, weighted=weighted),
             disjoint_merge(weight, reduce=reduce, normalize_by=normalize_by))
+
+
+# Public names of the TIES-style chains: one weight for the election and the merge.
+_TIES_ALIASES = {"weight": ("elect_sign.weight", "disjoint_merge.weight"), "scale": "scale.scale"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,12 +109,16 @@ def ties(density=0.2, scale=1.0, weight=1.0, *, scope: str = "tensor", reduce: s
          rounding: str = "round"):
     """TIES-Merging: trim, elect sign, disjoint merge, scale: ``theta_0 + scale * merged``.
 
+    Steps ``trim``, ``elect_sign``, ``disjoint_merge``, ``scale``; ``density`` binds to
+    ``trim.density``, ``weight`` to both ``elect_sign.weight`` and ``disjoint_merge.weight``.
+
     Defaults follow the paper (density 0.2, scale 1.0, disjoint mean by count) except the trim
     scope: ``scope="tensor"`` ranks per tensor (mergekit, streamable); the paper's whole-model
-    top-k per task is ``scope="global"`` (FusionBench; also ``reduce="sum"`` there). mergekit's
-    ``ties`` is ``scope="tensor", weighted=True, normalize_by="weight", rounding="floor"``
-    (``normalize: false`` -> ``reduce="sum"``, mergekit's ``lambda`` is ``scale``); the paper's
-    unweighted election is ``weighted=False`` (identical with unit weights).
+    top-k per task is ``scope="global"`` (FusionBench; also ``reduce="sum"`` there). The authors'
+    code keeps ``int(density * n) + 1`` entries: ``rounding="authors"``. mergekit's ``ties`` is
+    ``scope="tensor", weighted=True, normalize_by="weight", rounding="floor"`` (``normalize: false``
+    -> ``reduce="sum"``, mergekit's ``lambda`` is ``scale``); the paper's unweighted election is
+    ``weighted=False`` (identical with unit weights).
 
     Args:
       density: fraction of each task vector kept by the trim, in [0, 1]; may be per model.
@@ -135,7 +133,7 @@ def ties(density=0.2, scale=1.0, weight=1.0, *, scope: str = "tensor", reduce: s
     """
     return chain(trim(density, scope=scope, rounding=rounding),
                  *_sign_and_merge(weight, sign_method, weighted, reduce, normalize_by),
-                 _scale_step(scale), name="ties")
+                 _scale_step(scale), name="ties", aliases={"density": "trim.density", **_TIES_ALIASES})
 
 
 def dare_linear(density=0.5, scale=1.0, weight=1.0, *, rescale: str = "inverse", normalize: bool = False):
@@ -148,22 +146,38 @@ def dare_linear(density=0.5, scale=1.0, weight=1.0, *, rescale: str = "inverse",
     Models as a Free Lunch" (ICML 2024).
     """
     return chain(dare(density, rescale=rescale), weighted_sum(weight, normalize), _scale_step(scale),
-                 name="dare_linear")
+                 name="dare_linear", aliases={"density": "dare.density", "weight": "weighted_sum.weight",
+                                              "scale": "scale.scale"})
 
 
 def dare_ties(density=0.5, scale=1.0, weight=1.0, *, rescale: str = "inverse", reduce: str = "mean",
-              normalize_by: str = "count", weighted: bool = True, sign_method: str = "sum"):
-    """DARE then TIES' sign election and disjoint merge (no trim), then scale.
+              normalize_by: str = "count", weighted: bool = True, sign_method: str = "sum",
+              trim_density: float | None = None, rounding: str = "round"):
+    """DARE then TIES' sign election and disjoint merge, then scale; optionally a TIES trim after the drop.
 
-    Paper: ``rescale="inverse"`` and the disjoint mean. mergekit's ``dare_ties``:
+    Steps ``dare`` (``density``), [``trim`` (``trim_density``)], ``elect_sign``, ``disjoint_merge``,
+    ``scale``. Paper: ``rescale="inverse"`` and the disjoint mean. mergekit's ``dare_ties``:
     ``rescale="l1", reduce="sum"`` (its ``normalize`` defaults to false; ``normalize: true`` is
-    ``reduce="mean", normalize_by="weight"``).
+    ``reduce="mean", normalize_by="weight"``), no trim. The DARE authors' code and FusionBench trim
+    the dropped task vectors to their top 20% by magnitude before the election:
+    ``trim_density=0.2``.
+
+    Args:
+      density: DARE keep probability.
+      trim_density: when given, keep this fraction of each dropped task vector (top-k by magnitude,
+        per tensor, with ``rounding``) before electing signs; ``None`` (default) skips the trim.
+      rounding: the trim's rounding (see :func:`jmerge.trim`).
 
     References: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
     Models as a Free Lunch" (ICML 2024); Yadav et al., "TIES-Merging" (NeurIPS 2023).
     """
-    return chain(dare(density, rescale=rescale), *_sign_and_merge(weight, sign_method, weighted, reduce, normalize_by),
-                 _scale_step(scale), name="dare_ties")
+    parts = [dare(density, rescale=rescale)]
+    aliases = {"density": "dare.density", **_TIES_ALIASES}
+    if trim_density is not None:
+        parts.append(trim(trim_density, rounding=rounding))
+        aliases["trim_density"] = "trim.density"
+    return chain(*parts, *_sign_and_merge(weight, sign_method, weighted, reduce, normalize_by),
+                 _scale_step(scale), name="dare_ties", aliases=aliases)
 
 
 def breadcrumbs(density=0.9, gamma=0.01, scale=1.0, weight=1.0, *, normalize: bool = False,
@@ -177,7 +191,9 @@ def breadcrumbs(density=0.9, gamma=0.01, scale=1.0, weight=1.0, *, normalize: bo
     Sparse Masks" (ECCV 2024).
     """
     return chain(breadcrumbs_drop(density, gamma, rounding=rounding), weighted_sum(weight, normalize),
-                 _scale_step(scale), name="breadcrumbs")
+                 _scale_step(scale), name="breadcrumbs",
+                 aliases={"density": "breadcrumbs.density", "gamma": "breadcrumbs.gamma",
+                          "weight": "weighted_sum.weight", "scale": "scale.scale"})
 
 
 def breadcrumbs_ties(density=0.9, gamma=0.01, scale=1.0, weight=1.0, *, reduce: str = "mean",
@@ -193,7 +209,8 @@ def breadcrumbs_ties(density=0.9, gamma=0.01, scale=1.0, weight=1.0, *, reduce: 
     """
     return chain(breadcrumbs_drop(density, gamma, rounding=rounding),
                  *_sign_and_merge(weight, sign_method, weighted, reduce, normalize_by),
-                 _scale_step(scale), name="breadcrumbs_ties")
+                 _scale_step(scale), name="breadcrumbs_ties",
+                 aliases={"density": "breadcrumbs.density", "gamma": "breadcrumbs.gamma", **_TIES_ALIASES})
 
 
 def della(density=0.7, epsilon=0.15, scale=1.0, weight=1.0, *, rescale: str = "inverse", reduce: str = "mean",
@@ -208,7 +225,8 @@ def della(density=0.7, epsilon=0.15, scale=1.0, weight=1.0, *, rescale: str = "i
     """
     return chain(della_drop(density, epsilon, rescale=rescale),
                  *_sign_and_merge(weight, sign_method, weighted, reduce, normalize_by),
-                 _scale_step(scale), name="della")
+                 _scale_step(scale), name="della",
+                 aliases={"density": "della.density", "epsilon": "della.epsilon", **_TIES_ALIASES})
 
 
 def della_linear(density=0.7, epsilon=0.15, scale=1.0, weight=1.0, *, rescale: str = "inverse",
@@ -219,26 +237,35 @@ def della_linear(density=0.7, epsilon=0.15, scale=1.0, weight=1.0, *, rescale: s
     Magnitude-Based Sampling" (2024).
     """
     return chain(della_drop(density, epsilon, rescale=rescale), weighted_sum(weight, normalize),
-                 _scale_step(scale), name="della_linear")
+                 _scale_step(scale), name="della_linear",
+                 aliases={"density": "della.density", "epsilon": "della.epsilon", "weight": "weighted_sum.weight",
+                          "scale": "scale.scale"})
 
 
-def _magmax(state: MergeState, hp) -> MergeState:
-    # Unrolled over the model axis (see model_sum); strict ">" keeps the earliest model on ties.
+def _magmax(state: MergeState, hp, *, tie: str) -> MergeState:
+    # Unrolled over the model axis (see model_sum).
     picked = state.tau[0]
     for t in range(1, state.num_models):
-        picked = jnp.where(jnp.abs(state.tau[t]) > jnp.abs(picked), state.tau[t], picked)
+        a, b = jnp.abs(state.tau[t]), jnp.abs(picked)
+        better = a >= b if tie == "last" else a > b
+        picked = jnp.where(better, state.tau[t], picked)
     return state.replace(merged=picked)
 
 
-def magmax(scale=0.5):
+def magmax(scale=0.5, *, tie: str = "last"):
     """MagMax: per entry, the task vector entry of largest magnitude; ``theta_0 + scale * tau_max``.
 
-    Ties in magnitude pick the earliest model.
+    Args:
+      scale: the final scaling lambda.
+      tie: which model wins an exact tie in magnitude: ``"last"`` (the latest task, as the authors'
+        code and FusionBench, whose comparison is ``>=``) or ``"first"`` (the earliest).
 
     References: Marczak et al., "MagMax: Leveraging Model Merging for Seamless Continual Learning"
     (ECCV 2024).
     """
-    return chain(transform("magmax", _magmax), _scale_step(scale), name="magmax")
+    _check_option("tie", tie, ("last", "first"))
+    return chain(transform("magmax", _magmax, static={"tie": tie}), _scale_step(scale), name="magmax",
+                 aliases={"scale": "scale.scale"})
 
 
 def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
@@ -278,7 +305,8 @@ def sce(density=1.0, scale=1.0, *, rounding: str = "floor"):
     """
     _check_option("rounding", rounding, ("round", "floor"))
     return chain(transform("sce", _sce, hparams={"density": density}, static={"rounding": rounding},
-                           ranges={"density": (0.0, 1.0)}), _scale_step(scale), name="sce")
+                           ranges={"density": (0.0, 1.0)}), _scale_step(scale), name="sce",
+                 aliases={"density": "sce.density", "scale": "scale.scale"})
 
 
 METHODS = {

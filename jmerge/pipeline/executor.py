@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..core.tree import MergeInputError, count_layers, layer_index
+from ..core import MergeInputError, count_layers, layer_index
 
 __all__ = ["run_merge", "plan_summary", "TensorJob"]
 
@@ -78,7 +78,10 @@ def _plan_jobs(plan, readers, paths) -> list[TensorJob]:
     idx = {p: i for i, p in enumerate(paths)}
     jobs = []
     if plan.slices is not None:
-        from ..core.hparams import _resolve_one
+        from ..core import resolve_hparams
+
+        def _resolve_one(spec, name, path, _t):
+            return resolve_hparams({name: spec}, [path])[0][name]
         first = readers[idx[plan.slices[0][0]]]
         out_layer = 0
         names_done = set()
@@ -186,8 +189,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _leaf_hparams(plan, method, jobs) -> dict[str, dict]:
-    from ..core.driver import prepare_leaf_hparams
-    from ..core.tree import leaves_with_paths
+    from ..core import leaves_with_paths, prepare_leaf_hparams
     tree = {j.out_name: 0 for j in jobs}
     n_layers = count_layers([j.out_name for j in jobs])
     per = prepare_leaf_hparams(method, tree, len(jobs[0].models) if jobs else 1, plan.hparams,
@@ -264,8 +266,8 @@ def run_merge(plan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: i
     """
     import jax
     import jax.numpy as jnp
-    from ..core.driver import _collect, _stats_positions, merge_leaf
-    from ..core.tree import leaf_key
+    from ..core import LeafProgram, infer_views, merge_leaf
+    from ..core import leaf_key
 
     from .. import io as c
     t0 = time.perf_counter()
@@ -280,8 +282,8 @@ def run_merge(plan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: i
         method = plan.build()
         hps = _leaf_hparams(plan, method, jobs) if method is not None else {}
         if method is not None:
-            from ..core.driver import _check_ranges
-            _check_ranges(method, [j.out_name for j in jobs], [hps[j.out_name] for j in jobs])
+            from ..core import check_ranges
+            check_ranges(method, [j.out_name for j in jobs], [hps[j.out_name] for j in jobs])
             hps = {k: {n: jnp.asarray(v, jnp.float32) for n, v in d.items()} for k, d in hps.items()}
         compute = _np_dtype(plan.config.dtype)
         sharding = _mesh_sharding(mesh)
@@ -351,20 +353,21 @@ def run_merge(plan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: i
         with writer:
             # Pass 1 (only for methods with whole-model statistics, e.g. global top-k TIES).
             stats = {j.out_name: {} for j in jobs}
-            positions = _stats_positions(method) if method is not None else []
-            for step_index, phase in positions:
+            program = LeafProgram(method) if method is not None else None
+            vws = dict(zip([j.out_name for j in jobs], infer_views([j.out_name for j in jobs], [j.shape for j in jobs])))
+            for pi, (_, sname, phase) in enumerate(program.phases if program is not None else ()):
                 collected = []
 
-                def collect(j, base, arrs, raw, _si=step_index, _ph=phase, _out=collected):
-                    r = _collect(method, _si, _ph, put(base), tuple(put(a) for a in arrs), hps[j.out_name],
-                                 leaf_key(seed, j.out_name), stats[j.out_name], False, False)
+                def collect(j, base, arrs, raw, _pi=pi, _out=collected):
+                    r = program.collect(_pi, put(base), tuple(put(a) for a in arrs), hps[j.out_name],
+                                        leaf_key(seed, j.out_name), stats[j.out_name], vws[j.out_name])
                     _out.append(jax.tree.map(np.asarray, r))
                     bufs.put(raw)
 
                 stream(collect)
-                finals = phase.finalize(collected, [hps[j.out_name] for j in jobs])
+                finals = program.finalize(pi, collected, [hps[j.out_name] for j in jobs])
                 for j, v in zip(jobs, finals):
-                    stats[j.out_name][phase.name] = v
+                    stats[j.out_name].setdefault(sname, {})[phase.name] = v
                 if not quiet:
                     bar.write(f"statistics pass '{phase.name}' done")
 
@@ -389,7 +392,7 @@ def run_merge(plan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: i
                 else:
                     out = merge_leaf(method, put(base), tuple(put(a) for a in arrs), hp=hps[j.out_name],
                                      path=j.out_name, seed=seed, stats=stats[j.out_name] or None,
-                                     out_dtype=j.dtype)
+                                     out_dtype=j.dtype, view=vws[j.out_name])
                 futures.append((in_bytes(j), wpool.submit(finish, j, out, raw)))
                 # bound the merges in flight (JAX dispatches asynchronously) by count and by bytes
                 while futures and (len(futures) > window or futures[0][1].done()

@@ -1,0 +1,116 @@
+"""Workarounds for XLA:CPU, in one place. Each is guarded by a test on the compiled HLO
+(``tests/test_xla_workarounds.py``), so a JAX release that no longer needs one, or breaks one, shows.
+
+1. :func:`model_sum` / :func:`model_mean` / :func:`model_max`: reductions over the leading (model)
+   axis, unrolled over its static size. XLA:CPU's add-reduction over a leading axis of a large leaf is
+   pathologically slow (measured with JAX 0.10.2: 40-85 s for a ``(3, 5632, 2048)`` float32 array,
+   0.05 s unrolled).
+2. :func:`materialized`: compute a value into a buffer of its own (the result of a conditional whose
+   predicate is always true but traced), so XLA does not fuse its computation into every consumer.
+   ``optimization_barrier`` does not survive XLA:CPU's pipeline.
+3. :func:`loop_variant`: an operand read inside a ``while`` loop, made loop-variant through a bit-exact
+   select on a loop-carried value: XLA hoists loop-invariant code (such as building ``tau`` from the
+   models, or an int32 key transform) out of the loop and materializes it as a full-size copy.
+4. :func:`honest_cost`: a small float sum in a loop body. XLA:CPU (JAX >= 0.11) runs a ``while`` loop
+   whose estimated bytes accessed are small as one single-threaded kernel, and it underestimates
+   integer counting passes (measured: the top-k search on a 2.9M-entry leaf 4x slower on 2 cores).
+5. :func:`split_blocks`: split only the last dimension into blocks of ``width``. Splitting a flattened
+   2-D tensor makes JAX 0.12's XLA:CPU compute each element's row and column with a division inside
+   loops (measured 4x slower); and counting over small blocks first keeps XLA:CPU from materializing
+   the operand of a long reduction (its tree-reduction rewrite).
+6. :func:`rows`: per-model slices ``x[t]`` in a Python list. XLA fuses an elementwise mask into its
+   consumers only when they index per model row, not when they reshape the stack: the TIES trim,
+   election and disjoint merge then run as one pass over the models.
+
+References: none (compiler behaviour measured on this project's machines; see README "Findings").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["model_sum", "model_mean", "model_max", "materialized", "loop_variant", "honest_cost",
+           "split_blocks", "rows", "HONEST_COST_MIN", "HONEST_COST_ENTRIES"]
+
+HONEST_COST_ENTRIES = 16384  # entries of the float sum of :func:`honest_cost`
+HONEST_COST_MIN = 65536  # loops over rows at least this long need it (shorter loops are cheap either way)
+
+
+def _unrolled(op, x, keepdims: bool):
+    x = jnp.asarray(x)
+    out = x[0]
+    for i in range(1, x.shape[0]):
+        out = op(out, x[i])
+    return out[None] if keepdims else out
+
+
+def model_sum(x, keepdims: bool = False):
+    """Sum over the leading (model) axis, unrolled over its static size (workaround 1).
+
+    Use this, not ``jnp.sum(x, axis=0)``, for per-entry reductions over tasks.
+    """
+    return _unrolled(jnp.add, x, keepdims)
+
+
+def model_mean(x, keepdims: bool = False):
+    """Mean over the leading (model) axis (see :func:`model_sum`)."""
+    return model_sum(x, keepdims) / jnp.asarray(x).shape[0]
+
+
+def model_max(x, keepdims: bool = False):
+    """Maximum over the leading (model) axis, unrolled (see :func:`model_sum`)."""
+    return _unrolled(jnp.maximum, x, keepdims)
+
+
+def materialized(fn: Callable[[], jax.Array], probe: jax.Array) -> jax.Array:
+    """``fn()`` computed into a buffer of its own (workaround 2).
+
+    The predicate is always true but traced (``p == p`` or ``p`` is NaN, ``p`` the first entry of
+    ``probe``); the other branch never runs.
+    """
+    p = jnp.reshape(probe, (-1,))[:1]
+    p = jnp.all(p == p) | jnp.all(p != p)
+    out = jax.eval_shape(fn)
+    return lax.cond(p, fn, lambda: jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out))
+
+
+def loop_variant(a: jax.Array, m: Any) -> jax.Array:
+    """``a`` itself, made loop-variant to XLA when ``m`` is a loop-carried copy of a nonzero int32
+    (workaround 3). Outside loops pass a NumPy integer: ``a`` is returned as is."""
+    if isinstance(m, np.integer):
+        return a
+    return jnp.where(m != 0, a, jnp.zeros((), a.dtype))
+
+
+def honest_cost(x: jax.Array, never: jax.Array) -> jax.Array:
+    """``never`` (an always-false traced bool) combined with a float sum over the first entries of
+    ``x``, so that XLA:CPU's cost model sees the loop body read float data (workaround 4).
+
+    Apply it only to loops over at least :data:`HONEST_COST_MIN` entries."""
+    touch = jnp.sum(jnp.asarray(x, jnp.float32).reshape(-1)[:HONEST_COST_ENTRIES])
+    return never & (touch != 0)
+
+
+def split_blocks(x: jax.Array, width: int):
+    """``(R, ...)`` -> main part in blocks of ``width`` along the last axis, and a flat tail (workaround 5).
+
+    When ``x`` has more than two dimensions and its last dimension is a multiple of ``width``, the
+    blocks split only that dimension: ``(R, *shape[:-1], L / width, width)`` with an empty tail.
+    Otherwise the flattened rows are split: ``(R, n0 / width, width)`` and the tail ``(R, n - n0)``.
+    """
+    if x.ndim > 2 and x.shape[-1] % width == 0:
+        return x.reshape(x.shape[:-1] + (x.shape[-1] // width, width)), x.reshape(x.shape[0], -1)[:, :0]
+    x = x.reshape(x.shape[0], -1)
+    R, n = x.shape
+    n0 = n // width * width
+    return x[:, :n0].reshape(R, n0 // width, width), x[:, n0:]
+
+
+def rows(x: jax.Array) -> list:
+    """The per-model slices ``[x[0], ..., x[T-1]]`` (workaround 6)."""
+    return [x[t] for t in range(x.shape[0])]
