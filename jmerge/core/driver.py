@@ -315,8 +315,29 @@ def _group_signature(b, m, hp, view, stats, stacked):
     return (desc(b), ms, view, tuple(sorted((k, desc(v)) for k, v in hp.items())), st)
 
 
-def _run_grouped(program: LeafProgram, items: list) -> dict:
-    """Inside a trace: leaves of one signature run as ``lax.map`` over their stack (one traced body)."""
+GROUP_MIN_EQNS = 400
+"""Inside a trace, leaves of one shape share a body when one leaf's program has at least this many
+equations (top-k searches, sorts: compile-bound); cheaper bodies are traced inline per leaf (they
+compile fast and run without the loop's copies)."""
+
+
+def _count_eqns(jaxpr) -> int:
+    n = 0
+    for e in jaxpr.eqns:
+        n += 1
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _count_eqns(inner)
+    return n
+
+
+def _run_grouped(program: LeafProgram, items: list, mode) -> dict:
+    """Inside a trace: the leaves of one signature run in one ``fori_loop`` whose body merges leaf
+    ``j``, chosen by ``lax.switch`` (no stacked copy of the inputs; outputs written in place), so the
+    merge body is traced and compiled once per shape. ``mode="auto"`` does this only for bodies of at
+    least :data:`GROUP_MIN_EQNS` equations."""
     groups: dict = {}
     for it in items:
         i, b, m, hp, key, view, st = it
@@ -324,19 +345,30 @@ def _run_grouped(program: LeafProgram, items: list) -> dict:
         groups.setdefault(_group_signature(b, m, hp, v, st, program.stacked), []).append(it)
     out = {}
     for its in groups.values():
-        if len(its) == 1:
-            i, b, m, hp, key, view, st = its[0]
-            out[i] = program(b, m, hp, key, st, view, traced=True)
-            continue
         view = its[0][5]
-        stack = lambda *xs: jnp.stack([jnp.asarray(x) for x in xs])
-        bs = stack(*[it[1] for it in its])
-        ms = stack(*[it[2] for it in its]) if program.stacked else \
-            tuple(stack(*[it[2][t] for it in its]) for t in range(len(its[0][2])))
-        hps = {k: stack(*[jnp.asarray(it[3][k], jnp.float32) for it in its]) for k in its[0][3]}
-        keys = jnp.stack([it[4] for it in its])
-        sts = jax.tree.map(stack, *[it[6] for it in its])
-        res = lax.map(lambda a: program(a[0], a[1], a[2], a[3], a[4], view, traced=True), (bs, ms, hps, keys, sts))
+        inline = len(its) == 1
+        if not inline and mode == "auto":
+            i, b, m, hp, key, _, st = its[0]
+            body = jax.make_jaxpr(lambda b, m, hp, key, st: program(b, m, hp, key, st, view, traced=True))
+            inline = _count_eqns(body(b, m, hp, key, st).jaxpr) < GROUP_MIN_EQNS
+        if inline:
+            for i, b, m, hp, key, view, st in its:
+                out[i] = program(b, m, hp, key, st, view, traced=True)
+            continue
+        args = [(it[1], it[2], {k: jnp.asarray(v, jnp.float32) for k, v in it[3].items()}, it[4], it[6]) for it in its]
+        branches = [lambda a=a: a for a in args]
+
+        def one(j, branches=branches, view=view):
+            b, m, hp, key, st = lax.switch(j, branches)
+            return program(b, m, hp, key, st, view, traced=True)
+
+        shapes = jax.eval_shape(one, 0)
+        init = jax.tree.map(lambda s: jnp.zeros((len(its),) + s.shape, s.dtype), shapes)
+
+        def body(j, acc, one=one):
+            return jax.tree.map(lambda a, x: lax.dynamic_update_index_in_dim(a, x, j, 0), acc, one(j))
+
+        res = lax.fori_loop(0, len(its), body, init)
         for j, it in enumerate(its):
             out[it[0]] = jax.tree.map(lambda x, j=j: x[j], res)
     return out
@@ -345,7 +377,7 @@ def _run_grouped(program: LeafProgram, items: list) -> dict:
 def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, task_vectors: Any = None,
           hparams: Mapping[str, Any] | None = None, seed: int | jax.Array = 0, out_dtype: Any = None,
           return_extras: bool = False, check_finite: bool = False, num_layers: int | None = None,
-          views: Any = None, non_float: Literal["base", "error"] = "base", group_leaves: bool = True,
+          views: Any = None, non_float: Literal["base", "error"] = "base", group_leaves: bool | str = "auto",
           traced_range_checks: bool = True):
     """Merge fine-tuned models into the base with ``method``.
 
@@ -356,9 +388,10 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
 
     Outside ``jax.jit`` every leaf runs through one compiled per-leaf function (compiled once per leaf
     shape, dtype and matrix view) with hyperparameters as arguments: new values do not recompile.
-    Inside a user's ``jax.jit`` (or ``vmap``) the same code is traced inline, leaves of one shape
-    sharing one body (``group_leaves``), so compile time grows with the distinct shapes, not the
-    leaves; the group is stacked first (one extra copy of those leaves in the compiled program).
+    Inside a user's ``jax.jit`` (or ``vmap``) the same code is traced inline; with ``group_leaves``
+    the leaves of one shape run in one loop over a single traced body, so compile time grows with the
+    distinct shapes, not the leaves (``"auto"``: for compile-heavy bodies such as TIES' top-k; simple
+    elementwise methods stay inline, where they run faster).
 
     Args:
       method: a :class:`Transform`, e.g. ``jmerge.ties(density=0.2)``.
@@ -375,7 +408,8 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
       num_layers: layer count for per-layer gradients (default: inferred from paths).
       views: overrides of the inferred matrix views (see :func:`jmerge.infer_views`).
       non_float: ``"base"`` takes non-float leaves from the base; ``"error"`` refuses them.
-      group_leaves: inside a trace, run same-shaped leaves as one ``lax.map``.
+      group_leaves: inside a trace, run same-shaped leaves through one loop body: ``"auto"`` (default)
+        for bodies of at least :data:`GROUP_MIN_EQNS` equations, ``True`` always, ``False`` never.
       traced_range_checks: check traced hyperparameter values against their ranges with one host
         callback (an out-of-range value then fails the computation with a message naming it).
 
@@ -442,8 +476,10 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
         for st, val in zip(stats, program.finalize(pi, collected, hps, traced=traced)):
             st.setdefault(sname, {})[phase.name] = val
 
+    if group_leaves not in (True, False, "auto"):
+        raise MergeInputError(f"group_leaves={group_leaves!r}: use 'auto', True or False.")
     if traced and group_leaves:
-        res = _run_grouped(program, list(zip(range(len(idx)), bl, ml, hps, keys, vws, stats)))
+        res = _run_grouped(program, list(zip(range(len(idx)), bl, ml, hps, keys, vws, stats)), group_leaves)
         results = [res[j] for j in range(len(idx))]
     else:
         results = [program(b, m, hp, k, st, v, traced=traced) for b, m, hp, k, st, v in zip(bl, ml, hps, keys, stats, vws)]

@@ -58,7 +58,7 @@ from jax import lax
 from .errors import MergeInputError
 from .state import MergeState
 from .transform import StatsPhase
-from .xla import HONEST_COST_MIN, honest_cost, loop_variant, materialized, split_blocks
+from .xla import HONEST_COST_ENTRIES, HONEST_COST_MIN, honest_cost, loop_variant, materialized, split_blocks
 
 __all__ = ["topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask"]
 
@@ -295,7 +295,7 @@ def _search(xs, k, magnitude):
         s = tuple(jnp.where(fin, a, b) for a, b in zip(s, new))
         never = counts[0, 0] < 0  # always false, but XLA cannot tell
         if n >= HONEST_COST_MIN:  # see jmerge.core.xla.honest_cost
-            never = honest_cost(xs(lambda a: loop_variant(a, m))[0], never)
+            never = honest_cost(xs(lambda a: loop_variant(jnp.ravel(a)[:HONEST_COST_ENTRIES], m))[0], never)
         m = jnp.where(never, 0, m)  # always m, but loop-variant to XLA (see jmerge.core.xla.loop_variant)
         return s, _next_thresholds(*s, k), m
 

@@ -199,8 +199,7 @@ def consensus_ties(k=2, lambda_=0.6, density=0.2, scale=1.0, *, variant: str = "
               consensus_mask(k, lambda_, masks_from=o["masks_from"], strict=o["strict"]), _scale_step(scale)]
     lam = ("tall_masks.lambda_", "consensus_mask.lambda_") if stored else "consensus_mask.lambda_"
     return chain(*parts, name="consensus_ties",
-                 aliases={"k": "consensus_mask.k", "lambda_": lam, "density": "trim.density",
-                          "weight": ("elect_sign.weight", "disjoint_merge.weight"), "scale": "scale.scale"})
+                 aliases={"k": "consensus_mask.k", "lambda_": lam, "density": "trim.density", "scale": "scale.scale"})
 
 
 def tall_merge(lambda_=0.6, scale=1.0):

@@ -1,0 +1,110 @@
+"""Each XLA:CPU workaround of ``jmerge.core.xla`` guarded by a test on the compiled HLO.
+
+Where a workaround is known to be needed on a JAX version, the test also compiles without it and
+checks that the problem it avoids is there: a JAX release that no longer needs one shows as a failure.
+"""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jmerge
+import jmerge.core.select as select_mod
+from jmerge.core import LeafProgram, xla
+
+JAX_VERSION = tuple(int(x) for x in re.findall(r"\d+", jax.__version__)[:2])
+SHAPE = (1024, 2816)  # a Llama-like MLP matrix: big enough for every workaround to matter
+N = math.prod(SHAPE)
+
+
+def _hlo(f, *args) -> str:
+    return jax.jit(f).lower(*args).compile().as_text()
+
+
+def _entry(txt: str) -> str:
+    e = txt[txt.index("\nENTRY"):]
+    return e[:e.index("\n}")]
+
+
+def _full_size_buffers(txt: str, n: int) -> list:
+    """Instructions of the entry computation that write an array of >= n elements, except the output
+    (parameters, tuple elements and bitcasts alias existing buffers)."""
+    bad = []
+    for line in _entry(txt).splitlines()[1:]:
+        m = re.match(r"\s*(ROOT )?%(\S+) = (\w+)\[([0-9,]*)\]\S* (\S+?)\(", line)
+        if not m:
+            continue
+        root, name, dt, dims, op = m.groups()
+        size = math.prod(int(d) for d in dims.split(",")) if dims else 1
+        if size >= n and not root and op not in ("parameter", "get-tuple-element", "bitcast"):
+            bad.append((name, dt, dims, op))
+    return bad
+
+
+def _ties_leaf_hlo() -> str:
+    b = jnp.zeros(SHAPE, jnp.bfloat16)
+    ms = tuple(jnp.ones(SHAPE, jnp.bfloat16) for _ in range(3))
+    m = jmerge.ties(density=0.2)
+    prog = LeafProgram(m)
+    hp = {k: jnp.float32(v) for k, v in m.defaults.items()}
+    return _hlo(lambda b, ms, hp: prog(b, ms, hp, jax.random.key(0), {}, None, traced=True), b, ms, hp)
+
+
+def test_model_sum_is_unrolled():
+    x = jnp.ones((3, 512, 256))
+    assert "reduce(" not in _hlo(xla.model_sum, x)
+    assert "reduce(" in _hlo(lambda x: jnp.sum(x, axis=0), x)  # what it avoids
+    np.testing.assert_array_equal(np.asarray(xla.model_sum(x)), np.asarray(jnp.sum(x, axis=0)))
+    np.testing.assert_array_equal(np.asarray(xla.model_max(x * jnp.arange(3.0)[:, None, None])), 2.0)
+
+
+def test_materialized_is_a_conditional():
+    x = jnp.ones((256, 256))
+    txt = _hlo(lambda x: xla.materialized(lambda: x * 2.0 + 1.0, x) * 3.0, x)
+    assert "conditional(" in _entry(txt)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: xla.materialized(lambda: x * 2.0, x))(x)), 2.0)
+
+
+@pytest.fixture(scope="module")
+def ties_hlo():
+    return _ties_leaf_hlo()
+
+
+def test_ties_writes_no_full_size_intermediate(ties_hlo):
+    """loop_variant + rows + tau rebuilt from the models: TIES reads the models, writes only its output."""
+    assert _full_size_buffers(ties_hlo, N) == []
+
+
+def test_loop_variant_keeps_reads_in_the_loop(ties_hlo, monkeypatch):
+    monkeypatch.setattr(select_mod, "loop_variant", lambda a, m: a)
+    without = _ties_leaf_hlo()
+    assert _full_size_buffers(without, N) == [] or JAX_VERSION < (0, 11)
+    if JAX_VERSION >= (0, 11):  # measured: 0.12 makes the loop one single-threaded call (TIES leaf 30% slower)
+        assert "xla_cpu_small_call" not in ties_hlo
+        assert "xla_cpu_small_call" in without, "XLA no longer needs loop_variant here"
+
+
+def test_honest_cost_keeps_the_search_multithreaded(ties_hlo, monkeypatch):
+    assert "xla_cpu_small_call" not in ties_hlo
+    monkeypatch.setattr(select_mod, "HONEST_COST_MIN", 10**12)
+    without = _ties_leaf_hlo()
+    if JAX_VERSION >= (0, 11):  # measured: 0.12 runs the counting loop as one single-threaded call
+        assert "xla_cpu_small_call" in without, "XLA no longer makes the loop a small call: honest_cost may go"
+
+
+def test_split_blocks_splits_only_the_last_dimension(ties_hlo, monkeypatch):
+    blocked = f"{SHAPE[0]},{SHAPE[1] // 32},32"
+    flat = f"{N // 32},32"
+    assert ties_hlo.count(blocked) > 10 * max(1, ties_hlo.count(flat))
+    orig = xla.split_blocks
+    monkeypatch.setattr(select_mod, "split_blocks", lambda x, w: orig(x.reshape(x.shape[0], -1), w))
+    txt = _ties_leaf_hlo()
+    assert txt.count(flat) > 10 and txt.count(blocked) == 0  # what the 2-D split avoids
+    a, tail = xla.split_blocks(jnp.arange(2 * 3 * 64).reshape(2, 3, 64), 32)
+    assert a.shape == (2, 3, 2, 32) and tail.shape == (2, 0)
+    a, tail = xla.split_blocks(jnp.arange(2 * 70).reshape(2, 70), 32)
+    assert a.shape == (2, 2, 32) and tail.shape == (2, 6)
