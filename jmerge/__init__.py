@@ -16,7 +16,7 @@ References: see each method's docstring.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .core import (Gradient, LeafProgram, MatrixView, MergeInputError, MergeState, NonFloatLeavesWarning,
                    OptimizerStateWarning, PerModel, Rules, StatsPhase, Step, Transform, apply_delta, chain,

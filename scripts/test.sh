@@ -13,9 +13,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-EXTRAS="test"
+EXTRAS="test,demo"
 if [ "$VER" = "3.11" ]; then
-  EXTRAS="test,peers"        # torch==2.13.0 CPU wheel is on disk for cp311
+  EXTRAS="test,demo,peers"        # torch==2.13.0 CPU wheel is on disk for cp311
   "$VENV/bin/python" -m pip install -q "jax==0.10.2" "jaxlib==0.10.2"
 fi
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"

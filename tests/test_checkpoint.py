@@ -531,3 +531,17 @@ def test_seek_fallback_without_positional_io(tmp_path, monkeypatch):
     _check_against_safetensors(tmp_path / "o", t)
     with open_checkpoint(tmp_path / "o") as r:
         assert all(_same_bytes(r.get(k), v) for k, v in t.items())
+
+
+def test_checkpoint_error_hierarchy(tmp_path):
+    from jmerge.io import CheckpointFormatError, CheckpointNotFoundError, OutputExistsError
+    with pytest.raises(CheckpointNotFoundError) as e:
+        open_checkpoint(str(tmp_path / "nope"))
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, MergeInputError)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(CheckpointFormatError, match="corrupt safetensors header"):
+        open_checkpoint(str(bad))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError, match="already exists; pass overwrite=True"):
+        CheckpointWriter(str(tmp_path / "out"), [("a", (2,), np.float32)])

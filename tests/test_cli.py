@@ -102,3 +102,17 @@ def test_merge_fills_the_compile_cache_and_rerun_is_identical(tiny_base, tiny_ft
         for k in a.keys():
             np.testing.assert_array_equal(a.get(k), b.get(k))
     assert main(["merge", p, str(tmp_path / "c"), "--quiet", "--no-compile-cache"]) == 0
+
+
+def test_convert_refuses_then_overwrites(tiny_base, tmp_path, capsys):
+    dst = tmp_path / "orbax"
+    assert main(["convert", tiny_base, str(dst), "--to", "orbax"]) == 0
+    assert main(["convert", tiny_base, str(dst), "--to", "orbax"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", tiny_base, str(dst), "--to", "orbax", "--overwrite"]) == 0
+    back = tmp_path / "back"
+    assert main(["convert", str(dst), str(back), "--to", "safetensors"]) == 0
+    from jmerge.io import open_checkpoint
+    with open_checkpoint(tiny_base) as a, open_checkpoint(str(back)) as b:
+        for k in a.keys():
+            np.testing.assert_array_equal(a.get(k), b.get(k))

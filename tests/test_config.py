@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jmerge
-from jmerge.mergekit.config import ConfigError, MERGEKIT_METHODS, parse_config
+from jmerge.mergekit import ConfigError, MERGEKIT_METHODS, parse_config
 from jmerge import Gradient, PerModel, Rules
 
 

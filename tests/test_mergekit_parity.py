@@ -27,7 +27,7 @@ import yaml
 
 import jmerge
 from jmerge.io.safetensors import open_checkpoint
-from jmerge.mergekit.config import MERGEKIT_METHODS
+from jmerge.mergekit import MERGEKIT_METHODS
 from jmerge.cli import main
 
 REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))

@@ -12,8 +12,8 @@ import pytest
 
 import jmerge
 from jmerge.io.safetensors import open_checkpoint
-from jmerge.mergekit.config import parse_config
-from jmerge.pipeline.executor import plan_summary, run_merge
+from jmerge.mergekit import parse_config
+from jmerge.pipeline import plan_summary, run_merge
 
 
 def _read_all(path):
@@ -200,3 +200,43 @@ slices:
     np.testing.assert_array_equal(got["model.norm.weight"], f["model.norm.weight"])
     import json
     assert json.loads((tmp_path / "o" / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_integer_tensors_are_copied_not_merged(tmp_path):
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file({"w": rng.normal(size=(4, 6)).astype(np.float32), "position_ids": np.arange(8, dtype=np.int64) + i},
+                  str(d / "model.safetensors"))
+        paths.append(str(d))
+    cfg = f"merge_method: task_arithmetic\nbase_model: {paths[0]}\nmodels:\n  - model: {paths[1]}\n  - model: {paths[2]}\n"
+    plan = parse_config(cfg)
+    assert "position_ids x1 (8,) int64->int64" in plan_summary(plan)
+    run_merge(plan, str(tmp_path / "o"), quiet=True)
+    got, dts = _read_all(tmp_path / "o")
+    np.testing.assert_array_equal(got["position_ids"], np.arange(8))
+    assert dts["position_ids"] == np.int64
+    ws = [_read_all(p)[0]["w"] for p in paths]
+    np.testing.assert_allclose(got["w"], ws[1] + ws[2] - ws[0], rtol=1e-6, atol=1e-6)
+
+
+def test_progress_shows_compiling_as_its_own_phase(tiny_base, tiny_fts, tmp_path):
+    import io as _io
+    from jmerge.pipeline import Progress, run_jobs
+    import jmerge.pipeline.executor as ex
+    cfg = f"merge_method: ties\nbase_model: {tiny_base}\nmodels:\n  - model: {tiny_fts[0]}\n  - model: {tiny_fts[1]}\n"
+    plan = parse_config(cfg)
+    stream = _io.StringIO()
+    orig = ex.Progress
+    ex.Progress = lambda total, disable=False: orig(total, disable=False, stream=stream)
+    try:
+        run_merge(plan, str(tmp_path / "o"), quiet=False)
+    finally:
+        ex.Progress = orig
+    lines = stream.getvalue().splitlines()
+    assert "jmerge: compiling" in lines and "jmerge: merging" in lines and "jmerge: done" in lines
+    assert lines.index("jmerge: compiling") < lines.index("jmerge: merging")
+    assert "100.0%" in lines[-1]

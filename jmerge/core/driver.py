@@ -240,12 +240,14 @@ class LeafProgram:
         own = [{k: hp[f"{sname}.{k}"] for k in keys} for hp in hps]
         return (phase.finalize_traced if traced else phase.finalize)(collected, own)
 
-    def __call__(self, base_leaf, model_leaves, hp, key, stats=None, view=None, *, traced: bool = False):
-        """The merged leaf (and its extras with ``return_extras``)."""
+    def __call__(self, base_leaf, model_leaves, hp, key, stats=None, view=None, *, traced: bool = False,
+                 out_dtype: Any = None):
+        """The merged leaf (and its extras with ``return_extras``); ``out_dtype`` overrides the program's."""
         view = view if self.method.uses_view else None
         f = _leaf_impl if traced else _leaf_jit
+        dt = self.out_dtype if out_dtype is None else jnp.dtype(out_dtype).name
         return f(self.method, base_leaf, model_leaves, hp, key, stats or {}, stacked=self.stacked,
-                 out_dtype=self.out_dtype, return_extras=self.return_extras, view=view)
+                 out_dtype=dt, return_extras=self.return_extras, view=view)
 
 
 # --------------------------------------------------------------------------------------------

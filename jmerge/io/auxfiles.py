@@ -6,7 +6,7 @@ import fnmatch
 import os
 from typing import Sequence
 
-from .safetensors import CheckpointError
+from .errors import CheckpointError
 
 __all__ = ["AUX_FILE_PATTERNS", "copy_aux_files", "model_card"]
 
@@ -82,7 +82,7 @@ def model_card(config_yaml: str, method: str, models: list[str]) -> str:
     Returns:
       Markdown text naming jmerge and its version.
     """
-    from .. import __version__
+    from ..version import __version__
 
     lines = [
         "---",

@@ -20,8 +20,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from .auxfiles import copy_aux_files
+from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, OutputExistsError
 from .safetensors import (
-    CheckpointError,
     CheckpointReader,
     CheckpointWriter,
     _atomic_replace_dir,
@@ -93,7 +93,7 @@ def _save_orbax_dir(params: Any, path: str, *, overwrite: bool, extra=None) -> s
     """Save ``params`` into a staging dir, let ``extra(staging)`` add files, then rename atomically."""
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
-        raise CheckpointError(f"{path}: output already exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{path}: output already exists; pass overwrite=True to replace it")
     # Orbax writes its own ``<dir>.orbax-checkpoint-tmp`` next to the target: keep both inside one
     # private staging dir so that a failure leaves nothing behind.
     root = _staging_dir(path)
@@ -157,11 +157,11 @@ def load_orbax(path: str | os.PathLike, *, target: Any = None, shardings: Any = 
     ocp = _ocp()
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: Orbax checkpoint not found")
+        raise CheckpointNotFoundError(f"{path}: Orbax checkpoint not found")
     try:
         meta = _metadata_tree(path)
     except Exception as e:  # orbax raises various types for a dir that is not a checkpoint
-        raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointFormatError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from None
     ckpt = ocp.PyTreeCheckpointer()
     if target is None and shardings is None:
         ra = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
@@ -205,7 +205,7 @@ class OrbaxReader(CheckpointReader):
         try:
             meta = _metadata_tree(self.path)
         except Exception as e:
-            raise CheckpointError(f"{self.path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from None
+            raise CheckpointFormatError(f"{self.path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from None
         flat = nested_to_flat(meta)
         side = _read_meta(self.path)
         order = [k for k in side.get("keys", []) if k in flat]
@@ -229,7 +229,7 @@ class OrbaxReader(CheckpointReader):
         try:
             return self._meta[name]
         except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r} ({len(self._meta)} tensors)") from None
+            raise CheckpointNotFoundError(f"{self.path}: no tensor named {name!r} ({len(self._meta)} tensors)") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._m(name)[0]
@@ -313,9 +313,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "orbax"
     """
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if to not in ("orbax", "safetensors"):
-        raise CheckpointError(f"convert: `to` must be 'orbax' or 'safetensors', got {to!r}")
+        raise OutputExistsError(f"convert: `to` must be 'orbax' or 'safetensors', got {to!r}")
     if os.path.exists(dst) and not overwrite:
-        raise CheckpointError(f"{dst}: output already exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{dst}: output already exists; pass overwrite=True to replace it")
     with open_checkpoint(src) as r:
         src_dir = r.dir
         if to == "orbax":

@@ -24,10 +24,9 @@ from typing import Any, Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
-from ..core import MergeInputError
+from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, OutputExistsError
 
 __all__ = [
-    "CheckpointError",
     "CheckpointReader",
     "CheckpointWriter",
     "open_checkpoint",
@@ -67,20 +66,17 @@ def _close_all(fds: list) -> list:
             pass
     return []
 
-class CheckpointError(MergeInputError):
-    """A checkpoint cannot be read or written; the message names the file and the tensor."""
-
 
 def st_dtype_name(dtype: Any) -> str:
     """Safetensors dtype tag (``"BF16"``) of a NumPy dtype; raises CheckpointError if unsupported."""
     dt = np.dtype(dtype)
     if dt.byteorder == ">":
-        raise CheckpointError(f"big-endian dtype {dt} cannot be stored in safetensors; use {dt.newbyteorder('<')}")
+        raise CheckpointFormatError(f"big-endian dtype {dt} cannot be stored in safetensors; use {dt.newbyteorder('<')}")
     dt = dt.newbyteorder("=") if dt.byteorder == "<" else dt
     try:
         return _NP_TO_ST[dt]
     except KeyError:
-        raise CheckpointError(
+        raise CheckpointFormatError(
             f"dtype {dt} has no safetensors equivalent; supported: {sorted(str(d) for d in _NP_TO_ST)}"
         ) from None
 
@@ -115,7 +111,7 @@ def _pread_into(fd: int, buf: memoryview, offset: int, path: str, name: str) -> 
     while done < total:
         n = _pread(fd, buf[done:], offset + done)
         if n <= 0:
-            raise CheckpointError(
+            raise CheckpointFormatError(
                 f"{path}: tensor {name!r} is truncated: read {done} of {total} bytes at offset {offset} "
                 "(the file shrank or is incomplete); re-download or re-save the checkpoint"
             )
@@ -143,15 +139,15 @@ def read_header(path: str) -> tuple[dict[str, Any], int, int]:
       CheckpointError: missing file, bad length, bad JSON.
     """
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: safetensors file not found")
+        raise CheckpointNotFoundError(f"{path}: safetensors file not found")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: corrupt safetensors header: file has only {size} bytes (need >= 8)")
+            raise CheckpointFormatError(f"{path}: corrupt safetensors header: file has only {size} bytes (need >= 8)")
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or 8 + n > size:
-            raise CheckpointError(
+            raise CheckpointFormatError(
                 f"{path}: corrupt safetensors header: declared header length {n} does not fit the file "
                 f"size {size}; the file is truncated or not a safetensors file"
             )
@@ -159,9 +155,9 @@ def read_header(path: str) -> tuple[dict[str, Any], int, int]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header: invalid JSON ({e})") from None
+        raise CheckpointFormatError(f"{path}: corrupt safetensors header: invalid JSON ({e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
+        raise CheckpointFormatError(f"{path}: corrupt safetensors header: expected a JSON object")
     return header, 8 + n, size
 
 
@@ -212,7 +208,7 @@ class CheckpointReader:
             self.dir = os.path.dirname(os.path.abspath(path))
             self._open_files([path], None)
         else:
-            raise CheckpointError(f"{path}: checkpoint not found (no such file or directory)")
+            raise CheckpointNotFoundError(f"{path}: checkpoint not found (no such file or directory)")
         self.config = _read_json_or_none(os.path.join(self.dir, "config.json"))
 
     # -- opening -----------------------------------------------------------------------------
@@ -224,7 +220,7 @@ class CheckpointReader:
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{idx}: corrupt index file ({e!r}); expected {{'weight_map': {{name: file}}}}") from None
+            raise CheckpointFormatError(f"{idx}: corrupt index file ({e!r}); expected {{'weight_map': {{name: file}}}}") from None
         files = sorted(set(weight_map.values()))
         for fn in files:
             p = os.path.join(self.dir, fn)
@@ -249,7 +245,7 @@ class CheckpointReader:
                         dtag, shape, (b, t) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
                         b, t = int(b), int(t)
                     except (KeyError, TypeError, ValueError) as ex:
-                        raise CheckpointError(f"{p}: corrupt safetensors header entry for tensor {name!r}: {e!r} ({ex})") from None
+                        raise CheckpointFormatError(f"{p}: corrupt safetensors header entry for tensor {name!r}: {e!r} ({ex})") from None
                     if dtag not in _ST_TO_NP:
                         raise CheckpointError(
                             f"{p}: tensor {name!r} has unknown dtype {dtag!r}; supported: {sorted(_ST_TO_NP)}"
@@ -257,19 +253,19 @@ class CheckpointReader:
                     dt = _ST_TO_NP[dtag]
                     want = math.prod(shape) * dt.itemsize
                     if t - b != want or b < 0 or any(s < 0 for s in shape):
-                        raise CheckpointError(
+                        raise CheckpointFormatError(
                             f"{p}: tensor {name!r} header is inconsistent: shape {list(shape)} dtype {dtag} needs "
                             f"{want} bytes but data_offsets {[b, t]} span {t - b}; the file is corrupt"
                         )
                     if data_start + t > size:
-                        raise CheckpointError(
+                        raise CheckpointFormatError(
                             f"{p}: file is truncated: tensor {name!r} ends at byte {data_start + t} but the file has "
                             f"{size} bytes; re-download or re-save the checkpoint"
                         )
                     if weight_map is not None and weight_map.get(name, os.path.basename(p)) != os.path.basename(p):
                         continue  # the index assigns this name to another shard; trust the index
                     if name in self._info:
-                        raise CheckpointError(f"{p}: tensor {name!r} appears in two files ({self._files[self._info[name].file]})")
+                        raise CheckpointFormatError(f"{p}: tensor {name!r} appears in two files ({self._files[self._info[name].file]})")
                     entries.append((b, name, _TensorInfo(fi, data_start + b, data_start + t, dt, shape)))
                 entries.sort(key=lambda x: x[0])
                 for _, name, info in entries:
@@ -279,7 +275,7 @@ class CheckpointReader:
             if weight_map is not None:
                 missing = [k for k in weight_map if k not in self._info]
                 if missing:
-                    raise CheckpointError(
+                    raise CheckpointFormatError(
                         f"{os.path.join(self.dir, weight_map[missing[0]])}: tensor {missing[0]!r} is listed in "
                         f"{INDEX_FILE} but absent from that shard ({len(missing)} missing); the checkpoint is corrupt"
                     )
@@ -302,7 +298,7 @@ class CheckpointReader:
         try:
             return self._info[name]
         except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r} ({len(self._info)} tensors)") from None
+            raise CheckpointNotFoundError(f"{self.path}: no tensor named {name!r} ({len(self._info)} tensors)") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._get_info(name).shape
@@ -383,7 +379,7 @@ def _read_json_or_none(p: str) -> dict | None:
         with open(p, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: invalid JSON ({e})") from None
+        raise CheckpointFormatError(f"{p}: invalid JSON ({e})") from None
 
 
 _ORBAX_MARKERS = {"_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt"}
@@ -477,7 +473,7 @@ class CheckpointWriter:
         self.out_dir = os.path.abspath(os.fspath(out_dir))
         self.overwrite = overwrite
         if os.path.exists(self.out_dir) and not overwrite:
-            raise CheckpointError(f"{self.out_dir}: output already exists; pass overwrite=True to replace it")
+            raise OutputExistsError(f"{self.out_dir}: output already exists; pass overwrite=True to replace it")
         if max_shard_bytes <= 0:
             raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self._lock = threading.Lock()
@@ -694,7 +690,7 @@ def _atomic_replace_dir(tmp: str, out: str, overwrite: bool) -> None:
     parent = os.path.dirname(out)
     if os.path.lexists(out):
         if not overwrite:
-            raise CheckpointError(f"{out}: output appeared while writing; pass overwrite=True to replace it")
+            raise OutputExistsError(f"{out}: output appeared while writing; pass overwrite=True to replace it")
         old = os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}-{id(tmp):x}")
         os.rename(out, old)
         try:

@@ -1,0 +1,5 @@
+import sys
+
+from jmerge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""``jmerge merge CONFIG OUT``: merge checkpoints as a mergekit-style YAML config describes.
+
+References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+(EMNLP 2024 industry track).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .common import enable_compile_cache, fail, parse_size
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    m = sub.add_parser("merge", help="merge checkpoints as described by a YAML config")
+    m.add_argument("config", help="mergekit-style YAML config")
+    m.add_argument("out", help="output directory (written atomically)")
+    m.add_argument("--seed", type=int, default=None, help="seed of random methods (overrides the config's)")
+    m.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), help="max shard size (5GB)")
+    m.add_argument("--dry-run", action="store_true", help="print the plan (methods per tensor group, bytes, "
+                   "peak memory estimate) and exit")
+    m.add_argument("--device", choices=["cpu", "gpu", "tpu"], default=None, help="JAX platform to merge on")
+    m.add_argument("--mesh", default=None, help="shard tensors over N devices: 'N' or 'axis=N'")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    m.add_argument("--orbax", action="store_true", help="also write an Orbax checkpoint to OUT-orbax")
+    m.add_argument("--copy-tokenizer", dest="copy_tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy tokenizer files into the output (default: yes)")
+    m.add_argument("--window", type=int, default=4, help="tensors in flight (read-ahead window; default 4)")
+    m.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="persistent XLA compilation cache (default: $JMERGE_COMPILE_CACHE or ~/.cache/jmerge/xla); "
+                        "later merges with the same tensor shapes and method skip compilation")
+    m.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, store nothing")
+    m.set_defaults(run=run)
+
+
+def run(a) -> int:
+    if a.device:
+        import jax  # noqa: PLC0415
+        jax.config.update("jax_platforms", a.device if a.device != "gpu" else "cuda")
+    if not a.no_compile_cache and not a.dry_run:
+        enable_compile_cache(a.compile_cache)
+    from ..core import MergeInputError  # noqa: PLC0415
+    from ..mergekit import ConfigError, load_config  # noqa: PLC0415
+    try:
+        plan = load_config(a.config)
+    except ConfigError as e:
+        return fail(str(e), 2)
+    from .. import pipeline  # noqa: PLC0415
+    if a.dry_run:
+        try:
+            print(pipeline.plan_summary(plan, window=a.window))
+        except MergeInputError as e:
+            return fail(str(e), 1)
+        return 0
+    if os.path.exists(a.out) and not a.overwrite:
+        return fail(f"{a.out} already exists; pass --overwrite to replace it", 1)
+    try:
+        info = pipeline.run_merge(plan, a.out, overwrite=a.overwrite, max_shard_bytes=a.out_shard_size, quiet=a.quiet,
+                                  copy_tokenizer=a.copy_tokenizer, window=a.window, mesh=a.mesh, seed=a.seed)
+    except (MergeInputError, OSError) as e:
+        return fail(str(e), 1)
+    if a.orbax:
+        from .. import io  # noqa: PLC0415
+        io.convert(a.out, a.out.rstrip("/") + "-orbax", to="orbax")
+    if not a.quiet:
+        print(f"merged {info['tensors']} tensors into {info['out_dir']} in {info['seconds']:.1f} s")
+    return 0
