@@ -42,7 +42,10 @@ from .pipeline import TensorJob, plan_summary, run_merge
 
 
 def available_methods() -> dict:
-    """Named merge methods: ``{name: factory}``; ``factory(**kwargs)`` returns a :class:`Transform`."""
+    """Named merge methods: ``{name: factory}``; ``factory(**kwargs)`` returns a :class:`Transform`.
+
+    References: none (infrastructure); each factory's docstring cites its method's paper.
+    """
     return dict(_METHODS)
 
 

@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``jmerge`` command; returns the exit code."""
+    """Entry point of the ``jmerge`` command; returns the exit code.
+
+    References: none (infrastructure).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":  # everything after `demo` belongs to the demo
         return demo.run(argparse.Namespace(demo_args=argv[1:]))

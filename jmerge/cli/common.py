@@ -23,7 +23,10 @@ def fail(msg: str, code: int) -> int:
 
 
 def parse_size(text: str) -> int:
-    """``"5GB"`` -> 5e9 bytes, ``"512MiB"`` -> 512 * 2**20, ``"1000"`` -> 1000."""
+    """``"5GB"`` -> 5e9 bytes, ``"512MiB"`` -> 512 * 2**20, ``"1000"`` -> 1000.
+
+    References: none (infrastructure).
+    """
     m = _SIZE.match(text)
     if not m:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB, 500MB, 2GiB or a byte count")
@@ -41,6 +44,8 @@ def enable_compile_cache(path: str | None = None) -> str:
 
     A merge compiles one executable per tensor shape and method (about a second each for TIES on
     CPU); with the cache, a second merge of the same architecture, or every run of a sweep, reuses them.
+
+    References: none (infrastructure).
     """
     import jax  # noqa: PLC0415
     path = path or os.environ.get("JMERGE_COMPILE_CACHE") or os.path.join(

@@ -47,13 +47,19 @@ _TRACES = {"count": 0}
 
 
 def trace_count() -> int:
-    """How many times the jitted per-leaf merge has been traced (for tests of 'jit once, run many')."""
+    """How many times the jitted per-leaf merge has been traced (for tests of 'jit once, run many').
+
+    References: none (infrastructure).
+    """
     return _TRACES["count"]
 
 
 def check_method(method: Any, where: str = "merge") -> Transform:
     """``method`` if it is a :class:`Transform`; else a :class:`MergeInputError` saying the fix
-    (an uncalled factory such as ``jmerge.ties`` gets "call it: jmerge.ties(...)")."""
+    (an uncalled factory such as ``jmerge.ties`` gets "call it: jmerge.ties(...)").
+
+    References: none (infrastructure).
+    """
     _check_part(method, f"{where}: method")
     return method
 
@@ -83,6 +89,9 @@ def prepare_leaf_hparams(method: Transform, tree_or_paths: Any, num_models: int,
 
     Returns:
       One ``{qualified name: float32 value}`` dict per leaf.
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for the hyperparameter specs.
     """
     method = check_method(method, "prepare_leaf_hparams")
     paths, treedef = _paths_of(tree_or_paths)
@@ -96,6 +105,8 @@ def check_ranges(method: Transform, paths: Sequence[str], hp_leaves: Sequence[Ma
 
     Raises:
       MergeInputError: naming the hyperparameter, its step, the leaf and the allowed range.
+
+    References: none (infrastructure).
     """
     ranges = {f"{n}.{k}": r for n, s in method.steps for k, r in s.ranges.items()}
     for q, (lo, hi) in ranges.items():
@@ -212,6 +223,8 @@ class LeafProgram:
     ``hp`` (its resolved hyperparameters by qualified name, from :func:`prepare_leaf_hparams`),
     ``key`` (:func:`jmerge.leaf_key`), ``stats`` (``{step name: {phase name: value}}``) and ``view``
     (:class:`MatrixView` or None). ``traced=True`` runs inline (inside the caller's trace).
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
 
     def __init__(self, method: Transform, *, stacked: bool = False, out_dtype: Any = None,
@@ -420,6 +433,9 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
 
     Raises:
       MergeInputError: for mismatched trees, shapes, bad hyperparameters or model counts.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023); each method's own paper
+    (see its factory).
     """
     method = check_method(method)
     if (models is None) == (task_vectors is None):
@@ -506,6 +522,8 @@ def merge_leaf(method: Transform, base_leaf, model_leaves, *, hp: Mapping[str, A
     ``hp`` is this leaf's resolved hyperparameters (see :func:`prepare_leaf_hparams`); ``path``
     gives the leaf's PRNG key (and, with ``view="infer"``, its matrix view), so the result equals
     the whole-tree merge's for that leaf. Non-float leaves are returned unchanged.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
     method = check_method(method, "merge_leaf")
     kind = leaf_kind(base_leaf)
@@ -529,6 +547,8 @@ def task_vectors(base: Any, models: Sequence[Any]) -> Any:
     """Stacked task vectors ``tau_t = theta_t - theta_0``: each leaf has shape ``(T, *leaf.shape)``.
 
     Computed in float32 whatever the input dtypes (bf16/fp16 differences are exact in float32).
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
     models = _as_model_list(models, base)
     check_compatible(base, models)
@@ -536,6 +556,9 @@ def task_vectors(base: Any, models: Sequence[Any]) -> Any:
 
 
 def apply_delta(base: Any, delta: Any, scale: float | jax.Array = 1.0) -> Any:
-    """``base + scale * delta`` computed in float32, returned in each base leaf's dtype."""
+    """``base + scale * delta`` computed in float32, returned in each base leaf's dtype.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
+    """
     return jax.tree.map(lambda b, d: (jnp.asarray(b, jnp.float32) + scale * jnp.asarray(d, jnp.float32))
                         .astype(jnp.asarray(b).dtype), base, delta)

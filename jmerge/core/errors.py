@@ -11,12 +11,21 @@ __all__ = ["MergeInputError", "NonFloatLeavesWarning", "OptimizerStateWarning"]
 
 
 class MergeInputError(ValueError):
-    """Raised for inputs a merge cannot use; the message names the leaf path and the fix."""
+    """Raised for inputs a merge cannot use; the message names the leaf path and the fix.
+
+    References: none (infrastructure).
+    """
 
 
 class NonFloatLeavesWarning(UserWarning):
-    """Integer, boolean or PRNG-key leaves were taken from the base unchanged (not merged)."""
+    """Integer, boolean or PRNG-key leaves were taken from the base unchanged (not merged).
+
+    References: none (infrastructure).
+    """
 
 
 class OptimizerStateWarning(UserWarning):
-    """The parameter tree contains optimizer state (optax or Flax NNX), which is rarely meant to be merged."""
+    """The parameter tree contains optimizer state (optax or Flax NNX), which is rarely meant to be merged.
+
+    References: none (infrastructure).
+    """

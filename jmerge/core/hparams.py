@@ -46,6 +46,9 @@ class Gradient:
 
     ``Gradient([0.0, 1.0])`` is 0 at the first layer and 1 at the last; ``Gradient([a])`` is ``a``.
     Values may be JAX arrays (also traced).
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for its ``gradient`` values.
     """
 
     values: tuple[Any, ...]
@@ -65,6 +68,9 @@ class Rules:
     expression when written ``"re:<pattern>"``; the empty filter matches everything. ``default``
     applies when no rule matches. A rule that no leaf uses (its filter matches nothing, or earlier
     rules win wherever it matches) is an error naming it, unless ``allow_unused=True``.
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for its ``filter``/``value`` lists.
     """
 
     rules: tuple[tuple[str, Any], ...]
@@ -82,6 +88,9 @@ class PerModel:
     """One spec per merged model, e.g. ``PerModel([0.7, 0.3])`` for two models' weights.
 
     ``PerModel(jnp.array([...]))`` takes a 1-D array (concrete or traced) as the vector itself.
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for per-model parameters.
     """
 
     specs: Any
@@ -108,7 +117,11 @@ def _matches(filt: str, path: str) -> bool:
 
 
 def layer_positions(paths: Sequence[str], num_layers: int | None = None) -> list[float]:
-    """Position ``t`` in [0, 1] of each path for gradient interpolation (0 outside the layers)."""
+    """Position ``t`` in [0, 1] of each path for gradient interpolation (0 outside the layers).
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for gradient positions.
+    """
     n = count_layers(paths) if num_layers is None else num_layers
     out = []
     for p in paths:
@@ -118,7 +131,11 @@ def layer_positions(paths: Sequence[str], num_layers: int | None = None) -> list
 
 
 def interp_gradient(values: Sequence[Any], t: float):
-    """Linear interpolation of ``values`` (evenly spaced over [0, 1]) at ``t``; traced values stay traced."""
+    """Linear interpolation of ``values`` (evenly spaced over [0, 1]) at ``t``; traced values stay traced.
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for gradient interpolation.
+    """
     if len(values) == 1:
         return values[0]
     grid = np.linspace(0.0, 1.0, len(values))
@@ -258,6 +275,9 @@ def resolve_hparams(specs: Mapping[str, Any], paths: Any, *, treedef: Any = None
 
     Raises:
       MergeInputError: naming the hyperparameter and the leaf.
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track).
     """
     if not (isinstance(paths, (list, tuple)) and all(isinstance(p, str) for p in paths)):
         from .tree import leaves_with_paths  # noqa: PLC0415

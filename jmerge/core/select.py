@@ -79,7 +79,10 @@ _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
 
 
 def density_to_k(density, n: int) -> jax.Array:
-    """Number of entries kept at ``density``: ``round(density * n)`` as int32 (traced-friendly)."""
+    """Number of entries kept at ``density``: ``round(density * n)`` as int32 (traced-friendly).
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
+    """
     return jnp.round(jnp.asarray(density, jnp.float32) * n).astype(jnp.int32)
 
 
@@ -423,6 +426,9 @@ def topk_keep_rows(x: jax.Array, k, *, magnitude: bool = False, rebuild=None):
     ``rebuild``: optional ``guard -> [x[0], ..., x[T-1]]`` recomputing the rows of ``x`` from the
     arrays they derive from, each wrapped in ``guard`` (e.g. ``tau[t] = model_t - base``). The
     counting passes then read those arrays directly, and ``x`` is never materialized.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023) for the
+    trim step this selection serves.
     """
     x = jnp.asarray(x)
     T = x.shape[0]

@@ -18,7 +18,10 @@ __all__ = ["MergeState", "diff_rows"]
 
 
 def diff_rows(base_leaf, model_leaves, guard=lambda a: a) -> list:
-    """The rows of ``tau``: ``float32(model_t) - float32(base)``, each input passed through ``guard``."""
+    """The rows of ``tau``: ``float32(model_t) - float32(base)``, each input passed through ``guard``.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) for task vectors.
+    """
     b = jnp.asarray(guard(base_leaf), jnp.float32)
     return [jnp.asarray(guard(m), jnp.float32) - b for m in model_leaves]
 
@@ -44,6 +47,8 @@ class MergeState:
       source: ``(tau0, base_leaf, model_leaves)``: the task vectors as first built and the raw inputs
         (``base_leaf`` and ``model_leaves`` are None when stacked task vectors were given).
       view: the leaf's matrix view (fan-in x fan-out axes), or None for vectors; static.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) for task vectors.
     """
 
     tau: Float[Array, "T *shape"]

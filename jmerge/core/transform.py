@@ -37,6 +37,9 @@ class StatsPhase(NamedTuple):
     finalization can also run on traced values (inside the user's ``jax.jit``) gives it as
     ``finalize_traced`` (same signature, JAX operations only); without it the method cannot be merged
     inside a trace.
+
+    References: optax's ``chain``/``named_chain`` (DeepMind) for the step design; Yadav et al., "TIES-Merging:
+    Resolving Interference When Merging Models" (NeurIPS 2023) for the global top-k it serves.
     """
 
     name: str
@@ -63,6 +66,8 @@ class Step:
         (:meth:`MergeState.tau_rebuild`): build ``tau`` once into its own buffer.
       uses_view: the step reads ``state.view`` (the leaf's matrix view); only then is the view part of
         the compiled program's key, so other methods compile once per shape.
+
+    References: optax's ``chain``/``named_chain`` (DeepMind).
     """
 
     name: str
@@ -96,6 +101,8 @@ class Transform:
       steps: ``((step_name, Step), ...)`` in order.
       aliases: public hyperparameter name -> the qualified names ``"<step>.<name>"`` it sets.
       ambiguous: public names that several parts expose, -> their qualified names (for errors).
+
+    References: optax's ``chain``/``named_chain`` (DeepMind).
     """
 
     name: str
@@ -240,6 +247,10 @@ def run_steps(steps, state: MergeState, hp: HParams, stats: Mapping[str, dict]) 
 
 
 def is_transform(x) -> bool:
+    """Whether ``x`` is a :class:`Transform` (a merge method).
+
+    References: optax's ``chain``/``named_chain`` (DeepMind).
+    """
     return isinstance(x, Transform)
 
 

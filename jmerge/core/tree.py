@@ -41,6 +41,8 @@ def leaf_kind(x: Any) -> LeafKind:
     ``"float"`` leaves (float16/32/64, bfloat16, float8 ...) and Python floats are merged; ``"int"``,
     ``"bool"`` and ``"key"`` (typed PRNG keys such as Flax NNX ``Rngs`` state) leaves are taken from the
     base by default; ``"complex"`` leaves are refused; anything else is ``"other"``.
+
+    References: none (infrastructure).
     """
     if isinstance(x, bool):
         return "bool"
@@ -69,7 +71,10 @@ def leaf_kind(x: Any) -> LeafKind:
 
 def optimizer_state_paths(tree: Any) -> list[tuple[str, str]]:
     """``(path, type name)`` of optimizer-state nodes in ``tree``: optax states (any node whose type
-    comes from ``optax``), Flax NNX ``OptState`` variables, and ``opt_state`` path components."""
+    comes from ``optax``), Flax NNX ``OptState`` variables, and ``opt_state`` path components.
+
+    References: none (infrastructure).
+    """
     found: list[tuple[str, str]] = []
 
     def visit(path, x):
@@ -114,12 +119,18 @@ def _key_str(k: Any) -> str:
 
 
 def path_str(keypath: Sequence[Any]) -> str:
-    """Dotted name of a JAX key path (``('model', 'layers', 0, 'w')`` -> ``model.layers.0.w``)."""
+    """Dotted name of a JAX key path (``('model', 'layers', 0, 'w')`` -> ``model.layers.0.w``).
+
+    References: none (infrastructure).
+    """
     return ".".join(_key_str(k) for k in keypath)
 
 
 def leaves_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
-    """Flatten ``tree`` to (paths, leaves, treedef), in JAX's canonical leaf order."""
+    """Flatten ``tree`` to (paths, leaves, treedef), in JAX's canonical leaf order.
+
+    References: none (infrastructure).
+    """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     return [path_str(p) for p, _ in flat], [x for _, x in flat], treedef
 
@@ -140,6 +151,8 @@ def check_compatible(base: Any, models: Sequence[Any], *, check_finite: bool = F
 
     Raises:
       MergeInputError: naming the first offending leaf path, its shapes and dtypes.
+
+    References: none (infrastructure).
     """
     bpaths, bleaves, btd = leaves_with_paths(base)
     for i, m in enumerate(models):
@@ -180,6 +193,8 @@ def leaf_key(seed: int | jax.Array, path: str) -> jax.Array:
 
     Independent of leaf order, of the other leaves and of sharding, so a tensor-at-a-time
     (out-of-core) merge draws exactly the same random numbers as a whole-tree merge.
+
+    References: none (infrastructure).
     """
     if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
         key = seed
@@ -192,12 +207,20 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoderblock|res
 
 
 def layer_index(path: str) -> int | None:
-    """Transformer layer number in a parameter path (``model.layers.7.mlp...`` -> 7), else None."""
+    """Transformer layer number in a parameter path (``model.layers.7.mlp...`` -> 7), else None.
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for the layer numbering of gradients.
+    """
     m = _LAYER_RE.search(path)
     return int(m.group(1)) if m else None
 
 
 def count_layers(paths: Sequence[str]) -> int:
-    """Number of transformer layers found in ``paths`` (max layer index + 1; 0 if none)."""
+    """Number of transformer layers found in ``paths`` (max layer index + 1; 0 if none).
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for the layer count of gradients.
+    """
     idx = [i for i in (layer_index(p) for p in paths) if i is not None]
     return max(idx) + 1 if idx else 0

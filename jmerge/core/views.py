@@ -51,6 +51,10 @@ class MatrixView:
 
     ``MatrixView(fan_in=(0,), fan_out=(1, 2))`` reads a ``(in, heads, head_dim)`` query kernel as an
     ``in x (heads*head_dim)`` matrix.
+
+    References: Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging" (CVPR 2025);
+    Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces"
+    (ICML 2025), whose operators act on these matrices.
     """
 
     fan_in: tuple[int, ...]
@@ -94,7 +98,10 @@ class MatrixView:
 
 
 def leaf_name(path: str) -> tuple[str, str]:
-    """``(parent module, leaf name)`` of a dotted path, ignoring Flax NNX's trailing ``value``."""
+    """``(parent module, leaf name)`` of a dotted path, ignoring Flax NNX's trailing ``value``.
+
+    References: none (infrastructure).
+    """
     parts = path.split(".")
     if len(parts) > 1 and parts[-1] in ("value", "raw_value"):
         parts = parts[:-1]
@@ -146,7 +153,12 @@ def _hf_weight_view(parent: str, shape: tuple) -> MatrixView:
 
 def infer_view(path: str, shape: Sequence[int], siblings: Mapping[str, tuple] | None = None) -> MatrixView | None:
     """The matrix view of one leaf from its path, shape and (optionally) the shapes of the other
-    leaves of its module (``{leaf name: shape}``); ``None`` for vectors. See the module docstring."""
+    leaves of its module (``{leaf name: shape}``); ``None`` for vectors. See the module docstring.
+
+    References: Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging" (CVPR 2025);
+    Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces"
+    (ICML 2025), whose operators act on these matrices.
+    """
     shape = tuple(int(s) for s in shape)
     parent, name = leaf_name(path)
     low = name.lower()
@@ -200,6 +212,10 @@ def infer_views(paths: Sequence[str], shapes: Sequence[Sequence[int]], overrides
 
     Raises:
       MergeInputError: when an override does not fit its leaf's shape.
+
+    References: Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging" (CVPR 2025);
+    Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces"
+    (ICML 2025), whose operators act on these matrices.
     """
     modules: dict[str, dict[str, tuple]] = {}
     for p, s in zip(paths, shapes):

@@ -57,17 +57,25 @@ def model_sum(x, keepdims: bool = False):
     """Sum over the leading (model) axis, unrolled over its static size (workaround 1).
 
     Use this, not ``jnp.sum(x, axis=0)``, for per-entry reductions over tasks.
+
+    References: none (an XLA workaround measured on this project's machines; see the README "Findings").
     """
     return _unrolled(jnp.add, x, keepdims)
 
 
 def model_mean(x, keepdims: bool = False):
-    """Mean over the leading (model) axis (see :func:`model_sum`)."""
+    """Mean over the leading (model) axis (see :func:`model_sum`).
+
+    References: none (an XLA workaround measured on this project's machines; see the README "Findings").
+    """
     return model_sum(x, keepdims) / jnp.asarray(x).shape[0]
 
 
 def model_max(x, keepdims: bool = False):
-    """Maximum over the leading (model) axis, unrolled (see :func:`model_sum`)."""
+    """Maximum over the leading (model) axis, unrolled (see :func:`model_sum`).
+
+    References: none (an XLA workaround measured on this project's machines; see the README "Findings").
+    """
     return _unrolled(jnp.maximum, x, keepdims)
 
 

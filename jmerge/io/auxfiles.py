@@ -52,6 +52,9 @@ def copy_aux_files(src_dir: str | os.PathLike, writer, *, tokenizer_source: str 
 
     Raises:
       CheckpointError: ``src_dir`` or ``tokenizer_source`` is not a directory.
+
+    References: the Hugging Face Transformers model-directory layout
+    (``save_pretrained``: config and tokenizer files).
     """
     src_dir = os.fspath(src_dir)
     if not os.path.isdir(src_dir):
@@ -81,6 +84,8 @@ def model_card(config_yaml: str, method: str, models: list[str]) -> str:
 
     Returns:
       Markdown text naming jmerge and its version.
+
+    References: Hugging Face model cards; Mitchell et al., "Model Cards for Model Reporting" (FAT* 2019).
     """
     from ..version import __version__
 

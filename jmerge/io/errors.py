@@ -11,16 +11,28 @@ __all__ = ["CheckpointError", "CheckpointNotFoundError", "CheckpointFormatError"
 
 
 class CheckpointError(MergeInputError):
-    """A checkpoint cannot be read or written; the message names the file and the tensor."""
+    """A checkpoint cannot be read or written; the message names the file and the tensor.
+
+    References: none (infrastructure).
+    """
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint (file, directory, index or tensor) does not exist."""
+    """The checkpoint (file, directory, index or tensor) does not exist.
+
+    References: none (infrastructure).
+    """
 
 
 class CheckpointFormatError(CheckpointError):
-    """The checkpoint exists but is not readable as that format (corrupt header, unsupported dtype ...)."""
+    """The checkpoint exists but is not readable as that format (corrupt header, unsupported dtype ...).
+
+    References: none (infrastructure).
+    """
 
 
 class OutputExistsError(CheckpointError, FileExistsError):
-    """The output path already exists and ``overwrite`` was not given."""
+    """The output path already exists and ``overwrite`` was not given.
+
+    References: none (infrastructure).
+    """

@@ -40,6 +40,8 @@ def flat_to_nested(d: Mapping[str, Any], sep: str = ".") -> dict:
     Raises:
       CheckpointError: a name is both a leaf and a prefix of another name (``a.b`` and ``a.b.c``),
         or has an empty component.
+
+    References: the safetensors format's flat tensor names (Hugging Face); Orbax's nested pytrees (Google).
     """
     out: dict = {}
     for name, v in d.items():
@@ -64,7 +66,10 @@ def flat_to_nested(d: Mapping[str, Any], sep: str = ".") -> dict:
 
 
 def nested_to_flat(tree: Any, sep: str = ".") -> dict[str, Any]:
-    """Inverse of :func:`flat_to_nested` for any pytree: ``{dotted path: leaf}`` in JAX leaf order."""
+    """Inverse of :func:`flat_to_nested` for any pytree: ``{dotted path: leaf}`` in JAX leaf order.
+
+    References: the safetensors format's flat tensor names (Hugging Face); Orbax's nested pytrees (Google).
+    """
     import jax
 
     from ..core import path_str
@@ -123,6 +128,8 @@ def save_orbax(params: Any, path: str | os.PathLike, *, overwrite: bool = False)
 
     Returns:
       The absolute checkpoint path.
+
+    References: Orbax (Google).
     """
     return _save_orbax_dir(params, os.fspath(path), overwrite=overwrite)
 
@@ -151,6 +158,8 @@ def load_orbax(path: str | os.PathLike, *, target: Any = None, shardings: Any = 
 
     Raises:
       CheckpointError: the path is missing or not an Orbax checkpoint.
+
+    References: Orbax (Google).
     """
     import jax
 
@@ -310,6 +319,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "orbax"
 
     Returns:
       The output path.
+
+    References: the safetensors format (Hugging Face); Orbax (Google).
     """
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if to not in ("orbax", "safetensors"):

@@ -68,7 +68,10 @@ def _close_all(fds: list) -> list:
 
 
 def st_dtype_name(dtype: Any) -> str:
-    """Safetensors dtype tag (``"BF16"``) of a NumPy dtype; raises CheckpointError if unsupported."""
+    """Safetensors dtype tag (``"BF16"``) of a NumPy dtype; raises CheckpointError if unsupported.
+
+    References: the safetensors format (Hugging Face).
+    """
     dt = np.dtype(dtype)
     if dt.byteorder == ">":
         raise CheckpointFormatError(f"big-endian dtype {dt} cannot be stored in safetensors; use {dt.newbyteorder('<')}")
@@ -172,6 +175,8 @@ class CheckpointReader:
       dir: the checkpoint directory (for a single file, its parent directory).
       config: the parsed ``config.json`` next to the weights, or None.
       metadata: the ``__metadata__`` map of the first safetensors file (or {}).
+
+    References: the safetensors format (Hugging Face); Orbax (Google) for Orbax dirs.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -412,6 +417,8 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
     Raises:
       CheckpointError: missing dir/file/shard, tensor listed in the index but absent, truncated file,
         corrupt header, unknown dtype; the message names the file and the tensor.
+
+    References: the safetensors format (Hugging Face); Orbax (Google) for Orbax dirs.
     """
     p = os.fspath(path)
     if os.path.isdir(p) and not os.path.isfile(os.path.join(p, INDEX_FILE)) \
@@ -464,6 +471,8 @@ class CheckpointWriter:
 
     Thread safety: :meth:`write` may be called concurrently for different names; ``commit``/``abort``
     must be called once, after all writes returned.
+
+    References: the safetensors format (Hugging Face) and its sharded index (``model.safetensors.index.json``).
     """
 
     def __init__(self, out_dir: str | os.PathLike, layout: Iterable[tuple[str, Sequence[int], Any]], *,

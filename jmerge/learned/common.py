@@ -23,7 +23,10 @@ __all__ = ["LearnedMerge", "LearnedMergeError"]
 
 
 class LearnedMergeError(MergeInputError):
-    """Raised when a learned merge cannot train (e.g. the loss became NaN/Inf at some step)."""
+    """Raised when a learned merge cannot train (e.g. the loss became NaN/Inf at some step).
+
+    References: none (infrastructure).
+    """
 
 
 @dataclasses.dataclass
@@ -38,6 +41,8 @@ class LearnedMerge:
       losses: training loss per step (a NumPy float array; empty for closed-form merges).
       mask: a pytree of masks (Concrete merging), else ``None``.
       info: method-specific extras (Fisher matrices, Gram matrices, subspace ranks ...).
+
+    References: Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning" (ICLR 2024).
     """
 
     params: Any

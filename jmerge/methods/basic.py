@@ -14,7 +14,10 @@ __all__ = ["per_model", "weighted_sum", "scale", "linear", "task_arithmetic", "n
 
 
 def per_model(hp_value, state: MergeState) -> jnp.ndarray:
-    """Broadcast a scalar or per-model hyperparameter to shape ``(T, 1, ..., 1)`` for ``tau``."""
+    """Broadcast a scalar or per-model hyperparameter to shape ``(T, 1, ..., 1)`` for ``tau``.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
+    """
     v = jnp.broadcast_to(jnp.asarray(hp_value, jnp.float32), (state.num_models,))
     return v.reshape((state.num_models,) + (1,) * (state.tau.ndim - 1))
 

@@ -36,6 +36,9 @@ def lines_position(head_filter: str = HEAD_FILTER):
     Leaves inside transformer layer ``l`` of ``L`` get ``l / (L - 1)``; other leaves get 1 when their
     path matches ``head_filter`` (heads and final norms, after the last layer) and 0 otherwise
     (embeddings and anything before the first layer).
+
+    References: Wang et al., "LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging"
+    (ICLR 2025).
     """
     rx = re.compile(head_filter)
 
@@ -121,6 +124,9 @@ def layer_swap_source(k: int = 2, *, outer: int = 0, inner: int = 1, nonlayer: i
     non-layer leaves from ``nonlayer`` (default ``outer``). ``L`` is ``num_layers`` when given,
     else recovered from the leaf's layer position ``t = l / (L - 1)`` (so a ``num_layers`` passed to
     :func:`jmerge.merge` is honoured).
+
+    References: Bandarkar et al., "Layer Swapping for Zero-Shot Cross-Lingual Transfer in Large Language Models"
+    (ICLR 2025).
     """
     k_top = k if k_top is None else int(k_top)
     nonlayer = outer if nonlayer is None else nonlayer

@@ -227,6 +227,8 @@ class PackedMask:
     Attributes:
       bits: uint8 array of ``ceil(prod(shape) / 8)`` bytes.
       shape: shape of the unpacked boolean array.
+
+    References: Wang et al., "Localizing Task Information for Improved Model Merging and Compression" (ICML 2024).
     """
 
     bits: Any

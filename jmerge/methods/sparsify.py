@@ -66,6 +66,9 @@ def rescale_l1(tau: jax.Array, kept: jax.Array) -> jax.Array:
     """Rescale each task's ``kept`` so its L1 norm equals that of ``tau`` (mergekit's ``rescale``).
 
     Tasks whose L1 norm before or after dropping is below 1e-7 are left unscaled.
+
+    References: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
+    Lunch" (ICML 2024); mergekit's ``rescale`` (Goddard et al., "Arcee's MergeKit", EMNLP 2024).
     """
     T = tau.shape[0]
     before = jnp.sum(jnp.abs(tau).reshape(T, -1), axis=1)

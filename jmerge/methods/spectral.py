@@ -24,7 +24,10 @@ __all__ = ["tsv_m", "iso_c", "iso_cts", "tsv_rank", "iso_cts_sizes"]
 
 
 def tsv_rank(min_dim: int, num_models: int, rank_fraction: float | None = None) -> int:
-    """Singular triplets kept per task: ``floor(min_dim * fraction)`` (fraction ``1/T`` by default), at least 1."""
+    """Singular triplets kept per task: ``floor(min_dim * fraction)`` (fraction ``1/T`` by default), at least 1.
+
+    References: Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging" (CVPR 2025).
+    """
     frac = 1.0 / num_models if rank_fraction is None else float(rank_fraction)
     return max(1, min(min_dim, int(min_dim * frac)))
 
@@ -107,6 +110,9 @@ def iso_cts_sizes(min_dim: int, num_models: int, common_fraction: float) -> tupl
     ``round((min_dim - k) / T) * T`` (Python rounding) and ``k = min_dim -`` that total, so that
     ``k + T * k_per_task == min_dim``. When the rounding would ask for more than ``min_dim``
     directions, one direction less per task is used.
+
+    References: Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific
+    Subspaces" (ICML 2025).
     """
     T = num_models
     k = int(min_dim * common_fraction)

@@ -35,7 +35,10 @@ __all__ = ["run_merge", "run_jobs", "MergeContext", "Buffers", "mesh_sharding"]
 
 
 class Buffers:
-    """Reuse read buffers of the same size (fresh allocations page-fault on every byte)."""
+    """Reuse read buffers of the same size (fresh allocations page-fault on every byte).
+
+    References: none (infrastructure).
+    """
 
     def __init__(self, keep: int = 8):
         self._free: dict[int, list] = collections.defaultdict(list)
@@ -56,7 +59,10 @@ class Buffers:
 
 
 def mesh_sharding(mesh_spec: Optional[str]):
-    """``"8"`` or ``"data=8"`` -> a function placing an array's first axis across that many devices."""
+    """``"8"`` or ``"data=8"`` -> a function placing an array's first axis across that many devices.
+
+    References: none (infrastructure).
+    """
     if not mesh_spec:
         return None
     import re  # noqa: PLC0415
@@ -88,6 +94,8 @@ class MergeContext:
       seed: seed of random methods (keys are folded with the tensor name).
       compute_dtype: inputs of merges are cast to it first when it is narrower (mergekit's ``dtype``).
       put: places an input array on devices (``--mesh``), or None.
+
+    References: none (infrastructure).
     """
 
     program: Optional[LeafProgram]
@@ -170,6 +178,9 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer, ctx: Mer
 
     Reads run ahead in ``read_threads`` threads and writes in one more, with at most ``window``
     tensors and ``max_inflight_bytes`` input bytes in flight (a larger tensor runs alone).
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for the tensor-by-tensor execution model.
     """
     progress = progress or Progress(sum(j.read_bytes(readers) for j in jobs), disable=True)
     bufs = Buffers()

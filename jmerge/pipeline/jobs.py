@@ -25,7 +25,10 @@ __all__ = ["Tensor", "Zeros", "Stack", "Computed", "Source", "Merge", "Copy", "O
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-    """Tensor ``name`` of input checkpoint ``reader`` (an index into the executor's readers)."""
+    """Tensor ``name`` of input checkpoint ``reader`` (an index into the executor's readers).
+
+    References: none (infrastructure).
+    """
 
     reader: int
     name: str
@@ -33,7 +36,10 @@ class Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class Zeros:
-    """An all-zero array (the base of methods that merge the models directly)."""
+    """An all-zero array (the base of methods that merge the models directly).
+
+    References: none (infrastructure).
+    """
 
     shape: tuple
     dtype: Any
@@ -41,14 +47,20 @@ class Zeros:
 
 @dataclasses.dataclass(frozen=True)
 class Stack:
-    """Sources stacked along a new leading axis."""
+    """Sources stacked along a new leading axis.
+
+    References: none (infrastructure).
+    """
 
     parts: tuple
 
 
 @dataclasses.dataclass(frozen=True)
 class Computed:
-    """A value computed on the host when the job runs: ``fn() -> np.ndarray``."""
+    """A value computed on the host when the job runs: ``fn() -> np.ndarray``.
+
+    References: none (infrastructure).
+    """
 
     fn: Callable[[], np.ndarray]
     shape: tuple
@@ -61,7 +73,10 @@ Source = Union[Tensor, Zeros, Stack, Computed]
 
 @dataclasses.dataclass(frozen=True)
 class Merge:
-    """Merge the models into the base with the plan's method (its per-leaf program)."""
+    """Merge the models into the base with the plan's method (its per-leaf program).
+
+    References: none (infrastructure).
+    """
 
     base: Source
     models: tuple
@@ -69,7 +84,10 @@ class Merge:
 
 @dataclasses.dataclass(frozen=True)
 class Copy:
-    """Pass one source through, multiplied by ``scale`` when it is not 1."""
+    """Pass one source through, multiplied by ``scale`` when it is not 1.
+
+    References: none (infrastructure).
+    """
 
     source: Source
     scale: float = 1.0
@@ -88,6 +106,8 @@ class TensorJob:
       dtype: output dtype (NumPy).
       op: :class:`Merge` or :class:`Copy`.
       in_dtype: dtype of the (first) input as stored, for summaries and byte budgets.
+
+    References: none (infrastructure).
     """
 
     out_name: str
@@ -109,7 +129,10 @@ class TensorJob:
 
 
 def source_nbytes(s: Source, readers: Sequence[Any]) -> int:
-    """Bytes a source reads from disk (zeros and computed values read nothing)."""
+    """Bytes a source reads from disk (zeros and computed values read nothing).
+
+    References: none (infrastructure).
+    """
     if isinstance(s, Tensor):
         return int(readers[s.reader].nbytes(s.name))
     if isinstance(s, Stack):
@@ -121,6 +144,8 @@ def read_source(s: Source, readers: Sequence[Any], buffers) -> tuple[np.ndarray,
     """The array of a source and the raw buffers it was read into (to give back to ``buffers``).
 
     ``buffers.get(nbytes)`` returns a reusable uint8 buffer; tensors are read straight into it.
+
+    References: none (infrastructure).
     """
     if isinstance(s, Tensor):
         r = readers[s.reader]

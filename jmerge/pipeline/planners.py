@@ -34,7 +34,11 @@ _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp
 
 
 def np_dtype(name: Optional[str]) -> Optional[np.dtype]:
-    """The NumPy dtype of a config dtype name (``"bfloat16"``, ``"fp16"`` ...), or None."""
+    """The NumPy dtype of a config dtype name (``"bfloat16"``, ``"fp16"`` ...), or None.
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for its ``dtype`` names.
+    """
     if name is None:
         return None
     if name not in _DTYPES:
@@ -44,7 +48,10 @@ def np_dtype(name: Optional[str]) -> Optional[np.dtype]:
 
 
 def input_paths(plan) -> list[str]:
-    """The checkpoints a plan reads, base first, each once."""
+    """The checkpoints a plan reads, base first, each once.
+
+    References: none (infrastructure).
+    """
     return list(dict.fromkeys(([plan.base] if plan.base else []) + list(plan.models)))
 
 
@@ -59,7 +66,11 @@ def _find(reader, name: str, who: str) -> str:
 
 
 def plan_tensor_merges(plan, readers: Sequence[Any], paths: Sequence[str]) -> list[TensorJob]:
-    """One merge job per tensor of the reference checkpoint (the base, or the first model)."""
+    """One merge job per tensor of the reference checkpoint (the base, or the first model).
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track).
+    """
     idx = {p: i for i, p in enumerate(paths)}
     out_dt = np_dtype(plan.config.out_dtype) or np_dtype(plan.config.dtype)
     ref_i = idx[plan.base] if plan.base is not None else idx[plan.models[0]]
@@ -95,7 +106,11 @@ def _scales(specs: Sequence[Any], names: Sequence[str]) -> list[float]:
 
 
 def plan_slices(plan, readers: Sequence[Any], paths: Sequence[str]) -> list[TensorJob]:
-    """Passthrough: the layers of each slice in order, renumbered, and the non-layer tensors."""
+    """Passthrough: the layers of each slice in order, renumbered, and the non-layer tensors.
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for ``passthrough`` slices.
+    """
     idx = {p: i for i, p in enumerate(paths)}
     out_dt = np_dtype(plan.config.out_dtype) or np_dtype(plan.config.dtype)
     top_scale = plan.hparams.get("scale", 1.0)
@@ -127,7 +142,11 @@ def plan_slices(plan, readers: Sequence[Any], paths: Sequence[str]) -> list[Tens
 
 
 def plan_jobs(plan, readers: Sequence[Any], paths: Sequence[str]) -> list[TensorJob]:
-    """The jobs of a plan: slices for passthrough, per-tensor merges otherwise."""
+    """The jobs of a plan: slices for passthrough, per-tensor merges otherwise.
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track).
+    """
     jobs = plan_slices(plan, readers, paths) if plan.slices is not None else plan_tensor_merges(plan, readers, paths)
     if not jobs:
         raise MergeInputError(f"no tensors to write (inputs: {list(paths)}).")

@@ -33,6 +33,8 @@ class Progress:
     """Progress of ``total`` bytes. Thread-safe ``update``; ``phase(name)`` labels what runs now.
 
     The rate and time left are measured over ``merging`` time only (compiles excluded).
+
+    References: none (infrastructure).
     """
 
     def __init__(self, total: int, *, label: str = "jmerge", disable: bool = False, stream=None):
