@@ -1,5 +1,6 @@
 """Composition: every step owns its hyperparameters (named steps, qualified names, public aliases)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,20 +120,21 @@ def test_uncalled_factory_is_a_clear_error():
 
 def test_traced_values_do_not_recompile_and_vmap_over_settings():
     base, models = random_trees(T=3, seed=5)
-    f = jax.jit(lambda lam, d: jmerge.merge(jmerge.ties(), base, models, hparams={"scale": lam, "density": d}))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(lam, d):
+        return jmerge.merge(jmerge.ties(), base, models, hparams={"scale": lam, "density": d})
+
     a = f(0.5, 0.2)
-    n = f._cache_size()
-    b = f(0.7, 0.3)
-    assert f._cache_size() == n
-    ref = jmerge.merge(jmerge.ties(density=0.3, scale=0.7), base, models)
-    for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    b = f(0.7, 0.3)  # a second trace would raise
+    chex.assert_trees_all_close(b, jmerge.merge(jmerge.ties(density=0.3, scale=0.7), base, models),
+                                rtol=1e-6, atol=1e-6)
     lams = jnp.array([0.1, 0.5, 0.9])
     vm = jax.vmap(lambda lam: jmerge.merge(jmerge.task_arithmetic(), base, models, hparams={"scale": lam}))(lams)
     for i, lam in enumerate([0.1, 0.5, 0.9]):
         one = jmerge.merge(jmerge.task_arithmetic(scale=lam), base, models)
-        for x, y in zip(jax.tree.leaves(vm), jax.tree.leaves(one)):
-            np.testing.assert_allclose(np.asarray(x[i]), np.asarray(y), rtol=1e-6, atol=1e-6)
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], vm), one, rtol=1e-6, atol=1e-6)
     assert not np.allclose(np.asarray(a["head"]), np.asarray(b["head"]))
 
 
@@ -141,8 +143,7 @@ def test_traced_per_model_weights():
     w = jnp.array([0.2, 0.5, 1.0])
     out = jax.jit(lambda w: jmerge.merge(jmerge.task_arithmetic(), base, models, hparams={"weight": PerModel(w)}))(w)
     ref = jmerge.merge(jmerge.task_arithmetic(weight=PerModel([0.2, 0.5, 1.0])), base, models)
-    for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_range_checks_host_and_traced():
@@ -164,3 +165,14 @@ def test_per_model_value_for_a_scalar_hyperparameter_is_refused():
         jmerge.merge(jmerge.ties(), base, models, hparams={"scale": PerModel([1.0, 2.0, 3.0])})
     with pytest.raises(MergeInputError, match="2 per-model values but 3 models"):
         jmerge.merge(jmerge.ties(), base, models, hparams={"weight": PerModel([1.0, 2.0])})
+
+
+def test_merge_leaf_needs_qualified_hparams():
+    base, models = random_trees(T=2, seed=8, shapes={"w": (6, 5)})
+    m = jmerge.ties(density=0.4)
+    hp = jmerge.prepare_leaf_hparams(m, ["w"], 2)[0]
+    assert set(hp) == {"trim.density", "elect_sign.weight", "disjoint_merge.weight", "scale.scale"}
+    leaf = jmerge.merge_leaf(m, base["w"], [x["w"] for x in models], hp=hp, path="w")
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(jmerge.merge(m, base, models)["w"]))
+    with pytest.raises(MergeInputError, match=r"hp lacks \['disjoint_merge.weight'.*prepare_leaf_hparams"):
+        jmerge.merge_leaf(m, base["w"], [x["w"] for x in models], hp={"density": 0.4}, path="w")

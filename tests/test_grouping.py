@@ -1,5 +1,6 @@
 """Inside a user's jit, leaves of one shape share one traced body: compile work follows shapes."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,11 +52,9 @@ def test_grouped_equals_ungrouped_and_eager(name):
     grouped, ex_g = jax.jit(lambda b, m: jmerge.merge(method, b, m, seed=3, return_extras=True))(base, ms)
     plain = jax.jit(lambda b, m: jmerge.merge(method, b, m, seed=3, group_leaves=False))(base, ms)
     forced = jax.jit(lambda b, m: jmerge.merge(method, b, m, seed=3, group_leaves=True))(base, ms)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(forced)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
-    for a, b, c in zip(jax.tree.leaves(eager), jax.tree.leaves(grouped), jax.tree.leaves(plain)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(forced, eager, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(grouped, eager, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(plain, eager, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(ex_e), jax.tree.leaves(ex_g)):
         np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=1e-5, atol=1e-6)
 

@@ -1,5 +1,6 @@
 """Invariants every merge method must satisfy (parametrised over jmerge.available_methods())."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,7 @@ METHODS = sorted(jmerge.available_methods())
 
 
 def close(a, b, rtol=1e-6, atol=1e-6):
-    for p in a:
-        np.testing.assert_allclose(a[p], b[p], rtol=rtol, atol=atol, err_msg=p)
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Mask-based merges (TALL masks, Consensus, PCB, EMR) against NumPy references written from the papers."""
 
 import ast
-import inspect
+
 
 import jax
 import jax.numpy as jnp

@@ -225,7 +225,6 @@ def test_integer_tensors_are_copied_not_merged(tmp_path):
 
 def test_progress_shows_compiling_as_its_own_phase(tiny_base, tiny_fts, tmp_path):
     import io as _io
-    from jmerge.pipeline import Progress, run_jobs
     import jmerge.pipeline.executor as ex
     cfg = f"merge_method: ties\nbase_model: {tiny_base}\nmodels:\n  - model: {tiny_fts[0]}\n  - model: {tiny_fts[1]}\n"
     plan = parse_config(cfg)

@@ -6,8 +6,9 @@ import sys
 import textwrap
 
 SCRIPT = textwrap.dedent(r"""
+    import chex
+    chex.set_n_cpu_devices(8)  # before JAX starts its backend
     import jax
-    jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np, jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from jmerge.core import select as S

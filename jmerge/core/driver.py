@@ -531,6 +531,10 @@ def merge_leaf(method: Transform, base_leaf, model_leaves, *, hp: Mapping[str, A
         raise MergeInputError(f"leaf '{path}' is complex; jmerge merges real floating-point leaves only.")
     if kind != "float":
         return (base_leaf, {}) if return_extras else base_leaf
+    missing = sorted(set(method.defaults) - set(hp))
+    if missing:
+        raise MergeInputError(f"merge_leaf: hp lacks {missing} (keys are qualified names '<step>.<name>'); build it "
+                              f"with jmerge.prepare_leaf_hparams(method, ['{path}'], num_models)[0].")
     if isinstance(view, str):
         view = infer_views([path], [np.shape(base_leaf)])[0]
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}

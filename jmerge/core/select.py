@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jaxtyping import Array, Bool, Float, Int
 
 from .errors import MergeInputError
 from .state import MergeState
@@ -78,7 +79,7 @@ _CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard devia
 _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
 
 
-def density_to_k(density, n: int) -> jax.Array:
+def density_to_k(density: float | Float[Array, "*T"], n: int) -> Int[Array, "*T"]:
     """Number of entries kept at ``density``: ``round(density * n)`` as int32 (traced-friendly).
 
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
@@ -416,7 +417,8 @@ def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array
     return _threshold_mask(x, v, cut, magnitude)
 
 
-def topk_keep_rows(x: jax.Array, k, *, magnitude: bool = False, rebuild=None):
+def topk_keep_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], *, magnitude: bool = False,
+                   rebuild=None) -> tuple[Float[Array, "T *shape"], Bool[Array, "T *shape"]]:
     """``(where(mask, x, 0), mask)`` for :func:`topk_mask_rows`'s mask, ``x`` of shape ``(T, ...)``.
 
     Both are elementwise in ``x`` once the per-row thresholds are known, so XLA fuses them into
@@ -448,7 +450,7 @@ def topk_keep_rows(x: jax.Array, k, *, magnitude: bool = False, rebuild=None):
     return kept, jnp.stack(masks)
 
 
-def topk_mask(x: jax.Array, k) -> jax.Array:
+def topk_mask(x: Float[Array, "*shape"], k: int | Int[Array, ""]) -> Bool[Array, "*shape"]:
     """Mask of the ``k`` largest entries of ``x`` (flattened), exact and without a full sort.
 
     Args:
@@ -474,7 +476,8 @@ def topk_mask(x: jax.Array, k) -> jax.Array:
     return _topk_rows(x.reshape(1, -1), k.reshape(1)).reshape(x.shape)
 
 
-def topk_mask_rows(x: jax.Array, k, *, magnitude: bool = False) -> jax.Array:
+def topk_mask_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], *,
+                   magnitude: bool = False) -> Bool[Array, "T *shape"]:
     """Per-row :func:`topk_mask`: row ``t`` of ``x`` (shape ``(T, ...)``) keeps its ``k[t]`` largest.
 
     Args:
@@ -627,7 +630,7 @@ def _global_density(hps, key: str, T: int, name: str) -> np.ndarray:
     return first
 
 
-def global_topk_mask(state: MergeState, name: str = "global_topk") -> jax.Array:
+def global_topk_mask(state: MergeState, name: str = "global_topk") -> Bool[Array, "T *shape"]:
     """This leaf's ``(T, *shape)`` bool mask from :func:`global_topk_phases` statistics.
 
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"

@@ -85,7 +85,6 @@ def optimizer_state_paths(tree: Any) -> list[tuple[str, str]]:
             return True
         return False
 
-    jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: False)  # validates the tree
     _walk(tree, (), visit)
     if not found:
         for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:

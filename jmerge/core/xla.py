@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jaxtyping import Array, Float
 
 __all__ = ["model_sum", "model_mean", "model_max", "materialized", "loop_variant", "honest_cost",
            "split_blocks", "rows", "HONEST_COST_MIN", "HONEST_COST_ENTRIES"]
@@ -53,7 +54,7 @@ def _unrolled(op, x, keepdims: bool):
     return out[None] if keepdims else out
 
 
-def model_sum(x, keepdims: bool = False):
+def model_sum(x: Float[Array, "T *shape"], keepdims: bool = False) -> Float[Array, "*shape"]:
     """Sum over the leading (model) axis, unrolled over its static size (workaround 1).
 
     Use this, not ``jnp.sum(x, axis=0)``, for per-entry reductions over tasks.
@@ -63,7 +64,7 @@ def model_sum(x, keepdims: bool = False):
     return _unrolled(jnp.add, x, keepdims)
 
 
-def model_mean(x, keepdims: bool = False):
+def model_mean(x: Float[Array, "T *shape"], keepdims: bool = False) -> Float[Array, "*shape"]:
     """Mean over the leading (model) axis (see :func:`model_sum`).
 
     References: none (an XLA workaround measured on this project's machines; see the README "Findings").
@@ -71,7 +72,7 @@ def model_mean(x, keepdims: bool = False):
     return model_sum(x, keepdims) / jnp.asarray(x).shape[0]
 
 
-def model_max(x, keepdims: bool = False):
+def model_max(x: Float[Array, "T *shape"], keepdims: bool = False) -> Float[Array, "*shape"]:
     """Maximum over the leading (model) axis, unrolled (see :func:`model_sum`).
 
     References: none (an XLA workaround measured on this project's machines; see the README "Findings").

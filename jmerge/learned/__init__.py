@@ -1,21 +1,24 @@
 """Learned merges: coefficients, masks or weights optimised with JAX gradients or closed forms.
 
-AdaMerging and aTLAS (``_adamerging``), Concrete masks (``_concrete``), Fisher merging (``_fisher``),
-RegMean (``_regmean``), adaptive projective gradient descent (``_projective``) and tangent-space
-linearisation (``_tangent``); shared input checks and the jitted optax trainer live in ``_common``.
-Learned merges are functions returning :class:`LearnedMerge`, not Transforms, so ``METHODS`` is empty.
+AdaMerging and aTLAS (``adamerging``), Concrete masks (``concrete``), Fisher merging (``fisher``),
+RegMean (``regmean``), adaptive projective gradient descent (``projective``) and tangent-space
+linearisation (``tangent``); shared input checks and the jitted optax trainer live in ``common``.
+Learned merges are functions returning :class:`LearnedMerge`, not Transforms.
+
+References: Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning" (ICLR 2024); see
+each module for its method's paper.
 """
 
-from . import adamerging as _adamerging, common as _common, concrete as _concrete, fisher as _fisher, projective as _projective, regmean as _regmean, tangent as _tangent
-from .adamerging import *  # noqa: F401,F403
-from .common import *  # noqa: F401,F403
-from .concrete import *  # noqa: F401,F403
-from .fisher import *  # noqa: F401,F403
-from .projective import *  # noqa: F401,F403
-from .regmean import *  # noqa: F401,F403
-from .tangent import *  # noqa: F401,F403
+from __future__ import annotations
 
-__all__ = (_common.__all__ + _adamerging.__all__ + _concrete.__all__ + _fisher.__all__ + _regmean.__all__
-           + _projective.__all__ + _tangent.__all__)
+from .adamerging import adamerging, atlas, merge_with_coefficients
+from .common import LearnedMerge, LearnedMergeError
+from .concrete import concrete_mask, concrete_merge
+from .fisher import fisher_information, fisher_merge
+from .projective import adaptive_projective_gd
+from .regmean import gram_matrices, regmean_merge
+from .tangent import linearize
 
-METHODS: dict = {}
+__all__ = ["LearnedMerge", "LearnedMergeError", "adamerging", "atlas", "merge_with_coefficients", "concrete_merge",
+           "concrete_mask", "fisher_information", "fisher_merge", "gram_matrices", "regmean_merge",
+           "adaptive_projective_gd", "linearize"]
