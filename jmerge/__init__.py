@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from .version import __version__
 
-from .core import (Gradient, LeafProgram, MatrixView, MergeInputError, MergeState, NonFloatLeavesWarning,
+from .core import (Gradient, HParamSpec, LeafProgram, MatrixView, MergeInputError, MergeState, NonFloatLeavesWarning,
                    OptimizerStateWarning, PerModel, Rules, StatsPhase, Step, Transform, apply_delta, chain,
                    check_compatible, count_layers, density_to_k, global_topk_mask, global_topk_phases, infer_view,
                    infer_views, layer_index, layer_positions, leaf_key, leaf_kind, leaves_with_paths, merge,
@@ -53,9 +53,10 @@ __all__ = [
     "__version__", "available_methods",
     # core
     "MergeInputError", "NonFloatLeavesWarning", "OptimizerStateWarning", "path_str", "leaves_with_paths",
-    "check_compatible", "leaf_key", "leaf_kind", "layer_index", "count_layers", "Gradient", "Rules", "PerModel",
-    "resolve_hparams", "layer_positions", "MatrixView", "infer_view", "infer_views", "MergeState", "StatsPhase", "Step",
-    "Transform", "transform", "chain", "named_chain", "LeafProgram", "merge", "merge_leaf", "prepare_leaf_hparams",
+    "check_compatible", "leaf_key", "leaf_kind", "layer_index", "count_layers", "HParamSpec", "Gradient", "Rules",
+    "PerModel", "resolve_hparams", "layer_positions", "MatrixView", "infer_view", "infer_views", "MergeState",
+    "StatsPhase", "Step", "Transform", "transform", "chain", "named_chain", "LeafProgram", "merge", "merge_leaf",
+    "prepare_leaf_hparams",
     "task_vectors", "apply_delta", "trace_count", "model_sum", "model_mean", "model_max", "topk_mask",
     "topk_mask_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
     # steps and named methods

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .driver import (LeafProgram, apply_delta, check_method, check_ranges, merge, merge_leaf, prepare_leaf_hparams,
                      task_vectors, trace_count)
 from .errors import MergeInputError, NonFloatLeavesWarning, OptimizerStateWarning
-from .hparams import Gradient, PerModel, Rules, interp_gradient, layer_positions, resolve_hparams
+from .hparams import Gradient, HParamSpec, PerModel, Rules, interp_gradient, layer_positions, resolve_hparams
 from .select import density_to_k, global_topk_mask, global_topk_phases, topk_keep_rows, topk_mask, topk_mask_rows
 from .state import MergeState, diff_rows
 from .transform import StatsPhase, Step, Transform, chain, is_transform, named_chain, transform
@@ -28,7 +28,7 @@ __all__ = [
     "path_str", "leaves_with_paths", "check_compatible", "leaf_key", "leaf_kind", "layer_index", "count_layers",
     "optimizer_state_paths",
     # hyperparameters
-    "Gradient", "Rules", "PerModel", "resolve_hparams", "layer_positions", "interp_gradient",
+    "HParamSpec", "Gradient", "Rules", "PerModel", "resolve_hparams", "layer_positions", "interp_gradient",
     # matrix views
     "MatrixView", "infer_view", "infer_views", "leaf_name",
     # state, steps, composition

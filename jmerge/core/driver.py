@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .errors import MergeInputError, NonFloatLeavesWarning, OptimizerStateWarning
 from .hparams import Gradient, PerModel, Rules, resolve_hparams
 from .state import MergeState, stack_diffs
-from .transform import Transform, run_steps, _check_part
+from .transform import StatsPhase, Transform, run_steps, _check_part
 from .tree import check_compatible, leaf_key, leaf_kind, leaves_with_paths, optimizer_state_paths
 from .views import MatrixView, infer_views
 from .xla import materialized
@@ -235,11 +236,14 @@ class LeafProgram:
         self.return_extras = bool(return_extras)
 
     @property
-    def phases(self):
+    def phases(self) -> tuple[tuple[int, str, StatsPhase], ...]:
         """``(step index, step name, StatsPhase)`` of the method's whole-model statistics, in order."""
         return self.method.stats
 
-    def collect(self, index: int, base_leaf, model_leaves, hp, key, stats, view=None, *, traced: bool = False):
+    def collect(self, index: int, base_leaf: Shaped[ArrayLike, "*shape"],
+                model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
+                hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any], view: MatrixView | None = None,
+                *, traced: bool = False) -> Any:
         """Phase ``index``'s statistic of one leaf (steps before the phase's step run first)."""
         view = view if self.method.uses_view else None
         f = functools.partial(_collect_impl, self.method, index) if traced else \
@@ -253,8 +257,10 @@ class LeafProgram:
         own = [{k: hp[f"{sname}.{k}"] for k in keys} for hp in hps]
         return (phase.finalize_traced if traced else phase.finalize)(collected, own)
 
-    def __call__(self, base_leaf, model_leaves, hp, key, stats=None, view=None, *, traced: bool = False,
-                 out_dtype: Any = None):
+    def __call__(self, base_leaf: Shaped[ArrayLike, "*shape"],
+                 model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
+                 hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any] | None = None,
+                 view: MatrixView | None = None, *, traced: bool = False, out_dtype: Any = None) -> Any:
         """The merged leaf (and its extras with ``return_extras``); ``out_dtype`` overrides the program's."""
         view = view if self.method.uses_view else None
         f = _leaf_impl if traced else _leaf_jit
@@ -393,7 +399,7 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
           hparams: Mapping[str, Any] | None = None, seed: int | jax.Array = 0, out_dtype: Any = None,
           return_extras: bool = False, check_finite: bool = False, num_layers: int | None = None,
           views: Any = None, non_float: Literal["base", "error"] = "base", group_leaves: bool | str = "auto",
-          traced_range_checks: bool = True):
+          traced_range_checks: bool = True) -> Any:
     """Merge fine-tuned models into the base with ``method``.
 
     Works on any pytree (nested dicts, Flax linen params, Flax NNX ``State``). Floating-point leaves
@@ -514,9 +520,11 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
     return merged
 
 
-def merge_leaf(method: Transform, base_leaf, model_leaves, *, hp: Mapping[str, Any], path: str,
-               seed: int | jax.Array = 0, stats: Mapping[str, Any] | None = None, stacked: bool = False,
-               out_dtype=None, return_extras: bool = False, view: MatrixView | None | str = "infer"):
+def merge_leaf(method: Transform, base_leaf: Shaped[ArrayLike, "*shape"],
+               model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"], *,
+               hp: Mapping[str, Any], path: str, seed: int | jax.Array = 0, stats: Mapping[str, Any] | None = None,
+               stacked: bool = False, out_dtype: Any = None, return_extras: bool = False,
+               view: MatrixView | None | str = "infer") -> Any:
     """Merge one tensor (out-of-core use): the per-leaf program that :func:`merge` runs.
 
     ``hp`` is this leaf's resolved hyperparameters (see :func:`prepare_leaf_hparams`); ``path``

@@ -13,6 +13,9 @@ A hyperparameter value given to a merge may be:
 * a pytree with the base's structure: one value per leaf;
 * a callable ``f(path, t) -> number``.
 
+:data:`HParamSpec` is the type of any of these values, the annotation of every hyperparameter
+argument of the method factories (``jmerge.ties(density: HParamSpec = 0.2, ...)``).
+
 A bare list, tuple or 1-D array is refused: ``[0.7, 0.3]`` could mean one value per layer or one per
 model, so write ``Gradient([...])`` or ``PerModel([...])``.
 
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +40,7 @@ import numpy as np
 from .errors import MergeInputError
 from .tree import count_layers, layer_index
 
-__all__ = ["Gradient", "Rules", "PerModel", "resolve_hparams", "layer_positions", "interp_gradient"]
+__all__ = ["HParamSpec", "Gradient", "Rules", "PerModel", "resolve_hparams", "layer_positions", "interp_gradient"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +105,16 @@ class PerModel:
             object.__setattr__(self, "specs", tuple(specs))
 
 
+HParamSpec = Union[float, int, bool, jax.Array, np.ndarray, Gradient, PerModel, Rules, Callable[[str, float], Any],
+                   Mapping[str, Any], Sequence[Mapping[str, Any]]]
+"""A hyperparameter value (see the module docstring): a number or 0-d array (possibly traced), a
+:class:`Gradient`, :class:`PerModel` or :class:`Rules`, a callable ``f(path, t) -> number``, a pytree
+(mapping) with the base's structure, or mergekit's ``{"filter": ..., "value": ...}`` entries.
+
+References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+(EMNLP 2024 industry track) for gradients, per-model values and filters."""
+
+
 def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
@@ -130,7 +143,7 @@ def layer_positions(paths: Sequence[str], num_layers: int | None = None) -> list
     return out
 
 
-def interp_gradient(values: Sequence[Any], t: float):
+def interp_gradient(values: Sequence[Any], t: float) -> float | jax.Array:
     """Linear interpolation of ``values`` (evenly spaced over [0, 1]) at ``t``; traced values stay traced.
 
     References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
@@ -253,7 +266,7 @@ def _is_tree_spec(spec) -> bool:
     return isinstance(spec, Mapping)
 
 
-def resolve_hparams(specs: Mapping[str, Any], paths: Any, *, treedef: Any = None,
+def resolve_hparams(specs: Mapping[str, HParamSpec], paths: Any, *, treedef: Any = None,
                     num_layers: int | None = None, num_models: int | None = None,
                     per_model: Callable[[str], bool] | None = None,
                     labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:

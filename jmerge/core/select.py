@@ -50,11 +50,13 @@ broken by leaf order, then by flat index). Only histograms leave the device.
 
 from __future__ import annotations
 
+from typing import Any, Callable, Literal, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, Shaped
 
 from .errors import MergeInputError
 from .state import MergeState
@@ -418,7 +420,8 @@ def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array
 
 
 def topk_keep_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], *, magnitude: bool = False,
-                   rebuild=None) -> tuple[Float[Array, "T *shape"], Bool[Array, "T *shape"]]:
+                   rebuild: Callable[[Callable[[Any], Any]], Sequence[Shaped[ArrayLike, "*shape"]]] | None = None
+                   ) -> tuple[Float[Array, "T *shape"], Bool[Array, "T *shape"]]:
     """``(where(mask, x, 0), mask)`` for :func:`topk_mask_rows`'s mask, ``x`` of shape ``(T, ...)``.
 
     Both are elementwise in ``x`` once the per-row thresholds are known, so XLA fuses them into
@@ -532,7 +535,8 @@ def _boundary(hist: np.ndarray, k: int) -> tuple[int, int]:
     return b, int(above[b])
 
 
-def global_topk_phases(name: str = "global_topk", density_key: str = "density", rounding: str = "round"):
+def global_topk_phases(name: str = "global_topk", density_key: str = "density",
+                       rounding: Literal["round", "floor", "authors"] = "round") -> tuple[StatsPhase, StatsPhase]:
     """StatsPhases for a per-task top-k of ``|tau|`` over the whole model (all leaves together).
 
     Each task vector keeps ``round(density * N)`` entries, ``N`` its total size over all leaves;

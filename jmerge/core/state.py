@@ -6,18 +6,19 @@ References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) fo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float, Shaped
 
 from .views import MatrixView
 
 __all__ = ["MergeState", "diff_rows"]
 
 
-def diff_rows(base_leaf, model_leaves, guard=lambda a: a) -> list:
+def diff_rows(base_leaf: Shaped[ArrayLike, "*shape"], model_leaves: Sequence[Shaped[ArrayLike, "*shape"]],
+              guard: Callable[[Any], Any] = lambda a: a) -> list[Float[Array, "*shape"]]:
     """The rows of ``tau``: ``float32(model_t) - float32(base)``, each input passed through ``guard``.
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) for task vectors.
@@ -26,7 +27,8 @@ def diff_rows(base_leaf, model_leaves, guard=lambda a: a) -> list:
     return [jnp.asarray(guard(m), jnp.float32) - b for m in model_leaves]
 
 
-def stack_diffs(base_leaf, model_leaves) -> jax.Array:
+def stack_diffs(base_leaf: Shaped[ArrayLike, "*shape"],
+                model_leaves: Sequence[Shaped[ArrayLike, "*shape"]]) -> Float[Array, "T *shape"]:
     """``tau`` as one ``(T, *shape)`` float32 array. Differences first, then the stack: XLA builds
     ``tau`` in one fusion instead of materializing the stacked models and subtracting later."""
     return jnp.stack(diff_rows(base_leaf, model_leaves))
@@ -64,7 +66,7 @@ class MergeState:
     def num_models(self) -> int:
         return self.tau.shape[0]
 
-    def tau_rebuild(self):
+    def tau_rebuild(self) -> Callable[[Callable[[Any], Any]], list[Float[Array, "*shape"]]] | None:
         """While ``tau`` is still ``models - base`` as built: ``guard -> [tau[0], ..., tau[T-1]]``, the
         rows recomputed from the original leaves, each leaf wrapped in ``guard``; else None. A step
         that reads ``tau`` in a loop recomputes it this way instead of materializing it."""
@@ -73,16 +75,16 @@ class MergeState:
         _, base_leaf, model_leaves = self.source
         return lambda guard: diff_rows(base_leaf, model_leaves, guard)
 
-    def raw_tau(self) -> jax.Array:
+    def raw_tau(self) -> Float[Array, "T *shape"]:
         """The task vectors as given to the merge (before any step changed ``tau``)."""
         if self.source is None:
             return self.tau
         tau0, base_leaf, model_leaves = self.source
         return tau0 if base_leaf is None else stack_diffs(base_leaf, model_leaves)
 
-    def models(self) -> jax.Array:
+    def models(self) -> Float[Array, "T *shape"]:
         """The fine-tuned leaves ``base + tau`` as a ``(T, *shape)`` float32 array."""
         return self.base[None] + self.tau
 
-    def replace(self, **kw) -> "MergeState":
+    def replace(self, **kw: Any) -> "MergeState":
         return dataclasses.replace(self, **kw)

@@ -82,7 +82,7 @@ class Step:
     materialize_tau: bool = False
     uses_view: bool = False
 
-    def identity(self):
+    def identity(self) -> tuple:
         return (self.update, self.static, tuple(p.name for p in self.stats), self.materialize_tau, self.uses_view)
 
 
@@ -224,7 +224,7 @@ class Transform:
         valid = sorted(set(self.hparams) | set(d))
         raise MergeInputError(f"'{self.name}' has no hyperparameter '{key}'; valid names: {', '.join(valid) or '(none)'}.")
 
-    def with_hparams(self, **hparams) -> "Transform":
+    def with_hparams(self, **hparams: Any) -> "Transform":
         """A copy with other default hyperparameter values (same identity: no recompile)."""
         vals = self.bind(hparams)
         steps = tuple((n, dataclasses.replace(s, hparams={k: vals[f"{n}.{k}"] for k in s.hparams}))
@@ -246,7 +246,7 @@ def run_steps(steps, state: MergeState, hp: HParams, stats: Mapping[str, dict]) 
     return state.replace(stats={})
 
 
-def is_transform(x) -> bool:
+def is_transform(x: Any) -> bool:
     """Whether ``x`` is a :class:`Transform` (a merge method).
 
     References: optax's ``chain``/``named_chain`` (DeepMind).

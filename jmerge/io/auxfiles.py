@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import CheckpointError
 
@@ -33,7 +33,7 @@ def _matching(src_dir: str, patterns: Sequence[str]) -> list[str]:
             and any(fnmatch.fnmatch(n, p) for p in patterns)]
 
 
-def copy_aux_files(src_dir: str | os.PathLike, writer, *, tokenizer_source: str | os.PathLike | None = None,
+def copy_aux_files(src_dir: str | os.PathLike, writer: Any, *, tokenizer_source: str | os.PathLike | None = None,
                    config: bool = True, tokenizer: bool = True) -> list[str]:
     """Copy config and tokenizer files into a writer's output.
 

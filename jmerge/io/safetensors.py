@@ -19,6 +19,7 @@ import os
 import shutil
 import struct
 import threading
+from types import TracebackType
 from typing import Any, Iterable, Sequence
 
 import ml_dtypes
@@ -364,7 +365,7 @@ class CheckpointReader:
     def __enter__(self) -> "CheckpointReader":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -654,7 +655,8 @@ class CheckpointWriter:
     def __enter__(self) -> "CheckpointWriter":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self._done:
             return
         if exc_type is not None:

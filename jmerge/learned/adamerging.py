@@ -8,18 +8,21 @@ cross-entropy (aTLAS few-shot).
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from ..core import MergeInputError
-from .common import (Batcher, LearnedMerge, coefficient_projection, multitask_loss, prepare_task_inputs,
+from .common import (Batcher, LearnedMerge, TaskVectors, coefficient_projection, multitask_loss, prepare_task_inputs,
                       task_vectors_from, train)
 
 __all__ = ["adamerging", "atlas", "merge_with_coefficients"]
 
 
-def init_coefficients(tv, granularity: str, init, simplex: bool) -> jnp.ndarray:
+def init_coefficients(tv: TaskVectors, granularity: str, init: Any, simplex: bool) -> jax.Array:
     """Initial ``lambda``: (T,) for task-wise, (T, L) for layer-wise (L = mergeable leaves)."""
     if granularity not in ("task", "layer"):
         raise MergeInputError(f"granularity must be 'task' or 'layer', got {granularity!r}.")
@@ -49,7 +52,7 @@ def init_coefficients(tv, granularity: str, init, simplex: bool) -> jnp.ndarray:
     return jnp.array(lam)
 
 
-def export_coefficients(tv, lam, granularity: str):
+def export_coefficients(tv: TaskVectors, lam: jax.Array, granularity: str) -> Any:
     """``(T,)`` array for task-wise; base-shaped tree of ``(T,)`` arrays for layer-wise."""
     if granularity == "task":
         return np.asarray(lam)
@@ -57,7 +60,8 @@ def export_coefficients(tv, lam, granularity: str):
     return tv.per_leaf_tree([lam[:, j] for j in range(tv.num_leaves)])
 
 
-def merge_with_coefficients(base, models=None, coefficients=None, *, task_vectors=None):
+def merge_with_coefficients(base: Any, models: Sequence[Any] | None = None, coefficients: Any = None, *,
+                            task_vectors: Sequence[Any] | None = None) -> Any:
     """``theta_0 + sum_t lambda_t tau_t`` in the base dtypes, for coefficients from :func:`adamerging`.
 
     Args:
@@ -107,9 +111,13 @@ def _learn_coefficients(apply_fn, base, models, task_vectors, batches, granulari
                         info={"granularity": granularity, "paths": [tv.paths[i] for i in tv.idx]})
 
 
-def adamerging(apply_fn, base, models=None, *, task_vectors=None, batches, granularity="layer", init=0.3,
-               optimizer=None, steps=100, batch_size=None, loss="entropy", labels=None, clamp=(0.0, 1.0),
-               simplex=False, mesh=None, seed=0, log_every=0) -> LearnedMerge:
+def adamerging(apply_fn: Callable[..., Any] | Sequence[Callable[..., Any]], base: Any,
+               models: Sequence[Any] | None = None, *, task_vectors: Sequence[Any] | None = None,
+               batches: Sequence[Any], granularity: str = "layer", init: Any = 0.3,
+               optimizer: optax.GradientTransformation | None = None, steps: int = 100, batch_size: int | None = None,
+               loss: str | Callable[..., Any] = "entropy", labels: Sequence[Any] | None = None,
+               clamp: tuple[float | None, float | None] | None = (0.0, 1.0), simplex: bool = False,
+               mesh: jax.sharding.Mesh | None = None, seed: int = 0, log_every: int = 0) -> LearnedMerge:
     """AdaMerging: learn merging coefficients by minimising prediction entropy on unlabeled inputs.
 
     ``theta = theta_0 + sum_t lambda_t tau_t`` (float32 sum, cast to the base dtypes). Task-wise:
@@ -157,9 +165,12 @@ def adamerging(apply_fn, base, models=None, *, task_vectors=None, batches, granu
                                "adamerging")
 
 
-def atlas(apply_fn, base, models=None, *, task_vectors=None, batches, labels=None, loss=None, init=0.0,
-          optimizer=None, steps=100, batch_size=None, clamp=None, simplex=False, mesh=None, seed=0,
-          log_every=0) -> LearnedMerge:
+def atlas(apply_fn: Callable[..., Any] | Sequence[Callable[..., Any]], base: Any, models: Sequence[Any] | None = None,
+          *, task_vectors: Sequence[Any] | None = None, batches: Sequence[Any], labels: Sequence[Any] | None = None,
+          loss: str | Callable[..., Any] | None = None, init: Any = 0.0,
+          optimizer: optax.GradientTransformation | None = None, steps: int = 100, batch_size: int | None = None,
+          clamp: tuple[float | None, float | None] | None = None, simplex: bool = False,
+          mesh: jax.sharding.Mesh | None = None, seed: int = 0, log_every: int = 0) -> LearnedMerge:
     """aTLAS: learned anisotropic scaling, one coefficient per task vector and parameter block.
 
     ``theta = theta_0 + sum_t Lambda_t tau_t`` where ``Lambda_t`` holds one learned scale per parameter

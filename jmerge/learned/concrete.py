@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..core import MergeInputError
 from .adamerging import export_coefficients, init_coefficients
@@ -15,7 +18,8 @@ from .common import (Batcher, LearnedMerge, coefficient_projection, multitask_lo
 __all__ = ["concrete_merge", "concrete_mask"]
 
 
-def concrete_mask(logits, key, temperature: float = 0.5) -> jax.Array:
+def concrete_mask(logits: Float[Array, "*shape"], key: PRNGKeyArray,
+                  temperature: float = 0.5) -> Float[Array, "*shape"]:
     """Relaxed-Bernoulli sample ``sigmoid((logits + log u - log(1 - u)) / temperature)``, ``u ~ U(0,1)``,
     divided by its mean (so the masked tensor keeps its scale).
 
@@ -27,17 +31,23 @@ def concrete_mask(logits, key, temperature: float = 0.5) -> jax.Array:
     return m / jnp.mean(m)
 
 
-def hard_mask(logits) -> jax.Array:
+def hard_mask(logits: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     """``1[sigmoid(logits) >= 0.5]`` divided by its mean (all-zero stays zero)."""
     m = (logits >= 0.0).astype(jnp.float32)
     mean = jnp.mean(m)
     return jnp.where(mean > 0, m / jnp.where(mean > 0, mean, 1.0), 0.0)
 
 
-def concrete_merge(apply_fn, base, models=None, *, task_vectors=None, batches, inner="task_arithmetic",
-                   scale=0.3, granularity="layer", init=0.3, temperature=0.5, optimizer=None,
-                   coef_optimizer=None, steps=100, batch_size=None, loss="entropy", labels=None,
-                   clamp=(0.0, 1.0), refine_steps=0, mesh=None, seed=0, log_every=0) -> LearnedMerge:
+def concrete_merge(apply_fn: Callable[..., Any] | Sequence[Callable[..., Any]], base: Any,
+                   models: Sequence[Any] | None = None, *, task_vectors: Sequence[Any] | None = None,
+                   batches: Sequence[Any], inner: str = "task_arithmetic",
+                   scale: float | Sequence[float] | np.ndarray | jax.Array = 0.3, granularity: str = "layer",
+                   init: Any = 0.3, temperature: float = 0.5, optimizer: optax.GradientTransformation | None = None,
+                   coef_optimizer: optax.GradientTransformation | None = None, steps: int = 100,
+                   batch_size: int | None = None, loss: str | Callable[..., Any] = "entropy",
+                   labels: Sequence[Any] | None = None, clamp: tuple[float | None, float | None] | None = (0.0, 1.0),
+                   refine_steps: int = 0, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+                   log_every: int = 0) -> LearnedMerge:
     """Concrete subspace learning: learn one mask shared by all task vectors to remove interference.
 
     Per mergeable leaf, mask logits ``s`` (init 0) define a concrete (relaxed Bernoulli, ``temperature``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,9 @@ def _fisher_diag(apply_fn, treedef, idx, sample, chunk_size, leaves, xs, ys, key
     return [jnp.mean(s, axis=0) for s in sq]
 
 
-def fisher_information(apply_fn, params, batch, *, labels=None, n_examples=256, seed=0, chunk_size=32):
+def fisher_information(apply_fn: Callable[..., Any], params: Any, batch: Any, *,
+                       labels: np.ndarray | jax.Array | None = None, n_examples: int = 256, seed: int = 0,
+                       chunk_size: int = 32) -> Any:
     """Diagonal Fisher ``F = E_x[(d/dtheta log p(y|x, theta))^2]`` of every floating-point leaf.
 
     Per-example gradients use ``jax.grad`` of the log-likelihood of one example (``apply_fn`` is called
@@ -91,8 +94,10 @@ def fisher_information(apply_fn, params, batch, *, labels=None, n_examples=256, 
     return jax.tree_util.tree_unflatten(treedef, full)
 
 
-def fisher_merge(apply_fn, models, batches=None, *, fisher_floor=1e-6, n_examples=256, labels=None,
-                 weights=None, fishers=None, seed=0, chunk_size=32) -> LearnedMerge:
+def fisher_merge(apply_fn: Callable[..., Any] | Sequence[Callable[..., Any]], models: Sequence[Any],
+                 batches: Sequence[Any] | None = None, *, fisher_floor: float = 1e-6, n_examples: int = 256,
+                 labels: Sequence[Any] | None = None, weights: Sequence[float] | np.ndarray | None = None,
+                 fishers: Sequence[Any] | None = None, seed: int = 0, chunk_size: int = 32) -> LearnedMerge:
     """Fisher-weighted averaging: ``theta = sum_t w_t F_t theta_t / sum_t w_t F_t`` per parameter.
 
     ``F_t`` is the diagonal Fisher of model t on its own task's ``batches[t]`` (see

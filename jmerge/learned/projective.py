@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,10 @@ def _as_matrix(x):
     return x.reshape(T, x.shape[1], -1)
 
 
-def adaptive_projective_gd(base, models=None, *, task_vectors=None, rank_ratio=0.1, scale=0.3, steps=200,
-                           optimizer=None, learn_coefficients=True, seed=0, log_every=0) -> LearnedMerge:
+def adaptive_projective_gd(base: Any, models: Sequence[Any] | None = None, *,
+                           task_vectors: Sequence[Any] | None = None, rank_ratio: float = 0.1, scale: float = 0.3,
+                           steps: int = 200, optimizer: optax.GradientTransformation | None = None,
+                           learn_coefficients: bool = True, seed: int = 0, log_every: int = 0) -> LearnedMerge:
     """Data-free merging by gradient descent on a task-vector correction outside a shared subspace.
 
     A reduced, data-free form of the objective of Wei et al. (2025). For every leaf, viewed as a matrix

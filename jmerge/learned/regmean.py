@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,9 @@ def _accumulate(grams, counts, key, x):
     counts[key] = counts.get(key, 0) + x.shape[0]
 
 
-def gram_matrices(apply_fn, params, batch, *, features_fn=None, kernel_name="kernel"):
+def gram_matrices(apply_fn: Callable[..., Any] | None, params: Any, batch: Any, *,
+                  features_fn: Callable[[Any, Any], Mapping[str, Any]] | None = None,
+                  kernel_name: str = "kernel") -> dict[str, jax.Array]:
     """Gram matrices ``G = X^T X / N`` of the inputs of every linear layer, keyed by kernel path.
 
     How the inputs ``X`` are found:
@@ -105,7 +109,8 @@ def _nnx_linear_inputs(model, batch, grams, counts):
         nnx.Linear.__call__ = original
 
 
-def regmean_merge(models, grams, *, alpha=0.95, weights=None, reduce_nonlinear="mean") -> LearnedMerge:
+def regmean_merge(models: Sequence[Any], grams: Sequence[Mapping[str, Any]], *, alpha: float = 0.95,
+                  weights: Sequence[float] | np.ndarray | None = None, reduce_nonlinear: str = "mean") -> LearnedMerge:
     """RegMean: ``W* = (sum_t G~_t)^-1 sum_t G~_t W_t`` per linear layer; other parameters averaged.
 
     ``G~ = alpha G + (1 - alpha) diag(G)`` (off-diagonal entries scaled by ``alpha``). A kernel at path

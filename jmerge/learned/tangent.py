@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -10,7 +12,7 @@ from ..core import check_compatible
 __all__ = ["linearize"]
 
 
-def linearize(apply_fn, params0):
+def linearize(apply_fn: Callable[[Any, Any], Any], params0: Any) -> Callable[[Any, Any], Any]:
     """First-order Taylor expansion of a model around ``params0``.
 
     Returns ``apply_lin(params, batch) = f(theta_0, x) + J_theta f(theta_0, x) (theta - theta_0)``,
@@ -30,7 +32,7 @@ def linearize(apply_fn, params0):
     Pre-Trained Models" (NeurIPS 2023).
     """
 
-    def apply_lin(params, batch):
+    def apply_lin(params: Any, batch: Any) -> Any:
         check_compatible(params0, [params])
         delta = jax.tree.map(lambda p, p0: (jnp.asarray(p) - jnp.asarray(p0)).astype(jnp.asarray(p0).dtype),
                              params, params0)

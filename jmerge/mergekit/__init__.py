@@ -15,6 +15,8 @@ References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Langu
 (EMNLP 2024 industry track).
 """
 
+from __future__ import annotations
+
 from .methods import MERGEKIT_METHODS, PASSTHROUGH, MergekitMethod
 from .plan import MergePlan, load_config, parse_config
 from .schema import ConfigError, MergeConfig, ModelEntry, SliceDef, SliceSource

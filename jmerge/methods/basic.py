@@ -7,13 +7,14 @@ Arithmetic" (ICLR 2023).
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
-from ..core import MergeState, chain, model_sum, transform
+from ..core import HParamSpec, MergeState, Transform, chain, model_sum, transform
 
 __all__ = ["per_model", "weighted_sum", "scale", "linear", "task_arithmetic", "negation"]
 
 
-def per_model(hp_value, state: MergeState) -> jnp.ndarray:
+def per_model(hp_value: float | Float[Array, "*T"], state: MergeState) -> Float[Array, "T *ones"]:
     """Broadcast a scalar or per-model hyperparameter to shape ``(T, 1, ..., 1)`` for ``tau``.
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
@@ -30,7 +31,7 @@ def _weighted_sum(state: MergeState, hp, *, normalize: bool) -> MergeState:
     return state.replace(merged=total)
 
 
-def weighted_sum(weight=1.0, normalize: bool = False):
+def weighted_sum(weight: HParamSpec = 1.0, normalize: bool = False) -> Transform:
     """Aggregate: ``merged = sum_t w_t tau_t`` (divided by ``sum_t w_t`` when ``normalize``).
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
@@ -43,7 +44,7 @@ def _scale(state: MergeState, hp) -> MergeState:
     return state.replace(merged=hp["scale"] * state.merged)
 
 
-def scale(scale=1.0):
+def scale(scale: HParamSpec = 1.0) -> Transform:
     """Multiply the merged task vector by ``scale`` (the paper's lambda).
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
@@ -59,7 +60,7 @@ def _linear(state: MergeState, hp, *, normalize: bool) -> MergeState:
     return state.replace(merged=avg - state.base)
 
 
-def linear(weight=1.0, normalize: bool = True):
+def linear(weight: HParamSpec = 1.0, normalize: bool = True) -> Transform:
     """Weighted average of the fine-tuned models (a uniform "model soup" by default).
 
     ``theta = sum_t w_t theta_t / sum_t w_t``; with ``normalize=False`` the weights are used as given
@@ -73,7 +74,7 @@ def linear(weight=1.0, normalize: bool = True):
                      per_model=("weight",))
 
 
-def task_arithmetic(scale=1.0, weight=1.0, normalize: bool = False):
+def task_arithmetic(scale: HParamSpec = 1.0, weight: HParamSpec = 1.0, normalize: bool = False) -> Transform:
     """Task arithmetic: ``theta = theta_0 + scale * sum_t w_t tau_t``.
 
     mergekit's ``task_arithmetic`` is ``scale=1`` with per-model ``weight`` (``normalize`` optional);
@@ -85,7 +86,7 @@ def task_arithmetic(scale=1.0, weight=1.0, normalize: bool = False):
                  aliases={"weight": "weighted_sum.weight", "scale": "scale.scale"})
 
 
-def negation(scale=1.0):
+def negation(scale: HParamSpec = 1.0) -> Transform:
     """Task negation (forgetting): ``theta = theta_0 - scale * sum_t tau_t``.
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).

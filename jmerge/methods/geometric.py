@@ -14,10 +14,12 @@ smoothing" (1977); Jang et al., "Model Stock: All we need is just a few fine-tun
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 
-from ..core import MergeInputError, MergeState, model_mean, model_sum, transform
+from ..core import HParamSpec, MergeInputError, MergeState, Transform, model_mean, model_sum, transform
 
 __all__ = ["slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap"]
 
@@ -60,7 +62,7 @@ def _slerp(state: MergeState, hp) -> MergeState:
     return state.replace(merged=merged)
 
 
-def slerp(t=0.5):
+def slerp(t: HParamSpec = 0.5) -> Transform:
     """Spherical linear interpolation between the base and one fine-tuned model, per tensor.
 
     Each tensor is flattened; the angle is taken between normalised copies, and the unnormalised
@@ -121,7 +123,8 @@ def _nuslerp(state: MergeState, hp, *, flatten: bool, row_wise: bool, base_relat
     return state.replace(merged=merged)
 
 
-def nuslerp(weight=1.0, *, flatten: bool = True, row_wise: bool = False, base_relative: bool = False):
+def nuslerp(weight: HParamSpec = 1.0, *, flatten: bool = True, row_wise: bool = False,
+            base_relative: bool = False) -> Transform:
     """NuSLERP: spherical interpolation of two models with ``t = w1 / (w0 + w1)`` (mergekit's nuslerp).
 
     ``t = 0.5`` when ``|w0 + w1| < 1e-6``. With ``flatten`` (default) each tensor is one vector;
@@ -173,7 +176,8 @@ def _multislerp(state: MergeState, hp, *, normalize_weights: bool, base_relative
     return state.replace(merged=merged)
 
 
-def multislerp(weight=1.0, eps=1e-8, *, normalize_weights: bool = True, base_relative: bool = False):
+def multislerp(weight: HParamSpec = 1.0, eps: HParamSpec = 1e-8, *, normalize_weights: bool = True,
+               base_relative: bool = False) -> Transform:
     """Multi-SLERP: barycentric interpolation of several models on a hypersphere (per tensor).
 
     The flattened tensors ``x_t`` are projected to the unit sphere ``u_t = x_t / (|x_t| + eps)``;
@@ -244,7 +248,8 @@ def _karcher(state: MergeState, hp, *, max_iter: int, base_relative: bool) -> Me
     return state.replace(merged=merged)
 
 
-def karcher(max_iter: int = 10, tol=1e-5, weight=1.0, *, base_relative: bool = False):
+def karcher(max_iter: int = 10, tol: HParamSpec = 1e-5, weight: HParamSpec = 1.0, *,
+            base_relative: bool = False) -> Transform:
     """Karcher (Riemannian, Fréchet) mean of the models on the unit sphere, per tensor.
 
     Each flattened tensor is normalised to ``u_t``; starting from the normalised weighted mean,
@@ -300,7 +305,7 @@ def _model_stock(state: MergeState, hp, *, filter_wise: bool, average: str) -> M
     return state.replace(merged=merged, extras=extras)
 
 
-def model_stock(*, filter_wise: bool = False, average: str = "cosine"):
+def model_stock(*, filter_wise: bool = False, average: Literal["cosine", "angle"] = "cosine") -> Transform:
     """Model Stock: move from the base toward the average of the fine-tuned models by
     ``t = T cos θ / (1 + (T−1) cos θ)``, where ``θ`` is the angle between the task vectors of the
     tensor: ``θ = t · mean(θ_t) + (1 − t) · θ0``.
@@ -342,7 +347,7 @@ def _nearswap(state: MergeState, hp) -> MergeState:
     return state.replace(merged=w * tau)
 
 
-def nearswap(t=1e-4):
+def nearswap(t: HParamSpec = 1e-4) -> Transform:
     """Nearswap: take the fine-tuned value where it is close to the base, keep the base elsewhere.
 
     Per entry ``w = clip(t / max(|θ1 − θ0|, 1e-6), 0, 1)`` and ``θ = w θ1 + (1 − w) θ0``: entries

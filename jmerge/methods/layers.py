@@ -15,10 +15,11 @@ Large Language Models" (ICLR 2025).
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import jax.numpy as jnp
 
-from ..core import MergeState, chain, layer_index, model_sum, transform
+from ..core import HParamSpec, MergeState, Transform, chain, layer_index, model_sum, transform
 from .basic import scale as _scale_step
 from .basic import weighted_sum
 
@@ -30,7 +31,7 @@ HEAD_FILTER = (r"(^|\.)(lm_head|head|heads|classifier|score|output|final_layer_n
 """Default regex of the non-layer leaves that sit *after* the transformer layers (heads, final norms)."""
 
 
-def lines_position(head_filter: str = HEAD_FILTER):
+def lines_position(head_filter: str = HEAD_FILTER) -> Callable[[str, float], float]:
     """A callable hyperparameter spec giving each leaf's depth position in [0, 1].
 
     Leaves inside transformer layer ``l`` of ``L`` get ``l / (L - 1)``; other leaves get 1 when their
@@ -55,7 +56,7 @@ def _lines_scale(state: MergeState, hp) -> MergeState:
     return state.replace(merged=factor * state.merged)
 
 
-def lines_scale(alpha=0.0, beta=1.0, *, head_filter: str = HEAD_FILTER):
+def lines_scale(alpha: HParamSpec = 0.0, beta: HParamSpec = 1.0, *, head_filter: str = HEAD_FILTER) -> Transform:
     """Scale an already merged update by ``alpha + beta · position`` (the LiNeS step).
 
     Chain it after any aggregation (task arithmetic, TIES ...). ``position`` is the hyperparameter
@@ -69,7 +70,8 @@ def lines_scale(alpha=0.0, beta=1.0, *, head_filter: str = HEAD_FILTER):
                      hparams={"alpha": alpha, "beta": beta, "layer_position": lines_position(head_filter)})
 
 
-def lines(alpha=0.0, beta=1.0, scale=1.0, weight=1.0, *, head_filter: str = HEAD_FILTER):
+def lines(alpha: HParamSpec = 0.0, beta: HParamSpec = 1.0, scale: HParamSpec = 1.0, weight: HParamSpec = 1.0, *,
+          head_filter: str = HEAD_FILTER) -> Transform:
     """LiNeS on task arithmetic: ``θ = θ0 + scale · (α + β · l/(L−1)) · Σ_t w_t τ_t`` per layer ``l``.
 
     Shallow layers stay close to the base (preserving general features), deep layers receive the
@@ -103,7 +105,7 @@ def _select_model(state: MergeState, hp) -> MergeState:
     return state.replace(merged=model_sum(onehot * state.tau))
 
 
-def select_model(source=0, *, min_models: int = 1):
+def select_model(source: HParamSpec = 0, *, min_models: int = 1) -> Transform:
     """Aggregate by taking one model per leaf: ``merged = τ_source`` (``source = -1``: the base).
 
     ``source`` is a traced per-leaf hyperparameter (rounded to an integer index); an index outside
@@ -117,7 +119,7 @@ def select_model(source=0, *, min_models: int = 1):
 
 
 def layer_swap_source(k: int = 2, *, outer: int = 0, inner: int = 1, nonlayer: int | None = None,
-                      k_top: int | None = None, num_layers: int | None = None):
+                      k_top: int | None = None, num_layers: int | None = None) -> Callable[[str, float], float]:
     """A callable hyperparameter spec: the source model index of each leaf for layer swapping.
 
     Layers ``l < k`` and ``l >= L - k_top`` come from ``outer``, the other layers from ``inner``,
@@ -149,7 +151,7 @@ def layer_swap_source(k: int = 2, *, outer: int = 0, inner: int = 1, nonlayer: i
 
 
 def layer_swap(k: int = 2, *, outer: int = 0, inner: int = 1, nonlayer: int | None = None,
-               k_top: int | None = None, num_layers: int | None = None):
+               k_top: int | None = None, num_layers: int | None = None) -> Transform:
     """Layer swapping: the bottom ``k`` and top ``k_top`` (default ``k``) transformer layers from the
     ``outer`` expert, the middle layers from the ``inner`` expert.
 

@@ -25,14 +25,14 @@ al., "EMR-Merging: Tuning-Free High-Performance Model Merging" (NeurIPS 2024).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import (MergeInputError, MergeState, StatsPhase, chain, density_to_k, leaves_with_paths, model_max,
-                    model_sum, topk_mask_rows, transform)
+from ..core import (HParamSpec, MergeInputError, MergeState, StatsPhase, Transform, chain, density_to_k,
+                    leaves_with_paths, model_max, model_sum, topk_mask_rows, transform)
 from ..core import task_vectors as task_vectors_of
 from .basic import per_model, scale as _scale_step, weighted_sum
 
@@ -68,7 +68,7 @@ def _tall_masks(state: MergeState, hp, *, strict: bool) -> MergeState:
     return state.replace(extras={**state.extras, "tall_masks": masks})
 
 
-def tall_masks(lambda_=0.6, *, strict: bool = False):
+def tall_masks(lambda_: HParamSpec = 0.6, *, strict: bool = False) -> Transform:
     """Compute TALL masks and store them in ``state.extras["tall_masks"]`` (bool ``(T, *shape)``).
 
     ``mask_t = |tau_t| >= lambda_t * |tau_MTL - tau_t|`` with ``tau_MTL = sum_t tau_t`` computed from
@@ -104,7 +104,8 @@ def _consensus_mask(state: MergeState, hp, *, masks_from: str, strict: bool) -> 
                          extras={**state.extras, "tall_masks": masks, "consensus_mask": keep})
 
 
-def consensus_mask(k=2, lambda_=0.6, *, masks_from: str = "stored", strict: bool = False):
+def consensus_mask(k: HParamSpec = 2, lambda_: HParamSpec = 0.6, *,
+                   masks_from: Literal["stored", "merged"] = "stored", strict: bool = False) -> Transform:
     """Zero the merged task vector where fewer than ``k`` TALL masks are on.
 
     Place it after the aggregation step (before scaling). The TALL masks come from:
@@ -134,7 +135,7 @@ def consensus_mask(k=2, lambda_=0.6, *, masks_from: str = "stored", strict: bool
                      static={"masks_from": masks_from, "strict": bool(strict)})
 
 
-def consensus_ta(k=2, lambda_=0.6, scale=1.0):
+def consensus_ta(k: HParamSpec = 2, lambda_: HParamSpec = 0.6, scale: HParamSpec = 1.0) -> Transform:
     """Consensus task arithmetic: ``theta_0 + scale * consensus ⊙ sum_t tau_t``.
 
     ``consensus = [#{t : mask_t} >= k]`` with the TALL masks of :func:`tall_masks`. ``lambda_``
@@ -152,9 +153,12 @@ _CONSENSUS_AUTHORS = {"masks_from": "merged", "scope": "global", "reduce": "sum"
                       "strict": True}
 
 
-def consensus_ties(k=2, lambda_=0.6, density=0.2, scale=1.0, *, variant: str = "jmerge",
-                   masks_from: str | None = None, scope: str | None = None, reduce: str | None = None,
-                   rounding: str | None = None, strict: bool | None = None):
+def consensus_ties(k: HParamSpec = 2, lambda_: HParamSpec = 0.6, density: HParamSpec = 0.2, scale: HParamSpec = 1.0,
+                   *, variant: Literal["jmerge", "authors"] = "jmerge",
+                   masks_from: Literal["stored", "merged"] | None = None,
+                   scope: Literal["tensor", "global"] | None = None, reduce: Literal["mean", "sum"] | None = None,
+                   rounding: Literal["round", "floor", "authors"] | None = None,
+                   strict: bool | None = None) -> Transform:
     """Consensus TIES: the TIES merged task vector restricted to the entries of >= ``k`` TALL masks.
 
     ``variant="jmerge"`` (default): TALL masks from the untrimmed task vectors
@@ -202,7 +206,7 @@ def consensus_ties(k=2, lambda_=0.6, density=0.2, scale=1.0, *, variant: str = "
                  aliases={"k": "consensus_mask.k", "lambda_": lam, "density": "trim.density", "scale": "scale.scale"})
 
 
-def tall_merge(lambda_=0.6, scale=1.0):
+def tall_merge(lambda_: HParamSpec = 0.6, scale: HParamSpec = 1.0) -> Transform:
     """Task arithmetic that also returns TALL masks for per-task model retrieval (compression).
 
     The merged model is ``theta_0 + scale * sum_t tau_t``; with ``return_extras=True`` the extras
@@ -324,7 +328,7 @@ def _tall_leaf(b, tau_mtl, masks):
     return jnp.asarray(b, jnp.float32)[None] + jnp.where(masks, tau_mtl[None], 0.0)
 
 
-def tall_task_models(base: Any, merged: Any, masks: Any, *, delta: bool = False, out_dtype=None) -> list:
+def tall_task_models(base: Any, merged: Any, masks: Any, *, delta: bool = False, out_dtype: Any = None) -> list[Any]:
     """Per-task models ``theta_0 + mask_t ⊙ tau_MTL`` from one merged vector and T masks.
 
     Args:
@@ -427,7 +431,8 @@ def _pcb(state: MergeState, hp, *, variant: str, outlier: float) -> MergeState:
                          extras={**state.extras, "pcb_weights": w.reshape(state.tau.shape)})
 
 
-def pcb(ratio=0.1, scale=1.0, *, variant: str = "paper", outlier: float = 1e-4):
+def pcb(ratio: HParamSpec = 0.1, scale: HParamSpec = 1.0, *, variant: Literal["paper", "authors"] = "paper",
+        outlier: float = 1e-4) -> Transform:
     """PCB merging: balance parameter competition within and across tasks, drop, rescale, merge.
 
     ``variant="paper"`` (default), per tensor, with ``N`` tasks, ``Norm`` the min-max
@@ -522,7 +527,7 @@ def _check_emr_scope(where: str, scope: str) -> None:
         raise MergeInputError(f"{where}: scope must be one of {list(_EMR_SCOPES)}, got {scope!r}.")
 
 
-def emr_merge(scope: str = "model"):
+def emr_merge(scope: Literal["model", "model_sum", "tensor"] = "model") -> Transform:
     """EMR merging: the unified task vector ``tau_uni``, with per-task masks and rescalers as extras.
 
     ``gamma = sign(sum_t tau_t)``; ``mask_t = [tau_t * gamma > 0]``;
@@ -544,12 +549,13 @@ def emr_merge(scope: str = "model"):
     (NeurIPS 2024).
     """
     _check_emr_scope("emr_merge", scope)
-    stats = () if scope == "tensor" else (StatsPhase("emr_rescalers", _emr_collect_fn(scope), _emr_finalize, _emr_finalize_traced),)
+    stats = () if scope == "tensor" else \
+        (StatsPhase("emr_rescalers", _emr_collect_fn(scope), _emr_finalize, _emr_finalize_traced),)
     return transform("emr_merge", _emr, static={"scope": scope}, stats=stats)
 
 
 def emr_task_models(base: Any, models: Sequence[Any] | None = None, *, task_vectors: Any = None,
-                    scope: str = "model", out_dtype=None) -> list:
+                    scope: Literal["model", "model_sum", "tensor"] = "model", out_dtype: Any = None) -> list[Any]:
     """Per-task EMR models ``theta_0 + s_t * mask_t ⊙ tau_uni`` (see :func:`emr_merge`).
 
     Args:

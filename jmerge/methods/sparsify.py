@@ -25,11 +25,14 @@ Merging through Magnitude-Based Sampling" (2024).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, Float
 
-from ..core import MergeInputError, MergeState, transform
+from ..core import HParamSpec, MergeInputError, MergeState, Transform, transform
 from ..core import select as _select
 from .basic import per_model
 
@@ -40,7 +43,7 @@ _RESCALES = ("inverse", "l1", "none")
 _L1_EPS = 1e-7  # below this L1 norm (before or after dropping) no rescaling, as mergekit
 
 
-def _check_option(what: str, value, allowed) -> None:
+def _check_option(what: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise MergeInputError(f"{what}={value!r} is not supported; use one of {list(allowed)}.")
 
@@ -62,7 +65,7 @@ def _count(frac: jax.Array, n: int, rounding: str) -> jax.Array:
     return jnp.clip(k, 0, n).astype(jnp.int32)
 
 
-def rescale_l1(tau: jax.Array, kept: jax.Array) -> jax.Array:
+def rescale_l1(tau: Float[Array, "T *shape"], kept: Float[Array, "T *shape"]) -> Float[Array, "T *shape"]:
     """Rescale each task's ``kept`` so its L1 norm equals that of ``tau`` (mergekit's ``rescale``).
 
     Tasks whose L1 norm before or after dropping is below 1e-7 are left unscaled.
@@ -101,7 +104,8 @@ def _trim(state: MergeState, hp, *, scope: str, rounding: str) -> MergeState:
     return state.replace(tau=tau, extras={**state.extras, "trim_mask": mask})
 
 
-def trim(density=0.2, *, scope: str = "tensor", rounding: str = "round"):
+def trim(density: HParamSpec = 0.2, *, scope: Literal["tensor", "global"] = "tensor",
+         rounding: Literal["round", "floor", "authors"] = "round") -> Transform:
     """Keep each task vector's ``k = density * n`` entries of largest magnitude; zero the rest.
 
     Args:
@@ -144,7 +148,7 @@ def _dare(state: MergeState, hp, *, rescale: str) -> MergeState:
     return state.replace(tau=tau, extras={**state.extras, "dare_mask": keep})
 
 
-def dare(density=0.5, *, rescale: str = "inverse"):
+def dare(density: HParamSpec = 0.5, *, rescale: Literal["inverse", "l1", "none"] = "inverse") -> Transform:
     """DARE: drop each task-vector entry with probability ``1 - density``, rescale the survivors.
 
     The keep mask is Bernoulli(``density``) drawn from the leaf's PRNG key.
@@ -179,7 +183,8 @@ def _breadcrumbs(state: MergeState, hp, *, rounding: str) -> MergeState:
     return state.replace(tau=jnp.where(mask, state.tau, 0.0), extras={**state.extras, "breadcrumbs_mask": mask})
 
 
-def breadcrumbs_drop(density=0.9, gamma=0.01, *, rounding: str = "round"):
+def breadcrumbs_drop(density: HParamSpec = 0.9, gamma: HParamSpec = 0.01, *,
+                     rounding: Literal["round", "floor"] = "round") -> Transform:
     """Model Breadcrumbs mask: per tensor and task, drop the ``gamma`` fraction of largest-magnitude
     entries (outliers) and the smallest ones, keeping ``density * n`` entries.
 
@@ -228,7 +233,8 @@ def _magnitude_ranks(x: jax.Array) -> jax.Array:
     return ranks
 
 
-def della_keep_probs(tau: jax.Array, density, epsilon) -> jax.Array:
+def della_keep_probs(tau: Float[Array, "T *shape"], density: float | Float[Array, "*T"],
+                     epsilon: float | Float[Array, "*T"]) -> Float[Array, "T *shape"]:
     """DELLA keep probabilities ``(density - eps) + 2 eps * rank / (m - 1)``, clipped to [0, 1].
 
     ``rank`` is the ascending magnitude rank of an entry within its row (ties by lower index, NaN
@@ -255,7 +261,8 @@ def _della(state: MergeState, hp, *, rescale: str) -> MergeState:
     return state.replace(tau=tau, extras={**state.extras, "della_mask": keep})
 
 
-def della_drop(density=0.7, epsilon=0.15, *, rescale: str = "inverse"):
+def della_drop(density: HParamSpec = 0.7, epsilon: HParamSpec = 0.15, *,
+               rescale: Literal["inverse", "l1", "none"] = "inverse") -> Transform:
     """DELLA's MagPrune: drop entries at random with keep probabilities rising with magnitude.
 
     Within each row (the leaf's leading axis; vectors are one row) entries are ranked by magnitude

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ..core import MergeInputError, MergeState, model_mean, model_sum, transform
+from ..core import HParamSpec, MergeInputError, MergeState, Transform, model_mean, model_sum, transform
 
 __all__ = ["tsv_m", "iso_c", "iso_cts", "tsv_rank", "iso_cts_sizes"]
 
@@ -57,7 +57,7 @@ def _tsv_m(state: MergeState, hp, *, rank_fraction) -> MergeState:
     return state.replace(merged=hp["scale"] * state.view.from_matrices(merged, state.base.shape))
 
 
-def tsv_m(scale=1.0, *, rank_fraction: float | None = None):
+def tsv_m(scale: HParamSpec = 1.0, *, rank_fraction: float | None = None) -> Transform:
     """TSV-M: merge the tasks' top singular subspaces after decorrelating them.
 
     Per matrix, each ``τ_t = U_t Σ_t V_tᵀ`` keeps its top ``r = floor(min(m, n) · rank_fraction)``
@@ -87,7 +87,7 @@ def _iso_c(state: MergeState, hp) -> MergeState:
     return state.replace(merged=hp["scale"] * state.view.from_matrices(merged, state.base.shape))
 
 
-def iso_c(scale=1.0):
+def iso_c(scale: HParamSpec = 1.0) -> Transform:
     """ISO-C: task arithmetic with an isotropic (flattened) spectrum.
 
     Per matrix, ``M = Σ_t τ_t = U Σ Vᵀ`` and the merged update is ``scale · U (mean(Σ) I) Vᵀ``: all
@@ -145,7 +145,7 @@ def _iso_cts(state: MergeState, hp, *, common_fraction: float) -> MergeState:
     return state.replace(merged=hp["scale"] * state.view.from_matrices(merged, state.base.shape))
 
 
-def iso_cts(scale=1.0, *, common_fraction: float = 0.8):
+def iso_cts(scale: HParamSpec = 1.0, *, common_fraction: float = 0.8) -> Transform:
     """ISO-CTS: isotropic merging in the common and task-specific subspaces.
 
     Per matrix (``m x n``, ``r = min(m, n)``), with ``k`` and ``d`` from :func:`iso_cts_sizes`:

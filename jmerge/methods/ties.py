@@ -13,9 +13,12 @@ References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Mod
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax.numpy as jnp
 
-from ..core import MergeInputError, MergeState, chain, model_mean, model_sum, topk_mask_rows, transform
+from ..core import (HParamSpec, MergeInputError, MergeState, Transform, chain, model_mean, model_sum, topk_mask_rows,
+                    transform)
 from ..core.xla import rows
 from .basic import per_model, scale as _scale_step, weighted_sum
 from .sparsify import _check_option, breadcrumbs_drop, dare, della_drop, trim
@@ -39,7 +42,8 @@ def _elect_sign(state: MergeState, hp, *, method: str, weighted: bool) -> MergeS
     return state.replace(extras={**state.extras, "sign": sign})
 
 
-def elect_sign(weight=1.0, *, method: str = "sum", weighted: bool = True):
+def elect_sign(weight: HParamSpec = 1.0, *, method: Literal["sum", "count"] = "sum",
+               weighted: bool = True) -> Transform:
     """Elect one sign per entry and store it in ``state.extras["sign"]`` (+1 or -1).
 
     ``method="sum"``: the sign of ``sum_t x_t`` (the TIES paper: the sign of the larger total mass);
@@ -73,7 +77,8 @@ def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str) ->
     return state.replace(merged=total)
 
 
-def disjoint_merge(weight=1.0, *, reduce: str = "mean", normalize_by: str = "count"):
+def disjoint_merge(weight: HParamSpec = 1.0, *, reduce: Literal["mean", "sum"] = "mean",
+                   normalize_by: Literal["count", "weight"] = "count") -> Transform:
     """Aggregate the entries that agree with the elected sign (``state.extras["sign"]``).
 
     An entry of task ``t`` agrees when its weighted contribution ``w_t tau_t`` is nonzero and has
@@ -92,7 +97,8 @@ def disjoint_merge(weight=1.0, *, reduce: str = "mean", normalize_by: str = "cou
                      static={"reduce": reduce, "normalize_by": normalize_by}, per_model=("weight",))
 
 
-def _sign_and_merge(weight, sign_method, weighted, reduce, normalize_by):
+def _sign_and_merge(weight: HParamSpec, sign_method: str, weighted: bool, reduce: str,
+                    normalize_by: str) -> tuple[Transform, Transform]:
     return (elect_sign(weight, method=sign_method, weighted=weighted),
             disjoint_merge(weight, reduce=reduce, normalize_by=normalize_by))
 
@@ -104,9 +110,11 @@ _TIES_ALIASES = {"weight": ("elect_sign.weight", "disjoint_merge.weight"), "scal
 # --------------------------------------------------------------------------------------------
 # Named methods
 
-def ties(density=0.2, scale=1.0, weight=1.0, *, scope: str = "tensor", reduce: str = "mean",
-         normalize_by: str = "count", weighted: bool = True, sign_method: str = "sum",
-         rounding: str = "round"):
+def ties(density: HParamSpec = 0.2, scale: HParamSpec = 1.0, weight: HParamSpec = 1.0, *,
+         scope: Literal["tensor", "global"] = "tensor", reduce: Literal["mean", "sum"] = "mean",
+         normalize_by: Literal["count", "weight"] = "count", weighted: bool = True,
+         sign_method: Literal["sum", "count"] = "sum",
+         rounding: Literal["round", "floor", "authors"] = "round") -> Transform:
     """TIES-Merging: trim, elect sign, disjoint merge, scale: ``theta_0 + scale * merged``.
 
     Steps ``trim``, ``elect_sign``, ``disjoint_merge``, ``scale``; ``density`` binds to
@@ -136,7 +144,8 @@ def ties(density=0.2, scale=1.0, weight=1.0, *, scope: str = "tensor", reduce: s
                  _scale_step(scale), name="ties", aliases={"density": "trim.density", **_TIES_ALIASES})
 
 
-def dare_linear(density=0.5, scale=1.0, weight=1.0, *, rescale: str = "inverse", normalize: bool = False):
+def dare_linear(density: HParamSpec = 0.5, scale: HParamSpec = 1.0, weight: HParamSpec = 1.0, *,
+                rescale: Literal["inverse", "l1", "none"] = "inverse", normalize: bool = False) -> Transform:
     """DARE then task arithmetic: ``theta_0 + scale * sum_t w_t dare(tau_t)``.
 
     The paper rescales survivors by ``1 / density``; mergekit's ``dare_linear`` rescales to the
@@ -150,9 +159,11 @@ def dare_linear(density=0.5, scale=1.0, weight=1.0, *, rescale: str = "inverse",
                                               "scale": "scale.scale"})
 
 
-def dare_ties(density=0.5, scale=1.0, weight=1.0, *, rescale: str = "inverse", reduce: str = "mean",
-              normalize_by: str = "count", weighted: bool = True, sign_method: str = "sum",
-              trim_density: float | None = None, rounding: str = "round"):
+def dare_ties(density: HParamSpec = 0.5, scale: HParamSpec = 1.0, weight: HParamSpec = 1.0, *,
+              rescale: Literal["inverse", "l1", "none"] = "inverse", reduce: Literal["mean", "sum"] = "mean",
+              normalize_by: Literal["count", "weight"] = "count", weighted: bool = True,
+              sign_method: Literal["sum", "count"] = "sum", trim_density: HParamSpec | None = None,
+              rounding: Literal["round", "floor", "authors"] = "round") -> Transform:
     """DARE then TIES' sign election and disjoint merge, then scale; optionally a TIES trim after the drop.
 
     Steps ``dare`` (``density``), [``trim`` (``trim_density``)], ``elect_sign``, ``disjoint_merge``,
@@ -180,8 +191,9 @@ def dare_ties(density=0.5, scale=1.0, weight=1.0, *, rescale: str = "inverse", r
                  _scale_step(scale), name="dare_ties", aliases=aliases)
 
 
-def breadcrumbs(density=0.9, gamma=0.01, scale=1.0, weight=1.0, *, normalize: bool = False,
-                rounding: str = "round"):
+def breadcrumbs(density: HParamSpec = 0.9, gamma: HParamSpec = 0.01, scale: HParamSpec = 1.0,
+                weight: HParamSpec = 1.0, *, normalize: bool = False,
+                rounding: Literal["round", "floor"] = "round") -> Transform:
     """Model Breadcrumbs: drop outliers and small entries per tensor, then task arithmetic.
 
     mergekit's ``breadcrumbs`` uses ``rounding="floor"``; when ``gamma * n`` rounds to 0 no outliers
@@ -196,9 +208,11 @@ def breadcrumbs(density=0.9, gamma=0.01, scale=1.0, weight=1.0, *, normalize: bo
                           "weight": "weighted_sum.weight", "scale": "scale.scale"})
 
 
-def breadcrumbs_ties(density=0.9, gamma=0.01, scale=1.0, weight=1.0, *, reduce: str = "mean",
-                     normalize_by: str = "count", weighted: bool = True, sign_method: str = "sum",
-                     rounding: str = "round"):
+def breadcrumbs_ties(density: HParamSpec = 0.9, gamma: HParamSpec = 0.01, scale: HParamSpec = 1.0,
+                     weight: HParamSpec = 1.0, *, reduce: Literal["mean", "sum"] = "mean",
+                     normalize_by: Literal["count", "weight"] = "count", weighted: bool = True,
+                     sign_method: Literal["sum", "count"] = "sum",
+                     rounding: Literal["round", "floor"] = "round") -> Transform:
     """Model Breadcrumbs mask, then TIES' sign election and disjoint merge, then scale.
 
     mergekit's ``breadcrumbs_ties``: ``reduce="sum", rounding="floor"`` (``normalize: true`` is
@@ -213,8 +227,10 @@ def breadcrumbs_ties(density=0.9, gamma=0.01, scale=1.0, weight=1.0, *, reduce: 
                  aliases={"density": "breadcrumbs.density", "gamma": "breadcrumbs.gamma", **_TIES_ALIASES})
 
 
-def della(density=0.7, epsilon=0.15, scale=1.0, weight=1.0, *, rescale: str = "inverse", reduce: str = "mean",
-          normalize_by: str = "count", weighted: bool = True, sign_method: str = "sum"):
+def della(density: HParamSpec = 0.7, epsilon: HParamSpec = 0.15, scale: HParamSpec = 1.0, weight: HParamSpec = 1.0,
+          *, rescale: Literal["inverse", "l1", "none"] = "inverse", reduce: Literal["mean", "sum"] = "mean",
+          normalize_by: Literal["count", "weight"] = "count", weighted: bool = True,
+          sign_method: Literal["sum", "count"] = "sum") -> Transform:
     """DELLA: magnitude-ranked random drop (MagPrune), sign election, disjoint merge, scale.
 
     Paper: survivors rescaled by ``1 / p_i``. mergekit's ``della``: ``rescale="l1",
@@ -229,8 +245,9 @@ def della(density=0.7, epsilon=0.15, scale=1.0, weight=1.0, *, rescale: str = "i
                  aliases={"density": "della.density", "epsilon": "della.epsilon", **_TIES_ALIASES})
 
 
-def della_linear(density=0.7, epsilon=0.15, scale=1.0, weight=1.0, *, rescale: str = "inverse",
-                 normalize: bool = False):
+def della_linear(density: HParamSpec = 0.7, epsilon: HParamSpec = 0.15, scale: HParamSpec = 1.0,
+                 weight: HParamSpec = 1.0, *, rescale: Literal["inverse", "l1", "none"] = "inverse",
+                 normalize: bool = False) -> Transform:
     """DELLA's MagPrune drop, then task arithmetic (mergekit's ``della_linear``: ``rescale="l1"``).
 
     References: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
@@ -252,7 +269,7 @@ def _magmax(state: MergeState, hp, *, tie: str) -> MergeState:
     return state.replace(merged=picked)
 
 
-def magmax(scale=0.5, *, tie: str = "last"):
+def magmax(scale: HParamSpec = 0.5, *, tie: Literal["last", "first"] = "last") -> Transform:
     """MagMax: per entry, the task vector entry of largest magnitude; ``theta_0 + scale * tau_max``.
 
     Args:
@@ -291,7 +308,8 @@ def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
     return state.replace(merged=merged, extras={**state.extras, "sign": sign, "sce_mask": select})
 
 
-def sce(density=1.0, scale=1.0, *, rounding: str = "floor"):
+def sce(density: HParamSpec = 1.0, scale: HParamSpec = 1.0, *,
+        rounding: Literal["round", "floor"] = "floor") -> Transform:
     """SCE (Select, Calculate, Erase), as defined by mergekit's ``sce``.
 
     Per tensor: Select keeps the ``k = density * (number of entries with nonzero variance)``

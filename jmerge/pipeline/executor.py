@@ -22,11 +22,12 @@ import json
 import os
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from ..core import LeafProgram, check_ranges, count_layers, infer_views, leaf_key, prepare_leaf_hparams
+from ..mergekit import MergePlan
 from .jobs import Copy, Merge, TensorJob, read_source
 from .planners import input_paths, np_dtype, plan_jobs
 from .progress import Progress
@@ -51,14 +52,14 @@ class Buffers:
                 return self._free[nbytes].pop()
         return np.empty(max(nbytes, 1), np.uint8)[:nbytes]
 
-    def put(self, bufs) -> None:
+    def put(self, bufs: Iterable[np.ndarray]) -> None:
         with self._lock:
             for b in bufs:
                 if len(self._free[b.nbytes]) < self._keep:
                     self._free[b.nbytes].append(b)
 
 
-def mesh_sharding(mesh_spec: Optional[str]):
+def mesh_sharding(mesh_spec: Optional[str]) -> Optional[Callable[[tuple[int, ...]], Any]]:
     """``"8"`` or ``"data=8"`` -> a function placing an array's first axis across that many devices.
 
     References: none (infrastructure).
@@ -171,7 +172,7 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict):
                        out_dtype=job.dtype)
 
 
-def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer, ctx: MergeContext, *, window: int = 4,
+def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx: MergeContext, *, window: int = 4,
              read_threads: int = 2, max_inflight_bytes: int = 768 * 2**20, progress: Optional[Progress] = None,
              _fail_after: Optional[int] = None) -> None:
     """Run ``jobs``, writing each result with ``writer.write(name, array)``.
@@ -260,7 +261,7 @@ def _write_aux(plan, writer, jobs, readers, copy_tokenizer: bool) -> None:
     writer.write_text("README.md", io.model_card(plan.yaml_text, name, input_paths(plan)))
 
 
-def run_merge(plan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
+def run_merge(plan: MergePlan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
               quiet: bool = False, copy_tokenizer: bool = True, window: int = 4, read_threads: int = 2,
               max_inflight_bytes: int = 768 * 2**20, mesh: Optional[str] = None, seed: Optional[int] = None,
               _fail_after: Optional[int] = None) -> dict:

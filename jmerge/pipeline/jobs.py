@@ -140,7 +140,7 @@ def source_nbytes(s: Source, readers: Sequence[Any]) -> int:
     return 0
 
 
-def read_source(s: Source, readers: Sequence[Any], buffers) -> tuple[np.ndarray, list]:
+def read_source(s: Source, readers: Sequence[Any], buffers: Any) -> tuple[np.ndarray, list]:
     """The array of a source and the raw buffers it was read into (to give back to ``buffers``).
 
     ``buffers.get(nbytes)`` returns a reusable uint8 buffer; tensors are read straight into it.

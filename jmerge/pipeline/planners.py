@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..core import MergeInputError, count_layers, layer_index, leaf_kind, resolve_hparams
+from ..mergekit import MergePlan
 from .jobs import Copy, Merge, Tensor, TensorJob, Zeros
 
 __all__ = ["plan_jobs", "plan_tensor_merges", "plan_slices", "input_paths", "np_dtype", "LAYER_SUB"]
@@ -47,7 +48,7 @@ def np_dtype(name: Optional[str]) -> Optional[np.dtype]:
     return np.dtype(ml_dtypes.bfloat16) if _DTYPES[name] == "bfloat16" else np.dtype(_DTYPES[name])
 
 
-def input_paths(plan) -> list[str]:
+def input_paths(plan: MergePlan) -> list[str]:
     """The checkpoints a plan reads, base first, each once.
 
     References: none (infrastructure).
@@ -65,7 +66,7 @@ def _find(reader, name: str, who: str) -> str:
                           "base architecture (same tensor names and shapes).")
 
 
-def plan_tensor_merges(plan, readers: Sequence[Any], paths: Sequence[str]) -> list[TensorJob]:
+def plan_tensor_merges(plan: MergePlan, readers: Sequence[Any], paths: Sequence[str]) -> list[TensorJob]:
     """One merge job per tensor of the reference checkpoint (the base, or the first model).
 
     References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
@@ -105,7 +106,7 @@ def _scales(specs: Sequence[Any], names: Sequence[str]) -> list[float]:
     return out
 
 
-def plan_slices(plan, readers: Sequence[Any], paths: Sequence[str]) -> list[TensorJob]:
+def plan_slices(plan: MergePlan, readers: Sequence[Any], paths: Sequence[str]) -> list[TensorJob]:
     """Passthrough: the layers of each slice in order, renumbered, and the non-layer tensors.
 
     References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
@@ -141,7 +142,7 @@ def plan_slices(plan, readers: Sequence[Any], paths: Sequence[str]) -> list[Tens
     return jobs
 
 
-def plan_jobs(plan, readers: Sequence[Any], paths: Sequence[str]) -> list[TensorJob]:
+def plan_jobs(plan: MergePlan, readers: Sequence[Any], paths: Sequence[str]) -> list[TensorJob]:
     """The jobs of a plan: slices for passthrough, per-tensor merges otherwise.
 
     References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from typing import TextIO
 
 __all__ = ["Progress"]
 
@@ -37,7 +38,7 @@ class Progress:
     References: none (infrastructure).
     """
 
-    def __init__(self, total: int, *, label: str = "jmerge", disable: bool = False, stream=None):
+    def __init__(self, total: int, *, label: str = "jmerge", disable: bool = False, stream: TextIO | None = None):
         self.total, self.label, self.disable = int(total), label, disable
         self.stream = stream or sys.stderr
         self.done = 0

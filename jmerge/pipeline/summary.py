@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ..core import count_layers, prepare_leaf_hparams
+from ..mergekit import MergePlan
 from .jobs import Merge
 from .planners import LAYER_SUB, input_paths, plan_jobs
 
@@ -52,7 +53,7 @@ def _hp_text(method, hps, js) -> str:
                    if len(v) <= 4 else f"<{len(v)} values>") for k, v in vals.items())
 
 
-def plan_summary(plan, *, window: int = 4) -> str:
+def plan_summary(plan: MergePlan, *, window: int = 4) -> str:
     """Human-readable plan: method, inputs, tensor groups with their hyperparameters, bytes, memory.
 
     References: Goddard et al., "Arcee's MergeKit" (EMNLP 2024 industry track).
