@@ -108,3 +108,30 @@ def test_split_blocks_splits_only_the_last_dimension(ties_hlo, monkeypatch):
     assert a.shape == (2, 3, 2, 32) and tail.shape == (2, 0)
     a, tail = xla.split_blocks(jnp.arange(2 * 70).reshape(2, 70), 32)
     assert a.shape == (2, 2, 32) and tail.shape == (2, 6)
+
+
+def _readers_of_param0(txt: str) -> int:
+    """Instructions of the entry computation that read its first parameter (each is a pass over it)."""
+    lines = _entry(txt).splitlines()[1:]
+    name = next(re.match(r"\s*%(\S+) = ", l).group(1) for l in lines if "parameter(0)" in l)
+    return sum(1 for l in lines if "parameter(" not in l and re.search(rf"%{re.escape(name)}[,)]", l)
+               and "tuple(" not in l)
+
+
+def test_totals_reads_its_inputs_once():
+    b = jnp.ones(SHAPE)
+    ms = tuple(jnp.ones(SHAPE) * (i + 2) for i in range(3))
+
+    def derived(b, ms):
+        r = [m - b for m in ms]
+        g = jnp.sign(r[0] + r[1] + r[2])
+        u = jnp.maximum(jnp.maximum(jnp.abs(r[0]), jnp.abs(r[1])), jnp.abs(r[2]))
+        return [jnp.abs(x) for x in r] + [jnp.where(x * g > 0, u, 0.0) for x in r]
+
+    one = _hlo(lambda b, ms: xla.totals(*derived(b, ms)), b, ms)
+    many = _hlo(lambda b, ms: [jnp.sum(x) for x in derived(b, ms)], b, ms)
+    assert _readers_of_param0(one) == 1
+    assert _readers_of_param0(many) > 3  # what it avoids: one pass over the models per sum
+    got = jax.jit(lambda b, ms: xla.totals(*derived(b, ms)))(b, ms)
+    want = [jnp.sum(x) for x in derived(b, ms)]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)

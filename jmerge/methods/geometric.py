@@ -68,7 +68,7 @@ def slerp(t: HParamSpec = 0.5) -> Transform:
     Each tensor is flattened; the angle is taken between normalised copies, and the unnormalised
     tensors are interpolated: ``sin((1-t)θ)/sinθ · θ0 + sin(tθ)/sinθ · θ1``. When
     ``|cos θ| > 0.9995`` it falls back to linear interpolation. ``t = 0`` returns the base, ``t = 1``
-    the fine-tuned model. ``t`` may vary per layer (a list or :class:`jmerge.Gradient`), as in
+    the fine-tuned model. ``t`` may vary per layer (:class:`jmerge.Gradient`; a list in YAML configs), as in
     mergekit.
 
     Args:

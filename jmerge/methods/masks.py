@@ -34,6 +34,7 @@ import numpy as np
 from ..core import (HParamSpec, MergeInputError, MergeState, StatsPhase, Transform, chain, density_to_k,
                     leaves_with_paths, model_max, model_sum, topk_mask_rows, transform)
 from ..core import task_vectors as task_vectors_of
+from ..core.xla import rows, totals
 from .basic import per_model, scale as _scale_step, weighted_sum
 
 __all__ = [
@@ -479,10 +480,9 @@ def _emr_parts(tau: jax.Array):
     gamma = jnp.sign(model_sum(tau))
     masks = tau * gamma[None] > 0
     tau_uni = gamma * model_max(jnp.where(masks, jnp.abs(tau), 0.0))
-    axes = tuple(range(1, tau.ndim))
-    num = jnp.sum(jnp.abs(tau), axis=axes)
-    den = jnp.sum(jnp.where(masks, jnp.abs(tau_uni)[None], 0.0), axis=axes)
-    return tau_uni, masks, num, den
+    T = tau.shape[0]
+    sums = totals(*[jnp.abs(r) for r in rows(tau)], *[jnp.where(m, jnp.abs(tau_uni), 0.0) for m in rows(masks)])
+    return tau_uni, masks, jnp.stack(sums[:T]), jnp.stack(sums[T:])
 
 
 _EMR_SCOPES = ("model", "model_sum", "tensor")
