@@ -17,17 +17,7 @@ def _trees(n, T=3, shape=(48, 64), seed=0):
     return base, ms
 
 
-def _eqns(jaxpr) -> int:
-    """Equations of a jaxpr and all its sub-jaxprs (loop bodies, branches)."""
-    n = 0
-    for e in jaxpr.eqns:
-        n += 1
-        for v in e.params.values():
-            for sub in (v if isinstance(v, (list, tuple)) else [v]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    n += _eqns(inner)
-    return n
+_eqns = jmerge.core.count_eqns  # equations of a jaxpr and its sub-jaxprs
 
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "pcb"])

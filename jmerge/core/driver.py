@@ -37,12 +37,13 @@ from .errors import MergeInputError, NonFloatLeavesWarning, OptimizerStateWarnin
 from .hparams import Gradient, PerModel, Rules, resolve_hparams
 from .state import MergeState, stack_diffs
 from .transform import StatsPhase, Transform, run_steps, _check_part
-from .tree import check_compatible, leaf_key, leaf_kind, leaves_with_paths, optimizer_state_paths
+from .tree import (check_compatible, check_task_vectors, leaf_key, leaf_kind, leaves_with_paths,
+                   optimizer_state_paths)
 from .views import MatrixView, infer_views
 from .xla import materialized
 
 __all__ = ["LeafProgram", "merge", "merge_leaf", "prepare_leaf_hparams", "check_ranges", "task_vectors",
-           "apply_delta", "trace_count", "check_method"]
+           "apply_delta", "trace_count", "check_method", "count_eqns", "GROUP_MIN_EQNS"]
 
 _TRACES = {"count": 0}
 
@@ -342,7 +343,11 @@ equations (top-k searches, sorts: compile-bound); cheaper bodies are traced inli
 compile fast and run without the loop's copies)."""
 
 
-def _count_eqns(jaxpr) -> int:
+def count_eqns(jaxpr: Any) -> int:
+    """Equations of a jaxpr and of all its sub-jaxprs (loop bodies, branches, nested jits).
+
+    References: none (infrastructure).
+    """
     n = 0
     for e in jaxpr.eqns:
         n += 1
@@ -350,7 +355,7 @@ def _count_eqns(jaxpr) -> int:
             for sub in (v if isinstance(v, (list, tuple)) else [v]):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    n += _count_eqns(inner)
+                    n += count_eqns(inner)
     return n
 
 
@@ -371,7 +376,7 @@ def _run_grouped(program: LeafProgram, items: list, mode) -> dict:
         if not inline and mode == "auto":
             i, b, m, hp, key, _, st = its[0]
             body = jax.make_jaxpr(lambda b, m, hp, key, st: program(b, m, hp, key, st, view, traced=True))
-            inline = _count_eqns(body(b, m, hp, key, st).jaxpr) < GROUP_MIN_EQNS
+            inline = count_eqns(body(b, m, hp, key, st).jaxpr) < GROUP_MIN_EQNS
         if inline:
             for i, b, m, hp, key, view, st in its:
                 out[i] = program(b, m, hp, key, st, view, traced=True)
@@ -449,15 +454,7 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
     stacked = task_vectors is not None
     bpaths, base_leaves, treedef = leaves_with_paths(base)
     if stacked:
-        tpaths, tv_leaves, ttd = leaves_with_paths(task_vectors)
-        if ttd != treedef:
-            raise MergeInputError("task_vectors must have the base's tree structure (leaves shaped (T, *shape)).")
-        for p, b, t in zip(bpaths, base_leaves, tv_leaves):
-            if tuple(np.shape(t))[1:] != tuple(np.shape(b)):
-                raise MergeInputError(f"leaf '{p}': task vectors have shape {tuple(np.shape(t))}, expected "
-                                      f"(T, *{tuple(np.shape(b))}).")
-        T = int(np.shape(tv_leaves[0])[0]) if tv_leaves else 0
-        per_leaf_models = tv_leaves
+        _, per_leaf_models, T = check_task_vectors(base, task_vectors)
     else:
         models = _as_model_list(models, base)
         check_compatible(base, models, check_finite=check_finite)

@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "MergeInputError",
+    "check_task_vectors",
     "path_str",
     "LeafKind",
     "leaf_kind",
@@ -223,3 +224,25 @@ def count_layers(paths: Sequence[str]) -> int:
     """
     idx = [i for i in (layer_index(p) for p in paths) if i is not None]
     return max(idx) + 1 if idx else 0
+
+
+def check_task_vectors(base: Any, task_vectors: Any, where: str = "merge") -> tuple[list[str], list[Any], int]:
+    """Check stacked task vectors against the base: same tree, each leaf ``(T, *base_leaf.shape)``.
+
+    Returns:
+      ``(paths, task-vector leaves, T)``.
+
+    Raises:
+      MergeInputError: naming the first leaf whose shape does not fit.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
+    """
+    bpaths, base_leaves, treedef = leaves_with_paths(base)
+    _, tv_leaves, ttd = leaves_with_paths(task_vectors)
+    if ttd != treedef:
+        raise MergeInputError(f"{where}: task_vectors must have the base's tree structure (leaves shaped (T, *shape)).")
+    for p, b, tv in zip(bpaths, base_leaves, tv_leaves):
+        if tuple(np.shape(tv))[1:] != tuple(np.shape(b)):
+            raise MergeInputError(f"{where}: leaf '{p}': task vectors have shape {tuple(np.shape(tv))}, expected "
+                                  f"(T, *{tuple(np.shape(b))}).")
+    return bpaths, tv_leaves, int(np.shape(tv_leaves[0])[0]) if tv_leaves else 0

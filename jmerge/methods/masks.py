@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import (HParamSpec, MergeInputError, MergeState, StatsPhase, Transform, chain, density_to_k,
+from ..core import (HParamSpec, MergeInputError, MergeState, StatsPhase, Transform, chain, check_task_vectors,
+                    density_to_k,
                     leaves_with_paths, model_max, model_sum, topk_mask_rows, transform)
 from ..core import task_vectors as task_vectors_of
 from ..core.xla import rows, totals
@@ -581,14 +582,8 @@ def emr_task_models(base: Any, models: Sequence[Any] | None = None, *, task_vect
         tv = task_vectors_of(base, list(models))
     else:
         tv = task_vectors
-    bpaths, base_leaves, treedef = leaves_with_paths(base)
-    tpaths, tv_leaves, _ = leaves_with_paths(tv)
-    if tpaths != bpaths:
-        raise MergeInputError("emr_task_models: task_vectors must have the base's tree structure.")
-    for p, b, t in zip(bpaths, base_leaves, tv_leaves):
-        if tuple(np.shape(t))[1:] != tuple(np.shape(b)):
-            raise MergeInputError(f"emr_task_models: leaf '{p}' task vectors have shape {tuple(np.shape(t))}, "
-                                  f"expected (T, *{tuple(np.shape(b))}).")
+    _, base_leaves, treedef = leaves_with_paths(base)
+    _, tv_leaves, _ = check_task_vectors(base, tv, "emr_task_models")
     parts = [_emr_parts_jit(jnp.asarray(t, jnp.float32)) for t in tv_leaves]
     if scope != "tensor":
         s_model = _emr_finalize([_emr_stat(num, den, t[0].size, scope)
