@@ -1,19 +1,28 @@
 """Parity with mergekit 0.1.5: every golden case run through `jmerge merge` and compared tensor by tensor.
 
-Tolerance: one bf16 rounding step, ``|a - b| <= 2^-7 * max(|a|, |b|) + 1e-6``, on every entry, with
-two documented exceptions that are properties of mergekit, not of the merge:
+mergekit computes in the config's ``dtype`` (without one, in the inputs' dtype: bf16 for these fixtures),
+and so does ``jmerge merge`` by default (bf16 emulated: float32 arithmetic rounded to bf16 where torch
+rounds). Tolerance: one bf16 rounding step, ``|a - b| <= 2^-7 * max(|a|, |b|) + 1e-6``, on every entry,
+with documented exceptions that are properties of mergekit's implementation, not of the merge:
 
-* Goldens whose config sets no ``dtype`` were computed by mergekit in **bf16 arithmetic** (it casts the
-  inputs to the stored dtype and runs every intermediate step in it), while jmerge always computes in
-  float32. For those, an entry may also differ by one bf16 step of its largest operand (base or model
-  entry), and at most 3% of the entries may exceed that (cancellation in bf16 intermediates; measured
-  well under that). ``test_live_parity_float32`` reruns mergekit in-process with ``dtype: float32`` and
-  checks the strict tolerance on every entry.
 * Magnitude/variance selections (TIES trim, breadcrumbs, SCE) break ties between equal magnitudes in an
-  implementation-defined order (bf16 task vectors have many equal magnitudes). Entries where some model's
-  magnitude equals its selection threshold are excluded; the kept count per model is checked separately.
+  implementation-defined order (torch's unstable ``argsort``/``topk``; jmerge keeps the lowest flat
+  index), and bf16 task vectors have many equal magnitudes. Entries where some model's (bf16-rounded)
+  magnitude equals its selection threshold are excluded. SCE's selection also sets the task weights of
+  the whole tensor (mean square of the selected entries), so a tie at its variance threshold excludes
+  the whole tensor; ``tests/test_compute_dtype.py`` reruns SCE live with a stable top-k and checks every
+  entry.
+* karcher: two bf16 steps. Its iteration rounds the mean to bf16 after each step from float32 norms,
+  and torch's float32 vector norm is ~1e-6 (relative) less accurate than XLA's; a unit rounded the other
+  way moves a few entries (9 of 127424 here) by two steps.
 
 dare_ties and della are random: the fraction of entries equal to the base is compared instead.
+
+Cases in ``F32`` (arcee_fusion, ram, ramplus_tl) are computed and written in float32 by mergekit and
+compared at ``1e-6 * max(|a|, |b|) + 1e-7``. arcee_fusion's mask compares a KL divergence that mergekit
+evaluates in float32 (``sum p log(p / q)``, absolute error up to a few 1e-7, as large as the divergence of
+these near-identical rows; jmerge evaluates it to ~1e-6 relative): entries whose float64 importance is
+within that error of the float64 threshold may be selected by one and not the other (``_fusion_ambiguous``).
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ GOLD = os.path.join(REPO, "tests", "data", "mergekit")
 CASES = sorted(os.listdir(GOLD)) if os.path.isdir(GOLD) else []
 RANDOM = {"dare_ties", "della"}
 SELECTION = {"ties", "ties_dtype", "ties_nonorm", "breadcrumbs", "breadcrumbs_ties", "sce"}
+F32 = {"arcee_fusion", "ram", "ramplus_tl"}
+KL_F32_ERR = 2.0**-21  # bound on the absolute error of a float32 sum p log(p / q) (measured up to 2.2e-7)
 
 
 def _cfg(case):
@@ -59,23 +70,68 @@ def _inputs(cfg):
     return [_read(os.path.join(REPO, p)) for p in paths], (cfg.get("base_model") is not None)
 
 
-def _ambiguous(cfg, ins, has_base, k, shape):
-    """Entries where a selection threshold splits a run of equal magnitudes (order is arbitrary there)."""
+def _fusion_ambiguous(base, model):
+    """arcee_fusion entries whose mask a float32 evaluation may decide either way: the float64 importance
+    ``|tau| KL`` +- ``|tau| KL_F32_ERR`` meets the range the threshold (from order statistics of the
+    importances so perturbed) can take."""
+    b, m = base.astype(np.float64), model.astype(np.float64)
+    if b.ndim == 0 or b.shape[-1] <= 1:
+        return np.zeros(b.shape, bool)
+
+    def sm(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True) + 1e-8
+
+    d = np.abs(m - b)
+    imp = d * np.sum(sm(m) * np.log(sm(m) / sm(b)), -1, keepdims=True)
+    err = d * KL_F32_ERR
+    pos = [int(q * (imp.size - 1)) for q in (0.25, 0.5, 0.75)]
+    lo, hi = np.sort((imp - err).ravel())[pos], np.sort((imp + err).ravel())[pos]
+    t_lo, t_hi = lo[1] + 1.5 * (lo[2] - hi[0]), hi[1] + 1.5 * (hi[2] - lo[0])
+    return (imp + err >= t_lo) & (imp - err <= t_hi)
+
+
+def _stored_dtype(path):
+    with open_checkpoint(path) as r:
+        return np.dtype(r.dtype(next(iter(r.keys())))).name
+
+
+def _compute_dtype(cfg):
+    """The dtype mergekit computed a golden in: the config's ``dtype``, else the base's stored dtype."""
+    if cfg.get("dtype"):
+        return cfg["dtype"]
+    first = cfg.get("base_model") or (cfg["models"][0]["model"] if cfg.get("models") else None)
+    return _stored_dtype(os.path.join(REPO, first)) if first else "float32"
+
+
+def _rounded(x, dtype):
+    """``x`` rounded to ``dtype`` (bf16/fp16), as float32; unchanged for float32."""
+    if dtype in ("bfloat16", "float16"):
+        import ml_dtypes  # noqa: PLC0415
+        return x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16).astype(np.float32)
+    return x
+
+
+def _ambiguous(cfg, ins, has_base, k, shape, dtype="float32"):
+    """Entries where a selection threshold splits a run of equal magnitudes (order is arbitrary there),
+    with the task vectors (and SCE's variances) rounded to the compute ``dtype`` as mergekit computes them."""
     amb = np.zeros(shape, bool)
+    if cfg["merge_method"] == "arcee_fusion" and has_base:
+        return _fusion_ambiguous(ins[0][k], ins[1][k])
     if cfg["merge_method"] not in ("ties", "breadcrumbs", "breadcrumbs_ties", "sce") or not has_base:
         return amb
     base = ins[0][k]
-    taus = [m[k] - base for m in ins[1:] if m is not ins[0]]
+    taus = [_rounded(m[k] - base, dtype) for m in ins[1:] if m is not ins[0]]
     params = cfg.get("parameters") or {}
     n = base.size
     if cfg["merge_method"] == "sce":
-        var = np.var(np.stack(taus), axis=0).ravel()
+        var = _rounded(np.var(np.stack(taus), axis=0), dtype).ravel()
         dens = params.get("select_topk", 1.0)
-        kk = int(dens * n)
+        kk = int(dens * np.count_nonzero(var))
         if 0 < kk < n:
             s = np.sort(var)[::-1]
-            if s[kk - 1] == s[kk]:
-                amb |= (var == s[kk - 1]).reshape(shape)
+            if s[kk - 1] == s[kk]:  # the tie decides which entries set the tensor's task weights
+                amb[...] = True
         return amb
     for i, (m, tau) in enumerate(zip(cfg["models"], taus)):
         p = {**params, **(m.get("parameters") or {})}
@@ -108,26 +164,22 @@ def test_golden_parity(case, tmp_path, in_repo_root):
     _run(os.path.join(GOLD, case, "config.yml"), tmp_path / "o")
     got, gold = _read(tmp_path / "o"), _read(os.path.join(GOLD, case, "model.safetensors"))
     assert set(got) == set(gold)
-    bf16_compute = cfg.get("dtype") in (None, "bfloat16")
+    dtype = _compute_dtype(cfg)
     ins, has_base = _inputs(cfg)
-    n_loose = n_total = 0
+    steps = 2 if cfg["merge_method"] == "karcher" else 1  # see the module docstring
+    strict_tensors = 0
     for k in gold:
         a, b = got[k], gold[k]
         assert a.shape == b.shape, k
         diff = np.abs(a - b)
-        strict = diff <= np.maximum(np.abs(a), np.abs(b)) * 2.0**-7 + 1e-6
-        ok = strict | _ambiguous(cfg, ins, has_base, k, a.shape) if ins and k in ins[0] else strict
-        if bf16_compute and ins and k in ins[0]:
-            opmax = np.max([np.abs(m[k]) for m in ins if k in m], axis=0)
-            ok |= diff <= np.maximum(np.maximum(np.abs(a), np.abs(b)), opmax) * 2.0**-7 + 1e-6
-            n_loose += int((~ok).sum())
-            n_total += a.size
-        else:
-            bad = np.flatnonzero(~ok)
-            assert bad.size == 0, (f"{case} {k}: {bad.size} entries differ, e.g. jmerge {a.ravel()[bad[:3]]} "
-                                   f"vs mergekit {b.ravel()[bad[:3]]}")
-    if bf16_compute:
-        assert n_loose <= 0.03 * n_total, f"{case}: {n_loose}/{n_total} entries beyond bf16-compute tolerance"
+        rel, eps = (1e-6, 1e-7) if case in F32 else (steps * 2.0**-7, 1e-6)
+        ok = diff <= np.maximum(np.abs(a), np.abs(b)) * rel + eps
+        amb = _ambiguous(cfg, ins, has_base, k, a.shape, dtype) if ins and k in ins[0] else np.zeros(a.shape, bool)
+        strict_tensors += not amb.all()
+        bad = np.flatnonzero(~(ok | amb))
+        assert bad.size == 0, (f"{case} {k}: {bad.size} entries differ, e.g. jmerge {a.ravel()[bad[:3]]} "
+                               f"vs mergekit {b.ravel()[bad[:3]]} (computed in {dtype})")
+    assert strict_tensors >= min(5, len(gold)), f"{case}: only {strict_tensors} tensors checked entry by entry"
 
 
 @pytest.mark.parametrize("case", sorted(RANDOM & set(CASES)))

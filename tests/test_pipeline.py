@@ -87,7 +87,7 @@ scope: global
     got, dts = _read_all(tmp_path / "o")
     base, bdt = _read_all(tiny_base)
     fts = [_read_all(p)[0] for p in tiny_fts]
-    ref = jmerge.merge(plan.build(), base, fts, hparams=plan.hparams)
+    ref = jmerge.merge(plan.build(), base, fts, hparams=plan.hparams, compute_dtype="bfloat16")  # as `jmerge merge`
     for k in base:
         assert dts[k] == bdt[k]
         np.testing.assert_array_equal(got[k].astype(np.float32), np.asarray(ref[k]).astype(np.float32), err_msg=k)

@@ -6,6 +6,13 @@ key derived from the seed and the leaf path, the leaf's matrix view and its hype
 runs the method's steps; the merged leaf is ``base + merged`` cast to the base dtype. Integer,
 boolean and PRNG-key leaves are taken from the base.
 
+Compute dtype. By default the merge computes in float32 (bf16/fp16 inputs are exact in float32).
+``compute_dtype="bfloat16"`` or ``"float16"`` gives the numbers of a merge computed in that dtype, as
+mergekit computes with its config's ``dtype``: the inputs are rounded to it, and so are the task
+vectors, each intermediate of the steps (:meth:`MergeState.rounded`) and ``base + merged``. This is an
+emulation (float32 arithmetic rounded to the dtype after each operation, as torch's CPU kernels compute
+half-precision operations; reductions accumulate in float32 and round once). float64 is refused.
+
 :class:`LeafProgram` is the one per-leaf program: :func:`merge` runs it over a pytree, and the
 out-of-core executor (``jmerge.pipeline``) runs it tensor by tensor, so both give the same numbers.
 Outside ``jax.jit`` it is compiled once per leaf shape, dtype and view (hyperparameter values are
@@ -35,7 +42,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .errors import MergeInputError, NonFloatLeavesWarning, OptimizerStateWarning
 from .hparams import Gradient, PerModel, Rules, resolve_hparams
-from .state import MergeState, stack_diffs
+from .state import MergeState, compute_precision, round_to, stack_diffs
 from .transform import StatsPhase, Transform, run_steps, _check_part
 from .tree import (check_compatible, check_task_vectors, leaf_key, leaf_kind, leaves_with_paths,
                    optimizer_state_paths)
@@ -165,16 +172,19 @@ def _traced_range_check(method: Transform, specs: Mapping[str, Any]) -> None:
 # The per-leaf program
 
 
-def _initial_state(base_leaf, model_leaves, key, stacked: bool, materialize: bool, view) -> MergeState:
-    b = jnp.asarray(base_leaf, jnp.float32)
+def _initial_state(base_leaf, model_leaves, key, stacked: bool, materialize: bool, view,
+                   precision: str | None = None) -> MergeState:
+    b = round_to(base_leaf, precision)
     if stacked:
-        tau = jnp.asarray(model_leaves, jnp.float32)
-        return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, None, None), view=view)
+        tau = round_to(model_leaves, precision)
+        return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, None, None), view=view,
+                          precision=precision)
     if materialize and b.size:
-        tau = materialized(lambda: stack_diffs(b, model_leaves), b)
+        tau = materialized(lambda: stack_diffs(b, model_leaves, precision), b)
     else:
-        tau = stack_diffs(b, model_leaves)
-    return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, base_leaf, tuple(model_leaves)), view=view)
+        tau = stack_diffs(b, model_leaves, precision)
+    return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, base_leaf, tuple(model_leaves)), view=view,
+                      precision=precision)
 
 
 def _finish(method: Transform, state: MergeState, base_leaf, out_dtype):
@@ -182,33 +192,37 @@ def _finish(method: Transform, state: MergeState, base_leaf, out_dtype):
         raise MergeInputError(f"method '{method.name}' produces no merged value: end the chain with an aggregation "
                               "step (weighted_sum, disjoint_merge, ...).")
     dt = jnp.dtype(out_dtype) if out_dtype is not None else jnp.asarray(base_leaf).dtype
-    return (state.base + state.merged).astype(dt)
+    return state.rounded(state.base + state.merged).astype(dt)
 
 
-def _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view):
-    state = _initial_state(base_leaf, model_leaves, key, stacked, method.materialize_tau, view)
+def _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view,
+               precision=None):
+    state = _initial_state(base_leaf, model_leaves, key, stacked, method.materialize_tau, view, precision)
     state = run_steps(method.steps, state, hp, stats)
     out = _finish(method, state, base_leaf, out_dtype)
     return (out, state.extras) if return_extras else out
 
 
 # Paths are not part of the compile key: leaves of equal shape, dtype and view share one executable.
-@functools.partial(jax.jit, static_argnames=("method", "stacked", "out_dtype", "return_extras", "view"))
-def _leaf_jit(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view):
+@functools.partial(jax.jit, static_argnames=("method", "stacked", "out_dtype", "return_extras", "view", "precision"))
+def _leaf_jit(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view,
+              precision=None):
     _TRACES["count"] += 1
     return _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, stacked=stacked, out_dtype=out_dtype,
-                      return_extras=return_extras, view=view)
+                      return_extras=return_extras, view=view, precision=precision)
 
 
-def _collect_impl(method, index, base_leaf, model_leaves, hp, key, stats, *, stacked, view):
+def _collect_impl(method, index, base_leaf, model_leaves, hp, key, stats, *, stacked, view, precision=None):
     si, sname, phase = method.stats[index]
-    state = _initial_state(base_leaf, model_leaves, key, stacked, method.materialize_tau, view)
+    state = _initial_state(base_leaf, model_leaves, key, stacked, method.materialize_tau, view, precision)
     state = run_steps(method.steps[:si], state, hp, stats)
     own = {k: hp[f"{sname}.{k}"] for k in method.steps[si][1].hparams}
     return phase.collect(state.replace(stats=dict(stats.get(sname, {}))), own)
 
 
-_collect_jit = jax.jit(_collect_impl, static_argnames=("method", "index", "stacked", "view"))
+_collect_jit = jax.jit(_collect_impl, static_argnames=("method", "index", "stacked", "view", "precision"))
+
+_PROGRAM = object()  # "the program's own compute dtype" (a call's default)
 
 
 class LeafProgram:
@@ -220,21 +234,29 @@ class LeafProgram:
       stacked: inputs are stacked task vectors ``(T, *shape)`` instead of model leaves.
       out_dtype: dtype of the merged leaves (default: each base leaf's).
       return_extras: also return each leaf's extras (masks, rescalers ...).
+      compute_dtype: None or ``"float32"`` (default: exact float32 arithmetic), or ``"bfloat16"`` /
+        ``"float16"``: the numbers of a merge computed in that dtype (see the module docstring);
+        float64 raises :class:`MergeInputError`.
 
     Each call takes one leaf's ``base_leaf``, ``model_leaves`` (a tuple, or the stacked task vectors),
     ``hp`` (its resolved hyperparameters by qualified name, from :func:`prepare_leaf_hparams`),
     ``key`` (:func:`jmerge.leaf_key`), ``stats`` (``{step name: {phase name: value}}``) and ``view``
     (:class:`MatrixView` or None). ``traced=True`` runs inline (inside the caller's trace).
+    ``compute_dtype=`` on a call overrides the program's (the pipeline picks it per tensor).
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
 
     def __init__(self, method: Transform, *, stacked: bool = False, out_dtype: Any = None,
-                 return_extras: bool = False):
+                 return_extras: bool = False, compute_dtype: Any = None):
         self.method = check_method(method, "LeafProgram")
         self.stacked = bool(stacked)
         self.out_dtype = None if out_dtype is None else jnp.dtype(out_dtype).name
         self.return_extras = bool(return_extras)
+        self.precision = compute_precision(compute_dtype)
+
+    def _precision(self, compute_dtype: Any) -> str | None:
+        return self.precision if compute_dtype is _PROGRAM else compute_precision(compute_dtype)
 
     @property
     def phases(self) -> tuple[tuple[int, str, StatsPhase], ...]:
@@ -244,12 +266,13 @@ class LeafProgram:
     def collect(self, index: int, base_leaf: Shaped[ArrayLike, "*shape"],
                 model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
                 hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any], view: MatrixView | None = None,
-                *, traced: bool = False) -> Any:
+                *, traced: bool = False, compute_dtype: Any = _PROGRAM) -> Any:
         """Phase ``index``'s statistic of one leaf (steps before the phase's step run first)."""
         view = view if self.method.uses_view else None
         f = functools.partial(_collect_impl, self.method, index) if traced else \
             functools.partial(_collect_jit, self.method, index)
-        return f(base_leaf, model_leaves, hp, key, stats, stacked=self.stacked, view=view)
+        return f(base_leaf, model_leaves, hp, key, stats, stacked=self.stacked, view=view,
+                 precision=self._precision(compute_dtype))
 
     def finalize(self, index: int, collected: list, hps: Sequence[Mapping[str, Any]], *, traced: bool = False) -> list:
         """Phase ``index``'s per-leaf values from every leaf's statistic (on the host, or traced)."""
@@ -261,13 +284,16 @@ class LeafProgram:
     def __call__(self, base_leaf: Shaped[ArrayLike, "*shape"],
                  model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
                  hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any] | None = None,
-                 view: MatrixView | None = None, *, traced: bool = False, out_dtype: Any = None) -> Any:
-        """The merged leaf (and its extras with ``return_extras``); ``out_dtype`` overrides the program's."""
+                 view: MatrixView | None = None, *, traced: bool = False, out_dtype: Any = None,
+                 compute_dtype: Any = _PROGRAM) -> Any:
+        """The merged leaf (and its extras with ``return_extras``); ``out_dtype`` and ``compute_dtype``
+        override the program's."""
         view = view if self.method.uses_view else None
         f = _leaf_impl if traced else _leaf_jit
         dt = self.out_dtype if out_dtype is None else jnp.dtype(out_dtype).name
         return f(self.method, base_leaf, model_leaves, hp, key, stats or {}, stacked=self.stacked,
-                 out_dtype=dt, return_extras=self.return_extras, view=view)
+                 out_dtype=dt, return_extras=self.return_extras, view=view,
+                 precision=self._precision(compute_dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +430,7 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
           hparams: Mapping[str, Any] | None = None, seed: int | jax.Array = 0, out_dtype: Any = None,
           return_extras: bool = False, check_finite: bool = False, num_layers: int | None = None,
           views: Any = None, non_float: Literal["base", "error"] = "base", group_leaves: bool | str = "auto",
-          traced_range_checks: bool = True) -> Any:
+          traced_range_checks: bool = True, compute_dtype: Any = None) -> Any:
     """Merge fine-tuned models into the base with ``method``.
 
     Works on any pytree (nested dicts, Flax linen params, Flax NNX ``State``). Floating-point leaves
@@ -438,6 +464,13 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
         for bodies of at least :data:`GROUP_MIN_EQNS` equations, ``True`` always, ``False`` never.
       traced_range_checks: check traced hyperparameter values against their ranges with one host
         callback (an out-of-range value then fails the computation with a message naming it).
+      compute_dtype: the arithmetic's dtype. None or ``"float32"`` (default): float32, exact for
+        bf16/fp16 inputs. ``"bfloat16"`` / ``"float16"``: the numbers of the same merge computed in
+        that dtype, as mergekit computes with ``dtype: bfloat16``: inputs, task vectors, the steps'
+        intermediates and ``base + merged`` are rounded to it (an emulation: float32 arithmetic rounded
+        after each operation; reductions round once). ``"float64"`` raises :class:`MergeInputError`.
+        Top-k ties (frequent among rounded task vectors) are broken deterministically, by the lowest
+        flat index (mergekit's unstable ``argsort`` keeps an arbitrary subset of the tied entries).
 
     Returns:
       The merged params pytree (and the extras pytree when ``return_extras``).
@@ -480,7 +513,8 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
     vws = infer_views(paths, [np.shape(base_leaves[i]) for i in idx], overrides=views)
     traced = _is_traced(base, per_leaf_models, hps) or isinstance(seed, jax.core.Tracer)
     keys = [leaf_key(seed, p) for p in paths]
-    program = LeafProgram(method, stacked=stacked, out_dtype=out_dtype, return_extras=return_extras)
+    program = LeafProgram(method, stacked=stacked, out_dtype=out_dtype, return_extras=return_extras,
+                          compute_dtype=compute_dtype)
     bl = [base_leaves[i] for i in idx]
     ml = [per_leaf_models[i] for i in idx]
 
@@ -521,12 +555,13 @@ def merge_leaf(method: Transform, base_leaf: Shaped[ArrayLike, "*shape"],
                model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"], *,
                hp: Mapping[str, Any], path: str, seed: int | jax.Array = 0, stats: Mapping[str, Any] | None = None,
                stacked: bool = False, out_dtype: Any = None, return_extras: bool = False,
-               view: MatrixView | None | str = "infer") -> Any:
+               view: MatrixView | None | str = "infer", compute_dtype: Any = None) -> Any:
     """Merge one tensor (out-of-core use): the per-leaf program that :func:`merge` runs.
 
     ``hp`` is this leaf's resolved hyperparameters (see :func:`prepare_leaf_hparams`); ``path``
     gives the leaf's PRNG key (and, with ``view="infer"``, its matrix view), so the result equals
-    the whole-tree merge's for that leaf. Non-float leaves are returned unchanged.
+    the whole-tree merge's for that leaf. Non-float leaves are returned unchanged. ``compute_dtype``
+    as for :func:`merge`.
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
@@ -543,7 +578,8 @@ def merge_leaf(method: Transform, base_leaf: Shaped[ArrayLike, "*shape"],
     if isinstance(view, str):
         view = infer_views([path], [np.shape(base_leaf)])[0]
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
-    program = LeafProgram(method, stacked=stacked, out_dtype=out_dtype, return_extras=return_extras)
+    program = LeafProgram(method, stacked=stacked, out_dtype=out_dtype, return_extras=return_extras,
+                          compute_dtype=compute_dtype)
     ms = model_leaves if stacked else tuple(model_leaves)
     return program(base_leaf, ms, hp, leaf_key(seed, path), dict(stats or {}), view)
 

@@ -1,4 +1,11 @@
-"""The per-leaf state that merge steps transform.
+"""The per-leaf state that merge steps transform, and the compute precision of a merge.
+
+A merge computes in float32 (exactly: bf16/fp16 inputs and their differences are exact in float32),
+or emulates a narrower compute dtype (``"bfloat16"``, ``"float16"``): the math stays float32 but
+values are rounded to the dtype where an implementation computing in that dtype rounds them
+(mergekit casts every input to its config's ``dtype`` and runs each torch operation in it). The core
+rounds the inputs, the task vectors ``model - base`` and the merged output; steps round their own
+intermediates with :meth:`MergeState.rounded`, which is the identity when computing in float32.
 
 References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) for task vectors.
 """
@@ -10,28 +17,92 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
+from .errors import MergeInputError
 from .views import MatrixView
 
-__all__ = ["MergeState", "diff_rows"]
+__all__ = ["MergeState", "diff_rows", "compute_precision", "round_to", "EMULATED_DTYPES"]
+
+EMULATED_DTYPES = ("bfloat16", "float16")
+"""Compute dtypes narrower than float32 that a merge emulates (float32 math rounded to the dtype)."""
+
+_DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+                "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32",
+                "float64": "float64", "fp64": "float64", "double": "float64"}
+
+
+def compute_precision(compute_dtype: Any) -> str | None:
+    """The precision a merge runs in for ``compute_dtype``: None for float32 (``None`` too), else the
+    emulated dtype's name (``"bfloat16"`` or ``"float16"``).
+
+    Raises:
+      MergeInputError: for float64 (jmerge computes in float32 at most: its exact top-k keys,
+        whole-model statistics and resolved hyperparameters are float32, so a float64 run would be
+        float32 arithmetic in disguise) and for any other dtype.
+
+    References: Micikevicius et al., "Mixed Precision Training" (ICLR 2018) for reduced-precision compute.
+    """
+    if compute_dtype is None:
+        return None
+    name = _DTYPE_NAMES.get(str(compute_dtype)) if isinstance(compute_dtype, str) else None
+    if name is None:
+        try:
+            name = jnp.dtype(compute_dtype).name
+        except TypeError:
+            name = str(compute_dtype)
+    if name == "float32":
+        return None
+    if name in EMULATED_DTYPES:
+        return name
+    if name == "float64":
+        raise MergeInputError("compute dtype float64 is not supported: jmerge computes in float32 at most (its top-k "
+                              "keys, statistics and hyperparameters are float32); compute in float32 and write "
+                              "float64 outputs (out_dtype) instead.")
+    raise MergeInputError(f"compute dtype {compute_dtype!r} is not supported; use float32, bfloat16 or float16.")
+
+
+def round_to(x: ArrayLike, precision: str | None) -> Float[Array, "..."]:
+    """``x`` as float32, rounded to ``precision`` (the value of a cast to that dtype: round to nearest
+    even, float16 subnormals and overflow to infinity included); unchanged for ``None``.
+
+    A cast there and back (``x.astype(bfloat16).astype(float32)``) is not used: XLA may drop such a
+    pair inside a fusion (it allows excess precision), so the rounding would silently not happen.
+    ``lax.reduce_precision`` is kept; it flushes float16 subnormals, which are rounded to multiples
+    of ``2**-24`` separately.
+
+    References: IEEE 754-2019 (roundTiesToEven).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if precision is None:
+        return x
+    if precision == "bfloat16":
+        return lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+    if precision == "float16":
+        sub = jnp.abs(x) < 2.0 ** -14
+        return jnp.where(sub, jnp.round(x * 2.0 ** 24) * 2.0 ** -24, lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10))
+    raise MergeInputError(f"cannot round to {precision!r}; emulated compute dtypes are {EMULATED_DTYPES}.")
 
 
 def diff_rows(base_leaf: Shaped[ArrayLike, "*shape"], model_leaves: Sequence[Shaped[ArrayLike, "*shape"]],
-              guard: Callable[[Any], Any] = lambda a: a) -> list[Float[Array, "*shape"]]:
+              guard: Callable[[Any], Any] = lambda a: a, precision: str | None = None) -> list[Float[Array, "*shape"]]:
     """The rows of ``tau``: ``float32(model_t) - float32(base)``, each input passed through ``guard``.
+
+    With an emulated ``precision`` the inputs and each difference are rounded to it (the task vector
+    as computed in that dtype).
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) for task vectors.
     """
-    b = jnp.asarray(guard(base_leaf), jnp.float32)
-    return [jnp.asarray(guard(m), jnp.float32) - b for m in model_leaves]
+    b = round_to(guard(base_leaf), precision)
+    return [round_to(round_to(guard(m), precision) - b, precision) for m in model_leaves]
 
 
-def stack_diffs(base_leaf: Shaped[ArrayLike, "*shape"],
-                model_leaves: Sequence[Shaped[ArrayLike, "*shape"]]) -> Float[Array, "T *shape"]:
+def stack_diffs(base_leaf: Shaped[ArrayLike, "*shape"], model_leaves: Sequence[Shaped[ArrayLike, "*shape"]],
+                precision: str | None = None) -> Float[Array, "T *shape"]:
     """``tau`` as one ``(T, *shape)`` float32 array. Differences first, then the stack: XLA builds
     ``tau`` in one fusion instead of materializing the stacked models and subtracting later."""
-    return jnp.stack(diff_rows(base_leaf, model_leaves))
+    return jnp.stack(diff_rows(base_leaf, model_leaves, precision=precision))
 
 
 @jax.tree_util.register_dataclass
@@ -49,6 +120,8 @@ class MergeState:
       source: ``(tau0, base_leaf, model_leaves)``: the task vectors as first built and the raw inputs
         (``base_leaf`` and ``model_leaves`` are None when stacked task vectors were given).
       view: the leaf's matrix view (fan-in x fan-out axes), or None for vectors; static.
+      precision: None (float32) or the emulated compute dtype (``"bfloat16"``, ``"float16"``); static.
+        ``tau``, ``base`` and the raw inputs are then rounded to it; see :meth:`rounded`.
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) for task vectors.
     """
@@ -61,10 +134,16 @@ class MergeState:
     extras: dict = dataclasses.field(default_factory=dict)
     source: tuple | None = None
     view: MatrixView | None = dataclasses.field(default=None, metadata=dict(static=True))
+    precision: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def num_models(self) -> int:
         return self.tau.shape[0]
+
+    def rounded(self, x: ArrayLike) -> Float[Array, "..."]:
+        """``x`` rounded to the emulated compute dtype, where an implementation computing in that dtype
+        rounds a result (after each arithmetic operation or reduction); ``x`` itself in float32."""
+        return x if self.precision is None else round_to(x, self.precision)
 
     def tau_rebuild(self) -> Callable[[Callable[[Any], Any]], list[Float[Array, "*shape"]]] | None:
         """While ``tau`` is still ``models - base`` as built: ``guard -> [tau[0], ..., tau[T-1]]``, the
@@ -73,17 +152,22 @@ class MergeState:
         if self.source is None or self.source[0] is not self.tau or self.source[1] is None:
             return None
         _, base_leaf, model_leaves = self.source
-        return lambda guard: diff_rows(base_leaf, model_leaves, guard)
+        return lambda guard: diff_rows(base_leaf, model_leaves, guard, self.precision)
 
     def raw_tau(self) -> Float[Array, "T *shape"]:
         """The task vectors as given to the merge (before any step changed ``tau``)."""
         if self.source is None:
             return self.tau
         tau0, base_leaf, model_leaves = self.source
-        return tau0 if base_leaf is None else stack_diffs(base_leaf, model_leaves)
+        return tau0 if base_leaf is None else stack_diffs(base_leaf, model_leaves, self.precision)
 
     def models(self) -> Float[Array, "T *shape"]:
-        """The fine-tuned leaves ``base + tau`` as a ``(T, *shape)`` float32 array."""
+        """The fine-tuned leaves ``base + tau`` as a ``(T, *shape)`` float32 array. With an emulated
+        precision and ``tau`` as built, the (rounded) inputs themselves: ``base + tau`` would add the
+        rounding error of the task vectors."""
+        if self.precision is not None and self.source is not None and self.source[0] is self.tau \
+                and self.source[1] is not None:
+            return jnp.stack([round_to(m, self.precision) for m in self.source[2]])
         return self.base[None] + self.tau
 
     def replace(self, **kw: Any) -> "MergeState":

@@ -24,10 +24,11 @@ def per_model(hp_value: float | Float[Array, "*T"], state: MergeState) -> Float[
 
 
 def _weighted_sum(state: MergeState, hp, *, normalize: bool) -> MergeState:
-    w = per_model(hp["weight"], state)
-    total = model_sum(w * state.tau)
+    r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
+    w = r(per_model(hp["weight"], state))
+    total = r(model_sum(r(w * state.tau)))
     if normalize:
-        total = total / jnp.sum(w)
+        total = r(total / r(jnp.sum(w)))
     return state.replace(merged=total)
 
 
@@ -41,7 +42,7 @@ def weighted_sum(weight: HParamSpec = 1.0, normalize: bool = False) -> Transform
 
 
 def _scale(state: MergeState, hp) -> MergeState:
-    return state.replace(merged=hp["scale"] * state.merged)
+    return state.replace(merged=state.rounded(hp["scale"] * state.merged))
 
 
 def scale(scale: HParamSpec = 1.0) -> Transform:

@@ -41,8 +41,12 @@ def _slerp(state: MergeState, hp) -> MergeState:
             "for more models.")
     t = jnp.asarray(hp["t"], jnp.float32)
     a = state.base.reshape(-1)
-    tau = state.tau[0].reshape(-1)
-    b = a + tau
+    if state.precision is None:
+        tau = state.tau[0].reshape(-1)
+        b = a + tau
+    else:  # mergekit interpolates the (rounded) models in float32: not the rounded task vector
+        b = state.models()[0].reshape(-1)
+        tau = b - a
     if a.size == 0:
         return state.replace(merged=jnp.zeros_like(state.base))
     eps = 1e-8
@@ -58,7 +62,7 @@ def _slerp(state: MergeState, hp) -> MergeState:
     cb = jnp.where(lin, t, jnp.sin(t * theta) / sin_theta)
     # result = ca*a + cb*b; written relative to the base so that t=0 gives exactly the base and
     # t=1 exactly base + tau.
-    merged = (ca + cb - 1.0) * state.base + cb * state.tau[0]
+    merged = (ca + cb - 1.0) * state.base + cb * tau.reshape(state.base.shape)
     return state.replace(merged=merged)
 
 
@@ -86,7 +90,8 @@ def slerp(t: HParamSpec = 0.5) -> Transform:
 # --------------------------------------------------------------------------------------------
 # NuSLERP (two models, optionally relative to the base)
 
-def _nuslerp_pair(t, v0, v1, *, flatten: bool, row_wise: bool):
+def _nuslerp_pair(t, v0, v1, *, flatten: bool, row_wise: bool, r=lambda x: x):
+    # r: rounding to the emulated compute dtype after each operation (identity in float32)
     eps = 1e-8
     shape = v0.shape
     if flatten or v0.ndim <= 1:
@@ -97,14 +102,14 @@ def _nuslerp_pair(t, v0, v1, *, flatten: bool, row_wise: bool):
         axis = 0 if row_wise else -1
 
     def unit(x):
-        return x / jnp.maximum(_safe_norm(x, axis=axis, keepdims=True), 1e-7)
+        return r(x / r(jnp.maximum(r(_safe_norm(x, axis=axis, keepdims=True)), 1e-7)))
 
-    cos = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=axis, keepdims=True), -1.0, 1.0)
-    colinear = (1.0 - cos * cos) <= eps ** 2
-    theta = jnp.arccos(jnp.where(colinear, 0.0, cos))
-    sin_theta = jnp.where(colinear, 1.0, jnp.sin(theta))
-    sph = (jnp.sin((1.0 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / sin_theta
-    out = jnp.where(colinear, (1.0 - t) * v0 + t * v1, sph)
+    cos = jnp.clip(r(jnp.sum(r(unit(v0) * unit(v1)), axis=axis, keepdims=True)), -1.0, 1.0)
+    colinear = r(1.0 - r(cos * cos)) <= eps ** 2
+    theta = r(jnp.arccos(jnp.where(colinear, 0.0, cos)))
+    sin_theta = jnp.where(colinear, 1.0, r(jnp.sin(theta)))
+    sph = r(r(r(r(jnp.sin(r((1.0 - t) * theta))) * v0) + r(r(jnp.sin(r(t * theta))) * v1)) / sin_theta)
+    out = jnp.where(colinear, r(r((1.0 - t) * v0) + r(t * v1)), sph)
     return out.reshape(shape)
 
 
@@ -116,10 +121,10 @@ def _nuslerp(state: MergeState, hp, *, flatten: bool, row_wise: bool, base_relat
     total = w[0] + w[1]
     t = jnp.where(jnp.abs(total) < 1e-6, 0.5, w[1] / jnp.where(jnp.abs(total) < 1e-6, 1.0, total))
     if base_relative:
-        merged = _nuslerp_pair(t, state.tau[0], state.tau[1], flatten=flatten, row_wise=row_wise)
+        merged = _nuslerp_pair(t, state.tau[0], state.tau[1], flatten=flatten, row_wise=row_wise, r=state.rounded)
     else:
         m = state.models()
-        merged = _nuslerp_pair(t, m[0], m[1], flatten=flatten, row_wise=row_wise) - state.base
+        merged = _nuslerp_pair(t, m[0], m[1], flatten=flatten, row_wise=row_wise, r=state.rounded) - state.base
     return state.replace(merged=merged)
 
 
@@ -155,22 +160,23 @@ def _multislerp(state: MergeState, hp, *, normalize_weights: bool, base_relative
     if T == 1:
         return state.replace(merged=state.tau[0])
     flat = x.reshape(T, -1)
+    r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
     eps = jnp.asarray(hp["eps"], jnp.float32)
-    w = jnp.broadcast_to(jnp.asarray(hp["weight"], jnp.float32), (T,))
+    w = r(jnp.broadcast_to(jnp.asarray(hp["weight"], jnp.float32), (T,)))
     if normalize_weights:
-        w = w / jnp.sum(w)
-    norms = _safe_norm(flat, axis=-1, keepdims=True)
-    units = flat / (norms + eps)
-    mean = model_sum(units * w[:, None])
-    mean_norm = _safe_norm(mean)
+        w = r(w / r(jnp.sum(w)))
+    norms = r(_safe_norm(flat, axis=-1, keepdims=True))
+    units = r(flat / r(norms + eps))
+    mean = r(model_sum(r(units * w[:, None])))
+    mean_norm = r(_safe_norm(mean))
     degenerate = mean_norm < eps
-    mean = mean / jnp.where(degenerate, 1.0, mean_norm)
-    dots = jnp.sum(units * mean, axis=-1, keepdims=True)
-    tangent = model_sum((units - dots * mean) * w[:, None])
-    tn = _safe_norm(tangent) + eps
-    res = mean * jnp.cos(tn) + tangent * (jnp.sin(tn) / tn)
-    res = res * jnp.sum(norms[:, 0] * w)
-    lin = model_sum(flat * w[:, None])
+    mean = r(mean / jnp.where(degenerate, 1.0, mean_norm))
+    dots = r(jnp.sum(r(units * mean), axis=-1, keepdims=True))
+    tangent = r(model_sum(r(r(units - r(dots * mean)) * w[:, None])))
+    tn = r(r(_safe_norm(tangent)) + eps)
+    res = r(r(mean * r(jnp.cos(tn))) + r(tangent * r(r(jnp.sin(tn)) / tn)))
+    res = r(res * r(jnp.sum(r(norms[:, 0] * w))))
+    lin = r(model_sum(r(flat * w[:, None])))
     res = jnp.where(degenerate, lin, res).reshape(state.base.shape)
     merged = res if base_relative else res - state.base
     return state.replace(merged=merged)
@@ -214,36 +220,50 @@ def _karcher(state: MergeState, hp, *, max_iter: int, base_relative: bool) -> Me
     tol = jnp.asarray(hp["tol"], jnp.float32)
     w = jnp.broadcast_to(jnp.asarray(hp["weight"], jnp.float32), (T,))
     alphas = w / jnp.sum(w)
+    # In a narrow compute dtype (bf16/fp16) the rounding follows mergekit: norms, the angle test and
+    # the tangent norm stay float32; the units, the mean and the tangent are stored in the dtype, the
+    # models' terms are added one at a time, and a float32 scalar multiplying from the left (cos, sin of
+    # the tangent norm, the final scale) is first rounded to the dtype (torch's CPU kernels do so).
+    r, emulate = state.rounded, state.precision is not None
+
+    def rsum(xs):
+        if not emulate:
+            return model_sum(xs)
+        out = xs[0]
+        for i in range(1, T):
+            out = r(out + xs[i])
+        return out
+
     norms = _safe_norm(flat, axis=-1)
-    units = jnp.where((norms > 0)[:, None], flat / jnp.where(norms > 0, norms, 1.0)[:, None], 0.0)
+    units = jnp.where((norms > 0)[:, None], r(flat / jnp.where(norms > 0, norms, 1.0)[:, None]), 0.0)
     valid = norms > tol
     va = jnp.where(valid, alphas, 0.0)
     any_valid = jnp.any(valid)
     na = va / jnp.where(any_valid, jnp.sum(va), 1.0)
-    mean0 = model_sum(na[:, None] * units)
+    mean0 = rsum(r(na[:, None] * units))
     mn = _safe_norm(mean0)
     first = units[jnp.argmax(valid)]
-    mean0 = jnp.where(mn < tol, first, mean0 / jnp.where(mn < tol, 1.0, mn))
+    mean0 = jnp.where(mn < tol, first, r(mean0 / jnp.where(mn < tol, 1.0, mn)))
 
     def body(_, carry):
         mean, done = carry
-        dot = jnp.clip(units @ mean, -1.0, 1.0)
-        theta = jnp.arccos(dot)
+        dot = jnp.clip(r(units @ mean), -1.0, 1.0)
+        theta = r(jnp.arccos(dot))
         skip = theta < tol
-        sin_t = jnp.where(skip, 1.0, jnp.sin(theta))
-        coef = jnp.where(skip, 0.0, na * theta / sin_t)
-        tangent = model_sum(coef[:, None] * (units - dot[:, None] * mean[None]))
+        sin_t = jnp.where(skip, 1.0, r(jnp.sin(theta)))
+        coef = jnp.where(skip, 0.0, r(na * r(theta / sin_t)) if emulate else na * theta / sin_t)
+        tangent = rsum(r(coef[:, None] * r(units - r(dot[:, None] * mean[None]))))
         tn = _safe_norm(tangent)
         stop = done | (tn < tol)
         safe_tn = jnp.where(tn > 0, tn, 1.0)
-        new = jnp.cos(tn) * mean + jnp.sin(tn) * (tangent / safe_tn)
+        new = r(r(r(jnp.cos(tn)) * mean) + r(r(jnp.sin(tn)) * r(tangent / safe_tn)))
         un = _safe_norm(new)
-        new = jnp.where(un > tol, new / jnp.where(un > tol, un, 1.0), new)
+        new = jnp.where(un > tol, r(new / jnp.where(un > tol, un, 1.0)), new)
         return jnp.where(stop, mean, new), stop
 
     mean, _ = jax.lax.fori_loop(0, max_iter, body, (mean0, jnp.asarray(False)))
     scale = jnp.sum(alphas * norms)
-    res = jnp.where(any_valid, scale * mean, 0.0).reshape(state.base.shape)
+    res = jnp.where(any_valid, r(r(scale) * mean), 0.0).reshape(state.base.shape)
     merged = res if base_relative else res - state.base
     return state.replace(merged=merged)
 
@@ -285,22 +305,30 @@ def _model_stock(state: MergeState, hp, *, filter_wise: bool, average: str) -> M
         off = state.tau if state.base.ndim >= 1 else state.tau.reshape(T, 1)
     else:
         off = state.tau.reshape(T, -1)
-    norms = _safe_norm(off, axis=-1)
+    r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
+    norms = r(_safe_norm(off, axis=-1))
     cos_list = []
     for i in range(T):
         for j in range(i + 1, T):
-            c = jnp.sum(off[i] * off[j], axis=-1) / jnp.maximum(norms[i] * norms[j], 1e-6)
+            c = r(r(jnp.sum(r(off[i] * off[j]), axis=-1)) / r(jnp.maximum(r(norms[i] * norms[j]), 1e-6)))
             cos_list.append(jnp.clip(c, -1.0, 1.0))
     cs = jnp.stack(cos_list)
     if average == "angle":
-        cos = jnp.cos(jnp.mean(jnp.arccos(cs), axis=0))[..., None]
+        cos = r(jnp.cos(r(jnp.mean(r(jnp.arccos(cs)), axis=0))))[..., None]
     else:
-        cos = jnp.mean(cs, axis=0)[..., None]
-    den = 1.0 + (T - 1) * cos
+        cos = r(jnp.mean(cs, axis=0))[..., None]
+    den = r(1.0 + r((T - 1) * cos))
     singular = jnp.abs(den) < 1e-6
-    t = jnp.where(singular, 0.0, T * cos / jnp.where(singular, 1.0, den))
-    avg = model_mean(off)
-    merged = (t * avg).reshape(state.base.shape)
+    t = jnp.where(singular, 0.0, r(r(T * cos) / jnp.where(singular, 1.0, den)))
+    if state.precision is None:
+        merged = (t * model_mean(off)).reshape(state.base.shape)
+    else:  # in a narrow dtype the rounding follows mergekit's t * mean(models) + (1 - t) * base
+        ms, w0 = state.models().reshape(off.shape), state.base.reshape(off.shape[1:])
+        total = ms[0]
+        for m in ms[1:]:
+            total = r(total + m)
+        out = r(r(t * r(total / T)) + r(r(1.0 - t) * w0))
+        merged = (out - w0).reshape(state.base.shape)
     extras = {**state.extras, "model_stock_t": t[..., 0] if filter_wise else t.reshape(())}
     return state.replace(merged=merged, extras=extras)
 
@@ -343,8 +371,14 @@ def _nearswap(state: MergeState, hp) -> MergeState:
                               f"{state.num_models} for a leaf of shape {tuple(state.base.shape)}.")
     t = jnp.asarray(hp["t"], jnp.float32)
     tau = state.tau[0]
-    w = jnp.clip(t / jnp.maximum(jnp.abs(tau), 1e-6), 0.0, 1.0)
-    return state.replace(merged=w * tau)
+    if state.precision is None:
+        w = jnp.clip(t / jnp.maximum(jnp.abs(tau), 1e-6), 0.0, 1.0)
+        return state.replace(merged=w * tau)
+    # in a narrow dtype the rounding follows mergekit's w * model + (1 - w) * base (t / x is t * (1 / x))
+    r = state.rounded
+    a, b = state.base, state.models()[0]
+    w = jnp.clip(r(r(1.0 / r(jnp.maximum(jnp.abs(tau), 1e-6))) * t), 0.0, 1.0)
+    return state.replace(merged=r(r(w * b) + r(r(1.0 - w) * a)) - a)
 
 
 def nearswap(t: HParamSpec = 1e-4) -> Transform:

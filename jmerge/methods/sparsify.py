@@ -117,7 +117,11 @@ def trim(density: HParamSpec = 0.2, *, scope: Literal["tensor", "global"] = "ten
         entry kept when ``density > 0``) or ``"authors"`` (the TIES authors' ``int(density * n) + 1``;
         also for ``scope="global"``, where ``n`` is the task vector's total size).
 
-    Ties in magnitude are broken by the lowest flat index.
+    Ties in magnitude at the k-th largest are broken deterministically: the tied entries with the
+    lowest flat (row-major) index are kept (with ``scope="global"``: leaf order first). mergekit ranks
+    with an unstable ``argsort``, so among entries tied at its threshold (frequent in bf16/fp16 task
+    vectors, whose magnitudes take few values) it keeps an arbitrary subset; results then differ from
+    jmerge's only at those tied entries.
 
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
     (NeurIPS 2023).

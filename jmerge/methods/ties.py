@@ -31,13 +31,14 @@ __all__ = ["elect_sign", "disjoint_merge", "ties", "dare_linear", "dare_ties", "
 # Steps
 
 def _weights(hp_value, state: MergeState):
-    return rows(per_model(hp_value, state))
+    return rows(state.rounded(per_model(hp_value, state)))
 
 
 def _elect_sign(state: MergeState, hp, *, method: str, weighted: bool) -> MergeState:
+    r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
     taus = rows(state.tau)
-    x = [w * t for w, t in zip(_weights(hp["weight"], state), taus)] if weighted else taus
-    votes = sum(x[1:], x[0]) if method == "sum" else sum([jnp.sign(v) for v in x[1:]], jnp.sign(x[0]))
+    x = [r(w * t) for w, t in zip(_weights(hp["weight"], state), taus)] if weighted else taus
+    votes = r(sum(x[1:], x[0])) if method == "sum" else sum([jnp.sign(v) for v in x[1:]], jnp.sign(x[0]))
     sign = jnp.where(votes >= 0, 1.0, -1.0).astype(jnp.float32)
     return state.replace(extras={**state.extras, "sign": sign})
 
@@ -64,16 +65,17 @@ def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str) ->
     if "sign" not in state.extras:
         raise MergeInputError("disjoint_merge needs an elected sign: put elect_sign(...) before it in the chain.")
     sign = state.extras["sign"]
+    r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
     ws = _weights(hp["weight"], state)
-    contrib = [w * t for w, t in zip(ws, rows(state.tau))]
+    contrib = [r(w * t) for w, t in zip(ws, rows(state.tau))]
     agree = [jnp.sign(c) == sign for c in contrib]
-    total = sum([jnp.where(a, c, 0.0) for a, c in zip(agree, contrib)])
+    total = r(sum([jnp.where(a, c, 0.0) for a, c in zip(agree, contrib)]))
     if reduce == "mean":
         if normalize_by == "count":
             div = sum([a.astype(jnp.float32) for a in agree])
         else:
-            div = sum([jnp.where(a, w, 0.0) for a, w in zip(agree, ws)])
-        total = total / jnp.where(div == 0, 1.0, div)
+            div = r(sum([jnp.where(a, w, 0.0) for a, w in zip(agree, ws)]))
+        total = r(total / jnp.where(div == 0, 1.0, div))
     return state.replace(merged=total)
 
 
@@ -288,8 +290,9 @@ def magmax(scale: HParamSpec = 0.5, *, tie: Literal["last", "first"] = "last") -
 def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
     T = state.num_models
     tau = state.tau
+    r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
     mu = model_mean(tau)
-    var = model_mean(jnp.square(tau - mu[None])).reshape(1, -1)  # population variance across tasks
+    var = r(model_mean(jnp.square(tau - mu[None]))).reshape(1, -1)  # population variance across tasks
     nonzero = jnp.sum(var != 0)
     d = jnp.asarray(hp["density"], jnp.float32)
     x = d * nonzero.astype(jnp.float32)
@@ -297,14 +300,14 @@ def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
     k = jnp.where(d >= 1, var.size, jnp.clip(k, 0, var.size)).astype(jnp.int32)
     select = topk_mask_rows(var, k[None]).reshape(tau.shape[1:])
     tau = jnp.where(select[None], tau, 0.0)
-    votes = model_sum(tau)
+    votes = r(model_sum(tau))
     sign = jnp.where(votes >= 0, 1.0, -1.0)
     erase = jnp.sign(tau) == sign[None]
-    energy = jnp.mean(jnp.square(tau).reshape(T, -1), axis=1)
-    esum = jnp.sum(energy)
-    wt = jnp.where(jnp.abs(esum) < 1e-6, jnp.full((T,), 1.0 / T), energy / jnp.where(esum == 0, 1.0, esum))
+    energy = r(jnp.mean(r(jnp.square(tau)).reshape(T, -1), axis=1))
+    esum = r(jnp.sum(energy))
+    wt = jnp.where(jnp.abs(esum) < 1e-6, r(jnp.full((T,), 1.0 / T)), r(energy / jnp.where(esum == 0, 1.0, esum)))
     ew = jnp.where(erase, wt.reshape((T,) + (1,) * (tau.ndim - 1)), 0.0)
-    merged = model_sum(tau * ew) / jnp.maximum(model_sum(ew), 1e-6)
+    merged = r(r(model_sum(r(tau * ew))) / r(jnp.maximum(r(model_sum(ew)), 1e-6)))
     return state.replace(merged=merged, extras={**state.extras, "sign": sign, "sce_mask": select})
 
 
