@@ -30,12 +30,15 @@ from .learned import (LearnedMerge, LearnedMergeError, adamerging, adaptive_proj
                       concrete_merge, fisher_information, fisher_merge, gram_matrices, linearize,
                       merge_with_coefficients, regmean_merge)
 from .methods import METHODS as _METHODS
-from .methods import (HEAD_FILTER, PackedMask, breadcrumbs, breadcrumbs_drop, breadcrumbs_ties, consensus_mask,
+from .methods import (HEAD_FILTER, PackedMask, arcee_fusion, breadcrumbs, breadcrumbs_drop, breadcrumbs_ties,
+                      consensus_mask,
                       consensus_ta, consensus_ties, dare, dare_linear, dare_ties, della, della_drop, della_linear,
-                      disjoint_merge, elect_sign, emr_merge, emr_task_models, extras_item, iso_c, iso_cts,
+                      disjoint_merge, elect_sign, emr_merge, emr_task_models, extras_item, fusion_importance, iso_c,
+                      iso_cts,
                       iso_cts_sizes, karcher, layer_swap, layer_swap_source, linear, lines, lines_position,
                       lines_scale, magmax, model_stock, multislerp, nearswap, negation, nuslerp, pack_masks, pcb,
-                      per_model, rescale_l1, scale, sce, select_model, slerp, tall_masks, tall_merge,
+                      per_model, ram, ram_contributors, ramplus_tl, rescale_l1, scale, sce, select_model, slerp,
+                      tall_masks, tall_merge,
                       tall_task_models, task_arithmetic, ties, trim, tsv_m, tsv_rank, unpack_masks, weighted_sum)
 from .mergekit import MERGEKIT_METHODS, ConfigError, MergeConfig, MergePlan, load_config, parse_config
 from .pipeline import TensorJob, plan_summary, run_merge
@@ -67,6 +70,7 @@ __all__ = [
     "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "tsv_m", "iso_c", "iso_cts", "lines",
     "layer_swap", "tall_task_models", "extras_item", "PackedMask", "pack_masks", "unpack_masks", "emr_task_models",
     "tsv_rank", "iso_cts_sizes", "lines_position", "layer_swap_source", "HEAD_FILTER",
+    "arcee_fusion", "ram", "ramplus_tl", "fusion_importance", "ram_contributors",
     # learned
     "LearnedMerge", "LearnedMergeError", "adamerging", "atlas", "merge_with_coefficients", "concrete_merge",
     "concrete_mask", "fisher_information", "fisher_merge", "gram_matrices", "regmean_merge",

@@ -156,6 +156,29 @@ CASES: dict[str, dict] = {
         "models": _models((FT1, {"weight": 1.0}), (FT2, {"weight": 0.7}), (FT3, {"weight": 0.5})),
         "parameters": {"density": 0.5, "epsilon": 0.1, "lambda": 1.0},
     },
+    # arcee_fusion / ram / ramplus_tl compute in float32 (their masks compare computed values with
+    # thresholds); the base is listed among the models as in mergekit's examples/arcee_fusion.yml.
+    "arcee_fusion": {
+        "merge_method": "arcee_fusion",
+        "base_model": BASE,
+        "models": _models((BASE, None), (FT1, None)),
+        "dtype": "float32",
+    },
+    # epsilon near the median |tau| (~7e-4) so that unique, shared and unchanged entries all occur
+    "ram": {
+        "merge_method": "ram",
+        "base_model": BASE,
+        "models": _models((FT1, None), (FT2, None), (FT3, None)),
+        "parameters": {"epsilon": 0.0007},
+        "dtype": "float32",
+    },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "base_model": BASE,
+        "models": _models((FT1, None), (FT2, None), (FT3, None)),
+        "parameters": {"r": 0.5, "alpha": 1.0, "epsilon": 0.0015},
+        "dtype": "float32",
+    },
 }
 
 

@@ -125,6 +125,12 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
                                   lambda o, b: {"filter_wise": bool(o["filter_wise"])}),
     "sce": MergekitMethod("sce", "required", {"select_topk": "density"}, {}, lambda o, b: {"rounding": "floor"},
                           {"density": 1.0}),
+    # arcee_fusion takes no parameters; model cards often carry GTA options, which mergekit ignores too
+    "arcee_fusion": MergekitMethod("arcee_fusion", "required", ignored=frozenset({"int8_mask", "normalize", "rescale"}),
+                                   max_models=1),
+    "ram": MergekitMethod("ram", "required", {"epsilon": "epsilon"}, hp_defaults={"epsilon": 1e-5}),
+    "ramplus_tl": MergekitMethod("ramplus_tl", "required", {"r": "r", "alpha": "alpha", "epsilon": "epsilon"},
+                                 hp_defaults={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
 }
 """mergekit method name -> how it maps to a jmerge method (:data:`PASSTHROUGH` is slice-only, not here)."""
 

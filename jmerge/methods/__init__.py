@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from .basic import METHODS as _BASIC
 from .basic import linear, negation, per_model, scale, task_arithmetic, weighted_sum
+from .fusion import METHODS as _FUSION
+from .fusion import arcee_fusion, fusion_importance
 from .geometric import METHODS as _GEOMETRIC
 from .geometric import karcher, model_stock, multislerp, nearswap, nuslerp, slerp
 from .layers import METHODS as _LAYERS
@@ -16,6 +18,8 @@ from .layers import HEAD_FILTER, layer_swap, layer_swap_source, lines, lines_pos
 from .masks import METHODS as _MASKS
 from .masks import (PackedMask, consensus_mask, consensus_ta, consensus_ties, emr_merge, emr_task_models, extras_item,
                     pack_masks, pcb, tall_masks, tall_merge, tall_task_models, unpack_masks)
+from .ram import METHODS as _RAM
+from .ram import ram, ram_contributors, ramplus_tl
 from .sparsify import breadcrumbs_drop, dare, della_drop, rescale_l1, trim
 from .spectral import METHODS as _SPECTRAL
 from .spectral import iso_c, iso_cts, iso_cts_sizes, tsv_m, tsv_rank
@@ -23,7 +27,7 @@ from .ties import METHODS as _TIES
 from .ties import (breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, disjoint_merge,
                    elect_sign, magmax, sce, ties)
 
-METHODS = {**_BASIC, **_TIES, **_MASKS, **_GEOMETRIC, **_SPECTRAL, **_LAYERS}
+METHODS = {**_BASIC, **_TIES, **_MASKS, **_GEOMETRIC, **_SPECTRAL, **_LAYERS, **_FUSION, **_RAM}
 """Registered named methods: ``{name: factory}``; ``factory(**kwargs)`` returns a Transform."""
 
 __all__ = [
@@ -35,8 +39,9 @@ __all__ = [
     "linear", "task_arithmetic", "negation", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "magmax", "sce", "consensus_ta", "consensus_ties", "tall_merge", "pcb", "emr_merge",
     "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "tsv_m", "iso_c", "iso_cts", "lines",
-    "layer_swap",
+    "layer_swap", "arcee_fusion", "ram", "ramplus_tl",
     # helpers
     "tall_task_models", "extras_item", "PackedMask", "pack_masks", "unpack_masks", "emr_task_models", "tsv_rank",
-    "iso_cts_sizes", "lines_position", "layer_swap_source", "HEAD_FILTER",
+    "iso_cts_sizes", "lines_position", "layer_swap_source", "HEAD_FILTER", "fusion_importance",
+    "ram_contributors",
 ]
