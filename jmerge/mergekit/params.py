@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from typing import Any, Callable, Mapping
 
 from ..core import Gradient, PerModel, Rules
@@ -242,3 +243,143 @@ def _resolve_parameters(ctx: _Ctx, cfg: MergeConfig, m: _Method, entries: list[t
     kwargs = _factory_kwargs(ctx, cfg, table, m, fparams, has_base)
     _check_required(ctx, cfg, m, hparams)
     return kwargs, hparams
+
+
+# --------------------------------------------------------------------------------------------
+# `slices` merges: settings per level, evaluated per tensor as mergekit evaluates them
+
+
+def _setting_value(spec: Any, name: str, t: float) -> float | None:
+    """A converted setting at tensor ``name`` and gradient position ``t``; None when no filter matches.
+
+    mergekit's rules: a gradient of ``n`` values at ``t`` interpolates between values ``floor(t(n-1))``
+    and the next; in a filter list the first entry whose filter is a substring of the name (or that has
+    no filter) wins, and when none does the setting does not apply (the next level is asked).
+    """
+    if isinstance(spec, bool) or _is_num(spec):
+        return float(spec)
+    if isinstance(spec, Gradient):
+        vals = [float(v) for v in spec.values]
+        s = t * (len(vals) - 1)
+        i0 = int(s)
+        i1 = min(len(vals) - 1, i0 + 1)
+        frac = s - i0
+        return (1 - frac) * vals[i0] + frac * vals[i1]
+    if isinstance(spec, Rules):
+        for f, v in spec.rules:
+            hit = re.search(f[3:], name) is not None if f.startswith("re:") else f in name
+            if f == "" or hit:
+                return _setting_value(v, name, t)
+        return None
+    raise TypeError(f"unexpected parameter spec {spec!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceParameters:
+    """The parameters of a ``slices`` merge per level, as jmerge specs keyed by jmerge hyperparameter name.
+
+    mergekit's precedence, per tensor: a per-model parameter (one value per merged model, e.g. ``weight``,
+    ``density``) comes from that source's ``parameters``, else its slice's, else the top level; a shared
+    parameter (one value per tensor, e.g. ``t``, ``lambda``) from the slice's, else the top level
+    (per-source settings of shared parameters are ignored, as in mergekit). A level whose filters all
+    miss the tensor falls through to the next; when no level applies, mergekit's default (or jmerge's,
+    for jmerge-native methods) is used.
+
+    Attributes:
+      top: the top-level ``parameters``.
+      slices: each slice's ``parameters``.
+      sources: per slice, each source's ``parameters``.
+      per_model: the hyperparameters that take one value per merged model.
+      defaults: value when no level applies (mergekit's defaults, else jmerge's).
+      required: hyperparameters that must apply to every tensor -> the mergekit name (for messages).
+      names: every hyperparameter to resolve, in order.
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track).
+    """
+
+    top: Mapping[str, Any]
+    slices: tuple
+    sources: tuple
+    per_model: frozenset
+    defaults: Mapping[str, Any]
+    required: Mapping[str, str]
+    names: tuple
+
+    def value(self, slice_index: int, name: str, tensor: str, t: float, source: int | None = None) -> float | None:
+        """The value of hyperparameter ``name`` at ``tensor`` and ``t`` in slice ``slice_index`` (None: none applies).
+
+        ``source`` (an index into the slice's sources) asks for a per-model value: that source's
+        settings come first.
+        """
+        levels = ([self.sources[slice_index][source]] if source is not None else []) + [self.slices[slice_index],
+                                                                                         self.top]
+        for level in levels:
+            if name in level:
+                v = _setting_value(level[name], tensor, t)
+                if v is not None:
+                    return v
+        if name in self.defaults:
+            return _setting_value(self.defaults[name], tensor, t)
+        return None
+
+
+def _public_per_model(method: Any, name: str) -> bool:
+    """Whether every step a (public or qualified) hyperparameter name sets takes one value per model."""
+    targets = method.aliases.get(name) or (name,)
+    return all(method.accepts_per_model(q) for q in targets)
+
+
+def _resolve_slice_parameters(ctx: _Ctx, cfg: MergeConfig, m: _Method,
+                              has_base: list[bool]) -> tuple[dict[str, Any], SliceParameters]:
+    """Stage 5 for ``slices``: every level's parameters checked -> ``(factory_kwargs, SliceParameters)``.
+
+    Fixed options (``normalize`` ...) must have one value over the whole config; every slice must
+    use (or not use) a base alike when the method's options depend on it.
+    """
+    traced = _probe_hparams(m.factory)
+    fparams = _factory_params(m.factory)
+    top = _located(ctx, ("parameters",), cfg.parameters)
+    per_slice = [_located(ctx, ("slices", i, "parameters"), s.parameters) for i, s in enumerate(cfg.slices)]
+    per_src = [[_located(ctx, ("slices", i, "sources", j, "parameters"), src.parameters)
+                for j, src in enumerate(s.sources)] for i, s in enumerate(cfg.slices)]
+    settings = _Settings(top, per_slice + [d for ds in per_src for d in ds])
+    table = _table(m.spec, set(traced), fparams)
+    rename: dict[str, str] = {}
+    for k in settings.names():
+        if k in table.ignored:
+            continue
+        if k in table.option_names:
+            table.options[k] = _fixed_option(ctx, settings, k, m.name)
+            continue
+        rename[k] = _traced_name(ctx, settings, table, m, traced, k)
+    kwargs_by_base = {b: _factory_kwargs(ctx, cfg, table, m, fparams, b) for b in dict.fromkeys(has_base)}
+    if len({repr(sorted(v.items())) for v in kwargs_by_base.values()}) > 1:
+        i = has_base.index(not has_base[0])
+        raise ctx.error(("slices", i), f"method '{m.name}' is built differently with and without a base model, so "
+                        "every slice must have one, or none (set `base_model` for every slice, or for none).")
+    kwargs = kwargs_by_base[has_base[0]]
+
+    def level(d: Mapping[str, tuple[Any, Loc]]) -> dict[str, Any]:
+        return {rename[k]: spec for k, (spec, _) in d.items() if k in rename}
+
+    try:
+        method = m.factory(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ctx.error(("parameters",), f"invalid options for '{m.jm}': {e}") from None
+    names = tuple(dict.fromkeys([*rename.values(), *(jk for jk in table.hp_defaults if jk in traced)]))
+    required = {table.rename.get(k, k): k for k in (m.spec.required if m.spec is not None else {})}
+    defaults = {jk: table.hp_defaults.get(jk, traced.get(jk)) for jk in names if jk not in required}
+    defaults = {jk: v for jk, v in defaults.items() if isinstance(v, (bool, int, float, Gradient, Rules))}
+    top_specs, slice_specs = level(top), [level(d) for d in per_slice]
+    for jk, k in required.items():
+        missing = [i for i, d in enumerate(slice_specs) if jk not in d]
+        if jk not in top_specs and missing:
+            loc = ("slices", missing[0]) if len(missing) < len(slice_specs) else (
+                ("parameters",) if cfg.parameters is not None else ("merge_method",))
+            raise ctx.error(loc, f"{m.name} needs parameter '{k}' ({m.spec.required[k]}) at the top level or in "
+                            "every slice's `parameters`.")
+    params = SliceParameters(top_specs, tuple(slice_specs),
+                             tuple(tuple(level(d) for d in ds) for ds in per_src),
+                             frozenset(jk for jk in names if _public_per_model(method, jk)), defaults, required, names)
+    return kwargs, params

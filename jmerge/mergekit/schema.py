@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from ..core import MergeInputError
+from .chat_templates import chat_template_problem
 
 __all__ = ["ConfigError", "ModelEntry", "SliceSource", "SliceDef", "MergeConfig"]
 
@@ -186,6 +187,20 @@ def _record(cls: type) -> Check:
     return lambda ctx, loc, v: _validate_record(cls, ctx, loc, v)
 
 
+def _tokenizer_block(ctx: _Ctx, loc: Loc, v: Any) -> Any:
+    """The ``tokenizer:`` block (:mod:`jmerge.mergekit.tokenizer_schema`, which builds on this module)."""
+    from .tokenizer_schema import check_tokenizer  # noqa: PLC0415
+    return check_tokenizer(ctx, loc, v)
+
+
+def _chat_template(ctx: _Ctx, loc: Loc, v: Any) -> str:
+    """A template name, ``auto`` or a Jinja template (mergekit's rule tells them apart)."""
+    problem = chat_template_problem(_str(ctx, loc, v))
+    if problem:
+        raise ctx.error(loc, problem)
+    return v
+
+
 def _field(check: Check, **kw: Any) -> Any:
     """A dataclass field validated by ``check``; optional fields default to None."""
     return dataclasses.field(metadata={"check": check}, **kw)
@@ -216,8 +231,10 @@ class SliceSource:
 
     Attributes:
       model: path (or name) of the model.
-      layer_range: ``(start, end)`` layer indices.
-      parameters: per-source parameter settings (passthrough: ``scale``).
+      layer_range: ``(start, end)`` layer indices; ``end`` at most the model's layer count (checked
+        when the model is opened).
+      parameters: per-source parameter settings (passthrough: ``scale``; other methods: the per-model
+        ones, e.g. ``weight``, ``density``, which take precedence over the slice's and the top level's).
 
     References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
     (EMNLP 2024 industry track).
@@ -230,13 +247,18 @@ class SliceSource:
 
 @dataclasses.dataclass
 class SliceDef:
-    """One entry of ``slices``: its sources (passthrough takes exactly one) and slice options.
+    """One entry of ``slices``: its sources and slice options.
+
+    Passthrough takes exactly one source per slice; other methods merge the sources' layers offset by
+    offset, so every source spans the same number of layers.
 
     Attributes:
       sources: the slice's sources.
-      base_model: mergekit's per-slice base model (accepted, unused by passthrough).
-      residual_weight: mergekit's residual weight (accepted, unused by passthrough).
-      parameters: per-slice parameter settings (accepted, unused by passthrough).
+      base_model: the slice's base model (default: the top-level ``base_model``); it must be one of
+        ``sources``.
+      residual_weight: mergekit's residual weight (accepted and unused, as in mergekit).
+      parameters: per-slice parameter settings: they override the top level's, and per-source settings
+        override them (passthrough: unused).
 
     References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
     (EMNLP 2024 industry track).
@@ -256,13 +278,16 @@ class MergeConfig:
       merge_method: a mergekit method name, ``passthrough`` or any jmerge method name.
       base_model: the model the task vectors are taken from.
       models: the merged models (not with ``slices``).
-      slices: layer slices for passthrough (frankenmerge) configs.
+      slices: layer slices: passthrough (frankenmerge) or, with any other method, slices merged layer by
+        layer (mergekit's ``slices`` form).
       parameters: top-level parameter settings, the fallback of every model's.
       dtype: compute dtype.
       out_dtype: output dtype (default: ``dtype``).
-      tokenizer_source: the model whose tokenizer files are copied.
-      tokenizer: mergekit's tokenizer options (accepted as given).
-      chat_template: a chat template written next to the output.
+      tokenizer_source: the output tokenizer: ``union``, ``base`` or a model (embeddings re-indexed to it).
+      tokenizer: the long form, a :class:`~jmerge.mergekit.tokenizer_schema.TokenizerSettings` block
+        (source, per-token embedding sources, ``pad_to_multiple_of``).
+      chat_template: a template name (:data:`~jmerge.mergekit.chat_templates.CHAT_TEMPLATES`), ``auto``
+        or a Jinja template, written next to the output.
       name: the merge's name.
       seed: jmerge extra: random seed of stochastic methods (DARE, DELLA, ...).
       scope: jmerge extra: the method's ``scope`` option, e.g. ``"global"`` for whole-model TIES.
@@ -279,8 +304,8 @@ class MergeConfig:
     dtype: Optional[str] = _field(_optional(_str), default=None)
     out_dtype: Optional[str] = _field(_optional(_str), default=None)
     tokenizer_source: Optional[str] = _field(_optional(_str), default=None)
-    tokenizer: Optional[dict[str, Any]] = _field(_optional(_dict), default=None)
-    chat_template: Optional[str] = _field(_optional(_str), default=None)
+    tokenizer: Optional[Any] = _field(_optional(_tokenizer_block), default=None)
+    chat_template: Optional[str] = _field(_optional(_chat_template), default=None)
     name: Optional[str] = _field(_optional(_str), default=None)
     seed: int = _field(_int, default=0)
     scope: Optional[str] = _field(_optional(_str), default=None)
@@ -326,4 +351,7 @@ def _validate_config(ctx: _Ctx, data: Any) -> MergeConfig:
     for k in data:
         if k not in fields:
             raise ctx.error((k,), f"unknown field '{k}'; allowed fields: {fields}.", key=True)
-    return _validate_record(MergeConfig, ctx, (), data)
+    cfg = _validate_record(MergeConfig, ctx, (), data)
+    from .tokenizer_schema import check_tokenizer_models  # noqa: PLC0415 - it builds on this module
+    check_tokenizer_models(ctx, cfg)
+    return cfg

@@ -1,6 +1,7 @@
-"""The ``--dry-run`` plan: method, inputs, tensor groups with their hyperparameters, bytes, memory.
+"""The ``--dry-run`` plan: method, inputs, slices, tensor groups with their hyperparameters, bytes, memory.
 
-Reads only the checkpoints' headers; compiles and merges nothing.
+Reads only the checkpoints' headers; compiles and merges nothing. A hyperparameter that varies over a
+group's layers is listed per layer, in layer order (``t=[0, 0.25, 0.5] per layer``).
 
 References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
 (EMNLP 2024 industry track).
@@ -13,10 +14,12 @@ import math
 
 import numpy as np
 
-from ..core import count_layers, prepare_leaf_hparams
+from ..core import layer_index
 from ..mergekit import MergePlan
+from ..mergekit.arch import model_views
 from .jobs import Merge
-from .planners import LAYER_SUB, input_paths, plan_jobs
+from .planners import LAYER_SUB, input_paths, leaf_hparams, plan_jobs
+from .validate import open_input, validate_plan
 
 __all__ = ["plan_summary"]
 
@@ -41,42 +44,59 @@ def _public_hparams(method, hp: dict) -> dict:
     return out
 
 
+def _fmt_value(v) -> str:
+    """One leaf's value: a number, or ``[a, b]`` for per-model values that differ."""
+    a = np.atleast_1d(np.asarray(v, np.float64))
+    a = a[:1] if np.all(a == a[0]) else a
+    return "[" + ", ".join(f"{x:.6g}" for x in a) + "]" if len(a) > 1 else f"{a[0]:.6g}"
+
+
 def _hp_text(method, hps, js) -> str:
+    """Each hyperparameter of a group: one value, or the values per layer in layer order."""
+    js = sorted(js, key=lambda j: (layer_index(j.out_name) is None, layer_index(j.out_name) or 0))
     vals: dict = collections.OrderedDict()
     for j in js:
         for k, v in _public_hparams(method, hps[j.out_name]).items():
-            a = np.atleast_1d(np.asarray(v, np.float64))
-            a = a[:1] if np.all(a == a[0]) else a
-            vals.setdefault(k, set()).add(tuple(f"{x:.6g}" for x in a))
-    return " " + ", ".join(
-        f"{k}=" + ("/".join("[" + ", ".join(x) + "]" if len(x) > 1 else x[0] for x in sorted(v))
-                   if len(v) <= 4 else f"<{len(v)} values>") for k, v in vals.items())
+            vals.setdefault(k, []).append(_fmt_value(v))
+    return " " + ", ".join(f"{k}=" + (v[0] if len(set(v)) == 1 else "[" + ", ".join(v) + "] per layer")
+                           for k, v in vals.items())
 
 
-def plan_summary(plan: MergePlan, *, window: int = 4) -> str:
+def _slice_lines(plan: MergePlan) -> list[str]:
+    """The output layers of a ``slices`` merge and the sources of each slice."""
+    lines, out = [], 0
+    for i, sl in enumerate(plan.slice_merge.slices):
+        srcs = ", ".join(f"{x.model}[{x.start}:{x.end}]" + (" (base)" if j == sl.base else "")
+                         for j, x in enumerate(sl.inputs))
+        lines.append(f"  {i}: layers {out}-{out + sl.length - 1} <- {srcs}")
+        out += sl.length
+    return [f"slices ({len(plan.slice_merge.slices)}, {out} layers):"] + lines
+
+
+def plan_summary(plan: MergePlan, *, window: int = 4, allow_crimes: bool = False) -> str:
     """Human-readable plan: method, inputs, tensor groups with their hyperparameters, bytes, memory.
 
     References: Goddard et al., "Arcee's MergeKit" (EMNLP 2024 industry track).
     """
-    from .. import io  # noqa: PLC0415
     paths = input_paths(plan)
-    readers = [io.open_checkpoint(p) for p in paths]
+    validate_plan(plan, allow_crimes=allow_crimes)  # every problem at once, from headers only
+    readers = [open_input(plan, p, headers_only=True) for p in paths]
     try:
+        readers = model_views(readers, paths, allow_crimes=allow_crimes)  # as run_merge: crimes check, MoE names
         jobs = plan_jobs(plan, readers, paths)
         method = plan.build()
         merges = [j for j in jobs if isinstance(j.op, Merge)]
         hps = {}
         if method is not None and merges:
-            names = [j.out_name for j in merges]
-            per = prepare_leaf_hparams(method, names, len(merges[0].op.models), plan.hparams,
-                                       num_layers=count_layers(names) or None)
-            hps = dict(zip(names, per))
+            hps = dict(zip([j.out_name for j in merges], leaf_hparams(method, merges, plan.hparams)))
         head = f"method: {plan.mergekit_name or plan.method_name}"
         if method is not None:
             kw = f", {plan.factory_kwargs}" if plan.factory_kwargs else ""
             head += f" (jmerge '{plan.method_name}'{kw})"
         lines = [head, f"base: {plan.base or '(none: the models are merged directly)'}",
                  "models: " + ", ".join(plan.models), f"seed: {plan.seed}"]
+        if plan.slice_merge is not None:
+            lines += _slice_lines(plan)
         groups: dict = collections.OrderedDict()
         for j in jobs:
             groups.setdefault(_group(j.out_name), []).append(j)
