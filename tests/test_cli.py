@@ -66,7 +66,10 @@ def test_failure_leaves_no_output(tiny_base, tmp_path, capsys):
         pytest.skip("gpt2 fixture missing")
     p = _cfg(tmp_path, f"merge_method: task_arithmetic\nbase_model: {tiny_base}\nmodels:\n  - model: {other}\n")
     assert main(["merge", p, str(tmp_path / "out"), "--quiet"]) == 1
-    assert "missing from model" in capsys.readouterr().err
+    assert "--allow-crimes" in capsys.readouterr().err  # mixed architectures: refused before any read
+    assert os.listdir(tmp_path) == ["c.yml"]
+    assert main(["merge", p, str(tmp_path / "out"), "--quiet", "--allow-crimes"]) == 1
+    assert "missing from model" in capsys.readouterr().err  # the tensors do not match either
     assert os.listdir(tmp_path) == ["c.yml"]
 
 

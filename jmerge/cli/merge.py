@@ -9,23 +9,28 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import enable_compile_cache, fail, parse_size
+from .common import add_mergekit_options, apply_mergekit_options, enable_compile_cache, fail, parse_device, parse_size
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "yaml_main"]
 
 
 def add_parser(sub) -> None:
     m = sub.add_parser("merge", help="merge checkpoints as described by a YAML config")
     m.add_argument("config", help="mergekit-style YAML config")
     m.add_argument("out", help="output directory (written atomically)")
-    m.add_argument("--seed", type=int, default=None, help="seed of random methods (overrides the config's)")
-    m.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), help="max shard size (5GB)")
+    m.add_argument("--seed", "--random-seed", type=int, default=None,
+                   help="seed of random methods (overrides the config's); --random-seed is mergekit's name")
+    m.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"), metavar="SIZE",
+                   help="max bytes per output shard, in mergekit's units: K/M/B = thousand/million/billion "
+                        "(default 5B = 5e9 bytes; mergekit compares the same numel x itemsize sums), or "
+                        "500MB, 2GiB, a plain byte count")
     m.add_argument("--dry-run", action="store_true", help="print the plan (methods per tensor group, bytes, "
                    "peak memory estimate) and exit")
-    m.add_argument("--device", choices=["cpu", "gpu", "tpu"], default=None, help="JAX platform to merge on")
+    m.add_argument("--device", type=parse_device, default=None,
+                   help="JAX platform to merge on: cpu, gpu (also cuda, cuda:N), tpu or auto (the default)")
     m.add_argument("--mesh", default=None, help="shard tensors over N devices: 'N' or 'axis=N'")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    m.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    m.add_argument("--quiet", "-q", action=argparse.BooleanOptionalAction, default=False, help="no progress display")
     m.add_argument("--orbax", action="store_true", help="also write an Orbax checkpoint to OUT-orbax")
     m.add_argument("--copy-tokenizer", dest="copy_tokenizer", action=argparse.BooleanOptionalAction, default=True,
                    help="copy tokenizer files into the output (default: yes)")
@@ -34,10 +39,17 @@ def add_parser(sub) -> None:
                    help="persistent XLA compilation cache (default: $JMERGE_COMPILE_CACHE or ~/.cache/jmerge/xla); "
                         "later merges with the same tensor shapes and method skip compilation")
     m.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, store nothing")
+    m.add_argument("--compute-float32", action="store_true",
+                   help="compute in float32 whatever the config's dtype (default: dtype is the compute dtype, as in "
+                        "mergekit, so bf16/fp16 configs give mergekit's numbers); the output dtype is unchanged")
+    add_mergekit_options(m)
     m.set_defaults(run=run)
 
 
 def run(a) -> int:
+    err = apply_mergekit_options(a)
+    if err:
+        return fail(err, 2)
     if a.device:
         import jax  # noqa: PLC0415
         jax.config.update("jax_platforms", a.device if a.device != "gpu" else "cuda")
@@ -52,7 +64,7 @@ def run(a) -> int:
     from .. import pipeline  # noqa: PLC0415
     if a.dry_run:
         try:
-            print(pipeline.plan_summary(plan, window=a.window))
+            print(pipeline.plan_summary(plan, window=a.window, allow_crimes=a.allow_crimes))
         except MergeInputError as e:
             return fail(str(e), 1)
         return 0
@@ -60,7 +72,9 @@ def run(a) -> int:
         return fail(f"{a.out} already exists; pass --overwrite to replace it", 1)
     try:
         info = pipeline.run_merge(plan, a.out, overwrite=a.overwrite, max_shard_bytes=a.out_shard_size, quiet=a.quiet,
-                                  copy_tokenizer=a.copy_tokenizer, window=a.window, mesh=a.mesh, seed=a.seed)
+                                  copy_tokenizer=a.copy_tokenizer, window=a.window, mesh=a.mesh, seed=a.seed,
+                                  allow_crimes=a.allow_crimes, write_model_card=a.write_model_card,
+                                  compute_float32=a.compute_float32)
     except (MergeInputError, OSError) as e:
         return fail(str(e), 1)
     if a.orbax:
@@ -69,3 +83,16 @@ def run(a) -> int:
     if not a.quiet:
         print(f"merged {info['tensors']} tensors into {info['out_dir']} in {info['seconds']:.1f} s")
     return 0
+
+
+def yaml_main(argv=None) -> int:
+    """``jmerge-yaml CONFIG OUT [flags]``: ``mergekit-yaml``'s command line, run as ``jmerge merge``.
+
+    Every ``mergekit-yaml`` flag is accepted (see ``jmerge merge --help``, "mergekit-yaml options").
+
+    References: Goddard et al., "Arcee's MergeKit" (EMNLP 2024 industry track): its ``mergekit-yaml``.
+    """
+    import sys  # noqa: PLC0415
+
+    from . import main  # noqa: PLC0415 - the package entry point (parsers of every command)
+    return main(["merge", *(sys.argv[1:] if argv is None else list(argv))])

@@ -26,11 +26,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..core import LeafProgram, check_ranges, count_layers, infer_views, leaf_key, prepare_leaf_hparams
+from ..core import LeafProgram, check_ranges, infer_views, leaf_key
 from ..mergekit import MergePlan
+from ..mergekit.arch import layer_sources, model_views, output_config
 from .jobs import Copy, Merge, TensorJob, read_source
 from .planners import input_paths, np_dtype, plan_jobs
 from .progress import Progress
+from .validate import open_input, validate_plan
 
 __all__ = ["run_merge", "run_jobs", "MergeContext", "Buffers", "mesh_sharding"]
 
@@ -93,8 +95,12 @@ class MergeContext:
       hparams: per output tensor, its resolved hyperparameters.
       views: per output tensor, its matrix view.
       seed: seed of random methods (keys are folded with the tensor name).
-      compute_dtype: inputs of merges are cast to it first when it is narrower (mergekit's ``dtype``).
+      compute_dtype: the config's ``dtype``: merges compute in it (bf16/fp16 emulated, see
+        :func:`jmerge.merge`) from inputs cast to it; None: each merge computes in its inputs' dtype
+        (float32 when they differ), as mergekit does without ``dtype``.
       put: places an input array on devices (``--mesh``), or None.
+      compute_float32: compute every merge in float32 from the inputs as stored, whatever the
+        ``dtype`` (``--compute-float32``); the output dtype is unchanged.
 
     References: none (infrastructure).
     """
@@ -105,6 +111,7 @@ class MergeContext:
     seed: int
     compute_dtype: Optional[np.dtype] = None
     put: Optional[Callable] = None
+    compute_float32: bool = False
 
 
 def _read(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext):
@@ -112,9 +119,9 @@ def _read(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext):
     for s in job.sources:
         a, r = read_source(s, readers, bufs)
         raw += r
-        cd = ctx.compute_dtype
+        cd = None if ctx.compute_float32 else ctx.compute_dtype
         if isinstance(job.op, Merge) and cd is not None and a.dtype != cd and cd.itemsize < a.dtype.itemsize:
-            a = a.astype(cd)  # mergekit casts inputs to `dtype` before merging
+            a = a.astype(cd)  # mergekit casts inputs to `dtype` before merging (wider casts are exact)
         arrays.append(a)
     return arrays, raw
 
@@ -134,6 +141,17 @@ def _stream(jobs, readers, bufs, ctx, pool, window: int, max_bytes: int, consume
         consume(job, *fut.result())
 
 
+def _compute_dtype(ctx: MergeContext, arrays) -> str:
+    """The dtype a merge of ``arrays`` computes in: float32 with ``compute_float32``, else the config's
+    ``dtype``, else the inputs' common dtype (float32 when they differ, as torch promotes)."""
+    if ctx.compute_float32:
+        return "float32"
+    if ctx.compute_dtype is not None:
+        return np.dtype(ctx.compute_dtype).name
+    names = {np.dtype(a.dtype).name for a in arrays}
+    return names.pop() if len(names) == 1 else "float32"
+
+
 def _put(ctx: MergeContext, x):
     return x if ctx.put is None else __import__("jax").device_put(x, ctx.put(x.shape))
 
@@ -150,7 +168,7 @@ def _collect_stats(jobs, readers, bufs, ctx, pool, window, max_bytes, progress) 
         def collect(j, arrays, raw, pi=pi):
             r = ctx.program.collect(pi, _put(ctx, arrays[0]), tuple(_put(ctx, a) for a in arrays[1:]),
                                     ctx.hparams[j.out_name], leaf_key(ctx.seed, j.out_name), stats[j.out_name],
-                                    ctx.views[j.out_name])
+                                    ctx.views[j.out_name], compute_dtype=_compute_dtype(ctx, arrays))
             collected.append(jax.tree.map(np.asarray, r))
             bufs.put(raw)
 
@@ -167,9 +185,11 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict):
             a = a.astype(np.float32) * np.float32(job.op.scale)
         return a.astype(job.dtype, copy=False)
     hp = {k: np.asarray(v, np.float32) for k, v in ctx.hparams[job.out_name].items()}
+    # JAX has no float64 without x64: a float64 output is computed as float32 and cast by the writer
+    out_dtype = np.float32 if np.dtype(job.dtype) == np.float64 else job.dtype
     return ctx.program(_put(ctx, arrays[0]), tuple(_put(ctx, a) for a in arrays[1:]), hp,
                        leaf_key(ctx.seed, job.out_name), stats.get(job.out_name) or {}, ctx.views[job.out_name],
-                       out_dtype=job.dtype)
+                       out_dtype=out_dtype, compute_dtype=_compute_dtype(ctx, arrays))
 
 
 def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx: MergeContext, *, window: int = 4,
@@ -222,48 +242,91 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
             p.shutdown(wait=True, cancel_futures=True)
 
 
-def _context(plan, jobs, seed: int, mesh: Optional[str]) -> MergeContext:
+def _yaml_where(plan, key: str) -> str:
+    """``file:line:col: key`` of a top-level key of the config (the file alone when not found)."""
+    for i, line in enumerate((plan.yaml_text or "").splitlines()):
+        if line.startswith(f"{key}:"):
+            return f"{plan.source}:{i + 1}:1: {key}"
+    return str(plan.source)
+
+
+def check_compute_dtype(plan, jobs, compute_float32: bool = False) -> None:
+    """Refuse float64 arithmetic (``dtype: float64``, or float64 inputs without ``dtype``) unless
+    ``compute_float32``: jmerge computes in float32 at most. Needs only the jobs (tensor headers).
+
+    Raises:
+      MergeInputError: naming the config's ``dtype`` line (or the float64 tensor) and the fix.
+
+    References: Goddard et al., "Arcee's MergeKit" (EMNLP 2024 industry track) for ``dtype``.
+    """
+    merges = [j for j in jobs if isinstance(j.op, Merge)]
+    if compute_float32 or not merges:
+        return
+    from ..core import MergeInputError  # noqa: PLC0415
+    fix = ("jmerge computes in float32 at most; pass --compute-float32 (float32 arithmetic, the output dtype "
+           "unchanged) or set dtype: float32 (out_dtype: float64 keeps float64 files)")
+    cd = np_dtype(plan.config.dtype)
+    if cd is not None and cd == np.float64:
+        raise MergeInputError(f"{_yaml_where(plan, 'dtype')}: float64 means computing in float64 (as mergekit does); {fix}.")
+    if cd is None:
+        j = next((j for j in merges if np.dtype(j.in_dtype) == np.float64), None)
+        if j is not None:
+            raise MergeInputError(f"{plan.source}: tensor '{j.out_name}' is stored as float64 and the config sets no "
+                                  f"dtype, so the merge would compute in float64; {fix}.")
+
+
+def _context(plan, jobs, seed: int, mesh: Optional[str], compute_float32: bool = False) -> MergeContext:
     method = plan.build()
     merges = [j for j in jobs if isinstance(j.op, Merge)]
     names = [j.out_name for j in merges]
     hps = {}
     if method is not None and merges:
-        per = prepare_leaf_hparams(method, names, len(merges[0].op.models), plan.hparams,
-                                   num_layers=count_layers(names) or None)
+        from .planners import leaf_hparams  # noqa: PLC0415 - per-job specs of slice merges
+        per = leaf_hparams(method, merges, plan.hparams)
         check_ranges(method, names, per)
         hps = dict(zip(names, per))
     views = dict(zip(names, infer_views(names, [j.shape for j in merges])))
     return MergeContext(program=LeafProgram(method) if method is not None else None, hparams=hps, views=views,
-                        seed=seed, compute_dtype=np_dtype(plan.config.dtype), put=mesh_sharding(mesh))
+                        seed=seed, compute_dtype=np_dtype(plan.config.dtype), put=mesh_sharding(mesh),
+                        compute_float32=bool(compute_float32))
 
 
-def _write_aux(plan, writer, jobs, readers, copy_tokenizer: bool) -> None:
+def _layer_sources(jobs, readers) -> list:
+    """Each output layer's source ``(config, layer)``: from every job's first tensor source."""
+    from .jobs import Tensor  # noqa: PLC0415
+    entries = []
+    for j in jobs:
+        src = j.op.source if isinstance(j.op, Copy) else next((s for s in j.sources if isinstance(s, Tensor)), None)
+        if isinstance(src, Tensor):
+            entries.append((j.out_name, src.reader, src.name))
+    return layer_sources(entries, [r.config for r in readers])
+
+
+def _write_aux(plan, writer, jobs, readers, copy_tokenizer: bool, write_card: bool = True) -> None:
     """config.json (layer count and dtype updated), tokenizer and other aux files, chat template, card."""
     from .. import io  # noqa: PLC0415
+    from .vocab import set_vocab_size, write_tokenizer_files  # noqa: PLC0415
     src_dir, cfg = readers[0].dir, readers[0].config
-    tok = plan.config.tokenizer_source
-    tok_src = tok if tok not in (None, "base", "union") and os.path.isdir(tok) else None
     if os.path.isdir(src_dir):
-        io.copy_aux_files(src_dir, writer, config=True, tokenizer=copy_tokenizer, tokenizer_source=tok_src)
-    if cfg is not None and (plan.slices is not None or plan.config.out_dtype or plan.config.dtype):
-        cfgj = dict(cfg)
-        if plan.slices is not None:
-            n = count_layers([j.out_name for j in jobs])
-            for k in ("num_hidden_layers", "n_layer", "num_layers"):
-                if k in cfgj:
-                    cfgj[k] = n
-        else:
-            cfgj["torch_dtype"] = cfgj["dtype"] = np.dtype(jobs[0].dtype).name
+        io.copy_aux_files(src_dir, writer, config=True, tokenizer=False)
+    vocab_size = write_tokenizer_files(plan, writer, readers, copy_tokenizer)  # tokenizer files, chat template
+    if cfg is not None:  # output dtype (passthrough too); depth and per-layer fields (layer_types) for slices
+        out_dt = np_dtype(plan.config.out_dtype or plan.config.dtype)
+        cfgj = output_config(cfg, dtype=None if out_dt is None else out_dt.name,
+                             layer_sources=_layer_sources(jobs, readers) if plan.slices is not None else None)
+        if vocab_size is not None:  # a merged vocabulary (tokenizer_source / tokenizer)
+            cfgj = set_vocab_size(cfgj, vocab_size)
         writer.write_text("config.json", json.dumps(cfgj, indent=2))
-    if plan.config.chat_template and copy_tokenizer:
-        writer.write_text("chat_template.jinja", plan.config.chat_template)
-    name = str(plan.mergekit_name or plan.method_name)
-    writer.write_text("README.md", io.model_card(plan.yaml_text, name, input_paths(plan)))
+    if write_card:  # as mergekit's --write-model-card: the card and the config as run
+        name = str(plan.mergekit_name or plan.method_name)
+        writer.write_text("README.md", io.model_card(plan.yaml_text, name, input_paths(plan)))
+        writer.write_text("mergekit_config.yml", plan.yaml_text)
 
 
 def run_merge(plan: MergePlan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
               quiet: bool = False, copy_tokenizer: bool = True, window: int = 4, read_threads: int = 2,
               max_inflight_bytes: int = 768 * 2**20, mesh: Optional[str] = None, seed: Optional[int] = None,
+              allow_crimes: bool = False, write_model_card: bool = True, compute_float32: bool = False,
               _fail_after: Optional[int] = None) -> dict:
     """Merge the checkpoints of ``plan`` into ``out_dir`` (sharded safetensors, written atomically).
 
@@ -280,6 +343,15 @@ def run_merge(plan: MergePlan, out_dir: str, *, overwrite: bool = False, max_sha
         ``window``; a tensor larger than this is processed alone.
       mesh: shard each tensor's first axis over this many devices (``"8"`` or ``"data=8"``).
       seed: overrides the config's seed.
+      compute_float32: compute in float32 from the inputs as stored, whatever the config's ``dtype``
+        (the output dtype is unchanged). By default ``dtype`` is the compute dtype, as in mergekit:
+        inputs are cast to it and bf16/fp16 merges give the numbers of a merge computed in that dtype
+        (emulated: float32 arithmetic rounded to it after each operation); without ``dtype`` each tensor
+        computes in its inputs' dtype. ``dtype: float64`` (or float64 inputs without ``dtype``) is
+        refused unless ``compute_float32``.
+      allow_crimes: merge models whose ``config.json`` name different architectures (mergekit's
+        ``--allow-crimes``); otherwise that is an error before any tensor is read.
+      write_model_card: write ``README.md`` (model card) and ``mergekit_config.yml`` (the config as run).
 
     Returns:
       ``{"out_dir", "tensors", "bytes_read", "bytes_written", "seconds"}``.
@@ -293,10 +365,13 @@ def run_merge(plan: MergePlan, out_dir: str, *, overwrite: bool = False, max_sha
     from .. import io  # noqa: PLC0415
     t0 = time.perf_counter()
     paths = input_paths(plan)
-    readers = [io.open_checkpoint(p) for p in paths]
+    validate_plan(plan, allow_crimes=allow_crimes)  # headers only: every problem before any weight is read
+    readers = [open_input(plan, p) for p in paths]
     try:
+        readers = model_views(readers, paths, allow_crimes=allow_crimes)  # crimes check; MoE experts fused
         jobs = plan_jobs(plan, readers, paths)
-        ctx = _context(plan, jobs, plan.seed if seed is None else seed, mesh)
+        check_compute_dtype(plan, jobs, compute_float32)
+        ctx = _context(plan, jobs, plan.seed if seed is None else seed, mesh, compute_float32)
         total = sum(j.read_bytes(readers) for j in jobs)
         meta = {"merged_with": "jmerge", "merge_method": str(plan.mergekit_name or plan.method_name)}
         writer = io.CheckpointWriter(out_dir, [(j.out_name, j.shape, j.dtype) for j in jobs],
@@ -306,7 +381,7 @@ def run_merge(plan: MergePlan, out_dir: str, *, overwrite: bool = False, max_sha
             run_jobs(jobs, readers, writer, ctx, window=window, read_threads=read_threads,
                      max_inflight_bytes=max_inflight_bytes, progress=progress, _fail_after=_fail_after)
             progress.close()
-            _write_aux(plan, writer, jobs, readers, copy_tokenizer)
+            _write_aux(plan, writer, jobs, readers, copy_tokenizer, write_card=write_model_card)
         return {"out_dir": os.path.abspath(out_dir), "tensors": len(jobs), "bytes_read": total,
                 "bytes_written": int(writer.total_size), "seconds": time.perf_counter() - t0}
     finally:
