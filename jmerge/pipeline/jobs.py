@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 
 __all__ = ["Tensor", "Zeros", "Stack", "Computed", "Source", "Merge", "Copy", "Op", "TensorJob", "source_nbytes",
-           "read_source"]
+           "read_source", "Rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,28 @@ class Computed:
     description: str = "computed"
 
 
-Source = Union[Tensor, Zeros, Stack, Computed]
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rows:
+    """One member of a row group: inputs whose rows along axis 0 are re-indexed together.
+
+    ``group.sources[member]`` is this member's input; ``group.take(member, read)`` returns its output
+    array (``shape``, ``dtype``) and the raw buffers read. Output rows come from the input's own rows by
+    an index map, and rows it lacks from a fill rule shared by the group (e.g. another member's row or
+    the members' mean), so the group computes every member at once when the first is taken (``read``
+    reads one source) and keeps the others until they are taken. Embeddings and LM heads re-indexed
+    into a merged vocabulary are row groups (:mod:`jmerge.pipeline.vocab`).
+
+    References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
+    (EMNLP 2024 industry track) for re-indexed vocabularies.
+    """
+
+    group: Any
+    member: int
+    shape: tuple
+    dtype: Any
+
+
+Source = Union[Tensor, Zeros, Stack, Computed, Rows]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +158,8 @@ def source_nbytes(s: Source, readers: Sequence[Any]) -> int:
         return int(readers[s.reader].nbytes(s.name))
     if isinstance(s, Stack):
         return sum(source_nbytes(p, readers) for p in s.parts)
+    if isinstance(s, Rows):
+        return source_nbytes(s.group.sources[s.member], readers)
     return 0
 
 
@@ -165,6 +188,8 @@ def read_source(s: Source, readers: Sequence[Any], buffers: Any) -> tuple[np.nda
         if tuple(a.shape) != tuple(s.shape):
             raise ValueError(f"{s.description}: computed shape {a.shape}, planned {s.shape}")
         return a.astype(s.dtype, copy=False), []
+    if isinstance(s, Rows):
+        return s.group.take(s.member, lambda src: read_source(src, readers, buffers))
     raise TypeError(f"unknown source {s!r}")
 
 
