@@ -130,6 +130,8 @@ def test_convert_round_trip_bit_exact(tmp_path, shard_bytes):
     src.mkdir()
     save_file(flat, str(src / "model.safetensors"), metadata={"format": "pt", "note": "x"})
     (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (src / "README.md").write_text("# merged\n")  # a merge's model card and config travel with it
+    (src / "mergekit_config.yml").write_text("merge_method: linear\n")
     before = _hash_dir(src)
     with open_checkpoint(src) as r:
         src_order = r.keys()
@@ -143,6 +145,8 @@ def test_convert_round_trip_bit_exact(tmp_path, shard_bytes):
         for k, v in flat.items():
             assert _same_bytes(r.get(k), v), k
     assert json.loads((tmp_path / "back" / "config.json").read_text()) == {"model_type": "llama"}
+    assert (tmp_path / "back" / "README.md").read_text() == "# merged\n"
+    assert (tmp_path / "back" / "mergekit_config.yml").read_text() == "merge_method: linear\n"
     if shard_bytes == 300:
         assert (tmp_path / "back" / "model.safetensors.index.json").exists()
     else:

@@ -24,6 +24,7 @@ TOKENIZER_PATTERNS = (
     "sentencepiece.bpe.model",
     "chat_template*",
 )
+CARD_FILES = ("README.md", "mergekit_config.yml")
 AUX_FILE_PATTERNS = CONFIG_FILES + TOKENIZER_PATTERNS
 
 
@@ -34,7 +35,7 @@ def _matching(src_dir: str, patterns: Sequence[str]) -> list[str]:
 
 
 def copy_aux_files(src_dir: str | os.PathLike, writer: Any, *, tokenizer_source: str | os.PathLike | None = None,
-                   config: bool = True, tokenizer: bool = True) -> list[str]:
+                   config: bool = True, tokenizer: bool = True, card: bool = False) -> list[str]:
     """Copy config and tokenizer files into a writer's output.
 
     Args:
@@ -46,6 +47,8 @@ def copy_aux_files(src_dir: str | os.PathLike, writer: Any, *, tokenizer_source:
         ``chat_template*``) from.
       config: copy the config files.
       tokenizer: copy the tokenizer files.
+      card: copy the model card and the merge config (``README.md``, ``mergekit_config.yml``), as a
+        format conversion does.
 
     Returns:
       The names of the files copied.
@@ -70,6 +73,10 @@ def copy_aux_files(src_dir: str | os.PathLike, writer: Any, *, tokenizer_source:
     if tokenizer:
         for n in _matching(tok_dir, TOKENIZER_PATTERNS):
             writer.add_file(os.path.join(tok_dir, n), n)
+            copied.append(n)
+    if card:
+        for n in _matching(src_dir, CARD_FILES):
+            writer.add_file(os.path.join(src_dir, n), n)
             copied.append(n)
     return copied
 

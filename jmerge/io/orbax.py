@@ -344,7 +344,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "orbax"
                 with open(os.path.join(stage, META_FILE), "w", encoding="utf-8") as f:
                     json.dump(side, f)
                 if os.path.isdir(src_dir):
-                    copy_aux_files(src_dir, _Adder(stage))
+                    copy_aux_files(src_dir, _Adder(stage), card=True)
 
             return _save_orbax_dir(flat_to_nested(flat), dst, overwrite=overwrite, extra=extra)
         meta = {k: v for k, v in r.metadata.items() if k != "format"}
@@ -352,5 +352,5 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "orbax"
                               metadata=meta) as w:
             for k in r.keys():
                 w.write(k, r.get(k))
-            copy_aux_files(src_dir, w)
+            copy_aux_files(src_dir, w, card=True)
     return dst
