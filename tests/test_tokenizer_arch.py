@@ -35,10 +35,9 @@ import shutil
 
 import numpy as np
 import pytest
-import yaml
 
-from jmerge.cli import main
 from jmerge.io.safetensors import open_checkpoint
+from tests.test_tokenizer_merge import _run_jmerge
 
 ARCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "arch")
 EMBED = re.compile(r"^(?:model\.embed_tokens|lm_head|transformer\.wte)\.weight$")
@@ -143,14 +142,6 @@ def _config(d: dict, method: str, source: str, pad, names=("x", "y")) -> dict:
     else:
         cfg["tokenizer_source"] = source
     return cfg
-
-
-def _run_jmerge(cfg: dict, tmp_path, name: str):
-    p = tmp_path / f"{name}.yml"
-    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    out = tmp_path / f"jm-{name}"
-    assert main(["merge", str(p), str(out), "--quiet"]) == 0
-    return out
 
 
 def _run_mergekit(cfg: dict, tmp_path, name: str, monkeypatch):

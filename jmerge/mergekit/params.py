@@ -193,17 +193,23 @@ def _hparam_spec(s: _Settings, k: str, default: Any) -> Any:
     return PerModel([d[k][0] if k in d else dflt for d in s.per])
 
 
-def _sort_settings(ctx: _Ctx, s: _Settings, t: _Table, m: _Method, traced: Mapping[str, Any]) -> dict[str, Any]:
-    """Fixed options into ``t.options``; the returned hyperparameter specs (mergekit defaults filled in)."""
-    hparams: dict[str, Any] = {}
+def _rename_settings(ctx: _Ctx, s: _Settings, t: _Table, m: _Method, traced: Mapping[str, Any]) -> dict[str, str]:
+    """Fixed options into ``t.options``; every other setting -> the jmerge hyperparameter it sets."""
+    rename: dict[str, str] = {}
     for k in s.names():
         if k in t.ignored:
             continue
         if k in t.option_names:
             t.options[k] = _fixed_option(ctx, s, k, m.name)
             continue
-        jk = _traced_name(ctx, s, t, m, traced, k)
-        hparams[jk] = _hparam_spec(s, k, t.hp_defaults.get(jk, traced.get(jk)))
+        rename[k] = _traced_name(ctx, s, t, m, traced, k)
+    return rename
+
+
+def _sort_settings(ctx: _Ctx, s: _Settings, t: _Table, m: _Method, traced: Mapping[str, Any]) -> dict[str, Any]:
+    """Fixed options into ``t.options``; the returned hyperparameter specs (mergekit defaults filled in)."""
+    hparams: dict[str, Any] = {jk: _hparam_spec(s, k, t.hp_defaults.get(jk, traced.get(jk)))
+                               for k, jk in _rename_settings(ctx, s, t, m, traced).items()}
     for jk, v in t.hp_defaults.items():
         if jk in traced:
             hparams.setdefault(jk, v)
@@ -345,14 +351,7 @@ def _resolve_slice_parameters(ctx: _Ctx, cfg: MergeConfig, m: _Method,
                 for j, src in enumerate(s.sources)] for i, s in enumerate(cfg.slices)]
     settings = _Settings(top, per_slice + [d for ds in per_src for d in ds])
     table = _table(m.spec, set(traced), fparams)
-    rename: dict[str, str] = {}
-    for k in settings.names():
-        if k in table.ignored:
-            continue
-        if k in table.option_names:
-            table.options[k] = _fixed_option(ctx, settings, k, m.name)
-            continue
-        rename[k] = _traced_name(ctx, settings, table, m, traced, k)
+    rename = _rename_settings(ctx, settings, table, m, traced)
     kwargs_by_base = {b: _factory_kwargs(ctx, cfg, table, m, fparams, b) for b in dict.fromkeys(has_base)}
     if len({repr(sorted(v.items())) for v in kwargs_by_base.values()}) > 1:
         i = has_base.index(not has_base[0])
