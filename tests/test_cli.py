@@ -119,3 +119,19 @@ def test_convert_refuses_then_overwrites(tiny_base, tmp_path, capsys):
     with open_checkpoint(tiny_base) as a, open_checkpoint(str(back)) as b:
         for k in a.keys():
             np.testing.assert_array_equal(a.get(k), b.get(k))
+
+
+def test_cuda_flag_without_a_gpu_is_one_clear_line(tiny_base, tmp_path):
+    """mergekit's --cuda maps to --device gpu; on a machine without a JAX GPU backend: exit 2, one line."""
+    import subprocess
+    import sys
+
+    import jax
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("a GPU is visible")
+    p = _cfg(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tiny_base}\n  - model: {tiny_base}\n")
+    r = subprocess.run([sys.executable, "-m", "jmerge.cli", "merge", p, str(tmp_path / "out"), "--cuda", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "--device gpu" in r.stderr and "jax[cuda12]" in r.stderr
+    assert not (tmp_path / "out").exists()
