@@ -1,0 +1,301 @@
+"""Mixture-of-experts dispatch: top-k routing, tokens grouped by expert, grouped SwiGLU matmuls, combine.
+
+Three implementations of the same layer, chosen by ``moe_dispatch(..., impl=...)``:
+
+- ``"ragged"``: ``jax.lax.ragged_dot`` over the expert-sorted rows (the reference path; the default on CPU).
+- ``"pallas"``: a Pallas grouped matmul over the expert-sorted rows, each expert's group padded to
+  whole row tiles (the default on GPU/TPU; on CPU it runs in the Pallas interpreter).
+- ``"dense"``: every expert on every token, combined with one-hot routing weights (``moe_dense_reference``;
+  for checks and benchmarks; ``E / top_k`` times the FLOPs).
+
+Expert weights use the ``x @ W`` layout: ``w_gate``, ``w_up`` are ``(E, hidden, ffn)``, ``w_down`` is
+``(E, ffn, hidden)`` (Hugging Face's Mixtral ``w1``/``w3``/``w2`` linear weights transposed). Each expert
+computes ``(silu(x @ w_gate) * (x @ w_up)) @ w_down``; matmuls accumulate in float32 and round their result
+to ``x.dtype`` (as a bfloat16 PyTorch linear does); routing is computed in float32.
+
+References: Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
+Layer" (ICLR 2017); Fedus et al., "Switch Transformers" (JMLR 2022); Jiang et al., "Mixtral of Experts"
+(2024); Gale et al., "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts" (MLSys 2023).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jaxtyping import Array, ArrayLike, Float, Int
+
+__all__ = ["MoEGroups", "group_by_expert", "grouped_matmul", "moe_dense_reference", "moe_dispatch",
+           "top_k_routing"]
+
+_IMPLS = ("auto", "ragged", "pallas", "dense")
+# a squeezed block dimension (the expert axis): pl.squeezed in current JAX, None in older releases
+_SQUEEZED = getattr(pl, "squeezed", None)
+
+
+def top_k_routing(router_logits: Float[ArrayLike, "tokens experts"], top_k: int, *, normalize: bool = True
+                  ) -> tuple[Float[Array, "tokens k"], Int[Array, "tokens k"]]:
+    """Softmax over the router logits, then the ``top_k`` experts of each token.
+
+    Args:
+      router_logits: ``(tokens, experts)`` router logits (any float dtype; softmax in float32).
+      top_k: experts per token (``1 <= top_k <= experts``).
+      normalize: divide the kept probabilities by their sum (Mixtral, ``norm_topk_prob``); otherwise keep
+        the softmax probabilities (Switch Transformer, Qwen2-MoE without ``norm_topk_prob``).
+
+    Returns:
+      ``(weights, expert_ids)``: float32 ``(tokens, top_k)`` weights, largest first, and int32 expert ids
+      (distinct per token; ties go to the lower expert id, as ``jax.lax.top_k`` breaks them).
+
+    References: Shazeer et al., "Outrageously Large Neural Networks" (ICLR 2017); Jiang et al.,
+    "Mixtral of Experts" (2024).
+    """
+    logits = jnp.asarray(router_logits)
+    if logits.ndim != 2:
+        raise ValueError(f"router_logits must be (tokens, experts), got shape {logits.shape}.")
+    E = logits.shape[1]
+    if not 1 <= int(top_k) <= E:
+        raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({E}).")
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, ids = jax.lax.top_k(probs, int(top_k))
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, ids.astype(jnp.int32)
+
+
+class MoEGroups(NamedTuple):
+    """Token rows sorted by expert: ``order`` maps a sorted row to its ``(token, slot)`` row ``token*k+slot``.
+
+    Attributes:
+      order: ``(tokens*k,)`` int32 permutation; sorted row ``r`` is flat assignment ``order[r]``.
+      token_index: ``(tokens*k,)`` int32 token of each sorted row (``order // k``).
+      expert_ids: ``(tokens*k,)`` int32 expert of each sorted row (non-decreasing).
+      group_sizes: ``(experts,)`` int32 rows per expert (sum ``tokens*k``; each at most ``tokens``).
+
+    References: Gale et al., "MegaBlocks" (MLSys 2023).
+    """
+
+    order: Int[Array, " rows"]
+    token_index: Int[Array, " rows"]
+    expert_ids: Int[Array, " rows"]
+    group_sizes: Int[Array, " experts"]
+
+
+def group_by_expert(expert_ids: Int[ArrayLike, "tokens k"], num_experts: int) -> MoEGroups:
+    """Sort the ``tokens*k`` (token, expert) assignments by expert (stable: token order within an expert).
+
+    References: Gale et al., "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts" (MLSys 2023).
+    """
+    ids = jnp.asarray(expert_ids, jnp.int32)
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    return MoEGroups(order, order // k, flat[order], sizes)
+
+
+def _swiglu(gate, up):
+    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _combine(y_sorted, groups: MoEGroups, weights, n_tokens: int, dtype):
+    """Scatter sorted expert outputs back to (token, slot) order and sum them with the routing weights."""
+    k = weights.shape[1]
+    y = jnp.zeros_like(y_sorted).at[groups.order].set(y_sorted, unique_indices=True)
+    y = y.reshape(n_tokens, k, -1).astype(jnp.float32)
+    w = weights.astype(dtype).astype(jnp.float32)  # Mixtral casts the routing weights to the hidden dtype
+    return jnp.einsum("nkh,nk->nh", y, w).astype(dtype)
+
+
+def _check(x, router_logits, w_gate, w_up, w_down):
+    if x.ndim != 2:
+        raise ValueError(f"x must be (tokens, hidden), got shape {x.shape}; flatten batch and sequence first.")
+    N, H = x.shape
+    if w_gate.ndim != 3 or w_gate.shape[1] != H or w_up.shape != w_gate.shape:
+        raise ValueError(f"w_gate {w_gate.shape} and w_up {w_up.shape} must both be (experts, {H}, ffn).")
+    E, _, F = w_gate.shape
+    if w_down.shape != (E, F, H):
+        raise ValueError(f"w_down {w_down.shape} must be (experts, ffn, hidden) = {(E, F, H)}.")
+    if router_logits.shape != (N, E):
+        raise ValueError(f"router_logits {router_logits.shape} must be (tokens, experts) = {(N, E)}.")
+
+
+def _gmm_kernel(starts_ref, tiles_ref, lhs_ref, rhs_ref, out_ref, *, tm: int):
+    """Grid (column block j, expert e): rows of expert e's tiles times ``rhs[e][:, block j]``."""
+    e = pl.program_id(1)
+
+    @pl.when(e == 0)
+    def _():
+        out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+
+    start = starts_ref[e]
+    w = rhs_ref[...]
+
+    def body(t, carry):
+        r0 = pl.multiple_of(start + t * tm, tm)
+        rows = lhs_ref[pl.ds(r0, tm), :]
+        out_ref[pl.ds(r0, tm), :] = jnp.dot(rows, w, preferred_element_type=jnp.float32).astype(out_ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, tiles_ref[e], body, 0)
+
+
+def grouped_matmul(lhs: Float[ArrayLike, "rows k"], rhs: Float[ArrayLike, "experts k n"],
+                   tile_starts: Int[ArrayLike, " experts"], tile_counts: Int[ArrayLike, " experts"], *,
+                   block_rows: int = 128, block_cols: int = 128, interpret: bool | None = None
+                   ) -> Float[Array, "rows n"]:
+    """Pallas grouped matmul: rows ``[s, s + c*block_rows)`` of ``lhs`` times ``rhs[e]`` for each expert ``e``.
+
+    ``lhs`` holds each expert's rows as whole tiles of ``block_rows`` rows (group padded with zero rows,
+    ``tile_starts[e]`` a multiple of ``block_rows``, groups disjoint); rows in no group come out zero. The
+    grid is (column blocks, experts): each step holds one ``(k, block_cols)`` block of ``rhs[e]`` and loops
+    over that expert's row tiles, so every weight block is read once, whatever the group sizes (the
+    "grouped GEMM" of MegaBlocks, without a block-sparse layout). Accumulates in float32; the result has
+    ``lhs``'s dtype.
+
+    Args:
+      lhs: ``(rows, k)`` expert-sorted, tile-padded rows (``rows`` a multiple of ``block_rows``).
+      rhs: ``(experts, k, n)`` per-expert weights.
+      tile_starts: ``(experts,)`` int32 first row of each expert's group.
+      tile_counts: ``(experts,)`` int32 number of ``block_rows`` tiles of each group (0 for an empty expert).
+      block_rows: rows per tile (a multiple of 8).
+      block_cols: output columns per grid step (``n`` is padded to a multiple of it).
+      interpret: run the Pallas interpreter; default True on CPU, False on GPU/TPU.
+
+    Returns:
+      ``(rows, n)`` array of ``lhs.dtype``.
+
+    References: Gale et al., "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts" (MLSys 2023).
+    """
+    lhs = jnp.asarray(lhs)
+    rhs = jnp.asarray(rhs).astype(lhs.dtype)
+    M, K = lhs.shape
+    E, K2, N = rhs.shape
+    if K2 != K or M % block_rows:
+        raise ValueError(f"lhs {lhs.shape} must be (rows, {K2}) with rows a multiple of block_rows={block_rows}.")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    tn = min(int(block_cols), N)
+    Np = -(-N // tn) * tn
+    if Np != N:
+        rhs = jnp.pad(rhs, ((0, 0), (0, 0), (0, Np - N)))
+    out = pl.pallas_call(
+        functools.partial(_gmm_kernel, tm=int(block_rows)),
+        out_shape=jax.ShapeDtypeStruct((M, Np), lhs.dtype),
+        grid=(Np // tn, E),
+        in_specs=[pl.BlockSpec((E,), lambda j, e: (0,)),
+                  pl.BlockSpec((E,), lambda j, e: (0,)),
+                  pl.BlockSpec((M, K), lambda j, e: (0, 0)),
+                  pl.BlockSpec((_SQUEEZED, K, tn), lambda j, e: (e, 0, j))],
+        out_specs=pl.BlockSpec((M, tn), lambda j, e: (0, j)),
+        interpret=interpret,
+    )(jnp.asarray(tile_starts, jnp.int32), jnp.asarray(tile_counts, jnp.int32), lhs, rhs)
+    return out[:, :N] if Np != N else out
+
+
+def _experts_ragged(xs, sizes, w_gate, w_up, w_down):
+    def mm(a, w):
+        return jax.lax.ragged_dot(a, w.astype(a.dtype), sizes, preferred_element_type=jnp.float32).astype(a.dtype)
+
+    return mm(_swiglu(mm(xs, w_gate), mm(xs, w_up)), w_down)
+
+
+def _experts_pallas(xs, sizes, w_gate, w_up, w_down, *, block_rows, block_cols, interpret):
+    R = xs.shape[0]
+    E = sizes.shape[0]
+    tm = int(block_rows)
+    tiles = (sizes + tm - 1) // tm
+    tile_starts = (jnp.cumsum(tiles) - tiles) * tm
+    starts = jnp.cumsum(sizes) - sizes
+    eid = jnp.repeat(jnp.arange(E, dtype=jnp.int32), sizes, total_repeat_length=R)
+    dest = tile_starts[eid] + jnp.arange(R, dtype=jnp.int32) - starts[eid]  # row of each sorted row, padded
+    M = -(-(R + E * (tm - 1)) // tm) * tm  # every group padded to whole tiles fits
+    xp = jnp.zeros((M, xs.shape[1]), xs.dtype).at[dest].set(xs, unique_indices=True)
+    gmm = functools.partial(grouped_matmul, tile_starts=tile_starts, tile_counts=tiles, block_rows=tm,
+                            block_cols=block_cols, interpret=interpret)
+    h = _swiglu(gmm(xp, w_gate), gmm(xp, w_up))
+    return gmm(h, w_down)[dest]
+
+
+def moe_dense_reference(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[ArrayLike, "tokens experts"],
+                        w_gate: Float[ArrayLike, "experts hidden ffn"], w_up: Float[ArrayLike, "experts hidden ffn"],
+                        w_down: Float[ArrayLike, "experts ffn hidden"], top_k: int, *, normalize: bool = True
+                        ) -> Float[Array, "tokens hidden"]:
+    """The MoE layer computed densely: every expert on every token, summed with one-hot routing weights.
+
+    Same arguments, numerics and result as ``moe_dispatch``; ``experts / top_k`` times its FLOPs.
+
+    References: Shazeer et al., "Outrageously Large Neural Networks" (ICLR 2017); Fedus et al.,
+    "Switch Transformers" (JMLR 2022).
+    """
+    x, router_logits = jnp.asarray(x), jnp.asarray(router_logits)
+    w_gate, w_up, w_down = (jnp.asarray(w).astype(x.dtype) for w in (w_gate, w_up, w_down))
+    _check(x, router_logits, w_gate, w_up, w_down)
+    E = w_gate.shape[0]
+    weights, ids = top_k_routing(router_logits, top_k, normalize=normalize)
+    w = weights.astype(x.dtype).astype(jnp.float32)
+    combine = jnp.einsum("nk,nke->ne", w, jax.nn.one_hot(ids, E, dtype=jnp.float32))
+
+    def mm(spec, a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    h = _swiglu(mm("nh,ehf->enf", x, w_gate), mm("nh,ehf->enf", x, w_up))
+    y = mm("enf,efh->enh", h, w_down)
+    return jnp.einsum("ne,enh->nh", combine, y.astype(jnp.float32)).astype(x.dtype)
+
+
+def moe_dispatch(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[ArrayLike, "tokens experts"],
+                 w_gate: Float[ArrayLike, "experts hidden ffn"], w_up: Float[ArrayLike, "experts hidden ffn"],
+                 w_down: Float[ArrayLike, "experts ffn hidden"], top_k: int, *, normalize: bool = True,
+                 impl: str = "auto", block_rows: int = 128, block_cols: int = 128,
+                 interpret: bool | None = None) -> Float[Array, "tokens hidden"]:
+    """A sparse mixture-of-experts SwiGLU layer: route, group tokens by expert, grouped matmuls, combine.
+
+    Routing: ``softmax(router_logits)`` in float32, the ``top_k`` experts per token, renormalised to sum
+    to 1 when ``normalize`` (Mixtral). The ``tokens*top_k`` assignments are sorted by expert
+    (``group_by_expert``), each expert's rows go through ``(silu(x W_gate) * (x W_up)) W_down`` as a
+    grouped matmul, and the outputs are summed back per token with the routing weights. The ``ragged`` and
+    ``dense`` paths are differentiable (``jax.grad``); the Pallas path defines no VJP yet (inference).
+
+    Args:
+      x: ``(tokens, hidden)`` activations (float32 or bfloat16; the result has this dtype).
+      router_logits: ``(tokens, experts)`` router logits.
+      w_gate: ``(experts, hidden, ffn)`` gate projections (``x @ w_gate[e]``).
+      w_up: ``(experts, hidden, ffn)`` up projections.
+      w_down: ``(experts, ffn, hidden)`` down projections.
+      top_k: experts per token.
+      normalize: renormalise the kept routing weights (Mixtral); False keeps softmax probabilities.
+      impl: ``"auto"`` (``"ragged"`` on CPU, ``"pallas"`` on GPU/TPU), ``"ragged"`` (``jax.lax.ragged_dot``),
+        ``"pallas"`` (``grouped_matmul``) or ``"dense"`` (``moe_dense_reference``).
+      block_rows: Pallas row tile; each expert's group is padded to a multiple of it.
+      block_cols: Pallas output columns per grid step.
+      interpret: Pallas interpreter; default True on CPU.
+
+    Returns:
+      ``(tokens, hidden)`` layer output.
+
+    References: Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
+    Layer" (ICLR 2017); Fedus et al., "Switch Transformers" (JMLR 2022); Gale et al., "MegaBlocks" (MLSys 2023).
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(_IMPLS)}; got {impl!r}.")
+    if impl == "auto":
+        impl = "ragged" if jax.default_backend() == "cpu" else "pallas"
+    if impl == "dense":
+        return moe_dense_reference(x, router_logits, w_gate, w_up, w_down, top_k, normalize=normalize)
+    x, router_logits = jnp.asarray(x), jnp.asarray(router_logits)
+    w_gate, w_up, w_down = (jnp.asarray(w) for w in (w_gate, w_up, w_down))
+    _check(x, router_logits, w_gate, w_up, w_down)
+    weights, ids = top_k_routing(router_logits, top_k, normalize=normalize)
+    groups = group_by_expert(ids, w_gate.shape[0])
+    xs = x[groups.token_index]
+    if impl == "ragged":
+        ys = _experts_ragged(xs, groups.group_sizes, w_gate, w_up, w_down)
+    else:
+        ys = _experts_pallas(xs, groups.group_sizes, w_gate.astype(x.dtype), w_up.astype(x.dtype),
+                             w_down.astype(x.dtype), block_rows=block_rows, block_cols=block_cols,
+                             interpret=interpret)
+    return _combine(ys, groups, weights, x.shape[0], x.dtype)
