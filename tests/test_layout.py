@@ -20,6 +20,7 @@ ALLOWED = {
     "mergekit": {"core", "methods"},
     "pipeline": {"core", "io", "mergekit"},
     "kernels": set(),
+    "models": {"core", "io"},
     "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", ""},
     "demo": {"core", "methods", "learned", ""},
 }
