@@ -1,0 +1,27 @@
+"""Decoder language models in JAX (Flax NNX), loaded from Hugging Face safetensors without torch.
+
+Public API:
+  * :func:`load_model` (path, dtype) -> :class:`DecoderLM`; ``model(input_ids, attention_mask=None,
+    position_ids=None, output_hidden_states=False)`` -> logits (and the hidden states).
+  * :class:`DecoderConfig` (from ``config.json``): Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE.
+  * :func:`moe_ffn`, :func:`route`, :func:`combine_weights`: the MoE expert computation (dense reference).
+  * :func:`param_specs`, :func:`shard_model`: ``PartitionSpec`` per parameter and placement on a mesh.
+
+References: Touvron et al. (2023), LLaMA; Jiang et al. (2024), Mixtral of Experts; Qwen Team (2024), Qwen2
+Technical Report; Hugging Face transformers (names, layouts, numerics).
+"""
+
+from __future__ import annotations
+
+from .config import SUPPORTED_MODEL_TYPES, DecoderConfig
+from .layers import MLP, Attention, Linear, RMSNorm
+from .llama import DecoderLayer, DecoderLM
+from .loading import load_model, model_from_reader
+from .moe import Experts, SparseMoE, combine_weights, moe_ffn, route
+from .sharding import param_specs, shard_model
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES", "DecoderConfig", "DecoderLM", "DecoderLayer", "Attention", "MLP", "Linear",
+    "RMSNorm", "Experts", "SparseMoE", "moe_ffn", "route", "combine_weights", "load_model",
+    "model_from_reader", "param_specs", "shard_model",
+]

@@ -1,0 +1,166 @@
+"""The Llama-family decoder in Flax NNX: Llama, Mistral, Qwen2, Qwen3 and their MoE forms Mixtral and Qwen2-MoE.
+
+One module covers them: the differences are configuration (biases, q/k norm, tied head, sliding windows) and
+the MLP of each layer (:class:`~jmerge.models.layers.MLP` or :class:`~jmerge.models.moe.SparseMoE`).
+Parameters keep the Hugging Face ``[out, in]`` layout; MoE experts are stacked ``[E, ...]``.
+
+References: Touvron et al. (2023), LLaMA; Jiang et al. (2023), Mistral 7B; Qwen Team (2024), Qwen2 Technical
+Report; Jiang et al. (2024), Mixtral of Experts; Hugging Face transformers ``modeling_llama.py`` and siblings.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import DecoderConfig
+from .layers import MLP, Attention, Linear, RMSNorm
+from .moe import Experts, SparseMoE
+
+Array = jax.Array
+#: ``name -> array or None``: a tensor source keyed by (canonical) Hugging Face names.
+TensorGetter = Callable[[str], "Array | None"]
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    References: Touvron et al. (2023), LLaMA; transformers ``LlamaDecoderLayer``.
+    """
+
+    def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm,
+                 mlp: MLP | SparseMoE):
+        """Assemble a layer.
+
+        Args:
+          input_layernorm: norm before attention.
+          self_attn: attention.
+          post_attention_layernorm: norm before the MLP.
+          mlp: dense MLP or MoE block.
+
+        References: transformers ``LlamaDecoderLayer``.
+        """
+        self.input_layernorm, self.self_attn = input_layernorm, self_attn
+        self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
+
+    def __call__(self, x: Array, positions: Array, attention_mask: Array | None) -> Array:
+        x = x + self.self_attn(self.input_layernorm(x), positions, attention_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nnx.Module):
+    """A causal language model: embeddings, decoder layers, final RMSNorm, LM head (tied or not).
+
+    Call it as ``model(input_ids, attention_mask=None, position_ids=None, output_hidden_states=False)``.
+    Positions default to ``0..T-1`` for every row, as transformers uses when ``position_ids`` is not given
+    (also with left padding); pass ``position_ids`` to shift them.
+
+    Attributes:
+      config: the :class:`DecoderConfig`.
+
+    References: Touvron et al. (2023), LLaMA; transformers ``LlamaForCausalLM``.
+    """
+
+    def __init__(self, config: DecoderConfig, get: TensorGetter):
+        """Build from tensors addressed by Hugging Face names.
+
+        Args:
+          config: the configuration.
+          get: returns the tensor of a name or None when absent. Names are those of a transformers-4 style
+            checkpoint; the experts of layer ``i`` are asked for as ``model.layers.{i}.mlp.experts.gate``,
+            ``.up`` (``[E, I, H]``) and ``.down`` (``[E, H, I]``) -- :func:`~jmerge.models.load_model` maps
+            stored layouts onto these.
+
+        Raises:
+          KeyError: a required tensor is missing.
+
+        References: transformers ``LlamaForCausalLM`` (parameter names).
+        """
+        def need(name: str) -> Array:
+            v = get(name)
+            if v is None:
+                raise KeyError(f"tensor {name!r} is missing from the checkpoint ({config.model_type})")
+            return v
+
+        def linear(prefix: str) -> Linear:
+            return Linear(need(prefix + ".weight"), get(prefix + ".bias"))
+
+        def mlp(prefix: str) -> MLP:
+            return MLP(linear(prefix + ".gate_proj"), linear(prefix + ".up_proj"), linear(prefix + ".down_proj"))
+
+        c = config
+        self.config = c
+        self.embed_tokens = nnx.Param(jnp.asarray(need("model.embed_tokens.weight")))
+        layers = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}"
+            qn = kn = None
+            if c.qk_norm:
+                qn = RMSNorm(need(p + ".self_attn.q_norm.weight"), c.rms_norm_eps)
+                kn = RMSNorm(need(p + ".self_attn.k_norm.weight"), c.rms_norm_eps)
+            attn = Attention(linear(p + ".self_attn.q_proj"), linear(p + ".self_attn.k_proj"),
+                             linear(p + ".self_attn.v_proj"), linear(p + ".self_attn.o_proj"),
+                             num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+                             head_dim=c.head_dim, rope_theta=c.rope_theta, window=c.sliding_windows[i],
+                             q_norm=qn, k_norm=kn)
+            if c.moe_layers[i]:
+                shared = gate = None
+                if c.shared_expert_intermediate_size:
+                    shared = mlp(p + ".mlp.shared_expert")
+                    if get(p + ".mlp.shared_expert_gate.weight") is not None:
+                        gate = linear(p + ".mlp.shared_expert_gate")
+                experts = Experts(need(p + ".mlp.experts.gate"), need(p + ".mlp.experts.up"),
+                                  need(p + ".mlp.experts.down"))
+                ffn: MLP | SparseMoE = SparseMoE(
+                    linear(p + ".mlp.gate"), experts, c.num_experts_per_tok, normalize=c.norm_topk_prob,
+                    shared_expert=shared, shared_expert_gate=gate, cast_weights=c.model_type != "mixtral")
+            else:
+                ffn = mlp(p + ".mlp")
+            layers.append(DecoderLayer(RMSNorm(need(p + ".input_layernorm.weight"), c.rms_norm_eps), attn,
+                                       RMSNorm(need(p + ".post_attention_layernorm.weight"), c.rms_norm_eps),
+                                       ffn))
+        self.layers = nnx.List(layers)
+        self.norm = RMSNorm(need("model.norm.weight"), c.rms_norm_eps)
+        head = None if c.tie_word_embeddings else get("lm_head.weight")
+        if head is None and not c.tie_word_embeddings:
+            raise KeyError("tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
+        self.lm_head = nnx.Param(jnp.asarray(head)) if head is not None else None
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The parameters' (and activations') dtype."""
+        return self.embed_tokens[...].dtype
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, position_ids: Array | None = None,
+                 output_hidden_states: bool = False) -> Array | tuple[Array, tuple[Array, ...]]:
+        """Logits of every position.
+
+        Args:
+          input_ids: ``[B, T]`` token ids.
+          attention_mask: ``[B, T]`` 1 for tokens, 0 for padding (left or right), or None.
+          position_ids: ``[B, T]`` rotary positions, default ``0..T-1``.
+          output_hidden_states: also return the hidden states as transformers does: the input of every
+            layer (the embeddings first), then the final normed output -- ``num_hidden_layers + 1`` arrays
+            ``[B, T, H]``.
+
+        Returns:
+          ``logits [B, T, V]`` in the parameters' dtype, or ``(logits, hidden_states)``.
+
+        References: transformers ``LlamaForCausalLM.forward`` (``output_hidden_states``).
+        """
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
+        hidden = []
+        for layer in self.layers:
+            hidden.append(x)
+            x = layer(x, position_ids, attention_mask)
+        x = self.norm(x)
+        hidden.append(x)
+        head = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("bth,vh->btv", x, head)
+        return (logits, tuple(hidden)) if output_hidden_states else logits
