@@ -20,8 +20,8 @@ ALLOWED = {
     "mergekit": {"core", "methods"},
     "pipeline": {"core", "io", "mergekit"},
     "kernels": set(),
-    "models": {"core", "io"},
-    "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", ""},
+    "models": {"core", "io", "kernels"},
+    "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", "models", ""},
     "demo": {"core", "methods", "learned", ""},
 }
 

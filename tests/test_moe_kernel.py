@@ -179,3 +179,28 @@ def test_bad_inputs():
         moe_dispatch(x, lg[:, :3], wg, wu, wd, 2)
     with pytest.raises(ValueError, match="x must be"):
         moe_dispatch(x[None], lg, wg, wu, wd, 2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cast_weights_option(impl):
+    """``cast_weights=False`` keeps the routing weights float32 in the combine (Mixtral in transformers 5):
+    in bfloat16 it equals the float64 combine of the implementation's own bf16 expert outputs with the float32
+    weights (<= 1 bf16 ulp), and differs from the default rounding of the weights to bf16; no effect in float32."""
+    x, lg, wg, wu, wd = make(37, 16, 40, 6, seed=7, dtype=jnp.bfloat16)
+    kw = dict(impl=impl, block_rows=8, block_cols=16) if impl == "pallas" else dict(impl=impl)
+    keep = moe_dispatch(x, lg, wg, wu, wd, 2, cast_weights=False, **kw)
+    cast = moe_dispatch(x, lg, wg, wu, wd, 2, **kw)
+    assert keep.dtype == jnp.bfloat16
+    w, ids = top_k_routing(lg, 2)
+    ys = []  # each expert's bf16 output for each (token, slot): the layer with the one expert forced
+    for j in range(2):
+        forced = jnp.where(jax.nn.one_hot(ids[:, j], 6, dtype=bool), 0.0, -jnp.inf).astype(jnp.float32)
+        ys.append(np.asarray(moe_dispatch(x, forced, wg, wu, wd, 1, **kw), np.float64))
+    w64 = np.asarray(w, np.float64)
+    want = ys[0] * w64[:, :1] + ys[1] * w64[:, 1:]
+    got = np.asarray(keep, np.float64)
+    assert np.max(np.abs(got - want) / (np.abs(want) + 1e-2)) <= 2 ** -7
+    assert np.any(np.asarray(keep) != np.asarray(cast))
+    x32, lg32, wg32, wu32, wd32 = make(37, 16, 40, 6, seed=7)
+    np.testing.assert_array_equal(moe_dispatch(x32, lg32, wg32, wu32, wd32, 2, cast_weights=False, **kw),
+                                  moe_dispatch(x32, lg32, wg32, wu32, wd32, 2, **kw))

@@ -4,6 +4,7 @@
     jmerge convert SRC DST --to orbax|safetensors [--overwrite]
     jmerge methods
     jmerge demo ...
+    jmerge experts stats CKPT --text FILE | jmerge experts prune CKPT OUT --keep K --text FILE
     jmerge --version
 
 Exit codes: 0 success; 2 invalid config or arguments (one line naming the YAML location, no
@@ -18,12 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, demo, merge, methods
+from . import convert, demo, experts, merge, methods
 from .common import enable_compile_cache, parse_size
 
 __all__ = ["main", "parse_size", "enable_compile_cache", "COMMANDS"]
 
-COMMANDS = (merge, convert, methods, demo)
+COMMANDS = (merge, convert, methods, demo, experts)
 """The command modules, in the order ``--help`` lists them."""
 
 
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     from ..version import __version__  # noqa: PLC0415
     p = argparse.ArgumentParser(prog="jmerge", description="JAX-native model merging (mergekit-compatible configs).")
     p.add_argument("--version", action="version", version=f"jmerge {__version__}")
-    sub = p.add_subparsers(dest="cmd", metavar="{merge,convert,methods,demo}")
+    sub = p.add_subparsers(dest="cmd", metavar="{merge,convert,methods,demo,experts}")
     for c in COMMANDS:
         c.add_parser(sub)
     return p

@@ -101,12 +101,13 @@ def _swiglu(gate, up):
     return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
-def _combine(y_sorted, groups: MoEGroups, weights, n_tokens: int, dtype):
+def _combine(y_sorted, groups: MoEGroups, weights, n_tokens: int, dtype, cast_weights: bool = True):
     """Scatter sorted expert outputs back to (token, slot) order and sum them with the routing weights."""
     k = weights.shape[1]
     y = jnp.zeros_like(y_sorted).at[groups.order].set(y_sorted, unique_indices=True)
     y = y.reshape(n_tokens, k, -1).astype(jnp.float32)
-    w = weights.astype(dtype).astype(jnp.float32)  # Mixtral casts the routing weights to the hidden dtype
+    w = weights.astype(dtype) if cast_weights else weights  # rounded to the hidden dtype (Qwen2-MoE) or not
+    w = w.astype(jnp.float32)
     return jnp.einsum("nkh,nk->nh", y, w).astype(dtype)
 
 
@@ -222,8 +223,8 @@ def _experts_pallas(xs, sizes, w_gate, w_up, w_down, *, block_rows, block_cols, 
 
 def moe_dense_reference(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[ArrayLike, "tokens experts"],
                         w_gate: Float[ArrayLike, "experts hidden ffn"], w_up: Float[ArrayLike, "experts hidden ffn"],
-                        w_down: Float[ArrayLike, "experts ffn hidden"], top_k: int, *, normalize: bool = True
-                        ) -> Float[Array, "tokens hidden"]:
+                        w_down: Float[ArrayLike, "experts ffn hidden"], top_k: int, *, normalize: bool = True,
+                        cast_weights: bool = True) -> Float[Array, "tokens hidden"]:
     """The MoE layer computed densely: every expert on every token, summed with one-hot routing weights.
 
     Same arguments, numerics and result as ``moe_dispatch``; ``experts / top_k`` times its FLOPs.
@@ -236,7 +237,7 @@ def moe_dense_reference(x: Float[ArrayLike, "tokens hidden"], router_logits: Flo
     _check(x, router_logits, w_gate, w_up, w_down)
     E = w_gate.shape[0]
     weights, ids = top_k_routing(router_logits, top_k, normalize=normalize)
-    w = weights.astype(x.dtype).astype(jnp.float32)
+    w = (weights.astype(x.dtype) if cast_weights else weights).astype(jnp.float32)
     combine = jnp.einsum("nk,nke->ne", w, jax.nn.one_hot(ids, E, dtype=jnp.float32))
 
     def mm(spec, a, b):
@@ -251,7 +252,7 @@ def moe_dispatch(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[Arra
                  w_gate: Float[ArrayLike, "experts hidden ffn"], w_up: Float[ArrayLike, "experts hidden ffn"],
                  w_down: Float[ArrayLike, "experts ffn hidden"], top_k: int, *, normalize: bool = True,
                  impl: str = "auto", block_rows: int = 128, block_cols: int = 128,
-                 interpret: bool | None = None) -> Float[Array, "tokens hidden"]:
+                 interpret: bool | None = None, cast_weights: bool = True) -> Float[Array, "tokens hidden"]:
     """A sparse mixture-of-experts SwiGLU layer: route, group tokens by expert, grouped matmuls, combine.
 
     Routing: ``softmax(router_logits)`` in float32, the ``top_k`` experts per token, renormalised to sum
@@ -273,6 +274,8 @@ def moe_dispatch(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[Arra
       block_rows: Pallas row tile; each expert's group is padded to a multiple of it.
       block_cols: Pallas output columns per grid step.
       interpret: Pallas interpreter; default True on CPU.
+      cast_weights: round the routing weights to ``x.dtype`` before the (float32) combine, as Qwen2-MoE
+        does; False keeps them float32 (Mixtral in transformers 5). No effect for float32 ``x``.
 
     Returns:
       ``(tokens, hidden)`` layer output.
@@ -285,7 +288,8 @@ def moe_dispatch(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[Arra
     if impl == "auto":
         impl = "ragged" if jax.default_backend() == "cpu" else "pallas"
     if impl == "dense":
-        return moe_dense_reference(x, router_logits, w_gate, w_up, w_down, top_k, normalize=normalize)
+        return moe_dense_reference(x, router_logits, w_gate, w_up, w_down, top_k, normalize=normalize,
+                                   cast_weights=cast_weights)
     x, router_logits = jnp.asarray(x), jnp.asarray(router_logits)
     w_gate, w_up, w_down = (jnp.asarray(w) for w in (w_gate, w_up, w_down))
     _check(x, router_logits, w_gate, w_up, w_down)
@@ -298,4 +302,4 @@ def moe_dispatch(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[Arra
         ys = _experts_pallas(xs, groups.group_sizes, w_gate.astype(x.dtype), w_up.astype(x.dtype),
                              w_down.astype(x.dtype), block_rows=block_rows, block_cols=block_cols,
                              interpret=interpret)
-    return _combine(ys, groups, weights, x.shape[0], x.dtype)
+    return _combine(ys, groups, weights, x.shape[0], x.dtype, cast_weights)

@@ -4,7 +4,9 @@ Public API:
   * :func:`load_model` (path, dtype) -> :class:`DecoderLM`; ``model(input_ids, attention_mask=None,
     position_ids=None, output_hidden_states=False)`` -> logits (and the hidden states).
   * :class:`DecoderConfig` (from ``config.json``): Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE.
-  * :func:`moe_ffn`, :func:`route`, :func:`combine_weights`: the MoE expert computation (dense reference).
+  * :func:`moe_ffn`, :func:`route`, :func:`combine_weights`: the MoE expert computation (the dispatch kernel
+    by default, ``impl="dense"`` the one-hot reference).
+  * Expert surgery: :func:`expert_load`, :func:`expert_mask` (``model(..., expert_mask=)``), :func:`prune_experts`.
   * :func:`param_specs`, :func:`shard_model`: ``PartitionSpec`` per parameter and placement on a mesh.
 
 References: Touvron et al. (2023), LLaMA; Jiang et al. (2024), Mixtral of Experts; Qwen Team (2024), Qwen2
@@ -16,6 +18,7 @@ from __future__ import annotations
 from .config import SUPPORTED_MODEL_TYPES, DecoderConfig
 from .layers import MLP, Attention, Linear, RMSNorm
 from .llama import DecoderLayer, DecoderLM
+from .experts import expert_load, expert_mask, prune_experts, resolve_keep
 from .loading import load_model, model_from_reader
 from .moe import Experts, SparseMoE, combine_weights, moe_ffn, route
 from .sharding import param_specs, shard_model
@@ -24,4 +27,5 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES", "DecoderConfig", "DecoderLM", "DecoderLayer", "Attention", "MLP", "Linear",
     "RMSNorm", "Experts", "SparseMoE", "moe_ffn", "route", "combine_weights", "load_model",
     "model_from_reader", "param_specs", "shard_model",
+    "expert_load", "expert_mask", "prune_experts", "resolve_keep",
 ]

@@ -46,9 +46,15 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm, self.self_attn = input_layernorm, self_attn
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
 
-    def __call__(self, x: Array, positions: Array, attention_mask: Array | None) -> Array:
+    def __call__(self, x: Array, positions: Array, attention_mask: Array | None, *, allowed: Array | None = None,
+                 counts: bool = False) -> Array | tuple[Array, Array | None]:
         x = x + self.self_attn(self.input_layernorm(x), positions, attention_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, SparseMoE):
+            y = self.mlp(h, allowed=allowed, token_mask=attention_mask, counts=counts)
+            return (x + y[0], y[1]) if counts else x + y
+        y = self.mlp(h)
+        return (x + y, None) if counts else x + y
 
 
 class DecoderLM(nnx.Module):
@@ -64,11 +70,13 @@ class DecoderLM(nnx.Module):
     References: Touvron et al. (2023), LLaMA; transformers ``LlamaForCausalLM``.
     """
 
-    def __init__(self, config: DecoderConfig, get: TensorGetter):
+    def __init__(self, config: DecoderConfig, get: TensorGetter, *, moe_impl: str = "auto"):
         """Build from tensors addressed by Hugging Face names.
 
         Args:
           config: the configuration.
+          moe_impl: how MoE layers compute their experts (:func:`~jmerge.models.moe_ffn`'s ``impl``: ``"auto"``
+            the dispatch kernel, ``"ragged"``, ``"pallas"``, ``"dense"``).
           get: returns the tensor of a name or None when absent. Names are those of a transformers-4 style
             checkpoint; the experts of layer ``i`` are asked for as ``model.layers.{i}.mlp.experts.gate``,
             ``.up`` (``[E, I, H]``) and ``.down`` (``[E, H, I]``) -- :func:`~jmerge.models.load_model` maps
@@ -116,7 +124,8 @@ class DecoderLM(nnx.Module):
                                   need(p + ".mlp.experts.down"))
                 ffn: MLP | SparseMoE = SparseMoE(
                     linear(p + ".mlp.gate"), experts, c.num_experts_per_tok, normalize=c.norm_topk_prob,
-                    shared_expert=shared, shared_expert_gate=gate, cast_weights=c.model_type != "mixtral")
+                    shared_expert=shared, shared_expert_gate=gate, cast_weights=c.model_type != "mixtral",
+                    impl=moe_impl)
             else:
                 ffn = mlp(p + ".mlp")
             layers.append(DecoderLayer(RMSNorm(need(p + ".input_layernorm.weight"), c.rms_norm_eps), attn,
@@ -135,7 +144,8 @@ class DecoderLM(nnx.Module):
         return self.embed_tokens[...].dtype
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, position_ids: Array | None = None,
-                 output_hidden_states: bool = False) -> Array | tuple[Array, tuple[Array, ...]]:
+                 output_hidden_states: bool = False, *, expert_mask: Array | None = None,
+                 output_expert_counts: bool = False) -> Array | tuple:
         """Logits of every position.
 
         Args:
@@ -145,9 +155,18 @@ class DecoderLM(nnx.Module):
           output_hidden_states: also return the hidden states as transformers does: the input of every
             layer (the embeddings first), then the final normed output -- ``num_hidden_layers + 1`` arrays
             ``[B, T, H]``.
+          expert_mask: ``[num_hidden_layers, E]`` bool, the experts each MoE layer may route to (expert
+            surgery): False switches an expert off (its router logit becomes ``-inf``); allowing only some
+            experts forces every token onto them (one allowed expert: that expert's FFN with weight 1).
+            Rows of dense layers are ignored. None: every expert. Traced (no recompilation per mask).
+          output_expert_counts: also return ``[num_hidden_layers, E]`` int32: per layer, how many (token,
+            slot) assignments each expert received, padding (``attention_mask == 0``) not counted; zero rows
+            for dense layers. Each real token adds ``num_experts_per_tok`` to its layer's row (fewer when
+            ``expert_mask`` leaves fewer experts).
 
         Returns:
-          ``logits [B, T, V]`` in the parameters' dtype, or ``(logits, hidden_states)``.
+          ``logits [B, T, V]`` in the parameters' dtype; with ``output_hidden_states`` and/or
+          ``output_expert_counts``, the tuple ``(logits, hidden_states?, expert_counts?)``.
 
         References: transformers ``LlamaForCausalLM.forward`` (``output_hidden_states``).
         """
@@ -155,12 +174,20 @@ class DecoderLM(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
-        hidden = []
-        for layer in self.layers:
+        n_exp = max(self.config.num_experts, 1)
+        hidden, counts = [], []
+        for i, layer in enumerate(self.layers):
             hidden.append(x)
-            x = layer(x, position_ids, attention_mask)
+            allowed = None if expert_mask is None else jnp.asarray(expert_mask, bool)[i]
+            if output_expert_counts:
+                x, cnt = layer(x, position_ids, attention_mask, allowed=allowed, counts=True)
+                counts.append(jnp.zeros((n_exp,), jnp.int32) if cnt is None else cnt)
+            else:
+                x = layer(x, position_ids, attention_mask, allowed=allowed)
         x = self.norm(x)
         hidden.append(x)
         head = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("bth,vh->btv", x, head)
-        return (logits, tuple(hidden)) if output_hidden_states else logits
+        out = (logits,) + ((tuple(hidden),) if output_hidden_states else ()) + \
+            ((jnp.stack(counts),) if output_expert_counts else ())
+        return out if len(out) > 1 else logits

@@ -38,13 +38,15 @@ def _stored_name(reader: CheckpointReader, name: str) -> str | None:
     return alt if alt in reader else None
 
 
-def load_model(path: str | os.PathLike, dtype: Any = None) -> DecoderLM:
+def load_model(path: str | os.PathLike, dtype: Any = None, *, moe_impl: str = "auto") -> DecoderLM:
     """Read a checkpoint directory (or ``.safetensors`` file with its ``config.json``) into a model.
 
     Args:
       path: a Hugging Face model directory (single or sharded safetensors).
       dtype: cast every parameter to this dtype (e.g. ``jnp.float32`` for a bf16 checkpoint); None keeps
         the stored dtype.
+      moe_impl: how MoE layers compute experts (:class:`DecoderLM`'s ``moe_impl``; ``"auto"``: the dispatch
+        kernel, ``"dense"``: the one-hot reference).
 
     Returns:
       The :class:`DecoderLM`.
@@ -60,12 +62,13 @@ def load_model(path: str | os.PathLike, dtype: Any = None) -> DecoderLM:
         if reader.config is None:
             raise CheckpointFormatError(f"{path}: no config.json next to the weights; jmerge.models needs it")
         config = DecoderConfig.from_dict(reader.config, source=os.path.join(reader.dir, "config.json"))
-        return model_from_reader(reader, config, dtype)
+        return model_from_reader(reader, config, dtype, moe_impl=moe_impl)
     finally:
         reader.close()
 
 
-def model_from_reader(reader: CheckpointReader, config: DecoderConfig, dtype: Any = None) -> DecoderLM:
+def model_from_reader(reader: CheckpointReader, config: DecoderConfig, dtype: Any = None, *,
+                      moe_impl: str = "auto") -> DecoderLM:
     """Build a :class:`DecoderLM` from an open reader and a configuration.
 
     Args:
@@ -73,6 +76,7 @@ def model_from_reader(reader: CheckpointReader, config: DecoderConfig, dtype: An
         ``keys`` and ``get``).
       config: the configuration.
       dtype: parameter dtype, or None for the stored one.
+      moe_impl: :class:`DecoderLM`'s ``moe_impl``.
 
     Returns:
       The model.
@@ -114,6 +118,6 @@ def model_from_reader(reader: CheckpointReader, config: DecoderConfig, dtype: An
         return None if stored is None else cast(reader.get(stored))
 
     try:
-        return DecoderLM(config, get)
+        return DecoderLM(config, get, moe_impl=moe_impl)
     except KeyError as e:
         raise CheckpointFormatError(f"{reader.dir}: {e.args[0]}") from None

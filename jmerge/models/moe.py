@@ -1,9 +1,9 @@
 """Mixture-of-experts feed-forward blocks: top-k softmax routing and the expert computation.
 
-:func:`moe_ffn` is the one place experts are evaluated. Its reference path is dense: every expert runs on
-every token and a one-hot combine matrix ``[N, E]`` (the top-k weights scattered to their experts) mixes
-the outputs, so a dispatch kernel (tokens grouped by expert, grouped matmul) can replace it without touching
-the models.
+:func:`moe_ffn` is the one place experts are evaluated. By default it calls the dispatch kernel
+:func:`jmerge.kernels.moe_dispatch` (tokens grouped by expert, grouped matmul: ``jax.lax.ragged_dot`` on CPU,
+Pallas on GPU/TPU); ``impl="dense"`` keeps the reference path, where every expert runs on every token and a
+one-hot combine matrix ``[N, E]`` (the top-k weights scattered to their experts) mixes the outputs.
 
 References: Shazeer et al. (2017), Outrageously Large Neural Networks (sparsely-gated MoE); Jiang et al.
 (2024), Mixtral of Experts; Qwen Team (2024), Qwen1.5-MoE (shared expert with a sigmoid gate);
@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..kernels import moe_dispatch
 from .layers import MLP, Linear
 
 Array = jax.Array
+#: ``impl`` values of :func:`moe_ffn`.
+MOE_IMPLS = ("auto", "ragged", "pallas", "dense")
 
 
 def route(router_logits: Array, top_k: int, normalize: bool) -> tuple[Array, Array]:
@@ -59,8 +62,8 @@ def combine_weights(weights: Array, indices: Array, num_experts: int) -> Array:
 
 
 def moe_ffn(x: Array, router_logits: Array, gate: Array, up: Array, down: Array, top_k: int, *,
-            normalize: bool = True, weights_dtype: jnp.dtype | None = None) -> Array:
-    """Routed SwiGLU experts, dense reference path (every expert on every token, one-hot combine).
+            normalize: bool = True, weights_dtype: jnp.dtype | None = None, impl: str = "auto") -> Array:
+    """Routed SwiGLU experts: the dispatch kernel, or the dense reference (every expert on every token).
 
     Args:
       x: ``[N, H]`` tokens.
@@ -72,12 +75,23 @@ def moe_ffn(x: Array, router_logits: Array, gate: Array, up: Array, down: Array,
       normalize: renormalise the top-k weights.
       weights_dtype: cast the routing weights to this dtype before combining (Qwen2-MoE casts them to the
         activations' dtype; Mixtral keeps float32); None keeps float32.
+      impl: ``"auto"`` / ``"ragged"`` / ``"pallas"``: :func:`jmerge.kernels.moe_dispatch` with that ``impl``
+        (weights transposed to its ``x @ W`` layout); ``"dense"``: every expert on every token, one-hot combine.
 
     Returns:
       ``[N, H]`` in ``x``'s dtype.
 
-    References: Shazeer et al. (2017); Jiang et al. (2024), Mixtral of Experts; transformers ``MixtralExperts``.
+    References: Shazeer et al. (2017); Jiang et al. (2024), Mixtral of Experts; Gale et al. (2023), MegaBlocks;
+    transformers ``MixtralExperts``.
     """
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(MOE_IMPLS)}; got {impl!r}")
+    if impl != "dense":
+        if weights_dtype is not None and jnp.dtype(weights_dtype) != x.dtype:
+            raise ValueError(f"weights_dtype must be None or x's dtype ({x.dtype}) with impl={impl!r}")
+        return moe_dispatch(x, router_logits, jnp.swapaxes(gate, 1, 2), jnp.swapaxes(up, 1, 2),
+                            jnp.swapaxes(down, 1, 2), top_k, normalize=normalize, impl=impl,
+                            cast_weights=weights_dtype is not None)
     weights, indices = route(router_logits, top_k, normalize)
     if weights_dtype is not None:
         weights = weights.astype(weights_dtype)
@@ -118,7 +132,7 @@ class SparseMoE(nnx.Module):
 
     def __init__(self, router: Linear, experts: Experts, top_k: int, *, normalize: bool,
                  shared_expert: MLP | None = None, shared_expert_gate: Linear | None = None,
-                 cast_weights: bool = False):
+                 cast_weights: bool = False, impl: str = "auto"):
         """Assemble an MoE block.
 
         Args:
@@ -129,23 +143,52 @@ class SparseMoE(nnx.Module):
           shared_expert: an MLP every token goes through (Qwen2-MoE), or None.
           shared_expert_gate: ``[1, H]``; the shared expert's output is scaled by ``sigmoid(x @ g^T)``.
           cast_weights: cast routing weights to the activations' dtype (Qwen2-MoE) before combining.
+          impl: :func:`moe_ffn`'s ``impl`` (``"auto"``: the dispatch kernel).
 
         References: transformers ``Qwen2MoeSparseMoeBlock``.
         """
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(MOE_IMPLS)}; got {impl!r}")
         self.router, self.experts = router, experts
         self.top_k, self.normalize, self.cast_weights = top_k, normalize, cast_weights
         self.shared_expert, self.shared_expert_gate = shared_expert, shared_expert_gate
+        self.impl = impl
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, *, allowed: Array | None = None, token_mask: Array | None = None,
+                 counts: bool = False) -> Array | tuple[Array, Array]:
+        """The block's output, optionally with the expert counts of the routed tokens.
+
+        Args:
+          x: ``[..., H]`` activations.
+          allowed: ``[E]`` bool, experts tokens may be routed to; the others' router logits become ``-inf``
+            (switched off). Allowing only some experts forces the tokens onto them. None: all.
+          token_mask: ``x.shape[:-1]``, 1 for real tokens, 0 for padding (not counted); None: all count.
+          counts: also return the ``[E]`` int32 number of (token, slot) assignments per expert.
+
+        Returns:
+          ``[..., H]``, or ``(output, counts)``.
+        """
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits = self.router(flat)
+        if allowed is not None:
+            logits = jnp.where(jnp.asarray(allowed, bool)[None, :], logits, jnp.array(-jnp.inf, logits.dtype))
         out = moe_ffn(flat, logits, self.experts.gate[...], self.experts.up[...], self.experts.down[...],
                       self.top_k, normalize=self.normalize,
-                      weights_dtype=x.dtype if self.cast_weights else None)
+                      weights_dtype=x.dtype if self.cast_weights else None, impl=self.impl)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat)
             if self.shared_expert_gate is not None:
                 shared = jax.nn.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
-        return out.reshape(shape)
+        out = out.reshape(shape)
+        if not counts:
+            return out
+        _, idx = route(logits, self.top_k, self.normalize)
+        tm = jnp.ones(flat.shape[0], jnp.int32) if token_mask is None else \
+            jnp.asarray(token_mask).reshape(-1).astype(jnp.int32)
+        hits = jax.nn.one_hot(idx, logits.shape[-1], dtype=jnp.int32)  # [N, k, E]
+        if allowed is not None:  # a switched-off expert picked only to fill the k slots (weight 0) is not counted
+            hits = hits * jnp.asarray(allowed, jnp.int32)[None, None, :]
+        hits = hits.sum(axis=1)
+        return out, jnp.sum(hits * tm[:, None], axis=0)
