@@ -8,11 +8,13 @@ On CPU the Pallas path runs only in the interpreter, which is not a throughput: 
 
 from __future__ import annotations
 
+import functools
+
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
+from _timing import best_time  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 # (tokens, hidden, ffn, experts, top_k)
 SIZES = {
@@ -22,14 +24,7 @@ SIZES = {
 }
 
 
-def _best(f, *args, repeat=5):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+_best = functools.partial(best_time, repeat=5)
 
 
 def main(argv=None):

@@ -5,22 +5,17 @@ Usage: python3 scripts/bench_select.py [--n 30000000] [--t 3] [--density 0.2] [-
 
 from __future__ import annotations
 
+import functools
+
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import best_time  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 
-def _best(f, *args, repeat=3):
-    jax.block_until_ready(f(*args))  # compile + warm up
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+_best = functools.partial(best_time, repeat=3)
 
 
 def main(argv=None):
