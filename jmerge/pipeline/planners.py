@@ -32,7 +32,7 @@ from ..mergekit import ConfigError, MergePlan
 from .jobs import Copy, Merge, Tensor, TensorJob, Zeros
 
 __all__ = ["plan_jobs", "plan_tensor_merges", "plan_slices", "plan_slice_merges", "SliceMergeOp", "leaf_hparams",
-           "model_layers", "input_paths", "np_dtype", "LAYER_SUB"]
+           "model_layers", "config_layers", "input_paths", "np_dtype", "LAYER_SUB"]
 
 _TIED = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")}
 _EMBED = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|tok_embeddings")
@@ -155,20 +155,33 @@ def plan_slices(plan: MergePlan, readers: Sequence[Any], paths: Sequence[str]) -
     return jobs
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def config_layers(reader: Any) -> Optional[tuple[int, str]]:
+    """The layer count a checkpoint's config.json declares (or its ``text_config``'s) and its key, or None.
+
+    References: the Hugging Face Transformers config fields (``num_hidden_layers``, GPT-2's ``n_layer``).
+    """
+    cfg = reader.config if isinstance(getattr(reader, "config", None), dict) else {}
+    if not any(k in cfg for k in _LAYER_KEYS) and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]
+    for k in _LAYER_KEYS:
+        v = cfg.get(k)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v, k
+    return None
+
+
 def model_layers(reader: Any) -> tuple[int, str]:
     """A checkpoint's layer count and where it came from: config.json, else the tensor names.
 
     References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Language Models"
     (EMNLP 2024 industry track) for layer ranges.
     """
-    cfg = reader.config if isinstance(getattr(reader, "config", None), dict) else {}
-    keys = ("num_hidden_layers", "n_layer", "num_layers")
-    if not any(k in cfg for k in keys) and isinstance(cfg.get("text_config"), dict):
-        cfg = cfg["text_config"]
-    for k in keys:
-        v = cfg.get(k)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v, f"config.json {k}"
+    declared = config_layers(reader)
+    if declared is not None:
+        return declared[0], f"config.json {declared[1]}"
     return count_layers(list(reader.keys())), "its tensor names"
 
 

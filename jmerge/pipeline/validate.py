@@ -16,20 +16,18 @@ References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Langu
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Optional
 
 import numpy as np
 
-from ..core import MergeInputError
+from ..core import MergeInputError, leaf_kind
 from ..mergekit import MergePlan
 from ..mergekit.arch import model_views
-from .planners import _TIED, input_paths, plan_jobs
+from .planners import _TIED, config_layers, input_paths, plan_jobs
+from .vocab import is_vocab_tensor
 
 __all__ = ["validate_plan", "open_input", "plan_base_dir"]
 
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-_VOCAB = re.compile(r"embed|wte|word_embeddings|tok_embeddings|lm_head|output\.weight$")
 _MAX_PROBLEMS = 8
 
 
@@ -52,18 +50,12 @@ def open_input(plan: MergePlan, spec: str, *, headers_only: bool = False) -> Any
 
 
 def _is_float(dt: Any) -> bool:
-    dt = np.dtype(dt)
-    return dt.kind == "f" or dt.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+    return leaf_kind(np.empty(0, dt)) == "float"  # the planners' rule: other kinds are copied, not merged
 
 
 def _layers(reader: Any) -> Optional[int]:
-    cfg = reader.config or {}
-    if not any(k in cfg for k in _LAYER_KEYS) and isinstance(cfg.get("text_config"), dict):
-        cfg = cfg["text_config"]
-    for k in _LAYER_KEYS:
-        if isinstance(cfg.get(k), int):
-            return cfg[k]
-    return None
+    declared = config_layers(reader)
+    return None if declared is None else declared[0]
 
 
 def _some(items: list, n: int = 3) -> str:
@@ -92,7 +84,7 @@ def _tensor_problems(plan: MergePlan, readers: dict) -> list[str]:
                 missing.append(name)
                 continue
             a, b = tuple(ref.shape(name)), tuple(r.shape(src))
-            if a != b and not (vocab_free and _VOCAB.search(name)):
+            if a != b and not (vocab_free and is_vocab_tensor(name)):
                 shapes.append(f"'{name}' {b} vs {a}")
             if _is_float(ref.dtype(name)) != _is_float(r.dtype(src)):
                 kinds.append(f"'{name}' {np.dtype(r.dtype(src)).name} vs {np.dtype(ref.dtype(name)).name}")
