@@ -21,7 +21,8 @@ ALLOWED = {
     "pipeline": {"core", "io", "mergekit"},
     "kernels": set(),
     "models": {"core", "io", "kernels"},
-    "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", "models", ""},
+    "moe": {"core", "io", "mergekit", "pipeline", "models"},
+    "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", "models", "moe", ""},
     "demo": {"core", "methods", "learned", ""},
 }
 

@@ -4,6 +4,7 @@
     jmerge convert SRC DST --to orbax|safetensors [--overwrite]
     jmerge methods
     jmerge demo ...
+    jmerge moe moe.yml ./moe [--gate-dtype float32] [--overwrite]   (mergekit-moe configs)
     jmerge experts stats CKPT --text FILE | jmerge experts prune CKPT OUT --keep K --text FILE
     jmerge --version
 
@@ -19,12 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, demo, experts, merge, methods
+from . import convert, demo, experts, merge, methods, moe
 from .common import enable_compile_cache, parse_size
 
 __all__ = ["main", "parse_size", "enable_compile_cache", "COMMANDS"]
 
-COMMANDS = (merge, convert, methods, demo, experts)
+COMMANDS = (merge, moe, convert, methods, demo, experts)
 """The command modules, in the order ``--help`` lists them."""
 
 

@@ -16,7 +16,7 @@ References: Goddard et al., "Arcee's MergeKit: A Toolkit for Merging Large Langu
 from __future__ import annotations
 
 from .executor import Buffers, MergeContext, mesh_sharding, run_jobs, run_merge
-from .jobs import Computed, Copy, Merge, Stack, Tensor, TensorJob, Zeros, read_source, source_nbytes
+from .jobs import Computed, Concat, Copy, Mapped, Merge, Stack, Tensor, TensorJob, Zeros, read_source, source_nbytes
 from .planners import LAYER_SUB, input_paths, np_dtype, plan_jobs, plan_slices, plan_tensor_merges
 from .progress import Progress
 from .summary import plan_summary
@@ -24,7 +24,7 @@ from .validate import open_input, validate_plan
 
 __all__ = [
     "run_merge", "run_jobs", "MergeContext", "Buffers", "mesh_sharding",
-    "TensorJob", "Tensor", "Zeros", "Stack", "Computed", "Merge", "Copy", "read_source", "source_nbytes",
+    "TensorJob", "Tensor", "Zeros", "Stack", "Concat", "Mapped", "Computed", "Merge", "Copy", "read_source", "source_nbytes",
     "plan_jobs", "plan_tensor_merges", "plan_slices", "input_paths", "np_dtype", "LAYER_SUB",
     "plan_summary", "Progress", "validate_plan", "open_input",
 ]

@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 
-__all__ = ["Tensor", "Zeros", "Stack", "Computed", "Source", "Merge", "Copy", "Op", "TensorJob", "source_nbytes",
-           "read_source", "Rows"]
+__all__ = ["Tensor", "Zeros", "Stack", "Concat", "Mapped", "Computed", "Source", "Merge", "Copy", "Op", "TensorJob",
+           "source_nbytes", "read_source", "Rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,30 @@ class Stack:
     """
 
     parts: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat:
+    """Sources concatenated along an existing axis (e.g. an expert's gate and up rows in one matrix).
+
+    References: none (infrastructure).
+    """
+
+    parts: tuple
+    axis: int = 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Mapped:
+    """Another source passed through a host function ``fn(array) -> array`` of the same shape when read
+    (e.g. an MoE expert's noise or residual scale).
+
+    References: none (infrastructure).
+    """
+
+    source: Any
+    fn: Callable[[np.ndarray], np.ndarray]
+    description: str = "mapped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +113,7 @@ class Rows:
     dtype: Any
 
 
-Source = Union[Tensor, Zeros, Stack, Computed, Rows]
+Source = Union[Tensor, Zeros, Stack, Concat, Mapped, Computed, Rows]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +180,10 @@ def source_nbytes(s: Source, readers: Sequence[Any]) -> int:
     """
     if isinstance(s, Tensor):
         return int(readers[s.reader].nbytes(s.name))
-    if isinstance(s, Stack):
+    if isinstance(s, (Stack, Concat)):
         return sum(source_nbytes(p, readers) for p in s.parts)
+    if isinstance(s, Mapped):
+        return source_nbytes(s.source, readers)
     if isinstance(s, Rows):
         return source_nbytes(s.group.sources[s.member], readers)
     return 0
@@ -176,13 +202,19 @@ def read_source(s: Source, readers: Sequence[Any], buffers: Any) -> tuple[np.nda
         return r.get(s.name, out=buf), [buf]
     if isinstance(s, Zeros):
         return np.zeros(s.shape, s.dtype), []
-    if isinstance(s, Stack):
+    if isinstance(s, (Stack, Concat)):
         parts, raw = [], []
         for p in s.parts:
             a, r = read_source(p, readers, buffers)
             parts.append(a)
             raw += r
-        return np.stack(parts), raw
+        return (np.stack(parts) if isinstance(s, Stack) else np.concatenate(parts, axis=s.axis)), raw
+    if isinstance(s, Mapped):
+        a, raw = read_source(s.source, readers, buffers)
+        out = np.asarray(s.fn(a))
+        if out.shape != a.shape:
+            raise ValueError(f"{s.description}: mapped shape {out.shape}, read {a.shape}")
+        return out, raw
     if isinstance(s, Computed):
         a = np.asarray(s.fn())
         if tuple(a.shape) != tuple(s.shape):
