@@ -11,37 +11,98 @@ Packages: :mod:`jmerge.core` (state, steps, composition, hyperparameters, matrix
 formats), :mod:`jmerge.mergekit` (YAML configs), :mod:`jmerge.pipeline` (out-of-core merges),
 :mod:`jmerge.cli`, :mod:`jmerge.kernels` (Pallas).
 
+Importing :mod:`jmerge` is cheap: every name below is imported from its package on first use
+(PEP 562 ``__getattr__`` over the explicit table ``_EXPORTS``), so ``jmerge --help`` and
+``jmerge methods`` never import JAX.
+
 References: see each method's docstring.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from .version import __version__
 
-from .core import (Gradient, HParamSpec, LeafProgram, MatrixView, MergeInputError, MergeState, NonFloatLeavesWarning,
-                   OptimizerStateWarning, PerModel, Rules, StatsPhase, Step, Transform, apply_delta, chain,
-                   check_compatible, count_layers, density_to_k, global_topk_mask, global_topk_phases, infer_view,
-                   infer_views, layer_index, layer_positions, leaf_key, leaf_kind, leaves_with_paths, merge,
-                   merge_leaf, model_max, model_mean, model_sum, named_chain, path_str, prepare_leaf_hparams,
-                   resolve_hparams, task_vectors, topk_mask, topk_mask_rows, trace_count, transform)
-from .io import (CheckpointError, CheckpointReader, CheckpointWriter, convert, copy_aux_files, flat_to_nested,
-                 load_orbax, model_card, nested_to_flat, open_checkpoint, save_orbax)
-from .learned import (LearnedMerge, LearnedMergeError, adamerging, adaptive_projective_gd, atlas, concrete_mask,
-                      concrete_merge, fisher_information, fisher_merge, gram_matrices, linearize,
-                      merge_with_coefficients, regmean_merge)
-from .methods import METHODS as _METHODS
-from .methods import (HEAD_FILTER, PackedMask, arcee_fusion, breadcrumbs, breadcrumbs_drop, breadcrumbs_ties,
-                      consensus_mask,
-                      consensus_ta, consensus_ties, dare, dare_linear, dare_ties, della, della_drop, della_linear,
-                      disjoint_merge, elect_sign, emr_merge, emr_task_models, extras_item, fusion_importance, iso_c,
-                      iso_cts,
-                      iso_cts_sizes, karcher, layer_swap, layer_swap_source, linear, lines, lines_position,
-                      lines_scale, magmax, model_stock, multislerp, nearswap, negation, nuslerp, pack_masks, pcb,
-                      per_model, ram, ram_contributors, ramplus_tl, rescale_l1, scale, sce, select_model, slerp,
-                      tall_masks, tall_merge,
-                      tall_task_models, task_arithmetic, ties, trim, tsv_m, tsv_rank, unpack_masks, weighted_sum)
-from .mergekit import MERGEKIT_METHODS, ConfigError, MergeConfig, MergePlan, load_config, parse_config
-from .pipeline import TensorJob, plan_summary, run_merge
+if TYPE_CHECKING:  # what readers and type checkers see; at run time __getattr__ imports each name on first use
+    from .core import (Gradient, HParamSpec, LeafProgram, MatrixView, MergeInputError, MergeState, NonFloatLeavesWarning,
+                       OptimizerStateWarning, PerModel, Rules, StatsPhase, Step, Transform, apply_delta, chain,
+                       check_compatible, count_layers, density_to_k, global_topk_mask, global_topk_phases, infer_view,
+                       infer_views, layer_index, layer_positions, leaf_key, leaf_kind, leaves_with_paths, merge,
+                       merge_leaf, model_max, model_mean, model_sum, named_chain, path_str, prepare_leaf_hparams,
+                       resolve_hparams, task_vectors, topk_mask, topk_mask_rows, trace_count, transform)
+    from .io import (CheckpointError, CheckpointReader, CheckpointWriter, convert, copy_aux_files, flat_to_nested,
+                     load_orbax, model_card, nested_to_flat, open_checkpoint, save_orbax)
+    from .learned import (LearnedMerge, LearnedMergeError, adamerging, adaptive_projective_gd, atlas, concrete_mask,
+                          concrete_merge, fisher_information, fisher_merge, gram_matrices, linearize,
+                          merge_with_coefficients, regmean_merge)
+    from .methods import (HEAD_FILTER, PackedMask, arcee_fusion, breadcrumbs, breadcrumbs_drop, breadcrumbs_ties,
+                          consensus_mask, consensus_ta, consensus_ties, dare, dare_linear, dare_ties, della, della_drop,
+                          della_linear, disjoint_merge, elect_sign, emr_merge, emr_task_models, extras_item,
+                          fusion_importance, iso_c, iso_cts, iso_cts_sizes, karcher, layer_swap, layer_swap_source,
+                          linear, lines, lines_position, lines_scale, magmax, model_stock, multislerp, nearswap,
+                          negation, nuslerp, pack_masks, pcb, per_model, ram, ram_contributors, ramplus_tl, rescale_l1,
+                          scale, sce, select_model, slerp, tall_masks, tall_merge, tall_task_models, task_arithmetic,
+                          ties, trim, tsv_m, tsv_rank, unpack_masks, weighted_sum)
+    from .mergekit import MERGEKIT_METHODS, ConfigError, MergeConfig, MergePlan, load_config, parse_config
+    from .pipeline import TensorJob, plan_summary, run_merge
+
+_EXPORTS_BY_PACKAGE: dict[str, tuple[str, ...]] = {
+    "core": (
+        "Gradient", "HParamSpec", "LeafProgram", "MatrixView", "MergeInputError", "MergeState", "NonFloatLeavesWarning",
+        "OptimizerStateWarning", "PerModel", "Rules", "StatsPhase", "Step", "Transform", "apply_delta", "chain",
+        "check_compatible", "count_layers", "density_to_k", "global_topk_mask", "global_topk_phases", "infer_view",
+        "infer_views", "layer_index", "layer_positions", "leaf_key", "leaf_kind", "leaves_with_paths", "merge",
+        "merge_leaf", "model_max", "model_mean", "model_sum", "named_chain", "path_str", "prepare_leaf_hparams",
+        "resolve_hparams", "task_vectors", "topk_mask", "topk_mask_rows", "trace_count", "transform",
+    ),
+    "io": (
+        "CheckpointError", "CheckpointReader", "CheckpointWriter", "convert", "copy_aux_files", "flat_to_nested",
+        "load_orbax", "model_card", "nested_to_flat", "open_checkpoint", "save_orbax",
+    ),
+    "learned": (
+        "LearnedMerge", "LearnedMergeError", "adamerging", "adaptive_projective_gd", "atlas", "concrete_mask",
+        "concrete_merge", "fisher_information", "fisher_merge", "gram_matrices", "linearize", "merge_with_coefficients",
+        "regmean_merge",
+    ),
+    "methods": (
+        "HEAD_FILTER", "PackedMask", "arcee_fusion", "breadcrumbs", "breadcrumbs_drop", "breadcrumbs_ties",
+        "consensus_mask", "consensus_ta", "consensus_ties", "dare", "dare_linear", "dare_ties", "della", "della_drop",
+        "della_linear", "disjoint_merge", "elect_sign", "emr_merge", "emr_task_models", "extras_item",
+        "fusion_importance", "iso_c", "iso_cts", "iso_cts_sizes", "karcher", "layer_swap", "layer_swap_source",
+        "linear", "lines", "lines_position", "lines_scale", "magmax", "model_stock", "multislerp", "nearswap",
+        "negation", "nuslerp", "pack_masks", "pcb", "per_model", "ram", "ram_contributors", "ramplus_tl", "rescale_l1",
+        "scale", "sce", "select_model", "slerp", "tall_masks", "tall_merge", "tall_task_models", "task_arithmetic",
+        "ties", "trim", "tsv_m", "tsv_rank", "unpack_masks", "weighted_sum",
+    ),
+    "mergekit": (
+        "MERGEKIT_METHODS", "ConfigError", "MergeConfig", "MergePlan", "load_config", "parse_config",
+    ),
+    "pipeline": (
+        "TensorJob", "plan_summary", "run_merge",
+    ),
+}
+"""The public names, by the package that defines them (the same names as the ``TYPE_CHECKING`` imports)."""
+
+_EXPORTS: dict[str, str] = {name: pkg for pkg, names in _EXPORTS_BY_PACKAGE.items() for name in names}
+
+_SUBPACKAGES = ("core", "methods", "learned", "io", "mergekit", "pipeline", "cli", "kernels", "models", "demo")
+"""Subpackages reachable as attributes (``jmerge.core``) without an explicit ``import jmerge.core``."""
+
+
+def __getattr__(name: str):
+    """PEP 562: import a public name's package on first access (``jmerge.ties``, ``from jmerge import merge``)."""
+    pkg = _EXPORTS.get(name)
+    if pkg is not None:
+        return getattr(import_module(f"{__name__}.{pkg}"), name)
+    if name in _SUBPACKAGES:
+        return import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, *_SUBPACKAGES})
 
 
 def available_methods() -> dict:
@@ -49,7 +110,9 @@ def available_methods() -> dict:
 
     References: none (infrastructure); each factory's docstring cites its method's paper.
     """
-    return dict(_METHODS)
+    from .methods import METHODS  # noqa: PLC0415 - imports JAX
+
+    return dict(METHODS)
 
 
 __all__ = [

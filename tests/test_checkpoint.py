@@ -549,3 +549,169 @@ def test_checkpoint_error_hierarchy(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputExistsError, match="already exists; pass overwrite=True"):
         CheckpointWriter(str(tmp_path / "out"), [("a", (2,), np.float32)])
+
+
+# --- temporary directories left by killed runs --------------------------------------------------------------------
+
+_ABANDON = """
+import os, sys
+import numpy as np
+from jmerge.io import CheckpointWriter
+w = CheckpointWriter(sys.argv[1], [("a", (4,), np.float32), ("b", (3,), np.float32)], overwrite=True)
+w.write("a", np.arange(4, dtype=np.float32))
+if len(sys.argv) > 2 and sys.argv[2] == "park":  # stop between the two renames of an overwrite commit
+    head, _, tail = os.path.basename(w.tmp_dir).rpartition(".tmp-")
+    os.rename(sys.argv[1], os.path.join(os.path.dirname(w.tmp_dir), head + ".old-" + tail))
+print(w.tmp_dir, flush=True)
+if len(sys.argv) > 2 and sys.argv[2] == "sleep":
+    sys.stdin.read()  # alive until the test closes stdin or kills it
+os._exit(0)  # like SIGKILL: no abort, no __del__, no atexit
+"""
+
+
+def _abandon(out, mode="exit"):
+    """Run a writer in a child that dies without cleaning up; returns (child Popen, its tmp dir)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _ABANDON, str(out), mode], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    tmp = p.stdout.readline().strip()
+    assert tmp and os.path.isdir(tmp), tmp
+    return p, tmp
+
+
+def _leftovers(parent):
+    return sorted(e for e in os.listdir(parent) if ".tmp-" in e or ".old-" in e)
+
+
+def _commit_one(out, **kw):
+    with CheckpointWriter(out, [("x", (2,), np.float32)], fsync=False, **kw) as w:
+        w.write("x", np.ones(2, np.float32))
+
+
+def test_sweep_removes_a_dead_writers_tmp_dir(tmp_path):
+    p, tmp = _abandon(tmp_path / "out")
+    assert p.wait() == 0
+    assert _leftovers(tmp_path) == sorted([os.path.basename(tmp), os.path.basename(tmp) + ".owner"])
+    assert os.listdir(tmp) == ["model.safetensors"] and os.path.getsize(os.path.join(tmp, "model.safetensors")) > 28
+    _commit_one(tmp_path / "other")  # any later writer into the same parent sweeps it
+    assert sorted(os.listdir(tmp_path)) == ["other"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="zombie detection reads /proc")
+def test_sweep_counts_an_unreaped_zombie_as_gone(tmp_path):
+    import time
+
+    p, tmp = _abandon(tmp_path / "out")
+    deadline = time.monotonic() + 30
+    while open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        from jmerge.io.safetensors import sweep_abandoned
+
+        assert tmp in sweep_abandoned(tmp_path)
+        assert _leftovers(tmp_path) == []
+    finally:
+        p.wait()
+
+
+def test_sweep_keeps_live_writers_then_removes_them_once_killed(tmp_path):
+    import signal
+
+    mine = CheckpointWriter(tmp_path / "mine", [("x", (2,), np.float32)], fsync=False)  # this process: alive
+    p, tmp = _abandon(tmp_path / "out", "sleep")  # a live child
+    try:
+        _commit_one(tmp_path / "other")
+        assert os.path.isdir(tmp) and os.path.isdir(mine.tmp_dir)
+        assert os.listdir(tmp) == ["model.safetensors"]
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    _commit_one(tmp_path / "third")
+    assert not os.path.exists(tmp) and os.path.isdir(mine.tmp_dir)
+    mine.write("x", np.zeros(2, np.float32))
+    mine.commit()
+    assert sorted(os.listdir(tmp_path)) == ["mine", "other", "third"]
+
+
+def test_sweep_detects_pid_reuse_and_reboot_and_leaves_foreign_markers(tmp_path):
+    """A marker naming this (live) pid with another start time is a previous process's; one from another
+    boot is gone; one from another host, or a directory without a marker, is never judged."""
+    from jmerge.io.safetensors import sweep_abandoned
+
+    mine = CheckpointWriter(tmp_path / "mine", [("x", (2,), np.float32)], fsync=False)
+    rec = json.loads(open(mine.tmp_dir + ".owner").read())
+    assert rec["pid"] == os.getpid()
+
+    def fake(name, **change):
+        d = tmp_path / f".{name}.tmp-{os.getpid()}-abc"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 100)
+        (tmp_path / f".{name}.tmp-{os.getpid()}-abc.owner").write_text(json.dumps({**rec, **change}))
+        return str(d)
+
+    kept = [mine.tmp_dir, fake("host", host=rec["host"] + "-elsewhere"), fake("same")]
+    gone = [fake("boot", boot="another-boot")] if rec["boot"] else []
+    if rec["start"] is not None:
+        gone.append(fake("reused", start=rec["start"] - 1))
+    bare = tmp_path / f".bare.tmp-{os.getpid() + 10**7}-abc"  # no marker: not ours to judge
+    bare.mkdir()
+    assert sorted(sweep_abandoned(tmp_path)) == sorted(gone)
+    assert all(os.path.isdir(k) for k in kept) and bare.is_dir()
+    assert not any(os.path.exists(g) or os.path.exists(g + ".owner") for g in gone)
+    mine.abort()
+    assert not os.path.exists(mine.tmp_dir + ".owner")
+
+
+def test_sweep_rolls_back_an_overwrite_killed_between_its_renames(tmp_path):
+    out = tmp_path / "out"
+    _commit_one(out)
+    before = (out / "model.safetensors").read_bytes()
+    p, tmp = _abandon(out, "park")
+    assert p.wait() == 0 and not out.exists()  # the previous output is parked, the new one unfinished
+    from jmerge.io import OutputExistsError
+
+    with pytest.raises(OutputExistsError):  # the sweep restores `out` before the writer checks for it
+        _commit_one(out)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_killed_jmerge_merge_leaves_a_tmp_dir_that_the_next_merge_sweeps(tmp_path, repo_root):
+    """A real ``jmerge merge`` stopped (SIGSTOP) right after it created its output directory, then SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+
+    arch = os.path.join(repo_root, "tests", "data", "arch", "llama")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {arch}/base\nmodels:\n"
+                   f"  - model: {arch}/ft1\n    parameters: {{weight: 0.5}}\n  - model: {arch}/ft2\n"
+                   f"    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    outs = tmp_path / "outs"
+    child = ("import os, signal, sys\n"
+             "import jmerge.io.safetensors as st\n"
+             "init = st.CheckpointWriter.__init__\n"
+             "def stop_after_init(self, *a, **k):\n"
+             "    init(self, *a, **k)\n"
+             "    os.kill(os.getpid(), signal.SIGSTOP)\n"
+             "st.CheckpointWriter.__init__ = stop_after_init\n"
+             "from jmerge.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    p = subprocess.Popen([sys.executable, "-c", child, "merge", str(cfg), str(outs / "a"), "--quiet",
+                          "--no-compile-cache"], cwd=repo_root)
+    try:
+        _, status = os.waitpid(p.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), status
+        left = _leftovers(outs)
+        assert len(left) == 2 and left[0].startswith(".a.tmp-") and left[1] == left[0] + ".owner", left
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert _leftovers(outs) == left  # SIGKILL left them
+    from jmerge.cli import main
+
+    assert main(["merge", str(cfg), str(outs / "b"), "--quiet", "--no-compile-cache"]) == 0
+    assert sorted(os.listdir(outs)) == ["b"]

@@ -4,6 +4,7 @@ package's underscored names, explicit re-exports, typed package."""
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 
 import jmerge
@@ -124,11 +125,29 @@ def test_no_module_imports_another_packages_underscored_names():
 
 
 def test_top_level_exports_are_explicit_and_resolve():
+    """``jmerge/__init__.py`` re-exports lazily (PEP 562) from a literal table ``{package: names}``: every name
+    is declared once, matches the ``if TYPE_CHECKING:`` import of it from the same package, and resolves to
+    that package's own object; the only dynamic imports are the two in ``__getattr__``."""
     src = open(os.path.join(ROOT, "__init__.py"), encoding="utf-8").read()
-    assert "import_module" not in src and "globals()" not in src
-    missing = [n for n in jmerge.__all__ if not hasattr(jmerge, n)]
-    assert not missing
-    assert len(set(jmerge.__all__)) == len(jmerge.__all__)
+    assert "globals()" not in src and src.count("import_module(") == 2
+    tree = ast.parse(src)
+    table, typed = None, {}
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "_EXPORTS_BY_PACKAGE":
+            table = ast.literal_eval(node.value)  # a literal: nothing computed
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.level == 1, ast.dump(imp)
+                typed.update({a.name: imp.module for a in imp.names if a.asname is None})
+    assert table, "jmerge/__init__.py: no literal _EXPORTS_BY_PACKAGE table"
+    declared = {n: pkg for pkg, names in table.items() for n in names}
+    assert len(declared) == sum(len(v) for v in table.values())
+    assert declared == typed
+    assert set(jmerge.__all__) == set(declared) | {"__version__", "available_methods"}
+    assert len(set(jmerge.__all__)) == len(jmerge.__all__) and set(jmerge.__all__) <= set(dir(jmerge))
+    for n, pkg in declared.items():
+        assert getattr(jmerge, n) is getattr(importlib.import_module(f"jmerge.{pkg}"), n), n
+    assert not hasattr(jmerge, "not_a_jmerge_name")
     for name in ("core", "methods", "learned", "io", "mergekit", "pipeline"):
         mod = getattr(jmerge, name)
         assert all(hasattr(mod, n) for n in mod.__all__), name

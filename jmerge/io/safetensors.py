@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import struct
 import threading
 from types import TracebackType
@@ -456,7 +458,10 @@ class CheckpointWriter:
     ``.<name>.tmp-<pid>``; :meth:`commit` (or leaving the ``with`` block without an exception) checks
     that every tensor was written, writes ``model.safetensors.index.json`` when sharded, fsyncs and
     renames the directory to ``out_dir``. On an exception, or when :meth:`abort` is called, the
-    temporary directory is removed and ``out_dir`` is left untouched.
+    temporary directory is removed and ``out_dir`` is left untouched. A process killed mid-write
+    cannot clean up: its directory is owned by a marker file ``.<name>.tmp-<pid>-<id>.owner`` (pid,
+    process start time, boot id, host), and the next writer into the same parent removes it once
+    that process is gone (see :func:`sweep_abandoned`); a live run's directory is never touched.
 
     Args:
       out_dir: the output directory (must not exist unless ``overwrite``; replaced only at commit).
@@ -482,6 +487,7 @@ class CheckpointWriter:
         self.fsync = fsync
         self.out_dir = os.path.abspath(os.fspath(out_dir))
         self.overwrite = overwrite
+        sweep_abandoned(os.path.dirname(self.out_dir))  # first: it may roll back a killed overwrite of out_dir
         if os.path.exists(self.out_dir) and not overwrite:
             raise OutputExistsError(f"{self.out_dir}: output already exists; pass overwrite=True to replace it")
         if max_shard_bytes <= 0:
@@ -520,8 +526,7 @@ class CheckpointWriter:
 
         parent = os.path.dirname(self.out_dir)
         os.makedirs(parent, exist_ok=True)
-        self.tmp_dir = os.path.join(parent, f".{os.path.basename(self.out_dir)}.tmp-{os.getpid()}-{id(self):x}")
-        os.makedirs(self.tmp_dir)
+        self.tmp_dir, self._owner_file = _claim_tmp_dir(parent, os.path.basename(self.out_dir), f"{id(self):x}")
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd index, abs offset, nbytes)
         try:
             for si, shard in enumerate(plan):
@@ -636,8 +641,9 @@ class CheckpointWriter:
             self._close_fds()
             if self.fsync:
                 _fsync_tree(self.tmp_dir)
-            _atomic_replace_dir(self.tmp_dir, self.out_dir, self.overwrite)
+            _atomic_replace_dir(self.tmp_dir, self.out_dir, self.overwrite, old=_old_dir_of(self.tmp_dir))
             self._done = True
+            _unlink_quiet(self._owner_file)
             return self.out_dir
         except BaseException:
             self.abort()
@@ -648,6 +654,8 @@ class CheckpointWriter:
         self._done = True
         self._close_fds()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if not os.path.lexists(self.tmp_dir):
+            _unlink_quiet(self._owner_file)
 
     def _close_fds(self) -> None:
         self._fds = _close_all(self._fds)
@@ -696,13 +704,13 @@ def _fsync_dir(d: str) -> None:
         os.close(fd)
 
 
-def _atomic_replace_dir(tmp: str, out: str, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out``; with ``overwrite`` an existing ``out`` is swapped out first."""
+def _atomic_replace_dir(tmp: str, out: str, overwrite: bool, old: str | None = None) -> None:
+    """Rename ``tmp`` to ``out``; with ``overwrite`` an existing ``out`` is swapped out first (to ``old``)."""
     parent = os.path.dirname(out)
     if os.path.lexists(out):
         if not overwrite:
             raise OutputExistsError(f"{out}: output appeared while writing; pass overwrite=True to replace it")
-        old = os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}-{id(tmp):x}")
+        old = old or os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}-{id(tmp):x}")
         os.rename(out, old)
         try:
             os.rename(tmp, out)
@@ -716,3 +724,177 @@ def _atomic_replace_dir(tmp: str, out: str, overwrite: bool) -> None:
     else:
         os.rename(tmp, out)
     _fsync_dir(parent)
+
+
+# --- temporary directories of killed runs -------------------------------------------------------------------------
+# A writer first creates ``.<name>.tmp-<pid>-<id>.owner`` (JSON: pid, process start time, boot id, host, pid
+# namespace), then the directory ``.<name>.tmp-<pid>-<id>``; the marker is removed last (after the rename into
+# place, or the removal on abort). A marker whose process is gone therefore names everything a killed run left.
+
+_OWNER_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<tok>[0-9a-f]+)\.owner$")
+
+
+def _read_small(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(4096).strip()
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """``(state, start time in clock ticks since boot)`` of a process from ``/proc``, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        rest = data[data.rindex(b")") + 2:].split()  # fields 3.. (the command name may contain spaces)
+        return rest[0].decode("ascii", "replace"), int(rest[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pidns() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _owner_record() -> dict:
+    """This process's identity, as written into an owner marker."""
+    st = _proc_stat(os.getpid())
+    return {"pid": os.getpid(), "start": st[1] if st else None, "boot": _read_small(_BOOT_ID),
+            "host": socket.gethostname(), "pidns": _pidns()}
+
+
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _owner_gone(rec: dict, me: dict) -> bool:
+    """Whether the process that wrote the marker ``rec`` has certainly exited (``me``: this process's record).
+
+    Unknown means alive: a marker from another host, or from another pid namespace since this boot, is never
+    judged (a shared file system).
+    """
+    if not isinstance(rec, dict) or not isinstance(rec.get("pid"), int) or rec.get("host") != me["host"]:
+        return False
+    if rec.get("boot") and me["boot"] and rec["boot"] != me["boot"]:
+        return True  # written before this machine last booted
+    if rec.get("pidns") != me["pidns"]:
+        return False  # another container's processes: not visible from here
+    pid = rec["pid"]
+    if pid <= 0:
+        return False
+    if os.path.isdir("/proc/self"):
+        st = _proc_stat(pid)
+        if st is None:
+            return not os.path.exists(f"/proc/{pid}")
+        state, start = st
+        if state in ("Z", "X"):  # exited; only its parent has not reaped it yet
+            return True
+        return rec.get("start") is not None and start != rec["start"]  # the pid now belongs to another process
+    return not _pid_alive(pid)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _old_dir_of(tmp_dir: str) -> str:
+    """Where :func:`_atomic_replace_dir` parks a replaced output: ``.<name>.old-<pid>-<id>`` beside ``tmp_dir``."""
+    head, _, tail = os.path.basename(tmp_dir).rpartition(".tmp-")
+    return os.path.join(os.path.dirname(tmp_dir), f"{head}.old-{tail}")
+
+
+def _claim_tmp_dir(parent: str, name: str, token: str) -> tuple[str, str]:
+    """Create the owner marker, then the temporary directory; returns both paths."""
+    stem = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{token}")
+    owner = stem + ".owner"
+    fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+    try:
+        os.write(fd, json.dumps(_owner_record()).encode("utf-8"))
+    finally:
+        os.close(fd)
+    try:
+        os.makedirs(stem)
+    except BaseException:
+        _unlink_quiet(owner)
+        raise
+    return stem, owner
+
+
+def sweep_abandoned(parent: str | os.PathLike) -> list[str]:
+    """Remove what killed writers left in ``parent``: temporary output directories of processes that are gone.
+
+    Every :class:`CheckpointWriter` calls this on its output's parent before it starts. Only directories
+    with an owner marker (``.<name>.tmp-<pid>-<id>.owner``, written before the directory) are considered,
+    and only when the marker's process has exited: the pid is not running, is a zombie, or now belongs to a
+    process with another start time (pid reuse), or the machine has rebooted since. Markers from another
+    host or pid namespace (a shared file system) are left alone, as are the directories of live runs. A run
+    killed between the two renames of an ``overwrite`` commit is rolled back: its parked previous output
+    (``.<name>.old-<pid>-<id>``) is renamed back to ``<name>``. Errors (permissions, a concurrent sweep)
+    are ignored.
+
+    Returns:
+      The paths removed or restored.
+
+    References: none (infrastructure).
+    """
+    parent = os.fspath(parent)
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    me: dict | None = None
+    done: list[str] = []
+    for entry in entries:
+        m = _OWNER_RE.match(entry)
+        if m is None:
+            continue
+        owner = os.path.join(parent, entry)
+        text = _read_small(owner)
+        try:
+            rec = json.loads(text) if text else None
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or rec.get("pid") != int(m.group("pid")):
+            continue  # unreadable or not a writer's marker: never judged
+        me = me or _owner_record()
+        if not _owner_gone(rec, me):
+            continue
+        tmp = owner[: -len(".owner")]
+        out = os.path.join(parent, m.group("name"))
+        old = _old_dir_of(tmp)
+        try:
+            if os.path.isdir(old) and not os.path.islink(old):
+                if os.path.lexists(tmp) and not os.path.lexists(out):
+                    os.rename(old, out)  # killed between the two renames of an overwrite: undo the first
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
+                done.append(old)
+            if os.path.lexists(tmp):
+                if os.path.isdir(tmp) and not os.path.islink(tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    os.unlink(tmp)
+                done.append(tmp)
+            if not os.path.lexists(tmp) and not os.path.lexists(old):
+                _unlink_quiet(owner)
+        except OSError:
+            continue
+    return done
