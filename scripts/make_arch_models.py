@@ -7,11 +7,12 @@ For each architecture ``<arch>`` this writes ``tests/data/arch/<arch>/{base,ft1,
 ``save_pretrained`` layout of transformers 5 (one bf16 ``model.safetensors``, ``config.json``,
 ``generation_config.json``); ``base`` also gets the tiny WordLevel tokenizer of
 ``make_tiny_models.py``. Every model has hidden size 16, 4 layers, 4 attention heads (2 KV heads,
-head_dim 4), MLP width 32 (MoE: 4 experts of width 16, top 2) and a vocabulary of 64 (the
+head_dim 4), MLP width 32 (MoE: 4 experts of width 16, top 2; Qwen3-MoE renormalises the top-2 weights,
+``norm_topk_prob`` true as in the released Qwen3 MoE models) and a vocabulary of 64 (the
 tokenizer uses 37 ids).
 
 Values do not depend on torch's RNG: every tensor of the model's state dict (transformers 5 layout, so
-Mixtral/Qwen2-MoE experts are the fused ``mlp.experts.*`` tensors) is drawn by NumPy from a generator
+Mixtral/Qwen2-MoE/Qwen3-MoE experts are the fused ``mlp.experts.*`` tensors) is drawn by NumPy from a generator
 seeded with the architecture's seed and the tensor's name:
 
 * base: norm weights ``1 + 0.1 N`` (Gemma-2 stores ``w`` of ``1 + w``: ``0.1 N``), biases ``0.02 N``,
@@ -63,10 +64,14 @@ def _configs() -> dict:
         "qwen2_moe": (tf.Qwen2MoeConfig(**_COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=16,
                                         num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
                       tf.Qwen2MoeForCausalLM),
+        "qwen3_moe": (tf.Qwen3MoeConfig(**_COMMON, head_dim=4, moe_intermediate_size=16, num_experts=4,
+                                        num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False),
+                      tf.Qwen3MoeForCausalLM),
     }
 
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "mixtral", "qwen2_moe")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe")
+# (append new architectures at the end: the seeds, hence the values, of the others stay unchanged)
 SEEDS = {a: 1000 * (i + 1) for i, a in enumerate(ARCHS)}
 
 

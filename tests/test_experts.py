@@ -1,7 +1,9 @@
 """Expert surgery (jmerge.models.experts, `jmerge experts`): expert load ignores padding and sums to
 tokens x top_k; pruning experts no token routes to leaves the logits unchanged (jmerge and transformers, Mixtral
 as stored and Qwen2-MoE fused with norm_topk_prob); a forced expert equals the dense Llama built from that
-expert's weights; switched-off experts get no token; bad `keep` values are one-line errors, nothing written."""
+expert's weights; switched-off experts get no token; bad `keep` values are one-line errors, nothing written.
+Qwen3-MoE (norm_topk_prob true) is pruned as stored (transformers 5's `num_local_experts`) and fused with the Hub's
+`num_experts` key, logits unchanged in jmerge and transformers."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ MIXTRAL = os.path.join(ARCH, "mixtral", "base")
 # token ids on which every layer of the tiny Mixtral (4 experts, top-2) leaves an expert unused
 UNUSED_IDS = np.array([[60, 41, 45, 57]], np.int32)
 QWEN_IDS = np.array([[54, 19, 10, 21]], np.int32)
+QWEN3 = os.path.join(ARCH, "qwen3_moe", "base")
+QWEN3_IDS = np.array([[27, 55, 37, 6]], np.int32)  # every layer of the tiny Qwen3-MoE leaves an expert unused
 
 
 def _rel(a, b):
@@ -43,15 +47,16 @@ def test_expert_load_counts_tokens_not_padding():
     assert with_pad.sum() == 14 * 2 * 4 and not (with_pad == counts).all()  # padding would be counted
 
 
-def test_switched_off_expert_gets_no_token():
-    m = jm.load_model(MIXTRAL, jnp.float32)
+@pytest.mark.parametrize("path", [MIXTRAL, QWEN3], ids=["mixtral", "qwen3_moe"])
+def test_switched_off_expert_gets_no_token(path):
+    m = jm.load_model(path, jnp.float32)
     ids = np.random.default_rng(1).integers(4, 64, size=(2, 9)).astype(np.int32)
     mask = jm.expert_mask(m.config, off={0: [1], 2: [0, 3]})
     logits, counts = m(jnp.asarray(ids), expert_mask=jnp.asarray(mask), output_expert_counts=True)
     counts = np.asarray(counts)
     assert counts[0, 1] == 0 and counts[2, 0] == counts[2, 3] == 0
     assert (counts.sum(axis=1) == 18 * 2).all()
-    full = np.asarray(jm.load_model(MIXTRAL, jnp.float32)(jnp.asarray(ids)))
+    full = np.asarray(jm.load_model(path, jnp.float32)(jnp.asarray(ids)))
     assert _rel(logits, full) > 1e-3  # switching experts off changes the model: the mask is applied
 
 
@@ -170,6 +175,58 @@ def test_prune_qwen2_moe_fused_layout(tmp_path):
     a = np.asarray(m(jnp.asarray(QWEN_IDS)))
     b = np.asarray(jm.load_model(out, jnp.float32)(jnp.asarray(QWEN_IDS)))
     assert _rel(b, a) <= 1e-6
+
+
+@pytest.mark.parametrize("layout", ["stored", "fused_hub_key"])
+def test_prune_qwen3_moe(layout, tmp_path):
+    """Qwen3-MoE: experts no token routes to are pruned with the logits unchanged (renormalised top-k weights),
+    as transformers 5 stores it (per-expert tensors, ``num_local_experts``) and fused with the Hub's
+    ``num_experts`` key; the key present is the one updated; transformers loads the output with the same logits."""
+    from jmerge.io import open_checkpoint
+    from tests.test_models import _fused_copy
+    src = QWEN3
+    if layout != "stored":
+        src = str(tmp_path / "fused")
+        _fused_copy(QWEN3, src, "qwen3_moe")
+        cfg = json.load(open(os.path.join(src, "config.json")))
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+        json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    m = jm.load_model(src, jnp.float32)
+    load = jm.expert_load(m, [QWEN3_IDS])
+    assert ((load == 0).sum(axis=1) >= 1).all(), load
+    out = str(tmp_path / "pruned")
+    kept = jm.prune_experts(src, out, 3, load=load)
+    assert all(load[i, e] == 0 for i in range(4) for e in range(4) if e not in kept[i])
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    key = "num_local_experts" if layout == "stored" else "num_experts"
+    assert cfg[key] == 3 and len([k for k in cfg if k in ("num_local_experts", "num_experts")]) == 1
+    r, s = open_checkpoint(out), open_checkpoint(src)
+    assert r.shape("model.layers.0.mlp.gate.weight") == (3, 16)
+    for i in range(4):
+        np.testing.assert_array_equal(r.get(f"model.layers.{i}.mlp.gate.weight"),
+                                      s.get(f"model.layers.{i}.mlp.gate.weight")[kept[i]])
+        if layout == "stored":
+            for new, old in enumerate(kept[i]):
+                np.testing.assert_array_equal(r.get(f"model.layers.{i}.mlp.experts.{new}.up_proj.weight"),
+                                              s.get(f"model.layers.{i}.mlp.experts.{old}.up_proj.weight"))
+        else:
+            np.testing.assert_array_equal(r.get(f"model.layers.{i}.mlp.experts.gate_up_proj"),
+                                          s.get(f"model.layers.{i}.mlp.experts.gate_up_proj")[kept[i]])
+    r.close()
+    s.close()
+    a = np.asarray(m(jnp.asarray(QWEN3_IDS)))
+    b = np.asarray(jm.load_model(out, jnp.float32)(jnp.asarray(QWEN3_IDS)))
+    assert _rel(b, a) <= 1e-6, _rel(b, a)
+    other = np.random.default_rng(5).integers(4, 64, size=(2, 9)).astype(np.int32)
+    assert _rel(jm.load_model(out, jnp.float32)(jnp.asarray(other)), m(jnp.asarray(other))) > 1e-3
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.num_experts == 3
+    with torch.no_grad():
+        lp = hf(input_ids=torch.tensor(QWEN3_IDS, dtype=torch.long)).logits.numpy()
+    assert _rel(lp, b) <= 1e-4, _rel(lp, b)
 
 
 def test_keep_lists_and_errors(tmp_path):

@@ -6,13 +6,13 @@
   ``expert_mask=`` (switched-off experts get ``-inf`` router logits; forcing experts allows only them).
 * :func:`prune_experts` writes a smaller checkpoint keeping ``K`` experts per layer (the most loaded) or
   given experts: expert tensors dropped and renumbered, router rows removed, ``config.json`` updated.
-  Mixtral (``block_sparse_moe.experts.N.w1``), Qwen2-MoE (``mlp.experts.N.gate_proj``) and transformers 5's
-  fused ``mlp.experts.gate_up_proj``/``down_proj`` layouts are handled as stored.
+  Mixtral (``block_sparse_moe.experts.N.w1``), Qwen2-MoE / Qwen3-MoE (``mlp.experts.N.gate_proj``) and
+  transformers 5's fused ``mlp.experts.gate_up_proj``/``down_proj`` layouts are handled as stored.
 
 Pruning experts that receive no token leaves the logits unchanged when the top-k weights are renormalised
-(Mixtral; Qwen2-MoE with ``norm_topk_prob``). Without renormalisation (Qwen2-MoE's default) each weight is a
-softmax probability over *all* experts, so removing router rows raises the kept experts' weights: the
-pruned model is a different (usually close) model.
+(Mixtral; Qwen2-MoE / Qwen3-MoE with ``norm_topk_prob``, as the released Qwen3 MoE models have it). Without
+renormalisation (Qwen2-MoE's default) each weight is a softmax probability over *all* experts, so removing
+router rows raises the kept experts' weights: the pruned model is a different (usually close) model.
 
 References: Lu et al. (2024), "Not All Experts are Equal: Efficient Expert Pruning and Skipping for
 Mixture-of-Experts Large Language Models"; Dahlke et al. (2025), "Mixture of Tunable Experts" (expert
@@ -182,11 +182,12 @@ def prune_experts(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, keep:
 
     Expert tensors of dropped experts are left out and the kept ones renumbered ``0..K-1`` in their original
     order; router rows (``gate.weight``) are selected likewise; ``num_local_experts`` / ``num_experts`` in
-    ``config.json`` become ``K``; the other config and tokenizer files are copied. Nothing is written on
-    error (the output appears by rename at the end).
+    ``config.json`` (whichever it has) become ``K``; the other config and tokenizer files are copied. Nothing is
+    written on error (the output appears by rename at the end).
 
     Args:
-      ckpt_dir: a Mixtral or Qwen2-MoE safetensors checkpoint (per-expert or transformers-5 fused experts).
+      ckpt_dir: a Mixtral, Qwen2-MoE or Qwen3-MoE safetensors checkpoint (per-expert or transformers-5 fused
+        experts).
       out_dir: the output directory (must not exist unless ``overwrite``).
       keep: ``K`` (the ``K`` most loaded experts per layer by ``load``) or per-layer lists of expert ids.
       load: ``[layers, experts]`` counts (:func:`expert_load`), needed when ``keep`` is an int.

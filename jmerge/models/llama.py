@@ -1,11 +1,15 @@
-"""The Llama-family decoder in Flax NNX: Llama, Mistral, Qwen2, Qwen3 and their MoE forms Mixtral and Qwen2-MoE.
+"""The Llama-family decoder in Flax NNX: Llama, Mistral, Qwen2, Qwen3, Gemma-2 and the MoE forms Mixtral,
+Qwen2-MoE and Qwen3-MoE.
 
-One module covers them: the differences are configuration (biases, q/k norm, tied head, sliding windows) and
-the MLP of each layer (:class:`~jmerge.models.layers.MLP` or :class:`~jmerge.models.moe.SparseMoE`).
-Parameters keep the Hugging Face ``[out, in]`` layout; MoE experts are stacked ``[E, ...]``.
+One module covers them: the differences are configuration (biases, q/k norm, tied head, sliding windows, rotary
+scaling; Gemma-2's scaled embeddings, ``1 + w`` norms around attention and MLP, GeGLU, soft-capped attention
+scores and logits) and the MLP of each layer (:class:`~jmerge.models.layers.MLP` or
+:class:`~jmerge.models.moe.SparseMoE`). Parameters keep the Hugging Face ``[out, in]`` layout; MoE experts are
+stacked ``[E, ...]``.
 
 References: Touvron et al. (2023), LLaMA; Jiang et al. (2023), Mistral 7B; Qwen Team (2024), Qwen2 Technical
-Report; Jiang et al. (2024), Mixtral of Experts; Hugging Face transformers ``modeling_llama.py`` and siblings.
+Report; Jiang et al. (2024), Mixtral of Experts; Qwen Team (2025), Qwen3 Technical Report; Gemma Team (2024),
+Gemma 2; Hugging Face transformers ``modeling_llama.py`` and siblings.
 """
 
 from __future__ import annotations
@@ -26,29 +30,44 @@ TensorGetter = Callable[[str], "Array | None"]
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+    """Pre-norm decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; with Gemma-2's sandwich norms,
+    ``x + post_attn_norm(attn(norm(x)))``, then ``x + post_ff_norm(mlp(pre_ff_norm(x)))``.
 
-    References: Touvron et al. (2023), LLaMA; transformers ``LlamaDecoderLayer``.
+    References: Touvron et al. (2023), LLaMA; Gemma Team (2024), Gemma 2; transformers ``LlamaDecoderLayer``,
+    ``Gemma2DecoderLayer``.
     """
 
     def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm,
-                 mlp: MLP | SparseMoE):
+                 mlp: MLP | SparseMoE, *, pre_feedforward_layernorm: RMSNorm | None = None,
+                 post_feedforward_layernorm: RMSNorm | None = None):
         """Assemble a layer.
 
         Args:
           input_layernorm: norm before attention.
           self_attn: attention.
-          post_attention_layernorm: norm before the MLP.
+          post_attention_layernorm: norm before the MLP (Llama); with the sandwich norms, norm of the attention
+            output.
           mlp: dense MLP or MoE block.
+          pre_feedforward_layernorm, post_feedforward_layernorm: Gemma-2's norms before and after the MLP (both
+            or neither).
 
-        References: transformers ``LlamaDecoderLayer``.
+        References: transformers ``LlamaDecoderLayer``, ``Gemma2DecoderLayer``.
         """
+        if (pre_feedforward_layernorm is None) != (post_feedforward_layernorm is None):
+            raise ValueError("give both pre_feedforward_layernorm and post_feedforward_layernorm, or neither")
         self.input_layernorm, self.self_attn = input_layernorm, self_attn
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
+        self.pre_feedforward_layernorm = pre_feedforward_layernorm
+        self.post_feedforward_layernorm = post_feedforward_layernorm
 
     def __call__(self, x: Array, positions: Array, attention_mask: Array | None, *, allowed: Array | None = None,
                  counts: bool = False) -> Array | tuple[Array, Array | None]:
-        x = x + self.self_attn(self.input_layernorm(x), positions, attention_mask)
+        a = self.self_attn(self.input_layernorm(x), positions, attention_mask)
+        if self.pre_feedforward_layernorm is not None:  # Gemma-2: sandwich norms
+            x = x + self.post_attention_layernorm(a)
+            y = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return (x + y, None) if counts else x + y
+        x = x + a
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, SparseMoE):
             y = self.mlp(h, allowed=allowed, token_mask=attention_mask, counts=counts)
@@ -96,24 +115,30 @@ class DecoderLM(nnx.Module):
         def linear(prefix: str) -> Linear:
             return Linear(need(prefix + ".weight"), get(prefix + ".bias"))
 
-        def mlp(prefix: str) -> MLP:
-            return MLP(linear(prefix + ".gate_proj"), linear(prefix + ".up_proj"), linear(prefix + ".down_proj"))
-
         c = config
+
+        def mlp(prefix: str, act: str = "silu") -> MLP:
+            return MLP(linear(prefix + ".gate_proj"), linear(prefix + ".up_proj"), linear(prefix + ".down_proj"),
+                       act)
+
+        def norm(name: str) -> RMSNorm:
+            return RMSNorm(need(name + ".weight"), c.rms_norm_eps, plus_one=c.norm_plus_one)
+
         self.config = c
         self.embed_tokens = nnx.Param(jnp.asarray(need("model.embed_tokens.weight")))
+        scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar ** -0.5
         layers = []
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}"
             qn = kn = None
             if c.qk_norm:
-                qn = RMSNorm(need(p + ".self_attn.q_norm.weight"), c.rms_norm_eps)
-                kn = RMSNorm(need(p + ".self_attn.k_norm.weight"), c.rms_norm_eps)
+                qn, kn = norm(p + ".self_attn.q_norm"), norm(p + ".self_attn.k_norm")
             attn = Attention(linear(p + ".self_attn.q_proj"), linear(p + ".self_attn.k_proj"),
                              linear(p + ".self_attn.v_proj"), linear(p + ".self_attn.o_proj"),
                              num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
                              head_dim=c.head_dim, rope_theta=c.rope_theta, window=c.sliding_windows[i],
-                             q_norm=qn, k_norm=kn)
+                             q_norm=qn, k_norm=kn, rope_scaling=c.rope_scaling, scale=scale,
+                             softcap=c.attn_logit_softcapping)
             if c.moe_layers[i]:
                 shared = gate = None
                 if c.shared_expert_intermediate_size:
@@ -127,12 +152,14 @@ class DecoderLM(nnx.Module):
                     shared_expert=shared, shared_expert_gate=gate, cast_weights=c.model_type != "mixtral",
                     impl=moe_impl)
             else:
-                ffn = mlp(p + ".mlp")
-            layers.append(DecoderLayer(RMSNorm(need(p + ".input_layernorm.weight"), c.rms_norm_eps), attn,
-                                       RMSNorm(need(p + ".post_attention_layernorm.weight"), c.rms_norm_eps),
-                                       ffn))
+                ffn = mlp(p + ".mlp", c.hidden_act)
+            pre_ff = post_ff = None
+            if c.sandwich_norms:
+                pre_ff, post_ff = norm(p + ".pre_feedforward_layernorm"), norm(p + ".post_feedforward_layernorm")
+            layers.append(DecoderLayer(norm(p + ".input_layernorm"), attn, norm(p + ".post_attention_layernorm"),
+                                       ffn, pre_feedforward_layernorm=pre_ff, post_feedforward_layernorm=post_ff))
         self.layers = nnx.List(layers)
-        self.norm = RMSNorm(need("model.norm.weight"), c.rms_norm_eps)
+        self.norm = norm("model.norm")
         head = None if c.tie_word_embeddings else get("lm_head.weight")
         if head is None and not c.tie_word_embeddings:
             raise KeyError("tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
@@ -142,6 +169,41 @@ class DecoderLM(nnx.Module):
     def dtype(self) -> jnp.dtype:
         """The parameters' (and activations') dtype."""
         return self.embed_tokens[...].dtype
+
+    def embed(self, input_ids: Array) -> Array:
+        """The input of the first layer: embedding rows (Gemma: times ``sqrt(hidden_size)`` in their dtype).
+
+        Args:
+          input_ids: ``[B, T]`` token ids.
+
+        Returns:
+          ``[B, T, H]`` in the parameters' dtype.
+
+        References: transformers ``Gemma2TextScaledWordEmbedding``.
+        """
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
+        return x
+
+    def logits_from_hidden(self, h: Array) -> Array:
+        """The LM head on final (normed) hidden states, with Gemma-2's logit soft-capping ``c * tanh(z / c)``.
+
+        Args:
+          h: ``[..., H]`` the final norm's output.
+
+        Returns:
+          ``[..., V]`` logits in ``h``'s dtype.
+
+        References: transformers ``LlamaForCausalLM``, ``Gemma2ForCausalLM`` (``final_logit_softcapping``).
+        """
+        head = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("...h,vh->...v", h, head)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            c = jnp.asarray(cap, logits.dtype)
+            logits = jnp.tanh(logits / c) * c
+        return logits
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, position_ids: Array | None = None,
                  output_hidden_states: bool = False, *, expert_mask: Array | None = None,
@@ -173,7 +235,7 @@ class DecoderLM(nnx.Module):
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0)
+        x = self.embed(input_ids)
         n_exp = max(self.config.num_experts, 1)
         hidden, counts = [], []
         for i, layer in enumerate(self.layers):
@@ -186,8 +248,7 @@ class DecoderLM(nnx.Module):
                 x = layer(x, position_ids, attention_mask, allowed=allowed)
         x = self.norm(x)
         hidden.append(x)
-        head = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("bth,vh->btv", x, head)
+        logits = self.logits_from_hidden(x)
         out = (logits,) + ((tuple(hidden),) if output_hidden_states else ()) + \
             ((jnp.stack(counts),) if output_expert_counts else ())
         return out if len(out) > 1 else logits

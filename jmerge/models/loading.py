@@ -2,7 +2,7 @@
 :class:`~jmerge.models.DecoderLM`, with no torch.
 
 MoE experts are read as stored: Mixtral's ``block_sparse_moe.experts.N.w1/w3/w2`` (gate/up/down),
-Qwen2-MoE's ``mlp.experts.N.gate_proj/up_proj/down_proj``, and transformers 5's fused
+Qwen2-MoE's and Qwen3-MoE's ``mlp.experts.N.gate_proj/up_proj/down_proj``, and transformers 5's fused
 ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` (gate rows, then up rows) and ``mlp.experts.down_proj``
 ``[E, H, I]``; Mixtral's router ``block_sparse_moe.gate`` is ``mlp.gate``.
 

@@ -7,7 +7,8 @@ one-hot combine matrix ``[N, E]`` (the top-k weights scattered to their experts)
 
 References: Shazeer et al. (2017), Outrageously Large Neural Networks (sparsely-gated MoE); Jiang et al.
 (2024), Mixtral of Experts; Qwen Team (2024), Qwen1.5-MoE (shared expert with a sigmoid gate);
-Hugging Face transformers ``MixtralSparseMoeBlock`` and ``Qwen2MoeSparseMoeBlock``.
+Hugging Face transformers ``MixtralSparseMoeBlock``, ``Qwen2MoeSparseMoeBlock`` and ``Qwen3MoeSparseMoeBlock``
+(Qwen2-MoE without the shared expert).
 """
 
 from __future__ import annotations
