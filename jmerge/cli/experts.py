@@ -5,16 +5,14 @@
     jmerge experts prune CKPT OUT --keep 0,2,5  (or per layer: "0,2;1,3;...")
 
 Text is tokenised with the checkpoint's ``tokenizer.json`` (the ``tokenizers`` package), one document per
-non-empty line (or JSONL record), truncated to ``--max-length`` tokens, in right-padded batches.
+non-empty line (or JSONL record), truncated to ``--max-length`` tokens, in right-padded batches
+(:mod:`jmerge.models.text`).
 
 References: Lu et al. (2024), "Not All Experts are Equal: Efficient Expert Pruning and Skipping for
 Mixture-of-Experts Large Language Models"; Dahlke et al. (2025), "Mixture of Tunable Experts".
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 from .common import fail
 
@@ -54,65 +52,17 @@ class _UsageError(Exception):
     pass
 
 
-def _documents(a) -> dict[str, list[str]]:
-    """``{task: [text]}`` (task ``""`` when there are no tasks)."""
-    docs: dict[str, list[str]] = {}
-    if a.text:
-        with open(a.text, encoding="utf-8") as f:
-            docs.setdefault("", []).extend(line.strip() for line in f if line.strip())
-    if a.jsonl:
-        with open(a.jsonl, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _UsageError(f"{a.jsonl}:{n}: not JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(a.text_field), str):
-                    raise _UsageError(f"{a.jsonl}:{n}: no string field {a.text_field!r}; set --text-field")
-                task = str(rec.get(a.task_field, "")) if a.task_field else ""
-                docs.setdefault(task, []).append(rec[a.text_field])
-    if not any(docs.values()):
-        raise _UsageError("no text: give --text FILE or --jsonl FILE with non-empty documents")
-    return docs
-
-
-def _tokenizer(ckpt: str):
-    try:
-        import tokenizers  # noqa: PLC0415
-    except ImportError:
-        raise _UsageError("tokenising text needs the tokenizers package: pip install tokenizers") from None
-    path = os.path.join(ckpt, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise _UsageError(f"{ckpt}: no tokenizer.json; the checkpoint's fast tokenizer is needed to tokenise text")
-    return tokenizers.Tokenizer.from_file(path)
-
-
-def _batches(tok, texts, vocab: int, batch_size: int, max_length: int):
-    import numpy as np  # noqa: PLC0415
-    seqs = [tok.encode(t).ids[:max_length] for t in texts]
-    seqs = [s for s in seqs if s]
-    if not seqs:
-        raise _UsageError("the text tokenises to nothing")
-    top = max(max(s) for s in seqs)
-    if top >= vocab:
-        raise _UsageError(f"token id {top} from tokenizer.json is outside the model's vocabulary ({vocab})")
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        T = max(len(s) for s in chunk)
-        ids = np.zeros((len(chunk), T), np.int32)
-        mask = np.zeros((len(chunk), T), np.int32)
-        for r, s in enumerate(chunk):
-            ids[r, :len(s)], mask[r, :len(s)] = s, 1
-        yield ids, mask
-
-
 def _loads(a, model) -> dict[str, "object"]:
     from ..models import expert_load  # noqa: PLC0415
-    tok = _tokenizer(a.ckpt)
-    return {task: expert_load(model, _batches(tok, texts, model.config.vocab_size, a.batch_size, a.max_length))
-            for task, texts in _documents(a).items()}
+    from ..models.text import encode_texts, load_tokenizer, make_batches, read_documents  # noqa: PLC0415
+    docs = read_documents(a.text, a.jsonl, text_field=a.text_field, task_field=a.task_field)
+    tok = load_tokenizer(a.ckpt)
+    out = {}
+    for task, texts in docs.items():
+        batches = make_batches(encode_texts(tok, texts, max_length=a.max_length), a.batch_size,
+                               max_length=a.max_length, vocab_size=model.config.vocab_size)
+        out[task] = expert_load(model, [(b.ids, b.mask) for b in batches])  # filler rows: mask 0, not counted
+    return out
 
 
 def _table(load, moe_layers) -> str:
@@ -165,7 +115,7 @@ def run(a) -> int:
             moe = [i for i, f in enumerate(model.config.moe_layers) if f]
             print(expert_heatmap({t: v[moe] for t, v in loads.items()}, a.png))
         return 0
-    except (_UsageError, ValueError) as e:
+    except (_UsageError, ValueError, ImportError) as e:  # ImportError: the tokenizers package
         return fail(str(e), 2)
     except (MergeInputError, OSError) as e:
         return fail(str(e), 1)
