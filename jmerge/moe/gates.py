@@ -139,7 +139,7 @@ def prompt_vectors(mode: str, model: Any, embed: np.ndarray | None, tokenizer: P
       prompts: the texts.
       num_layers: the base's layer count.
       dtype: ``"bfloat16"`` (mergekit's rounding) or ``"float32"``.
-      forward: ``(model, ids, mask) -> hidden states`` (a jitted forward), default a fresh one.
+      forward: ``(model, ids, mask, position_ids) -> hidden states`` (a jitted forward), default a fresh one.
 
     Returns:
       float32 array (bfloat16 values in ``"bfloat16"`` hidden modes).
@@ -153,8 +153,20 @@ def prompt_vectors(mode: str, model: Any, embed: np.ndarray | None, tokenizer: P
         v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), np.float32(1e-8))
         return np.repeat(v.astype(np.float32), num_layers, axis=0)
     r = _rounder(dtype)
-    hs = (forward or _hidden_forward())(model, ids, mask)  # num_layers + 1 arrays [B, T, H]
-    h = np.stack([np.asarray(x, np.float32) for x in hs[:-1]])  # [L, B, T, H]
+    b, t = ids.shape
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    if mode != "hidden_avg":
+        # Only the last position is read: pad the batch to power-of-two sizes (fewer compiles) with extra
+        # left padding and fully padded rows, and shift the positions so that every real token keeps the
+        # position it has in mergekit's layout (the result is unchanged).
+        bb, tt = _bucket(b), _bucket(t)
+        ids = np.concatenate([np.full((b, tt - t), tokenizer.pad_id, np.int32), ids], axis=1)
+        mask = np.concatenate([np.zeros((b, tt - t), np.int32), mask], axis=1)
+        pos = np.broadcast_to(np.arange(tt, dtype=np.int32) - (tt - t), (b, tt))
+        ids, mask, pos = (np.concatenate([a, np.repeat(a[:1] * (0 if a is mask else 1), bb - b, axis=0)])
+                          for a in (ids, mask, pos))
+    hs = (forward or _hidden_forward())(model, ids, mask, pos)  # num_layers + 1 arrays [B, T, H]
+    h = np.stack([np.asarray(x, np.float32)[:b] for x in hs[:-1]])  # [L, B, T, H]
     if mode == "hidden_avg":
         h = r(r(h.sum(axis=2, dtype=np.float32)) / np.float32(h.shape[2]))
     else:
@@ -162,13 +174,17 @@ def prompt_vectors(mode: str, model: Any, embed: np.ndarray | None, tokenizer: P
     return r(r(h.sum(axis=1, dtype=np.float32)) / np.float32(h.shape[1]))
 
 
+def _bucket(n: int) -> int:
+    return max(8, 1 << (int(n) - 1).bit_length())
+
+
 def _hidden_forward() -> Callable:
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
     @nnx.jit
-    def run(model, ids, mask):
-        return model(jnp.asarray(ids), jnp.asarray(mask), output_hidden_states=True)[1]
+    def run(model, ids, mask, pos):
+        return model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos), output_hidden_states=True)[1]
     return run
 
 
