@@ -27,6 +27,29 @@ from .config import RopeScaling
 Array = jax.Array
 
 
+def rounded(x: Array) -> Array:
+    """``x`` rounded to its own dtype where it is bfloat16/float16, also inside XLA fusions.
+
+    XLA may keep an elementwise chain in float32 and round only its end ("excess precision"); torch rounds
+    the result of every operation. Marking the points where torch rounds makes a jitted bf16 forward give
+    torch's numbers (a no-op for float32).
+
+    Args:
+      x: an array.
+
+    Returns:
+      ``x`` with every value representable in ``x.dtype`` (same dtype).
+
+    References: XLA ``ReducePrecision`` (kept inside fusions); PyTorch's per-operation rounding of
+    reduced-precision tensors.
+    """
+    if x.dtype == jnp.bfloat16:
+        return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+    if x.dtype == jnp.float16:
+        return jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
+    return x
+
+
 class Linear(nnx.Module):
     """``y = x W^T (+ b)`` with ``W`` stored ``[out, in]`` as in PyTorch checkpoints.
 
@@ -46,9 +69,9 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.asarray(bias)) if bias is not None else None
 
     def __call__(self, x: Array) -> Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        y = rounded(jnp.einsum("...i,oi->...o", x, self.weight[...]))
         if self.bias is not None:
-            y = y + self.bias[...]
+            y = rounded(y + self.bias[...])
         return y
 
 
@@ -78,7 +101,7 @@ class RMSNorm(nnx.Module):
             xf = x.astype(jnp.float32)
             xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
             return (xf * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
-        return self.weight[...] * rms_normalize(x, self.eps)
+        return rounded(self.weight[...] * rms_normalize(x, self.eps))
 
 
 def rms_normalize(x: Array, eps: float) -> Array:
@@ -95,7 +118,7 @@ def rms_normalize(x: Array, eps: float) -> Array:
     """
     xf = x.astype(jnp.float32)
     var = jnp.mean(xf * xf, axis=-1, keepdims=True)
-    return (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return rounded((xf * jax.lax.rsqrt(var + eps)).astype(x.dtype))
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
@@ -209,7 +232,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
+    return rounded(rounded(x * cos[:, :, None, :]) + rounded(rot * sin[:, :, None, :]))
 
 
 def attention_bias(attention_mask: Array | None, batch: int, length: int, window: int | None) -> Array:
@@ -305,7 +328,7 @@ class Attention(nnx.Module):
         # a query with no key to attend to (a left-padding position) gets zeros, as torch's SDPA gives
         # (transformers' default attention): padded positions' hidden states then equal transformers'
         probs = jnp.where(allowed.any(-1)[:, None, None, :, None], probs, 0).astype(v.dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, hq * d).astype(x.dtype)
+        out = rounded(jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, hq * d).astype(x.dtype))
         return self.o_proj(out)
 
 
@@ -336,5 +359,5 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         # the activation in float32 with one rounding, as torch computes it for bf16/fp16 tensors
-        act = ACT_FNS[self.act](self.gate_proj(x).astype(jnp.float32)).astype(x.dtype)
-        return self.down_proj(act * self.up_proj(x))
+        act = rounded(ACT_FNS[self.act](self.gate_proj(x).astype(jnp.float32)).astype(x.dtype))
+        return self.down_proj(rounded(act * self.up_proj(x)))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import DecoderConfig
-from .layers import MLP, Attention, Linear, RMSNorm
+from .layers import MLP, Attention, Linear, RMSNorm, rounded
 from .moe import Experts, SparseMoE
 
 Array = jax.Array
@@ -62,18 +62,19 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: Array, positions: Array, attention_mask: Array | None, *, allowed: Array | None = None,
                  counts: bool = False) -> Array | tuple[Array, Array | None]:
+        # residual sums rounded where torch rounds them (bf16/fp16; see layers.rounded)
         a = self.self_attn(self.input_layernorm(x), positions, attention_mask)
         if self.pre_feedforward_layernorm is not None:  # Gemma-2: sandwich norms
-            x = x + self.post_attention_layernorm(a)
+            x = rounded(x + self.post_attention_layernorm(a))
             y = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-            return (x + y, None) if counts else x + y
-        x = x + a
+            return (rounded(x + y), None) if counts else rounded(x + y)
+        x = rounded(x + a)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, SparseMoE):
             y = self.mlp(h, allowed=allowed, token_mask=attention_mask, counts=counts)
-            return (x + y[0], y[1]) if counts else x + y
+            return (rounded(x + y[0]), y[1]) if counts else rounded(x + y)
         y = self.mlp(h)
-        return (x + y, None) if counts else x + y
+        return (rounded(x + y), None) if counts else rounded(x + y)
 
 
 class DecoderLM(nnx.Module):

@@ -15,8 +15,8 @@ from __future__ import annotations
 from ..mergekit.moe_schema import GATE_MODES, OUTPUT_ARCHITECTURES, MoEConfig, MoEExpert, load_moe_config, \
     parse_moe_config
 from .build import MoEPlan, build_moe, plan_moe
-from .gates import PROMPT_MODES, PromptTokenizer, gate_vectors, load_prompt_tokenizer, prompt_vectors
+from .gates import PROMPT_MODES, LayerSource, PromptTokenizer, gate_vectors, load_prompt_tokenizer
 
-__all__ = ["build_moe", "plan_moe", "MoEPlan", "gate_vectors", "prompt_vectors", "load_prompt_tokenizer",
+__all__ = ["build_moe", "plan_moe", "MoEPlan", "gate_vectors", "LayerSource", "load_prompt_tokenizer",
            "PromptTokenizer", "PROMPT_MODES", "GATE_MODES", "OUTPUT_ARCHITECTURES", "MoEConfig", "MoEExpert",
            "load_moe_config", "parse_moe_config"]

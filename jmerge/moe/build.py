@@ -42,7 +42,7 @@ import numpy as np
 
 from ..core import MergeInputError, leaf_key
 from ..mergekit.moe_schema import MoEConfig, load_moe_config
-from .gates import PROMPT_MODES, gate_vectors, load_prompt_tokenizer
+from .gates import PROMPT_MODES, LayerSource, gate_vectors, load_prompt_tokenizer
 
 __all__ = ["MoEPlan", "plan_moe", "build_moe"]
 
@@ -400,9 +400,9 @@ def build_moe(config: MoEConfig | str | os.PathLike, out_dir: str | os.PathLike,
             embed = base.get("model.embed_tokens.weight")
         elif cfg.gate_mode in PROMPT_MODES:
             import jax.numpy as jnp  # noqa: PLC0415
-            from ..models import DecoderConfig, model_from_reader  # noqa: PLC0415
+            from ..models import DecoderConfig  # noqa: PLC0415
             dcfg = DecoderConfig.from_dict(base.config, source=os.path.join(base.dir, "config.json"))
-            model = model_from_reader(base, dcfg, jnp.bfloat16 if gate_dtype == "bfloat16" else jnp.float32)
+            model = LayerSource(base, dcfg, jnp.bfloat16 if gate_dtype == "bfloat16" else jnp.float32)
         kinds = ["experts"] * len(cfg.experts) + ["shared_experts"] * (len(plan.gated) - len(cfg.experts))
         idx = list(range(len(cfg.experts))) + list(range(len(plan.gated) - len(cfg.experts)))
         routers = gate_vectors(cfg.gate_mode, plan.gated, num_layers=layers, hidden_size=hidden, model=model,

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..core import MergeInputError, leaf_key
 
-__all__ = ["PROMPT_MODES", "PromptTokenizer", "load_prompt_tokenizer", "gate_vectors", "prompt_vectors"]
+__all__ = ["PROMPT_MODES", "PromptTokenizer", "LayerSource", "load_prompt_tokenizer", "gate_vectors"]
 
 #: Gate modes that read prompts (and need the base's tokenizer).
 PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
@@ -126,66 +126,164 @@ def _normalize(x: np.ndarray, r: Callable) -> np.ndarray:
     return r(x / np.maximum(n, np.float32(1e-8)))
 
 
-def prompt_vectors(mode: str, model: Any, embed: np.ndarray | None, tokenizer: PromptTokenizer,
-                   prompts: Sequence[str], num_layers: int, dtype: str = "bfloat16",
-                   forward: Callable | None = None) -> np.ndarray:
-    """``[num_layers, hidden]``: one prompt set's vector per layer (before the positive/negative combination).
+class LayerSource:
+    """The base model's decoder layers one at a time, read from a checkpoint only when needed.
 
-    Args:
-      mode: a gate mode of :data:`PROMPT_MODES`.
-      model: the base :class:`~jmerge.models.DecoderLM` (``hidden*`` modes) or None.
-      embed: the base's embedding matrix (``cheap_embed``) or None.
-      tokenizer: the :class:`PromptTokenizer`.
-      prompts: the texts.
-      num_layers: the base's layer count.
-      dtype: ``"bfloat16"`` (mergekit's rounding) or ``"float32"``.
-      forward: ``(model, ids, mask, position_ids) -> hidden states`` (a jitted forward), default a fresh one.
+    The gate forward pass needs the inputs of every layer, so it runs layers ``0 .. L-2`` (never the last
+    layer, the final norm or the LM head) and holds one layer's weights at a time.
 
-    Returns:
-      float32 array (bfloat16 values in ``"bfloat16"`` hidden modes).
+    Attributes:
+      config: the :class:`~jmerge.models.DecoderConfig`.
+      dtype: the parameters' (and activations') dtype.
 
-    References: mergekit-moe ``get_hidden_states`` / ``get_cheap_embedding`` (behaviour).
+    References: transformers ``output_hidden_states`` (the inputs of every layer).
     """
-    ids, mask = tokenizer.batch(prompts)
-    if mode == "cheap_embed":
-        h = np.asarray(embed, np.float32)[ids] * mask[..., None].astype(np.float32)
-        v = h.sum(axis=1, dtype=np.float32).sum(axis=0, keepdims=True, dtype=np.float32)
-        v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), np.float32(1e-8))
-        return np.repeat(v.astype(np.float32), num_layers, axis=0)
-    r = _rounder(dtype)
-    b, t = ids.shape
-    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-    if mode != "hidden_avg":
-        # Only the last position is read: pad the batch to power-of-two sizes (fewer compiles) with extra
-        # left padding and fully padded rows, and shift the positions so that every real token keeps the
-        # position it has in mergekit's layout (the result is unchanged).
-        bb, tt = _bucket(b), _bucket(t)
-        ids = np.concatenate([np.full((b, tt - t), tokenizer.pad_id, np.int32), ids], axis=1)
-        mask = np.concatenate([np.zeros((b, tt - t), np.int32), mask], axis=1)
-        pos = np.broadcast_to(np.arange(tt, dtype=np.int32) - (tt - t), (b, tt))
-        ids, mask, pos = (np.concatenate([a, np.repeat(a[:1] * (0 if a is mask else 1), bb - b, axis=0)])
-                          for a in (ids, mask, pos))
-    hs = (forward or _hidden_forward())(model, ids, mask, pos)  # num_layers + 1 arrays [B, T, H]
-    h = np.stack([np.asarray(x, np.float32)[:b] for x in hs[:-1]])  # [L, B, T, H]
-    if mode == "hidden_avg":
-        h = r(r(h.sum(axis=2, dtype=np.float32)) / np.float32(h.shape[2]))
-    else:
-        h = h[:, :, -1, :]
-    return r(r(h.sum(axis=1, dtype=np.float32)) / np.float32(h.shape[1]))
+
+    def __init__(self, reader: Any, config: Any, dtype: Any):
+        """Wrap an open checkpoint reader.
+
+        Args:
+          reader: a :class:`~jmerge.io.CheckpointReader` of the base.
+          config: its :class:`~jmerge.models.DecoderConfig`.
+          dtype: ``jnp.bfloat16`` or ``jnp.float32``.
+
+        References: none (infrastructure).
+        """
+        self.reader, self.config, self.dtype = reader, config, dtype
+
+    def embed(self, ids: np.ndarray) -> Any:
+        """The first layer's input ``[B, T, H]`` for token ids."""
+        import jax.numpy as jnp  # noqa: PLC0415
+        rows = np.asarray(self.reader.get("model.embed_tokens.weight"))[ids]
+        x = jnp.asarray(rows).astype(self.dtype)
+        if getattr(self.config, "embed_scale", False):
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, self.dtype)
+        return x
+
+    def layer(self, i: int) -> Any:
+        """Decoder layer ``i`` as a module (its weights read now)."""
+        import dataclasses  # noqa: PLC0415
+
+        import jax.numpy as jnp  # noqa: PLC0415
+        from ..models import DecoderLM, model_from_reader  # noqa: PLC0415
+        c = self.config
+        one = dataclasses.replace(c, num_hidden_layers=1, sliding_windows=(c.sliding_windows[i],),
+                                  moe_layers=(c.moe_layers[i],), tie_word_embeddings=True)
+        h = c.hidden_size
+
+        class _One:  # the reader seen as a one-layer model: layer i's tensors as layer 0, tiny placeholders
+            dir = self.reader.dir
+
+            def __init__(s, r):
+                s.r = r
+
+            def _name(s, name):
+                if name.startswith("model.layers.0."):
+                    return f"model.layers.{i}." + name[len("model.layers.0."):]
+                return name
+
+            def __contains__(s, name):
+                return name in ("model.embed_tokens.weight", "model.norm.weight") or s._name(name) in s.r
+
+            def keys(s):
+                return [n for n in s.r.keys() if n.startswith(f"model.layers.{i}.")]
+
+            def get(s, name):
+                if name == "model.embed_tokens.weight":
+                    return np.zeros((1, h), np.float32)
+                if name == "model.norm.weight":
+                    return np.ones((h,), np.float32)
+                return s.r.get(s._name(name))
+
+            def shape(s, name):
+                return s.r.shape(s._name(name))
+
+        model = model_from_reader(_One(self.reader), one, self.dtype)
+        del DecoderLM, jnp
+        return model.layers[0]
 
 
-def _bucket(n: int) -> int:
-    return max(8, 1 << (int(n) - 1).bit_length())
+def _model_source(model: Any) -> Any:
+    """A :class:`LayerSource`-like view of an in-memory :class:`~jmerge.models.DecoderLM`."""
+    class _Mem:
+        config, dtype = model.config, model.dtype
+
+        @staticmethod
+        def embed(ids):
+            import jax.numpy as jnp  # noqa: PLC0415
+            return model.embed(jnp.asarray(ids))
+
+        @staticmethod
+        def layer(i):
+            return model.layers[i]
+    return _Mem()
 
 
-def _hidden_forward() -> Callable:
+def _layer_step() -> Callable:
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
     @nnx.jit
-    def run(model, ids, mask, pos):
-        return model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos), output_hidden_states=True)[1]
-    return run
+    def step(layer, x, pos, mask):
+        return layer(x, jnp.asarray(pos), jnp.asarray(mask))
+    return step
+
+
+def _row_states(mode: str, source: Any, tokenizer: PromptTokenizer, groups: Sequence[Sequence[str]],
+                num_layers: int, dtype: str, max_rows: int = 64) -> list[np.ndarray]:
+    """Per prompt group, ``[num_layers, rows, H]`` float32: each prompt's layer inputs at its last token
+    (``hidden``/``hidden_last``) or averaged over its padded positions (``hidden_avg``, rounded as torch).
+
+    Each group is laid out as mergekit-moe lays it out (one left-padded batch per group, padding length
+    of the group's longest prompt). For the last-token modes every group's rows share batches of
+    power-of-two sizes, with extra left padding and positions shifted so that every token keeps its
+    position in the group's own layout (the same numbers, fewer and larger forward passes); the average
+    reads every position, so ``hidden_avg`` runs each group as its own batch.
+    """
+    r = _rounder(dtype)
+    laid = [tokenizer.batch(g) for g in groups]  # per group (ids, mask) [n_g, T_g]
+    batches = []  # (ids, mask, pos, [(group, row in group, row in batch)])
+    if mode == "hidden_avg":
+        for gi, (ids, mask) in enumerate(laid):
+            b, t = ids.shape
+            batches.append((ids, mask, np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+                            [(gi, j, j) for j in range(b)]))
+    else:
+        rows = [(gi, j) for gi, (ids, _) in enumerate(laid) for j in range(ids.shape[0])]
+        tt = _bucket(max(ids.shape[1] for ids, _ in laid))
+        for k in range(0, len(rows), max_rows):
+            chunk = rows[k:k + max_rows]
+            bb = _bucket(len(chunk))
+            ids = np.full((bb, tt), tokenizer.pad_id, np.int32)
+            mask = np.zeros((bb, tt), np.int32)
+            pos = np.broadcast_to(np.arange(tt, dtype=np.int32), (bb, tt)).copy()
+            where = []
+            for q, (gi, j) in enumerate(chunk):
+                g_ids, g_mask = laid[gi]
+                t = g_ids.shape[1]
+                ids[q, tt - t:], mask[q, tt - t:] = g_ids[j], g_mask[j]
+                pos[q] = np.arange(tt, dtype=np.int32) - (tt - t)
+                where.append((gi, j, q))
+            batches.append((ids, mask, pos, where))
+    out = [np.zeros((num_layers, ids.shape[0], source.config.hidden_size), np.float32) for ids, _ in laid]
+    xs = [source.embed(ids) for ids, _, _, _ in batches]
+    step = _layer_step()
+    for layer_i in range(num_layers):
+        for (ids, mask, pos, where), x in zip(batches, xs):
+            h = np.asarray(x, np.float32)
+            red = r(r(h.sum(axis=1, dtype=np.float32)) / np.float32(h.shape[1])) if mode == "hidden_avg" else h[:, -1]
+            for gi, j, q in where:
+                out[gi][layer_i, j] = red[q]
+        if layer_i == num_layers - 1:
+            break
+        layer = source.layer(layer_i)
+        xs = [step(layer, x, pos, mask) for (ids, mask, pos, where), x in zip(batches, xs)]
+        del layer
+    return out
+
+
+def _bucket(n: int) -> int:
+    return max(8, 1 << (int(n) - 1).bit_length())
 
 
 def gate_vectors(mode: str, experts: Sequence[Any], *, num_layers: int, hidden_size: int,
@@ -198,7 +296,8 @@ def gate_vectors(mode: str, experts: Sequence[Any], *, num_layers: int, hidden_s
       mode: ``hidden``, ``hidden_avg``, ``hidden_last``, ``cheap_embed``, ``random`` or ``uniform_random``.
       experts: objects with ``positive_prompts`` and ``negative_prompts`` (lists of str or None).
       num_layers, hidden_size: the base's sizes.
-      model: the base :class:`~jmerge.models.DecoderLM` for the ``hidden*`` modes (its dtype is the forward's).
+      model: for the ``hidden*`` modes, the base as a :class:`LayerSource` (layers read one at a time) or an
+        in-memory :class:`~jmerge.models.DecoderLM`; its dtype is the forward's.
       embed: the embedding matrix for ``cheap_embed``.
       tokenizer: a :class:`PromptTokenizer` for the prompt modes.
       dtype: precision of the averages and norms: ``"bfloat16"`` (mergekit-moe) or ``"float32"``.
@@ -234,12 +333,39 @@ def gate_vectors(mode: str, experts: Sequence[Any], *, num_layers: int, hidden_s
                 if not tokenizer.ids(p):
                     raise MergeInputError(f"{loc(i, field, j)}: prompt {p!r} tokenises to nothing; give text that "
                                           "has tokens (its hidden state or embedding makes the router row)")
-    r = _rounder("float32" if mode == "cheap_embed" else dtype)
-    forward = _hidden_forward() if mode != "cheap_embed" else None
+    if mode == "cheap_embed":
+        out = []
+        for e in experts:
+            v = _cheap_embed(embed, tokenizer, e.positive_prompts, num_layers)
+            if e.negative_prompts:
+                v = v - _cheap_embed(embed, tokenizer, e.negative_prompts, num_layers)
+            out.append(_normalize(v, _rounder("float32")))
+        return np.stack(out, axis=1)
+    r = _rounder(dtype)
+    source = model if isinstance(model, LayerSource) or hasattr(model, "layer") else _model_source(model)
+    groups, index = [], []
+    for i, e in enumerate(experts):
+        for sign, field in ((1, "positive_prompts"), (-1, "negative_prompts")):
+            if getattr(e, field):
+                index.append((i, sign))
+                groups.append(list(getattr(e, field)))
+    states = _row_states(mode, source, tokenizer, groups, num_layers, dtype)
+    vec: dict = {}
+    for (i, sign), h in zip(index, states):
+        vec[(i, sign)] = r(r(h.sum(axis=1, dtype=np.float32)) / np.float32(h.shape[1]))  # mean over prompts
     out = []
-    for e in experts:
-        v = prompt_vectors(mode, model, embed, tokenizer, e.positive_prompts, num_layers, dtype, forward)
-        if e.negative_prompts:
-            v = r(v - prompt_vectors(mode, model, embed, tokenizer, e.negative_prompts, num_layers, dtype, forward))
+    for i in range(len(experts)):
+        v = vec[(i, 1)]
+        if (i, -1) in vec:
+            v = r(v - vec[(i, -1)])
         out.append(_normalize(v, r))
     return np.stack(out, axis=1)
+
+
+def _cheap_embed(embed: np.ndarray, tokenizer: PromptTokenizer, prompts: Sequence[str], num_layers: int) -> np.ndarray:
+    """Summed float32 token embeddings of the prompts (padding excluded), normalised, for every layer."""
+    ids, mask = tokenizer.batch(prompts)
+    h = np.asarray(embed, np.float32)[ids] * mask[..., None].astype(np.float32)
+    v = h.sum(axis=1, dtype=np.float32).sum(axis=0, keepdims=True, dtype=np.float32)
+    v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), np.float32(1e-8))
+    return np.repeat(v.astype(np.float32), num_layers, axis=0)
