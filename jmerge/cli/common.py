@@ -130,6 +130,26 @@ def apply_mergekit_options(a: argparse.Namespace):
     return None
 
 
+def select_device(device: str | None) -> str | None:
+    """Point JAX at ``--device`` (``cpu``, ``gpu``, ``tpu``; None keeps JAX's default); an error message if
+    that platform has no backend here, else None.
+
+    References: JAX ``jax_platforms``.
+    """
+    if not device:
+        return None
+    import jax  # noqa: PLC0415
+    jax.config.update("jax_platforms", device if device != "gpu" else "cuda")
+    try:
+        jax.devices()
+    except Exception as e:  # noqa: BLE001 - any backend failure: say which platform is missing
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = " (e.g. pip install 'jax[cuda12]')" if device == "gpu" else ""
+        return (f"--device {device}: JAX has no {device} backend here ({first}); install JAX for that "
+                f"platform{hint}, or drop the flag to run on the default platform")
+    return None
+
+
 def enable_compile_cache(path: str | None = None) -> str:
     """Point JAX's persistent compilation cache at ``path`` (default ``$JMERGE_COMPILE_CACHE`` or
     ``~/.cache/jmerge/xla``) and cache every compiled merge step, however quick its compile.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import add_mergekit_options, apply_mergekit_options, enable_compile_cache, fail, parse_device, parse_size
+from .common import (add_mergekit_options, apply_mergekit_options, enable_compile_cache, fail, parse_device,
+                     parse_size, select_device)
 
 __all__ = ["add_parser", "run", "yaml_main"]
 
@@ -50,16 +51,9 @@ def run(a) -> int:
     err = apply_mergekit_options(a)
     if err:
         return fail(err, 2)
-    if a.device:
-        import jax  # noqa: PLC0415
-        jax.config.update("jax_platforms", a.device if a.device != "gpu" else "cuda")
-        try:
-            jax.devices()
-        except Exception as e:  # noqa: BLE001 - any backend failure: say which platform is missing
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            hint = " (e.g. pip install 'jax[cuda12]')" if a.device == "gpu" else ""
-            return fail(f"--device {a.device}: JAX has no {a.device} backend here ({first}); install JAX for that "
-                        f"platform{hint}, or drop the flag to merge on the default platform", 2)
+    err = select_device(a.device)
+    if err:
+        return fail(err, 2)
     if not a.no_compile_cache and not a.dry_run:
         enable_compile_cache(a.compile_cache)
     from ..core import MergeInputError  # noqa: PLC0415

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import add_mergekit_options, apply_mergekit_options, enable_compile_cache, fail, parse_size
+from .common import (add_mergekit_options, apply_mergekit_options, enable_compile_cache, fail, parse_device,
+                     parse_size, select_device)
 
 __all__ = ["add_parser", "run"]
 
@@ -34,7 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action=argparse.BooleanOptionalAction, default=True,
                    help="copy the base's tokenizer files into the output (default: yes)")
     p.add_argument("--quiet", "-q", action=argparse.BooleanOptionalAction, default=False, help="no progress display")
-    p.add_argument("--device", default=None, help="JAX platform for the gate forward pass: cpu, gpu, tpu (default: auto)")
+    p.add_argument("--device", type=parse_device, default=None,
+                   help="JAX platform of the gate forward pass: cpu, gpu (also cuda), tpu or auto (the default)")
     p.add_argument("--compile-cache", default=None, metavar="DIR", help="persistent XLA compilation cache directory")
     p.add_argument("--no-compile-cache", action="store_true", help="compile afresh, store nothing")
     g = p.add_argument_group("mergekit-moe options")
@@ -55,9 +57,9 @@ def run(a) -> int:
                     "(default) or float32 JAX forward pass; drop the flag", 2)
     if os.path.exists(a.out) and not a.overwrite:
         return fail(f"{a.out} already exists; pass --overwrite to replace it", 1)
-    if a.device:
-        import jax  # noqa: PLC0415
-        jax.config.update("jax_platforms", a.device if a.device not in ("gpu", "cuda") else "cuda")
+    err = select_device(a.device)
+    if err:
+        return fail(err, 2)
     if not a.no_compile_cache:
         enable_compile_cache(a.compile_cache)
     from ..core import MergeInputError  # noqa: PLC0415
