@@ -12,7 +12,7 @@ import pytest
 import jmerge
 
 MODULES = ["jmerge", "jmerge.core", "jmerge.methods", "jmerge.learned", "jmerge.io", "jmerge.mergekit",
-           "jmerge.pipeline", "jmerge.cli", "jmerge.kernels", "jmerge.models"]
+           "jmerge.pipeline", "jmerge.cli", "jmerge.kernels", "jmerge.models", "jmerge.moe", "jmerge.lora"]
 
 
 def _public():

@@ -23,7 +23,8 @@ ALLOWED = {
     "kernels": set(),
     "models": {"core", "io", "kernels"},
     "moe": {"core", "io", "mergekit", "pipeline", "models"},
-    "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", "models", "moe", ""},
+    "lora": {"core", "methods", "io"},
+    "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", "models", "moe", "lora", ""},
     "demo": {"core", "methods", "learned", ""},
 }
 
