@@ -12,7 +12,8 @@ import pytest
 import jmerge
 
 MODULES = ["jmerge", "jmerge.core", "jmerge.methods", "jmerge.learned", "jmerge.io", "jmerge.mergekit",
-           "jmerge.pipeline", "jmerge.cli", "jmerge.kernels", "jmerge.models", "jmerge.moe", "jmerge.lora"]
+           "jmerge.pipeline", "jmerge.cli", "jmerge.kernels", "jmerge.models", "jmerge.moe", "jmerge.lora",
+           "jmerge.sweep"]
 
 
 def _public():

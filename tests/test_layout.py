@@ -24,7 +24,8 @@ ALLOWED = {
     "models": {"core", "io", "kernels"},
     "moe": {"core", "io", "mergekit", "pipeline", "models"},
     "lora": {"core", "methods", "io"},
-    "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", "models", "moe", "lora", ""},
+    "sweep": {"core", "methods", "io", "mergekit", "pipeline", "models"},
+    "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", "models", "moe", "lora", "sweep", ""},
     "demo": {"core", "methods", "learned", ""},
 }
 

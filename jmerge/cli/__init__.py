@@ -8,6 +8,7 @@
     jmerge experts stats CKPT --text FILE | jmerge experts prune CKPT OUT --keep K --text FILE
     jmerge eval CKPT --text FILE | --jsonl FILE [--batch-size 8] [--max-length 512] [--out results.jsonl]
     jmerge lora extract BASE FINETUNED OUT --rank R | jmerge lora merge BASE OUT --adapters A1 A2 --method ties --rank R
+    jmerge sweep sweep.yml [--out DIR] [--batch N]   (a merge config plus a sweep: block)
     jmerge --version
 
 Exit codes: 0 success; 2 invalid config or arguments (one line naming the YAML location, no
@@ -22,13 +23,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, demo, experts, lora, merge, methods, moe
+from . import convert, demo, experts, lora, merge, methods, moe, sweep
 from . import eval  # noqa: A004 (the command module; no builtin eval used here)
 from .common import enable_compile_cache, parse_size
 
 __all__ = ["main", "parse_size", "enable_compile_cache", "COMMANDS"]
 
-COMMANDS = (merge, moe, convert, methods, demo, experts, eval, lora)
+COMMANDS = (merge, moe, convert, methods, demo, experts, eval, lora, sweep)
 """The command modules, in the order ``--help`` lists them."""
 
 
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     from ..version import __version__  # noqa: PLC0415
     p = argparse.ArgumentParser(prog="jmerge", description="JAX-native model merging (mergekit-compatible configs).")
     p.add_argument("--version", action="version", version=f"jmerge {__version__}")
-    sub = p.add_subparsers(dest="cmd", metavar="{merge,moe,convert,methods,demo,experts,eval,lora}")
+    sub = p.add_subparsers(dest="cmd", metavar="{merge,moe,convert,methods,demo,experts,eval,lora,sweep}")
     for c in COMMANDS:
         c.add_parser(sub)
     return p
