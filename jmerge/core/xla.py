@@ -90,8 +90,9 @@ def materialized(fn: Callable[[], jax.Array], probe: jax.Array) -> jax.Array:
     The predicate is always true but traced (``p == p`` or ``p`` is NaN, ``p`` the first entry of
     ``probe``); the other branch never runs.
     """
-    p = jnp.reshape(probe, (-1,))[:1]
-    p = jnp.all(p == p) | jnp.all(p != p)
+    probe = jnp.asarray(probe)
+    p = probe[(0,) * probe.ndim] if probe.size else jnp.zeros((), probe.dtype)  # indexed: a flattened
+    p = (p == p) | (p != p)  # sharded probe would be gathered
     out = jax.eval_shape(fn)
     return lax.cond(p, fn, lambda: jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out))
 
@@ -105,12 +106,13 @@ def loop_variant(a: jax.Array, m: Any) -> jax.Array:
 
 
 def honest_cost(x: jax.Array, never: jax.Array) -> jax.Array:
-    """``never`` (an always-false traced bool) combined with a float sum over the first
-    :data:`HONEST_COST_ENTRIES` entries of ``x`` (pass them already sliced from the raw inputs), so
-    that XLA:CPU's cost model sees the loop body read float data (workaround 4).
+    """``never`` (an always-false traced bool) combined with a float sum over ``x``: about
+    :data:`HONEST_COST_ENTRIES` entries sliced from the raw inputs (a strided slice of each axis, so
+    that a sharded input is summed where it lives, never gathered), so that XLA:CPU's cost model sees
+    the loop body read float data (workaround 4).
 
     Apply it only to loops over at least :data:`HONEST_COST_MIN` entries."""
-    touch = jnp.sum(jnp.asarray(x, jnp.float32).reshape(-1)[:HONEST_COST_ENTRIES])
+    touch = jnp.sum(jnp.asarray(x, jnp.float32))
     return never & (touch != 0)
 
 

@@ -159,11 +159,11 @@ def _order_statistics(x: jnp.ndarray, positions: tuple[int, ...]) -> jnp.ndarray
 
     The value at position ``i`` is the smallest of the ``n − i`` largest entries.
     """
-    flat = x.reshape(1, -1)
-    n = flat.shape[1]
-    rows = jnp.broadcast_to(flat, (len(positions), n))
+    x = x if x.ndim else x.reshape(1)  # rows in the leaf's own shape: a sharded leaf is not gathered
+    n = x.size
+    rows = jnp.broadcast_to(x[None], (len(positions),) + x.shape)
     keep = topk_mask_rows(rows, jnp.asarray([n - i for i in positions], jnp.int32))
-    return jnp.min(jnp.where(keep, rows, jnp.inf), axis=1)
+    return jnp.min(jnp.where(keep, rows, jnp.inf), axis=tuple(range(1, rows.ndim)))
 
 
 def _arcee_fusion(state: MergeState, hp) -> MergeState:

@@ -40,12 +40,12 @@ def _slerp(state: MergeState, hp) -> MergeState:
             f"fine-tuned models for a leaf of shape {tuple(state.base.shape)}. Use multislerp or karcher "
             "for more models.")
     t = jnp.asarray(hp["t"], jnp.float32)
-    a = state.base.reshape(-1)
-    if state.precision is None:
-        tau = state.tau[0].reshape(-1)
+    a = state.base  # in the leaf's own shape (norms and the dot sum every entry): not flattened, so a
+    if state.precision is None:  # sharded leaf is reduced where it lives, never gathered
+        tau = state.tau[0]
         b = a + tau
     else:  # mergekit interpolates the (rounded) models in float32: not the rounded task vector
-        b = state.models()[0].reshape(-1)
+        b = state.models()[0]
         tau = b - a
     if a.size == 0:
         return state.replace(merged=jnp.zeros_like(state.base))
@@ -94,10 +94,10 @@ def _nuslerp_pair(t, v0, v1, *, flatten: bool, row_wise: bool, r=lambda x: x):
     # r: rounding to the emulated compute dtype after each operation (identity in float32)
     eps = 1e-8
     shape = v0.shape
-    if flatten or v0.ndim <= 1:
-        v0 = v0.reshape(-1)
-        v1 = v1.reshape(-1)
-        axis = -1
+    if v0.ndim == 0:
+        v0, v1, axis = v0.reshape(1), v1.reshape(1), -1
+    elif flatten or v0.ndim == 1:  # every axis of the leaf's own shape: not flattened (sharding)
+        axis = tuple(range(v0.ndim))
     else:
         axis = 0 if row_wise else -1
 
@@ -159,24 +159,26 @@ def _multislerp(state: MergeState, hp, *, normalize_weights: bool, base_relative
     x = state.tau if base_relative else state.models()
     if T == 1:
         return state.replace(merged=state.tau[0])
-    flat = x.reshape(T, -1)
+    flat = x if x.ndim > 1 else x.reshape(T, 1)  # the leaf's own shape: not flattened (sharding)
+    ax = tuple(range(1, flat.ndim))
     r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
     eps = jnp.asarray(hp["eps"], jnp.float32)
     w = r(jnp.broadcast_to(jnp.asarray(hp["weight"], jnp.float32), (T,)))
     if normalize_weights:
         w = r(w / r(jnp.sum(w)))
-    norms = r(_safe_norm(flat, axis=-1, keepdims=True))
+    wc = w.reshape((T,) + (1,) * len(ax))
+    norms = r(_safe_norm(flat, axis=ax, keepdims=True))
     units = r(flat / r(norms + eps))
-    mean = r(model_sum(r(units * w[:, None])))
+    mean = r(model_sum(r(units * wc)))
     mean_norm = r(_safe_norm(mean))
     degenerate = mean_norm < eps
     mean = r(mean / jnp.where(degenerate, 1.0, mean_norm))
-    dots = r(jnp.sum(r(units * mean), axis=-1, keepdims=True))
-    tangent = r(model_sum(r(r(units - r(dots * mean)) * w[:, None])))
+    dots = r(jnp.sum(r(units * mean), axis=ax, keepdims=True))
+    tangent = r(model_sum(r(r(units - r(dots * mean)) * wc)))
     tn = r(r(_safe_norm(tangent)) + eps)
     res = r(r(mean * r(jnp.cos(tn))) + r(tangent * r(r(jnp.sin(tn)) / tn)))
-    res = r(res * r(jnp.sum(r(norms[:, 0] * w))))
-    lin = r(model_sum(r(flat * w[:, None])))
+    res = r(res * r(jnp.sum(r(norms.reshape(T) * w))))
+    lin = r(model_sum(r(flat * wc)))
     res = jnp.where(degenerate, lin, res).reshape(state.base.shape)
     merged = res if base_relative else res - state.base
     return state.replace(merged=merged)
@@ -301,16 +303,17 @@ def _model_stock(state: MergeState, hp, *, filter_wise: bool, average: str) -> M
     if T < 2:
         raise MergeInputError(f"Model Stock needs at least two fine-tuned models besides the base; got {T} "
                               f"for a leaf of shape {tuple(state.base.shape)}.")
-    if filter_wise:
-        off = state.tau if state.base.ndim >= 1 else state.tau.reshape(T, 1)
-    else:
-        off = state.tau.reshape(T, -1)
+    off = state.tau if state.base.ndim >= 1 else state.tau.reshape(T, 1)
+    # Whole-tensor statistics sum over every axis of the leaf's own shape (not flattened: a sharded
+    # leaf is reduced where it lives); filter-wise ones over the last axis.
+    ax = (-1,) if filter_wise else tuple(range(1, off.ndim))
     r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
-    norms = r(_safe_norm(off, axis=-1))
+    norms = r(_safe_norm(off, axis=ax))
     cos_list = []
     for i in range(T):
         for j in range(i + 1, T):
-            c = r(r(jnp.sum(r(off[i] * off[j]), axis=-1)) / r(jnp.maximum(r(norms[i] * norms[j]), 1e-6)))
+            c = r(r(jnp.sum(r(off[i] * off[j]), axis=tuple(a - 1 for a in ax) if not filter_wise else -1))
+                  / r(jnp.maximum(r(norms[i] * norms[j]), 1e-6)))
             cos_list.append(jnp.clip(c, -1.0, 1.0))
     cs = jnp.stack(cos_list)
     if average == "angle":

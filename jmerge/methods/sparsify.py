@@ -74,8 +74,9 @@ def rescale_l1(tau: Float[Array, "T *shape"], kept: Float[Array, "T *shape"]) ->
     Lunch" (ICML 2024); mergekit's ``rescale`` (Goddard et al., "Arcee's MergeKit", EMNLP 2024).
     """
     T = tau.shape[0]
-    before = jnp.sum(jnp.abs(tau).reshape(T, -1), axis=1)
-    after = jnp.sum(jnp.abs(kept).reshape(T, -1), axis=1)
+    axes = tuple(range(1, tau.ndim))  # not flattened: a sharded leaf is summed where it lives
+    before = jnp.sum(jnp.abs(tau), axis=axes)
+    after = jnp.sum(jnp.abs(kept), axis=axes)
     ok = (before >= _L1_EPS) & (after >= _L1_EPS)
     f = jnp.where(ok, before / jnp.where(ok, after, 1.0), 1.0)
     return kept * f.reshape((T,) + (1,) * (tau.ndim - 1))
@@ -176,14 +177,14 @@ def dare(density: HParamSpec = 0.5, *, rescale: Literal["inverse", "l1", "none"]
 
 def _breadcrumbs(state: MergeState, hp, *, rounding: str) -> MergeState:
     T = state.num_models
-    flat = state.tau.reshape(T, -1)
-    n = flat.shape[1]
+    n = state.tau[0].size
     k_keep = _count(_per_task(hp["density"], T), n, rounding)
     k_top = _count(_per_task(hp["gamma"], T), n, rounding)
     k_top = jnp.minimum(k_top, n - k_keep)  # fewer outliers dropped when density needs them
-    upper = _select.topk_mask_rows(flat, k_top + k_keep, magnitude=True)
-    outliers = _select.topk_mask_rows(flat, k_top, magnitude=True)
-    mask = (upper & ~outliers).reshape(state.tau.shape)
+    # Each task's rows in the leaf's own shape (not flattened: a sharded leaf stays sharded).
+    upper = _select.topk_mask_rows(state.tau, k_top + k_keep, magnitude=True)
+    outliers = _select.topk_mask_rows(state.tau, k_top, magnitude=True)
+    mask = upper & ~outliers
     return state.replace(tau=jnp.where(mask, state.tau, 0.0), extras={**state.extras, "breadcrumbs_mask": mask})
 
 

@@ -65,7 +65,8 @@ def tsv_m(scale: HParamSpec = 1.0, *, rank_fraction: float | None = None) -> Tra
     concatenated across tasks and each concatenation is replaced by its closest orthonormal matrix
     (``P Qᵀ`` from its SVD, the orthogonal Procrustes solution); the merged update is
     ``scale · U⊥ diag(Σ_cat) V⊥ᵀ``. Vector leaves get ``scale · mean_t τ_t``. Matrices come from the
-    leaves' matrix views (see the module docstring); a whole matrix is needed.
+    leaves' matrix views (see the module docstring); a whole matrix is needed: under a sharded merge
+    each matrix is all-gathered, deliberately (its SVD is global over the matrix).
 
     Args:
       scale: the paper's α (1.0 in the paper and FusionBench).
@@ -92,7 +93,8 @@ def iso_c(scale: HParamSpec = 1.0) -> Transform:
 
     Per matrix, ``M = Σ_t τ_t = U Σ Vᵀ`` and the merged update is ``scale · U (mean(Σ) I) Vᵀ``: all
     singular values are replaced by their mean. Vector leaves get ``scale · mean_t τ_t``, as the
-    paper's code. Matrices come from the leaves' matrix views; a whole matrix is needed.
+    paper's code. Matrices come from the leaves' matrix views; a whole matrix is needed: under a
+    sharded merge each matrix is all-gathered, deliberately (its SVD is global over the matrix).
 
     Args:
       scale: the paper's α (tuned on validation; 1.0–1.5 in the paper and FusionBench).
@@ -157,7 +159,8 @@ def iso_cts(scale: HParamSpec = 1.0, *, common_fraction: float = 0.8) -> Transfo
        replaced by the mean of the ``r`` concatenated ones: ``scale · U⊥ (mean I) V⊥ᵀ``.
 
     Vector leaves get ``scale · mean_t τ_t``. Matrices come from the leaves' matrix views; a whole
-    matrix is needed.
+    matrix is needed: under a sharded merge each matrix is all-gathered, deliberately (its SVDs are
+    global over the matrix).
 
     Args:
       scale: the paper's α (tuned on validation; 1.5 for ViT-B/32 in the paper and FusionBench).

@@ -292,18 +292,18 @@ def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
     tau = state.tau
     r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
     mu = model_mean(tau)
-    var = r(model_mean(jnp.square(tau - mu[None]))).reshape(1, -1)  # population variance across tasks
+    var = r(model_mean(jnp.square(tau - mu[None])))  # population variance across tasks, in the leaf's shape
     nonzero = jnp.sum(var != 0)
     d = jnp.asarray(hp["density"], jnp.float32)
     x = d * nonzero.astype(jnp.float32)
     k = jnp.round(x) if rounding == "round" else jnp.floor(x * (1.0 + 2.0 ** -21))
     k = jnp.where(d >= 1, var.size, jnp.clip(k, 0, var.size)).astype(jnp.int32)
-    select = topk_mask_rows(var, k[None]).reshape(tau.shape[1:])
+    select = topk_mask_rows(var[None], k[None])[0]  # in the leaf's shape: a sharded leaf is not gathered
     tau = jnp.where(select[None], tau, 0.0)
     votes = r(model_sum(tau))
     sign = jnp.where(votes >= 0, 1.0, -1.0)
     erase = jnp.sign(tau) == sign[None]
-    energy = r(jnp.mean(r(jnp.square(tau)).reshape(T, -1), axis=1))
+    energy = r(jnp.mean(r(jnp.square(tau)), axis=tuple(range(1, tau.ndim))))  # not flattened (sharding)
     esum = r(jnp.sum(energy))
     wt = jnp.where(jnp.abs(esum) < 1e-6, r(jnp.full((T,), 1.0 / T)), r(energy / jnp.where(esum == 0, 1.0, esum)))
     ew = jnp.where(erase, wt.reshape((T,) + (1,) * (tau.ndim - 1)), 0.0)
