@@ -134,14 +134,41 @@ ru = resource.getrusage(resource.RUSAGE_CHILDREN)
 err.seek(0)
 tail = err.read().decode(errors="replace")[-1500:] if rc else ""
 print(json.dumps({"rc": rc, "wall": wall, "maxrss_kb": ru.ru_maxrss, "user": ru.ru_utime, "sys": ru.ru_stime,
-                  "err": tail}))
+                  "minflt": ru.ru_minflt, "majflt": ru.ru_majflt, "err": tail}))
 """
 
 
 def timed(cmd: list[str]) -> dict:
-    """Run ``cmd`` under a fresh wrapper process; wall time and peak RSS of that one child."""
+    """Run ``cmd`` under a fresh wrapper process: wall time, and from ``getrusage`` of that one child its
+    peak RSS, user and system CPU seconds and page faults (``minflt``: minor, e.g. a fresh page zeroed)."""
     out = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def dir_bytes(d: str) -> int:
+    """Bytes of the weight files in ``d`` (0 when it does not exist)."""
+    if not os.path.isdir(d):
+        return 0
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+
+
+def with_moved(r: dict, in_bytes: int, out_dir: str) -> dict:
+    """Add ``moved_gb`` (bytes read + written, GB) and ``faults_per_gb`` (minor faults per GB moved) to ``r``."""
+    r["moved_gb"] = (in_bytes + dir_bytes(out_dir)) / 1e9
+    r["faults_per_gb"] = r.get("minflt", 0) / r["moved_gb"] if r["moved_gb"] else float("nan")
+    return r
+
+
+def rusage_table(rows) -> None:
+    """One line per tool run: wall, user and system CPU seconds, minor faults, faults per GB moved, peak RSS."""
+    print(f"\n{'method':<16}{'run':<14}{'wall s':>8}{'user s':>8}{'sys s':>8}{'minor faults':>14}"
+          f"{'faults/GB':>11}{'RSS GB':>8}")
+    for m, r in rows:
+        for key in ("jmerge", "jmerge_warm", "mergekit", "floor"):
+            x = r.get(key)
+            if x:
+                print(f"{m:<16}{key:<14}{x['wall']:>8.2f}{x['user']:>8.2f}{x['sys']:>8.2f}{x.get('minflt', 0):>14,}"
+                      f"{x.get('faults_per_gb', float('nan')):>11,.0f}{x['maxrss_kb'] / 1e6:>8.2f}")
 
 
 def warm(dirs):
@@ -193,16 +220,17 @@ def main(argv=None) -> int:
             warm(dirs)
             jcmd = [sys.executable, "-m", "jmerge.cli", "merge", cfg, jm_out, "--quiet", "--overwrite",
                     "--compile-cache", os.path.join(work, "xla-cache")]
-            res["jmerge"] = timed(jcmd)  # cold: an empty compilation cache, every shape compiles
+            res["jmerge"] = with_moved(timed(jcmd), in_bytes, jm_out)  # cold: an empty compilation cache
             warm(dirs)
-            res["jmerge_warm"] = timed(jcmd)  # warm: the compiled steps come from the cache
+            res["jmerge_warm"] = with_moved(timed(jcmd), in_bytes, jm_out)  # warm: compiled steps from the cache
             if not a.skip_mergekit:
                 mk_out = os.path.join(work, f"mk-{m}")
                 warm(dirs)
                 # the venv's own script first: the venv need not be activated
                 here = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
                 mk = here if os.path.exists(here) else (shutil.which("mergekit-yaml") or "mergekit-yaml")
-                res["mergekit"] = timed([mk, cfg, mk_out, "--allow-crimes", "--lazy-unpickle"])
+                res["mergekit"] = with_moved(timed([mk, cfg, mk_out, "--allow-crimes", "--lazy-unpickle"]),
+                                             in_bytes, mk_out)
                 if res["mergekit"]["rc"] == 0 and res["jmerge"]["rc"] == 0:
                     res["max_rel_diff"] = compare(jm_out, mk_out)
             rows.append((m, res))
@@ -229,6 +257,7 @@ def main(argv=None) -> int:
         if j["rc"] != 0 or (k and k["rc"] != 0):
             line += f"  (rc jmerge={j['rc']} mergekit={k['rc'] if k else '-'})"
         print(line)
+    rusage_table(rows)
     return 0
 
 

@@ -1,0 +1,140 @@
+"""The executor's read-buffer pool: alignment, reuse, and no aliasing of two live tensors (a pool of size 1
+gives every output bit for bit the normal run's; a pool that does alias is caught by the same comparison)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jmerge.io.safetensors import open_checkpoint
+from jmerge.mergekit import parse_config
+from jmerge.pipeline import executor
+from jmerge.pipeline.executor import Buffers, run_merge
+
+
+def _read_all(path):
+    with open_checkpoint(path) as r:
+        return {k: r.get(k) for k in r.keys()}
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 1000, 300_000, 3 * 2**20 + 5])
+def test_buffers_are_aligned_exact_and_distinct_until_put(nbytes):
+    pool = Buffers(keep=1)
+    a, b = pool.get(nbytes), pool.get(nbytes)
+    for x in (a, b):
+        assert x.dtype == np.uint8 and x.nbytes == nbytes and x.flags.c_contiguous and x.flags.writeable
+        assert x.ctypes.data % 64 == 0 or not nbytes  # XLA:CPU aliases 64-byte-aligned host arrays instead of copying
+    if nbytes:
+        assert not np.may_share_memory(a, b)  # two buffers out at once never overlap
+        a[:] = 1
+        b[:] = 2
+        assert (a == 1).all()
+    pool.put([a])
+    c = pool.get(nbytes)
+    if nbytes:
+        assert c.ctypes.data == a.ctypes.data  # the returned one is reused
+        assert not np.may_share_memory(c, b)
+    pool.put([c, b])
+    assert len(pool._free) == 1  # keep=1: one free buffer kept
+    pool.put([np.empty(8, np.uint8), c])  # not handed out (or already back): ignored
+    assert len(pool._free) == 1
+
+
+def test_smaller_request_reuses_a_larger_buffer_and_bounds_hold():
+    pool = Buffers(keep=4, max_bytes=8 * 2**20)
+    big = pool.get(5 * 2**20)
+    pool.put([big])
+    small = pool.get(3 * 2**20)  # fits in the free 6 MiB buffer: no new allocation
+    assert small.ctypes.data == big.ctypes.data and pool.allocated == 1
+    pool.put([small])
+    xs = [pool.get(3 * 2**20) for _ in range(3)]
+    pool.put(xs)
+    assert sum(b.nbytes for b in pool._free) <= 8 * 2**20  # max_bytes: the oldest returned are dropped
+    assert not pool._out
+
+
+_CONFIGS = {
+    "task_arithmetic_bf16": """merge_method: task_arithmetic
+base_model: {b}
+models:
+  - model: {f0}
+    parameters: {{weight: 0.5}}
+  - model: {f1}
+    parameters: {{weight: [0.2, 0.9]}}
+dtype: bfloat16
+""",
+    "ties_global": """merge_method: ties
+base_model: {b}
+models:
+  - model: {f0}
+  - model: {f1}
+  - model: {f2}
+parameters: {{density: 0.3, weight: 1.0}}
+scope: global
+""",
+    "linear_float32": """merge_method: linear
+models:
+  - model: {f0}
+    parameters: {{weight: 0.3}}
+  - model: {f1}
+    parameters: {{weight: 0.7}}
+dtype: float32
+out_dtype: float32
+""",
+    "passthrough_slices": """merge_method: passthrough
+slices:
+  - sources:
+      - model: {f0}
+        layer_range: [0, 2]
+  - sources:
+      - model: {f1}
+        layer_range: [1, 2]
+dtype: bfloat16
+""",
+}
+
+
+class _OneBuffer(Buffers):
+    """Keeps one free buffer, and pooled (mmap'd) even for the tiny models' small tensors."""
+
+    def __init__(self, *a, **k):
+        super().__init__(keep=1)
+
+
+class _Aliasing(Buffers):
+    """A broken pool: every buffer is a view of the same memory (what the test must catch)."""
+
+    def __init__(self, *a, **k):
+        super().__init__()
+        self._mem = np.zeros(2**22, np.uint8)
+
+    def get(self, nbytes):
+        return self._mem[:nbytes]
+
+    def put(self, bufs):
+        pass
+
+
+@pytest.mark.parametrize("name", sorted(_CONFIGS))
+def test_pool_of_one_buffer_gives_the_normal_run_bit_for_bit(name, tiny_base, tiny_fts, tmp_path, monkeypatch):
+    cfg = _CONFIGS[name].format(b=tiny_base, f0=tiny_fts[0], f1=tiny_fts[1], f2=tiny_fts[2])
+    run_merge(parse_config(cfg), str(tmp_path / "normal"), quiet=True)
+    want = _read_all(tmp_path / "normal")
+    monkeypatch.setattr(executor, "_SMALL", 0)  # every tensor in an anonymous mapping
+    monkeypatch.setattr(executor, "Buffers", _OneBuffer)
+    run_merge(parse_config(cfg), str(tmp_path / "one"), quiet=True, window=4, read_threads=2)
+    got = _read_all(tmp_path / "one")
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype
+        np.testing.assert_array_equal(got[k].view(np.uint8), want[k].view(np.uint8), err_msg=k)
+
+
+def test_an_aliasing_pool_is_caught(tiny_base, tiny_fts, tmp_path, monkeypatch):
+    cfg = _CONFIGS["task_arithmetic_bf16"].format(b=tiny_base, f0=tiny_fts[0], f1=tiny_fts[1], f2=tiny_fts[2])
+    run_merge(parse_config(cfg), str(tmp_path / "normal"), quiet=True)
+    want = _read_all(tmp_path / "normal")
+    monkeypatch.setattr(executor, "Buffers", _Aliasing)
+    run_merge(parse_config(cfg), str(tmp_path / "bad"), quiet=True, window=4, read_threads=2)
+    got = _read_all(tmp_path / "bad")
+    assert any(not np.array_equal(got[k].view(np.uint8), want[k].view(np.uint8)) for k in want)
