@@ -164,43 +164,40 @@ class LayerSource:
         """Decoder layer ``i`` as a module (its weights read now)."""
         import dataclasses  # noqa: PLC0415
 
-        import jax.numpy as jnp  # noqa: PLC0415
-        from ..models import DecoderLM, model_from_reader  # noqa: PLC0415
+        from ..models import model_from_reader  # noqa: PLC0415
         c = self.config
         one = dataclasses.replace(c, num_hidden_layers=1, sliding_windows=(c.sliding_windows[i],),
                                   moe_layers=(c.moe_layers[i],), tie_word_embeddings=True)
-        h = c.hidden_size
+        return model_from_reader(_OneLayerView(self.reader, i, c.hidden_size), one, self.dtype).layers[0]
 
-        class _One:  # the reader seen as a one-layer model: layer i's tensors as layer 0, tiny placeholders
-            dir = self.reader.dir
 
-            def __init__(s, r):
-                s.r = r
+class _OneLayerView:
+    """A reader seen as a one-layer model: layer ``i``'s tensors as layer 0, placeholder embeddings and norm."""
 
-            def _name(s, name):
-                if name.startswith("model.layers.0."):
-                    return f"model.layers.{i}." + name[len("model.layers.0."):]
-                return name
+    _PLACEHOLDERS = ("model.embed_tokens.weight", "model.norm.weight")
 
-            def __contains__(s, name):
-                return name in ("model.embed_tokens.weight", "model.norm.weight") or s._name(name) in s.r
+    def __init__(self, reader: Any, i: int, hidden: int):
+        self.reader, self.i, self.hidden, self.dir = reader, i, hidden, reader.dir
 
-            def keys(s):
-                return [n for n in s.r.keys() if n.startswith(f"model.layers.{i}.")]
+    def _name(self, name: str) -> str:
+        pre = "model.layers.0."
+        return f"model.layers.{self.i}." + name[len(pre):] if name.startswith(pre) else name
 
-            def get(s, name):
-                if name == "model.embed_tokens.weight":
-                    return np.zeros((1, h), np.float32)
-                if name == "model.norm.weight":
-                    return np.ones((h,), np.float32)
-                return s.r.get(s._name(name))
+    def __contains__(self, name: str) -> bool:
+        return name in self._PLACEHOLDERS or self._name(name) in self.reader
 
-            def shape(s, name):
-                return s.r.shape(s._name(name))
+    def keys(self) -> list[str]:
+        return [n for n in self.reader.keys() if n.startswith(f"model.layers.{self.i}.")]
 
-        model = model_from_reader(_One(self.reader), one, self.dtype)
-        del DecoderLM, jnp
-        return model.layers[0]
+    def get(self, name: str) -> np.ndarray:
+        if name == "model.embed_tokens.weight":
+            return np.zeros((1, self.hidden), np.float32)
+        if name == "model.norm.weight":
+            return np.ones((self.hidden,), np.float32)
+        return self.reader.get(self._name(name))
+
+    def shape(self, name: str) -> tuple:
+        return self.reader.shape(self._name(name))
 
 
 def _model_source(model: Any) -> Any:
