@@ -371,35 +371,31 @@ def tall_task_models(base: Any, merged: Any, masks: Any, *, delta: bool = False,
 # --------------------------------------------------------------------------------------------
 # PCB
 
-def _minmax(x: jax.Array, axis=-1) -> jax.Array:
-    """Min-max normalise each row of ``(..., n)`` (or over ``axis``) to [0, 1]; a constant row gives zeros."""
-    lo = jnp.min(x, axis=axis, keepdims=True)
-    hi = jnp.max(x, axis=axis, keepdims=True)
+def _minmax(x: jax.Array) -> jax.Array:
+    """Min-max normalise each row of ``(..., n)`` to [0, 1]; a constant row gives zeros."""
+    lo = jnp.min(x, axis=-1, keepdims=True)
+    hi = jnp.max(x, axis=-1, keepdims=True)
     rng = hi - lo
     return jnp.where(rng > 0, (x - lo) / jnp.where(rng > 0, rng, 1.0), 0.0)
 
 
-def _nsoftmax(x: jax.Array, axis=-1) -> jax.Array:
-    """``n * softmax(x)`` over the last axis of length n (or over ``axis``, n entries) (the factor n
-    cancels in PCB's weights and keeps the scores O(1) in float32 for large tensors)."""
-    n = int(np.prod([x.shape[a] for a in np.atleast_1d(axis)]))
-    return n * jax.nn.softmax(x, axis=axis)
+def _nsoftmax(x: jax.Array) -> jax.Array:
+    """``n * softmax(x)`` over the last axis of length n (the factor n cancels in PCB's weights and
+    keeps the scores O(1) in float32 for large tensors)."""
+    return x.shape[-1] * jax.nn.softmax(x, axis=-1)
 
 
 def _pcb_scores(tau2: jax.Array) -> jax.Array:
-    """PCB's scores of ``(T, *shape)`` task vectors; each task's normalisations run over all its
-    entries, in the leaf's own shape (a sharded leaf is reduced where it lives, never gathered)."""
     T = tau2.shape[0]
-    ax = tuple(range(1, tau2.ndim))
-    intra = _nsoftmax(T * _minmax(tau2 * tau2, ax), ax)
+    intra = _nsoftmax(T * _minmax(tau2 * tau2))
     inter = jnp.zeros_like(tau2)
     for s in range(T):  # T is static and small: O(T n) memory instead of O(T^2 n)
-        inter = inter + _nsoftmax(T * _minmax(tau2 * tau2[s][None], ax), ax)
+        inter = inter + _nsoftmax(T * _minmax(tau2 * tau2[s][None]))
     return intra * inter
 
 
 def _pcb_paper(tau2: jax.Array, ratio):
-    T, n = tau2.shape[0], int(np.prod(tau2.shape[1:]))
+    T, n = tau2.shape
     beta = _pcb_scores(tau2)
     keep_k = jnp.broadcast_to(n - density_to_k(ratio, n), (T,))
     keep = topk_mask_rows(beta, keep_k)
@@ -423,12 +419,13 @@ def _pcb_authors(tau2: jax.Array, ratio, outlier: float):
 
 def _pcb(state: MergeState, hp, *, variant: str, outlier: float) -> MergeState:
     T = state.num_models
-    if variant == "authors":  # sorts the whole tensor per task (its clamps): a sharded leaf is gathered
-        tau2, beta = _pcb_authors(state.tau.reshape(T, -1), hp["ratio"], outlier)
+    tau2 = state.tau.reshape(T, -1)
+    if variant == "authors":
+        tau2, beta = _pcb_authors(tau2, hp["ratio"], outlier)
         total = model_sum(beta, keepdims=True)
         w = beta / jnp.maximum(total, 1e-12)
-    else:  # the leaf's own shape: no flattening (sharding)
-        tau2, beta = _pcb_paper(state.tau if state.tau.ndim > 1 else state.tau.reshape(T, 1), hp["ratio"])
+    else:
+        tau2, beta = _pcb_paper(tau2, hp["ratio"])
         total = model_sum(beta, keepdims=True)
         w = jnp.where(total > 0, beta / jnp.where(total > 0, total, 1.0), 0.0)
     merged = hp["scale"] * model_sum(w * tau2)
