@@ -36,7 +36,7 @@ import os
 import re
 import time
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -239,8 +239,10 @@ def plan_moe(cfg: MoEConfig, readers: Sequence[Any], specs: list, refs: list, va
     return MoEPlan(cfg, arch, out, dtype, list(specs), gated)
 
 
-def _jobs(plan: MoEPlan, readers: Sequence[Any], routers: np.ndarray, seed: int, gate_dtype: str = "bfloat16"):
-    """The output tensor jobs (copies of sources; routers computed)."""
+def _jobs(plan: MoEPlan, readers: Sequence[Any], routers: Callable[[], np.ndarray], seed: int,
+          gate_dtype: str = "bfloat16"):
+    """The output tensor jobs (copies of sources; routers computed): planned before the gates, so every input
+    tensor is checked first; ``routers()`` gives the ``[layers, gated experts, hidden]`` rows when the jobs run."""
     from ..pipeline.jobs import Computed, Concat, Copy, Mapped, Stack, Tensor, TensorJob  # noqa: PLC0415
     cfg, arch = plan.config, plan.architecture
     base = readers[0]
@@ -307,13 +309,13 @@ def _jobs(plan: MoEPlan, readers: Sequence[Any], routers: np.ndarray, seed: int,
                 for p in _MLP:
                     job(f"{pre}.{sub}.{p}.weight",
                         *expert_src(e, f"shared{s}", f"{pre}.{p}.weight", cfg.where("shared_experts", s, "source_model")))
-        r = routers[i]
-        job(f"{pre}.gate.weight", Computed(lambda r=r[:n]: r.astype(rdt), (n, r.shape[1]), rdt,
-                                           f"{pre}.gate.weight (router)"), (n, r.shape[1]), rdt)
+        h = int(base.config["hidden_size"])
+        job(f"{pre}.gate.weight", Computed(lambda i=i: routers()[i, :n].astype(rdt), (n, h), rdt,
+                                           f"{pre}.gate.weight (router)"), (n, h), rdt)
         if arch == "Qwen MoE":
             job(f"{pre}.shared_expert_gate.weight",
-                Computed(lambda r=r[n:n + 1]: r.astype(rdt), (1, r.shape[1]), rdt,
-                         f"{pre}.shared_expert_gate.weight (router)"), (1, r.shape[1]), rdt)
+                Computed(lambda i=i: routers()[i, n:n + 1].astype(rdt), (1, h), rdt,
+                         f"{pre}.shared_expert_gate.weight (router)"), (1, h), rdt)
     return jobs
 
 
@@ -392,9 +394,8 @@ def build_moe(config: MoEConfig | str | os.PathLike, out_dir: str | os.PathLike,
                                       f"{cfg.gate_mode!r} tokenises the prompts with the base's tokenizer (add its "
                                       "tokenizer files, or use gate_mode: random)")
             tok = load_prompt_tokenizer(base.dir)
-        # every tensor of the plan must exist before any heavy work
-        jobs_check = _jobs(plan, readers, np.zeros((layers, len(plan.gated), hidden), np.float32), seed, gate_dtype)
-        del jobs_check
+        gates: dict = {}  # filled by the gate computation below; read by the router jobs when they run
+        jobs = _jobs(plan, readers, lambda: gates["rows"], seed, gate_dtype)  # checks every input tensor first
         tg = time.perf_counter()
         if cfg.gate_mode == "cheap_embed":
             embed = base.get("model.embed_tokens.weight")
@@ -405,12 +406,11 @@ def build_moe(config: MoEConfig | str | os.PathLike, out_dir: str | os.PathLike,
             model = LayerSource(base, dcfg, jnp.bfloat16 if gate_dtype == "bfloat16" else jnp.float32)
         kinds = ["experts"] * len(cfg.experts) + ["shared_experts"] * (len(plan.gated) - len(cfg.experts))
         idx = list(range(len(cfg.experts))) + list(range(len(plan.gated) - len(cfg.experts)))
-        routers = gate_vectors(cfg.gate_mode, plan.gated, num_layers=layers, hidden_size=hidden, model=model,
+        gates["rows"] = gate_vectors(cfg.gate_mode, plan.gated, num_layers=layers, hidden_size=hidden, model=model,
                                embed=embed, tokenizer=tok, dtype=gate_dtype, seed=seed,
                                where=lambda i, f, j: cfg.where(kinds[i], idx[i], f, j))
         del model, embed
         gate_s = time.perf_counter() - tg
-        jobs = _jobs(plan, readers, routers, seed, gate_dtype)
         total = sum(j.read_bytes(readers) for j in jobs)
         meta = {"merged_with": "jmerge", "merge_method": "moe"}
         writer = io.CheckpointWriter(out_dir, [(j.out_name, j.shape, j.dtype) for j in jobs],
