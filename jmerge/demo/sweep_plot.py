@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -17,25 +15,13 @@ import numpy as np
 __all__ = ["plot"]
 
 
-def _write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".sweep.png.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _numeric(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def plot(path: str, records: Sequence[Mapping[str, Any]], metric: str) -> str | None:
-    """``sweep.png``: lines of ``metric`` over one varying numeric parameter, a heatmap over two (a scatter
-    coloured by the metric when the two do not form a grid). Returns a note when no plot was written.
+def plot(records: Sequence[Mapping[str, Any]], metric: str) -> bytes | str:
+    """``sweep.png``'s bytes: lines of ``metric`` over one varying numeric parameter, a heatmap over two (a
+    scatter coloured by the metric when the two do not form a grid); a note (str) when there is no plot.
 
     References: matplotlib (``imshow``, ``scatter``).
     """
@@ -85,5 +71,4 @@ def plot(path: str, records: Sequence[Mapping[str, Any]], metric: str) -> str | 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    _write(path, buf.getvalue())
-    return None
+    return buf.getvalue()

@@ -156,7 +156,7 @@ def run_sweep(method: Any, base: Any, models: Sequence[Any], settings: Any, eval
       fingerprint: extra identity of the sweep for the directory hash (e.g. the config text).
       progress: print a progress line per batch on stderr.
       write_best: called as ``write_best(best_record, out_dir)`` to write extra outputs (``best.yml``).
-      plot: ``plot(png_path, records, metric) -> note or None`` writing ``sweep.png`` (e.g.
+      plot: ``plot(records, metric) -> PNG bytes or a note (str)``, written as ``sweep.png`` (e.g.
         :func:`jmerge.demo.sweep_plot.plot`, which needs matplotlib); None: no plot.
 
     Returns:
@@ -301,14 +301,16 @@ def _progress(recs: Mapping, n: int, budget: int | None, state: Mapping, mode: s
 
 
 def _write_outputs(result: SweepResult, h: str, write_best: Callable[[dict, str], None] | None,
-                   plot: Callable[[str, list, str], str | None] | None) -> None:
+                   plot: Callable[[list, str], bytes | str] | None) -> None:
     out = result.out_dir
     meta = {"config_hash": h, "metric": result.metric, "mode": result.mode,
             "best": None if result.best is None else result.best["index"]}
     write_tables(out, result.all_records, meta)
-    note = plot(os.path.join(out, "sweep.png"), result.records, result.metric) if plot else None
-    if note:
-        print(f"sweep: {note}", file=sys.stderr)
+    png = plot(result.records, result.metric) if plot else None
+    if isinstance(png, bytes):
+        atomic_write(os.path.join(out, "sweep.png"), png)
+    elif png:
+        print(f"sweep: {png}", file=sys.stderr)
     if result.best is not None:
         atomic_write(os.path.join(out, "best.json"), json.dumps(result.best, indent=1) + "\n")
         if write_best is not None:
