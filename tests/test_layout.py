@@ -25,8 +25,9 @@ ALLOWED = {
     "moe": {"core", "io", "mergekit", "pipeline", "models"},
     "lora": {"core", "methods", "io"},
     "sweep": {"core", "methods", "io", "mergekit", "pipeline", "models"},
-    "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", "models", "moe", "lora", "sweep", ""},
-    "demo": {"core", "methods", "learned", ""},
+    "dynamic": {"core", "methods", "io", "kernels", "lora", "models"},
+    "cli": {"core", "methods", "io", "mergekit", "pipeline", "demo", "models", "moe", "lora", "sweep", "dynamic", ""},
+    "demo": {"core", "methods", "learned", "sweep", "dynamic", ""},
 }
 
 
