@@ -24,6 +24,11 @@ def add_parser(sub) -> None:
     p.add_argument("config", help="a mergekit merge config with a 'sweep:' block")
     p.add_argument("--out", default=None, help="sweep directory (default: CONFIG without .yml + '.sweep')")
     p.add_argument("--batch", type=int, default=None, help="settings per compiled program call (default: all)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process sweep (jax.distributed): process 0's address; run the same command in every "
+                        "process with its --process-id; each evaluates its share, process 0 writes --out")
+    p.add_argument("--num-processes", type=int, default=None, help="processes of a multi-process sweep")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index (0 writes the outputs)")
     p.set_defaults(run=run)
 
 
@@ -41,6 +46,11 @@ def run(a: argparse.Namespace) -> int:
     out = a.out or os.path.splitext(a.config)[0] + ".sweep"
     if a.batch is not None and a.batch < 1:
         return fail("--batch must be at least 1", 2)
+    if a.coordinator or a.num_processes or a.process_id is not None:
+        if not (a.coordinator and a.num_processes and a.process_id is not None):
+            return fail("a multi-process sweep needs --coordinator, --num-processes and --process-id together", 2)
+        from ..sweep.distributed import init_distributed  # noqa: PLC0415
+        init_distributed(a.coordinator, a.num_processes, a.process_id)
     enable_compile_cache()
     try:
         res = run_config_sweep(a.config, out, batch=a.batch, plot=plot)

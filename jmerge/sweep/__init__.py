@@ -9,6 +9,7 @@ References: Bergstra and Bengio, "Random Search for Hyper-Parameter Optimization
 Talwalkar, "Non-stochastic Best Arm Identification and Hyperparameter Optimization" (AISTATS 2016).
 """
 
+from .distributed import init_distributed
 from .execute import SettingsProgram, check_settings, split_spec, stack_settings
 from .runner import SweepDirError, SweepResult, config_hash, run_sweep
 from .space import (Choice, LogUniform, SuccessiveHalving, Uniform, choice, grid, log_uniform, random_search,
@@ -16,4 +17,4 @@ from .space import (Choice, LogUniform, SuccessiveHalving, Uniform, choice, grid
 
 __all__ = ["grid", "random_search", "uniform", "log_uniform", "choice", "Uniform", "LogUniform", "Choice",
            "SuccessiveHalving", "run_sweep", "SweepResult", "SweepDirError", "config_hash", "SettingsProgram",
-           "check_settings", "split_spec", "stack_settings"]
+           "check_settings", "split_spec", "stack_settings", "init_distributed"]

@@ -1,23 +1,27 @@
-"""One jitted program per batch of settings: merge + evaluation, vmapped over settings, sharded over devices.
+"""One jitted program per batch of settings: merge + evaluation over the settings axis, sharded over devices.
 
 The settings' hyperparameter specs are split into numbers and a structure (:func:`split_spec`). Numbers that
 vary across settings become one array per number with a leading settings axis; they are traced inside the
 program, so every batch of settings (and every resumed run with the same batch size) reuses one compile.
 Numbers equal in every setting stay Python constants. With more than one device the settings axis is sharded
 (``NamedSharding(mesh, P("settings"))``; the batch is padded to a multiple of the device count with copies of
-its first setting) while the models and the evaluation data are replicated.
+its first setting) while the models and the evaluation data are replicated; each device evaluates its own
+settings, vmapped or (on CPU, ``vmap_width``) one after another in a ``lax.map``. The devices may belong to
+several processes (``jax.distributed``, :mod:`jmerge.sweep.distributed`); the metrics are then gathered once
+per call.
 
 ``eval_fn(merged)`` returns a scalar or a dict of scalars; with ``data`` (a pytree whose leaves have a leading
 axis of evaluation batches) it is ``eval_fn(merged, batch)`` and the per-batch outputs are summed over the
 batches in the program (``lax.map``), so a budget (number of batches) of successive halving is a slice.
 
-References: Bradbury et al., JAX (``jit``, ``vmap``, ``NamedSharding``); Ilharco et al., "Editing Models with
-Task Arithmetic" (ICLR 2023) for merges with traced coefficients.
+References: Bradbury et al., JAX (``jit``, ``vmap``, ``lax.map``, ``shard_map``, ``NamedSharding``); Ilharco et
+al., "Editing Models with Task Arithmetic" (ICLR 2023) for merges with traced coefficients.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -27,6 +31,7 @@ from jax import lax
 
 from ..core import (Gradient, MergeInputError, PerModel, Rules, check_ranges, leaves_with_paths, merge,
                     prepare_leaf_hparams)
+from .distributed import allgather, global_array
 
 __all__ = ["split_spec", "stack_settings", "check_settings", "SettingsProgram"]
 
@@ -194,16 +199,37 @@ class SettingsProgram:
       merge_kwargs: extra keyword arguments of :func:`jmerge.merge` (``seed``, ``compute_dtype``, ``out_dtype``
         ...).
       metric: the name of a scalar output.
+      vmap_width: settings merged at once on each device. ``None``: all of the device's settings in one ``vmap``;
+        ``w``: the device's settings in a loop (``lax.map``) over groups of ``w`` vmapped settings (``1``: one
+        setting at a time, the unbatched merge body: half the trace time and less to compile for methods whose
+        top-k searches are loops (a vmapped ``while_loop`` runs every setting until the slowest converges, its
+        branches as selects), and no settings-wide copy of every intermediate). ``"auto"`` (default): 1 on CPU,
+        None on accelerators (where a batch of settings fills the device). With several devices the settings
+        axis is split over them (``shard_map`` when looping: each device loops over its own settings).
 
-    References: Bradbury et al., JAX (``jit``, ``vmap``, ``NamedSharding``).
+    Attributes:
+      timings: seconds spent tracing + lowering (``trace_s``), compiling (``compile_s``) and running
+        (``run_s``: the calls, gather included) by this program.
+
+    References: Bradbury et al., JAX (``jit``, ``vmap``, ``lax.map``, ``shard_map``, ``NamedSharding``).
     """
 
     def __init__(self, method: Any, eval_fn: Callable[..., Any], *, merge_kwargs: Mapping[str, Any] | None = None,
-                 metric: str = "metric"):
+                 metric: str = "metric", vmap_width: int | str | None = "auto"):
+        if vmap_width == "auto":
+            vmap_width = 1 if jax.devices()[0].platform == "cpu" else None
+        if vmap_width is not None and (isinstance(vmap_width, str) or int(vmap_width) < 1):
+            raise MergeInputError(f"vmap_width={vmap_width!r}: give a positive number of settings, 'auto' or None.")
         self.method, self.eval_fn, self.metric = method, eval_fn, metric
-        self.merge_kwargs = dict(merge_kwargs or {})
+        self.merge_kwargs = {"group_leaves": True, **dict(merge_kwargs or {})}
+        self.vmap_width = None if vmap_width is None else int(vmap_width)
         self.num_devices, self.shard, self.replicate = _mesh_shardings()
         self._jitted: dict = {}
+        self._compiled: dict = {}
+        self._placed: tuple | None = None
+        self.shares: dict = {}
+        self.local: dict = {}
+        self.timings = {"trace_s": 0.0, "compile_s": 0.0, "run_s": 0.0}
 
     def _as_dict(self, out: Any) -> dict:
         if isinstance(out, Mapping):
@@ -213,7 +239,7 @@ class SettingsProgram:
     def _fn(self, stacked: _Stacked, with_data: bool):
         key = (id(stacked), with_data)
         if key not in self._jitted:
-            method, kw = self.method, self.merge_kwargs
+            method, kw, width = self.method, self.merge_kwargs, self.vmap_width
 
             def one(row, base, models, data):
                 merged = merge(method, base, models, hparams=stacked.hparams(row), traced_range_checks=False, **kw)
@@ -221,13 +247,39 @@ class SettingsProgram:
                     return self._as_dict(self.eval_fn(merged))
                 outs = lax.map(lambda b: self._as_dict(self.eval_fn(merged, b)), data)
                 return jax.tree.map(lambda x: jnp.sum(x, axis=0), outs)
-            self._jitted[key] = jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))
+
+            def settings(vals, base, models, data):  # the (local) settings axis
+                if width is None or width >= vals.shape[0]:
+                    return jax.vmap(one, in_axes=(0, None, None, None))(vals, base, models, data)
+                return lax.map(lambda r: one(r, base, models, data), vals, batch_size=None if width == 1 else width)
+
+            if self.shard is not None and width is not None:
+                from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+                settings = jax.shard_map(settings, mesh=self.shard.mesh, in_specs=(P("settings"), P(), P(), P()),
+                                         out_specs=P("settings"), check_vma=False)
+            self._jitted[key] = jax.jit(settings)
         return self._jitted[key]
 
+    def _executable(self, stacked: _Stacked, args: tuple):
+        """The compiled program for these arguments' shapes (traced, lowered and compiled once, timed)."""
+        with_data = args[3] is not None
+        sig = (id(stacked), with_data, jax.tree.structure(args),
+               tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args)))
+        if sig not in self._compiled:
+            t0 = time.perf_counter()
+            lowered = self._fn(stacked, with_data).lower(*args)
+            t1 = time.perf_counter()
+            self._compiled[sig] = lowered.compile()
+            self.timings["trace_s"] += t1 - t0
+            self.timings["compile_s"] += time.perf_counter() - t1
+        return self._compiled[sig]
+
     def batch_size(self, n: int, requested: int | None = None) -> int:
-        """Settings per program call: ``requested`` (default ``n``) rounded up to a multiple of the devices."""
+        """Settings per program call: ``requested`` (default ``n``) rounded up to a multiple of the devices (times
+        ``vmap_width`` when each device loops over groups of settings, so every group is full: one traced body)."""
         b = max(1, int(requested or n))
-        d = self.num_devices
+        d = self.num_devices * (self.vmap_width or 1) if -(-b // self.num_devices) > (self.vmap_width or 1) \
+            else self.num_devices
         return -(-b // d) * d
 
     def __call__(self, stacked: _Stacked, rows: Sequence[int], base: Any, models: Any, data: Any = None,
@@ -241,10 +293,49 @@ class SettingsProgram:
         if bs < len(rows):
             raise MergeInputError(f"{len(rows)} settings exceed the batch size {bs}.")
         idx = rows + [rows[0]] * (bs - len(rows))
-        vals = jnp.asarray(stacked.values[idx])
-        if self.shard is not None:
-            vals = jax.device_put(vals, self.shard)
+        multi = jax.process_count() > 1
+        if self.shard is None:
+            vals = jnp.asarray(stacked.values[idx])
+        elif multi:  # global arrays over every process's devices, built from the same host values everywhere
+            vals = global_array(stacked.values[idx], self.shard)
+            base, models, data = self._placed_global(base, models, data)
+        else:
+            vals = jax.device_put(jnp.asarray(stacked.values[idx]), self.shard)
             base, models, data = jax.device_put((base, models, data), self.replicate)
-        out = self._fn(stacked, data is not None)(vals, base, models, data)
+        exe = self._executable(stacked, (vals, base, models, data))
+        t0 = time.perf_counter()
+        out = exe(vals, base, models, data)
+        self._record_shares(out, rows)
+        out = allgather(out) if multi else out  # the one collective of the batch: a few floats per setting
         out = {k: np.asarray(v, np.float64) for k, v in out.items()}
+        self.timings["run_s"] += time.perf_counter() - t0
         return [{k: float(v[i]) for k, v in out.items()} for i in range(len(rows))]
+
+    def _placed_global(self, base: Any, models: Any, data: Any) -> tuple:
+        key = (id(base), id(models), id(data))
+        if self._placed is None or self._placed[0] != key:
+            placed = jax.tree.map(lambda x: global_array(x, self.replicate), (base, models, data))
+            self._placed = (key, placed, (base, models, data))  # the originals kept alive: ids stay unique
+        return self._placed[1]
+
+    def _record_shares(self, out: Mapping[str, jax.Array], rows: list) -> None:
+        """``shares``: process -> settings (``rows``' values) its devices computed in the last call; ``local``:
+        the metrics this process computed itself, before any gather (what a test of disjoint shares reads)."""
+        if not out:
+            return
+        leaf = next(iter(out.values()))
+        n = len(rows)
+        shares: dict = {}
+        for dev, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+            pos = range(leaf.shape[0])[index[0]] if index else range(leaf.shape[0])
+            shares.setdefault(dev.process_index, set()).update(rows[p] for p in pos if p < n)
+        self.shares = {p: sorted(s) for p, s in shares.items()}
+        local: dict = {}
+        for name, arr in out.items():
+            for sh in arr.addressable_shards:
+                pos = range(arr.shape[0])[sh.index[0]] if sh.index else range(arr.shape[0])
+                vals = np.asarray(sh.data, np.float64).reshape(-1)
+                for p, v in zip(pos, vals):
+                    if p < n:
+                        local.setdefault(rows[p], {})[name] = float(v)
+        self.local = local

@@ -5,6 +5,10 @@ evaluation, appended and flushed as each batch of settings finishes) and, at the
 ``results.json``, ``sweep.png``, ``best.json`` (and ``best.yml`` for config sweeps). A rerun with the same
 config skips every recorded ``(setting, budget)``; a directory of another config is refused.
 
+Under ``jax.distributed`` (see :mod:`jmerge.sweep.distributed`) every process runs the same call: each batch's
+settings are sharded over the devices of all processes, the metrics are gathered once per batch, and only
+process 0 reads and writes the sweep directory (its finished records are broadcast on resume).
+
 References: Bergstra and Bengio, "Random Search for Hyper-Parameter Optimization" (JMLR 2012); Jamieson and
 Talwalkar, "Non-stochastic Best Arm Identification and Hyperparameter Optimization" (AISTATS 2016).
 """
@@ -23,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 
 from ..core import MergeInputError
+from .distributed import barrier, broadcast_json, is_lead, process_count
 from .execute import SettingsProgram, check_settings, stack_settings
 from .report import atomic_write, jsonable, write_tables
 from .space import SuccessiveHalving
@@ -50,6 +55,8 @@ class SweepResult:
       out_dir: the sweep directory (or None).
       evaluated: evaluations run by this call (the rest came from the directory).
       seconds: wall time of this call's evaluations.
+      timings: of those seconds, tracing + lowering (``trace_s``), XLA compiling (``compile_s``) and running
+        (``run_s``) the batched programs.
 
     References: none (infrastructure).
     """
@@ -62,6 +69,7 @@ class SweepResult:
     out_dir: str | None
     evaluated: int
     seconds: float
+    timings: dict = dataclasses.field(default_factory=dict)
 
 
 def config_hash(obj: Any) -> str:
@@ -129,7 +137,8 @@ def run_sweep(method: Any, base: Any, models: Sequence[Any], settings: Any, eval
               hparams: Sequence[Mapping[str, Any]] | None = None, describe: Callable[[int], str] | None = None,
               fingerprint: Any = None, progress: bool = True,
               write_best: Callable[[dict, str], None] | None = None,
-              plot: Callable[[str, list, str], str | None] | None = None) -> SweepResult:
+              plot: Callable[[str, list, str], str | None] | None = None,
+              vmap_width: int | str | None = "auto") -> SweepResult:
     """Merge and evaluate every setting, batched: one jitted program vmapped over settings (sharded over the
     devices when there are several).
 
@@ -158,6 +167,8 @@ def run_sweep(method: Any, base: Any, models: Sequence[Any], settings: Any, eval
       write_best: called as ``write_best(best_record, out_dir)`` to write extra outputs (``best.yml``).
       plot: ``plot(records, metric) -> PNG bytes or a note (str)``, written as ``sweep.png`` (e.g.
         :func:`jmerge.demo.sweep_plot.plot`, which needs matplotlib); None: no plot.
+      vmap_width: settings merged at once per device (see :class:`SettingsProgram`): ``"auto"`` (one at a time
+        on CPU, the whole batch on accelerators), a number, or None (the whole batch).
 
     Returns:
       A :class:`SweepResult`.
@@ -197,8 +208,10 @@ def run_sweep(method: Any, base: Any, models: Sequence[Any], settings: Any, eval
                      "metric": metric, "mode": mode, "reduce": reduce, "data": n_batches,
                      "halving": None if halving is None else [halving.eta, halving.min_budget],
                      "fingerprint": fingerprint})
-    done = _open_dir(out_dir, h) if out_dir else {}
-    program = SettingsProgram(method, eval_fn, merge_kwargs=merge_kwargs, metric=metric or "metric")
+    lead = is_lead()
+    done = _open_dir_shared(out_dir, h, lead) if out_dir else {}
+    program = SettingsProgram(method, eval_fn, merge_kwargs=merge_kwargs, metric=metric or "metric",
+                              vmap_width=vmap_width)
     bs = program.batch_size(len(settings), batch_size)
     state = {"evaluated": 0, "seconds": 0.0, "metric": metric}
     all_recs: dict = dict(done)
@@ -233,10 +246,10 @@ def run_sweep(method: Any, base: Any, models: Sequence[Any], settings: Any, eval
                         r["error"] = f"non-finite {', '.join(bad)}"
                 recs.append(r)
                 all_recs[(i, budget)] = r
-            _append(out_dir, recs)
+            _append(out_dir if lead else None, recs)
             state["evaluated"] += len(chunk)
             state["seconds"] += dt
-            if progress:
+            if progress and lead:
                 _progress(all_recs, len(settings), budget, state, mode)
 
     def key(r):
@@ -279,10 +292,31 @@ def run_sweep(method: Any, base: Any, models: Sequence[Any], settings: Any, eval
     ok = [r for r in full if r["status"] == "ok"]
     best = min(ok, key=key) if ok else None
     result = SweepResult(final, best, sorted(all_recs.values(), key=lambda r: (r["index"], r["budget"] or 0)),
-                         state["metric"] or (metric or "metric"), mode, out_dir, state["evaluated"], state["seconds"])
-    if out_dir:
+                         state["metric"] or (metric or "metric"), mode, out_dir, state["evaluated"], state["seconds"],
+                         dict(program.timings))
+    if out_dir and lead:
         _write_outputs(result, h, write_best, plot)
+    barrier("jmerge-sweep-written")  # with several processes: every process returns once the directory is complete
     return result
+
+
+def _open_dir_shared(out_dir: str, h: str, lead: bool) -> dict:
+    """:func:`_open_dir` on process 0; with several processes its finished records (or its error) are
+    broadcast, so every process skips the same settings."""
+    if process_count() == 1:
+        return _open_dir(out_dir, h)
+    msg, err = {"records": [], "error": None}, None
+    if lead:
+        try:
+            msg["records"] = list(_open_dir(out_dir, h).values())
+        except (SweepDirError, OSError) as e:  # every process stops with process 0's error (none waits forever)
+            msg["error"], err = str(e), e
+    msg = broadcast_json(msg)
+    if err is not None:
+        raise err
+    if msg["error"] is not None:
+        raise SweepDirError(f"process 0: {msg['error']}")
+    return {(r["index"], r.get("budget")): r for r in msg["records"]}
 
 
 def _progress(recs: Mapping, n: int, budget: int | None, state: Mapping, mode: str) -> None:

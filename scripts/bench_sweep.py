@@ -1,0 +1,243 @@
+"""Batched sweep vs a Python loop: 64 TIES settings (λ x density, 8 x 8) on the quality benchmark's models.
+
+    python scripts/bench_sweep.py                 # loop vs batched, then 1/2/4/8 simulated devices
+    python scripts/bench_sweep.py --no-scaling --eval-images 64
+
+* loop: what a user writes without jmerge.sweep: for each setting ``jmerge.merge(jmerge.ties(), ...)`` and a
+  jitted evaluation (``float(...)`` of it), 64 times. Its first iteration compiles (every leaf shape's merge
+  program, and the evaluation); the figure counts that.
+* batched: ``jmerge.sweep.run_sweep`` with the same settings and evaluation: one traced program (merge +
+  evaluation, settings axis over the devices). Trace + lower, XLA compile and run are reported apart.
+
+Both run in fresh processes (no compilation cache shared), so "total" is what a user's first sweep costs;
+``--warm`` adds a second pair of runs that share JAX's persistent compilation cache (a user's next sweep on the
+same models, as ``jmerge sweep`` enables it). The evaluation is the mean accuracy of the merged backbone with
+each task's head over ``--eval-images`` images per task (a validation-sized set). Results of both paths must
+agree (same accuracies); the script exits non-zero otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark(eval_images: int):
+    """The quality benchmark's models and a jitted-friendly evaluation: ``(base, models, eval_fn, info)``.
+
+    This is the one place that knows jmerge.demo: it reads the models ``jmerge demo`` trains and caches
+    (``~/.cache/jmerge/demo/models-*.npz``: the pretrained backbone ``base/``, the fine-tuned backbones
+    ``ft_backbones/`` stacked over tasks and their heads ``ft_heads/``) and the digit tasks of
+    ``jmerge.demo.tasks``. Adapt it when the demo's cache layout changes.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax.traverse_util import unflatten_dict
+
+    from jmerge.demo import model as M
+    from jmerge.demo.tasks import TASKS, load_images, split_indices, task_data
+
+    path = os.environ.get("JMERGE_BENCH_MODELS") or models_file()
+    with np.load(path) as f:
+        flat = {k: f[k] for k in f.files}
+
+    def tree(prefix):
+        n = len(prefix) + 1
+        return unflatten_dict({k[n:]: v for k, v in flat.items() if k.startswith(prefix + "/")}, sep="/")
+    base, ft = tree("base"), tree("ft_backbones")
+    cosine = "heads/w" in flat  # the redesigned demo: frozen cosine heads "heads/"; before: linear "ft_heads/"
+    heads = tree("heads") if cosine else tree("ft_heads")
+    T = ft["pos"].shape[0]
+    width = base["pos"].shape[1]
+    cfg = M.ModelConfig(width=width, depth=sum(k.startswith("layers_") for k in base),
+                        heads=base["layers_0"]["attn"]["query"]["kernel"].shape[1],
+                        patch=int(round(base["embed"]["kernel"].shape[0] ** 0.5)),
+                        mlp_ratio=base["layers_0"]["fc1"]["kernel"].shape[1] // width)
+    models = [jax.tree.map(lambda a, t=t: a[t], ft) for t in range(T)]
+    images, digits = load_images()
+    _, test = split_indices(len(images), 0.3, seed=0)
+    sel = test[:eval_images]
+    xs, ys = zip(*(task_data(t, images[sel], digits[sel]) for t in TASKS[:T]))
+    x, y = jnp.asarray(np.stack(xs)), jnp.asarray(np.stack(ys))
+    masks = jnp.asarray(np.stack([M.class_mask(t.num_classes) for t in TASKS[:T]]))
+    w, b = jnp.asarray(heads["w"]), jnp.asarray(heads["b"])
+
+    def eval_fn(backbone):  # mean accuracy over tasks, each task's head on the merged backbone
+        def task(xt, yt, wt, bt, mt):
+            f = M.features(cfg, backbone, xt)
+            if cosine:
+                f = cfg.temperature * f / jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True) + 1e-12)
+            lg = f @ wt + bt + mt
+            return jnp.mean(jnp.argmax(lg, axis=-1) == yt)
+        return jnp.mean(jax.vmap(task)(x, y, w, b, masks))
+    n_params = sum(int(np.size(a)) for a in jax.tree.leaves(base))
+    info = {"models_file": os.path.basename(path), "tasks": T, "params_per_model": n_params,
+            "leaves": len(jax.tree.leaves(base)), "eval_images_per_task": int(x.shape[1]), "config": str(cfg)}
+    return base, models, eval_fn, info
+
+
+def models_file() -> str:
+    """The newest cached demo models file with fine-tuned backbones (the parent pins it for its children)."""
+    import glob
+    files = sorted(glob.glob(os.path.join(os.path.expanduser("~"), ".cache", "jmerge", "demo", "models-*.npz")),
+                   key=os.path.getmtime)
+    if not files:
+        sys.exit("no cached demo models: run `jmerge demo` once (or set JMERGE_BENCH_MODELS=models.npz)")
+    return files[-1]
+
+
+def settings(n: int):
+    import numpy as np
+    k = int(round(n ** 0.5))
+    return [{"scale": float(s), "density": float(d)} for s in np.linspace(0.3, 1.5, k)
+            for d in np.linspace(0.1, 0.8, n // k)]
+
+
+def child(args) -> dict:
+    """One measured path in this (fresh) process."""
+    t0 = time.perf_counter()
+    import jax
+    if args.cache:
+        jax.config.update("jax_compilation_cache_dir", args.cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    import jmerge
+    import jmerge.sweep as sw
+    base, models, eval_fn, info = load_benchmark(args.eval_images)
+    sets = settings(args.settings)
+    out = {"path": args.child, "devices": len(jax.devices()), "info": info, "load_s": time.perf_counter() - t0}
+    if args.child == "loop":
+        ev = jax.jit(eval_fn)
+        accs, times = [], []
+        for s in sets:
+            t = time.perf_counter()
+            merged = jmerge.merge(jmerge.ties(), base, models, hparams=s)
+            accs.append(float(ev(merged)))
+            times.append(time.perf_counter() - t)
+        out.update(metrics=accs, total_s=sum(times), first_s=times[0], rest_s=sum(times[1:]),
+                   per_setting_s=sum(times[1:]) / max(1, len(times) - 1))
+    else:
+        t = time.perf_counter()
+        res = sw.run_sweep(jmerge.ties(), base, models, sets, eval_fn, mode="max", progress=False,
+                           vmap_width=_width(args.vmap_width), batch_size=args.batch)
+        total = time.perf_counter() - t
+        out.update(metrics=[r["metrics"]["metric"] for r in res.records], total_s=total, **res.timings,
+                   other_s=total - sum(res.timings.values()), per_setting_s=res.timings["run_s"] / len(sets))
+    return out
+
+
+def _width(v: str):
+    return None if v == "none" else v if v == "auto" else int(v)
+
+
+def run_child(path: str, devices: int, args, cache: str | None = None) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", path, "--settings", str(args.settings),
+           "--eval-images", str(args.eval_images)]
+    cmd += ["--vmap-width", str(args.vmap_width)]
+    if args.batch is not None:
+        cmd += ["--batch", str(args.batch)]
+    if cache:
+        cmd += ["--cache", cache]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{path} on {devices} device(s) failed:\n{r.stderr[-3000:]}")
+    return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))[6:])
+
+
+def _line(name: str, r: dict) -> str:
+    if r["path"] == "loop":
+        return (f"{name:<26} total {r['total_s']:7.2f} s = first setting (compiles) {r['first_s']:6.2f} s + "
+                f"{len(r['metrics']) - 1} more {r['rest_s']:6.2f} s ({r['per_setting_s'] * 1e3:.1f} ms each)")
+    return (f"{name:<26} total {r['total_s']:7.2f} s = trace+lower {r['trace_s']:6.2f} s + compile "
+            f"{r['compile_s']:6.2f} s + run {r['run_s']:6.2f} s ({r['per_setting_s'] * 1e3:.1f} ms/setting)"
+            f" + host {r['other_s']:.2f} s")
+
+
+def _warm(args, figures: dict) -> int:
+    """Each path twice in fresh processes sharing a persistent compilation cache; the second run is reported."""
+    with tempfile.TemporaryDirectory() as d:
+        for path in ("loop", "batched"):
+            run_child(path, 1, args, cache=os.path.join(d, path))  # fills the cache
+            figures[f"{path}_warm"] = r = run_child(path, 1, args, cache=os.path.join(d, path))
+            print(_line(f"{path}, warm compile cache", r), flush=True)
+    print(f"speed-up (warm cache, total): {figures['loop_warm']['total_s'] / figures['batched_warm']['total_s']:.2f}x")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", type=int, default=64)
+    p.add_argument("--eval-images", type=int, default=64, help="evaluation images per task")
+    p.add_argument("--vmap-width", default="auto", help="'auto', 'none' or a number (jmerge.sweep.SettingsProgram)")
+    p.add_argument("--batch", type=int, default=None, help="settings per program call (default: all)")
+    p.add_argument("--devices", default="1,2,4,8", help="simulated device counts of the scaling runs")
+    p.add_argument("--no-scaling", action="store_true")
+    p.add_argument("--warm", action="store_true", help="also runs sharing a persistent compilation cache")
+    p.add_argument("--warm-only", action="store_true", help="only the runs sharing a compilation cache")
+    p.add_argument("--scaling-only", action="store_true", help="only the batched runs on --devices")
+    p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--child", choices=("loop", "batched"), help=argparse.SUPPRESS)
+    p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print("RESULT" + json.dumps(child(args)), flush=True)
+        return 0
+
+    os.environ["JMERGE_BENCH_MODELS"] = os.environ.get("JMERGE_BENCH_MODELS") or models_file()
+    if args.warm_only:
+        return _warm(args, {})
+    if args.scaling_only:
+        for n in [int(x) for x in args.devices.split(",")]:
+            r = run_child("batched", n, args)
+            print(f"  {n} device(s): trace+lower {r['trace_s']:6.2f} s, compile {r['compile_s']:6.2f} s, run "
+                  f"{r['run_s']:6.2f} s, total {r['total_s']:6.2f} s; metrics[:4] {r['metrics'][:4]}", flush=True)
+        return 0
+    loop = run_child("loop", 1, args)
+    batched = run_child("batched", 1, args)
+    info = loop["info"]
+    print(f"models: {info['models_file']} ({info['tasks']} fine-tuned backbones, {info['params_per_model']} "
+          f"parameters in {info['leaves']} leaves); eval: {info['eval_images_per_task']} images per task; "
+          f"{len(loop['metrics'])} TIES settings (scale x density); 1 CPU device, {os.cpu_count()} cores")
+    print(_line("loop (merge + eval) x N", loop))
+    print(_line("batched (run_sweep)", batched))
+    diff = max(abs(a - b) for a, b in zip(loop["metrics"], batched["metrics"]))
+    print(f"speed-up (total): {loop['total_s'] / batched['total_s']:.2f}x; run only (excluding the first "
+          f"setting / compile): {loop['rest_s'] * len(loop['metrics']) / max(1, len(loop['metrics']) - 1) / batched['run_s']:.2f}x;"
+          f" max |accuracy difference| {diff:.3g}")
+    figures = {"loop": loop, "batched": batched}
+    ok = diff <= 1.0 / (info["eval_images_per_task"] * info["tasks"]) + 1e-6  # at most one image flips
+    if args.warm:
+        _warm(args, figures)
+    if not args.no_scaling:
+        print("scaling (batched, simulated CPU devices on this machine):")
+        base_run = None
+        for n in [int(x) for x in args.devices.split(",")]:
+            r = batched if n == 1 else run_child("batched", n, args)
+            base_run = base_run or r
+            figures[f"batched_{n}dev"] = r
+            print(f"  {n} device(s): trace+lower {r['trace_s']:6.2f} s, compile {r['compile_s']:6.2f} s, run "
+                  f"{r['run_s']:6.2f} s (x{base_run['run_s'] / r['run_s']:.2f} vs 1 device), total {r['total_s']:6.2f} s")
+            ok &= max(abs(a - b) for a, b in zip(r["metrics"], batched["metrics"])) <= 1e-6
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(figures, f, indent=1)
+    if not ok:
+        print("FAILED: the batched results differ from the loop's", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
