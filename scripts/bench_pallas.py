@@ -1,7 +1,10 @@
-"""Time the fused Pallas TIES kernel against the jax.numpy version on the present device.
+"""Time ``jmerge.kernels.disjoint_merge`` (election + disjoint mean over explicit masks, a front end of the
+fused ``masked_merge`` kernel) against the jax.numpy version on the present device.
 
-Usage: python3 scripts/bench_pallas.py [--n 30000000] [--t 3] [--interpret]
-(on CPU the kernel runs in the Pallas interpreter: use a small --n there.)
+Usage: python3 scripts/bench_pallas.py [--n 30000000] [--t 3] [--block-rows 256] [--interpret]
+(on CPU the kernel runs in the Pallas interpreter: use a small --n there.) The whole TIES final pass
+(thresholds, election, mean, scale, ``base + delta``) with bandwidth as a fraction of the device's peak:
+``python3 scripts/bench_kernels.py --fused``.
 """
 
 from __future__ import annotations

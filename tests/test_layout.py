@@ -15,7 +15,7 @@ ROOT = os.path.dirname(jmerge.__file__)
 ALLOWED = {
     "version": set(),
     "core": set(),
-    "methods": {"core"},
+    "methods": {"core", "kernels"},
     "learned": {"core", "methods"},
     "io": {"core"},
     "mergekit": {"core", "methods"},

@@ -1,0 +1,84 @@
+"""Which implementation runs the TIES family's final pass: the Pallas kernel or XLA's fusion.
+
+``"auto"`` (the default) picks the Pallas kernel (:func:`jmerge.kernels.masked_merge`) when JAX's
+default backend is a GPU or TPU, the process sees one device and the leaf has at least
+:data:`AUTO_MIN_ENTRIES` entries, and XLA elsewhere (with several devices a leaf may be sharded, and a
+Pallas call has no sharding rule here: XLA would gather its operands); ``"pallas"`` forces the kernel (on CPU it runs in the Pallas interpreter: a correctness
+check, slow), ``"xla"`` forces XLA. The choice is read when a method is built (``jmerge.ties(...)``,
+or a method named in ``jmerge.merge``/a config), from :func:`merge_backend` (a context manager) or
+else the environment variable ``JMERGE_MERGE_BACKEND``; it is part of the method's identity, so
+methods built under different choices compile separately. This module imports no JAX at import time.
+
+References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator
+
+__all__ = ["BACKENDS", "ENV_VAR", "AUTO_MIN_ENTRIES", "merge_backend", "requested_merge_backend",
+           "use_pallas"]
+
+BACKENDS = ("auto", "xla", "pallas")
+"""The accepted names."""
+ENV_VAR = "JMERGE_MERGE_BACKEND"
+"""The environment variable read when no :func:`merge_backend` context is active."""
+AUTO_MIN_ENTRIES = 1 << 16
+"""``"auto"`` leaves smaller leaves to XLA (a kernel launch per small bias or norm is not worth it)."""
+
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("jmerge_merge_backend", default=None)
+
+
+def _checked(name: str, where: str) -> str:
+    value = str(name).strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"{where}={name!r} is not a merge backend; use one of {list(BACKENDS)}.")
+    return value
+
+
+def requested_merge_backend() -> str:
+    """The backend requested now: the innermost :func:`merge_backend` context, else ``$JMERGE_MERGE_BACKEND``,
+    else ``"auto"``.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
+    """
+    value = _OVERRIDE.get()
+    if value is not None:
+        return value
+    env = os.environ.get(ENV_VAR, "").strip()
+    return _checked(env, ENV_VAR) if env else "auto"
+
+
+@contextlib.contextmanager
+def merge_backend(name: str) -> Iterator[str]:
+    """Build methods inside this block with the given backend (``"auto"``, ``"xla"`` or ``"pallas"``).
+
+    Example: ``with jmerge.kernels.merge_backend("pallas"): out = jmerge.merge(jmerge.ties(), base, models)``.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
+    """
+    token = _OVERRIDE.set(_checked(name, "merge_backend"))
+    try:
+        yield _OVERRIDE.get()
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def use_pallas(requested: str, size: int, precision: str | None = None) -> bool:
+    """Whether a leaf of ``size`` entries computed in ``precision`` runs the Pallas kernel under ``requested``
+    (see the module docstring for ``"auto"``).
+
+    The kernel emulates float32 and bfloat16 compute; float16 (and empty leaves) always stay on XLA.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
+    """
+    if requested == "xla" or size == 0 or precision not in (None, "bfloat16"):
+        return False
+    if requested == "pallas":
+        return True
+    import jax
+
+    return jax.default_backend() in ("gpu", "tpu") and jax.device_count() == 1 and size >= AUTO_MIN_ENTRIES
