@@ -10,6 +10,8 @@ Layouts: ``col`` (1024, 512) ``P(None, 'model')`` (the usual Dense kernel), ``ro
 ``P('model', None)``, ``bias`` (4096,) ``P('model')``, ``odd`` (1001, 520) ``P(None, 'model')`` (65 columns
 per device: rows and shards that do not divide into the 32-entry blocks of the counting passes).
 
+Also ``ties_global`` (``ties(scope="global")``: the whole-model top-k).
+
 Usage: python scripts/hlo_gathers.py [--methods ties,dare_ties] [--layouts col,row] [--md]
 """
 
@@ -24,6 +26,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 
 LAYOUTS = {"col": ((1024, 512), (None, "model")), "row": ((1024, 512), ("model", None)),
            "bias": ((4096,), ("model",)), "odd": ((1001, 520), (None, "model"))}
+
+# Variants measured besides the registered defaults: name -> factory (imports jmerge lazily).
+EXTRA = {"ties_global": lambda: __import__("jmerge").ties(scope="global")}
 
 _COLL = re.compile(r"=\s*(\(?[^=]*?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
                    r"(?:-start)?\(")
@@ -59,7 +64,7 @@ def measure(name: str, layout: str, T: int | None = None, seed: int = 0):
     from jmerge.methods import METHODS
 
     shape, spec = LAYOUTS[layout]
-    method = METHODS[name]()
+    method = EXTRA[name]() if name in EXTRA else METHODS[name]()
     if T is None:
         T = 3
         if method.max_models is not None:
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
     from jmerge.methods import METHODS
 
     assert len(jax.devices()) >= 8, jax.devices()
-    names = [n for n in a.methods.split(",") if n] or sorted(METHODS)
+    names = [n for n in a.methods.split(",") if n] or sorted(METHODS) + sorted(EXTRA)
     layouts = [x for x in a.layouts.split(",") if x]
     if a.md:
         print("| method | " + " | ".join(layouts) + " | equal 1 device |")

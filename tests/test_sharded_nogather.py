@@ -51,6 +51,7 @@ SCRIPT = textwrap.dedent(r"""
         "della": ("col row", True), "della_linear": ("col row", False),
         "slerp": ("col row bias odd", False), "model_stock": ("col row odd", False),
         "nuslerp": ("col row", False), "multislerp": ("col row", False), "arcee_fusion": ("col row", False),
+        "karcher": ("col row bias odd", False), "pcb": ("col row bias odd", "near"),
     }
     # The detector finds a gather where there is one (flattening a column-sharded leaf gathers it).
     x = jax.device_put(np.ones((256, 128), np.float32), NamedSharding(mesh, P(None, "model")))
@@ -80,7 +81,11 @@ SCRIPT = textwrap.dedent(r"""
             one = jax.devices()[0]
             ref = np.asarray(jmerge.merge(method, {path: jax.device_put(b, one)},
                                           [{path: jax.device_put(m, one)} for m in ms], seed=1)[path])
-            if exact:
+            if exact == "near":  # PCB: scores agree to float32 rounding; an entry within that rounding of
+                # the drop threshold may fall on the other side (a few entries, never many)
+                close = np.isclose(out, ref, rtol=1e-5, atol=1e-6)
+                ok = int(np.sum(~close)) <= max(4, out.size // 10000)
+            elif exact:
                 ok = np.array_equal(out, ref)
             else:
                 ok = np.allclose(out, ref, rtol=1e-5, atol=1e-6)
@@ -98,4 +103,62 @@ def test_sharded_merges_gather_no_full_leaf():
     env.pop("XLA_FLAGS", None)
     r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                        timeout=1200)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
+GLOBAL = textwrap.dedent(r"""
+    import glob, os, re, sys
+    import chex
+    chex.set_n_cpu_devices(8)
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jmerge
+    mesh = Mesh(np.array(jax.devices()), ("model",))
+    dump = sys.argv[1]
+    COLL = re.compile(r"=\s*(\(?[^=]*?)\s+all-gather(?:-start)?\(")
+    SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
+    rng = np.random.default_rng(0)
+    shapes = {"a.w": ((256, 128), (None, "model")), "b.w": ((129, 136), (None, "model")), "c.b": ((4096,), ("model",)),
+              "d.w": ((256, 128), ("model", None))}
+    base = {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in shapes.items()}
+    models = [{k: v + np.round(0.1 * rng.standard_normal(v.shape), 1).astype(np.float32) for k, v in base.items()}
+              for _ in range(3)]  # rounded: ties at the threshold, so the tie quota runs too
+    put = lambda t: {k: jax.device_put(v, NamedSharding(mesh, P(*shapes[k][1]))) for k, v in t.items()}
+    before = set(glob.glob(os.path.join(dump, "*after_optimizations.txt")))
+    for rounding in ("round", "authors"):
+        method = jmerge.ties(density=0.3, scope="global", rounding=rounding)
+        out = jmerge.merge(method, put(base), [put(m) for m in models])
+        one = jax.devices()[0]
+        ref = jmerge.merge(method, {k: jax.device_put(v, one) for k, v in base.items()},
+                           [{k: jax.device_put(v, one) for k, v in m.items()} for m in models])
+        for k in base:
+            assert np.array_equal(np.asarray(out[k]), np.asarray(ref[k])), (rounding, k)
+    files = sorted(set(glob.glob(os.path.join(dump, "*after_optimizations.txt"))) - before)
+    assert files, "no HLO dumped"
+    smallest = min(int(np.prod(s)) for s, _ in shapes.values())
+    bad, seen = [], 0
+    for f in files:
+        txt = open(f).read()
+        seen += "all-reduce" in txt
+        for line in txt.splitlines():
+            m = COLL.search(line)
+            if m:
+                sizes = [int(np.prod([int(d) for d in s.split(",") if d] or [1])) for s in SHAPE.findall(m.group(1))]
+                if sizes and max(sizes) >= smallest:
+                    bad.append(os.path.basename(f) + ": " + line.strip()[:160])
+    assert seen, "no sharded program compiled"  # the detector looked at partitioned programs
+    assert not bad, bad
+    print("ok", len(files))
+""")
+
+
+def test_global_topk_sharded_gathers_no_leaf(tmp_path):
+    """Whole-model (``scope="global"``) TIES on sharded leaves: its histogram phases and mask compile to
+    no full-leaf all-gather (read from XLA's dump of every compiled program), and equal one device bit for bit."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["XLA_FLAGS"] = f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text"
+    r = subprocess.run([sys.executable, "-c", GLOBAL, str(tmp_path)], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

@@ -361,3 +361,23 @@ def test_della_density_one_keeps_all_and_zero_drops_all():
         assert m[0].all() and not m[1].any() and m[2].all()
         np.testing.assert_allclose(np.asarray(leaves_with_paths(out)[1][[q for q, _, _ in np_taus(base, models)].index(p)]),
                                    b + tau[0] + tau[2], rtol=1e-6, atol=1e-6, err_msg=p)
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 7, 5), (2, 64, 96), (1, 1), (5, 33, 17, 3)])
+def test_fused_bernoulli_has_jax_random_bits(shape):
+    """DARE/DELLA draw with jmerge.core.xla.bernoulli: the bits of jax.random.bernoulli (partitionable
+    threefry), computed elementwise; its compiled program holds no loop (JAX's CPU lowering of
+    threefry is a while loop over full-size arrays)."""
+    from jmerge.core.xla import bernoulli
+    for seed in (0, 12345):
+        key = jax.random.fold_in(jax.random.key(seed), 77)
+        u = jax.random.uniform(jax.random.key(seed + 9), shape)
+        for p in (u, jnp.full(shape, 0.5, jnp.float32), jnp.zeros(shape), jnp.ones(shape), jnp.full(shape, 1e-7)):
+            got = np.asarray(jax.jit(bernoulli)(key, p))
+            want = np.asarray(jax.random.bernoulli(key, p))
+            assert got.dtype == want.dtype == np.bool_ and np.array_equal(got, want), (shape, seed)
+    hlo = jax.jit(bernoulli).lower(jax.random.key(0), jnp.full(shape, 0.5)).compile().as_text()
+    assert " while(" not in hlo
+    # a raw (legacy uint32) key or another dtype falls back to jax.random.bernoulli itself
+    raw = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(bernoulli(raw, jnp.full(shape, 0.5)), jax.random.bernoulli(raw, jnp.full(shape, 0.5)))

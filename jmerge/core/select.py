@@ -578,18 +578,37 @@ def topk_mask_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], *,
 # ---------------------------------------------------------------------------------------------
 # Global (whole-model) top-k per task.
 
+def _leaf_rows(tau: jax.Array) -> jax.Array:
+    """``tau`` (T, *shape) in its own shape, with at least one axis after the row axis (not flattened:
+    flattening a leaf sharded on a later axis would gather it)."""
+    return tau if tau.ndim > 1 else tau.reshape(tau.shape[0], 1)
+
+
 def _abs_u(tau: jax.Array) -> jax.Array:
-    """(T, n) uint32 order keys of |tau| (non-negative floats: the bit pattern is monotone)."""
-    T = tau.shape[0]
-    return lax.bitcast_convert_type(_keys(tau.reshape(T, -1), True), jnp.uint32)
+    """(T, *shape) uint32 order keys of |tau| (non-negative floats: the bit pattern is monotone)."""
+    return lax.bitcast_convert_type(_keys(_leaf_rows(tau), True), jnp.uint32)
+
+
+def _count_leaf(b: jax.Array) -> jax.Array:
+    """True entries per row of a (R, *shape) bool array, counted in its own shape (over blocks of the
+    last axis first when they divide it, see :func:`_block_counts`): a sharded array is counted where it
+    lives and only (R,) counts cross devices."""
+    if b.ndim <= 2:
+        return _count_rows(b.reshape(b.shape[0], -1))
+    b = b.astype(jnp.int32)
+    if b.shape[-1] % _width(b.shape[-1]) == 0:
+        main, _ = _blocks(b)
+        b = jnp.sum(main, axis=main.ndim - 1, dtype=jnp.int32) & np.int32(2 * _W - 1)
+    return jnp.sum(b, axis=tuple(range(1, b.ndim)), dtype=jnp.int32)
 
 
 def _hist_rows(bins: jax.Array, nbins: int) -> jax.Array:
-    """Per-row histogram of int32 ``bins`` (R, n) in [0, nbins]; bin ``nbins`` is dropped."""
+    """Per-row histogram of int32 ``bins`` (R, *shape) in [0, nbins]; bin ``nbins`` is dropped."""
     R = bins.shape[0]
     # One flat index per entry (row-major bins): XLA:CPU's scatter-add is ~40% faster with a 1-D
-    # index than with (row, bin) pairs.
-    flat = (bins + jnp.arange(R, dtype=jnp.int32)[:, None] * np.int32(nbins + 1)).reshape(-1)
+    # index than with (row, bin) pairs. The indices keep the leaf's shape (not flattened): a sharded
+    # leaf scatters its shard into a histogram of its own, and only the histograms are summed.
+    flat = bins + jnp.arange(R, dtype=jnp.int32).reshape((R,) + (1,) * (bins.ndim - 1)) * np.int32(nbins + 1)
     hist = jnp.zeros((R * (nbins + 1),), jnp.int32).at[flat].add(1, mode="drop")
     return hist.reshape(R, nbins + 1)[:, :nbins]
 
@@ -642,9 +661,10 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         u = _abs_u(state.tau)
         b1 = state.stats[hi_name]["b1"]
         h = (u >> 16).astype(jnp.int32)
-        inbin = jnp.where(h == b1[:, None], (u & np.uint32(0xFFFF)).astype(jnp.int32), 65536)
-        return {"hist": _hist_rows(inbin, 65536), "above": _count_rows(h > b1[:, None]),
-                "n": jnp.int32(h.shape[1]), "b1": b1}
+        b1c = b1.reshape((-1,) + (1,) * (h.ndim - 1))
+        inbin = jnp.where(h == b1c, (u & np.uint32(0xFFFF)).astype(jnp.int32), 65536)
+        return {"hist": _hist_rows(inbin, 65536), "above": _count_leaf(h > b1c),
+                "n": jnp.int32(h[0].size), "b1": b1}
 
     def finalize_lo(collected, hps):
         T = collected[0]["hist"].shape[0]
@@ -711,8 +731,8 @@ def global_topk_mask(state: MergeState, name: str = "global_topk") -> Bool[Array
     T = state.tau.shape[0]
     if state.tau.size == 0:
         return jnp.zeros(state.tau.shape, bool)
-    x = jnp.asarray(state.tau, jnp.float32).reshape(T, -1)
+    x = _leaf_rows(jnp.asarray(state.tau, jnp.float32))  # the leaf's own shape (sharding), flat order row-major
     v = jnp.asarray(st["v"], jnp.int32)
     quota = jnp.asarray(st["quota"], jnp.int32)
-    eq = _count_rows(_keys(x, True) == v[:, None])
+    eq = _count_leaf(_keys(x, True) == v.reshape((T,) + (1,) * (x.ndim - 1)))
     return _threshold_mask(x, v, _tie_cuts(_rows_fn(x), v, quota, eq, True), True).reshape(state.tau.shape)

@@ -218,7 +218,11 @@ def _karcher(state: MergeState, hp, *, max_iter: int, base_relative: bool) -> Me
     x = state.tau if base_relative else state.models()
     if T == 1:
         return state.replace(merged=state.tau[0])
-    flat = x.reshape(T, -1)
+    # The leaf's own shape (norms and dots sum over all its axes): not flattened, so a sharded leaf is
+    # reduced where it lives, never gathered.
+    flat = x if x.ndim > 1 else x.reshape(T, 1)
+    ax = tuple(range(1, flat.ndim))
+    col = lambda v: v.reshape((T,) + (1,) * len(ax))
     tol = jnp.asarray(hp["tol"], jnp.float32)
     w = jnp.broadcast_to(jnp.asarray(hp["weight"], jnp.float32), (T,))
     alphas = w / jnp.sum(w)
@@ -236,34 +240,37 @@ def _karcher(state: MergeState, hp, *, max_iter: int, base_relative: bool) -> Me
             out = r(out + xs[i])
         return out
 
-    norms = _safe_norm(flat, axis=-1)
-    units = jnp.where((norms > 0)[:, None], r(flat / jnp.where(norms > 0, norms, 1.0)[:, None]), 0.0)
+    norms = _safe_norm(flat, axis=ax)
+    units = jnp.where(col(norms > 0), r(flat / col(jnp.where(norms > 0, norms, 1.0))), 0.0)
     valid = norms > tol
     va = jnp.where(valid, alphas, 0.0)
     any_valid = jnp.any(valid)
     na = va / jnp.where(any_valid, jnp.sum(va), 1.0)
-    mean0 = rsum(r(na[:, None] * units))
+    mean0 = rsum(r(col(na) * units))
     mn = _safe_norm(mean0)
     first = units[jnp.argmax(valid)]
     mean0 = jnp.where(mn < tol, first, r(mean0 / jnp.where(mn < tol, 1.0, mn)))
 
-    def body(_, carry):
-        mean, done = carry
-        dot = jnp.clip(r(units @ mean), -1.0, 1.0)
+    def body(carry):
+        i, mean, done = carry
+        # units . mean contracting every axis of the leaf (the matmul of the flattened tensors, unflattened)
+        dot = jnp.clip(r(jax.lax.dot_general(units, mean, ((ax, tuple(a - 1 for a in ax)), ((), ())))), -1.0, 1.0)
         theta = r(jnp.arccos(dot))
         skip = theta < tol
         sin_t = jnp.where(skip, 1.0, r(jnp.sin(theta)))
         coef = jnp.where(skip, 0.0, r(na * r(theta / sin_t)) if emulate else na * theta / sin_t)
-        tangent = rsum(r(coef[:, None] * r(units - r(dot[:, None] * mean[None]))))
+        tangent = rsum(r(col(coef) * r(units - r(col(dot) * mean[None]))))
         tn = _safe_norm(tangent)
         stop = done | (tn < tol)
         safe_tn = jnp.where(tn > 0, tn, 1.0)
         new = r(r(r(jnp.cos(tn)) * mean) + r(r(jnp.sin(tn)) * r(tangent / safe_tn)))
         un = _safe_norm(new)
         new = jnp.where(un > tol, r(new / jnp.where(un > tol, un, 1.0)), new)
-        return jnp.where(stop, mean, new), stop
+        return i + 1, jnp.where(stop, mean, new), stop
 
-    mean, _ = jax.lax.fori_loop(0, max_iter, body, (mean0, jnp.asarray(False)))
+    # Ends at max_iter or once the tangent norm drops below tol (the mean is frozen from then on).
+    _, mean, _ = jax.lax.while_loop(lambda c: (c[0] < max_iter) & ~c[2], body,
+                                    (jnp.int32(0), mean0, jnp.asarray(False)))
     scale = jnp.sum(alphas * norms)
     res = jnp.where(any_valid, r(r(scale) * mean), 0.0).reshape(state.base.shape)
     merged = res if base_relative else res - state.base

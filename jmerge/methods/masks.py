@@ -30,12 +30,13 @@ from typing import Any, Literal, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from ..core import (HParamSpec, MergeInputError, MergeState, StatsPhase, Transform, chain, check_task_vectors,
                     density_to_k,
                     leaves_with_paths, model_max, model_sum, topk_mask_rows, transform)
 from ..core import task_vectors as task_vectors_of
-from ..core.xla import rows, totals
+from ..core.xla import materialized, rows, totals
 from .basic import per_model, scale as _scale_step, weighted_sum
 
 __all__ = [
@@ -385,21 +386,59 @@ def _nsoftmax(x: jax.Array) -> jax.Array:
     return x.shape[-1] * jax.nn.softmax(x, axis=-1)
 
 
-def _pcb_scores(tau2: jax.Array) -> jax.Array:
-    T = tau2.shape[0]
-    intra = _nsoftmax(T * _minmax(tau2 * tau2))
-    inter = jnp.zeros_like(tau2)
-    for s in range(T):  # T is static and small: O(T n) memory instead of O(T^2 n)
-        inter = inter + _nsoftmax(T * _minmax(tau2 * tau2[s][None]))
-    return intra * inter
+def _pcb_scores(tau: jax.Array) -> jax.Array:
+    """PCB's ``beta_t = intra_t * inter_t`` for ``tau`` (T, *shape), in the leaf's own shape.
+
+    ``softmax(T * Norm(tau_t * tau_s))`` is symmetric in (t, s), so the T (T + 1) / 2 distinct ones are
+    computed (the intra term of task t is its (t, t) term). Every statistic reduces over all axes of the
+    leaf (not flattened: a sharded leaf is reduced where it lives, never gathered), all pairs at once:
+    one variadic reduction for the minima and maxima, one for the softmax sums. The softmax maximum is
+    ``T * Norm(max) = T`` exactly (0 for a constant product), so it needs no pass of its own.
+
+    Sharded, the sums add in another order and the elementwise code runs on other shapes (XLA:CPU's
+    vectorized and scalar ``exp`` may differ in the last bit), so scores agree with one device to float32
+    rounding, and an entry whose score lies within that rounding of the drop threshold may fall on
+    either side.
+    """
+    T = tau.shape[0]
+    n = tau[0].size
+    ax = tuple(range(tau.ndim - 1))
+    pairs = [(t, u) for t in range(T) for u in range(t, T)]
+    prod = lambda t, u: tau[t] * tau[u]
+    ext = lax.reduce(tuple(prod(t, u) for t, u in pairs) * 2,
+                     (np.float32(np.inf),) * len(pairs) + (np.float32(-np.inf),) * len(pairs),
+                     lambda a, b: tuple(jnp.minimum(x, y) for x, y in zip(a[:len(pairs)], b[:len(pairs)]))
+                     + tuple(jnp.maximum(x, y) for x, y in zip(a[len(pairs):], b[len(pairs):])), ax)
+    lo, hi = ext[:len(pairs)], ext[len(pairs):]
+
+    def logits(i):  # T * Norm(tau_t * tau_u) minus its maximum
+        t, u = pairs[i]
+        rng = hi[i] - lo[i]
+        norm = jnp.where(rng > 0, (prod(t, u) - lo[i]) / jnp.where(rng > 0, rng, 1.0), 0.0)
+        return T * norm - T * jnp.where(rng > 0, (hi[i] - lo[i]) / jnp.where(rng > 0, rng, 1.0), 0.0)
+
+    sums = lax.reduce(tuple(jnp.exp(logits(i)) for i in range(len(pairs))), (np.float32(0),) * len(pairs),
+                      lambda a, b: tuple(x + y for x, y in zip(a, b)), ax)
+    sm = {pairs[i]: n * (jnp.exp(logits(i)) / sums[i]) for i in range(len(pairs))}
+    sm.update({(u, t): v for (t, u), v in list(sm.items())})
+    beta = []
+    for t in range(T):
+        inter = jnp.zeros(tau.shape[1:], jnp.float32)
+        for u in range(T):
+            inter = inter + sm[(t, u)]
+        beta.append(sm[(t, t)] * inter)
+    return jnp.stack(beta)
 
 
-def _pcb_paper(tau2: jax.Array, ratio):
-    T, n = tau2.shape
-    beta = _pcb_scores(tau2)
+def _pcb_paper(tau: jax.Array, ratio):
+    T = tau.shape[0]
+    n = tau[0].size
+    # One buffer for the scores: the top-k's counting passes and its final mask must read the same
+    # values (recomputed in two fusions, an entry at the threshold may round differently and flip).
+    beta = materialized(lambda: _pcb_scores(tau), tau)
     keep_k = jnp.broadcast_to(n - density_to_k(ratio, n), (T,))
-    keep = topk_mask_rows(beta, keep_k)
-    return tau2, jnp.where(keep, beta, 0.0)
+    keep = topk_mask_rows(beta, keep_k)  # rows in the leaf's shape (sharding)
+    return tau, jnp.where(keep, beta, 0.0)
 
 
 def _pcb_authors(tau2: jax.Array, ratio, outlier: float):
@@ -419,13 +458,12 @@ def _pcb_authors(tau2: jax.Array, ratio, outlier: float):
 
 def _pcb(state: MergeState, hp, *, variant: str, outlier: float) -> MergeState:
     T = state.num_models
-    tau2 = state.tau.reshape(T, -1)
-    if variant == "authors":
-        tau2, beta = _pcb_authors(tau2, hp["ratio"], outlier)
+    if variant == "authors":  # order statistics of the flattened tensor (sorted whole)
+        tau2, beta = _pcb_authors(state.tau.reshape(T, -1), hp["ratio"], outlier)
         total = model_sum(beta, keepdims=True)
         w = beta / jnp.maximum(total, 1e-12)
     else:
-        tau2, beta = _pcb_paper(tau2, hp["ratio"])
+        tau2, beta = _pcb_paper(state.tau if state.tau.ndim > 1 else state.tau.reshape(T, 1), hp["ratio"])
         total = model_sum(beta, keepdims=True)
         w = jnp.where(total > 0, beta / jnp.where(total > 0, total, 1.0), 0.0)
     merged = hp["scale"] * model_sum(w * tau2)

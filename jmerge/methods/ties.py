@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from ..core import (HParamSpec, MergeInputError, MergeState, Transform, chain, model_mean, model_sum, topk_mask_rows,
                     transform)
 from ..core.xla import rows
+from ..kernels import backend as _kernel_backend
 from .basic import per_model, scale as _scale_step, weighted_sum
 from .sparsify import _check_option, breadcrumbs_drop, dare, della_drop, trim
 
@@ -61,10 +62,15 @@ def elect_sign(weight: HParamSpec = 1.0, *, method: Literal["sum", "count"] = "s
                      static={"method": method, "weighted": bool(weighted)}, per_model=("weight",))
 
 
-def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str) -> MergeState:
+def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str, backend: str = "xla") -> MergeState:
     if "sign" not in state.extras:
         raise MergeInputError("disjoint_merge needs an elected sign: put elect_sign(...) before it in the chain.")
     sign = state.extras["sign"]
+    if _kernel_backend.use_pallas(backend, state.base.size, state.precision):  # the fused Pallas pass
+        from ..kernels.masked_merge import masked_merge
+        return state.replace(merged=masked_merge(state.tau, stacked=True, sign=sign, weights=hp["weight"],
+                                                 reduce=reduce, normalize_by=normalize_by, add_base=False,
+                                                 precision=state.precision, round_inputs=False))
     r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
     ws = _weights(hp["weight"], state)
     contrib = [r(w * t) for w, t in zip(ws, rows(state.tau))]
@@ -96,7 +102,8 @@ def disjoint_merge(weight: HParamSpec = 1.0, *, reduce: Literal["mean", "sum"] =
     _check_option("reduce", reduce, ("mean", "sum"))
     _check_option("normalize_by", normalize_by, ("count", "weight"))
     return transform("disjoint_merge", _disjoint_merge, hparams={"weight": weight},
-                     static={"reduce": reduce, "normalize_by": normalize_by}, per_model=("weight",))
+                     static={"reduce": reduce, "normalize_by": normalize_by,
+                             "backend": _kernel_backend.requested_merge_backend()}, per_model=("weight",))
 
 
 def _sign_and_merge(weight: HParamSpec, sign_method: str, weighted: bool, reduce: str,
