@@ -3,8 +3,10 @@
 Usage: python3 scripts/quality_benchmark.py [--out-dir docs/quality] [--cache-dir DIR] [--methods a,b]
 [--reduced] [--seed 0]
 
-Trains (or loads from the cache) the full-size models of :mod:`jmerge.demo`, merges the 8 fine-tuned
-backbones with every available jmerge method, prints the table and writes the outputs.
+Trains (or loads from the cache; the same models as ``jmerge demo``) the models of :mod:`jmerge.demo`,
+chooses every available jmerge method's hyperparameters on the validation split with a sweep
+(``jmerge.demo.bench.SWEEPS``), merges the 8 fine-tuned backbones with the chosen setting, reports test
+accuracy, prints the table and writes the outputs.
 """
 
 import argparse

@@ -82,12 +82,19 @@ def test_class_mask():
     assert m.shape == (M.MAX_CLASSES,) and (m[:3] == 0).all() and (m[3:] < -1e8).all()
 
 
-TINY = DemoConfig(model=M.ModelConfig(width=16, depth=1, heads=2), tasks=("rot90-digit", "noise-mod3"),
-                  pretrain_steps=40, pretrain_batch=32, probe_steps=100, finetune_steps=100, finetune_batch=32,
-                  finetune_lr=3e-3, multitask_steps=20, multitask_batch=16, adamerging_steps=5, chunks=1)
+TINY = DemoConfig(model=M.ModelConfig(width=16, depth=1, heads=2, temperature=30.0),
+                  tasks=("rot90-digit", "noise-mod3"), pretrain_steps=40, pretrain_batch=32, finetune_steps=60,
+                  finetune_batch=32, finetune_lr=3e-3, multitask_steps=20, multitask_batch=16, adamerging_steps=5,
+                  chunks=1)
+ZS = "zero-shot (pretrained backbone, frozen heads)"
 
 
 def test_tiny_end_to_end_and_cache(tmp_path):
+    import jax
+    import jmerge
+    from jmerge.demo import load_benchmark, task_evaluator
+    from jmerge.demo.bench import DEMO_SWEEPS
+
     cache, out = str(tmp_path / "cache"), str(tmp_path / "out")
     t0 = time.perf_counter()
     r1 = run_demo(config=TINY, out_dir=out, cache_dir=cache, methods=["task_arithmetic", "linear"], quiet=True)
@@ -95,8 +102,8 @@ def test_tiny_end_to_end_and_cache(tmp_path):
     assert not r1["from_cache"]
     assert len(os.listdir(cache)) == 1
     rows = {r["method"]: r for r in r1["rows"]}
-    assert {"task_arithmetic", "linear", "individual fine-tuned", "multi-task trained"} <= set(rows)
-    zs, ind = rows["zero-shot (frozen base + linear probe)"], rows["individual fine-tuned"]
+    assert {"task_arithmetic", "linear", "individual fine-tuned", "multi-task trained", ZS} <= set(rows)
+    zs, ind = rows[ZS], rows["individual fine-tuned"]
     assert all(i > z for i, z in zip(ind["acc"], zs["acc"])), (ind["acc"], zs["acc"])
     assert ind["normalized"] == pytest.approx(1.0)
     for r in r1["rows"]:
@@ -104,21 +111,37 @@ def test_tiny_end_to_end_and_cache(tmp_path):
         assert r["avg"] == pytest.approx(np.mean(r["acc"]))
         if r["normalized"] is not None:
             assert r["normalized"] == pytest.approx(np.mean(np.asarray(r["acc"]) / np.asarray(ind["acc"])))
-    # outputs: CSV rows match the results, Markdown has the table
+    # the public loader gives the same models; the chosen task-arithmetic scale is the validation argmax of
+    # merges done one by one, and its test row is that merge's test accuracy
+    base, finetuned, heads, splits = load_benchmark(TINY, cache_dir=cache)
+    assert len(finetuned) == 2 and splits["tasks"] == TINY.tasks and splits["val"][0].shape[:2] == (2, 270)
+    val_ev, test_ev = task_evaluator(heads, splits, "val"), task_evaluator(heads, splits, "test")
+    assert float(test_ev(base)["accuracy"]) == pytest.approx(zs["avg"], abs=1e-6)
+    scales = DEMO_SWEEPS["task_arithmetic"]["scale"]
+    vals = [float(val_ev(jmerge.merge(jmerge.task_arithmetic(scale=s), base, finetuned))["accuracy"]) for s in scales]
+    ta = rows["task_arithmetic"]
+    assert ta["settings"] == len(scales) and ta["val"] == pytest.approx(max(vals), abs=1e-6)
+    assert vals[scales.index(ta["hparams"]["scale"])] == pytest.approx(max(vals), abs=1e-6)
+    best = jmerge.merge(jmerge.task_arithmetic(scale=ta["hparams"]["scale"]), base, finetuned)
+    assert ta["avg"] == pytest.approx(float(test_ev(best)["accuracy"]), abs=1e-6)
+    # outputs: CSV rows match the results, Markdown has the table with validation and chosen values
     with open(os.path.join(out, "results.csv")) as f:
         table = list(csv.DictReader(f))
     assert [row["method"] for row in table] == [r["method"] for r in r1["rows"]]
     assert float(table[1]["rot90-digit"]) == pytest.approx(ind["acc"][0], abs=1e-4)
     md = open(os.path.join(out, "results.md")).read()
-    assert "| task_arithmetic | data-free |" in md and "noise-mod3" in md
+    assert "| task_arithmetic | data-free |" in md and "noise-mod3" in md and f"scale={ta['hparams']['scale']:g}" in md
     assert os.path.getsize(os.path.join(out, "accuracy.png")) > 1000
-    # second run: models come from the cache (no training), same reference accuracies
+    # second run: models come from the cache (no training), same reference accuracies; per-task EMR rows
     t0 = time.perf_counter()
-    r2 = run_demo(config=TINY, out_dir=None, cache_dir=cache, methods=["task_arithmetic"], quiet=True)
+    r2 = run_demo(config=TINY, out_dir=None, cache_dir=cache, methods=["emr"], quiet=True)
     t2 = time.perf_counter() - t0
     assert r2["from_cache"] and t2 < t1
     assert r2["rows"][1]["acc"] == pytest.approx(ind["acc"])
-    assert {r["method"] for r in r2["rows"]} == {r["method"] for r in r1["rows"][:3]} | {"task_arithmetic"}
+    emr = next(r for r in r2["rows"] if r["kind"] == "per-task")
+    per = jmerge.emr_task_models(base, finetuned)  # task t read with its own EMR model
+    out_per = task_evaluator(heads, splits, "test", per_task_models=True)(jax.tree.map(lambda *a: np.stack(a), *per))
+    assert emr["acc"] == pytest.approx([float(out_per[f"acc_{n}"]) for n in splits["tasks"]], abs=1e-6)
     # unknown method names are reported, not fatal
     r3 = run_demo(config=TINY, out_dir=None, cache_dir=cache, methods=["no_such_method"], quiet=True)
     assert "no_such_method" in r3["skipped"]

@@ -4,6 +4,15 @@ The backbone (patch embedding, transformer blocks, final norm; mean-pooled outpu
 from the classification heads: heads are per task, and only backbones are merged, as in the CLIP
 merging benchmarks. All heads have ``MAX_CLASSES`` outputs; a per-task class mask sets the logits of
 classes a task does not have to a large negative value, so every task shares one compiled program.
+
+Task heads are CLIP-like cosine classifiers: ``logits = temperature * normalize(features) @ W + b``
+with ``W``'s columns the unit-norm class prototypes of the *pretrained* features
+(:func:`prototype_heads`); they stay frozen while the backbone is fine-tuned, as CLIP's zero-shot
+text heads do in the merging papers, so one head per task reads every backbone (pretrained,
+fine-tuned, merged). Pretraining uses a plain trainable linear head (:func:`linear_logits`).
+
+References: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision"
+(ICML 2021); Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ModelConfig", "Backbone", "init_backbone", "init_head", "features", "logits",
-           "class_mask", "train_loop", "train_multitask", "train_probes", "accuracy", "MAX_CLASSES"]
+__all__ = ["ModelConfig", "Backbone", "init_backbone", "init_head", "features", "logits", "linear_logits",
+           "prototype_heads", "class_mask", "train_loop", "train_multitask", "train_probes", "accuracy",
+           "MAX_CLASSES"]
 
 MAX_CLASSES = 10
 NEG = -1e9
@@ -25,13 +35,17 @@ NEG = -1e9
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Width, depth, heads and patch size of the backbone."""
+    """Width, depth, heads and patch size of the backbone; ``temperature`` of the cosine task heads.
+
+    References: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021).
+    """
 
     width: int = 64
     depth: int = 4
     heads: int = 4
     patch: int = 2
     mlp_ratio: int = 2
+    temperature: float = 30.0
 
 
 def _modules():
@@ -102,8 +116,53 @@ def class_mask(num_classes: int) -> np.ndarray:
     return m
 
 
+def _unit(f, axis=-1):
+    return f / jnp.sqrt(jnp.sum(f * f, axis=axis, keepdims=True) + 1e-12)
+
+
 def logits(cfg: ModelConfig, backbone, head, x, mask):
+    """Cosine task head: ``temperature * unit(features(x)) @ head["w"] + head["b"] + mask``.
+
+    References: Radford et al., "Learning Transferable Visual Models From Natural Language
+    Supervision" (ICML 2021).
+    """
+    return cfg.temperature * _unit(features(cfg, backbone, x)) @ head["w"] + head["b"] + mask
+
+
+def linear_logits(cfg: ModelConfig, backbone, head, x, mask):
+    """Plain linear head ``features(x) @ head["w"] + head["b"] + mask`` (pretraining).
+
+    References: Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021).
+    """
     return features(cfg, backbone, x) @ head["w"] + head["b"] + mask
+
+
+def prototype_heads(cfg: ModelConfig, backbone, xs, ys, num_classes) -> dict:
+    """Frozen cosine heads from the pretrained features: column ``c`` of task ``t`` is the unit-norm mean
+    of the unit-norm features of task ``t``'s class-``c`` inputs (absent classes: zero columns).
+
+    Args:
+      cfg: model config.
+      backbone: the pretrained backbone params.
+      xs: ``(T, N, 64)`` inputs; ys: ``(T, N)`` labels; num_classes: classes per task.
+
+    Returns:
+      ``{"w": (T, width, MAX_CLASSES), "b": (T, MAX_CLASSES)}`` (float32).
+
+    References: Radford et al., "Learning Transferable Visual Models From Natural Language
+    Supervision" (ICML 2021) (class embeddings as a frozen zero-shot head); Mensink et al.,
+    "Distance-Based Image Classification" (TPAMI 2013) (nearest class mean).
+    """
+    f = np.asarray(jax.vmap(lambda x: _unit(features(cfg, backbone, x)))(jnp.asarray(xs)))
+    ys = np.asarray(ys)
+    w = np.zeros((f.shape[0], cfg.width, MAX_CLASSES), np.float32)
+    for t in range(f.shape[0]):
+        for c in range(int(num_classes[t])):
+            sel = ys[t] == c
+            if sel.any():
+                mu = f[t][sel].mean(axis=0)
+                w[t, :, c] = mu / max(float(np.linalg.norm(mu)), 1e-12)
+    return {"w": jnp.asarray(w), "b": jnp.zeros((f.shape[0], MAX_CLASSES), jnp.float32)}
 
 
 def _xent(lg, y):
@@ -125,14 +184,18 @@ def _adam(lr):
     return optax.adamw(lr, weight_decay=0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "batch", "lr", "augment", "train_backbone"))
-def _train_chunk(params, opt_state, key, x, y, mask, *, cfg, steps, batch, lr, augment, train_backbone):
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "batch", "lr", "augment", "train_backbone",
+                                             "train_head", "linear"))
+def _train_chunk(params, opt_state, key, x, y, mask, *, cfg, steps, batch, lr, augment, train_backbone,
+                 train_head, linear):
     import optax
     opt = _adam(lr)
+    fwd = linear_logits if linear else logits
 
     def loss_fn(p, xb, yb):
         bb = p["backbone"] if train_backbone else jax.lax.stop_gradient(p["backbone"])
-        return _xent(logits(cfg, bb, p["head"], xb, mask), yb)
+        hd = p["head"] if train_head else jax.lax.stop_gradient(p["head"])
+        return _xent(fwd(cfg, bb, hd, xb, mask), yb)
 
     def step(carry, k):
         p, s = carry
@@ -150,18 +213,20 @@ def _train_chunk(params, opt_state, key, x, y, mask, *, cfg, steps, batch, lr, a
 
 
 def train_loop(cfg, params, x, y, mask, *, steps, batch, lr, key, augment=False, chunks=1, progress=None,
-               tasks_axis=False):
+               tasks_axis=False, train_head=True, linear=False):
     """Adam on cross-entropy for ``steps`` steps (``params = {"backbone", "head"}``).
 
     With ``tasks_axis`` every argument has a leading task axis and the tasks train in parallel
     (one vmapped program). ``progress`` is called with the number of steps done after each chunk.
+    ``train_head=False`` keeps the head frozen (its gradient is zero, so Adam leaves it unchanged);
+    ``linear`` uses :func:`linear_logits` instead of the cosine head.
     """
     chunk = max(1, steps // chunks)
     opt = _adam(lr)
     init = jax.vmap(opt.init) if tasks_axis else opt.init
     opt_state = init(params)
     fn = functools_partial(_train_chunk, cfg=cfg, steps=chunk, batch=batch, lr=lr, augment=augment,
-                           train_backbone=True)
+                           train_backbone=True, train_head=train_head, linear=linear)
     if tasks_axis:
         fn = jax.vmap(fn)
     done = 0
@@ -217,7 +282,7 @@ def _mtl_chunk(params, opt_state, key, xs, ys, masks, *, cfg, steps, batch, lr):
 
     def loss_fn(p, xb, yb):
         def one(h, x, y, m):
-            return _xent(logits(cfg, p["backbone"], h, x, m), y)
+            return _xent(logits(cfg, p["backbone"], jax.lax.stop_gradient(h), x, m), y)
         return jnp.mean(jax.vmap(one)(p["heads"], xb, yb, masks))
 
     def step(carry, k):
@@ -234,7 +299,7 @@ def _mtl_chunk(params, opt_state, key, xs, ys, masks, *, cfg, steps, batch, lr):
 
 
 def train_multitask(cfg, params, xs, ys, masks, *, steps, batch, lr, key, chunks=1, progress=None):
-    """Joint training of one backbone and all heads (``params = {"backbone", "heads"}``)."""
+    """Joint training of one backbone for all tasks (``params = {"backbone", "heads"}``; heads frozen)."""
     chunk = max(1, steps // chunks)
     opt_state = _adam(lr).init(params)
     done, losses = 0, []

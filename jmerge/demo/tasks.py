@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Task", "TASKS", "load_images", "split_indices", "task_data", "shift_right"]
+__all__ = ["Task", "TASKS", "load_images", "split_indices", "split_train_val_test", "task_data", "shift_right"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,22 @@ def split_indices(n: int, test_fraction: float = 0.3, seed: int = 0) -> tuple[np
     perm = np.random.default_rng(seed).permutation(n)
     n_test = int(round(n * test_fraction))
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def split_train_val_test(n: int, test_fraction: float = 0.3, val_fraction: float = 0.15,
+                         seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train / validation / test indices of ``range(n)``, shared by all tasks.
+
+    The test set is exactly :func:`split_indices`'s (same ``seed`` and ``test_fraction``); the
+    validation set is ``round(n * val_fraction)`` images taken from its training part, so the
+    validation images (used to choose hyperparameters) never overlap training or test images.
+
+    References: Hastie, Tibshirani and Friedman, "The Elements of Statistical Learning", 7.2 (2009).
+    """
+    tr, te = split_indices(n, test_fraction, seed)
+    n_val = int(round(n * val_fraction))
+    val = np.sort(np.random.default_rng(seed + 1).permutation(tr)[:n_val])
+    return np.setdiff1d(tr, val), val, te
 
 
 def task_data(task: Task, images: np.ndarray, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
