@@ -33,7 +33,8 @@ class _NoArithmetic:
 
     phases = ()
 
-    def __call__(self, base, models, hp, key, stats=None, view=None, *, out_dtype=None, compute_dtype=None):
+    def __call__(self, base, models, hp, key, stats=None, view=None, *, out_dtype=None, compute_dtype=None,
+                 models_stacked=False):
         return base
 
 
@@ -101,10 +102,11 @@ def main(argv=None) -> int:
             print(f"{name} failed:\n{r['err']}")
             return 1
     print(f"size={a.size}; input {in_bytes / 1e9:.2f} GB; load average now {os.getloadavg()[0]:.2f}")
-    print(f"{'run':<14}{'wall s':>8}{'user s':>8}{'sys s':>8}{'minor faults':>14}{'faults/GB':>11}{'RSS GB':>8}")
+    print(f"{'run':<14}{'wall s':>8}{'user s':>8}{'sys s':>8}{'minor faults':>14}{'faults/GB':>11}{'RSS GB':>8}"
+          f"{'load':>7}")
     for name, x in runs:
         print(f"{name:<14}{x['wall']:>8.2f}{x['user']:>8.2f}{x['sys']:>8.2f}{x['minflt']:>14,}"
-              f"{x['faults_per_gb']:>11,.0f}{x['maxrss_kb'] / 1e6:>8.2f}")
+              f"{x['faults_per_gb']:>11,.0f}{x['maxrss_kb'] / 1e6:>8.2f}{x.get('load', float('nan')):>7.1f}")
     floor = min(x["wall"] for n, x in runs if n == "floor")
     warm = min(x["wall"] for n, x in runs if n == "jmerge warm")
     print(f"task arithmetic (warm compile cache) = {warm / floor:.2f}x the floor ({warm:.2f} s / {floor:.2f} s, "

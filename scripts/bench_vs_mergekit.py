@@ -141,8 +141,11 @@ print(json.dumps({"rc": rc, "wall": wall, "maxrss_kb": ru.ru_maxrss, "user": ru.
 def timed(cmd: list[str]) -> dict:
     """Run ``cmd`` under a fresh wrapper process: wall time, and from ``getrusage`` of that one child its
     peak RSS, user and system CPU seconds and page faults (``minflt``: minor, e.g. a fresh page zeroed)."""
+    load = os.getloadavg()[0]  # the machine is shared: each run's 1-minute load average as it starts
     out = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["load"] = load
+    return r
 
 
 def dir_bytes(d: str) -> int:
@@ -162,13 +165,14 @@ def with_moved(r: dict, in_bytes: int, out_dir: str) -> dict:
 def rusage_table(rows) -> None:
     """One line per tool run: wall, user and system CPU seconds, minor faults, faults per GB moved, peak RSS."""
     print(f"\n{'method':<16}{'run':<14}{'wall s':>8}{'user s':>8}{'sys s':>8}{'minor faults':>14}"
-          f"{'faults/GB':>11}{'RSS GB':>8}")
+          f"{'faults/GB':>11}{'RSS GB':>8}{'load':>7}")
     for m, r in rows:
         for key in ("jmerge", "jmerge_warm", "mergekit", "floor"):
             x = r.get(key)
             if x:
                 print(f"{m:<16}{key:<14}{x['wall']:>8.2f}{x['user']:>8.2f}{x['sys']:>8.2f}{x.get('minflt', 0):>14,}"
-                      f"{x.get('faults_per_gb', float('nan')):>11,.0f}{x['maxrss_kb'] / 1e6:>8.2f}")
+                      f"{x.get('faults_per_gb', float('nan')):>11,.0f}{x['maxrss_kb'] / 1e6:>8.2f}"
+                      f"{x.get('load', float('nan')):>7.1f}")
 
 
 def warm(dirs):

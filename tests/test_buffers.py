@@ -29,28 +29,49 @@ def test_buffers_are_aligned_exact_and_distinct_until_put(nbytes):
         a[:] = 1
         b[:] = 2
         assert (a == 1).all()
+    pooled = nbytes >= executor._SMALL  # smaller ones are plain NumPy allocations
+    assert pool.out_bytes == (2 * (-(-nbytes // 64) * 64) if pooled else 0)
     pool.put([a])
     c = pool.get(nbytes)
+    if pooled:
+        assert c.ctypes.data == a.ctypes.data  # the returned range is reused (first fit)
     if nbytes:
-        assert c.ctypes.data == a.ctypes.data  # the returned one is reused
         assert not np.may_share_memory(c, b)
     pool.put([c, b])
-    assert len(pool._free) == 1  # keep=1: one free buffer kept
+    assert pool.out_bytes == 0
+    assert pool.chunks == (1 if pooled else 0)  # keep=1: one wholly free chunk kept
     pool.put([np.empty(8, np.uint8), c])  # not handed out (or already back): ignored
-    assert len(pool._free) == 1
+    assert pool.chunks == (1 if pooled else 0) and pool.out_bytes == 0
 
 
-def test_smaller_request_reuses_a_larger_buffer_and_bounds_hold():
+def test_one_chunk_serves_tensors_of_several_sizes_and_bounds_hold():
     pool = Buffers(keep=4, max_bytes=8 * 2**20)
-    big = pool.get(5 * 2**20)
+    big = pool.get(5 * 2**20)  # a 6 MiB chunk (2 MiB multiples)
     pool.put([big])
-    small = pool.get(3 * 2**20)  # fits in the free 6 MiB buffer: no new allocation
+    small = pool.get(3 * 2**20)  # fits in the free chunk: no new allocation
     assert small.ctypes.data == big.ctypes.data and pool.allocated == 1
-    pool.put([small])
-    xs = [pool.get(3 * 2**20) for _ in range(3)]
+    other = pool.get(2 * 2**20)  # the rest of the same chunk, beside `small`
+    assert pool.allocated == 1 and not np.may_share_memory(small, other)
+    small[:] = 1
+    other[:] = 2
+    assert (small == 1).all() and (other == 2).all()
+    pool.put([small, other])
+    again = pool.get(6 * 2**20)  # the two ranges coalesced: the whole chunk again
+    assert again.ctypes.data == big.ctypes.data and pool.allocated == 1
+    pool.put([again])
+    xs = [pool.get(7 * 2**20) for _ in range(3)]  # three new 8 MiB chunks
     pool.put(xs)
-    assert sum(b.nbytes for b in pool._free) <= 8 * 2**20  # max_bytes: the oldest returned are dropped
-    assert not pool._out
+    assert pool.chunks * 8 * 2**20 <= 8 * 2**20 + 6 * 2**20  # max_bytes: the least recently created dropped
+    assert not pool._out and pool.out_bytes == 0
+
+
+def test_first_chunk_has_the_budget_size_and_later_ones_the_request():
+    pool = Buffers(chunk_bytes=10 * 2**20)
+    a = pool.get(300_000)
+    assert pool.allocated == 1 and pool.allocated_bytes == 10 * 2**20
+    b = pool.get(10 * 2**20 - 1000)  # does not fit beside `a`: a chunk of its own size (rounded to 2 MiB)
+    assert pool.allocated == 2 and pool.allocated_bytes == 20 * 2**20
+    pool.put([a, b])
 
 
 _CONFIGS = {

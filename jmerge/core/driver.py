@@ -42,7 +42,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .errors import MergeInputError, NonFloatLeavesWarning, OptimizerStateWarning
 from .hparams import Gradient, PerModel, Rules, resolve_hparams
-from .state import MergeState, compute_precision, round_to, stack_diffs
+from .state import MergeState, compute_precision, diff_stack, round_to, stack_diffs
 from .transform import StatsPhase, Transform, run_steps, _check_part
 from .tree import (check_compatible, check_task_vectors, leaf_key, leaf_kind, leaves_with_paths,
                    optimizer_state_paths)
@@ -172,9 +172,15 @@ def _traced_range_check(method: Transform, specs: Mapping[str, Any]) -> None:
 # The per-leaf program
 
 
-def _initial_state(base_leaf, model_leaves, key, stacked: bool, materialize: bool, view,
+def _initial_state(base_leaf, model_leaves, key, stacked: bool | str, materialize: bool, view,
                    precision: str | None = None) -> MergeState:
     b = round_to(base_leaf, precision)
+    if stacked == "models":  # the models in one (T, *shape) array: tau is elementwise in it (fused, not stacked)
+        rows = tuple(model_leaves[t] for t in range(model_leaves.shape[0]))
+        make = lambda: diff_stack(base_leaf, model_leaves, precision)
+        tau = materialized(make, b) if materialize and b.size else make()
+        return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, base_leaf, rows), view=view,
+                          precision=precision)
     if stacked:
         tau = round_to(model_leaves, precision)
         return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, None, None), view=view,
@@ -242,6 +248,10 @@ class LeafProgram:
     ``hp`` (its resolved hyperparameters by qualified name, from :func:`prepare_leaf_hparams`),
     ``key`` (:func:`jmerge.leaf_key`), ``stats`` (``{step name: {phase name: value}}``) and ``view``
     (:class:`MatrixView` or None). ``traced=True`` runs inline (inside the caller's trace).
+    ``models_stacked=True`` on a call (not with ``stacked``): ``model_leaves`` is the models stacked
+    in one ``(T, *shape)`` array (same numbers; the task vectors are then an elementwise expression of
+    one input, which XLA fuses into their consumers: the out-of-core executor reads the models of a
+    tensor into one buffer).
     ``compute_dtype=`` on a call overrides the program's (the pipeline picks it per tensor).
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
@@ -266,13 +276,18 @@ class LeafProgram:
     def collect(self, index: int, base_leaf: Shaped[ArrayLike, "*shape"],
                 model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
                 hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any], view: MatrixView | None = None,
-                *, traced: bool = False, compute_dtype: Any = _PROGRAM) -> Any:
+                *, traced: bool = False, compute_dtype: Any = _PROGRAM, models_stacked: bool = False) -> Any:
         """Phase ``index``'s statistic of one leaf (steps before the phase's step run first)."""
         view = view if self.method.uses_view else None
         f = functools.partial(_collect_impl, self.method, index) if traced else \
             functools.partial(_collect_jit, self.method, index)
-        return f(base_leaf, model_leaves, hp, key, stats, stacked=self.stacked, view=view,
+        return f(base_leaf, model_leaves, hp, key, stats, stacked=self._stacked(models_stacked), view=view,
                  precision=self._precision(compute_dtype))
+
+    def _stacked(self, models_stacked: bool) -> bool | str:
+        if models_stacked and self.stacked:
+            raise MergeInputError("models_stacked=True needs a program of model leaves (stacked=False).")
+        return "models" if models_stacked else self.stacked
 
     def finalize(self, index: int, collected: list, hps: Sequence[Mapping[str, Any]], *, traced: bool = False) -> list:
         """Phase ``index``'s per-leaf values from every leaf's statistic (on the host, or traced)."""
@@ -285,13 +300,13 @@ class LeafProgram:
                  model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
                  hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any] | None = None,
                  view: MatrixView | None = None, *, traced: bool = False, out_dtype: Any = None,
-                 compute_dtype: Any = _PROGRAM) -> Any:
+                 compute_dtype: Any = _PROGRAM, models_stacked: bool = False) -> Any:
         """The merged leaf (and its extras with ``return_extras``); ``out_dtype`` and ``compute_dtype``
         override the program's."""
         view = view if self.method.uses_view else None
         f = _leaf_impl if traced else _leaf_jit
         dt = self.out_dtype if out_dtype is None else jnp.dtype(out_dtype).name
-        return f(self.method, base_leaf, model_leaves, hp, key, stats or {}, stacked=self.stacked,
+        return f(self.method, base_leaf, model_leaves, hp, key, stats or {}, stacked=self._stacked(models_stacked),
                  out_dtype=dt, return_extras=self.return_extras, view=view,
                  precision=self._precision(compute_dtype))
 

@@ -23,7 +23,7 @@ from jaxtyping import Array, ArrayLike, Float, Shaped
 from .errors import MergeInputError
 from .views import MatrixView
 
-__all__ = ["MergeState", "diff_rows", "compute_precision", "round_to", "EMULATED_DTYPES"]
+__all__ = ["MergeState", "diff_rows", "diff_stack", "compute_precision", "round_to", "EMULATED_DTYPES"]
 
 EMULATED_DTYPES = ("bfloat16", "float16")
 """Compute dtypes narrower than float32 that a merge emulates (float32 math rounded to the dtype)."""
@@ -103,6 +103,18 @@ def stack_diffs(base_leaf: Shaped[ArrayLike, "*shape"], model_leaves: Sequence[S
     """``tau`` as one ``(T, *shape)`` float32 array. Differences first, then the stack: XLA builds
     ``tau`` in one fusion instead of materializing the stacked models and subtracting later."""
     return jnp.stack(diff_rows(base_leaf, model_leaves, precision=precision))
+
+
+def diff_stack(base_leaf: Shaped[ArrayLike, "*shape"], models: Shaped[ArrayLike, "T *shape"],
+               precision: str | None = None) -> Float[Array, "T *shape"]:
+    """``tau`` from the models stacked in one ``(T, *shape)`` array: the values of :func:`stack_diffs`
+    (the same rounding, entry by entry), as one elementwise expression of the stacked input, which XLA
+    fuses into every consumer (slices included) instead of materializing a concatenation of the rows.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) for task vectors.
+    """
+    b = round_to(base_leaf, precision)
+    return round_to(round_to(models, precision) - b[None], precision)
 
 
 @jax.tree_util.register_dataclass

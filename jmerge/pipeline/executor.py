@@ -2,8 +2,8 @@
 
 :func:`run_merge` executes a :class:`~jmerge.MergePlan` (from a YAML config): the planners turn it
 into tensor jobs; for each job the executor reads its sources straight into reused NumPy buffers
-(``pread``, no mmap), runs the operation (a merge is the core's :class:`~jmerge.LeafProgram`, the
-same per-leaf program :func:`jmerge.merge` runs, compiled once per shape and dtype) and writes the
+(``pread``, no mmap; a merge's models into one stacked buffer), runs the operation (a merge is the
+core's :class:`~jmerge.LeafProgram`, the same per-leaf program :func:`jmerge.merge` runs, compiled once per shape and dtype) and writes the
 result at its planned offset with the atomic :class:`~jmerge.CheckpointWriter`. Reads of the next
 tensors run in a thread pool while the current one merges, and writes run in another, with a bounded
 window of tensors (and bytes) in flight, so memory is a few tensors, not the model. Methods with
@@ -31,7 +31,7 @@ import numpy as np
 from ..core import LeafProgram, check_ranges, infer_views, leaf_key
 from ..mergekit import MergePlan
 from ..mergekit.arch import layer_sources, model_views, output_config
-from .jobs import Copy, Merge, TensorJob, read_source
+from .jobs import Copy, Merge, Tensor, TensorJob, read_source
 from .planners import input_paths, np_dtype, plan_jobs
 from .progress import Progress
 from .validate import open_input, validate_plan
@@ -67,62 +67,123 @@ def _aligned_small(nbytes: int) -> np.ndarray:
     return raw[off:off + nbytes]
 
 
+class _Chunk:
+    """One anonymous mapping of the pool and its free ranges ``[(start, end)]`` (sorted, coalesced)."""
+
+    __slots__ = ("mem", "free")
+
+    def __init__(self, mem: np.ndarray):
+        self.mem = mem
+        self.free = [(0, mem.nbytes)]
+
+    def take(self, size: int) -> Optional[int]:
+        for i, (lo, hi) in enumerate(self.free):  # first fit: the lowest address
+            if hi - lo >= size:
+                self.free[i:i + 1] = [(lo + size, hi)] if hi - lo > size else []
+                return lo
+        return None
+
+    def give(self, lo: int, size: int) -> None:
+        import bisect  # noqa: PLC0415
+        i = bisect.bisect(self.free, (lo, lo))
+        hi = lo + size
+        if i < len(self.free) and self.free[i][0] == hi:  # merge with the next free range
+            hi = self.free.pop(i)[1]
+        if i > 0 and self.free[i - 1][1] == lo:  # and the previous one
+            lo = self.free.pop(i - 1)[0]
+            i -= 1
+        self.free.insert(i, (lo, hi))
+
+    @property
+    def empty(self) -> bool:
+        return self.free == [(0, self.mem.nbytes)]
+
+
 class Buffers:
     """A pool of reused host buffers for tensors read from disk (a fresh allocation page-faults on every
-    byte, and the kernel zeroes every page).
+    byte, and the kernel zeroes every page: on a VM whose free memory is returned to the host, each such
+    page is also a host fault).
 
-    Buffers are anonymous mappings, 2 MiB-aligned, advised for transparent huge pages where the kernel
-    allows and faulted in with one call (``MADV_POPULATE_WRITE``), falling back silently to ordinary
-    pages; small ones are NumPy allocations. All are 64-byte aligned, so XLA:CPU takes the arrays viewed
-    on them without copying. :meth:`get` hands out the smallest free buffer that fits (a new one when
-    none does); :meth:`put` takes buffers back once nothing reads them, keeping at most ``keep`` free
-    buffers and ``max_bytes`` free bytes (the least recently returned go first; memory is released when
-    the last view of it is gone). A buffer is never handed out twice before it is put back.
+    The pool is a few large chunks of anonymous memory, 2 MiB-aligned, advised for transparent huge
+    pages where the kernel allows and faulted in with one call (``MADV_POPULATE_WRITE``), falling back
+    silently to ordinary pages. :meth:`get` carves a 64-byte-aligned range out of a chunk (first fit,
+    lowest address; a new chunk of the request's size, rounded to 2 MiB, when none fits), so one chunk
+    serves tensors of any sizes at once and memory follows the bytes in flight, not the largest tensor
+    times the window. XLA:CPU takes arrays viewed on these ranges without copying. :meth:`put` gives
+    ranges back (neighbours coalesce); chunks left wholly free beyond ``keep`` chunks or ``max_bytes``
+    free bytes are released (the least recently used first; memory goes when the last view of it is
+    gone). Requests under 256 KiB are plain aligned NumPy allocations (not pooled). A range is never
+    handed out twice before it is put back, and two ranges out at once never overlap.
 
     Args:
-      keep: most free buffers kept (``keep=1``: every buffer is reused as soon as possible).
-      max_bytes: most free bytes kept (default: no bound besides ``keep``).
+      keep: most wholly free chunks kept (``keep=1``: ranges are reused as soon as possible).
+      max_bytes: most bytes kept in wholly free chunks (default: no bound besides ``keep``).
+      chunk_bytes: smallest size of a new chunk (default: the request's size), e.g. the executor's
+        budget of bytes in flight, so that one chunk serves the whole merge.
 
     References: none (infrastructure).
     """
 
-    def __init__(self, keep: int = 64, max_bytes: Optional[int] = None):
-        self._free: list[np.ndarray] = []  # whole buffers, least recently returned first
-        self._out: dict[int, np.ndarray] = {}  # address -> whole buffer, for those handed out
-        self._lock = threading.Lock()
+    def __init__(self, keep: int = 64, max_bytes: Optional[int] = None, chunk_bytes: int = 0):
+        self._chunks: list[_Chunk] = []  # least recently created first
+        self._out: dict[int, tuple[_Chunk, int, int]] = {}  # address -> (chunk, start, size) of those handed out
+        self._lock = threading.Condition()
         self._keep = max(int(keep), 0)
         self._max_bytes = max_bytes
-        self.allocated = 0  # buffers created (for tests and benchmarks)
+        self._chunk_bytes = max(int(chunk_bytes), 0)
+        self.allocated = 0  # chunks created (for tests and benchmarks)
+        self.allocated_bytes = 0
+        self.out_bytes = 0  # bytes of the pooled ranges handed out now
+
+    def wait_out_bytes(self, most: int, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until at most ``most`` pooled bytes are handed out."""
+        with self._lock:
+            self._lock.wait_for(lambda: self.out_bytes <= most, timeout)
+
+    @property
+    def chunks(self) -> int:
+        """Chunks held by the pool now."""
+        return len(self._chunks)
 
     def get(self, nbytes: int) -> np.ndarray:
-        """A uint8 buffer of exactly ``nbytes`` bytes (a view of a pooled buffer at least that large)."""
+        """A uint8 buffer of exactly ``nbytes`` bytes (a view of a pooled chunk for 256 KiB and more)."""
         nbytes = int(nbytes)
+        if nbytes < _SMALL or nbytes == 0:
+            return _aligned_small(nbytes)
+        size = -(-nbytes // 64) * 64
         with self._lock:
-            best = None
-            for i, b in enumerate(self._free):
-                if b.nbytes >= nbytes and (best is None or b.nbytes < self._free[best].nbytes):
-                    best = i
-            # a small tensor does not take a large buffer (it would hold it while a large one needs it)
-            if best is not None and (nbytes >= _SMALL or self._free[best].nbytes < _SMALL):
-                whole = self._free.pop(best)
+            for c in self._chunks:
+                lo = c.take(size)
+                if lo is not None:
+                    break
             else:
+                first = self._chunk_bytes if not self._chunks else 0  # later chunks: the request's size
+                c = _Chunk(_anon_buffer(-(-max(size, first) // _HUGE) * _HUGE))
                 self.allocated += 1
-                whole = _aligned_small(nbytes) if nbytes < _SMALL else _anon_buffer(-(-nbytes // _HUGE) * _HUGE)
-            view = whole[:nbytes]
-            self._out[view.ctypes.data] = whole
+                self.allocated_bytes += c.mem.nbytes
+                self._chunks.append(c)
+                lo = c.take(size)
+            view = c.mem[lo:lo + nbytes]
+            self._out[view.ctypes.data] = (c, lo, size)
+            self.out_bytes += size
             return view
 
     def put(self, bufs: Iterable[np.ndarray]) -> None:
         """Give back buffers from :meth:`get` once nothing reads or writes them (others are ignored)."""
         with self._lock:
             for b in bufs:
-                whole = self._out.pop(b.ctypes.data, None) if isinstance(b, np.ndarray) else None
-                if whole is not None:
-                    self._free.append(whole)
-            total = sum(b.nbytes for b in self._free)
-            while self._free and (len(self._free) > self._keep
-                                  or (self._max_bytes is not None and total > self._max_bytes)):
-                total -= self._free.pop(0).nbytes
+                rec = self._out.pop(b.ctypes.data, None) if isinstance(b, np.ndarray) and b.nbytes else None
+                if rec is not None:
+                    c, lo, size = rec
+                    c.give(lo, size)
+                    self.out_bytes -= size
+            idle = [c for c in self._chunks if c.empty]
+            total = sum(c.mem.nbytes for c in idle)
+            while idle and (len(idle) > self._keep or (self._max_bytes is not None and total > self._max_bytes)):
+                c = idle.pop(0)
+                total -= c.mem.nbytes
+                self._chunks.remove(c)
+            self._lock.notify_all()
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters
@@ -229,27 +290,62 @@ class MergeContext:
     compute_float32: bool = False
 
 
+def _stackable(job: TensorJob, readers, ctx: MergeContext) -> bool:
+    """Whether a merge's models are checkpoint tensors of one dtype and shape (read into one buffer)."""
+    if not isinstance(job.op, Merge) or ctx.put is not None or not job.op.models:
+        return False
+    ms = job.op.models
+    if not all(isinstance(s, Tensor) for s in ms):
+        return False
+    first = readers[ms[0].reader]
+    key = (np.dtype(first.dtype(ms[0].name)), tuple(first.shape(ms[0].name)))
+    return all((np.dtype(readers[s.reader].dtype(s.name)), tuple(readers[s.reader].shape(s.name))) == key for s in ms)
+
+
 def _read(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext):
+    """``(arrays, raw, stacked)``: the job's inputs (base first), the pooled buffers they live in, and whether
+    ``arrays[1]`` holds every model in one ``(T, *shape)`` array (read straight into one pooled buffer)."""
     arrays, raw = [], []
-    for s in job.sources:
+    cd = None if ctx.compute_float32 else ctx.compute_dtype
+
+    def cast(a):
+        if isinstance(job.op, Merge) and cd is not None and a.dtype != cd and cd.itemsize < a.dtype.itemsize:
+            return a.astype(cd)  # mergekit casts inputs to `dtype` before merging (wider casts are exact)
+        return a
+
+    stacked = _stackable(job, readers, ctx)
+    for s in (job.sources[:1] if stacked else job.sources):
         a, r = read_source(s, readers, bufs)
         raw += r
-        cd = None if ctx.compute_float32 else ctx.compute_dtype
-        if isinstance(job.op, Merge) and cd is not None and a.dtype != cd and cd.itemsize < a.dtype.itemsize:
-            a = a.astype(cd)  # mergekit casts inputs to `dtype` before merging (wider casts are exact)
-        arrays.append(a)
-    return arrays, raw
+        arrays.append(cast(a))
+    if stacked:
+        ms = job.op.models
+        first = readers[ms[0].reader]
+        nb, dt, shape = int(first.nbytes(ms[0].name)), np.dtype(first.dtype(ms[0].name)), tuple(first.shape(ms[0].name))
+        buf = bufs.get(nb * len(ms))
+        raw.append(buf)
+        for t, s in enumerate(ms):
+            readers[s.reader].get(s.name, out=buf[t * nb:(t + 1) * nb])
+        arrays.append(cast(buf.view(dt).reshape((len(ms),) + shape)))
+    return arrays, raw, stacked
 
 
 def _stream(jobs, readers, bufs, ctx, pool, window: int, max_bytes: int, consume):
-    """Read ahead with a bounded window (count and bytes); call ``consume(job, arrays, raw)`` in order."""
+    """Read ahead with a bounded window; call ``consume(job, arrays, raw, stacked)`` in order.
+
+    At most ``window`` reads are pending, and a read starts only while the pool's buffers handed out
+    (inputs of merges not yet computed, reads under way) plus the pending reads and this one stay within
+    ``max_bytes``; with nothing pending, a read waits for merges in flight to give their buffers back
+    (a larger tensor runs alone), so the pool's memory is about ``max_bytes``, reused."""
     pending = collections.deque()
     it = iter(jobs)
     nxt = next(it, None)
     size = lambda j: j.read_bytes(readers)
+    held = lambda: getattr(bufs, "out_bytes", 0) + sum(size(q) for q, _ in pending)
     while nxt is not None or pending:
-        while nxt is not None and (not pending or (len(pending) < window and
-                                                   sum(size(q) for q, _ in pending) + size(nxt) <= max_bytes)):
+        if nxt is not None and not pending and held() + size(nxt) > max_bytes and hasattr(bufs, "wait_out_bytes"):
+            bufs.wait_out_bytes(max(max_bytes - size(nxt), 0), timeout=5.0)  # given back by the writer thread
+        while nxt is not None and (not pending or (len(pending) < window and held() + size(nxt) <= max_bytes)):
             pending.append((nxt, pool.submit(_read, nxt, readers, bufs, ctx)))
             nxt = next(it, None)
         job, fut = pending.popleft()
@@ -280,10 +376,12 @@ def _collect_stats(jobs, readers, bufs, ctx, pool, window, max_bytes, progress) 
         progress.phase(f"statistics '{phase.name}'")
         collected = []
 
-        def collect(j, arrays, raw, pi=pi):
-            r = ctx.program.collect(pi, _put(ctx, arrays[0]), tuple(_put(ctx, a) for a in arrays[1:]),
+        def collect(j, arrays, raw, stacked, pi=pi):
+            models = arrays[1] if stacked else tuple(_put(ctx, a) for a in arrays[1:])
+            r = ctx.program.collect(pi, _put(ctx, arrays[0]), models,
                                     ctx.hparams[j.out_name], leaf_key(ctx.seed, j.out_name), stats[j.out_name],
-                                    ctx.views[j.out_name], compute_dtype=_compute_dtype(ctx, arrays))
+                                    ctx.views[j.out_name], compute_dtype=_compute_dtype(ctx, arrays),
+                                    **({"models_stacked": True} if stacked else {}))
             # copied when it is a view of a read buffer (e.g. an input JAX forwarded): the buffer is reused
             collected.append(jax.tree.map(lambda x: _unaliased(np.asarray(x), raw), r))
             bufs.put(raw)
@@ -299,7 +397,7 @@ def _unaliased(x: np.ndarray, raw: Sequence[np.ndarray]) -> np.ndarray:
     return x.copy() if any(np.may_share_memory(x, b) for b in raw) else x
 
 
-def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict):
+def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool = False):
     if isinstance(job.op, Copy):
         a = arrays[0]
         if job.op.scale != 1.0:
@@ -308,20 +406,29 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict):
     hp = {k: np.asarray(v, np.float32) for k, v in ctx.hparams[job.out_name].items()}
     # JAX has no float64 without x64: a float64 output is computed as float32 and cast by the writer
     out_dtype = np.float32 if np.dtype(job.dtype) == np.float64 else job.dtype
-    return ctx.program(_put(ctx, arrays[0]), tuple(_put(ctx, a) for a in arrays[1:]), hp,
+    models = arrays[1] if stacked else tuple(_put(ctx, a) for a in arrays[1:])
+    return ctx.program(_put(ctx, arrays[0]), models, hp,
                        leaf_key(ctx.seed, job.out_name), stats.get(job.out_name) or {}, ctx.views[job.out_name],
-                       out_dtype=out_dtype, compute_dtype=_compute_dtype(ctx, arrays))
+                       out_dtype=out_dtype, compute_dtype=_compute_dtype(ctx, arrays),
+                       **({"models_stacked": True} if stacked else {}))
 
 
 def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx: MergeContext, *, window: int = 4,
-             read_threads: int = 2, max_inflight_bytes: int = 768 * 2**20, progress: Optional[Progress] = None,
+             read_threads: int = 2, max_inflight_bytes: int = 512 * 2**20, progress: Optional[Progress] = None,
              buffers: Optional[Buffers] = None, tune_malloc: bool = False,
              _fail_after: Optional[int] = None) -> None:
     """Run ``jobs``, writing each result with ``writer.write(name, array)``.
 
     Reads run ahead in ``read_threads`` threads and writes in one more, with at most ``window``
-    tensors and ``max_inflight_bytes`` input bytes in flight (a larger tensor runs alone). Reads go
-    into ``buffers`` (a reused pool of aligned, pre-faulted buffers XLA reads in place). With
+    tensors in flight and at most ``max_inflight_bytes`` of pooled input memory held (reads under way
+    and merges not yet computed; a larger tensor runs alone). Reads go into ``buffers`` (default: a
+    pool whose one chunk of ``max_inflight_bytes`` (or the merge's bytes, when fewer) is faulted in
+    once and reused; XLA reads it in place); the models of a merge whose models are checkpoint tensors
+    of one shape and dtype are read into one ``(T, *shape)`` array (``LeafProgram(...,
+    models_stacked=True)``: the task vectors are then computed inside the consumers' fusions instead
+    of being materialized). Inputs are given back as soon as their merge is computed, before the
+    write. The main pass runs the largest tensors first (results do not depend on the order; the
+    statistics passes keep the jobs' order). With
     ``tune_malloc`` (glibc only), malloc keeps freed memory for reuse while the jobs run (XLA's large
     temporaries then reuse pages instead of faulting fresh zeroed ones for every tensor; glibc's
     defaults are set back afterwards): :func:`run_merge` and the CLI turn it on.
@@ -330,7 +437,10 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
     (EMNLP 2024 industry track) for the tensor-by-tensor execution model.
     """
     progress = progress or Progress(sum(j.read_bytes(readers) for j in jobs), disable=True)
-    bufs = Buffers() if buffers is None else buffers
+    if buffers is None:  # one chunk of the budget (or of the whole merge, when smaller) serves every read
+        total = sum(j.read_bytes(readers) for j in jobs)
+        buffers = Buffers(chunk_bytes=min(max_inflight_bytes, total))
+    bufs = buffers
     stack = contextlib.ExitStack()
     if tune_malloc:
         stack.enter_context(_malloc_keeps_freed_memory(reserve=2**30))
@@ -343,19 +453,23 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
         done = [0]
 
         def finish(job, out, raw):
-            writer.write(job.out_name, np.asarray(out))
+            out = np.asarray(out)  # waits for the merge; a view of XLA's output buffer (no copy)
+            if not any(np.may_share_memory(out, b) for b in raw):
+                bufs.put(raw)  # the inputs are free once computed: the next reads reuse them during the write
+                raw = ()
+            writer.write(job.out_name, out)
             bufs.put(raw)
             progress.update(job.read_bytes(readers))
             done[0] += 1
             if _fail_after is not None and done[0] >= _fail_after:
                 raise RuntimeError(f"injected failure after {done[0]} tensors")
 
-        def consume(job, arrays, raw):
+        def consume(job, arrays, raw, stacked):
             sig = (job.shape, str(arrays[0].dtype) if arrays else "", type(job.op).__name__)
             if isinstance(job.op, Merge) and sig not in compiled:
                 compiled.add(sig)
                 progress.phase("compiling")
-            out = _apply(job, arrays, ctx, stats)
+            out = _apply(job, arrays, ctx, stats, stacked)
             progress.phase("merging") if progress._phase != "merging" else None
             futures.append((job.read_bytes(readers), wpool.submit(finish, job, out, raw)))
             # bound the merges in flight (JAX dispatches asynchronously) by count and by bytes
@@ -363,7 +477,10 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
                                or sum(b for b, _ in futures) > max_inflight_bytes):
                 futures.popleft()[1].result()
 
-        _stream(jobs, readers, bufs, ctx, rpool, window, max_inflight_bytes, consume)
+        # the largest first (each result is the same in any order): the largest two (an embedding and an LM head)
+        # then take the same pooled memory one after the other, and the smaller tensors share it afterwards
+        order = sorted(jobs, key=lambda j: -j.read_bytes(readers))
+        _stream(order, readers, bufs, ctx, rpool, window, max_inflight_bytes, consume)
         while futures:
             futures.popleft()[1].result()
     finally:
@@ -455,7 +572,7 @@ def _write_aux(plan, writer, jobs, readers, copy_tokenizer: bool, write_card: bo
 
 def run_merge(plan: MergePlan, out_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
               quiet: bool = False, copy_tokenizer: bool = True, window: int = 4, read_threads: int = 2,
-              max_inflight_bytes: int = 768 * 2**20, mesh: Optional[str] = None, seed: Optional[int] = None,
+              max_inflight_bytes: int = 512 * 2**20, mesh: Optional[str] = None, seed: Optional[int] = None,
               allow_crimes: bool = False, write_model_card: bool = True, compute_float32: bool = False,
               tune_malloc: bool = True, _fail_after: Optional[int] = None) -> dict:
     """Merge the checkpoints of ``plan`` into ``out_dir`` (sharded safetensors, written atomically).
@@ -469,8 +586,9 @@ def run_merge(plan: MergePlan, out_dir: str, *, overwrite: bool = False, max_sha
       copy_tokenizer: copy tokenizer files (from ``tokenizer_source`` or the base) next to the weights.
       window: how many tensors may be in flight (read, merging or being written) at once.
       read_threads: threads reading inputs ahead of the merge.
-      max_inflight_bytes: input bytes (all models of a tensor) allowed in flight at once, on top of
-        ``window``; a tensor larger than this is processed alone.
+      max_inflight_bytes: input bytes (all models of a tensor) held at once (read, or read and waiting
+        for their merge), on top of ``window``; also the read buffers' memory. A tensor larger than this
+        is processed alone.
       mesh: shard each tensor's first axis over this many devices (``"8"`` or ``"data=8"``).
       seed: overrides the config's seed.
       compute_float32: compute in float32 from the inputs as stored, whatever the config's ``dtype``
