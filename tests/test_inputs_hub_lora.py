@@ -188,6 +188,13 @@ def test_lora_numpy_reference_rslora_fan_in_fan_out_bias_and_bf16(tmp_path):
             assert np.all(np.abs(got.astype(np.float64) - ref) <= ulp), k
             # and at most one bf16 step away from the correctly rounded sum
             assert np.mean(got == ref.astype(np.float32).astype(ml_dtypes.bfloat16)) > 0.98, k
+    # fan_in_fan_out: false in the config: PEFT still reads a Conv1D layer (in, out) (it warns and sets it),
+    # so the square c_proj's update is transposed all the same
+    ad2 = _write_adapter(tmp_path / "lora2", {"transformer.h.0.attn.c_proj.lora_A.weight": a2,
+                                              "transformer.h.0.attn.c_proj.lora_B.weight": b2},
+                         r=8, lora_alpha=8, fan_in_fan_out=False)
+    with open_model(f"{base}+{ad2}") as r:
+        np.testing.assert_allclose(r.delta("transformer.h.0.attn.c_proj.weight"), (b2 @ a2).T, rtol=1e-6, atol=1e-7)
 
 
 def test_adapter_for_another_base_is_one_clear_error_and_nothing_written(tmp_path, capsys):
@@ -206,6 +213,9 @@ def test_adapter_for_another_base_is_one_clear_error_and_nothing_written(tmp_pat
     msg = str(e.value)
     assert "\n" not in msg and "does not fit model" in msg and "org/base-32" in msg
     assert "other shapes" in msg and "model.layers.0.self_attn.q_proj.weight: model (48, 48)" in msg
+    # the adapter's file and tensors are named
+    assert os.path.join(ad, "adapter_model.safetensors") in msg
+    assert "(from base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight @ " in msg
     assert "missing from the model (model.layers.0.self_attn.qkv_proj.weight)" in msg
     # through the CLI: exit 1, one line, nothing written, no tensor read
     p = _cfg(tmp_path, f"merge_method: linear\nmodels:\n  - model: {other}+{ad}\n    parameters: {{weight: 1.0}}\n"

@@ -262,36 +262,107 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
 def test_biases_embed_lora_and_peft(tmp_path):
     """Qwen2 (q/k/v biases, tied head): modules with a bias are saved whole (PEFT's lora_bias would break
-    merge_and_unload of the bias-free ones); Llama with --embed-lora: lora_embedding_A/B load in PEFT."""
+    merge_and_unload of the bias-free ones), the tied head is saved next to the embedding (PEFT replaces modules one
+    by one) with ensure_weight_tying; Llama with --embed-lora: lora_embedding_A/B load in PEFT."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     from peft import PeftModel
 
     arch = os.path.dirname(D)
-    cases = [("qwen2", {}, {"lm_head.weight"}), ("llama", {"embed_lora": True}, set())]
-    for name, kw, tied in cases:
+    for name, kw in [("qwen2", {}), ("llama", {"embed_lora": True})]:
         b, f = os.path.join(arch, name, "base"), os.path.join(arch, name, "ft1")
-        with pytest.warns(UserWarning, match="ties its output head") if tied else _no_warning():
+        with _no_warning():
             res = extract_lora(b, f, tmp_path / name, rank="full", dtype="float32", **kw)
         kinds = {e.name: e.kind for e in res.entries}
         cfg = json.load(open(os.path.join(res.out_dir, "adapter_config.json")))
         if name == "qwen2":
             assert kinds["model.layers.0.self_attn.q_proj.bias"] == kinds["model.layers.0.self_attn.q_proj.weight"] == "full"
             assert cfg["lora_bias"] is False and "q_proj" not in cfg["target_modules"] and "q_proj" in cfg["modules_to_save"]
+            assert kinds["lm_head.weight"] == "full" and "lm_head" in cfg["modules_to_save"]
+            assert cfg["ensure_weight_tying"] is True
+            saved = load_file(os.path.join(res.out_dir, "adapter_model.safetensors"))
+            np.testing.assert_array_equal(saved[P + "lm_head.weight"], f32(open_model(f).get("model.embed_tokens.weight")))
         else:
             assert kinds["model.embed_tokens.weight"] == "embedding" and kinds["lm_head.weight"] == "lora"
+            assert "ensure_weight_tying" not in cfg
         ref = open_model(f)
         applied = open_model(f"{b}+{res.out_dir}")
         for k in ref.keys():
             np.testing.assert_array_equal(f32(applied.get(k)), f32(ref.get(k)), err_msg=k)
         pm = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32),
                                        res.out_dir)
+        ids = torch.tensor([[1, 5, 9, 33, 2, 17, 40, 8, 12, 60]])
+        ft_model = transformers.AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32)
+        with torch.no_grad():
+            np.testing.assert_allclose(pm(ids).logits.numpy(), ft_model(ids).logits.numpy(), rtol=0, atol=1e-4)
         merged = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
-        want = {k: v.numpy() for k, v in
-                transformers.AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).state_dict().items()}
-        bad = {k for k in want if np.abs(merged[k] - want[k]).max() > 1e-6}
-        assert bad == tied  # PEFT leaves a tied head on the base's embeddings (documented)
+        want = {k: v.numpy() for k, v in ft_model.state_dict().items()}
+        assert {k for k in want if np.abs(merged[k] - want[k]).max() > 1e-6} == set()  # the tied head included
+
+
+GPT2 = os.path.join(os.path.dirname(__file__), "data", "tiny")
+
+
+def test_gpt2_conv1d_extract_loads_in_peft(tmp_path):
+    """GPT-2's Conv1D weights are (in, out): lora_A (r, in), lora_B (out, r), B @ A = the update transposed,
+    fan_in_fan_out: true; the tied head (wte) is saved next to wte. Full rank: PEFT gives the fine-tune's logits."""
+    base_dir, ft_dir = os.path.join(GPT2, "gpt2_base"), os.path.join(GPT2, "gpt2_ft1")
+    res = extract_lora(base_dir, ft_dir, tmp_path / "full", rank="full", dtype="float32")
+    cfg = json.load(open(os.path.join(res.out_dir, "adapter_config.json")))
+    assert cfg["fan_in_fan_out"] is True and cfg["lora_bias"] is True
+    assert sorted(cfg["target_modules"]) == ["c_attn", "c_fc", "c_proj"]
+    assert {"wte", "wpe", "lm_head"} <= set(cfg["modules_to_save"]) and "ensure_weight_tying" not in cfg
+    t = load_file(os.path.join(res.out_dir, "adapter_model.safetensors"))
+    base, ft = open_model(base_dir), open_model(ft_dir)
+    m = "transformer.h.0.attn.c_attn"
+    assert t[f"{P}{m}.lora_A.weight"].shape == (64, 64) and t[f"{P}{m}.lora_B.weight"].shape == (192, 64)
+    for mod in ("transformer.h.1.attn.c_attn", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc"):
+        d = f32(ft.get(f"{mod}.weight")).astype(np.float64) - f32(base.get(f"{mod}.weight"))
+        prod = t[f"{P}{mod}.lora_B.weight"].astype(np.float64) @ t[f"{P}{mod}.lora_A.weight"]
+        assert np.abs(prod.T - d).max() <= 1e-5 * np.abs(d).max(), mod
+    np.testing.assert_array_equal(t[P + "lm_head.weight"], f32(ft.get("transformer.wte.weight")))
+    applied = open_model(f"{base_dir}+{res.out_dir}")  # jmerge's reader: Conv1D transposed, the tied head ignored
+    for k in ft.keys():
+        np.testing.assert_array_equal(f32(applied.get(k)), f32(ft.get(k)), err_msg=k)
+    # rank 4: Eckart-Young on the transposed update; c_attn (64, 192) refuses rank 65, naming the tensor
+    r4 = extract_lora(base_dir, ft_dir, tmp_path / "r4", rank=4, dtype="float32")
+    d = f32(ft.get(f"{m}.weight")).astype(np.float64) - f32(base.get(f"{m}.weight"))
+    s = np.linalg.svd(d, compute_uv=False)
+    assert r4.residual[f"{m}.weight"] ** 2 == pytest.approx(float(np.sum(s[4:] ** 2)), rel=1e-4)
+    with pytest.raises(MergeInputError, match=r"transformer\.h\.0\.attn\.c_attn\.weight.*rank 65.*= 64"):
+        extract_lora(base_dir, ft_dir, tmp_path / "x", rank=65)
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+
+    ids = torch.tensor([[1, 5, 9, 33, 2, 17, 40, 8, 12, 60]])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ft_dir, dtype=torch.float32)
+    for a, exact in ((res.out_dir, True), (r4.out_dir, False)):
+        pm = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), a)
+        with torch.no_grad():
+            got, want = pm(ids).logits.numpy(), ref(ids).logits.numpy()
+        if exact:
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+            merged = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+            for k, v in ref.state_dict().items():
+                np.testing.assert_allclose(merged[k], v.numpy(), rtol=0, atol=1e-6, err_msg=k)
+        else:
+            with torch.no_grad():
+                b0 = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)(ids).logits.numpy()
+            assert 0 < np.abs(got - want).max() < np.abs(b0 - want).max()
+
+
+def test_tied_embed_lora_falls_back_to_saved_embeddings(tmp_path):
+    b, f = os.path.join(GPT2, "tied_base"), os.path.join(GPT2, "tied_ft1")
+    with pytest.warns(UserWarning, match="ties its output head.*saved whole"):
+        res = extract_lora(b, f, tmp_path / "a", rank="full", dtype="float32", embed_lora=True)
+    kinds = {e.name: e.kind for e in res.entries}
+    assert kinds["model.embed_tokens.weight"] == kinds["lm_head.weight"] == "full"
+    # a layer's (vocab, hidden) MLP weight is not mistaken for the head (tiny: intermediate size = vocab = 128)
+    assert kinds["model.layers.0.mlp.gate_proj.weight"] == "lora"
 
 
 class _no_warning:

@@ -87,7 +87,7 @@ CATALOG = (
     ),
     (
         'iso_cts',
-        'scale=1.0, common_fraction=0.8',
+        "scale=1.0, common_fraction=0.8, svd='exact', power_iters=2",
         (),
         'ISO-CTS: isotropic merging in the common and task-specific subspaces.',
         ('iso_cts',),
@@ -220,7 +220,7 @@ CATALOG = (
     ),
     (
         'tsv_m',
-        'scale=1.0, rank_fraction=None',
+        "scale=1.0, rank_fraction=None, svd='exact', power_iters=2",
         (),
         "TSV-M: merge the tasks' top singular subspaces after decorrelating them.",
         ('tsv_m',),

@@ -36,7 +36,7 @@ import numpy as np
 from .errors import CheckpointFormatError, CheckpointNotFoundError
 from .safetensors import CheckpointReader
 
-__all__ = ["LoraReader", "read_adapter_config", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+__all__ = ["LoraReader", "read_adapter_config", "is_conv1d", "ties_head", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -45,6 +45,41 @@ _LORA_KEY = re.compile(r"(?P<mod>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lor
                        r"lora_embedding_B|base_layer\.weight|base_layer\.bias)")
 _UNSUPPORTED_KEY = re.compile(r"lora_magnitude_vector|lora_A\.bias|lora_embedding_.*\.|trainable_tokens|"
                               r"lora_[A-Z]\.|_orig_module|modules_to_save")
+
+
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt")
+"""transformers model types whose ``c_attn``/``c_proj``/``c_fc``/``q_attn`` layers are ``Conv1D`` (weights ``(in, out)``)."""
+_CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")
+
+
+def is_conv1d(config: Any, module: str) -> bool:
+    """Whether ``module`` of a model with this ``config.json`` (a dict) is a transformers ``Conv1D`` layer,
+    whose weight is stored ``(in, out)`` (PEFT's ``fan_in_fan_out``): GPT-2's ``c_attn``, ``c_proj``, ``c_fc``.
+
+    References: Hugging Face transformers ``pytorch_utils.Conv1D``; PEFT ``LoraConfig.fan_in_fan_out``.
+    """
+    if not isinstance(config, dict):
+        return False
+    kinds = {str(config.get("model_type", "")).lower()} | {
+        "gpt2" if str(a).startswith("GPT2") else str(a) for a in config.get("architectures") or []}
+    return bool(kinds & set(CONV1D_MODEL_TYPES)) and module.rsplit(".", 1)[-1] in _CONV1D_NAMES
+
+
+_TIED_BY_DEFAULT = ("gpt2", "openai-gpt", "imagegpt")
+TIED_HEAD = "lm_head"
+"""The module name transformers gives a causal LM's output head (absent from checkpoints that tie it)."""
+
+
+def ties_head(config: Any) -> bool:
+    """Whether a model with this ``config.json`` (a dict) ties its output head to the input embeddings
+    (``tie_word_embeddings``, whose transformers default is true for GPT-2).
+
+    References: Hugging Face transformers ``PretrainedConfig.tie_word_embeddings``.
+    """
+    if not isinstance(config, dict):
+        return False
+    default = str(config.get("model_type", "")).lower() in _TIED_BY_DEFAULT
+    return bool(config.get("tie_word_embeddings", default))
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
@@ -177,9 +212,14 @@ class LoraReader:
         missing: list[str] = []
         bad_shapes: list[str] = []
 
+        # a tied head (absent from the checkpoint: it is the input embedding) saved or adapted next to the
+        # embedding, as PEFT and jmerge's extraction write it for tied models: the embedding's entry covers it
+        tied_skip = ties_head(self.config) and any(re.search(r"(^|\.)(embed_tokens|wte|word_embeddings)$", m)
+                                                   for m in list(modules) + [k.rsplit(".", 1)[0] for k in full])
+
         def target(name: str) -> Optional[str]:
             t = self._locate(name)
-            if t is None:
+            if t is None and not (tied_skip and name.rsplit(".", 1)[0] == TIED_HEAD):
                 missing.append(name)
             return t
 
@@ -231,12 +271,14 @@ class LoraReader:
             transpose = False
             if not emb:
                 fits, fits_t = want == delta, want == delta[::-1]
-                transpose = fan_in_fan_out if (fits and fits_t) else (fits_t and not fits)
+                # PEFT decides per layer: a Conv1D layer is (in, out) whatever the config says
+                fifo = True if is_conv1d(self.config, w.rsplit(".", 1)[0]) else fan_in_fan_out
+                transpose = fifo if (fits and fits_t) else (fits_t and not fits)
                 ok = fits or fits_t
             else:
                 ok = want == delta
             if not ok:
-                bad_shapes.append(f"{w}: model {want}, adapter delta {delta}")
+                bad_shapes.append(f"{w}: model {want}, adapter delta {delta} (from {parts[b_key]} @ {parts[a_key]})")
                 continue
             t = targets.setdefault(w, _Target())
             t.a, t.b, t.embedding, t.transpose, t.scale = parts[a_key], parts[b_key], emb, transpose, scale
@@ -266,7 +308,8 @@ class LoraReader:
                                  + (f", ... {len(missing) - 3} more" if len(missing) > 3 else "") + ")")
             parts_msg += problems[:3]
             raise CheckpointFormatError(
-                f"LoRA adapter '{self.label}' does not fit model '{self.base.path}'"
+                f"LoRA adapter '{self.label}' ({os.path.join(self.adapter_dir, ADAPTER_WEIGHTS)}) does not fit "
+                f"model '{self.base.path}'"
                 + (f" (the adapter was trained on '{trained}')" if trained else "")
                 + ": " + "; ".join(parts_msg) + "; use the adapter with the base model it was trained for")
         return targets

@@ -5,7 +5,8 @@ is computed, so the safetensors layout is known up front and :class:`~jmerge.io.
 tensor by tensor into a temporary directory that is renamed into place only when complete. Tensor names
 follow PEFT's saved format (prefix ``base_model.model.``, adapter name dropped):
 
-* ``lora``: ``<module>.lora_A.weight`` ``(r, in)`` and ``<module>.lora_B.weight`` ``(out, r)``;
+* ``lora``: ``<module>.lora_A.weight`` ``(r, in)`` and ``<module>.lora_B.weight`` ``(out, r)`` (a GPT-2
+  ``Conv1D`` weight is stored ``(in, out)``: ``fan_in_fan_out`` entries read its shape that way round);
 * ``embedding``: ``<module>.lora_embedding_A`` ``(r, vocab)`` and ``<module>.lora_embedding_B`` ``(dim, r)``;
 * ``bias``: ``<module>.lora_B.bias`` (the bias update of a LoRA module; ``lora_bias: true``);
 * ``full``: ``<module>.weight`` / ``.bias`` saved whole (``modules_to_save``).
@@ -46,6 +47,7 @@ class AdapterEntry:
       shape: the model tensor's shape.
       dtype: the dtype the adapter stores it in.
       rank: the LoRA rank (``lora``/``embedding``), else 0.
+      fan_in_fan_out: the model stores the weight ``(in, out)`` (GPT-2 ``Conv1D``; PEFT's ``fan_in_fan_out``).
 
     References: Hugging Face PEFT's saved LoRA format.
     """
@@ -55,6 +57,7 @@ class AdapterEntry:
     shape: tuple[int, ...]
     dtype: Any
     rank: int = 0
+    fan_in_fan_out: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -69,7 +72,8 @@ class AdapterEntry:
         """``[(adapter tensor name, shape)]`` this entry writes, in order."""
         m, s, r = PREFIX + self.module, tuple(self.shape), self.rank
         if self.kind == "lora":
-            return [(f"{m}.lora_A.weight", (r, s[1])), (f"{m}.lora_B.weight", (s[0], r))]
+            out, fan_in = (s[1], s[0]) if self.fan_in_fan_out else (s[0], s[1])
+            return [(f"{m}.lora_A.weight", (r, fan_in)), (f"{m}.lora_B.weight", (out, r))]
         if self.kind == "embedding":
             return [(f"{m}.lora_embedding_A", (r, s[0])), (f"{m}.lora_embedding_B", (s[1], r))]
         if self.kind == "bias":
@@ -93,14 +97,17 @@ def _names(selected: Iterable[str], every: Iterable[str], *, dot: bool) -> list[
 
 
 def adapter_config(entries: Sequence[AdapterEntry], *, base_model: str, modules: Iterable[str],
-                   fan_in_fan_out: bool = False, extra: Optional[dict] = None) -> dict:
+                   fan_in_fan_out: bool = False, tied_embeddings: bool = False, extra: Optional[dict] = None) -> dict:
     """The ``adapter_config.json`` of an adapter holding ``entries`` (``lora_alpha = r``: scale 1).
 
     Args:
       entries: the planned entries.
       base_model: ``base_model_name_or_path``.
       modules: every module name of the model (so short target names never select a module left out).
-      fan_in_fan_out: the weights are stored ``(in, out)`` (GPT-2 ``Conv1D``).
+      fan_in_fan_out: the weights are stored ``(in, out)`` (GPT-2 ``Conv1D``); also set when any entry is
+        ``fan_in_fan_out`` (PEFT decides per layer by its type: ``Conv1D`` layers are read ``(in, out)``).
+      tied_embeddings: the model ties its output head to the input embeddings and the adapter saves both
+        whole (``modules_to_save``): ``ensure_weight_tying: true``, so PEFT keeps them one tensor.
       extra: more keys to set.
 
     References: Hugging Face PEFT ``LoraConfig``; mergekit-extract-lora's ``make_config_dict``.
@@ -123,12 +130,14 @@ def adapter_config(entries: Sequence[AdapterEntry], *, base_model: str, modules:
         "lora_dropout": 0.0,
         "bias": "none",
         "lora_bias": any(e.kind == "bias" for e in entries),
-        "fan_in_fan_out": bool(fan_in_fan_out),
+        "fan_in_fan_out": bool(fan_in_fan_out) or any(e.fan_in_fan_out for e in entries),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    if tied_embeddings:
+        cfg["ensure_weight_tying"] = True
     cfg.update(extra or {})
     return cfg
 

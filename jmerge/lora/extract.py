@@ -10,6 +10,17 @@ Per tensor of the fine-tune (mergekit-extract-lora's rules, decided from names a
   whose first axis is the vocabulary) are saved whole (``modules_to_save``), as mergekit does by default;
   with ``embed_lora=True`` (mergekit's ``--embed-lora``) embeddings get ``lora_embedding_A/B`` (the update
   transposed) and the head a linear LoRA; a vocabulary that differs from the base's forces ``modules_to_save``;
+* GPT-2's ``Conv1D`` weights (``c_attn``, ``c_proj``, ``c_fc``) are stored ``(in, out)``: the update is
+  transposed before factorising and the config says ``fan_in_fan_out: true``, as PEFT reads such layers;
+* when the model ties its head to the embeddings (``tie_word_embeddings``; the checkpoint has no ``lm_head``)
+  and the adapter saves the input embedding whole, ``lm_head.weight`` is saved too (a copy of the fine-tune's
+  embedding, in ``modules_to_save``), as mergekit-extract-lora does: PEFT replaces modules one by one and would
+  otherwise keep the base's head. ``embed_lora`` is turned off (with a warning) for such models: PEFT 0.21
+  applies a LoRA of tied embeddings twice in ``merge_and_unload`` (without a head LoRA its forward misses it). For
+  ``embed_tokens`` the config also sets PEFT's ``ensure_weight_tying: true`` so that the two stay one tensor
+  after ``merge_and_unload`` (tested with PEFT 0.21; PEFT ties only modules it names ``embed_tokens``).
+  jmerge's ``model+lora`` ignores such a head (the checkpoint's embedding is the head). mergekit-extract-lora
+  saves GPT-2's ``Conv1D`` layers whole; jmerge extracts them as LoRA;
 * a linear module with a bias, when other LoRA modules have none (Qwen2's q/k/v), is saved whole: PEFT's
   ``lora_bias`` covers every LoRA module and ``merge_and_unload`` fails on those without a bias;
 * everything else (norms, 3-D tensors, biases of saved modules) is saved whole (``modules_to_save``), or
@@ -34,6 +45,7 @@ import numpy as np
 
 from ..core.errors import MergeInputError
 from ..io import open_model
+from ..io.lora import TIED_HEAD, is_conv1d, ties_head
 from .adapter import AdapterEntry, adapter_config, write_adapter
 from .factor import Rank, low_rank_factors, resolve_rank
 
@@ -106,7 +118,8 @@ def plan_extraction(base: Any, ft: Any, rank: Rank, *, embed_lora: bool = False,
             + (f"; only in the fine-tune: {', '.join(only_f[:3])}" + (" ..." if len(only_f) > 3 else "") if only_f else "")
             + (f"; only in the base: {', '.join(only_b[:3])}" + (" ..." if len(only_b) > 3 else "") if only_b else "")
             + "; extract a LoRA between two checkpoints of the same architecture")
-    vocab = (ft.config or {}).get("vocab_size") if isinstance(getattr(ft, "config", None), dict) else None
+    cfg = ft.config if isinstance(getattr(ft, "config", None), dict) else {}
+    vocab = cfg.get("vocab_size")
     names = list(ft.keys())
     shapes = {n: tuple(ft.shape(n)) for n in names}
 
@@ -117,8 +130,10 @@ def plan_extraction(base: Any, ft: Any, rank: Rank, *, embed_lora: bool = False,
         return bool(_EMBED.search(mod))
 
     def head(mod: str, n: str) -> bool:
+        # a head is top-level (a layer's (vocab, hidden) MLP weight is not one) and not a Conv1D (in, out) weight
         return not embedding(mod) and (bool(_HEAD.search(mod)) or (vocab is not None and shapes[n][0] == vocab
-                                                                    and linear(n)))
+                                                                    and linear(n) and not is_conv1d(cfg, mod)
+                                                                    and not re.search(r"\.\d+\.", n)))
 
     def wanted(mod: str) -> bool:
         if include and not any(re.search(p, mod) for p in include):
@@ -149,7 +164,9 @@ def plan_extraction(base: Any, ft: Any, rank: Rank, *, embed_lora: bool = False,
             continue
         if linear(n):
             if wanted(mod):
-                entries.append(AdapterEntry(n, "lora", shape, out_dt, resolve_rank(rank, shape, n, clamp=clamp_rank)))
+                conv = is_conv1d(cfg, mod)  # GPT-2 Conv1D: the weight is (in, out), the rank check is the same
+                entries.append(AdapterEntry(n, "lora", shape, out_dt, resolve_rank(rank, shape, n, clamp=clamp_rank),
+                                            fan_in_fan_out=conv))
                 lora_modules.add(mod)
             continue
         if n.endswith(".bias") and f"{mod}.weight" in shapes and linear(f"{mod}.weight"):
@@ -215,37 +232,63 @@ def extract_lora(base: Any, finetuned: Any, out_dir: str | os.PathLike, *, rank:
         _close(b if own_b else None)
         raise
     try:
+        if embed_lora and ties_head(f.config) and not any(n.rsplit(".", 1)[0].endswith(TIED_HEAD) for n in f.keys()):
+            warnings.warn(f"'{f.path}' ties its output head to the embeddings: the embeddings are saved whole "
+                          "(modules_to_save) instead of embed_lora, since PEFT's merge_and_unload applies a LoRA of "
+                          "tied embeddings twice", UserWarning, stacklevel=2)
+            embed_lora = False
         entries = plan_extraction(b, f, rank, embed_lora=embed_lora, skip_undecomposable=skip_undecomposable,
                                   clamp_rank=clamp_rank, include=include, exclude=exclude, dtype=dtype)
         residual: dict[str, float] = {}
         norm: dict[str, float] = {}
 
         def compute(e: AdapterEntry) -> list[np.ndarray]:
-            w = f.get(e.name)
+            src = head_src if head is not None and e.name == head.name else e.name
+            w = f.get(src)
             if e.kind == "full":
                 return [w]
-            d = w.astype(np.float32) - b.get(e.name).astype(np.float32)
+            d = w.astype(np.float32) - b.get(src).astype(np.float32)
             if e.kind == "bias":
                 return [d]
-            if e.kind == "embedding":
-                d = d.T  # PEFT's embedding LoRA: (B @ A).T is the update of the (vocab, dim) table
+            if e.kind == "embedding" or e.fan_in_fan_out:
+                d = d.T  # PEFT's embedding LoRA and Conv1D (in, out) weights: (B @ A).T is the update
             a, bb, dropped = low_rank_factors(d, e.rank)
             residual[e.name] = float(np.sqrt(dropped))
             norm[e.name] = float(np.linalg.norm(d))
             return [a, bb]
 
-        if (f.config or {}).get("tie_word_embeddings") and any(e.kind == "full" and _EMBED.search(e.module)
-                                                               for e in entries):
-            warnings.warn(f"'{f.path}' ties its output head to the embeddings: PEFT applies an embedding saved in "
-                          "modules_to_save to the input side only (the head keeps the base's); jmerge's "
-                          "'model+lora' reads it as one tensor", UserWarning, stacklevel=2)
-        modules = {n.rsplit(".", 1)[0] for n in f.keys()}
-        cfg = adapter_config(entries, base_model=base_name or str(getattr(b, "path", base)), modules=modules)
+        head, head_src = _tied_head(f, entries)
+        if head is not None:
+            entries = entries + [head]
+        # PEFT's ensure_weight_tying: for modules_to_save, and only for modules named embed_tokens
+        tied = head is not None and head.kind == "full" and head_src.rsplit(".", 2)[-2] == "embed_tokens"
+        modules = {n.rsplit(".", 1)[0] for n in f.keys()} | {TIED_HEAD}
+        cfg = adapter_config(entries, base_model=base_name or str(getattr(b, "path", base)), modules=modules,
+                             tied_embeddings=tied)
         out = write_adapter(out_dir, entries, compute, cfg, overwrite=overwrite,
                             readme=_card(str(getattr(b, "path", base)), str(getattr(f, "path", finetuned)), cfg))
         return ExtractResult(out, entries, residual, norm)
     finally:
         _close(b if own_b else None, f if own_f else None)
+
+
+def _tied_head(f: Any, entries: list[AdapterEntry]) -> tuple[Optional[AdapterEntry], Optional[str]]:
+    """The entry for a tied output head (``lm_head``: not in the checkpoint, it is the input embedding) when the
+    adapter saves or adapts the input embedding, and that embedding's tensor name; else ``(None, None)``.
+
+    PEFT replaces or adapts modules one by one: a head tied to an embedding saved in ``modules_to_save`` would keep
+    the base's weights, so the head gets the same full tensor."""
+    if not ties_head(f.config) or any(n.rsplit(".", 1)[0].endswith(TIED_HEAD) for n in f.keys()):
+        return None, None
+    vocab = (f.config or {}).get("vocab_size")
+    emb = [e for e in entries if e.kind in ("full", "embedding") and re.search(r"(^|\.)(embed_tokens|wte|word_embeddings)$", e.module)
+           and len(e.shape) == 2 and (vocab is None or e.shape[0] == vocab)]
+    if len(emb) != 1:
+        return None, None
+    e = emb[0]
+    if e.kind != "full":
+        return None, None
+    return AdapterEntry(f"{TIED_HEAD}.weight", "full", e.shape, e.dtype), e.name
 
 
 def _card(base: str, ft: str, cfg: dict) -> str:
