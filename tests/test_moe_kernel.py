@@ -204,3 +204,126 @@ def test_cast_weights_option(impl):
     x32, lg32, wg32, wu32, wd32 = make(37, 16, 40, 6, seed=7)
     np.testing.assert_array_equal(moe_dispatch(x32, lg32, wg32, wu32, wd32, 2, cast_weights=False, **kw),
                                   moe_dispatch(x32, lg32, wg32, wu32, wd32, 2, **kw))
+
+
+# --- expert="linear": each expert (x @ w_up) @ w_down (a LoRA expert: down to the rank, then up), no gate ---
+
+def np_moe_linear(x, logits, a, b, k, normalize=True):
+    """Token by token: sum over its k experts of weight * (x A_e) B_e, in float64 (A (E, H, r), B (E, r, O))."""
+    x, a, b = (np.asarray(t, np.float64) for t in (x, a, b))
+    w, ids = np_route(logits, k, normalize)
+    out = np.zeros((x.shape[0], b.shape[2]))
+    for n in range(x.shape[0]):
+        for j in range(k):
+            e = ids[n, j]
+            out[n] += w[n, j] * (x[n] @ a[e]) @ b[e]
+    return out
+
+
+def make_linear(N, H, R, O, E, seed=0, dead=(), hog=None, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, H)).astype(np.float32)
+    logits = rng.normal(size=(N, E)).astype(np.float32) * 2
+    for e in dead:
+        logits[:, e] = -30.0
+    if hog is not None:
+        logits[: (3 * N) // 4, hog] += 8.0
+    a = (rng.normal(size=(E, H, R)) / np.sqrt(H)).astype(np.float32)
+    b = (rng.normal(size=(E, R, O)) / np.sqrt(R)).astype(np.float32)
+    return [jnp.asarray(t, dtype) for t in (x, logits, a, b)]
+
+
+# (tokens, hidden, rank, out, experts, top_k, dead experts, hogged expert, block_rows); out != hidden (LoRA)
+LINEAR_CASES = {
+    "top1": (29, 16, 4, 10, 4, 1, (), None, 8),
+    "top2": (37, 12, 3, 20, 6, 2, (), None, 8),
+    "top2_empty_experts": (33, 8, 2, 8, 6, 2, (0, 4), None, 8),
+    "top1_uneven_empty": (50, 16, 5, 6, 5, 1, (2,), 3, 16),
+    "top2_few_tokens_tile128": (3, 8, 1, 12, 8, 2, (), None, 128),
+}
+
+
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_float32_matches_numpy(case, normalize):
+    N, H, R, O, E, k, dead, hog, br = LINEAR_CASES[case]
+    x, lg, a, b = make_linear(N, H, R, O, E, seed=len(case), dead=dead, hog=hog)
+    if dead:  # the empty experts really get no rows
+        sizes = np.asarray(group_by_expert(top_k_routing(lg, k)[1], E).group_sizes)
+        assert all(sizes[e] == 0 for e in dead) and sizes.sum() == N * k
+    want = np_moe_linear(x, lg, a, b, k, normalize)
+    assert np.abs(want).max() > 0.1
+    for impl in IMPLS:
+        got, (w, ids) = moe_dispatch(x, lg, None, a, b, k, normalize=normalize, impl=impl, block_rows=br,
+                                     block_cols=8, interpret=True, expert="linear", return_routing=True)
+        assert got.dtype == jnp.float32 and got.shape == (N, O)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+        w_np, ids_np = np_route(lg, k, normalize)
+        np.testing.assert_array_equal(np.asarray(ids), ids_np)
+        np.testing.assert_allclose(np.asarray(w), w_np, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(moe_dense_reference(x, lg, None, a, b, k, normalize=normalize,
+                                                              expert="linear")), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["top1", "top2_empty_experts", "top1_uneven_empty"])
+@pytest.mark.parametrize("cast_weights", [True, False])
+def test_linear_bfloat16(case, cast_weights):
+    N, H, R, O, E, k, dead, hog, br = LINEAR_CASES[case]
+    x, lg, a, b = make_linear(N, H, R, O, E, seed=5, dead=dead, hog=hog, dtype=jnp.bfloat16)
+    want = np_moe_linear(*(np.asarray(t, np.float32) for t in (x, lg, a, b)), k)
+    scale = np.abs(want).max()
+    outs = {}
+    for impl in IMPLS:
+        got = moe_dispatch(x, lg, None, a, b, k, impl=impl, block_rows=br, block_cols=8, interpret=True,
+                           expert="linear", cast_weights=cast_weights)
+        assert got.dtype == jnp.bfloat16 and got.shape == (N, O)
+        outs[impl] = np.asarray(got, np.float32)
+        # bfloat16 rounding of the 2 matmul outputs, the routing weights and the result against float64 from
+        # the same bfloat16 inputs (measured on CPU, seeds 5-8: at most 5.7e-3 of the output scale)
+        np.testing.assert_allclose(outs[impl], want, rtol=0, atol=1e-2 * scale, err_msg=impl)
+    for impl in ("pallas", "dense"):  # the same intermediates are rounded on every path (bit-equal on CPU)
+        np.testing.assert_allclose(outs[impl], outs["ragged"], rtol=0, atol=4e-3 * scale, err_msg=impl)
+
+
+def test_linear_jit_and_grad():
+    x, lg, a, b = make_linear(24, 8, 3, 6, 4, seed=11)
+    auto = moe_dispatch(x, lg, None, a, b, 2, expert="linear")  # CPU: the ragged path
+    np.testing.assert_array_equal(np.asarray(auto),
+                                  np.asarray(moe_dispatch(x, lg, None, a, b, 2, impl="ragged", expert="linear")))
+    for impl in IMPLS:
+        f = jax.jit(lambda *t, impl=impl: moe_dispatch(t[0], t[1], None, t[2], t[3], 2, impl=impl, block_rows=8,
+                                                       interpret=True, expert="linear"))
+        np.testing.assert_allclose(np.asarray(f(x, lg, a, b)), np_moe_linear(x, lg, a, b, 2),
+                                   rtol=1e-5, atol=1e-5, err_msg=impl)
+
+    def loss(impl):
+        return lambda x, lg, a, b: jnp.sum(jnp.sin(moe_dispatch(x, lg, None, a, b, 2, impl=impl, expert="linear")))
+
+    g_r = jax.jit(jax.grad(loss("ragged"), argnums=(0, 1, 2, 3)))(x, lg, a, b)
+    g_d = jax.grad(loss("dense"), argnums=(0, 1, 2, 3))(x, lg, a, b)
+    for name, u, v in zip(["x", "logits", "w_up", "w_down"], g_r, g_d):
+        assert np.abs(np.asarray(v)).max() > 1e-3, name
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_linear_bad_inputs_and_default_unchanged():
+    x, lg, a, b = make_linear(6, 8, 3, 5, 4)
+    _, _, wg, wu, wd = make(6, 8, 12, 4)
+    with pytest.raises(ValueError, match="w_gate=None"):
+        moe_dispatch(x, lg, wg, a, b, 2, expert="linear")
+    with pytest.raises(ValueError, match="w_gate is None"):
+        moe_dispatch(x, lg, None, wu, wd, 2)
+    with pytest.raises(ValueError, match="expert must be one of"):
+        moe_dispatch(x, lg, None, a, b, 2, expert="gelu")
+    with pytest.raises(ValueError, match="w_down"):
+        moe_dispatch(x, lg, None, a, b[:, :2], 2, expert="linear")
+    with pytest.raises(ValueError, match="w_up"):
+        moe_dispatch(x, lg, None, a[:, :5], b, 2, expert="linear")
+    with pytest.raises(ValueError, match="router_logits"):
+        moe_dispatch(x, lg[:, :3], None, a, b, 2, expert="linear", impl="dense")
+    # return_routing on the default SwiGLU form returns the same output and top_k_routing's routing
+    y, (w, ids) = moe_dispatch(x, lg, wg, wu, wd, 2, return_routing=True)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(moe_dispatch(x, lg, wg, wu, wd, 2)))
+    w2, ids2 = top_k_routing(lg, 2)
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(w2))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids2))

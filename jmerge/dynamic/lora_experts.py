@@ -3,11 +3,11 @@
 Each adapted linear layer computes ``base(x) + sum_{e in top_k(x)} w_e(x) * s_e * B_e A_e x``, with
 ``w = softmax(x W_r + b_r)`` restricted to the ``top_k`` experts (renormalised when ``normalize``; with
 ``top_k=1`` renormalising makes every weight 1 and gives the router no gradient, so the default is
-``normalize = top_k > 1``). The expert part runs through the MoE dispatch kernel's pieces
-(:func:`jmerge.kernels.top_k_routing`, :func:`~jmerge.kernels.group_by_expert`, then two grouped matmuls,
-``x A_e`` and ``(x A_e) s_e B_e``, as ``jax.lax.ragged_dot`` on CPU or :func:`~jmerge.kernels.grouped_matmul`
-(Pallas) on GPU/TPU), so each token pays for its ``top_k`` experts only. Experts of different ranks are
-zero-padded to the largest rank (exact: the padded rows and columns add nothing).
+``normalize = top_k > 1``). The expert part is the MoE dispatch kernel with linear experts
+(:func:`jmerge.kernels.moe_dispatch` with ``expert="linear"``: top-k routing, tokens grouped by expert, two
+grouped matmuls ``x A_e`` and ``(x A_e) s_e B_e`` as ``jax.lax.ragged_dot`` on CPU or the Pallas grouped matmul
+on GPU/TPU, weighted combine), so each token pays for its ``top_k`` experts only. Experts of different ranks
+are zero-padded to the largest rank (exact: the padded rows and columns add nothing).
 
 Experts come from PEFT adapters (``adapter_config.json`` + ``adapter_model.safetensors``; :func:`read_peft_expert`)
 or Flax LoRA factor pytrees (``{"lora_a": (in, r), "lora_b": (r, out)}`` nodes as ``flax.nnx.LoRA`` stores
@@ -37,7 +37,7 @@ from ..core.errors import MergeInputError
 from ..io.errors import CheckpointNotFoundError
 from ..io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 from ..io.safetensors import CheckpointReader
-from ..kernels.moe import group_by_expert, grouped_matmul, top_k_routing
+from ..kernels.moe import moe_dispatch
 
 __all__ = ["LoraFactors", "LoraExpert", "LoraMoE", "read_peft_expert", "lora_expert_from_flax", "build_lora_moe",
            "lora_moe_delta", "lora_moe_apply", "train_lora_router", "with_forced_expert"]
@@ -303,29 +303,18 @@ def build_lora_moe(base: Any, experts: Sequence[LoraExpert], *, top_k: int = 1, 
     return spec, {"experts": experts_state, "routers": routers}
 
 
-def _pad_groups(sizes: jax.Array, rows: int, tm: int):
-    """Where each expert-sorted row goes when every expert's group is padded to whole ``tm``-row tiles."""
-    E = sizes.shape[0]
-    tiles = (sizes + tm - 1) // tm
-    tile_starts = (jnp.cumsum(tiles) - tiles) * tm
-    starts = jnp.cumsum(sizes) - sizes
-    eid = jnp.repeat(jnp.arange(E, dtype=jnp.int32), sizes, total_repeat_length=rows)
-    dest = tile_starts[eid] + jnp.arange(rows, dtype=jnp.int32) - starts[eid]
-    total = -(-(rows + E * (tm - 1)) // tm) * tm
-    return dest, tile_starts.astype(jnp.int32), tiles.astype(jnp.int32), total
-
-
 def lora_moe_delta(x: jax.Array, router_logits: jax.Array, A: jax.Array, B: jax.Array, scale: jax.Array, *,
                    top_k: int = 1, normalize: bool = False, impl: str = "auto", block_rows: int = 128,
                    interpret: Optional[bool] = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """The routed LoRA part ``sum_{e in top_k} w_e * scale_e * (x A_e) B_e`` of ``(tokens, in)`` inputs.
 
-    Routing by :func:`jmerge.kernels.top_k_routing` (float32 softmax, top-k, optional renormalisation);
-    rows grouped by expert (:func:`jmerge.kernels.group_by_expert`); ``x A_e`` then ``(.) scale_e B_e`` as grouped
-    matmuls (``impl="ragged"``: ``jax.lax.ragged_dot``; ``"pallas"``: :func:`jmerge.kernels.grouped_matmul`
-    over tile-padded groups, forward only; ``"dense"``: every expert on every token, one-hot combine);
-    outputs scattered back and summed with the routing weights in float32. ``ragged`` and ``dense`` are
-    differentiable in ``router_logits``, ``A``, ``B`` and ``x``.
+    :func:`jmerge.kernels.moe_dispatch` with ``expert="linear"``, ``w_up = A``, ``w_down = scale * B`` (rounded
+    to ``x.dtype``) and float32 routing weights in the combine (``cast_weights=False``): float32 softmax, top-k,
+    optional renormalisation; rows grouped by expert; ``x A_e`` then ``(.) scale_e B_e`` as grouped matmuls
+    (``impl="ragged"``: ``jax.lax.ragged_dot``; ``"pallas"``: the Pallas grouped matmul over tile-padded
+    groups, forward only; ``"dense"``: every expert on every token, one-hot combine); outputs summed with the
+    routing weights in float32. ``ragged`` and ``dense`` are differentiable in ``router_logits``, ``A``, ``B``
+    and ``x``.
 
     Args:
       x: ``(tokens, in)``.
@@ -342,36 +331,11 @@ def lora_moe_delta(x: jax.Array, router_logits: jax.Array, A: jax.Array, B: jax.
     """
     if impl not in _IMPLS:
         raise MergeInputError(f"impl must be one of {', '.join(_IMPLS)}, got {impl!r}")
-    if impl == "auto":
-        impl = "ragged" if jax.default_backend() == "cpu" else "pallas"
     x = jnp.asarray(x)
-    N = x.shape[0]
-    E = A.shape[0]
-    Bs = (B.astype(jnp.float32) * scale.astype(jnp.float32)[:, None, None]).astype(x.dtype)
-    As = A.astype(x.dtype)
-    weights, ids = top_k_routing(router_logits, top_k, normalize=normalize)
-    if impl == "dense":
-        comb = jnp.einsum("nk,nke->ne", weights, jax.nn.one_hot(ids, E, dtype=jnp.float32))
-        h = jnp.einsum("ni,eir->enr", x, As, preferred_element_type=jnp.float32).astype(x.dtype)
-        y = jnp.einsum("enr,ero->eno", h, Bs, preferred_element_type=jnp.float32)
-        return jnp.einsum("ne,eno->no", comb, y).astype(x.dtype), (weights, ids)
-    groups = group_by_expert(ids, E)
-    xs = x[groups.token_index]
-    if impl == "ragged":
-        def mm(a, w):
-            return jax.lax.ragged_dot(a, w, groups.group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
-        ys = mm(mm(xs, As), Bs)
-    else:
-        tm = int(block_rows)
-        dest, starts, tiles, total = _pad_groups(groups.group_sizes, xs.shape[0], tm)
-        xp = jnp.zeros((total, xs.shape[1]), x.dtype).at[dest].set(xs, unique_indices=True)
-
-        def gmm(a, w):
-            return grouped_matmul(a, w, starts, tiles, block_rows=tm, interpret=interpret)
-        ys = gmm(gmm(xp, As), Bs)[dest]
-    k = weights.shape[1]
-    y = jnp.zeros_like(ys).at[groups.order].set(ys, unique_indices=True).reshape(N, k, -1)
-    return jnp.einsum("nko,nk->no", y.astype(jnp.float32), weights).astype(x.dtype), (weights, ids)
+    Bs = (jnp.asarray(B, jnp.float32) * jnp.asarray(scale, jnp.float32)[:, None, None]).astype(x.dtype)
+    return moe_dispatch(x, router_logits, None, jnp.asarray(A).astype(x.dtype), Bs, top_k, normalize=normalize,
+                        impl=impl, block_rows=block_rows, interpret=interpret, cast_weights=False, expert="linear",
+                        return_routing=True)
 
 
 def lora_moe_apply(apply_fn: Callable[..., Any], spec: LoraMoE, state: Mapping[str, Any], params: Any, x: Any,

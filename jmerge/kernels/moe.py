@@ -13,6 +13,10 @@ Expert weights use the ``x @ W`` layout: ``w_gate``, ``w_up`` are ``(E, hidden, 
 computes ``(silu(x @ w_gate) * (x @ w_up)) @ w_down``; matmuls accumulate in float32 and round their result
 to ``x.dtype`` (as a bfloat16 PyTorch linear does); routing is computed in float32.
 
+``expert="linear"`` gives every expert the gate-less two-matmul form ``(x @ w_up) @ w_down`` (``w_gate=None``;
+``w_down`` may map to any output width): a LoRA expert ``x A_e^T B_e^T`` with ``w_up[e] = A_e^T``,
+``w_down[e] = B_e^T`` (down to the rank, then up), with the same routing, grouping, grouped matmuls and combine.
+
 References: Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
 Layer" (ICLR 2017); Fedus et al., "Switch Transformers" (JMLR 2022); Jiang et al., "Mixtral of Experts"
 (2024); Gale et al., "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts" (MLSys 2023).
@@ -32,6 +36,7 @@ __all__ = ["MoEGroups", "group_by_expert", "grouped_matmul", "moe_dense_referenc
            "top_k_routing"]
 
 _IMPLS = ("auto", "ragged", "pallas", "dense")
+_EXPERTS = ("swiglu", "linear")
 # a squeezed block dimension (the expert axis): pl.squeezed in current JAX, None in older releases
 _SQUEEZED = getattr(pl, "squeezed", None)
 
@@ -124,6 +129,37 @@ def _check(x, router_logits, w_gate, w_up, w_down):
         raise ValueError(f"router_logits {router_logits.shape} must be (tokens, experts) = {(N, E)}.")
 
 
+def _check_linear(x, router_logits, w_gate, w_up, w_down):
+    if x.ndim != 2:
+        raise ValueError(f"x must be (tokens, hidden), got shape {x.shape}; flatten batch and sequence first.")
+    N, H = x.shape
+    if w_gate is not None:
+        raise ValueError("expert='linear' has no gate: pass w_gate=None (each expert is (x @ w_up) @ w_down).")
+    if w_up.ndim != 3 or w_up.shape[1] != H:
+        raise ValueError(f"w_up {w_up.shape} must be (experts, {H}, rank) for expert='linear'.")
+    E, _, F = w_up.shape
+    if w_down.ndim != 3 or w_down.shape[:2] != (E, F):
+        raise ValueError(f"w_down {w_down.shape} must be (experts, rank, out) = ({E}, {F}, out) for expert='linear'.")
+    if router_logits.shape != (N, E):
+        raise ValueError(f"router_logits {router_logits.shape} must be (tokens, experts) = {(N, E)}.")
+
+
+def _prepare(x, router_logits, w_gate, w_up, w_down, expert):
+    """Arrays, checked for the expert form; ``w_gate`` stays None for ``expert="linear"``."""
+    if expert not in _EXPERTS:
+        raise ValueError(f"expert must be one of {', '.join(_EXPERTS)}; got {expert!r}.")
+    x, router_logits = jnp.asarray(x), jnp.asarray(router_logits)
+    if expert == "linear":
+        w_up, w_down = jnp.asarray(w_up), jnp.asarray(w_down)
+        _check_linear(x, router_logits, w_gate, w_up, w_down)
+        return x, router_logits, None, w_up, w_down
+    if w_gate is None:
+        raise ValueError("w_gate is None: the SwiGLU expert needs a gate; use expert='linear' for (x @ w_up) @ w_down.")
+    w_gate, w_up, w_down = (jnp.asarray(w) for w in (w_gate, w_up, w_down))
+    _check(x, router_logits, w_gate, w_up, w_down)
+    return x, router_logits, w_gate, w_up, w_down
+
+
 def _gmm_kernel(starts_ref, tiles_ref, lhs_ref, rhs_ref, out_ref, *, tm: int):
     """Grid (column block j, expert e): rows of expert e's tiles times ``rhs[e][:, block j]``."""
     e = pl.program_id(1)
@@ -201,10 +237,13 @@ def _experts_ragged(xs, sizes, w_gate, w_up, w_down):
     def mm(a, w):
         return jax.lax.ragged_dot(a, w.astype(a.dtype), sizes, preferred_element_type=jnp.float32).astype(a.dtype)
 
+    if w_gate is None:  # expert="linear"
+        return mm(mm(xs, w_up), w_down)
     return mm(_swiglu(mm(xs, w_gate), mm(xs, w_up)), w_down)
 
 
 def _experts_pallas(xs, sizes, w_gate, w_up, w_down, *, block_rows, block_cols, interpret):
+    """Expert-sorted rows padded so that each expert's group is whole ``block_rows`` tiles, grouped matmuls."""
     R = xs.shape[0]
     E = sizes.shape[0]
     tm = int(block_rows)
@@ -217,14 +256,34 @@ def _experts_pallas(xs, sizes, w_gate, w_up, w_down, *, block_rows, block_cols, 
     xp = jnp.zeros((M, xs.shape[1]), xs.dtype).at[dest].set(xs, unique_indices=True)
     gmm = functools.partial(grouped_matmul, tile_starts=tile_starts, tile_counts=tiles, block_rows=tm,
                             block_cols=block_cols, interpret=interpret)
+    if w_gate is None:  # expert="linear"
+        return gmm(gmm(xp, w_up), w_down)[dest]
     h = _swiglu(gmm(xp, w_gate), gmm(xp, w_up))
     return gmm(h, w_down)[dest]
 
 
+def _dense(x, w_gate, w_up, w_down, weights, ids, cast_weights):
+    """Every expert on every token (weights already in ``x.dtype``), combined with one-hot routing weights."""
+    E = w_up.shape[0]
+    w = (weights.astype(x.dtype) if cast_weights else weights).astype(jnp.float32)
+    combine = jnp.einsum("nk,nke->ne", w, jax.nn.one_hot(ids, E, dtype=jnp.float32))
+
+    def mm(spec, a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    if w_gate is None:  # expert="linear"
+        h = mm("nh,ehf->enf", x, w_up)
+    else:
+        h = _swiglu(mm("nh,ehf->enf", x, w_gate), mm("nh,ehf->enf", x, w_up))
+    y = mm("enf,efh->enh", h, w_down)
+    return jnp.einsum("ne,enh->nh", combine, y.astype(jnp.float32)).astype(x.dtype)
+
+
 def moe_dense_reference(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[ArrayLike, "tokens experts"],
-                        w_gate: Float[ArrayLike, "experts hidden ffn"], w_up: Float[ArrayLike, "experts hidden ffn"],
-                        w_down: Float[ArrayLike, "experts ffn hidden"], top_k: int, *, normalize: bool = True,
-                        cast_weights: bool = True) -> Float[Array, "tokens hidden"]:
+                        w_gate: Float[ArrayLike, "experts hidden ffn"] | None,
+                        w_up: Float[ArrayLike, "experts hidden ffn"], w_down: Float[ArrayLike, "experts ffn out"],
+                        top_k: int, *, normalize: bool = True, cast_weights: bool = True,
+                        expert: str = "swiglu") -> Float[Array, "tokens out"]:
     """The MoE layer computed densely: every expert on every token, summed with one-hot routing weights.
 
     Same arguments, numerics and result as ``moe_dispatch``; ``experts / top_k`` times its FLOPs.
@@ -232,41 +291,36 @@ def moe_dense_reference(x: Float[ArrayLike, "tokens hidden"], router_logits: Flo
     References: Shazeer et al., "Outrageously Large Neural Networks" (ICLR 2017); Fedus et al.,
     "Switch Transformers" (JMLR 2022).
     """
-    x, router_logits = jnp.asarray(x), jnp.asarray(router_logits)
-    w_gate, w_up, w_down = (jnp.asarray(w).astype(x.dtype) for w in (w_gate, w_up, w_down))
-    _check(x, router_logits, w_gate, w_up, w_down)
-    E = w_gate.shape[0]
+    x, router_logits, w_gate, w_up, w_down = _prepare(x, router_logits, w_gate, w_up, w_down, expert)
+    w_gate, w_up, w_down = (None if w is None else w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     weights, ids = top_k_routing(router_logits, top_k, normalize=normalize)
-    w = (weights.astype(x.dtype) if cast_weights else weights).astype(jnp.float32)
-    combine = jnp.einsum("nk,nke->ne", w, jax.nn.one_hot(ids, E, dtype=jnp.float32))
-
-    def mm(spec, a, b):
-        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(x.dtype)
-
-    h = _swiglu(mm("nh,ehf->enf", x, w_gate), mm("nh,ehf->enf", x, w_up))
-    y = mm("enf,efh->enh", h, w_down)
-    return jnp.einsum("ne,enh->nh", combine, y.astype(jnp.float32)).astype(x.dtype)
+    return _dense(x, w_gate, w_up, w_down, weights, ids, cast_weights)
 
 
 def moe_dispatch(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[ArrayLike, "tokens experts"],
-                 w_gate: Float[ArrayLike, "experts hidden ffn"], w_up: Float[ArrayLike, "experts hidden ffn"],
-                 w_down: Float[ArrayLike, "experts ffn hidden"], top_k: int, *, normalize: bool = True,
+                 w_gate: Float[ArrayLike, "experts hidden ffn"] | None, w_up: Float[ArrayLike, "experts hidden ffn"],
+                 w_down: Float[ArrayLike, "experts ffn out"], top_k: int, *, normalize: bool = True,
                  impl: str = "auto", block_rows: int = 128, block_cols: int = 128,
-                 interpret: bool | None = None, cast_weights: bool = True) -> Float[Array, "tokens hidden"]:
-    """A sparse mixture-of-experts SwiGLU layer: route, group tokens by expert, grouped matmuls, combine.
+                 interpret: bool | None = None, cast_weights: bool = True, expert: str = "swiglu",
+                 return_routing: bool = False
+                 ) -> Float[Array, "tokens out"] | tuple[Float[Array, "tokens out"],
+                                                         tuple[Float[Array, "tokens k"], Int[Array, "tokens k"]]]:
+    """A sparse mixture-of-experts SwiGLU (or linear) layer: route, group tokens by expert, grouped matmuls, combine.
 
     Routing: ``softmax(router_logits)`` in float32, the ``top_k`` experts per token, renormalised to sum
     to 1 when ``normalize`` (Mixtral). The ``tokens*top_k`` assignments are sorted by expert
     (``group_by_expert``), each expert's rows go through ``(silu(x W_gate) * (x W_up)) W_down`` as a
-    grouped matmul, and the outputs are summed back per token with the routing weights. The ``ragged`` and
+    grouped matmul, and the outputs are summed back per token with the routing weights. With
+    ``expert="linear"`` each expert is ``(x W_up) W_down`` instead (no gate, no activation; e.g. a LoRA
+    expert: ``W_up = A^T`` down to the rank, ``W_down = B^T`` up to the output). The ``ragged`` and
     ``dense`` paths are differentiable (``jax.grad``); the Pallas path defines no VJP yet (inference).
 
     Args:
       x: ``(tokens, hidden)`` activations (float32 or bfloat16; the result has this dtype).
       router_logits: ``(tokens, experts)`` router logits.
-      w_gate: ``(experts, hidden, ffn)`` gate projections (``x @ w_gate[e]``).
-      w_up: ``(experts, hidden, ffn)`` up projections.
-      w_down: ``(experts, ffn, hidden)`` down projections.
+      w_gate: ``(experts, hidden, ffn)`` gate projections (``x @ w_gate[e]``); None for ``expert="linear"``.
+      w_up: ``(experts, hidden, ffn)`` up projections (``expert="linear"``: the first matmul, ffn = rank).
+      w_down: ``(experts, ffn, hidden)`` down projections (``expert="linear"``: ``(experts, ffn, out)``, any out).
       top_k: experts per token.
       normalize: renormalise the kept routing weights (Mixtral); False keeps softmax probabilities.
       impl: ``"auto"`` (``"ragged"`` on CPU, ``"pallas"`` on GPU/TPU), ``"ragged"`` (``jax.lax.ragged_dot``),
@@ -276,9 +330,13 @@ def moe_dispatch(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[Arra
       interpret: Pallas interpreter; default True on CPU.
       cast_weights: round the routing weights to ``x.dtype`` before the (float32) combine, as Qwen2-MoE
         does; False keeps them float32 (Mixtral in transformers 5). No effect for float32 ``x``.
+      expert: ``"swiglu"`` (``(silu(x W_gate) * (x W_up)) W_down``) or ``"linear"`` (``(x W_up) W_down``,
+        ``w_gate=None``); both round each matmul's float32 accumulation to ``x.dtype``.
+      return_routing: also return the routing ``(weights, expert_ids)`` of ``top_k_routing``.
 
     Returns:
-      ``(tokens, hidden)`` layer output.
+      ``(tokens, hidden)`` layer output (``(tokens, out)`` for ``expert="linear"``); with ``return_routing``,
+      ``(output, (weights, expert_ids))``.
 
     References: Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts
     Layer" (ICLR 2017); Fedus et al., "Switch Transformers" (JMLR 2022); Gale et al., "MegaBlocks" (MLSys 2023).
@@ -287,19 +345,19 @@ def moe_dispatch(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[Arra
         raise ValueError(f"impl must be one of {', '.join(_IMPLS)}; got {impl!r}.")
     if impl == "auto":
         impl = "ragged" if jax.default_backend() == "cpu" else "pallas"
-    if impl == "dense":
-        return moe_dense_reference(x, router_logits, w_gate, w_up, w_down, top_k, normalize=normalize,
-                                   cast_weights=cast_weights)
-    x, router_logits = jnp.asarray(x), jnp.asarray(router_logits)
-    w_gate, w_up, w_down = (jnp.asarray(w) for w in (w_gate, w_up, w_down))
-    _check(x, router_logits, w_gate, w_up, w_down)
+    x, router_logits, w_gate, w_up, w_down = _prepare(x, router_logits, w_gate, w_up, w_down, expert)
     weights, ids = top_k_routing(router_logits, top_k, normalize=normalize)
-    groups = group_by_expert(ids, w_gate.shape[0])
+    if impl == "dense":
+        out = _dense(x, *(None if w is None else w.astype(x.dtype) for w in (w_gate, w_up, w_down)), weights, ids,
+                     cast_weights)
+        return (out, (weights, ids)) if return_routing else out
+    groups = group_by_expert(ids, w_up.shape[0])
     xs = x[groups.token_index]
     if impl == "ragged":
         ys = _experts_ragged(xs, groups.group_sizes, w_gate, w_up, w_down)
     else:
-        ys = _experts_pallas(xs, groups.group_sizes, w_gate.astype(x.dtype), w_up.astype(x.dtype),
-                             w_down.astype(x.dtype), block_rows=block_rows, block_cols=block_cols,
-                             interpret=interpret)
-    return _combine(ys, groups, weights, x.shape[0], x.dtype, cast_weights)
+        ys = _experts_pallas(xs, groups.group_sizes, None if w_gate is None else w_gate.astype(x.dtype),
+                             w_up.astype(x.dtype), w_down.astype(x.dtype), block_rows=block_rows,
+                             block_cols=block_cols, interpret=interpret)
+    out = _combine(ys, groups, weights, x.shape[0], x.dtype, cast_weights)
+    return (out, (weights, ids)) if return_routing else out
