@@ -159,3 +159,94 @@ def test_an_aliasing_pool_is_caught(tiny_base, tiny_fts, tmp_path, monkeypatch):
     run_merge(parse_config(cfg), str(tmp_path / "bad"), quiet=True, window=4, read_threads=2)
     got = _read_all(tmp_path / "bad")
     assert any(not np.array_equal(got[k].view(np.uint8), want[k].view(np.uint8)) for k in want)
+
+
+# Sources built in pooled memory (issue 14): zeros, stacks and concatenations (MoE fused experts) fault no fresh
+# pages per tensor; the reference is NumPy's stack/concatenate of the tensors read whole.
+class _Writer:
+    """Checks each output against the reference when it is written (before its buffer can be reused)."""
+
+    def __init__(self, want):
+        self.want, self.got = want, {}
+
+    def write(self, name, a):
+        a = np.asarray(a)
+        assert a.dtype == self.want[name].dtype and a.shape == self.want[name].shape, name
+        np.testing.assert_array_equal(a.view(np.uint8), self.want[name].view(np.uint8), err_msg=name)
+        self.got[name] = a.copy()
+
+
+def _double(a):  # a mapped part: a fresh array of the input's dtype (as the MoE noise/scale function)
+    return (a.astype(np.float32) * np.float32(2)).astype(a.dtype)
+
+
+def _stack_jobs(tiny_base, tiny_fts):
+    from jmerge.pipeline.jobs import Computed, Concat, Copy, Mapped, Stack, Tensor, TensorJob, Zeros
+    paths = [tiny_base, *tiny_fts]
+    readers = [open_checkpoint(p) for p in paths]
+    arr = {(i, k): readers[i].get(k) for i in range(len(paths)) for k in readers[0].keys()}
+    bf16 = readers[0].dtype("model.layers.0.mlp.gate_proj.weight")
+    jobs, want = [], {}
+    for layer in (0, 1):
+        g, u, d = (f"model.layers.{layer}.mlp.{p}_proj.weight" for p in ("gate", "up", "down"))
+        gu = Stack(tuple(Concat((Tensor(i, g), Tensor(i, u)), 0) for i in range(4)))
+        want[f"{layer}.gate_up"] = np.stack([np.concatenate([arr[i, g], arr[i, u]]) for i in range(4)])
+        dn = Stack(tuple(Mapped(Tensor(i, d), _double) if i % 2 else Tensor(i, d) for i in range(4)))
+        want[f"{layer}.down"] = np.stack([_double(arr[i, d]) if i % 2 else arr[i, d] for i in range(4)])
+        jobs += [(f"{layer}.gate_up", gu), (f"{layer}.down", dn)]
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    jobs.append(("zeros", Zeros((3, 64, 64), bf16)))
+    want["zeros"] = np.zeros((3, 64, 64), bf16)
+    o = "model.layers.0.self_attn.o_proj.weight"
+    jobs.append(("cat1", Concat((Tensor(1, q), Zeros((64, 8), bf16), Tensor(2, o)), 1)))  # parts through a buffer
+    want["cat1"] = np.concatenate([arr[1, q], np.zeros((64, 8), bf16), arr[2, o]], 1)
+    c32 = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 7
+    jobs.append(("mixed", Stack((Tensor(3, q), Computed(lambda: c32, (64, 64), np.float32)))))  # promoted to float32
+    want["mixed"] = np.stack([arr[3, q], c32])
+    jobs.append(("cat_k", Concat((Tensor(0, k), Tensor(1, k), Mapped(Tensor(2, k), _double)), 0)))
+    want["cat_k"] = np.concatenate([arr[0, k], arr[1, k], _double(arr[2, k])])
+    tj = [TensorJob(n, want[n].shape, want[n].dtype, Copy(s), want[n].dtype) for n, s in jobs]
+    return readers, tj, want
+
+
+def test_stack_concat_zeros_are_built_in_the_pool_bit_for_bit(tiny_base, tiny_fts, monkeypatch):
+    from jmerge.pipeline.executor import MergeContext, run_jobs
+    from jmerge.pipeline.jobs import read_source
+    monkeypatch.setattr(executor, "_SMALL", 0)  # every buffer pooled, even the tiny model's
+    readers, jobs, want = _stack_jobs(tiny_base, tiny_fts)
+    try:
+        pool = Buffers(keep=1)
+        live = []
+        for j in jobs:  # every source built in one pooled range: the pool holds exactly its bytes
+            a, raw = read_source(j.op.source, readers, pool)
+            assert len(raw) == 1 and np.may_share_memory(a, raw[0]) and a.nbytes == raw[0].nbytes, j.out_name
+            np.testing.assert_array_equal(a.view(np.uint8), want[j.out_name].view(np.uint8), err_msg=j.out_name)
+            assert not any(np.may_share_memory(a, b) for b, _, _ in live)  # never two live tensors in one place
+            live.append((a, j.out_name, raw[0]))
+        assert pool.out_bytes == sum(-(-a.nbytes // 64) * 64 for a, _, _ in live)  # temporaries given back
+        for a, name, _ in live:  # still intact while all are live
+            np.testing.assert_array_equal(a.view(np.uint8), want[name].view(np.uint8), err_msg=name)
+        pool.put([b for _, _, b in live])
+        assert pool.out_bytes == 0
+        for window, threads in ((1, 1), (4, 2)):  # a pool of one chunk, kept after use, reused by every tensor
+            pool = Buffers(keep=1)
+            w = _Writer(want)
+            run_jobs(jobs, readers, w, MergeContext(program=None, hparams={}, views={}, seed=0), window=window,
+                     read_threads=threads, buffers=pool)
+            assert set(w.got) == set(want) and pool.out_bytes == 0 and pool.chunks == 1
+    finally:
+        for r in readers:
+            r.close()
+
+
+def test_an_aliasing_pool_is_caught_for_stacked_sources(tiny_base, tiny_fts):
+    from jmerge.pipeline.jobs import read_source
+    readers, jobs, want = _stack_jobs(tiny_base, tiny_fts)
+    try:
+        bad = _Aliasing()
+        first = read_source(jobs[0].op.source, readers, bad)[0]
+        read_source(jobs[1].op.source, readers, bad)
+        assert not np.array_equal(first.view(np.uint8), want[jobs[0].out_name].view(np.uint8))
+    finally:
+        for r in readers:
+            r.close()

@@ -340,7 +340,7 @@ def _stream(jobs, readers, bufs, ctx, pool, window: int, max_bytes: int, consume
     pending = collections.deque()
     it = iter(jobs)
     nxt = next(it, None)
-    size = lambda j: j.read_bytes(readers)
+    size = lambda j: j.pool_bytes(readers)  # reads, and zeros/stacks built in pooled buffers
     held = lambda: getattr(bufs, "out_bytes", 0) + sum(size(q) for q, _ in pending)
     while nxt is not None or pending:
         if nxt is not None and not pending and held() + size(nxt) > max_bytes and hasattr(bufs, "wait_out_bytes"):
@@ -423,7 +423,8 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
     tensors in flight and at most ``max_inflight_bytes`` of pooled input memory held (reads under way
     and merges not yet computed; a larger tensor runs alone). Reads go into ``buffers`` (default: a
     pool whose one chunk of ``max_inflight_bytes`` (or the merge's bytes, when fewer) is faulted in
-    once and reused; XLA reads it in place); the models of a merge whose models are checkpoint tensors
+    once and reused; XLA reads it in place), and so do zeros, stacks and concatenations (built in place,
+    see :func:`~jmerge.pipeline.jobs.read_source`; counted in the byte budget); the models of a merge whose models are checkpoint tensors
     of one shape and dtype are read into one ``(T, *shape)`` array (``LeafProgram(...,
     models_stacked=True)``: the task vectors are then computed inside the consumers' fusions instead
     of being materialized). Inputs are given back as soon as their merge is computed, before the
@@ -438,7 +439,7 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
     """
     progress = progress or Progress(sum(j.read_bytes(readers) for j in jobs), disable=True)
     if buffers is None:  # one chunk of the budget (or of the whole merge, when smaller) serves every read
-        total = sum(j.read_bytes(readers) for j in jobs)
+        total = sum(j.pool_bytes(readers) for j in jobs)
         buffers = Buffers(chunk_bytes=min(max_inflight_bytes, total))
     bufs = buffers
     stack = contextlib.ExitStack()
@@ -471,7 +472,7 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
                 progress.phase("compiling")
             out = _apply(job, arrays, ctx, stats, stacked)
             progress.phase("merging") if progress._phase != "merging" else None
-            futures.append((job.read_bytes(readers), wpool.submit(finish, job, out, raw)))
+            futures.append((job.pool_bytes(readers), wpool.submit(finish, job, out, raw)))
             # bound the merges in flight (JAX dispatches asynchronously) by count and by bytes
             while futures and (len(futures) > window or futures[0][1].done()
                                or sum(b for b, _ in futures) > max_inflight_bytes):

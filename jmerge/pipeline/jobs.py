@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -172,6 +172,10 @@ class TensorJob:
         """Bytes read from the checkpoints for this job."""
         return sum(source_nbytes(s, readers) for s in self.sources)
 
+    def pool_bytes(self, readers: Sequence[Any]) -> int:
+        """Bytes of pooled buffers the job's inputs take (reads, zeros, stacks; see :func:`read_source`)."""
+        return sum(_pool_nbytes(s, readers) for s in self.sources)
+
 
 def source_nbytes(s: Source, readers: Sequence[Any]) -> int:
     """Bytes a source reads from disk (zeros and computed values read nothing).
@@ -189,10 +193,25 @@ def source_nbytes(s: Source, readers: Sequence[Any]) -> int:
     return 0
 
 
+def _pool_nbytes(s: Source, readers: Sequence[Any]) -> int:
+    """Bytes of pooled buffers a source's array takes when read (what :func:`read_source` holds)."""
+    if isinstance(s, (Zeros, Stack, Concat)):
+        spec = _spec(s, readers)
+        if spec is not None:
+            return math.prod(spec[0]) * spec[1].itemsize
+    if isinstance(s, Computed):
+        return 0
+    return source_nbytes(s, readers)
+
+
 def read_source(s: Source, readers: Sequence[Any], buffers: Any) -> tuple[np.ndarray, list]:
     """The array of a source and the raw buffers it was read into (to give back to ``buffers``).
 
-    ``buffers.get(nbytes)`` returns a reusable uint8 buffer; tensors are read straight into it.
+    ``buffers.get(nbytes)`` returns a reusable uint8 buffer; tensors are read straight into it. Zeros,
+    stacks and concatenations are also built in one such buffer (their parts read or written straight
+    into their places in it; a mapped part's result written over its input), so only a mapped or computed
+    source's own function allocates fresh memory per tensor. Temporary buffers
+    (parts that cannot be read in place) go back with ``buffers.put`` as soon as they are copied.
 
     References: none (infrastructure).
     """
@@ -201,8 +220,18 @@ def read_source(s: Source, readers: Sequence[Any], buffers: Any) -> tuple[np.nda
         buf = buffers.get(r.nbytes(s.name))
         return r.get(s.name, out=buf), [buf]
     if isinstance(s, Zeros):
-        return np.zeros(s.shape, s.dtype), []
+        out, buf = _pooled(buffers, tuple(s.shape), np.dtype(s.dtype))
+        out.fill(0)
+        return out, [buf]
     if isinstance(s, (Stack, Concat)):
+        spec = _spec(s, readers)
+        if spec is not None:
+            out, buf = _pooled(buffers, *spec)
+            try:
+                _fill(s, out, readers, buffers)
+                return out, [buf]
+            except _DtypeChanged:  # a mapped part changed its dtype: promoted as np.stack would (fresh arrays)
+                _give(buffers, [buf])
         parts, raw = [], []
         for p in s.parts:
             a, r = read_source(p, readers, buffers)
@@ -223,6 +252,107 @@ def read_source(s: Source, readers: Sequence[Any], buffers: Any) -> tuple[np.nda
     if isinstance(s, Rows):
         return s.group.take(s.member, lambda src: read_source(src, readers, buffers))
     raise TypeError(f"unknown source {s!r}")
+
+
+class _DtypeChanged(Exception):
+    """A mapped source returned another dtype than its input's (its place in a stack was planned with it)."""
+
+
+def _give(buffers: Any, bufs: list) -> None:
+    put = getattr(buffers, "put", None)
+    if put is not None and bufs:
+        put(bufs)
+
+
+def _pooled(buffers: Any, shape: tuple, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """An array of ``shape`` and ``dtype`` on a buffer from ``buffers`` (contents undefined), and the buffer."""
+    buf = buffers.get(math.prod(shape) * dtype.itemsize)
+    return buf.view(dtype).reshape(shape), buf
+
+
+def _spec(s: Source, readers: Sequence[Any]) -> Optional[tuple[tuple, np.dtype]]:
+    """``(shape, dtype)`` of a source's array, known before reading (None: not known, or parts that do not fit;
+    a mapped source is planned with its input's dtype and checked when it runs)."""
+    if isinstance(s, Tensor):
+        r = readers[s.reader]
+        return tuple(int(d) for d in r.shape(s.name)), np.dtype(r.dtype(s.name))
+    if isinstance(s, (Zeros, Computed, Rows)):
+        return tuple(int(d) for d in s.shape), np.dtype(s.dtype)
+    if isinstance(s, Mapped):
+        return _spec(s.source, readers)
+    if isinstance(s, (Stack, Concat)):
+        specs = [_spec(p, readers) for p in s.parts]
+        if not specs or any(x is None for x in specs):
+            return None
+        shapes = [x[0] for x in specs]
+        dtype = np.result_type(*[x[1] for x in specs])
+        if isinstance(s, Stack):
+            return ((len(shapes),) + shapes[0], dtype) if all(x == shapes[0] for x in shapes) else None
+        nd = len(shapes[0])
+        if nd == 0 or not -nd <= s.axis < nd:
+            return None
+        ax = s.axis % nd
+        if any(len(x) != nd or x[:ax] + x[ax + 1:] != shapes[0][:ax] + shapes[0][ax + 1:] for x in shapes):
+            return None
+        return shapes[0][:ax] + (sum(x[ax] for x in shapes),) + shapes[0][ax + 1:], dtype
+    return None
+
+
+def _fill(s: Source, out: np.ndarray, readers: Sequence[Any], buffers: Any) -> None:
+    """Write source ``s`` into ``out`` (its planned shape; the dtype of its stack or concatenation, to which
+    each part is cast as NumPy's ``stack``/``concatenate`` would): tensors are read straight into place
+    when ``out`` is contiguous and of their dtype, otherwise through a temporary pooled buffer."""
+    if isinstance(s, Tensor):
+        r = readers[s.reader]
+        if out.flags.c_contiguous and out.dtype == np.dtype(r.dtype(s.name)) and out.nbytes == r.nbytes(s.name):
+            a = r.get(s.name, out=out)
+            if not np.may_share_memory(a, out):  # a reader that returned its own array
+                out[...] = a.reshape(out.shape)
+            return
+    elif isinstance(s, Zeros):
+        out.fill(0)
+        return
+    elif isinstance(s, Computed):
+        a = np.asarray(s.fn())
+        if tuple(a.shape) != tuple(s.shape):
+            raise ValueError(f"{s.description}: computed shape {a.shape}, planned {s.shape}")
+        out[...] = a.astype(s.dtype, copy=False)
+        return
+    elif isinstance(s, Mapped):
+        shape, dt = _spec(s.source, readers)
+        if out.dtype == dt:  # the input read in place, then the result written over it
+            tmp, raw = out, []
+        else:
+            tmp, buf = _pooled(buffers, shape, dt)
+            raw = [buf]
+        try:
+            _fill(s.source, tmp, readers, buffers)
+            y = np.asarray(s.fn(tmp))
+            if y.shape != tmp.shape:
+                raise ValueError(f"{s.description}: mapped shape {y.shape}, read {tmp.shape}")
+            if y.dtype != dt:
+                raise _DtypeChanged(s.description)
+            if y is not out:
+                out[...] = y
+        finally:
+            _give(buffers, raw)
+        return
+    elif isinstance(s, (Stack, Concat)):
+        if isinstance(s, Stack):
+            for t, p in enumerate(s.parts):
+                _fill(p, out[t], readers, buffers)
+            return
+        ax, o = s.axis % out.ndim, 0
+        for p in s.parts:
+            n = _spec(p, readers)[0][ax]
+            _fill(p, out[(slice(None),) * ax + (slice(o, o + n),)], readers, buffers)
+            o += n
+        return
+    a, raw = read_source(s, readers, buffers)  # anything else (rows; a tensor of another dtype or place)
+    try:
+        out[...] = a
+    finally:
+        _give(buffers, raw)
 
 
 def job_elements(job: TensorJob) -> int:
