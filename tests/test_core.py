@@ -157,3 +157,26 @@ def test_flax_nnx_state_merges():
     lb, l0, l1, lo = (jax.tree.leaves(t) for t in (base, ms[0], ms[1], out))
     for b, a0, a1, o in zip(lb, l0, l1, lo):
         np.testing.assert_allclose(o, b + 0.5 * ((a0 - b) + (a1 - b)), rtol=1e-6, atol=1e-6)
+
+
+_GROUPED_CALLS = []
+
+
+def _counted_mean(state, hp):
+    _GROUPED_CALLS.append(1)
+    return state.replace(merged=jnp.mean(state.tau, axis=0) * hp["weight"])
+
+
+def test_grouped_leaves_trace_the_merge_body_once():
+    """Inside a user's jit, leaves of one shape share one loop body whose Python runs once (its jaxpr gives the
+    output shapes and the body), and every leaf gets its own merge (NumPy: base + w * mean(tau))."""
+    method = jmerge.transform("counted_mean", _counted_mean, hparams={"weight": 1.0})
+    rng = np.random.default_rng(3)
+    base = {f"w{i}": jnp.asarray(rng.normal(size=(5, 7)), jnp.float32) for i in range(3)}
+    models = [jax.tree.map(lambda a: a + jnp.asarray(rng.normal(size=a.shape), jnp.float32), base) for _ in range(2)]
+    _GROUPED_CALLS.clear()
+    out = jax.jit(lambda w: jmerge.merge(method, base, models, hparams={"weight": w}, group_leaves=True))(0.5)
+    assert len(_GROUPED_CALLS) == 1
+    for k in base:
+        tau = np.stack([np.asarray(m[k]) - np.asarray(base[k]) for m in models])
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(base[k]) + 0.5 * tau.mean(0), rtol=1e-6, atol=1e-6)

@@ -314,3 +314,70 @@ def test_global_density_must_be_uniform():
     base, models = _tree(rng, False)
     with pytest.raises(jmerge.MergeInputError, match="differs between leaves"):
         jmerge.merge(_global_method(), base, models, hparams={"density": jmerge.Rules([("b", 0.5)], default=0.2)})
+
+
+def _uses(fn, *args, prim):
+    """Whether the jaxpr of ``fn(*args)`` (sub-jaxprs included) has primitive ``prim``."""
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == prim:
+                return True
+            for v in e.params.values():
+                for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns") and walk(inner):
+                        return True
+        return False
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("kind", ["int_ties", "zeros_mixed", "signed"])
+def test_whole_sort_and_counting_search_agree_around_the_cutoff(kind):
+    """The whole-sort path (rows up to ``whole_sort_limit``) and the counting search give bit-identical masks,
+    ties included (the first ``q`` tied entries in flat order), at lengths around the default and the sweep's
+    cut-offs, for 1-D and 2-D rows, magnitude or signed keys, and under a vmap over k (as a sweep runs them).
+    Each path is checked to be the one taken (a sort vs a while loop in the jaxpr) and against NumPy."""
+    rng = np.random.default_rng(abs(hash(kind)) % 2**32)
+    for shape in ((2047,), (2049,), (96, 192), (32769,)):
+        n = int(np.prod(shape))
+        if kind == "zeros_mixed":  # mostly exact zeros, positive and negative: ties at the boundary
+            x = np.where(rng.random((3,) + shape) < 0.6, 0.0, rng.normal(size=(3,) + shape)).astype(np.float32)
+            x = np.where(rng.random(x.shape) < 0.5, -x, x)
+        else:
+            x = make(kind, (3,) + shape, rng)
+        x = jnp.asarray(x)
+        magnitude = kind != "signed"
+        ks = jnp.asarray([[1, n // 3, n - 1], [n // 2, 7, int(0.9 * n)],
+                          [int(rng.integers(1, n))] * 3], jnp.int32)  # 3 settings x 3 rows
+
+        def run(limit):  # a new function per limit: JAX caches traces by function, and the limit is read when tracing
+            def masks(x, ks):
+                return jax.vmap(lambda k: S.topk_keep_rows(x, k, magnitude=magnitude)[1])(ks)
+            with S.whole_sort_limit(limit):
+                return _uses(masks, x, ks, prim="sort"), _uses(masks, x, ks, prim="while"), \
+                    np.asarray(jax.jit(masks)(x, ks))
+
+        sorts, loops, sort = run(1 << 30)
+        assert sorts and not loops
+        _, loops, count = run(0)
+        assert loops
+        np.testing.assert_array_equal(sort, count, err_msg=f"{kind} {shape}")
+        xr = np.abs(np.asarray(x)) if magnitude else np.asarray(x)
+        for s in range(ks.shape[0]):
+            ref = ref_rows(xr.reshape(3, -1), [int(v) for v in ks[s]]).reshape(x.shape)
+            np.testing.assert_array_equal(sort[s], ref, err_msg=f"{kind} {shape} setting {s}")
+
+
+def test_whole_sort_limit_default_and_scope():
+    """The default cut-off (2048) holds outside the block, the block's limit inside it, and a negative
+    limit is refused."""
+    x = jnp.ones((2, 4096), jnp.float32)
+    k = jnp.array([5, 9], jnp.int32)
+    f = lambda: lambda x: S.topk_mask_rows(x, k)  # a new function per trace (JAX caches traces by function)
+    assert _uses(f(), x, prim="while")  # the counting search (its sample sort aside)
+    with S.whole_sort_limit(4096):
+        assert _uses(f(), x, prim="sort") and not _uses(f(), x, prim="while")
+    assert _uses(f(), x, prim="while")
+    with pytest.raises(jmerge.MergeInputError, match="whole_sort_limit"):
+        with S.whole_sort_limit(-1):
+            pass

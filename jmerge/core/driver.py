@@ -413,14 +413,9 @@ def _run_grouped(program: LeafProgram, items: list, mode) -> dict:
     out = {}
     for its in groups.values():
         view = its[0][5]
-        inline = len(its) == 1
-        if not inline and mode == "auto":
+        if len(its) == 1:
             i, b, m, hp, key, _, st = its[0]
-            body = jax.make_jaxpr(lambda b, m, hp, key, st: program(b, m, hp, key, st, view, traced=True))
-            inline = count_eqns(body(b, m, hp, key, st).jaxpr) < GROUP_MIN_EQNS
-        if inline:
-            for i, b, m, hp, key, view, st in its:
-                out[i] = program(b, m, hp, key, st, view, traced=True)
+            out[i] = program(b, m, hp, key, st, view, traced=True)
             continue
         args = [(it[1], it[2], {k: jnp.asarray(v, jnp.float32) for k, v in it[3].items()}, it[4], it[6]) for it in its]
         branches = [lambda a=a: a for a in args]
@@ -429,11 +424,19 @@ def _run_grouped(program: LeafProgram, items: list, mode) -> dict:
             b, m, hp, key, st = lax.switch(j, branches)
             return program(b, m, hp, key, st, view, traced=True)
 
-        shapes = jax.eval_shape(one, 0)
+        # The body is traced once: its jaxpr gives the output shapes, the size test of mode="auto" and the
+        # loop body (re-binding a jaxpr's equations costs far less than tracing the merge's Python again).
+        closed, shapes = jax.make_jaxpr(one, return_shape=True)(np.int32(0))
+        if mode == "auto" and count_eqns(closed.jaxpr) < GROUP_MIN_EQNS:
+            for i, b, m, hp, key, view, st in its:
+                out[i] = program(b, m, hp, key, st, view, traced=True)
+            continue
         init = jax.tree.map(lambda s: jnp.zeros((len(its),) + s.shape, s.dtype), shapes)
+        treedef = jax.tree.structure(shapes)
 
-        def body(j, acc, one=one):
-            return jax.tree.map(lambda a, x: lax.dynamic_update_index_in_dim(a, x, j, 0), acc, one(j))
+        def body(j, acc, closed=closed, treedef=treedef):
+            res = jax.tree.unflatten(treedef, jax.core.eval_jaxpr(closed.jaxpr, closed.consts, j))
+            return jax.tree.map(lambda a, x: lax.dynamic_update_index_in_dim(a, x, j, 0), acc, res)
 
         res = lax.fori_loop(0, len(its), body, init)
         for j, it in enumerate(its):

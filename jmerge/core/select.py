@@ -49,7 +49,10 @@ over all axes, so each device counts its shard and only (R, 5) counts and two sn
 across devices; the sample is strided per axis (only the sample is gathered); the tie cut is found from
 per-block bit masks of the tied entries, one block-grid axis at a time. Counts are exact integers, so
 the mask is bit-identical on one device and on any mesh. Rows of at most 2048 entries are sorted whole
-(gathered when sharded: at most 8 KB per row).
+(gathered when sharded: at most 8 KB per row). Callers whose leaves are never sharded raise that limit with
+:func:`whole_sort_limit` (a sweep does, to 32768: a sort is a small program that vmaps well, where the
+counting search is a ``while_loop`` that a vmap runs until the slowest setting converges). Both paths give
+the same exact result (same threshold, same tie cut), so the limit changes only cost, never a mask.
 
 The global (whole-model) selection uses radix histograms across leaves: phase 1 collects per task a
 65536-bin histogram of the high 16 bits of ``|tau|`` per leaf, the host sums them and finds the
@@ -60,7 +63,9 @@ broken by leaf order, then by flat index). Only histograms leave the device.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Sequence
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +78,8 @@ from .state import MergeState
 from .transform import StatsPhase
 from .xla import HONEST_COST_ENTRIES, HONEST_COST_MIN, honest_cost, loop_variant, materialized, split_blocks
 
-__all__ = ["topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask"]
+__all__ = ["topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
+           "whole_sort_limit"]
 
 _I32_MIN = np.int32(np.iinfo(np.int32).min)
 _I32_MAX = np.int32(np.iinfo(np.int32).max)
@@ -86,7 +92,8 @@ _W = 32  # block of the packed count: fields never exceed 32
 _BITS = 6  # bits per packed field
 _J = 5  # thresholds per pass (5 fields x 6 bits in an int32)
 _SAMPLE = 4096  # target sample size for the first thresholds
-_SORT_MAX = 2048  # rows up to this length are simply sorted
+_SORT_MAX = 2048  # rows up to this length are simply sorted (default; see whole_sort_limit)
+_SORT_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("jmerge_whole_sort_limit", default=None)
 _CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard deviations
 _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
 
@@ -97,6 +104,34 @@ def density_to_k(density: float | Float[Array, "*T"], n: int) -> Int[Array, "*T"
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
     """
     return jnp.round(jnp.asarray(density, jnp.float32) * n).astype(jnp.int32)
+
+
+@contextlib.contextmanager
+def whole_sort_limit(n: int) -> Iterator[None]:
+    """Within the block, rows of at most ``n`` entries are top-k selected by a whole sort (default 2048).
+
+    Read when a merge is traced. Both paths are exact and give bit-identical masks (same k-th key, ties
+    kept in flat order), so this only trades cost: a sort is a small program that compiles fast and vmaps
+    well; the counting search reads the data ~5 times without a sort, and never gathers a sharded row. Raise
+    it only where leaves are not sharded along their rows (a sorted sharded row is all-gathered); the
+    sweep (:mod:`jmerge.sweep.execute`), whose leaves are replicated, uses 32768.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023)
+    (the trim step this selection serves).
+    """
+    if int(n) < 0:
+        raise MergeInputError(f"whole_sort_limit({n}): give a non-negative number of entries.")
+    token = _SORT_LIMIT.set(int(n))
+    try:
+        yield
+    finally:
+        _SORT_LIMIT.reset(token)
+
+
+def _sort_max() -> int:
+    """Rows of at most this many entries are sorted whole (see :func:`whole_sort_limit`)."""
+    limit = _SORT_LIMIT.get()
+    return _SORT_MAX if limit is None else limit
 
 
 def _keys(x: jax.Array, magnitude: bool = False) -> jax.Array:
@@ -468,7 +503,7 @@ def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
     R, n = jax.eval_shape(lambda: _stacked(xs)).shape
     k = jnp.asarray(k).astype(jnp.int32)
     kc = jnp.clip(k, 1, n)
-    if n <= _SORT_MAX:
+    if n <= _sort_max():
         v, gt, ge = _sorted_kth(_stacked(xs), kc, magnitude)
     else:
         v, gt, ge = _search(xs, kc, magnitude)

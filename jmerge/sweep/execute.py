@@ -31,11 +31,18 @@ from jax import lax
 
 from ..core import (Gradient, MergeInputError, PerModel, Rules, check_ranges, leaves_with_paths, merge,
                     prepare_leaf_hparams)
+from ..core.select import whole_sort_limit
 from .distributed import allgather, global_array
 
 __all__ = ["split_spec", "stack_settings", "check_settings", "SettingsProgram"]
 
 _NUM = "#"
+
+SORT_LIMIT = 32768
+"""Top-k rows of at most this many entries are selected by a whole sort inside a sweep
+(:func:`jmerge.core.select.whole_sort_limit`; the same masks as the counting search). A sweep's leaves are
+replicated (only the settings axis is sharded), so a sort gathers nothing; it compiles to a small program
+that vmaps well, where the counting search is a ``while_loop`` per leaf shape."""
 
 
 def _is_number(x: Any) -> bool:
@@ -242,7 +249,9 @@ class SettingsProgram:
             method, kw, width = self.method, self.merge_kwargs, self.vmap_width
 
             def one(row, base, models, data):
-                merged = merge(method, base, models, hparams=stacked.hparams(row), traced_range_checks=False, **kw)
+                with whole_sort_limit(SORT_LIMIT):
+                    merged = merge(method, base, models, hparams=stacked.hparams(row), traced_range_checks=False,
+                                   **kw)
                 if not with_data:
                     return self._as_dict(self.eval_fn(merged))
                 outs = lax.map(lambda b: self._as_dict(self.eval_fn(merged, b)), data)
