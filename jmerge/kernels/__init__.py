@@ -16,7 +16,7 @@ _EXPORTS = {
     "MoEGroups": "moe", "group_by_expert": "moe", "grouped_matmul": "moe", "moe_dense_reference": "moe",
     "moe_dispatch": "moe", "top_k_routing": "moe",
     "disjoint_merge": "ties", "disjoint_merge_reference": "ties",
-    "masked_merge": "masked_merge", "masked_merge_bytes": "masked_merge",
+    "masked_merge": "fused", "masked_merge_bytes": "fused",
     "merge_backend": "backend", "requested_merge_backend": "backend",
 }
 
@@ -24,7 +24,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .backend import merge_backend, requested_merge_backend
-    from .masked_merge import masked_merge, masked_merge_bytes
+    from .fused import masked_merge, masked_merge_bytes
     from .moe import MoEGroups, group_by_expert, grouped_matmul, moe_dense_reference, moe_dispatch, top_k_routing
     from .ties import disjoint_merge, disjoint_merge_reference
 

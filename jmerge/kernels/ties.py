@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .masked_merge import masked_merge
+from .fused import masked_merge
 
 __all__ = ["disjoint_merge", "disjoint_merge_reference"]
 

@@ -67,7 +67,7 @@ def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str, ba
         raise MergeInputError("disjoint_merge needs an elected sign: put elect_sign(...) before it in the chain.")
     sign = state.extras["sign"]
     if _kernel_backend.use_pallas(backend, state.base.size, state.precision):  # the fused Pallas pass
-        from ..kernels.masked_merge import masked_merge
+        from ..kernels.fused import masked_merge
         return state.replace(merged=masked_merge(state.tau, stacked=True, sign=sign, weights=hp["weight"],
                                                  reduce=reduce, normalize_by=normalize_by, add_base=False,
                                                  precision=state.precision, round_inputs=False))
