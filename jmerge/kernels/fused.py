@@ -40,6 +40,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .arith import disjoint_aggregate
+
 __all__ = ["masked_merge", "masked_merge_bytes", "PRECISIONS"]
 
 PRECISIONS = (None, "bfloat16")
@@ -101,15 +103,7 @@ def _body(xs, b, masks, sign, frow, irow, pos, *, T: int, stacked: bool, round_i
         else:
             votes = sum([jnp.sign(v) for v in x[1:]], jnp.sign(x[0]))
         sign = jnp.where(votes >= 0, np.float32(1), np.float32(-1))
-    contrib = [r(w * t) for w, t in zip(ws, taus)]
-    agree = [jnp.sign(c) == sign for c in contrib]
-    total = r(sum([jnp.where(a, c, 0.0) for a, c in zip(agree, contrib)]))
-    if reduce == "mean":
-        if normalize_by == "count":
-            div = sum([a.astype(jnp.float32) for a in agree])
-        else:
-            div = r(sum([jnp.where(a, w, 0.0) for a, w in zip(agree, ws)]))
-        total = r(total / jnp.where(div == 0, 1.0, div))
+    total = disjoint_aggregate(taus, ws, sign, reduce=reduce, normalize_by=normalize_by, r=r)
     if has_scale:
         total = r(frow(2 * T) * total)
     out = r(b + total) if add_base else total

@@ -21,6 +21,7 @@ from ..core import (HParamSpec, MergeInputError, MergeState, Transform, chain, m
                     transform)
 from ..core.xla import rows
 from ..kernels import backend as _kernel_backend
+from ..kernels.arith import disjoint_aggregate
 from .basic import per_model, scale as _scale_step, weighted_sum
 from .sparsify import _check_option, breadcrumbs_drop, dare, della_drop, trim
 
@@ -71,17 +72,9 @@ def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str, ba
         return state.replace(merged=masked_merge(state.tau, stacked=True, sign=sign, weights=hp["weight"],
                                                  reduce=reduce, normalize_by=normalize_by, add_base=False,
                                                  precision=state.precision, round_inputs=False))
-    r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
-    ws = _weights(hp["weight"], state)
-    contrib = [r(w * t) for w, t in zip(ws, rows(state.tau))]
-    agree = [jnp.sign(c) == sign for c in contrib]
-    total = r(sum([jnp.where(a, c, 0.0) for a, c in zip(agree, contrib)]))
-    if reduce == "mean":
-        if normalize_by == "count":
-            div = sum([a.astype(jnp.float32) for a in agree])
-        else:
-            div = r(sum([jnp.where(a, w, 0.0) for a, w in zip(agree, ws)]))
-        total = r(total / jnp.where(div == 0, 1.0, div))
+    # state.rounded: identity in float32; rounds where a merge computed in bf16/fp16 rounds
+    total = disjoint_aggregate(rows(state.tau), _weights(hp["weight"], state), sign, reduce=reduce,
+                               normalize_by=normalize_by, r=state.rounded)
     return state.replace(merged=total)
 
 
