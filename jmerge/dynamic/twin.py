@@ -41,6 +41,7 @@ from ..core.errors import MergeInputError
 from ..core.transform import Transform
 from ..core.tree import check_compatible, leaves_with_paths
 from ..core.views import MatrixView, infer_views
+from ..lora.factor import check_rank
 from ..methods import task_arithmetic, ties
 from .router import check_num_tasks, router_logits, softmax_weights
 
@@ -169,20 +170,9 @@ def resolve_rank(rank: RankSpec, path: str, mshape: tuple[int, int, int], *, whe
         r = rank.get(path, "full")
     elif callable(rank):
         r = rank(path, mshape)
-    full = min(mshape[1], mshape[2])
-    if isinstance(r, str):
-        if r != "full":
-            raise MergeInputError(f"{where}: leaf '{path}': rank must be a positive integer or 'full', got {r!r}.")
-        return full
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
-        raise MergeInputError(f"{where}: leaf '{path}': rank must be a positive integer or 'full', got {r!r}.")
-    if r > full:
-        if clamp:
-            return full
-        raise MergeInputError(f"{where}: leaf '{path}' is a {mshape[1]}x{mshape[2]} matrix: rank {r} is larger than "
-                              f"min(fan_in, fan_out) = {full}; pass a rank <= {full}, 'full', a per-leaf rank "
-                              "(a mapping or a callable), or clamp_rank=True.")
-    return int(r)
+    return check_rank(r, min(mshape[1], mshape[2]), f"{where}: leaf '{path}' is a {mshape[1]}x{mshape[2]} matrix",
+                      fix="'full', a per-leaf rank (a mapping or a callable), or clamp_rank=True.",
+                      dims="min(fan_in, fan_out)", clamp=clamp)
 
 
 def _energy_rank(s: np.ndarray, energy: float) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..core.errors import MergeInputError
 
-__all__ = ["low_rank_factors", "resolve_rank", "Rank"]
+__all__ = ["low_rank_factors", "resolve_rank", "check_rank", "Rank"]
 
 Rank = Union[int, str]
 """A LoRA rank: a positive int, or ``"full"`` (``min(out, in)`` of each matrix)."""
@@ -40,18 +40,41 @@ def resolve_rank(rank: Rank, shape: tuple[int, ...], tensor: str, *, clamp: bool
 
     References: Hu et al., "LoRA" (ICLR 2022): the rank of ``B @ A`` is at most ``min(out, in)``.
     """
-    full = int(min(shape))
+    return check_rank(rank, int(min(shape)), f"tensor {tensor!r} {tuple(shape)}",
+                      fix="rank='full', or clamp the rank", clamp=clamp)
+
+
+def check_rank(rank: object, full: int, where: str, *, fix: str, dims: str = "min(out, in)",
+               clamp: bool = False) -> int:
+    """``rank`` checked against the largest rank ``full`` of one matrix, for messages located by ``where``.
+
+    The one rank rule of jmerge's low-rank code (LoRA extraction and merging, Twin-Merging, SMILE):
+    ``"full"`` means ``full``; otherwise a positive int, at most ``full`` unless ``clamp`` lowers it.
+
+    Args:
+      rank: a positive int, or ``"full"``.
+      full: ``min(rows, cols)`` of the matrix.
+      where: the start of an error message naming the matrix (tensor or leaf, its shape).
+      fix: the other remedies listed after ``pass a rank <= full``.
+      dims: how the message names ``full`` (``min(out, in)`` for PyTorch layouts).
+      clamp: use ``min(rank, full)`` instead of refusing a larger rank.
+
+    Raises:
+      MergeInputError: ``rank`` is not a positive int or ``"full"``, or exceeds ``full`` (unless ``clamp``).
+
+    References: Eckart & Young (Psychometrika 1936): a matrix has at most ``min(m, n)`` singular values.
+    """
     if isinstance(rank, str):
         if rank != "full":
-            raise MergeInputError(f"rank must be a positive integer or 'full', got {rank!r}")
+            raise MergeInputError(f"{where}: rank must be a positive integer or 'full', got {rank!r}")
         return full
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise MergeInputError(f"rank must be a positive integer or 'full', got {rank!r}")
+        raise MergeInputError(f"{where}: rank must be a positive integer or 'full', got {rank!r}")
     if rank > full:
         if clamp:
             return full
-        raise MergeInputError(f"tensor {tensor!r} {tuple(shape)}: LoRA rank {rank} is larger than the matrix allows "
-                              f"(min(out, in) = {full}); pass a rank <= {full}, rank='full', or clamp the rank")
+        raise MergeInputError(f"{where}: rank {rank} is larger than the matrix allows ({dims} = {full}); "
+                              f"pass a rank <= {full}, {fix}")
     return int(rank)
 
 
