@@ -41,12 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import model as M
+from .dynamic import DYNAMIC, DYNAMIC_ALIASES, tree_nbytes
 from .evaluate import per_task_accuracy, task_evaluator
 from .tasks import TASKS, load_images, split_train_val_test, task_data
 
 __all__ = ["DemoConfig", "REDUCED", "FULL", "build_models", "load_benchmark", "Benchmark", "run_benchmark",
            "run_demo", "add_arguments", "main_from_args", "format_table", "write_outputs", "SWEEPS",
-           "DEMO_SWEEPS", "summary_line", "LITERATURE_ORDER", "DEMO_METHODS", "LEARNED", "PER_TASK"]
+           "DEMO_SWEEPS", "summary_line", "LITERATURE_ORDER", "DEMO_METHODS", "LEARNED", "PER_TASK", "DYNAMIC",
+           "merge_results", "storage_entry"]
 
 CACHE_VERSION = 2
 
@@ -492,10 +494,16 @@ def run_benchmark(cfg: DemoConfig = REDUCED, *, seed: int = 0, cache_dir: str | 
 
     rows = []
 
-    def add(name, kind, acc, val=None, secs=0.0, hp=None, ind=None, settings=None):
+    model_bytes = tree_nbytes(models["base"])
+
+    def add(name, kind, acc, val=None, secs=0.0, hp=None, ind=None, settings=None, nbytes=None, diag=None):
         acc = [float(a) for a in acc]
         row = {"method": name, "kind": kind, "acc": acc, "avg": float(np.mean(acc)), "val": val, "seconds": secs,
-               "hparams": hp or {}, "settings": settings}
+               "hparams": hp or {}, "settings": settings,
+               "storage": storage_entry(nbytes if nbytes is not None else _default_storage(name, kind, T) * model_bytes,
+                                        model_bytes, T)}
+        if diag:
+            row["diagnostics"] = diag
         row["normalized"] = float(np.mean(np.asarray(acc) / np.asarray(ind))) if ind is not None else None
         rows.append(row)
         return row
@@ -509,12 +517,16 @@ def run_benchmark(cfg: DemoConfig = REDUCED, *, seed: int = 0, cache_dir: str | 
         float(jax.jit(val_eval)(models["mtl"])["accuracy"]), ind=ind)
 
     ft_list = _unstack(models["ft_backbones"], T)
-    wanted = None if methods is None else [PER_TASK_ALIASES.get(m, m) for m in methods]
+    wanted = None if methods is None else [DYNAMIC_ALIASES.get(m, PER_TASK_ALIASES.get(m, m)) for m in methods]
     runs, skipped = _data_free_methods(wanted, T)
     per_task = [n for n in PER_TASK if wanted is None or n in wanted]
     learned = [n for n in LEARNED if wanted is None or n in wanted]
+    dynamic = [n for n in DYNAMIC if wanted is None or n in wanted]
+    if wanted is not None:
+        for n in dynamic:
+            skipped.pop(n, None)
     spaces = SWEEPS if cfg.sweeps == "full" else DEMO_SWEEPS
-    bar = tqdm(total=len(runs) + len(per_task) + len(learned), desc="sweeps + merges", unit="method",
+    bar = tqdm(total=len(runs) + len(per_task) + len(learned) + len(dynamic), desc="sweeps + merges", unit="method",
                disable=quiet, file=sys.stderr)
     ta_scale = 0.3  # the papers' usual value; replaced by the tuned one when task arithmetic runs first
     for name, method in runs:
@@ -563,11 +575,78 @@ def run_benchmark(cfg: DemoConfig = REDUCED, *, seed: int = 0, cache_dir: str | 
         except Exception as e:
             skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         bar.update(1)
+    ctx.update(data=data, heads_stacked=heads)
+    for name in dynamic:
+        bar.set_postfix_str(name)
+        t1 = time.perf_counter()
+        try:
+            acc, v, hp, n, nbytes, diag = DYNAMIC[name](ctx)
+            add(name, "dynamic", acc, v, time.perf_counter() - t1, hp, ind, n, nbytes=nbytes, diag=diag)
+        except Exception as e:
+            skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        bar.update(1)
     bar.close()
     return {"tasks": list(names), "task_descriptions": [t.description for t in data["tasks"]],
             "rows": rows, "skipped": skipped, "from_cache": from_cache,
             "timings": {"build_s": t_train, "total_s": time.perf_counter() - t0}, "config": dataclasses.asdict(cfg),
-            "seed": seed}
+            "seed": seed, "model_bytes": model_bytes}
+
+
+def storage_entry(nbytes: int, model_bytes: int, num_tasks: int) -> dict:
+    """``{"bytes", "x_model" (bytes / one model's), "x_full" (bytes / num_tasks full models')}``.
+
+    References: Lu et al., "Twin-Merging" (NeurIPS 2024), Sec. 4 (storage against the fine-tuned models).
+    """
+    nbytes = int(nbytes)
+    return {"bytes": nbytes, "x_model": nbytes / model_bytes, "x_full": nbytes / (num_tasks * model_bytes)}
+
+
+def _default_storage(name: str, kind: str, T: int) -> int:
+    """Models' worth of bytes a static row stores: one merged backbone, or one backbone per task
+    (individual fine-tuned, TALL masks and EMR evaluated as per-task models)."""
+    return T if kind == "per-task" or name == "individual fine-tuned" else 1
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``old`` results with ``new``'s rows merged in: a row of the same method replaces the old one in place,
+    other new rows go after the last row of their kind (kinds in the table's order); old rows without a
+    storage figure get one (one model, or ``T`` models for per-task rows); ``skipped`` and timings combine.
+
+    Raises:
+      ValueError: the two results are of different tasks or model sizes (not the same benchmark).
+
+    References: none (infrastructure).
+    """
+    if list(old["tasks"]) != list(new["tasks"]):
+        raise ValueError(f"cannot merge results of tasks {new['tasks']} into results of tasks {old['tasks']}")
+    mb = new["model_bytes"]
+    if old.get("model_bytes", mb) != mb:
+        raise ValueError(f"cannot merge results of a {mb}-byte model into results of a {old['model_bytes']}-byte "
+                         "model (another benchmark configuration)")
+    T = len(new["tasks"])
+    rows = [dict(r) for r in old["rows"]]
+    for r in rows:
+        if "storage" not in r:
+            r["storage"] = storage_entry(_default_storage(r["method"], r["kind"], T) * mb, mb, T)
+    index = {r["method"]: i for i, r in enumerate(rows)}
+    order = ["reference", "data-free", "per-task", "learned", "dynamic"]
+    for r in new["rows"]:
+        if r["method"] in index:
+            rows[index[r["method"]]] = r
+            continue
+        rank = order.index(r["kind"]) if r["kind"] in order else len(order)
+        pos = max((i + 1 for i, o in enumerate(rows)
+                   if (order.index(o["kind"]) if o["kind"] in order else len(order)) <= rank), default=0)
+        rows.insert(pos, r)
+        index = {o["method"]: i for i, o in enumerate(rows)}
+    ran = {r["method"] for r in new["rows"]}
+    skipped = {k: v for k, v in old.get("skipped", {}).items() if k not in ran}
+    skipped.update(new.get("skipped", {}))
+    timings = dict(old.get("timings", {}))
+    timings["updates"] = list(timings.get("updates", [])) + [
+        {"methods": [r["method"] for r in new["rows"] if r["kind"] != "reference"],
+         "total_s": new["timings"]["total_s"]}]
+    return {**old, "rows": rows, "skipped": skipped, "timings": timings, "model_bytes": mb}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,19 +666,26 @@ def _chosen(hp: dict) -> str:
     return ", ".join(out)
 
 
-def format_table(results: dict, markdown: bool = True) -> str:
-    """The results as a Markdown table (test accuracies in %, validation average, chosen values).
+def format_table(results: dict, markdown: bool = True, *, storage: bool = False) -> str:
+    """The results as a Markdown table (test accuracies in %, validation average, chosen values; with
+    ``storage`` also the bytes stored, relative to one model and to the ``T`` fine-tuned models).
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
     tasks = results["tasks"]
+    T = len(tasks)
     head = ["method", "kind"] + tasks + ["avg", "norm.", "val", "chosen on val"]
+    if storage:
+        head += ["storage (x 1 model)", f"storage (x {T} models)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["rows"]:
         norm = "" if r["normalized"] is None else f"{100 * r['normalized']:.1f}"
         val = "" if r.get("val") is None else f"{100 * r['val']:.1f}"
         cells = ([r["method"], r["kind"]] + [f"{100 * a:.1f}" for a in r["acc"]]
                  + [f"{100 * r['avg']:.1f}", norm, val, _chosen(r["hparams"])])
+        if storage:
+            st = r.get("storage")
+            cells += ["", ""] if st is None else [f"{st['x_model']:.2f}", f"{st['x_full']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -627,22 +713,29 @@ def write_outputs(results: dict, out_dir: str, *, title: str = "jmerge digits me
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "kind"] + results["tasks"] + ["avg", "normalized", "val", "settings", "seconds",
-                                                            "hparams"])
+                                                            "hparams", "storage_bytes", "storage_x_model",
+                                                            "storage_x_full"])
         for r in results["rows"]:
+            st = r.get("storage") or {}
             w.writerow([r["method"], r["kind"]] + [f"{a:.4f}" for a in r["acc"]]
                        + [f"{r['avg']:.4f}", "" if r["normalized"] is None else f"{r['normalized']:.4f}",
                           "" if r.get("val") is None else f"{r['val']:.4f}", r.get("settings") or "",
-                          f"{r['seconds']:.2f}", json.dumps(r["hparams"], sort_keys=True)])
+                          f"{r['seconds']:.2f}", json.dumps(r["hparams"], sort_keys=True), st.get("bytes", ""),
+                          f"{st['x_model']:.4f}" if st else "", f"{st['x_full']:.4f}" if st else ""])
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=1, default=str)
+    T = len(results["tasks"])
     md = [f"# {title}", "",
-          "Test accuracy (%) of one merged backbone per method (per-task models for TALL masks and EMR) on "
+          "Test accuracy (%) of one merged backbone per method (per-task models for TALL masks and EMR; "
+          "models merged per input for the *dynamic* rows: Twin-Merging, SMILE, WEMoE) on "
           "8 tasks built from scikit-learn's digits (1797 real 8x8 images), each task read by its own frozen "
           "head; *norm.* = mean over tasks of merged / individual accuracy; *val* = validation average of the "
           "setting chosen on validation (*chosen on val*; grids in `jmerge.demo.bench.SWEEPS`). Expected shape "
-          "from the literature: " + LITERATURE_ORDER + ".", "",
+          "from the literature: " + LITERATURE_ORDER + ". *storage*: bytes stored (float32) relative to one "
+          f"backbone ({results.get('model_bytes', 0):,} bytes) and to the {T} fine-tuned backbones; dynamic rows "
+          "count every array they keep (`jmerge.demo.dynamic`).", "",
           "Tasks: " + "; ".join(f"**{n}**: {d}" for n, d in zip(results["tasks"], results["task_descriptions"])),
-          "", format_table(results), ""]
+          "", format_table(results, storage=True), ""]
     if results["skipped"]:
         md += ["Not run:", ""] + [f"- `{k}`: {v}" for k, v in sorted(results["skipped"].items())] + [""]
     hp_lines = [f"- `{r['method']}`: {json.dumps(r['hparams'], sort_keys=True)}"
@@ -650,8 +743,15 @@ def write_outputs(results: dict, out_dir: str, *, title: str = "jmerge digits me
                 for r in results["rows"] if r["kind"] != "reference"]
     md += ["Hyperparameters (chosen on validation; `{}` = the method's defaults, nothing to tune):", ""]
     md += hp_lines + [""]
+    diag = [f"- `{r['method']}`: " + ", ".join(f"{k}={_fmt(v)}" for k, v in r["diagnostics"].items())
+            for r in results["rows"] if r.get("diagnostics")]
+    if diag:
+        md += ["Diagnostics of the dynamic rows (test split; see NOTES.md):", ""] + diag + [""]
     md += [f"Seed {results['seed']}; models {'loaded from cache' if results['from_cache'] else 'trained'}; "
-           f"total {results['timings']['total_s']:.0f} s.", ""]
+           f"total {results['timings']['total_s']:.0f} s."]
+    for u in results["timings"].get("updates", []):
+        md[-1] += f" Rows of {', '.join(u['methods'])} merged in from a later run ({u['total_s']:.0f} s)."
+    md += [""]
     with open(paths["md"], "w") as f:
         f.write("\n".join(md))
     try:
@@ -661,13 +761,22 @@ def write_outputs(results: dict, out_dir: str, *, title: str = "jmerge digits me
     return paths
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
 def _plot(results: dict, path: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    colors = {"reference": "#888888", "data-free": "#4C72B0", "per-task": "#55A868", "learned": "#DD8452"}
+    colors = {"reference": "#888888", "data-free": "#4C72B0", "per-task": "#55A868", "learned": "#DD8452",
+              "dynamic": "#8172B3"}
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
     y = np.arange(len(rows))[::-1]
     ax.barh(y, [100 * r["avg"] for r in rows], color=[colors[r["kind"]] for r in rows])
@@ -683,7 +792,9 @@ def _plot(results: dict, path: str):
             ax.axvline(100 * ref["avg"], color="#444444", linestyle=style, linewidth=0.8)
     ax.set_title("8 digit ViTs merged by jmerge (tuned on val., test acc.)", fontsize=10)
     from matplotlib.patches import Patch
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], fontsize=8, loc="lower right")
+    kinds = {r["kind"] for r in rows}
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in colors.items() if k in kinds], fontsize=8,
+              loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -695,7 +806,7 @@ def _plot(results: dict, path: str):
 
 def run_demo(argv: Sequence[str] | None = None, *, full: bool = False, out_dir: str = "jmerge-demo", cache_dir: str | None = None,
              methods: Sequence[str] | None = None, seed: int = 0, quiet: bool = False,
-             config: DemoConfig | None = None) -> dict:
+             config: DemoConfig | None = None, update: bool = False) -> dict:
     """Run the digits merging benchmark and print its table (what ``jmerge demo`` does).
 
     The reduced version (default) trains, tunes and evaluates within about 3 minutes on 2 CPU cores;
@@ -714,9 +825,12 @@ def run_demo(argv: Sequence[str] | None = None, *, full: bool = False, out_dir: 
       seed: seed of training and of random merges.
       quiet: no progress bars and no printed table.
       config: an explicit :class:`DemoConfig` (overrides ``full``).
+      update: merge this run's rows into ``out_dir/results.json`` (:func:`merge_results`: rows of the methods
+        run replace theirs, the others are kept) and rewrite every output from the merged results.
 
     Returns:
-      The results dict of :func:`run_benchmark`, plus ``"paths"`` of the written files.
+      The results dict of :func:`run_benchmark` (with ``update``: the merged results), plus ``"paths"`` of
+      the written files.
     """
     if argv is not None:
         import argparse
@@ -727,6 +841,13 @@ def run_demo(argv: Sequence[str] | None = None, *, full: bool = False, out_dir: 
     if methods is None and not full and config is None:
         methods = list(DEMO_METHODS)
     res = run_benchmark(cfg, seed=seed, cache_dir=cache_dir, methods=methods, quiet=quiet)
+    old_path = os.path.join(out_dir, "results.json") if (update and out_dir) else None
+    if old_path and os.path.exists(old_path):
+        with open(old_path) as f:
+            old = json.load(f)
+        if old.get("seed", seed) != seed:
+            raise ValueError(f"{old_path} holds seed {old['seed']}; rerun with --seed {old['seed']} to update it")
+        res = merge_results(old, res)
     res["paths"] = write_outputs(res, out_dir) if out_dir else {}
     if not quiet:
         print(format_table(res))

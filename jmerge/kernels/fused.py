@@ -9,9 +9,13 @@ the base and writes the output in its dtype. The arithmetic is jmerge's, operati
 
 - task vectors ``tau_t = r(r(model_t) - r(base))`` (``r``: rounding to the emulated compute precision,
   the identity in float32; ``"bfloat16"`` is emulated here by round-to-nearest-even on the bits);
-- thresholds ``(v_t, cut_t)`` (int32, per model): an entry is kept when its magnitude key
-  ``min(bits(|tau|), bits(inf))`` is above ``v_t``, or equal to it at a flat (row-major) position below
-  ``cut_t`` (the exact top-k of ``jmerge.core.select``, ties broken by the lowest flat index);
+- masks (a random drop: DARE, DELLA): ``tau_t = where(mask_t, tau_t, 0) * f_t`` with optional per-model
+  factors ``f_t`` (the drop's rescale; not rounded, as jmerge's drops);
+- thresholds ``(v_t, cut_t)`` (int32, per model), of the values so far: an entry is kept when its
+  magnitude key ``min(bits(|tau|), bits(inf))`` is above ``v_t``, or equal to it at a flat (row-major)
+  position below ``cut_t`` (the exact top-k of ``jmerge.core.select``, ties broken by the lowest flat
+  index); optional drop thresholds ``(v'_t, cut'_t)`` remove the entries the same rule selects (Model
+  Breadcrumbs' outliers);
 - election ``x_t = r(r(w_t) tau_t)`` (``weighted``) or ``tau_t``; ``sign = +1`` where ``r(sum_t x_t) >= 0``
   (``"sum"``) or ``sum_t sign(x_t) >= 0`` (``"count"``), else ``-1``: a zero vote elects ``+1``;
 - ``c_t = r(r(w_t) tau_t)`` agrees when ``sign(c_t) == sign`` (zeros never agree);
@@ -67,9 +71,9 @@ def _round_bf16(x):
     return jnp.where(x != x, x, lax.bitcast_convert_type(b, jnp.float32))
 
 
-def _body(xs, b, masks, sign, frow, irow, pos, *, T: int, stacked: bool, round_inputs: bool, select: str | None,
-          weighted: bool, sign_method: str, reduce: str, normalize_by: str, has_scale: bool, add_base: bool,
-          precision: str | None, out_dtype):
+def _body(xs, b, masks, sign, frow, irow, pos, *, T: int, stacked: bool, round_inputs: bool, has_masks: bool,
+          mask_scale: bool, thresholds: bool, drop: bool, weighted: bool, sign_method: str, reduce: str,
+          normalize_by: str, has_scale: bool, add_base: bool, precision: str | None, out_dtype):
     """The arithmetic of one block (the kernel) or of a whole leaf (the reference): ``xs`` the loaded models,
     ``b`` the base, ``masks``/``sign`` or None, ``frow(i)``/``irow(i)`` the scalar rows, ``pos`` flat positions."""
     r = _round_bf16 if precision == "bfloat16" else (lambda a: a)
@@ -79,16 +83,20 @@ def _body(xs, b, masks, sign, frow, irow, pos, *, T: int, stacked: bool, round_i
         taus = [r(x) for x in taus] if round_inputs else taus
     else:
         taus = [r(r(x.astype(jnp.float32)) - b) for x in xs]
-    if select == "thresholds":
+    if has_masks:  # a drop (DARE, DELLA): zero the dropped entries, rescale the survivors (not rounded)
+        taus = [jnp.where(m != 0, x, np.float32(0)) for m, x in zip(masks, taus)]
+        if mask_scale:
+            taus = [x * frow(2 * T + 1 + t) for t, x in enumerate(taus)]
+    if thresholds:  # exact top-k by magnitude (ties: lowest flat index), of the values so far
         kept = []
         for t, x in enumerate(taus):
-            v, cut = irow(t), irow(T + t)
             key = jnp.minimum(lax.bitcast_convert_type(x, jnp.int32) & _ABS, _INF_KEY)
-            keep = (key > v) | ((key == v) & (pos < cut))
+            above = lambda v, cut: (key > v) | ((key == v) & (pos < cut))
+            keep = above(irow(t), irow(T + t))
+            if drop:  # Breadcrumbs: not among the top-k outliers
+                keep = keep & ~above(irow(2 * T + t), irow(3 * T + t))
             kept.append(jnp.where(keep, x, np.float32(0)))
         taus = kept
-    elif select == "masks":
-        taus = [jnp.where(m != 0, x, np.float32(0)) for m, x in zip(masks, taus)]
     ws = [r(frow(t)) for t in range(T)]
     if sign is not None:
         sign = sign.astype(jnp.float32)
@@ -111,17 +119,16 @@ def _body(xs, b, masks, sign, frow, irow, pos, *, T: int, stacked: bool, round_i
 
 
 def _kernel(*refs, T: int, has_base: bool, given_sign: bool, block: tuple[int, int], **static):
-    select = static["select"]
     it = iter(refs)
     xs = [next(it)[...] for _ in range(T)]
     b = next(it)[...] if has_base else None
-    masks = [next(it)[...] for _ in range(T)] if select == "masks" else None
+    masks = [next(it)[...] for _ in range(T)] if static["has_masks"] else None
     sign = next(it)[...] if given_sign else None
-    f_ref = next(it)  # float32 scalars: rows [0, T) weights, [T, 2T) election weights, 2T scale
-    i_ref = next(it) if select == "thresholds" else None  # int32: rows [0, T) v, [T, 2T) cut
+    f_ref = next(it)  # float32: rows [0, T) weights, [T, 2T) election weights, 2T scale, [2T+1, 3T+1) mask scales
+    i_ref = next(it) if static["thresholds"] else None  # int32: rows [0, T) v, [T, 2T) cut, then the drop's
     out_ref = next(it)
     pos = None
-    if select == "thresholds":
+    if static["thresholds"]:
         br, lanes = block
         i = pl.program_id(0)
         lane = lax.broadcasted_iota(jnp.int32, (br, lanes), 1)
@@ -144,6 +151,7 @@ def _as_rows(x, n: int, view: tuple[int, int]):
 
 def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
                  thresholds: tuple[Any, Any] | None = None, masks: Any = None, sign: Any = None,
+                 drop_thresholds: tuple[Any, Any] | None = None, mask_scale: Any = None,
                  weights: Any = 1.0, elect_weights: Any = None, weighted: bool = True,
                  sign_method: str = "sum", reduce: str = "mean", normalize_by: str = "count",
                  scale: Any = None, precision: str | None = None, out_dtype: Any = None,
@@ -158,7 +166,12 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
       stacked: ``models`` are task vectors (``tau_t = r(models_t)``).
       thresholds: ``(v, cut)``, two ``(T,)`` int32 arrays: keep magnitude keys above ``v_t`` and those
         equal to it at flat positions below ``cut_t`` (the per-row top-k of ``jmerge.core.select``).
-      masks: ``(T, *shape)`` (or ``T`` arrays) bool/int keep masks, instead of ``thresholds``.
+      masks: ``(T, *shape)`` (or ``T`` arrays) bool/int keep masks (a random drop: DARE, DELLA); applied
+        before ``thresholds`` (which then rank the kept, rescaled values).
+      mask_scale: ``(T,)`` float32 factors of the entries ``masks`` keep (DARE's ``1 / density`` or
+        L1 rescale); not rounded, as jmerge's drops.
+      drop_thresholds: ``(v, cut)`` like ``thresholds``, of entries to drop among those ``thresholds``
+        keep (Model Breadcrumbs' outliers: the top ``gamma`` fraction).
       sign: an elected sign (``*shape``, +1/-1, any dtype): skips the election.
       weights: scalar or ``(T,)`` weights of the contributions (may be traced).
       elect_weights: the election's weights (default ``weights``); used when ``weighted``.
@@ -184,8 +197,10 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
     _check("sign_method", sign_method, ("sum", "count"))
     _check("reduce", reduce, ("mean", "sum"))
     _check("normalize_by", normalize_by, ("count", "weight"))
-    if thresholds is not None and masks is not None:
-        raise ValueError("masked_merge: pass thresholds or masks, not both.")
+    if drop_thresholds is not None and thresholds is None:
+        raise ValueError("masked_merge: drop_thresholds needs thresholds (the entries kept before the drop).")
+    if mask_scale is not None and masks is None:
+        raise ValueError("masked_merge: mask_scale needs masks (it rescales the entries they keep).")
     xs = [jnp.asarray(m) for m in models] if not hasattr(models, "shape") else \
         [jnp.asarray(models)[t] for t in range(models.shape[0])]
     if not xs:
@@ -246,8 +261,7 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
     if need_base:
         operands.append(_as_rows(base, n, view))
         specs.append(spec)
-    select = "thresholds" if thresholds is not None else ("masks" if masks is not None else None)
-    if select == "masks":
+    if masks is not None:
         ms = [jnp.asarray(m) for m in masks] if not hasattr(masks, "shape") else \
             [jnp.asarray(masks)[t] for t in range(masks.shape[0])]
         if len(ms) != T or any(m.shape != shape for m in ms):
@@ -262,32 +276,37 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
             raise ValueError(f"masked_merge: sign {sign.shape} must have the models' shape {shape}.")
         operands.append(_as_rows(sign.astype(jnp.int8), n, view))
         specs.append(spec)
-    nrows = _pow2_rows(2 * T + 1)
+    nf = 3 * T + 1 if mask_scale is not None else 2 * T + 1
+    nrows = _pow2_rows(nf)
     w = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (T,))
     we = w if elect_weights is None else jnp.broadcast_to(jnp.asarray(elect_weights, jnp.float32), (T,))
     sc = jnp.asarray(1.0 if scale is None else scale, jnp.float32).reshape(1)
-    fvals = jnp.concatenate([w, we, sc, jnp.zeros((nrows - 2 * T - 1,), jnp.float32)])
+    ms_ = [] if mask_scale is None else [jnp.broadcast_to(jnp.asarray(mask_scale, jnp.float32), (T,))]
+    fvals = jnp.concatenate([w, we, sc, *ms_, jnp.zeros((nrows - nf,), jnp.float32)])
     fpar = jnp.broadcast_to(fvals[:, None], (nrows, lanes))
     operands.append(fpar)
     specs.append(full_spec(fpar))
-    if select == "thresholds":
-        v, cut = (jnp.broadcast_to(jnp.asarray(a).astype(jnp.int32), (T,)) for a in thresholds)
-        irows = _pow2_rows(2 * T)
-        ivals = jnp.concatenate([v, cut, jnp.zeros((irows - 2 * T,), jnp.int32)])
+    if thresholds is not None:
+        pairs = [thresholds] + ([drop_thresholds] if drop_thresholds is not None else [])
+        iv = [jnp.broadcast_to(jnp.asarray(a).astype(jnp.int32), (T,)) for pair in pairs for a in pair]
+        irows = _pow2_rows(len(iv) * T)
+        ivals = jnp.concatenate(iv + [jnp.zeros((irows - len(iv) * T,), jnp.int32)])
         ipar = jnp.broadcast_to(ivals[:, None], (irows, lanes))
         operands.append(ipar)
         specs.append(full_spec(ipar))
-    static = dict(stacked=bool(stacked), round_inputs=bool(round_inputs), select=select, weighted=bool(weighted),
+    static = dict(stacked=bool(stacked), round_inputs=bool(round_inputs), has_masks=masks is not None,
+                  mask_scale=mask_scale is not None, thresholds=thresholds is not None,
+                  drop=drop_thresholds is not None, weighted=bool(weighted),
                   sign_method=sign_method, reduce=reduce, normalize_by=normalize_by, has_scale=scale is not None,
                   add_base=bool(add_base), precision=precision, out_dtype=out_dt)
     if reference:  # the same arithmetic on the whole leaf, as one XLA fusion
         fvals_ = fvals
-        ivals_ = ivals if select == "thresholds" else None
+        ivals_ = ivals if thresholds is not None else None
         pos = lax.broadcasted_iota(jnp.int32, view, 0) * np.int32(view[1]) + lax.broadcasted_iota(jnp.int32, view, 1)
         it = iter(operands)
         xs_ = [next(it) for _ in range(T)]
         b_ = next(it) if need_base else None
-        masks_ = [next(it) for _ in range(T)] if select == "masks" else None
+        masks_ = [next(it) for _ in range(T)] if masks is not None else None
         sign_ = next(it) if sign is not None else None
         out = _body(xs_, b_, masks_, sign_, lambda k: fvals_[k], (lambda k: ivals_[k]) if ivals_ is not None else None,
                     pos, T=T, **static)
