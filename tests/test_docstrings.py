@@ -13,7 +13,7 @@ import jmerge
 
 MODULES = ["jmerge", "jmerge.core", "jmerge.methods", "jmerge.learned", "jmerge.io", "jmerge.mergekit",
            "jmerge.pipeline", "jmerge.cli", "jmerge.kernels", "jmerge.models", "jmerge.moe", "jmerge.lora",
-           "jmerge.sweep", "jmerge.dynamic"]
+           "jmerge.sweep", "jmerge.dynamic", "jmerge.dynamic.nnx"]
 
 
 def _public():

@@ -40,7 +40,7 @@ from ..core.errors import MergeInputError
 from ..methods.basic import task_arithmetic
 
 __all__ = ["WEMoE", "build_wemoe", "wemoe_apply", "wemoe_tta", "wemoe_storage", "with_constant_routing",
-           "vit_mlp_groups", "wemoe_router_init", "wemoe_router", "entropy_loss"]
+           "vit_mlp_groups", "wemoe_router_init", "wemoe_router", "entropy_loss", "reduce_routing"]
 
 Path = tuple[str, ...]
 MlpSpec = Union[Mapping[str, Sequence[Union[str, Path]]], Sequence[Union[str, Path]], Callable[[str], Any]]
@@ -298,7 +298,14 @@ def build_wemoe(base: Any, finetuned: Sequence[Any], mlps: MlpSpec, *, key: Opti
     return spec, {"params": params, "experts": experts, "routers": routers}
 
 
-def _reduce(r: jax.Array, granularity: str) -> jax.Array:
+def reduce_routing(r: jax.Array, granularity: str) -> jax.Array:
+    """Router outputs ``r`` (``..., T``) reduced to the routing granularity: per token, sample or batch.
+
+    ``"token"`` keeps ``r``; ``"sample"`` averages the token axes of a ``(B, ..., T)`` output;
+    ``"batch"`` averages everything to one ``(T,)`` vector (FusionBench's ``batch_reduce``).
+
+    References: Tang et al., "Merging Multi-Task Models via Weight-Ensembling Mixture of Experts" (ICML 2024).
+    """
     if granularity == "token" or r.ndim <= 2:
         return r if granularity != "batch" else jnp.mean(r.reshape(-1, r.shape[-1]), axis=0)
     if granularity == "sample":
@@ -371,7 +378,7 @@ def wemoe_apply(apply_fn: Callable[..., Any], spec: WEMoE, state: Mapping[str, A
         a0 = jnp.asarray(fargs[0])
         if pos == 0:
             r = wemoe_router(state["routers"][g], a0)
-            routing[g] = _reduce(r, gran)
+            routing[g] = reduce_routing(r, gran)
         elif g not in routing:
             raise MergeInputError(f"module '{ukey}' of MLP group '{g}' ran before the group's first module "
                                   f"'{'/'.join(dict(spec.groups)[g][0])}'; list the group's input layer first")
