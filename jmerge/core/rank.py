@@ -1,0 +1,148 @@
+"""Exact magnitude ranks along the last axis with one one-operand int32 sort (DELLA's MagPrune ranks).
+
+``magnitude_ranks(x)[..., i]`` is the ascending rank of ``|x[..., i]|`` within its row (the last axis):
+the number of entries of the row that are smaller, or equal and at a lower index (``+0 == -0``; NaN ranks
+as ``+inf``). It equals NumPy's ``argsort(argsort(|x|, kind="stable"), kind="stable")``.
+
+How it works. XLA:CPU sorts one int32 operand several times faster than a sort with a payload or a
+stable sort (whose comparators are called per comparison), so the ranks come from one one-operand sort:
+
+1. Each entry's order key (the int32 bit pattern of ``|x|``, monotone) has its low ``b`` bits replaced
+   by the entry's position (``b = ceil(log2 m)`` bits): these packed values are unique, and one sort
+   orders the row by (key without its low bits, position) and carries the permutation in its low bits.
+2. That order is the exact order by (key, position) except inside runs of entries whose keys agree above
+   the low bits and differ in them. The full keys are gathered in sorted order and each sorted position
+   is corrected by its inversions within ``window`` places on either side: ``+1`` for each later entry
+   with a smaller key, ``-1`` for each earlier entry with a larger key (both can only be in its run).
+3. A scatter batched over the rows (``rank[perm[q]] = q + correction``; about half the cost of a second
+   sort) puts the ranks back in row order.
+
+The window correction is exact unless some run longer than ``window + 1`` entries holds different keys;
+that is checked (an adjacent key change within ``window + 1`` places of two run members that far apart),
+and then the leaf takes the exact path of a stable sort of (key, position) pairs (``lax.cond``). Runs of
+equal keys (exact zeros, bfloat16 values, whose low bits are all zero) never need it; float32 rows of a
+few thousand entries almost never do. Rows longer than 16384 entries take the pair sort, and so does
+every row where JAX sees more than one device: the SPMD partitioner all-gathers the operands of the gather
+and scatter of a leaf sharded along its rows, where the pair sort reshards whole rows (an all-to-all).
+
+References: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based
+Sampling" (2024) (the ranks MagPrune needs); Knuth, "The Art of Computer Programming", vol. 3, 5.2
+(ranks by counting inversions).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from .select import _keys
+
+__all__ = ["magnitude_ranks"]
+
+_MAX_PACKED_BITS = 14  # rows up to 2**14 entries take the packed sort (longer ones the pair sort)
+# inversions are corrected within this many places, by position bits: runs of equal high bits grow about
+# 4x per bit (float32 Gaussian rows: about 1 entry per run at 12 bits), and the window is sized so that a
+# run longer than it (the exact fallback) is rare
+_WINDOWS = {13: 23, 14: 47}
+_WINDOW = 7  # up to 12 position bits (rows up to 4096 entries)
+
+
+def _pair_sort_ranks(keys: jax.Array, pos: jax.Array) -> jax.Array:
+    """Exact ranks from one stable sort of (key, position) pairs, then its inverse."""
+    ax = keys.ndim - 1
+    _, perm = lax.sort((keys, pos), dimension=ax, is_stable=True, num_keys=1)
+    if keys.shape[-1] > 1 << 15:
+        _, ranks = lax.sort((perm, pos), dimension=ax, is_stable=True, num_keys=1)
+        return ranks
+    packed = lax.sort(lax.shift_left(perm, np.int32(16)) | pos, dimension=ax, is_stable=False)
+    return packed & np.int32(0xFFFF)
+
+
+def _shift_right(a: jax.Array, d: int, fill) -> jax.Array:
+    """``a`` moved ``d`` places to higher indices along the last axis, ``fill`` in front."""
+    pad = jnp.full(a.shape[:-1] + (d,), fill, a.dtype)
+    return jnp.concatenate([pad, a[..., :-d]], axis=-1)
+
+
+def _shift_left(a: jax.Array, d: int, fill) -> jax.Array:
+    """``a`` moved ``d`` places to lower indices along the last axis, ``fill`` at the end."""
+    pad = jnp.full(a.shape[:-1] + (d,), fill, a.dtype)
+    return jnp.concatenate([a[..., d:], pad], axis=-1)
+
+
+def _sorted_ranks(keys: jax.Array, pos: jax.Array, b: int, window: int):
+    """Steps 1-2: ``(perm, ranks_sorted, needs_exact)``. ``perm[..., q]`` is the row position of the
+    ``q``-th entry in (high bits, position) order, ``ranks_sorted[..., q]`` its exact rank unless
+    ``needs_exact`` (a scalar: some long run holds different keys)."""
+    m = keys.shape[-1]
+    ax = keys.ndim - 1
+    low = np.int32((1 << b) - 1)
+    srt = lax.sort((keys & ~low) | pos, dimension=ax, is_stable=False)  # unique values: one operand
+    perm = srt & low
+    ks = jnp.take_along_axis(keys, perm, axis=ax, mode="promise_in_bounds")  # keys in sorted order
+    L = max(0, min(int(window), m - 1))
+    # ks padded with L keys below every key in front and L above every key behind: out-of-row neighbours
+    # are never inversions, so one fusion reads shifted windows of one array
+    kp = jnp.concatenate([jnp.full(keys.shape[:-1] + (L,), -1, jnp.int32), ks,
+                          jnp.full(keys.shape[:-1] + (L,), np.iinfo(np.int32).max, jnp.int32)], axis=ax)
+    delta = jnp.zeros(keys.shape, jnp.int32)
+    for d in range(1, L + 1):
+        after = kp[..., L + d:L + d + m]  # ks[q + d]: a smaller key there is an inversion (same run)
+        before = kp[..., L - d:L - d + m]  # ks[q - d]: a larger key there is an inversion (same run)
+        delta = delta + (after < ks).astype(jnp.int32) - (before > ks).astype(jnp.int32)
+    if m > L + 1:
+        # sorted positions q and q + L + 1 in one run (equal high bits) with a key change between: a longer
+        # run holding different keys, where an inversion may lie beyond the window
+        n = m - L - 1
+        far = (srt[..., :n] >> b) == (srt[..., L + 1:] >> b)
+        diff = ks[..., 1:] != ks[..., :-1]  # (m - 1)
+        change = diff[..., 0:n]
+        for j in range(1, L + 1):
+            change = change | diff[..., j:j + n]
+        needs_exact = jnp.any(far & change)
+    else:
+        needs_exact = jnp.asarray(False)
+    return perm, pos + delta, needs_exact
+
+
+def magnitude_ranks(x: Float[Array, "*rows m"], *, window: int | None = None) -> Int[Array, "*rows m"]:
+    """Ascending rank of ``|x|`` along the last axis (ties by lower index; NaN ranks as +inf), int32.
+
+    Args:
+      x: any float array; ranked as float32 along its last axis (``-0.0 == 0.0``).
+      window: places on either side within which the packed sort's order is corrected (a cost knob:
+        the result is exact for every value; a larger window makes the exact fallback rarer and costs one
+        more read of the sorted keys per place). Default: 7 for rows up to 4096 entries, 23 up to 8192,
+        47 up to 16384.
+
+    Returns:
+      int32 ranks of ``x``'s shape, a permutation of ``0 .. m-1`` in each row.
+
+    References: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
+    Magnitude-Based Sampling" (2024) (MagPrune's ranks).
+    """
+    keys = _keys(x, magnitude=True)  # int32 in [0, 0x7F800000], monotone in |x|
+    m = x.shape[-1]
+    ax = x.ndim - 1
+    pos = lax.broadcasted_iota(jnp.int32, x.shape, ax)
+    if m <= 1 or x.size == 0:
+        return jnp.zeros(x.shape, jnp.int32)
+    b = max(1, (m - 1).bit_length())
+    if b > _MAX_PACKED_BITS or jax.device_count() > 1:
+        # with several devices the leaf may be sharded, and the SPMD partitioner all-gathers the operands
+        # of the gather and scatter below (the pair sort reshards whole rows with an all-to-all instead)
+        return _pair_sort_ranks(keys, pos)
+    if window is None:
+        window = _WINDOWS.get(b, _WINDOW)
+    perm, ranks_sorted, needs_exact = _sorted_ranks(keys, pos, b, window)
+
+    def fast():  # ranks back in row order: rank[perm[q]] = ranks_sorted[q], a scatter batched over the rows
+        put = lambda p, r: jnp.zeros(p.shape, jnp.int32).at[p].set(r, unique_indices=True, mode="promise_in_bounds")
+        for _ in range(ax):
+            put = jax.vmap(put)
+        return put(perm, ranks_sorted)
+
+    return lax.cond(needs_exact, lambda: _pair_sort_ranks(keys, pos), fast)

@@ -1,0 +1,80 @@
+"""jmerge.core.rank: exact magnitude ranks (DELLA) against NumPy's stable double argsort."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jmerge.core import rank
+from jmerge.core.rank import magnitude_ranks
+from jmerge.core.select import _keys
+
+
+def np_ranks(x):
+    a = np.abs(np.asarray(x, np.float32))
+    a = np.where(np.isnan(a), np.inf, a)
+    return np.argsort(np.argsort(a, axis=-1, kind="stable"), axis=-1, kind="stable")
+
+
+def cases():
+    rng = np.random.default_rng(5)
+    yield "gauss", rng.standard_normal((3, 6, 2816)).astype(np.float32) * 0.01
+    yield "one", rng.standard_normal((2, 3, 1)).astype(np.float32)
+    yield "two", rng.standard_normal((2, 3, 2)).astype(np.float32)
+    yield "odd", rng.standard_normal((2, 3, 33)).astype(np.float32)
+    x = np.round(rng.normal(size=(2, 5, 3001)) * 4) / 4
+    x[..., ::5] = -x[..., ::5]
+    x.flat[::7] = -0.0
+    yield "ties", x.astype(np.float32)
+    x = rng.standard_normal((2, 4, 500)).astype(np.float32)
+    x.flat[::11], x.flat[::13], x.flat[::17], x.flat[::3] = np.nan, np.inf, -np.inf, 0.0
+    yield "nan_inf_zero", x
+    yield "bf16", np.asarray(jnp.asarray(rng.standard_normal((2, 4, 2816)), jnp.bfloat16).astype(jnp.float32))
+    # one long run of equal high bits with different low bits: the exact fallback
+    yield "long_run", (1.0 + rng.integers(0, 4096, (2, 3, 3000)) * 2.0 ** -23).astype(np.float32)
+    # short runs of equal high bits with a few different low bits: the window correction
+    bits = np.int32(np.float32(1.0).view(np.int32)) + (np.arange(3000) // 4 << 12) + rng.integers(0, 4096, (2, 3, 3000))
+    yield "short_runs", rng.permuted(bits.astype(np.int32).view(np.float32), axis=-1)  # runs of 4
+    yield "long_rows", rng.standard_normal((2, 9000)).astype(np.float32)  # 14 position bits
+    yield "pair_sort", rng.standard_normal((1, 20000)).astype(np.float32)  # beyond the packed sort
+    yield "nd", rng.standard_normal((2, 3, 4, 5, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name,x", list(cases()), ids=[n for n, _ in cases()])
+def test_ranks_equal_numpy_stable_double_argsort(name, x):
+    got = np.asarray(jax.jit(magnitude_ranks)(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np_ranks(x))
+
+
+@pytest.mark.parametrize("window", [0, 1, 3, 7, 40])
+def test_every_window_is_exact(window):
+    """The window only trades cost: a window too small for the runs falls back to the pair sort."""
+    for name, x in cases():
+        if name in ("short_runs", "long_run", "ties", "gauss"):
+            got = np.asarray(jax.jit(lambda a: magnitude_ranks(a, window=window))(jnp.asarray(x)))
+            np.testing.assert_array_equal(got, np_ranks(x), err_msg=f"{name}, window {window}")
+
+
+def _sorted(x, window):
+    x = jnp.asarray(x)
+    pos = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    b = (x.shape[-1] - 1).bit_length()
+    return [np.asarray(a) for a in jax.jit(lambda: rank._sorted_ranks(_keys(x, True), pos, b, window))()]
+
+
+def test_window_correction_and_fallback_flag():
+    """Short runs are corrected by the window (no fallback, and the packed order alone is wrong there);
+    a long run of different keys raises the fallback flag."""
+    named = dict(cases())
+    x = named["short_runs"]
+    perm, ranks_sorted, needs_exact = _sorted(x, 7)
+    assert not needs_exact
+    ref = np_ranks(x)
+    in_sorted_order = np.take_along_axis(ref, perm, axis=-1)
+    np.testing.assert_array_equal(ranks_sorted, in_sorted_order)
+    assert not np.array_equal(in_sorted_order, np.broadcast_to(np.arange(x.shape[-1]), x.shape))  # corrected
+    assert _sorted(named["long_run"], 7)[2]
+    assert not _sorted(named["bf16"], 7)[2]  # runs of equal keys (bfloat16 low bits are zero)
+    assert not _sorted(named["gauss"], 7)[2]
