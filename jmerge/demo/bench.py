@@ -50,7 +50,8 @@ __all__ = ["DemoConfig", "REDUCED", "FULL", "build_models", "load_benchmark", "B
            "DEMO_SWEEPS", "summary_line", "LITERATURE_ORDER", "DEMO_METHODS", "LEARNED", "PER_TASK", "DYNAMIC",
            "merge_results", "storage_entry"]
 
-CACHE_VERSION = 2
+# Bumped whenever training changes: version 2 keys also held models trained by earlier code (same config).
+CACHE_VERSION = 3
 
 # Data-free methods: the grid each one's hyperparameters are chosen from on validation (ranges as in the
 # papers: lambda 0.1..1 for task arithmetic, density 0.1..0.3 / lambda ~1 for TIES, ...). Methods absent
@@ -607,13 +608,15 @@ def _default_storage(name: str, kind: str, T: int) -> int:
     return T if kind == "per-task" or name == "individual fine-tuned" else 1
 
 
-def merge_results(old: dict, new: dict) -> dict:
+def merge_results(old: dict, new: dict, *, tol: float = 1e-6) -> dict:
     """``old`` results with ``new``'s rows merged in: a row of the same method replaces the old one in place,
     other new rows go after the last row of their kind (kinds in the table's order); old rows without a
     storage figure get one (one model, or ``T`` models for per-task rows); ``skipped`` and timings combine.
 
     Raises:
-      ValueError: the two results are of different tasks or model sizes (not the same benchmark).
+      ValueError: the two results are of different tasks, model sizes or models: a reference row (zero-shot,
+        individual, multi-task) present in both whose accuracies differ by more than ``tol`` means the new rows
+        were computed on other models (another model cache or training run), so mixing them would be wrong.
 
     References: none (infrastructure).
     """
@@ -623,6 +626,13 @@ def merge_results(old: dict, new: dict) -> dict:
     if old.get("model_bytes", mb) != mb:
         raise ValueError(f"cannot merge results of a {mb}-byte model into results of a {old['model_bytes']}-byte "
                          "model (another benchmark configuration)")
+    old_refs = {r["method"]: r for r in old["rows"] if r["kind"] == "reference"}
+    for r in new["rows"]:
+        o = old_refs.get(r["method"]) if r["kind"] == "reference" else None
+        if o is not None and np.max(np.abs(np.asarray(o["acc"]) - np.asarray(r["acc"]))) > tol:
+            raise ValueError(f"the models differ from those of the existing results: '{r['method']}' scores "
+                             f"{100 * r['avg']:.2f} now and {100 * o['avg']:.2f} there; rerun every method (no "
+                             "--update) or use the model cache of that run (--cache-dir)")
     T = len(new["tasks"])
     rows = [dict(r) for r in old["rows"]]
     for r in rows:
