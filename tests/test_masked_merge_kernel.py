@@ -218,8 +218,10 @@ def test_bad_kernel_inputs():
         masked_merge(x, stacked=True, add_base=False, precision="float16")
     with pytest.raises(ValueError, match="power of two"):
         masked_merge(x, stacked=True, add_base=False, block_rows=3)
-    with pytest.raises(ValueError, match="not both"):
-        masked_merge(x, stacked=True, add_base=False, masks=x != 0, thresholds=([0, 0], [0, 0]))
+    with pytest.raises(ValueError, match="drop_thresholds needs thresholds"):
+        masked_merge(x, stacked=True, add_base=False, drop_thresholds=([0, 0], [0, 0]))
+    with pytest.raises(ValueError, match="mask_scale needs masks"):
+        masked_merge(x, stacked=True, add_base=False, mask_scale=[1.0, 2.0])
 
 
 def test_forced_pallas_inside_jit_grouped_leaves_and_vmap():
@@ -236,3 +238,50 @@ def test_forced_pallas_inside_jit_grouped_leaves_and_vmap():
     sweep = lambda m: jax.vmap(lambda w: jmerge.merge(m, base["l0"], [t["l0"] for t in models],
                                                       hparams={"weight": jmerge.PerModel([w[0], w[1]])}))(ws)
     assert_bitwise(sweep(mp), sweep(mx))
+
+
+@pytest.mark.parametrize("with_drop", [False, True])
+def test_kernel_masks_rescale_thresholds_and_drop_against_numpy(with_drop):
+    # the single-pass route's selection: drop mask, per-model rescale, then top-k of the rescaled values,
+    # optionally minus the top outliers (Breadcrumbs); against NumPy from the formula
+    T, shape = 3, (20, 128)
+    base, ms = _inputs(shape, T, np.float32, seed=21, ties_frac=0.5)  # repeated magnitudes: ties at thresholds
+    rng = np.random.default_rng(22)
+    masks = rng.random((T,) + shape) < 0.7
+    f = np.array([1.5, 0.75, 2.0], np.float32)
+    w = np.array([0.5, 1.0, 1.5], np.float32)
+    tau = np.stack([m - base for m in ms])
+    x = np.where(masks, tau, np.float32(0)) * f[:, None, None]
+    k = np.array([500, 1200, 2000])
+    thr = np_thresholds(x, k)
+    kept = np.zeros_like(x)
+    keep = np.zeros(x.shape, bool)
+    for t in range(T):
+        key = np.minimum(np.abs(x[t]).reshape(-1).view(np.int32), 0x7F800000)
+        pos = np.arange(key.size)
+        sel = (key > thr[0][t]) | ((key == thr[0][t]) & (pos < thr[1][t]))
+        keep[t] = sel.reshape(shape)
+    kw = {}
+    if with_drop:
+        drop = np_thresholds(x, np.array([20, 0, 100]))
+        for t in range(T):
+            key = np.minimum(np.abs(x[t]).reshape(-1).view(np.int32), 0x7F800000)
+            pos = np.arange(key.size)
+            keep[t] &= ~((key > drop[0][t]) | ((key == drop[0][t]) & (pos < drop[1][t]))).reshape(shape)
+        kw["drop_thresholds"] = drop
+    kept = np.where(keep, x, np.float32(0))
+    assert keep.sum() == (k.sum() - (120 if with_drop else 0))  # exact counts, ties included
+    c = w[:, None, None] * kept
+    sign = np.where(c.sum(0) >= 0, 1.0, -1.0)
+    agree = (np.sign(c) == sign) & (c != 0)
+    num = np.where(agree, c, 0).sum(0)
+    den = agree.sum(0)
+    want = base + 0.9 * num / np.where(den == 0, 1, den)
+    got = masked_merge(ms, base, masks=masks, mask_scale=f, thresholds=thr, weights=w, scale=0.9, block_rows=8,
+                       **kw)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+    # kernel == its one-fusion reference bit for bit without a scale (with one, XLA:CPU may contract
+    # ``base + scale * merged`` into an FMA in one program and not the other; jmerge.merge's XLA path and the
+    # kernel agree: tests/test_ties_fused.py)
+    kw.update(masks=masks, mask_scale=f, thresholds=thr, weights=w)
+    assert_bitwise(masked_merge(ms, base, block_rows=8, **kw), masked_merge(ms, base, reference=True, **kw))

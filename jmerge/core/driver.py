@@ -204,9 +204,25 @@ def _finish(method: Transform, state: MergeState, base_leaf, out_dtype):
 def _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view,
                precision=None):
     state = _initial_state(base_leaf, model_leaves, key, stacked, method.materialize_tau, view, precision)
+    if not return_extras:
+        out = _fused_leaf(method, state, hp, stats, base_leaf=base_leaf, model_leaves=model_leaves, stacked=stacked,
+                          out_dtype=out_dtype)
+        if out is not None:
+            return out
     state = run_steps(method.steps, state, hp, stats)
     out = _finish(method, state, base_leaf, out_dtype)
     return (out, state.extras) if return_extras else out
+
+
+def _fused_leaf(method, state, hp, stats, **inputs):
+    """A step whose update offers ``fuse_chain(method, state, hp, stats, **inputs)`` may compute the whole
+    leaf (the TIES family's single fused pass on GPU/TPU, ``jmerge.methods.ties_fused``); it returns None to
+    decline, and the steps run. The core imports no method: the offer is an attribute of the update."""
+    for _, s in method.steps:
+        fuse = getattr(s.update, "fuse_chain", None)
+        if fuse is not None:
+            return fuse(method, state, hp, stats, **inputs)
+    return None
 
 
 # Paths are not part of the compile key: leaves of equal shape, dtype and view share one executable.
@@ -295,6 +311,18 @@ class LeafProgram:
         keys = list(self.method.steps[si][1].hparams)
         own = [{k: hp[f"{sname}.{k}"] for k in keys} for hp in hps]
         return (phase.finalize_traced if traced else phase.finalize)(collected, own)
+
+    def skip(self, index: int, stats: Sequence[Mapping[str, Any]], hps: Sequence[Mapping[str, Any]]) -> list | None:
+        """Phase ``index``'s per-leaf values without a pass over the inputs, or None when it must run.
+
+        ``stats`` per leaf the statistics finalized so far (``{step name: {phase name: value}}``).
+        """
+        si, sname, phase = self.method.stats[index]
+        if phase.skip is None:
+            return None
+        keys = list(self.method.steps[si][1].hparams)
+        own = [{k: hp[f"{sname}.{k}"] for k in keys} for hp in hps]
+        return phase.skip([st.get(sname, {}) for st in stats], own)
 
     def __call__(self, base_leaf: Shaped[ArrayLike, "*shape"],
                  model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
@@ -544,9 +572,12 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
                               f"({', '.join(host_only)}, e.g. scope='global'): run this merge outside jax.jit/vmap, "
                               "or use a per-tensor scope.")
     for pi, (_, sname, phase) in enumerate(program.phases):
-        collected = [program.collect(pi, b, m, hp, k, st, v, traced=traced)
-                     for b, m, hp, k, st, v in zip(bl, ml, hps, keys, stats, vws)]
-        for st, val in zip(stats, program.finalize(pi, collected, hps, traced=traced)):
+        vals = None if traced else program.skip(pi, stats, hps)
+        if vals is None:
+            collected = [program.collect(pi, b, m, hp, k, st, v, traced=traced)
+                         for b, m, hp, k, st, v in zip(bl, ml, hps, keys, stats, vws)]
+            vals = program.finalize(pi, collected, hps, traced=traced)
+        for st, val in zip(stats, vals):
             st.setdefault(sname, {})[phase.name] = val
 
     if group_leaves not in (True, False, "auto"):

@@ -54,11 +54,16 @@ the mask is bit-identical on one device and on any mesh. Rows of at most 2048 en
 counting search is a ``while_loop`` that a vmap runs until the slowest setting converges). Both paths give
 the same exact result (same threshold, same tie cut), so the limit changes only cost, never a mask.
 
-The global (whole-model) selection uses radix histograms across leaves: phase 1 collects per task a
-65536-bin histogram of the high 16 bits of ``|tau|`` per leaf, the host sums them and finds the
-boundary bin; phase 2 collects per leaf the histogram of the low 16 bits inside that bin, the host
-finds the exact threshold and splits the quota of tied entries across leaves in leaf order (ties are
-broken by leaf order, then by flat index). Only histograms leave the device.
+The global (whole-model) selection runs the same counting search across leaves, one phase per pass:
+a strided sample of every leaf (weighted by the leaf's sampling rate) gives the first ten thresholds;
+each counting phase counts, per leaf and task, ``#{key >= t}`` at ten thresholds (two packed int32
+words) and the two snaps in one variadic reduction, rebuilt from the inputs inside a conditional that
+skips it once every task is done; the host sums the counts and narrows the bracket in int64, keeping
+the counts per leaf, so tied entries at the k-th key are split across leaves in leaf order (ties are
+broken by leaf order, then by flat index) without another pass. A search still open after the
+counting phases (heavy ties) ends with radix histograms (65536 bins of the high, then of the low 16
+bits of ``|tau|``, a scatter-add ~6x the cost of a counting pass on XLA:CPU). Only counts, snaps,
+samples and histograms leave the device.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ from .transform import StatsPhase
 from .xla import HONEST_COST_ENTRIES, HONEST_COST_MIN, honest_cost, loop_variant, materialized, split_blocks
 
 __all__ = ["topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
-           "whole_sort_limit"]
+           "whole_sort_limit", "topk_thresholds_rows", "global_topk_thresholds"]
 
 _I32_MIN = np.int32(np.iinfo(np.int32).min)
 _I32_MAX = np.int32(np.iinfo(np.int32).max)
@@ -406,15 +411,20 @@ def _search(xs, k, magnitude):
     return jnp.where(exact, lo - 1, lo), jnp.where(exact, glo, ghi), glo
 
 
-def _sorted_kth(x, k, magnitude):
-    """The same result for short rows, from a full sort of the keys."""
+def _sorted_threshold(x, k, magnitude):
+    """The same ``(v, cut)`` for short rows, from one sort of (key, -flat position) pairs: ascending, the last
+    ``k`` pairs are the top-k with ties at the lowest positions, and the first of them gives ``v`` and the
+    cut (``n`` when every entry equal to ``v`` is kept, as :func:`_tie_cuts` returns). No tie-cut pass and no
+    conditional: a sweep's program (rows up to :func:`whole_sort_limit`) compiles about half the code per shape.
+    """
     keys = _keys(x, magnitude)
     n = keys.shape[1]
-    srt = jnp.sort(keys, axis=1)
+    neg_pos = -lax.broadcasted_iota(jnp.int32, keys.shape, 1)
+    srt, neg = lax.sort((keys, neg_pos), dimension=1, num_keys=2)
     v = jnp.take_along_axis(srt, (n - k)[:, None], 1)
-    gt = jnp.sum(keys > v, axis=1, dtype=jnp.int32)
     ge = jnp.sum(keys >= v, axis=1, dtype=jnp.int32)
-    return v[:, 0], gt, ge
+    cut = jnp.where(ge == k, np.int32(n), np.int32(1) - jnp.take_along_axis(neg, (n - k)[:, None], 1)[:, 0])
+    return v[:, 0], cut
 
 
 def _tie_cut(x, v, quota, magnitude):
@@ -504,9 +514,12 @@ def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
     k = jnp.asarray(k).astype(jnp.int32)
     kc = jnp.clip(k, 1, n)
     if n <= _sort_max():
-        v, gt, ge = _sorted_kth(_stacked(xs), kc, magnitude)
-    else:
-        v, gt, ge = _search(xs, kc, magnitude)
+        v, cut = _sorted_threshold(_stacked(xs), kc, magnitude)
+        # k <= 0: a threshold above every key keeps nothing; k >= n: one below every key keeps all (the cuts of
+        # these rows are those of the counting path; they select nothing more).
+        return (jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v)),
+                jnp.where((k <= 0) | (k == n), np.int32(0), jnp.where(k > n, np.int32(n), cut)))
+    v, gt, ge = _search(xs, kc, magnitude)
     # k <= 0: a threshold above every key keeps nothing; k >= n: one below every key keeps all.
     v = jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v))
     gt = jnp.where(k <= 0, 0, jnp.where(k >= n, n, gt))
@@ -553,6 +566,29 @@ def topk_keep_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], *, mag
     masks = [_threshold_mask(x[t], v[t], cut[t], magnitude) for t in range(T)]
     kept = jnp.stack([jnp.where(mt, x[t], np.float32(0)) for t, mt in enumerate(masks)])
     return kept, jnp.stack(masks)
+
+
+def topk_thresholds_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], *, magnitude: bool = False,
+                         rebuild: Callable[[Callable[[Any], Any]], Sequence[Shaped[ArrayLike, "*shape"]]] | None = None
+                         ) -> tuple[Int[Array, "T"], Int[Array, "T"]]:
+    """The per-row thresholds ``(v, cut)`` behind :func:`topk_keep_rows`'s mask, for a consumer that applies it
+    itself (the fused TIES kernel, :func:`jmerge.kernels.masked_merge`).
+
+    Row ``t`` keeps the entries whose int32 order key (of ``|x|`` with ``magnitude``: ``min(bits(|x|),
+    bits(inf))``) is above ``v[t]``, and those equal to ``v[t]`` at flat (row-major) positions below
+    ``cut[t]``: exactly the mask of :func:`topk_keep_rows` / :func:`topk_mask_rows` (same search, same ties).
+    ``rebuild`` as in :func:`topk_keep_rows`.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023) for the
+    trim step this selection serves.
+    """
+    x = jnp.asarray(x)
+    k = jnp.broadcast_to(jnp.asarray(k), (x.shape[0],))
+    if rebuild is None:
+        xs = _rows_fn(jnp.asarray(x, jnp.float32))
+    else:
+        xs = lambda g: [jnp.asarray(r, jnp.float32) for r in rebuild(g)]
+    return _row_thresholds(xs, k, magnitude)
 
 
 def topk_mask(x: Float[Array, "*shape"], k: int | Int[Array, ""]) -> Bool[Array, "*shape"]:
@@ -656,8 +692,204 @@ def _boundary(hist: np.ndarray, k: int) -> tuple[int, int]:
     return b, int(above[b])
 
 
+_G_PASSES = 7  # counting phases before the histogram fallback
+_G_SAMPLE = 4096  # sampled entries per leaf and task (at most 1/32 of the leaf)
+_G_CS0 = np.array([-7.0, -4.0, -2.2, -1.0, -0.3, 0.3, 1.0, 2.2, 4.0, 7.0])  # first thresholds, in sample sigmas
+_G_CS = np.array([-3.5, -2.0, -1.1, -0.5, -0.15, 0.15, 0.5, 1.1, 2.0, 3.5])  # later thresholds, in expected errors
+_G_J = 2 * _J  # thresholds per counting phase (two packed counts)
+_G_CARRY: dict[int, dict] = {}  # host state of running searches, by token (a few at a time)
+_G_TOKENS = iter(range(1, 2 ** 31 - 1))
+
+
+def _g_rows(state: MergeState) -> list:
+    """The leaf's task vectors as a list of rows in their own shape (each counted by its own reduction,
+    so ``tau = models - base`` is read from the models and never materialized)."""
+    tau = state.tau if state.tau.ndim > 1 else state.tau.reshape(state.tau.shape[0], 1)
+    return [jnp.asarray(tau[t], jnp.float32) for t in range(tau.shape[0])]
+
+
+def _g_count_pass(x, ts, lo, hi):
+    """:func:`_count_pass` of ``|x|`` at ``J`` thresholds (a multiple of ``_J``: one packed int32 per five) in one
+    variadic reduction, with the snaps."""
+    R, J = x.shape[0], ts.shape[1]
+    W = J // _J
+    main, tail = _blocks(x)
+    counts = jnp.zeros((R, J), jnp.int32)
+    below = jnp.full((R,), _I32_MIN, jnp.int32)
+    above = jnp.full((R,), _I32_MAX, jnp.int32)
+    if main.size:
+        km = _keys(main, True)
+        col = lambda a: a.reshape((R,) + (1,) * (main.ndim - 1))
+        packed = tuple(sum((km >= col(ts[:, w * _J + j])).astype(jnp.int32) << (_BITS * j) for j in range(_J))
+                       for w in range(W))
+        lo3, hi3 = col(lo), col(hi)
+        out = lax.reduce(packed + (jnp.where(km < hi3, km, _I32_MIN), jnp.where(km > lo3, km, _I32_MAX)),
+                         (np.int32(0),) * W + (_I32_MIN, _I32_MAX),
+                         lambda a, b: tuple(x + y for x, y in zip(a[:W], b[:W]))
+                         + (jnp.maximum(a[W], b[W]), jnp.minimum(a[W + 1], b[W + 1])),
+                         (main.ndim - 1,))
+        rest = tuple(range(1, out[0].ndim))  # block sums in the data's own shape: no flattening (sharding)
+        counts = counts + jnp.concatenate([_unpack_counts(s, _J) for s in out[:W]], axis=1)
+        below = jnp.maximum(below, jnp.max(out[W], axis=rest))
+        above = jnp.minimum(above, jnp.min(out[W + 1], axis=rest))
+    if tail.shape[1]:
+        kt = _keys(tail, True)
+        counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
+        below = jnp.maximum(below, jnp.max(jnp.where(kt < hi[:, None], kt, _I32_MIN), axis=1))
+        above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
+    return counts, below, above
+
+
+def _g_source(state: MergeState):
+    """``guard -> rows`` of the leaf's task vectors in their own shape. Called inside a conditional: while
+    ``tau`` is ``models - base`` the rows are rebuilt from the inputs there (a conditional's closure would
+    otherwise take ``tau`` as an operand, materialized), and each row is counted by its own reduction."""
+    rebuild = state.tau_rebuild()
+    if rebuild is not None:
+        src = lambda g: [jnp.asarray(r, jnp.float32) for r in rebuild(g)]
+    else:
+        src = lambda g: [jnp.asarray(g(state.tau)[t], jnp.float32) for t in range(state.tau.shape[0])]
+    return lambda g: [r if r.ndim else r.reshape(1) for r in src(g)]
+
+
+def _g_count(state: MergeState, prev) -> dict:
+    """Counts ``#{key >= ts}`` at the ``_G_J`` thresholds of ``prev`` and the snaps per task (one read)."""
+    T = state.tau.shape[0]
+    ts, lo, hi = (jnp.asarray(prev[a], jnp.int32) for a in ("ts", "lo", "hi"))
+    src = _g_source(state)
+
+    def run():
+        parts = [_g_count_pass(r[None], ts[t:t + 1], lo[t:t + 1], hi[t:t + 1]) for t, r in enumerate(src(lambda a: a))]
+        return tuple(jnp.concatenate(z) for z in zip(*parts))
+
+    skip = lambda: (jnp.zeros((T, _G_J), jnp.int32), jnp.full((T,), _I32_MIN), jnp.full((T,), _I32_MAX))
+    if state.tau.size == 0:
+        c, b, a = skip()
+    else:
+        c, b, a = lax.cond(jnp.asarray(prev["run"]), run, skip)
+    return {"counts": c, "below": b, "above": a, "token": jnp.asarray(prev["token"])}
+
+
+class _GSearch:
+    """Host state of one global top-k search per task: the bracket ``lo <= v < hi`` with its counts
+    (in total and per leaf), as :func:`_narrow` / :func:`_next_thresholds` keep it per row, in int64."""
+
+    def __init__(self, ks, sizes):
+        self.ks = np.asarray(ks, np.int64)
+        self.sizes = np.asarray(sizes, np.int64)  # (L,)
+        T, L = self.ks.size, self.sizes.size
+        self.lo = np.zeros(T, np.int64)  # G(0) = total (keys of |tau| are >= 0)
+        self.hi = np.full(T, int(_TOP), np.int64)  # G(_TOP) = 0
+        self.glo_i = np.tile(self.sizes[:, None], (1, T))  # (L, T)
+        self.ghi_i = np.zeros((L, T), np.int64)
+        self.even = np.zeros(T, bool)
+        total = int(self.sizes.sum())
+        self.active = (self.ks > 0) & (self.ks < total)
+
+    def done(self) -> np.ndarray:
+        glo = self.glo_i.sum(0)
+        return ~self.active | (glo == self.ks) | (self.hi - self.lo <= 1)
+
+    def narrow(self, ts, counts_i, below, above):
+        """``ts`` (T, J); ``counts_i`` (L, T, J) per leaf; snaps (T,) over all leaves."""
+        run = ~self.done()
+        for t in np.flatnonzero(run):
+            k = self.ks[t]
+            G = counts_i[:, t, :].sum(0)
+            lo, hi = self.lo[t], self.hi[t]
+            m_old = self.glo_i[:, t].sum() - self.ghi_i[:, t].sum()
+            ge = G >= k
+            inside = (ts[t] > lo) & (ts[t] < hi)
+            cand = np.flatnonzero(ge & inside)
+            if cand.size:
+                j = cand[np.argmax(ts[t, cand])]
+                self.lo[t] = ts[t, j]
+                self.glo_i[:, t] = counts_i[:, t, j]
+            cand = np.flatnonzero(~ge & inside)
+            if cand.size:
+                j = cand[np.argmin(ts[t, cand])]
+                self.hi[t] = ts[t, j]
+                self.ghi_i[:, t] = counts_i[:, t, j]
+            # No key lies in (below, hi): G(below + 1) == G(hi) in every leaf.
+            if self.hi[t] == hi and self.lo[t] <= below[t] < self.hi[t]:
+                self.hi[t] = below[t] + 1
+            # No key lies in (lo, above): the k-th key is lo itself when that covers the bracket.
+            if self.lo[t] == lo and above[t] >= self.hi[t]:
+                self.hi[t] = lo + 1
+            m = self.glo_i[:, t].sum() - self.ghi_i[:, t].sum()
+            self.even[t] = 2 * m > m_old
+
+    def next_thresholds(self, below, above) -> np.ndarray:
+        T = self.ks.size
+        ts = np.zeros((T, _G_J), np.int64)
+        for t in range(T):
+            lo, hi, k = self.lo[t], self.hi[t], self.ks[t]
+            D = hi - lo
+            if D <= 1:
+                ts[t] = lo
+                continue
+            glo, ghi = self.glo_i[:, t].sum(), self.ghi_i[:, t].sum()
+            if D <= _G_J + 1:
+                off = np.arange(1, _G_J + 1)
+            elif self.even[t] or glo - ghi <= 2 * _G_J:  # few entries left: no density to interpolate
+                off = np.floor(D * np.arange(1, _G_J + 1) / (_G_J + 1))
+            else:
+                m = max(glo - ghi, 1)
+                est = D * ((glo - k) + 0.5) / m
+                err = 0.5 * D / np.sqrt(m) + 1.0
+                off = np.round(est + err * _G_CS)
+            ts[t] = lo + np.clip(off, 1, D - 1).astype(np.int64)
+            if lo < above[t] < hi:
+                ts[t, 0] = above[t]
+            if lo < below[t] < hi:
+                ts[t, -1] = below[t]
+        return ts
+
+    def result(self, L):
+        """Per leaf ``(v, quota, eq)`` (T,) each: keep ``key > v`` and the first ``quota`` of the leaf's
+        ``eq`` entries equal to ``v`` (ties split in leaf order)."""
+        T = self.ks.size
+        total = int(self.sizes.sum())
+        v = np.zeros(T, np.int64)
+        quota = np.zeros((L, T), np.int64)
+        eq = np.zeros((L, T), np.int64)
+        for t in range(T):
+            kt = int(self.ks[t])
+            if kt <= 0:
+                v[t] = int(_I32_MAX)
+            elif kt >= total:
+                v[t] = -1
+            elif self.glo_i[:, t].sum() == kt:  # G(lo) == k: keep key >= lo, no ties to split
+                v[t] = self.lo[t] - 1
+            else:  # one key left: lo, with ties
+                v[t] = self.lo[t]
+                eq[:, t] = self.glo_i[:, t] - self.ghi_i[:, t]
+                q = kt - int(self.ghi_i[:, t].sum())
+                for i in range(L):
+                    quota[i, t] = min(int(eq[i, t]), max(q, 0))
+                    q -= quota[i, t]
+        return v, quota, eq
+
+
+def _g_put(carry: dict) -> int:
+    while len(_G_CARRY) >= 64:  # abandoned searches (a merge that failed half-way)
+        _G_CARRY.pop(next(iter(_G_CARRY)))
+    token = next(_G_TOKENS)
+    _G_CARRY[token] = carry
+    return token
+
+
+def _g_out(search: _GSearch, ts, token: int, L: int) -> list:
+    run = bool(np.any(~search.done()))
+    lo = jnp.asarray(search.lo.astype(np.int32))
+    hi = jnp.asarray(np.minimum(search.hi, int(_TOP)).astype(np.int32))
+    out = {"ts": jnp.asarray(ts.astype(np.int32)), "lo": lo, "hi": hi, "run": jnp.asarray(run),
+           "token": jnp.asarray(np.int32(token))}
+    return [out for _ in range(L)]
+
+
 def global_topk_phases(name: str = "global_topk", density_key: str = "density",
-                       rounding: Literal["round", "floor", "authors"] = "round") -> tuple[StatsPhase, StatsPhase]:
+                       rounding: Literal["round", "floor", "authors"] = "round") -> tuple[StatsPhase, ...]:
     """StatsPhases for a per-task top-k of ``|tau|`` over the whole model (all leaves together).
 
     Each task vector keeps ``round(density * N)`` entries, ``N`` its total size over all leaves;
@@ -665,70 +897,193 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
     Ties at the threshold are broken by leaf order, then by flat index. Read the leaf's mask with
     :func:`global_topk_mask` in the update that follows.
 
+    How: a strided sample of every leaf gives the first thresholds; each counting phase counts, per
+    leaf and task, the entries at or above ten thresholds in one read (the packed counts of
+    :func:`topk_mask_rows`), the host sums the counts and narrows the bracket of the k-th key (counts
+    per leaf are kept, so tied entries are split in leaf order without another pass). On smooth data
+    the search ends within the counting phases; a search that has not (heavy ties) finishes with the
+    radix histograms (65536 bins of the high, then of the low 16 bits of ``|tau|``). Phases with
+    nothing left to do run an empty conditional. Only counts, snaps, samples and histograms leave the
+    device.
+
     Args:
-      name: stats name (two phases: ``name + "/hi"`` and ``name``).
+      name: stats name (the phases are ``name + "/sample"``, ``name + "/count<i>"``, ``name + "/hi"``
+        and ``name``).
       density_key: hyperparameter holding the kept fraction.
       rounding: ``"round"`` keeps ``round(density * N)``, ``"floor"`` ``int(density * N)``, ``"authors"``
         ``int(density * N) + 1`` (at most ``N``), as the TIES authors' code.
 
     Returns:
-      A tuple of two :class:`StatsPhase` to pass as ``stats=`` to :func:`jmerge.transform`.
+      A tuple of :class:`StatsPhase` to pass as ``stats=`` to :func:`jmerge.transform`.
 
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
     (NeurIPS 2023) (trim over the whole model per task).
     """
-    hi_name = name + "/hi"
+    s_name, hi_name = name + "/sample", name + "/hi"
+    c_names = [f"{name}/count{i}" for i in range(_G_PASSES)]
+    prev_of = dict(zip(c_names, [s_name] + c_names[:-1]))
+
+    def collect_sample(state: MergeState, hp):
+        rows = _g_rows(state)
+        n = rows[0].size
+        target = min(_G_SAMPLE, max(n // 32, 1))
+        keys = jnp.stack([_keys(_sample(r, target), True).reshape(-1) for r in rows]) if n else \
+            jnp.zeros((len(rows), 0), jnp.int32)
+        return {"keys": keys, "n": jnp.int32(n)}
+
+    def finalize_sample(collected, hps):
+        T, L = collected[0]["keys"].shape[0], len(collected)
+        sizes = np.array([int(c["n"]) for c in collected], np.int64)
+        total = int(sizes.sum())
+        ks = _global_ks(hps, density_key, T, name, total, rounding)
+        search = _GSearch(ks, sizes)
+        keys = [np.asarray(c["keys"], np.int64) for c in collected]
+        w = np.concatenate([np.full(kk.shape[1], sizes[i] / max(kk.shape[1], 1)) for i, kk in enumerate(keys)])
+        ts = np.zeros((T, _G_J), np.int64)
+        for t in range(T):
+            kt = min(max(int(ks[t]), 1), max(total, 1))
+            sk = np.concatenate([kk[t] for kk in keys])
+            if sk.size == 0:
+                ts[t] = np.arange(1, _G_J + 1)
+                continue
+            order = np.argsort(-sk, kind="stable")
+            cw = np.cumsum(w[order])  # estimated #{key >= sk[order[j]]}
+            sd = np.sqrt(kt * max(1.0 - kt / max(total, 1), 0.0) * total / sk.size) + 1.0
+            pos = np.searchsorted(cw, kt + _G_CS0[::-1] * sd)  # from high G (low key) to low G
+            ts[t] = np.clip(sk[order[np.clip(pos, 0, sk.size - 1)]], 1, int(_INF_KEY))
+        token = _g_put({"search": search, "ts": ts})
+        return _g_out(search, ts, token, L)
+
+    def finalize_count(collected, hps, last):
+        token = int(collected[0]["token"])
+        carry = _G_CARRY[token]
+        search, ts = carry["search"], carry["ts"]
+        counts_i = np.stack([np.asarray(c["counts"], np.int64) for c in collected])  # (L, T, J)
+        below = np.max([np.asarray(c["below"], np.int64) for c in collected], axis=0)
+        above = np.min([np.asarray(c["above"], np.int64) for c in collected], axis=0)
+        if not np.all(search.done()):
+            search.narrow(ts, counts_i, below, above)
+            carry["ts"] = ts = search.next_thresholds(below, above)
+        if last:
+            fb = jnp.asarray(bool(np.any(~search.done())))
+            return [{"fallback": fb, "token": jnp.asarray(np.int32(token))} for _ in collected]
+        return _g_out(search, ts, token, len(collected))
 
     def collect_hi(state: MergeState, hp):
-        u = _abs_u(state.tau)
-        return _hist_rows((u >> 16).astype(jnp.int32), 65536)
+        prev = state.stats[c_names[-1]]
+        T = state.tau.shape[0]
+
+        def run():
+            u = _abs_u(jnp.stack(_g_source(state)(lambda a: a)))
+            return _hist_rows((u >> 16).astype(jnp.int32), 65536)
+
+        hist = lax.cond(jnp.asarray(prev["fallback"]), run, lambda: jnp.zeros((T, 65536), jnp.int32))
+        return {"hist": hist, "fallback": prev["fallback"], "token": prev["token"]}
 
     def finalize_hi(collected, hps):
-        T = collected[0].shape[0]
-        hist = np.sum([np.asarray(c, np.int64) for c in collected], axis=0)  # (T, 65536)
-        total = int(hist[0].sum())
-        ks = _global_ks(hps, density_key, T, name, total, rounding)
-        b1 = np.array([_boundary(hist[t], int(min(max(ks[t], 1), max(total, 1))))[0] for t in range(T)],
-                      np.int32)
-        return [{"b1": jnp.asarray(b1)} for _ in collected]
+        fb = bool(collected[0]["fallback"])
+        token = collected[0]["token"]
+        T = collected[0]["hist"].shape[0]
+        b1 = np.zeros(T, np.int32)
+        if fb:
+            hist = np.sum([np.asarray(c["hist"], np.int64) for c in collected], axis=0)  # (T, 65536)
+            total = int(hist[0].sum())
+            ks = _global_ks(hps, density_key, T, name, total, rounding)
+            b1 = np.array([_boundary(hist[t], int(min(max(ks[t], 1), max(total, 1))))[0] for t in range(T)],
+                          np.int32)
+        return [{"b1": jnp.asarray(b1), "fallback": jnp.asarray(fb), "token": token} for _ in collected]
 
     def collect_lo(state: MergeState, hp):
-        u = _abs_u(state.tau)
-        b1 = state.stats[hi_name]["b1"]
-        h = (u >> 16).astype(jnp.int32)
-        b1c = b1.reshape((-1,) + (1,) * (h.ndim - 1))
-        inbin = jnp.where(h == b1c, (u & np.uint32(0xFFFF)).astype(jnp.int32), 65536)
-        return {"hist": _hist_rows(inbin, 65536), "above": _count_leaf(h > b1c),
-                "n": jnp.int32(h[0].size), "b1": b1}
+        prev = state.stats[hi_name]
+        T = state.tau.shape[0]
+        b1 = prev["b1"]
+
+        def run():
+            u = _abs_u(jnp.stack(_g_source(state)(lambda a: a)))
+            h = (u >> 16).astype(jnp.int32)
+            b1c = b1.reshape((-1,) + (1,) * (h.ndim - 1))
+            inbin = jnp.where(h == b1c, (u & np.uint32(0xFFFF)).astype(jnp.int32), 65536)
+            return _hist_rows(inbin, 65536), _count_leaf(h > b1c)
+
+        hist, above = lax.cond(jnp.asarray(prev["fallback"]), run,
+                               lambda: (jnp.zeros((T, 65536), jnp.int32), jnp.zeros((T,), jnp.int32)))
+        return {"hist": hist, "above": above, "n": jnp.int32(state.tau[0].size), "b1": b1,
+                "fallback": prev["fallback"], "token": prev["token"]}
 
     def finalize_lo(collected, hps):
-        T = collected[0]["hist"].shape[0]
-        hists = np.stack([np.asarray(c["hist"], np.int64) for c in collected])  # (L, T, 65536)
-        hist = hists.sum(0)
-        above = np.sum([np.asarray(c["above"], np.int64) for c in collected], axis=0)
-        total = int(sum(int(c["n"]) for c in collected))
-        b1 = np.asarray(collected[0]["b1"], np.int64)
-        ks = _global_ks(hps, density_key, T, name, total, rounding)
-        v = np.zeros(T, np.int64)
-        quotas = np.zeros((len(collected), T), np.int64)
-        for t in range(T):
-            kt = int(ks[t])
-            if kt <= 0:
-                v[t] = int(_I32_MAX)  # nothing lies above it, and no quota
-                continue
-            if kt >= total:
-                v[t] = -1  # every key of |tau| (>= 0) lies above it
-                continue
-            b2, above2 = _boundary(hist[t], kt - int(above[t]))
-            v[t] = (int(b1[t]) << 16) | b2
-            q = kt - int(above[t]) - above2  # tied entries to keep, given to leaves in order
-            for i in range(len(collected)):
-                quotas[i, t] = min(int(hists[i, t, b2]), max(q, 0))
-                q -= quotas[i, t]
+        carry = _G_CARRY.pop(int(collected[0]["token"]), None)
+        L = len(collected)
+        if not bool(collected[0]["fallback"]):
+            v, quotas, eqs = carry["search"].result(L)
+        else:
+            v, quotas, eqs = _radix_result(collected, hps, density_key, name, rounding)
         vj = jnp.asarray(v.astype(np.int32))
-        return [{"v": vj, "quota": jnp.asarray(quotas[i].astype(np.int32))} for i in range(len(collected))]
+        return [{"v": vj, "quota": jnp.asarray(quotas[i].astype(np.int32)), "eq": jnp.asarray(eqs[i].astype(np.int32))}
+                for i in range(L)]
 
-    return (StatsPhase(hi_name, collect_hi, finalize_hi), StatsPhase(name, collect_lo, finalize_lo))
+    # Skips (no pass over the inputs, out of core) once the search is done: the values the phases would give.
+    def skip_count(so_far, hps, cn, last):
+        token = int(so_far[0][prev_of[cn]]["token"])
+        carry = _G_CARRY[token]
+        if not np.all(carry["search"].done()):
+            return None
+        if last:
+            return [{"fallback": jnp.asarray(False), "token": jnp.asarray(np.int32(token))} for _ in so_far]
+        return _g_out(carry["search"], carry["ts"], token, len(so_far))
+
+    def skip_hi(so_far, hps):
+        prev = so_far[0][c_names[-1]]
+        if bool(prev["fallback"]):
+            return None
+        T = _G_CARRY[int(prev["token"])]["search"].ks.size
+        return [{"b1": jnp.zeros(T, jnp.int32), "fallback": jnp.asarray(False), "token": prev["token"]}
+                for _ in so_far]
+
+    def skip_lo(so_far, hps):
+        prev = so_far[0][hi_name]
+        if bool(prev["fallback"]):
+            return None
+        return finalize_lo([{"fallback": prev["fallback"], "token": prev["token"]} for _ in so_far], hps)
+
+    phases = [StatsPhase(s_name, collect_sample, finalize_sample)]
+    for i, cn in enumerate(c_names):
+        last = i == _G_PASSES - 1
+        phases.append(StatsPhase(cn, lambda state, hp, cn=cn: _g_count(state, state.stats[prev_of[cn]]),
+                                 lambda collected, hps, last=last: finalize_count(collected, hps, last),
+                                 skip=lambda so_far, hps, cn=cn, last=last: skip_count(so_far, hps, cn, last)))
+    phases += [StatsPhase(hi_name, collect_hi, finalize_hi, skip=skip_hi),
+               StatsPhase(name, collect_lo, finalize_lo, skip=skip_lo)]
+    return tuple(phases)
+
+
+def _radix_result(collected, hps, density_key, name, rounding):
+    """``(v, quota, eq)`` from the radix histograms (the fallback of :func:`global_topk_phases`)."""
+    T = collected[0]["hist"].shape[0]
+    hists = np.stack([np.asarray(c["hist"], np.int64) for c in collected])  # (L, T, 65536)
+    hist = hists.sum(0)
+    above = np.sum([np.asarray(c["above"], np.int64) for c in collected], axis=0)
+    total = int(sum(int(c["n"]) for c in collected))
+    b1 = np.asarray(collected[0]["b1"], np.int64)
+    ks = _global_ks(hps, density_key, T, name, total, rounding)
+    v = np.zeros(T, np.int64)
+    quotas = np.zeros((len(collected), T), np.int64)
+    eqs = np.zeros((len(collected), T), np.int64)
+    for t in range(T):
+        kt = int(ks[t])
+        if kt <= 0:
+            v[t] = int(_I32_MAX)  # nothing lies above it, and no quota
+            continue
+        if kt >= total:
+            v[t] = -1  # every key of |tau| (>= 0) lies above it
+            continue
+        b2, above2 = _boundary(hist[t], kt - int(above[t]))
+        v[t] = (int(b1[t]) << 16) | b2
+        eqs[:, t] = hists[:, t, b2]
+        q = kt - int(above[t]) - above2  # tied entries to keep, given to leaves in order
+        for i in range(len(collected)):
+            quotas[i, t] = min(int(hists[i, t, b2]), max(q, 0))
+            q -= quotas[i, t]
+    return v, quotas, eqs
 
 
 def _global_ks(hps, key: str, T: int, name: str, total: int, rounding: str = "round") -> np.ndarray:
@@ -756,6 +1111,13 @@ def _global_density(hps, key: str, T: int, name: str) -> np.ndarray:
     return first
 
 
+def _global_eq(st, x, v):
+    """Entries equal to ``v`` per row of ``x`` (T, *shape): counted by the phases, else counted here."""
+    if "eq" in st:
+        return jnp.asarray(st["eq"], jnp.int32)
+    return _count_leaf(_keys(x, True) == v.reshape((x.shape[0],) + (1,) * (x.ndim - 1)))
+
+
 def global_topk_mask(state: MergeState, name: str = "global_topk") -> Bool[Array, "T *shape"]:
     """This leaf's ``(T, *shape)`` bool mask from :func:`global_topk_phases` statistics.
 
@@ -769,5 +1131,21 @@ def global_topk_mask(state: MergeState, name: str = "global_topk") -> Bool[Array
     x = _leaf_rows(jnp.asarray(state.tau, jnp.float32))  # the leaf's own shape (sharding), flat order row-major
     v = jnp.asarray(st["v"], jnp.int32)
     quota = jnp.asarray(st["quota"], jnp.int32)
-    eq = _count_leaf(_keys(x, True) == v.reshape((T,) + (1,) * (x.ndim - 1)))
+    eq = _global_eq(st, x, v)
     return _threshold_mask(x, v, _tie_cuts(_rows_fn(x), v, quota, eq, True), True).reshape(state.tau.shape)
+
+
+def global_topk_thresholds(state: MergeState, name: str = "global_topk") -> tuple[Int[Array, "T"], Int[Array, "T"]]:
+    """This leaf's thresholds ``(v, cut)`` of :func:`global_topk_mask` (see :func:`topk_thresholds_rows`):
+    row ``t`` keeps magnitude keys above ``v[t]`` and those equal to it at flat positions below ``cut[t]``.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
+    (NeurIPS 2023).
+    """
+    st = state.stats[name]
+    T = state.tau.shape[0]
+    x = _leaf_rows(jnp.asarray(state.tau, jnp.float32))
+    v = jnp.asarray(st["v"], jnp.int32)
+    quota = jnp.asarray(st["quota"], jnp.int32)
+    eq = _global_eq(st, x, v)
+    return v, _tie_cuts(_rows_fn(x), v, quota, eq, True)

@@ -36,7 +36,10 @@ class StatsPhase(NamedTuple):
     all leaves; the step's update then finds its leaf's value in ``state.stats[name]``. A phase whose
     finalization can also run on traced values (inside the user's ``jax.jit``) gives it as
     ``finalize_traced`` (same signature, JAX operations only); without it the method cannot be merged
-    inside a trace.
+    inside a trace. ``skip(so_far, hps)``, optional, runs on the host before the phase: ``so_far`` holds per
+    leaf the step's phase values finalized so far (``{phase name: value}``); it returns the phase's per-leaf
+    values when the phase has nothing to read (a search already finished: no pass over the inputs, which
+    matters out of core), or None to run it.
 
     References: optax's ``chain``/``named_chain`` (DeepMind) for the step design; Yadav et al., "TIES-Merging:
     Resolving Interference When Merging Models" (NeurIPS 2023) for the global top-k it serves.
@@ -46,6 +49,7 @@ class StatsPhase(NamedTuple):
     collect: Callable[[MergeState, HParams], Any]
     finalize: Callable[[list, list], list]
     finalize_traced: Callable[[list, list], list] | None = None
+    skip: Callable[[list, list], list | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

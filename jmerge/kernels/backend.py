@@ -9,6 +9,11 @@ or a method named in ``jmerge.merge``/a config), from :func:`merge_backend` (a c
 else the environment variable ``JMERGE_MERGE_BACKEND``; it is part of the method's identity, so
 methods built under different choices compile separately. This module imports no JAX at import time.
 
+Where the kernel applies, a TIES-family chain (``[trim | dare [+ trim] | breadcrumbs | della] -> elect_sign
+-> disjoint_merge [-> scale]``) runs per leaf as one pass (``jmerge.methods.ties_fused``): the exact top-k
+thresholds (or a drop's mask) by XLA, then one kernel reading the models and the base once and writing
+``base + delta``; other chains with ``disjoint_merge`` run their steps, the kernel fusing the final aggregation.
+
 References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
 """
 

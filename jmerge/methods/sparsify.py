@@ -75,12 +75,16 @@ def rescale_l1(tau: Float[Array, "T *shape"], kept: Float[Array, "T *shape"]) ->
     Lunch" (ICML 2024); mergekit's ``rescale`` (Goddard et al., "Arcee's MergeKit", EMNLP 2024).
     """
     T = tau.shape[0]
+    return kept * _l1_factors(tau, kept).reshape((T,) + (1,) * (tau.ndim - 1))
+
+
+def _l1_factors(tau, kept) -> jax.Array:
+    """The ``(T,)`` factors of :func:`rescale_l1` (also read by the fused TIES kernel's route)."""
     axes = tuple(range(1, tau.ndim))  # not flattened: a sharded leaf is summed where it lives
     before = jnp.sum(jnp.abs(tau), axis=axes)
     after = jnp.sum(jnp.abs(kept), axis=axes)
     ok = (before >= _L1_EPS) & (after >= _L1_EPS)
-    f = jnp.where(ok, before / jnp.where(ok, after, 1.0), 1.0)
-    return kept * f.reshape((T,) + (1,) * (tau.ndim - 1))
+    return jnp.where(ok, before / jnp.where(ok, after, 1.0), 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,16 +93,21 @@ def rescale_l1(tau: Float[Array, "T *shape"], kept: Float[Array, "T *shape"]) ->
 _TRIM_STATS = "trim_global_topk"
 
 
+def _trim_k(state: MergeState, hp, rounding: str) -> jax.Array:
+    """Entries kept per task by a per-tensor trim, ``(T,)`` int32 (also read by the fused TIES route)."""
+    n = state.tau[0].size
+    d = _per_task(hp["density"], state.num_models)
+    k = _count(d, n, rounding)
+    if rounding == "floor":  # mergekit keeps at least one entry when density > 0
+        k = jnp.where(d > 0, jnp.maximum(k, min(1, n)), k)
+    return k
+
+
 def _trim(state: MergeState, hp, *, scope: str, rounding: str) -> MergeState:
-    T = state.num_models
     if scope == "global":
         mask = _select.global_topk_mask(state, _TRIM_STATS)
     else:
-        n = state.tau[0].size
-        d = _per_task(hp["density"], T)
-        k = _count(d, n, rounding)
-        if rounding == "floor":  # mergekit keeps at least one entry when density > 0
-            k = jnp.where(d > 0, jnp.maximum(k, min(1, n)), k)
+        k = _trim_k(state, hp, rounding)
         # While tau is models - base, the counting passes read the models: tau is never materialized.
         kept, mask = _select.topk_keep_rows(state.tau, k, magnitude=True, rebuild=state.tau_rebuild())
         return state.replace(tau=kept, extras={**state.extras, "trim_mask": mask})
@@ -176,12 +185,17 @@ def dare(density: HParamSpec = 0.5, *, rescale: Literal["inverse", "l1", "none"]
 # --------------------------------------------------------------------------------------------
 # Model Breadcrumbs: drop the largest outliers and the smallest entries
 
-def _breadcrumbs(state: MergeState, hp, *, rounding: str) -> MergeState:
+def _breadcrumbs_ks(state: MergeState, hp, rounding: str) -> tuple[jax.Array, jax.Array]:
+    """``(k_keep, k_top)`` per task (also read by the fused TIES route)."""
     T = state.num_models
     n = state.tau[0].size
     k_keep = _count(_per_task(hp["density"], T), n, rounding)
     k_top = _count(_per_task(hp["gamma"], T), n, rounding)
-    k_top = jnp.minimum(k_top, n - k_keep)  # fewer outliers dropped when density needs them
+    return k_keep, jnp.minimum(k_top, n - k_keep)  # fewer outliers dropped when density needs them
+
+
+def _breadcrumbs(state: MergeState, hp, *, rounding: str) -> MergeState:
+    k_keep, k_top = _breadcrumbs_ks(state, hp, rounding)
     # Each task's rows in the leaf's own shape (not flattened: a sharded leaf stays sharded).
     upper = _select.topk_mask_rows(state.tau, k_top + k_keep, magnitude=True)
     outliers = _select.topk_mask_rows(state.tau, k_top, magnitude=True)

@@ -78,6 +78,16 @@ def _disjoint_merge(state: MergeState, hp, *, reduce: str, normalize_by: str, ba
     return state.replace(merged=total)
 
 
+def _fuse_chain(*args, **kwargs):
+    """The whole chain as one fused pass where the Pallas backend applies (``methods.ties_fused``)."""
+    from .ties_fused import fuse_chain  # imported when a leaf is traced: no import cycle
+
+    return fuse_chain(*args, **kwargs)
+
+
+_disjoint_merge.fuse_chain = _fuse_chain  # offered to the driver (jmerge.core.driver._fused_leaf)
+
+
 def disjoint_merge(weight: HParamSpec = 1.0, *, reduce: Literal["mean", "sum"] = "mean",
                    normalize_by: Literal["count", "weight"] = "count") -> Transform:
     """Aggregate the entries that agree with the elected sign (``state.extras["sign"]``).

@@ -373,6 +373,12 @@ def _collect_stats(jobs, readers, bufs, ctx, pool, window, max_bytes, progress) 
     stats = {j.out_name: {} for j in jobs}
     merges = [j for j in jobs if isinstance(j.op, Merge)]
     for pi, (_, sname, phase) in enumerate(ctx.program.phases if ctx.program is not None else ()):
+        hps = [ctx.hparams[j.out_name] for j in merges]
+        skipped = ctx.program.skip(pi, [stats[j.out_name] for j in merges], hps)
+        if skipped is not None:  # nothing to read: the phase's values without a pass over the inputs
+            for j, v in zip(merges, skipped):
+                stats[j.out_name].setdefault(sname, {})[phase.name] = v
+            continue
         progress.phase(f"statistics '{phase.name}'")
         collected = []
 
@@ -387,7 +393,7 @@ def _collect_stats(jobs, readers, bufs, ctx, pool, window, max_bytes, progress) 
             bufs.put(raw)
 
         _stream(merges, readers, bufs, ctx, pool, window, max_bytes, collect)
-        for j, v in zip(merges, ctx.program.finalize(pi, collected, [ctx.hparams[j.out_name] for j in merges])):
+        for j, v in zip(merges, ctx.program.finalize(pi, collected, hps)):
             stats[j.out_name].setdefault(sname, {})[phase.name] = v
     return stats
 
