@@ -324,6 +324,27 @@ def test_concrete_mask_matches_numpy_and_training_runs():
     assert len(r2.info["refine_losses"]) == 4
 
 
+def test_concrete_mask_init():
+    """``mask_init`` (FusionBench's initial_logits): every logit starts there; hard mask 1[logit >= 0]."""
+    base, models, xs, ys, heads = two_task_problem(seed=5)
+    fns = head_fns(heads)
+    # negative start, no training: nothing kept -> the base exactly
+    r = jmerge.concrete_merge(fns, base, models, batches=xs, steps=0, scale=0.4, mask_init=-1.0)
+    np.testing.assert_array_equal(np.asarray(r.params["enc"]["w"]), base["enc"]["w"])
+    assert not any(bool(np.any(m)) for m in jax.tree.leaves(r.mask))
+    np.testing.assert_array_equal(np.asarray(r.info["mask_logits"]["enc"]["w"]), -1.0)
+    # positive start, one Adam step of lr 0.1: each logit moves by lr * g / (|g| + eps) <= 0.1 (Adam's first
+    # step), stays >= 0, so every entry is kept -> task arithmetic with lambda = scale (NumPy reference)
+    r1 = jmerge.concrete_merge(fns, base, models, batches=xs, steps=1, scale=0.4, mask_init=2.0,
+                               optimizer=optax.adam(0.1))
+    lg = np.asarray(r1.info["mask_logits"]["enc"]["w"])
+    assert np.all(np.abs(lg - 2.0) <= 0.1 + 1e-6) and np.max(np.abs(lg - 2.0)) > 0.09
+    ref = np_merge(base, models, lambda p: [0.4, 0.4])
+    np.testing.assert_allclose(r1.params["enc"]["w"], ref["enc"]["w"], rtol=1e-6, atol=1e-6)
+    with pytest.raises(MergeInputError, match="mask_init"):
+        jmerge.concrete_merge(fns, base, models, batches=xs, steps=0, mask_init=float("nan"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Fisher merging
 

@@ -42,7 +42,8 @@ def concrete_merge(apply_fn: Callable[..., Any] | Sequence[Callable[..., Any]], 
                    models: Sequence[Any] | None = None, *, task_vectors: Sequence[Any] | None = None,
                    batches: Sequence[Any], inner: str = "task_arithmetic",
                    scale: float | Sequence[float] | np.ndarray | jax.Array = 0.3, granularity: str = "layer",
-                   init: Any = 0.3, temperature: float = 0.5, optimizer: optax.GradientTransformation | None = None,
+                   init: Any = 0.3, temperature: float = 0.5, mask_init: float = 0.0,
+                   optimizer: optax.GradientTransformation | None = None,
                    coef_optimizer: optax.GradientTransformation | None = None, steps: int = 100,
                    batch_size: int | None = None, loss: str | Callable[..., Any] = "entropy",
                    labels: Sequence[Any] | None = None, clamp: tuple[float | None, float | None] | None = (0.0, 1.0),
@@ -50,7 +51,7 @@ def concrete_merge(apply_fn: Callable[..., Any] | Sequence[Callable[..., Any]], 
                    log_every: int = 0) -> LearnedMerge:
     """Concrete subspace learning: learn one mask shared by all task vectors to remove interference.
 
-    Per mergeable leaf, mask logits ``s`` (init 0) define a concrete (relaxed Bernoulli, ``temperature``
+    Per mergeable leaf, mask logits ``s`` (init ``mask_init``, 0 in the paper) define a concrete (relaxed Bernoulli, ``temperature``
     0.5) mask ``m = sigmoid((s + log u - log(1-u)) / temperature)``, ``u ~ U(0,1)``, divided by its mean;
     the merged model is ``theta_0 + sum_t lambda_t (m * tau_t)``. The outer problem trains ``s`` by the
     entropy (or CE) of the merged model's predictions. Inner problem:
@@ -61,7 +62,7 @@ def concrete_merge(apply_fn: Callable[..., Any] | Sequence[Callable[..., Any]], 
       problem solved by alternating single gradient steps inside one jitted step).
 
     The returned parameters use the hard mask ``1[sigmoid(s) >= 0.5]`` divided by its mean per tensor
-    (with untrained logits 0 every entry is kept).
+    (with untrained logits >= 0 every entry is kept).
 
     Args:
       apply_fn, base, models, task_vectors, batches, batch_size, loss, labels, mesh, seed, log_every:
@@ -70,6 +71,8 @@ def concrete_merge(apply_fn: Callable[..., Any] | Sequence[Callable[..., Any]], 
       scale: task-arithmetic coefficient(s) (scalar or (T,)) for ``inner="task_arithmetic"``.
       granularity, init, clamp: coefficients of ``inner="adamerging"``.
       temperature: concrete temperature.
+      mask_init: initial value of every mask logit (FusionBench's ``initial_logits``; 0: keep probability
+        0.5; a positive value starts close to the full task vectors, so training mainly removes entries).
       optimizer: optax optimiser of the mask logits (default ``optax.adam(1e-2)``).
       coef_optimizer: optax optimiser of the coefficients (default ``optax.adam(1e-3)``).
       steps: optimisation steps (mask stage).
@@ -88,12 +91,14 @@ def concrete_merge(apply_fn: Callable[..., Any] | Sequence[Callable[..., Any]], 
         raise MergeInputError(f"inner must be 'task_arithmetic' or 'adamerging', got {inner!r}.")
     if not temperature > 0:
         raise MergeInputError(f"temperature must be > 0, got {temperature}.")
+    if not np.isfinite(mask_init):
+        raise MergeInputError(f"mask_init must be a finite float, got {mask_init}.")
     tv, fns, batches, labels, sizes = prepare_task_inputs(apply_fn, base, models, task_vectors, batches, loss,
                                                           labels)
     T = tv.num_tasks
     batcher = Batcher(batches, labels, sizes, batch_size, seed, mesh)
     mask_opt = optax.adam(1e-2) if optimizer is None else optimizer
-    variables = {"logits": [jnp.zeros(t.shape[1:], jnp.float32) for t in tv.taus]}
+    variables = {"logits": [jnp.full(t.shape[1:], float(mask_init), jnp.float32) for t in tv.taus]}
     if inner == "adamerging":
         variables["lam"] = init_coefficients(tv, granularity, init, False)
         coef_opt = coef_optimizer = optax.adam(1e-3) if coef_optimizer is None else coef_optimizer
