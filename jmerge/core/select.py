@@ -268,11 +268,11 @@ def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
 
 
 def _count_pass(x, ts, lo, hi, magnitude):
-    """Counts at six thresholds (``counts[:, j] = #{key >= ts[:, j]}``) and the two snaps
-    ``below = max{key < hi}`` and ``above = min{key > lo}`` per row, in one read of ``x``."""
-    R = x.shape[0]
-    J = ts.shape[1]
-    assert J == _J
+    """Counts at ``J`` thresholds (``counts[:, j] = #{key >= ts[:, j]}``; ``J`` a multiple of ``_J``, one packed
+    int32 per ``_J``) and the two snaps ``below = max{key < hi}`` and ``above = min{key > lo}`` per row, in one
+    read of ``x`` (one variadic reduction)."""
+    R, J = x.shape[0], ts.shape[1]
+    W = J // _J
     main, tail = _blocks(x)
     counts = jnp.zeros((R, J), jnp.int32)
     below = jnp.full((R,), _I32_MIN, jnp.int32)
@@ -280,16 +280,19 @@ def _count_pass(x, ts, lo, hi, magnitude):
     if main.size:
         km = _keys(main, magnitude)
         col = lambda a: a.reshape((R,) + (1,) * (main.ndim - 1))
-        packed = sum((km >= col(ts[:, j])).astype(jnp.int32) << (_BITS * j) for j in range(J))
+        packed = tuple(sum((km >= col(ts[:, w * _J + j])).astype(jnp.int32) << (_BITS * j) for j in range(_J))
+                       for w in range(W))
         lo3, hi3 = col(lo), col(hi)
-        s, mx, mn = lax.reduce((packed, jnp.where(km < hi3, km, _I32_MIN), jnp.where(km > lo3, km, _I32_MAX)),
-                               (np.int32(0), _I32_MIN, _I32_MAX),
-                               lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1]), jnp.minimum(a[2], b[2])),
-                               (main.ndim - 1,))
-        rest = tuple(range(1, s.ndim))  # block sums in the data's own shape: no flattening (sharding)
-        counts = counts + _unpack_counts(s, J)
-        below = jnp.maximum(below, jnp.max(mx, axis=rest))
-        above = jnp.minimum(above, jnp.min(mn, axis=rest))
+        out = lax.reduce(packed + (jnp.where(km < hi3, km, _I32_MIN), jnp.where(km > lo3, km, _I32_MAX)),
+                         (np.int32(0),) * W + (_I32_MIN, _I32_MAX),
+                         lambda a, b: tuple(x + y for x, y in zip(a[:W], b[:W]))
+                         + (jnp.maximum(a[W], b[W]), jnp.minimum(a[W + 1], b[W + 1])),
+                         (main.ndim - 1,))
+        rest = tuple(range(1, out[0].ndim))  # block sums in the data's own shape: no flattening (sharding)
+        parts = [_unpack_counts(s, _J) for s in out[:W]]
+        counts = counts + (parts[0] if W == 1 else jnp.concatenate(parts, axis=1))
+        below = jnp.maximum(below, jnp.max(out[W], axis=rest))
+        above = jnp.minimum(above, jnp.min(out[W + 1], axis=rest))
     if tail.shape[1]:
         kt = _keys(tail, magnitude)
         counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
@@ -709,35 +712,8 @@ def _g_rows(state: MergeState) -> list:
 
 
 def _g_count_pass(x, ts, lo, hi):
-    """:func:`_count_pass` of ``|x|`` at ``J`` thresholds (a multiple of ``_J``: one packed int32 per five) in one
-    variadic reduction, with the snaps."""
-    R, J = x.shape[0], ts.shape[1]
-    W = J // _J
-    main, tail = _blocks(x)
-    counts = jnp.zeros((R, J), jnp.int32)
-    below = jnp.full((R,), _I32_MIN, jnp.int32)
-    above = jnp.full((R,), _I32_MAX, jnp.int32)
-    if main.size:
-        km = _keys(main, True)
-        col = lambda a: a.reshape((R,) + (1,) * (main.ndim - 1))
-        packed = tuple(sum((km >= col(ts[:, w * _J + j])).astype(jnp.int32) << (_BITS * j) for j in range(_J))
-                       for w in range(W))
-        lo3, hi3 = col(lo), col(hi)
-        out = lax.reduce(packed + (jnp.where(km < hi3, km, _I32_MIN), jnp.where(km > lo3, km, _I32_MAX)),
-                         (np.int32(0),) * W + (_I32_MIN, _I32_MAX),
-                         lambda a, b: tuple(x + y for x, y in zip(a[:W], b[:W]))
-                         + (jnp.maximum(a[W], b[W]), jnp.minimum(a[W + 1], b[W + 1])),
-                         (main.ndim - 1,))
-        rest = tuple(range(1, out[0].ndim))  # block sums in the data's own shape: no flattening (sharding)
-        counts = counts + jnp.concatenate([_unpack_counts(s, _J) for s in out[:W]], axis=1)
-        below = jnp.maximum(below, jnp.max(out[W], axis=rest))
-        above = jnp.minimum(above, jnp.min(out[W + 1], axis=rest))
-    if tail.shape[1]:
-        kt = _keys(tail, True)
-        counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
-        below = jnp.maximum(below, jnp.max(jnp.where(kt < hi[:, None], kt, _I32_MIN), axis=1))
-        above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
-    return counts, below, above
+    """:func:`_count_pass` of ``|x|`` (the whole-model search's rows)."""
+    return _count_pass(x, ts, lo, hi, True)
 
 
 def _g_source(state: MergeState):
