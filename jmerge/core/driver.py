@@ -238,8 +238,7 @@ def _collect_impl(method, index, base_leaf, model_leaves, hp, key, stats, *, sta
     si, sname, phase = method.stats[index]
     state = _initial_state(base_leaf, model_leaves, key, stacked, method.materialize_tau, view, precision)
     state = run_steps(method.steps[:si], state, hp, stats)
-    own = {k: hp[f"{sname}.{k}"] for k in method.steps[si][1].hparams}
-    return phase.collect(state.replace(stats=dict(stats.get(sname, {}))), own)
+    return phase.collect(state.replace(stats=dict(stats.get(sname, {}))), method.steps[si][1].own_hparams(sname, hp))
 
 
 _collect_jit = jax.jit(_collect_impl, static_argnames=("method", "index", "stacked", "view", "precision"))
@@ -307,22 +306,23 @@ class LeafProgram:
 
     def finalize(self, index: int, collected: list, hps: Sequence[Mapping[str, Any]], *, traced: bool = False) -> list:
         """Phase ``index``'s per-leaf values from every leaf's statistic (on the host, or traced)."""
-        si, sname, phase = self.method.stats[index]
-        keys = list(self.method.steps[si][1].hparams)
-        own = [{k: hp[f"{sname}.{k}"] for k in keys} for hp in hps]
-        return (phase.finalize_traced if traced else phase.finalize)(collected, own)
+        _, _, phase = self.method.stats[index]
+        return (phase.finalize_traced if traced else phase.finalize)(collected, self._own_hparams(index, hps))
 
     def skip(self, index: int, stats: Sequence[Mapping[str, Any]], hps: Sequence[Mapping[str, Any]]) -> list | None:
         """Phase ``index``'s per-leaf values without a pass over the inputs, or None when it must run.
 
         ``stats`` per leaf the statistics finalized so far (``{step name: {phase name: value}}``).
         """
-        si, sname, phase = self.method.stats[index]
+        _, sname, phase = self.method.stats[index]
         if phase.skip is None:
             return None
-        keys = list(self.method.steps[si][1].hparams)
-        own = [{k: hp[f"{sname}.{k}"] for k in keys} for hp in hps]
-        return phase.skip([st.get(sname, {}) for st in stats], own)
+        return phase.skip([st.get(sname, {}) for st in stats], self._own_hparams(index, hps))
+
+    def _own_hparams(self, index: int, hps: Sequence[Mapping[str, Any]]) -> list:
+        """Per leaf the hyperparameters of phase ``index``'s step, by their short names."""
+        si, sname, _ = self.method.stats[index]
+        return [self.method.steps[si][1].own_hparams(sname, hp) for hp in hps]
 
     def __call__(self, base_leaf: Shaped[ArrayLike, "*shape"],
                  model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],

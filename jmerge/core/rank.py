@@ -61,18 +61,6 @@ def _pair_sort_ranks(keys: jax.Array, pos: jax.Array) -> jax.Array:
     return packed & np.int32(0xFFFF)
 
 
-def _shift_right(a: jax.Array, d: int, fill) -> jax.Array:
-    """``a`` moved ``d`` places to higher indices along the last axis, ``fill`` in front."""
-    pad = jnp.full(a.shape[:-1] + (d,), fill, a.dtype)
-    return jnp.concatenate([pad, a[..., :-d]], axis=-1)
-
-
-def _shift_left(a: jax.Array, d: int, fill) -> jax.Array:
-    """``a`` moved ``d`` places to lower indices along the last axis, ``fill`` at the end."""
-    pad = jnp.full(a.shape[:-1] + (d,), fill, a.dtype)
-    return jnp.concatenate([a[..., d:], pad], axis=-1)
-
-
 def _sorted_ranks(keys: jax.Array, pos: jax.Array, b: int, window: int):
     """Steps 1-2: ``(perm, ranks_sorted, needs_exact)``. ``perm[..., q]`` is the row position of the
     ``q``-th entry in (high bits, position) order, ``ranks_sorted[..., q]`` its exact rank unless

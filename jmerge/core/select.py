@@ -840,10 +840,7 @@ class _GSearch:
             else:  # one key left: lo, with ties
                 v[t] = self.lo[t]
                 eq[:, t] = self.glo_i[:, t] - self.ghi_i[:, t]
-                q = kt - int(self.ghi_i[:, t].sum())
-                for i in range(L):
-                    quota[i, t] = min(int(eq[i, t]), max(q, 0))
-                    q -= quota[i, t]
+                quota[:, t] = _split_ties(eq[:, t], kt - int(self.ghi_i[:, t].sum()))
         return v, quota, eq
 
 
@@ -1055,11 +1052,17 @@ def _radix_result(collected, hps, density_key, name, rounding):
         b2, above2 = _boundary(hist[t], kt - int(above[t]))
         v[t] = (int(b1[t]) << 16) | b2
         eqs[:, t] = hists[:, t, b2]
-        q = kt - int(above[t]) - above2  # tied entries to keep, given to leaves in order
-        for i in range(len(collected)):
-            quotas[i, t] = min(int(hists[i, t, b2]), max(q, 0))
-            q -= quotas[i, t]
+        quotas[:, t] = _split_ties(eqs[:, t], kt - int(above[t]) - above2)
     return v, quotas, eqs
+
+
+def _split_ties(eq: np.ndarray, q: int) -> np.ndarray:
+    """The ``q`` tied entries to keep, given to the leaves in order: per leaf at most its ``eq`` tied entries."""
+    quota = np.zeros(eq.shape, np.int64)
+    for i in range(eq.size):
+        quota[i] = min(int(eq[i]), max(q, 0))
+        q -= quota[i]
+    return quota
 
 
 def _global_ks(hps, key: str, T: int, name: str, total: int, rounding: str = "round") -> np.ndarray:
@@ -1087,28 +1090,17 @@ def _global_density(hps, key: str, T: int, name: str) -> np.ndarray:
     return first
 
 
-def _global_eq(st, x, v):
-    """Entries equal to ``v`` per row of ``x`` (T, *shape): counted by the phases, else counted here."""
-    if "eq" in st:
-        return jnp.asarray(st["eq"], jnp.int32)
-    return _count_leaf(_keys(x, True) == v.reshape((x.shape[0],) + (1,) * (x.ndim - 1)))
-
-
 def global_topk_mask(state: MergeState, name: str = "global_topk") -> Bool[Array, "T *shape"]:
     """This leaf's ``(T, *shape)`` bool mask from :func:`global_topk_phases` statistics.
 
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
     (NeurIPS 2023).
     """
-    st = state.stats[name]
-    T = state.tau.shape[0]
     if state.tau.size == 0:
         return jnp.zeros(state.tau.shape, bool)
     x = _leaf_rows(jnp.asarray(state.tau, jnp.float32))  # the leaf's own shape (sharding), flat order row-major
-    v = jnp.asarray(st["v"], jnp.int32)
-    quota = jnp.asarray(st["quota"], jnp.int32)
-    eq = _global_eq(st, x, v)
-    return _threshold_mask(x, v, _tie_cuts(_rows_fn(x), v, quota, eq, True), True).reshape(state.tau.shape)
+    v, cut = global_topk_thresholds(state, name)
+    return _threshold_mask(x, v, cut, True).reshape(state.tau.shape)
 
 
 def global_topk_thresholds(state: MergeState, name: str = "global_topk") -> tuple[Int[Array, "T"], Int[Array, "T"]]:
@@ -1119,9 +1111,8 @@ def global_topk_thresholds(state: MergeState, name: str = "global_topk") -> tupl
     (NeurIPS 2023).
     """
     st = state.stats[name]
-    T = state.tau.shape[0]
     x = _leaf_rows(jnp.asarray(state.tau, jnp.float32))
     v = jnp.asarray(st["v"], jnp.int32)
     quota = jnp.asarray(st["quota"], jnp.int32)
-    eq = _global_eq(st, x, v)
+    eq = jnp.asarray(st["eq"], jnp.int32)  # entries equal to v per row, counted by the phases
     return v, _tie_cuts(_rows_fn(x), v, quota, eq, True)

@@ -89,6 +89,11 @@ class Step:
     def identity(self) -> tuple:
         return (self.update, self.static, tuple(p.name for p in self.stats), self.materialize_tau, self.uses_view)
 
+    def own_hparams(self, name: str, hp: HParams) -> dict:
+        """This step's values out of a method's qualified hyperparameters, by short name (the step is
+        called ``name`` in its chain): what its ``update`` and statistics receive."""
+        return {k: hp[f"{name}.{k}"] for k in self.hparams}
+
 
 Part = Union["Transform", tuple]
 
@@ -244,9 +249,8 @@ class Transform:
 def run_steps(steps, state: MergeState, hp: HParams, stats: Mapping[str, dict]) -> MergeState:
     """Run ``(name, Step)`` pairs: each step sees its own hyperparameters and statistics."""
     for n, s in steps:
-        own = {k: hp[f"{n}.{k}"] for k in s.hparams}
         state = state.replace(stats=dict(stats.get(n, {})))
-        state = s.update(state, own, **dict(s.static))
+        state = s.update(state, s.own_hparams(n, hp), **dict(s.static))
     return state.replace(stats={})
 
 

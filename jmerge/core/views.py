@@ -41,7 +41,7 @@ from jaxtyping import Array, Float
 
 from .errors import MergeInputError
 
-__all__ = ["MatrixView", "infer_views", "infer_view", "leaf_name"]
+__all__ = ["MatrixView", "infer_views", "infer_view", "leaf_name", "variable_path"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +102,19 @@ def leaf_name(path: str) -> tuple[str, str]:
 
     References: none (infrastructure).
     """
-    parts = path.split(".")
-    if len(parts) > 1 and parts[-1] in ("value", "raw_value"):
-        parts = parts[:-1]
+    parts = variable_path(path).split(".")
     return (".".join(parts[:-1]), parts[-1])
+
+
+def variable_path(path: str) -> str:
+    """A dotted leaf path without Flax NNX's trailing variable attribute (``.value`` / ``.raw_value``).
+
+    References: none (infrastructure).
+    """
+    for suffix in (".value", ".raw_value"):
+        if path.endswith(suffix):
+            return path[:-len(suffix)]
+    return path
 
 
 _ATTN_IN = re.compile(r"(^|[._])(query|key|value|q|k|v|q_proj|k_proj|v_proj|qkv)$")

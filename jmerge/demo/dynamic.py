@@ -17,8 +17,8 @@ loop over the grids below, scored with the benchmark's validation split; none go
   test-time adaptation's learning rate and steps (:data:`WEMOE_GRID`; 0 steps = no adaptation); the
   adaptation minimises the prediction entropy on unlabeled *test* inputs (the paper; as AdaMerging here).
 
-Stored bytes count every array the dynamic model keeps (float32), see :func:`twin_bytes`,
-:func:`smile_bytes`, :func:`wemoe_bytes`.
+Stored bytes count every array the dynamic model keeps (float32), see :meth:`TwinMerge.storage`
+(``total_bytes``), :func:`smile_bytes`, :func:`wemoe_bytes`.
 
 References: Lu et al., "Twin-Merging" (NeurIPS 2024); Tang et al., "SMILE" (2024); Tang et al., "Merging
 Multi-Task Models via Weight-Ensembling Mixture of Experts" (ICML 2024).
@@ -35,7 +35,7 @@ import numpy as np
 
 from . import model as M
 
-__all__ = ["DYNAMIC", "DYNAMIC_ALIASES", "tree_nbytes", "twin_bytes", "smile_bytes", "wemoe_bytes",
+__all__ = ["DYNAMIC", "DYNAMIC_ALIASES", "tree_nbytes", "smile_bytes", "wemoe_bytes",
            "TWIN_SHARED", "TWIN_RANKS", "SMILE_GRID", "WEMOE_GRID"]
 
 # Twin-Merging: shared merges (name, method, hparams) x ranks of the exclusive knowledge.
@@ -59,16 +59,6 @@ def tree_nbytes(tree: Any) -> int:
     References: none (infrastructure).
     """
     return int(sum(int(np.size(x)) * np.dtype(jnp.asarray(x).dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
-def twin_bytes(tw) -> int:
-    """Bytes a Twin-Merging model stores: the shared model plus every task's factors ``u, s, vt`` (and the
-    non-matrix leaves' dense exclusive parts); the SVD residuals are diagnostics, not stored.
-
-    References: Lu et al., "Twin-Merging" (NeurIPS 2024).
-    """
-    return tree_nbytes(tw.shared) + tree_nbytes([ex for inf, ex in zip(tw.info, tw.exclusive)
-                                                 if inf.kind in ("lowrank", "dense")])
 
 
 def smile_bytes(sm) -> int:
@@ -154,7 +144,7 @@ def _twin(ctx):
             "per_batch_test_avg": float(jnp.mean(acc_b)),
             "full_rank_test_avg": float(jnp.mean(acc_full)),
             "stored_params": int(st["total_params"])}
-    return ([float(a) for a in acc], v, {"shared": label, "rank": rank}, n, twin_bytes(tw), diag)
+    return ([float(a) for a in acc], v, {"shared": label, "rank": rank}, n, int(st["total_bytes"]), diag)
 
 
 # ----------------------------------------------------------------------------------------------

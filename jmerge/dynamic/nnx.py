@@ -34,6 +34,7 @@ from flax import nnx
 
 from ..core.errors import MergeInputError
 from ..core.tree import leaves_with_paths
+from ..core.views import variable_path
 from .lora_experts import LoraMoE, lora_moe_delta
 from .smile import SmileLinear, SmileModel, smile_linear
 from .wemoe import WEMoE, entropy_loss, reduce_routing, wemoe_router
@@ -56,13 +57,6 @@ class ExpertParam(nnx.Param):
 
     References: Tang et al., "SMILE" (2024); Wu et al., "Mixture of LoRA Experts" (ICLR 2024).
     """
-
-
-def _strip(path: str) -> str:
-    for suffix in (".value", ".raw_value"):
-        if path.endswith(suffix):
-            return path[:-len(suffix)]
-    return path
 
 
 def _stringify(tree: Any) -> Any:
@@ -101,12 +95,12 @@ def _set_module(root: nnx.Module, path: tuple, new: Any) -> Any:
 def _load_params(module: nnx.Module, tree: Any, where: str) -> None:
     """Set every ``nnx.Param`` of ``module`` (in place: call on a clone) from a params tree (dict or State)."""
     paths, leaves, _ = leaves_with_paths(tree)
-    src = {_strip(p): x for p, x in zip(paths, leaves)}
+    src = {variable_path(p): x for p, x in zip(paths, leaves)}
     state = nnx.state(module, nnx.Param)
     mpaths, mleaves, treedef = leaves_with_paths(state)
     new = []
     for p, old in zip(mpaths, mleaves):
-        key = _strip(p)
+        key = variable_path(p)
         if key not in src:
             raise MergeInputError(f"{where}: the model's parameter '{key}' is not in the built params tree; build "
                                   "from nnx_params(model) of this model")
@@ -194,7 +188,7 @@ def smile_nnx(model: nnx.Module, smile: SmileModel, *, routing: Any = None) -> n
     mods = _modules(new)
     swaps = []
     for kpath, layer in smile.layers.items():
-        mpath = _strip(kpath)
+        mpath = variable_path(kpath)
         if not mpath.endswith("kernel"):
             raise MergeInputError(f"smile_nnx: SMILE layer '{kpath}' is not a 'kernel' leaf")
         mpath = mpath[:-len("kernel")].rstrip(".")
@@ -371,13 +365,13 @@ def wemoe_nnx(model: nnx.Module, spec: WEMoE, state: dict, *, granularity: Optio
         path, mlp = hit
         unit = state["experts"][g][ukey]
         tpaths, tleaves, _ = leaves_with_paths(unit["tau"])
-        tau = {_strip(p): t for p, t in zip(tpaths, tleaves)}
+        tau = {variable_path(p): t for p, t in zip(tpaths, tleaves)}
         mpaths, mleaves, _ = leaves_with_paths(nnx.state(mlp, nnx.Param))
         taus = []
         for p, leaf in zip(mpaths, mleaves):
-            t = tau.get(_strip(p))
+            t = tau.get(variable_path(p))
             if t is None or tuple(t.shape) != (spec.num_tasks, *jnp.shape(leaf)):
-                raise MergeInputError(f"wemoe_nnx: MLP '{ukey}' parameter '{_strip(p)}' has no task vectors of shape "
+                raise MergeInputError(f"wemoe_nnx: MLP '{ukey}' parameter '{variable_path(p)}' has no task vectors of shape "
                                       f"{(spec.num_tasks, *jnp.shape(leaf))}; build from nnx_params(model)")
             taus.append(t)
         swaps.append((path, WEMoEBlockNNX(mlp, taus, state["routers"][g], gran)))

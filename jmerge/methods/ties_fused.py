@@ -44,10 +44,6 @@ from .ties import _disjoint_merge, _elect_sign
 __all__ = ["fuse_chain"]
 
 
-def _own(name: str, step, hp: Mapping[str, Any]) -> dict:
-    return {k: hp[f"{name}.{k}"] for k in step.hparams}
-
-
 def _drop_factors(state: MergeState, keep, p, rescale: str):
     """The per-model factors of a drop's survivors (None: not rescaled); ``p`` per model ``(T, 1, ...)``
     (DARE's ``inverse``) or per entry (then only ``l1``/``none`` reach here)."""
@@ -69,28 +65,28 @@ def _selection(prefix, state: MergeState, hp, stats) -> dict | None:
         if st0["scope"] == "global":
             g = state.replace(stats=dict(stats.get(n0, {})))
             return {"thresholds": _select.global_topk_thresholds(g, _TRIM_STATS)}
-        k = _trim_k(state, _own(n0, s0, hp), st0["rounding"])
+        k = _trim_k(state, s0.own_hparams(n0, hp), st0["rounding"])
         # the counting passes read the models (tau_rebuild): the task vectors are never written
         return {"thresholds": _select.topk_thresholds_rows(state.tau, k, magnitude=True, rebuild=state.tau_rebuild())}
     if kinds == [_breadcrumbs]:
-        k_keep, k_top = _breadcrumbs_ks(state, _own(n0, s0, hp), st0["rounding"])
+        k_keep, k_top = _breadcrumbs_ks(state, s0.own_hparams(n0, hp), st0["rounding"])
         # both searches read the models (the step materializes tau; here nothing reads it, so it is not built)
         search = lambda k: _select.topk_thresholds_rows(state.tau, k, magnitude=True, rebuild=state.tau_rebuild())
         return {"thresholds": search(k_top + k_keep), "drop_thresholds": search(k_top)}
     if kinds[0] is _dare and kinds[1:] in ([], [_trim]):
-        p = per_model(_own(n0, s0, hp)["density"], state)
+        p = per_model(s0.own_hparams(n0, hp)["density"], state)
         keep = _bernoulli(state.key, jnp.broadcast_to(p, state.tau.shape))
         out = {"masks": keep, "mask_scale": _drop_factors(state, keep, p, st0["rescale"])}
         if len(prefix) == 2:
             (n1, s1) = prefix[1]
             if dict(s1.static)["scope"] != "tensor":
                 return None
-            dropped = _dare(state, _own(n0, s0, hp), **st0)  # the values the trim ranks (XLA, for the search)
-            k = _trim_k(dropped, _own(n1, s1, hp), dict(s1.static)["rounding"])
+            dropped = _dare(state, s0.own_hparams(n0, hp), **st0)  # the values the trim ranks (XLA, for the search)
+            k = _trim_k(dropped, s1.own_hparams(n1, hp), dict(s1.static)["rounding"])
             out["thresholds"] = _select.topk_thresholds_rows(dropped.tau, k, magnitude=True)
         return out
     if kinds == [_della] and st0["rescale"] in ("l1", "none"):
-        own = _own(n0, s0, hp)
+        own = s0.own_hparams(n0, hp)
         p = della_keep_probs(state.tau, own["density"], own["epsilon"])
         keep = _bernoulli(state.key, p)
         return {"masks": keep, "mask_scale": _drop_factors(state, keep, p, st0["rescale"])}
