@@ -9,7 +9,9 @@
   program, and the evaluation); the figure counts that. After the timed loop the child times the evaluation
   alone and the merge alone (a few calls each), so the report splits a setting's cost between the two.
 * batched: ``jmerge.sweep.run_sweep`` with the same settings and evaluation: one traced program (merge +
-  evaluation, settings axis over the devices). Trace + lower, XLA compile and run are reported apart.
+  evaluation, settings axis over the devices; on CPU the merges of a device's settings vmapped, so work no
+  setting changes is done once, and the evaluations one at a time). Trace + lower, XLA compile and run are
+  reported apart.
 
 Both run in fresh processes (no compilation cache shared), so "total" is what a user's first sweep costs;
 ``--warm`` adds a second pair of runs that share JAX's persistent compilation cache (a user's next sweep on the
@@ -119,7 +121,7 @@ def child(args) -> dict:
 
 
 def _width(v: str):
-    return None if v == "none" else v if v == "auto" else int(v)
+    return None if v == "none" else v if v in ("auto", "merge") else int(v)
 
 
 def run_child(path: str, devices: int, args, cache: str | None = None) -> dict:
@@ -168,7 +170,8 @@ def main() -> int:
                    help="validation images per task (default 0: all of the benchmark's validation split, 270)")
     p.add_argument("--eval", choices=("val", "none"), default="val",
                    help="'val': validation accuracy (default); 'none': a checksum of the merged params (merges only)")
-    p.add_argument("--vmap-width", default="auto", help="'auto', 'none' or a number (jmerge.sweep.SettingsProgram)")
+    p.add_argument("--vmap-width", default="auto",
+                   help="'auto', 'merge', 'none' or a number (jmerge.sweep.SettingsProgram)")
     p.add_argument("--batch", type=int, default=None, help="settings per program call (default: all)")
     p.add_argument("--devices", default="1,2,4,8", help="simulated device counts of the scaling runs")
     p.add_argument("--no-scaling", action="store_true")

@@ -38,6 +38,11 @@ __all__ = ["split_spec", "stack_settings", "check_settings", "SettingsProgram"]
 
 _NUM = "#"
 
+MERGE_BATCH_BYTES = 1 << 30
+"""``vmap_width="auto"`` on CPU vmaps the merges of a device's settings (and loops over the evaluations) when
+the merged parameters plus the largest leaf's per-model float32 intermediates, times the device's settings,
+stay within this many bytes; above it, settings are merged and evaluated one at a time."""
+
 SORT_LIMIT = 32768
 """Top-k rows of at most this many entries are selected by a whole sort inside a sweep
 (:func:`jmerge.core.select.whole_sort_limit`; the same masks as the counting search). A sweep's leaves are
@@ -188,6 +193,15 @@ def check_settings(method: Any, base: Any, num_models: int, hparams_list: Sequen
             raise MergeInputError(f"{what}: {e}") from None
 
 
+def _merge_batch_bytes(base: Any, models: Any, settings: int) -> int:
+    """Bytes a vmapped merge of ``settings`` settings holds at once (estimate): the merged parameters plus the
+    largest leaf's float32 intermediates for every model, per setting."""
+    leaves = jax.tree.leaves(base)
+    merged = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in leaves)
+    largest = max((int(np.size(x)) for x in leaves), default=0)
+    return settings * (merged + 4 * largest * (len(jax.tree.leaves(models)) // max(len(leaves), 1) + 2))
+
+
 def _mesh_shardings():
     devs = jax.devices()
     if len(devs) == 1:
@@ -210,9 +224,15 @@ class SettingsProgram:
         ``w``: the device's settings in a loop (``lax.map``) over groups of ``w`` vmapped settings (``1``: one
         setting at a time, the unbatched merge body: half the trace time and less to compile for methods whose
         top-k searches are loops (a vmapped ``while_loop`` runs every setting until the slowest converges, its
-        branches as selects), and no settings-wide copy of every intermediate). ``"auto"`` (default): 1 on CPU,
-        None on accelerators (where a batch of settings fills the device). With several devices the settings
-        axis is split over them (``shard_map`` when looping: each device loops over its own settings).
+        branches as selects), and no settings-wide copy of every intermediate). ``"merge"``: the merges of all
+        of the device's settings in one ``vmap`` and the evaluations one setting at a time (``lax.map``): work
+        that no setting changes (task vectors, the sorts of their magnitudes that top-k thresholds index) is
+        done once per call instead of once per setting, and the evaluation, usually the larger cost, runs
+        unbatched, as fast on CPU as a single call. ``"auto"`` (default): on CPU ``"merge"`` when the merges
+        of a device's settings fit in :data:`MERGE_BATCH_BYTES` (the merged parameters and the largest leaf's
+        per-model intermediates, times the settings), else 1; on accelerators None (where a batch of settings
+        fills the device). With several devices the settings axis is split over them (``shard_map`` when
+        looping: each device loops over its own settings).
 
     Attributes:
       timings: seconds spent tracing + lowering (``trace_s``), compiling (``compile_s``) and running
@@ -223,13 +243,15 @@ class SettingsProgram:
 
     def __init__(self, method: Any, eval_fn: Callable[..., Any], *, merge_kwargs: Mapping[str, Any] | None = None,
                  metric: str = "metric", vmap_width: int | str | None = "auto"):
-        if vmap_width == "auto":
-            vmap_width = 1 if jax.devices()[0].platform == "cpu" else None
-        if vmap_width is not None and (isinstance(vmap_width, str) or int(vmap_width) < 1):
-            raise MergeInputError(f"vmap_width={vmap_width!r}: give a positive number of settings, 'auto' or None.")
+        self.auto = vmap_width == "auto"
+        if self.auto:
+            vmap_width = "merge" if jax.devices()[0].platform == "cpu" else None
+        if vmap_width is not None and vmap_width != "merge" and (isinstance(vmap_width, str) or int(vmap_width) < 1):
+            raise MergeInputError(f"vmap_width={vmap_width!r}: give a positive number of settings, 'merge', 'auto' "
+                                  "or None.")
         self.method, self.eval_fn, self.metric = method, eval_fn, metric
         self.merge_kwargs = {"group_leaves": True, **dict(merge_kwargs or {})}
-        self.vmap_width = None if vmap_width is None else int(vmap_width)
+        self.vmap_width = vmap_width if vmap_width in (None, "merge") else int(vmap_width)
         self.num_devices, self.shard, self.replicate = _mesh_shardings()
         self._jitted: dict = {}
         self._compiled: dict = {}
@@ -246,21 +268,31 @@ class SettingsProgram:
     def _fn(self, stacked: _Stacked, with_data: bool):
         key = (id(stacked), with_data)
         if key not in self._jitted:
-            method, kw, width = self.method, self.merge_kwargs, self.vmap_width
+            method, kw, width, auto = self.method, self.merge_kwargs, self.vmap_width, self.auto
 
-            def one(row, base, models, data):
+            def merge_one(row, base, models):
                 with whole_sort_limit(SORT_LIMIT):
-                    merged = merge(method, base, models, hparams=stacked.hparams(row), traced_range_checks=False,
-                                   **kw)
+                    return merge(method, base, models, hparams=stacked.hparams(row), traced_range_checks=False, **kw)
+
+            def evaluate(merged, data):
                 if not with_data:
                     return self._as_dict(self.eval_fn(merged))
                 outs = lax.map(lambda b: self._as_dict(self.eval_fn(merged, b)), data)
                 return jax.tree.map(lambda x: jnp.sum(x, axis=0), outs)
 
+            def one(row, base, models, data):
+                return evaluate(merge_one(row, base, models), data)
+
             def settings(vals, base, models, data):  # the (local) settings axis
-                if width is None or width >= vals.shape[0]:
+                w = width
+                if w == "merge" and auto and _merge_batch_bytes(base, models, vals.shape[0]) > MERGE_BATCH_BYTES:
+                    w = 1
+                if w == "merge":
+                    merged = jax.vmap(merge_one, in_axes=(0, None, None))(vals, base, models)
+                    return lax.map(lambda m: evaluate(m, data), merged)
+                if w is None or w >= vals.shape[0]:
                     return jax.vmap(one, in_axes=(0, None, None, None))(vals, base, models, data)
-                return lax.map(lambda r: one(r, base, models, data), vals, batch_size=None if width == 1 else width)
+                return lax.map(lambda r: one(r, base, models, data), vals, batch_size=None if w == 1 else w)
 
             if self.shard is not None and width is not None:
                 from jax.sharding import PartitionSpec as P  # noqa: PLC0415
@@ -287,8 +319,8 @@ class SettingsProgram:
         """Settings per program call: ``requested`` (default ``n``) rounded up to a multiple of the devices (times
         ``vmap_width`` when each device loops over groups of settings, so every group is full: one traced body)."""
         b = max(1, int(requested or n))
-        d = self.num_devices * (self.vmap_width or 1) if -(-b // self.num_devices) > (self.vmap_width or 1) \
-            else self.num_devices
+        vw = self.vmap_width if isinstance(self.vmap_width, int) else 1
+        d = self.num_devices * vw if -(-b // self.num_devices) > vw else self.num_devices
         return -(-b // d) * d
 
     def __call__(self, stacked: _Stacked, rows: Sequence[int], base: Any, models: Any, data: Any = None,

@@ -167,8 +167,9 @@ def run_sweep(method: Any, base: Any, models: Sequence[Any], settings: Any, eval
       write_best: called as ``write_best(best_record, out_dir)`` to write extra outputs (``best.yml``).
       plot: ``plot(records, metric) -> PNG bytes or a note (str)``, written as ``sweep.png`` (e.g.
         :func:`jmerge.demo.sweep_plot.plot`, which needs matplotlib); None: no plot.
-      vmap_width: settings merged at once per device (see :class:`SettingsProgram`): ``"auto"`` (one at a time
-        on CPU, the whole batch on accelerators), a number, or None (the whole batch).
+      vmap_width: how a device runs its settings (see :class:`SettingsProgram`): ``"auto"`` (on CPU the merges
+        vmapped and the evaluations one at a time, within a memory budget; the whole batch vmapped on
+        accelerators), ``"merge"``, a number of settings per vmapped group, or None (the whole batch).
 
     Returns:
       A :class:`SweepResult`.
