@@ -60,7 +60,10 @@ def test_smile_bytes_equal_the_count_of_stored_floats():
     sm = smile_upscale(base, models, k=k, gate_k=gk, clamp_rank=True)
     extra = sum(T * (m * min(gk, m, n) + m * min(k, m, n) + min(k, m, n) * n + BIASES[name])
                 for name, (m, n) in KERNELS.items())
-    assert D.smile_bytes(sm) == 4 * (MODEL_ENTRIES + extra)
+    st = sm.storage()
+    assert st["total_bytes"] == 4 * (MODEL_ENTRIES + extra) == 4 * st["total_params"]
+    assert st["full_models_bytes"] == 4 * T * MODEL_ENTRIES
+    assert st["ratio_bytes"] == pytest.approx(T * MODEL_ENTRIES / (MODEL_ENTRIES + extra))
 
 
 def test_wemoe_bytes_equal_the_count_of_stored_floats():
@@ -69,7 +72,10 @@ def test_wemoe_bytes_equal_the_count_of_stored_floats():
     spec, state = build_wemoe(base, models, vit_mlp_groups(base), scaling=0.3)
     mlp = W * 2 * W + 2 * W + 2 * W * W + W  # fc1 + fc2 with biases
     router = (W * W + W) + (W * T + T)  # hidden + output layer
-    assert D.wemoe_bytes(state) == 4 * (MODEL_ENTRIES + T * mlp + router)
+    from jmerge.dynamic import wemoe_storage
+    st = wemoe_storage(spec, state)
+    assert st["wemoe_bytes"] == 4 * (MODEL_ENTRIES + T * mlp + router) == 4 * st["wemoe"]
+    assert st["full_models_bytes"] == 4 * T * MODEL_ENTRIES
 
 
 def _row(method, kind, acc, **kw):

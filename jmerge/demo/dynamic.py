@@ -18,7 +18,8 @@ loop over the grids below, scored with the benchmark's validation split; none go
   adaptation minimises the prediction entropy on unlabeled *test* inputs (the paper; as AdaMerging here).
 
 Stored bytes count every array the dynamic model keeps (float32), see :meth:`TwinMerge.storage`
-(``total_bytes``), :func:`smile_bytes`, :func:`wemoe_bytes`.
+(``total_bytes``), :func:`jmerge.dynamic.smile_storage` (``total_bytes``), :func:`jmerge.dynamic.wemoe_storage`
+(``wemoe_bytes``).
 
 References: Lu et al., "Twin-Merging" (NeurIPS 2024); Tang et al., "SMILE" (2024); Tang et al., "Merging
 Multi-Task Models via Weight-Ensembling Mixture of Experts" (ICML 2024).
@@ -35,7 +36,7 @@ import numpy as np
 
 from . import model as M
 
-__all__ = ["DYNAMIC", "DYNAMIC_ALIASES", "tree_nbytes", "smile_bytes", "wemoe_bytes",
+__all__ = ["DYNAMIC", "DYNAMIC_ALIASES", "tree_nbytes",
            "TWIN_SHARED", "TWIN_RANKS", "SMILE_GRID", "WEMOE_GRID"]
 
 # Twin-Merging: shared merges (name, method, hparams) x ranks of the exclusive knowledge.
@@ -59,26 +60,6 @@ def tree_nbytes(tree: Any) -> int:
     References: none (infrastructure).
     """
     return int(sum(int(np.size(x)) * np.dtype(jnp.asarray(x).dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
-def smile_bytes(sm) -> int:
-    """Bytes a SMILE model stores: the params tree (the base's linear kernels and biases included once) plus
-    each layer's gate vectors, expert factors and bias deltas.
-
-    References: Tang et al., "SMILE" (2024).
-    """
-    return tree_nbytes(sm.params) + tree_nbytes([[lay.gate, lay.down, lay.up, lay.bias_delta]
-                                                 for lay in sm.layers.values()])
-
-
-def wemoe_bytes(state) -> int:
-    """Bytes a WEMoE model stores: the merged params (the MLPs' base weights in place), every MLP's ``T``
-    task vectors and the routers (the experts' ``base`` entries are the params' own MLP weights).
-
-    References: Tang et al., "Merging Multi-Task Models via Weight-Ensembling Mixture of Experts" (ICML 2024).
-    """
-    taus = [u["tau"] for g in state["experts"].values() for u in g.values()]
-    return tree_nbytes(state["params"]) + tree_nbytes(taus) + tree_nbytes(state["routers"])
 
 
 def _data(ctx):
@@ -189,7 +170,7 @@ def _smile(ctx):
             "full_rank_zero_shot_routing_test_avg": float(jnp.mean(ev_zero_shot(full, *D["test"]))),
             "stored_params": int(st["total_params"])}
     diag.update(_smile_routing_acc(sm, base, mc, D["test"][0]))
-    return ([float(a) for a in acc], v, hp, n, smile_bytes(sm), diag)
+    return ([float(a) for a in acc], v, hp, n, sm.storage()["total_bytes"], diag)
 
 
 def _smile_routing_acc(sm, base, mc, x) -> dict:
@@ -225,7 +206,8 @@ def _smile_routing_acc(sm, base, mc, x) -> dict:
 
 
 def _wemoe(ctx):
-    from ..dynamic.wemoe import build_wemoe, vit_mlp_groups, wemoe_apply, wemoe_tta, with_constant_routing
+    from ..dynamic.wemoe import (build_wemoe, vit_mlp_groups, wemoe_apply, wemoe_storage, wemoe_tta,
+                                  with_constant_routing)
     import optax
 
     mc, T, base, models = ctx["model_config"], ctx["T"], ctx["base"], ctx["models"]
@@ -277,7 +259,7 @@ def _wemoe(ctx):
     acc = ev(state, *D["test"])
     eye = np.eye(T, dtype=np.float32)
     oracle = [float(ev(with_constant_routing(state, eye[t]), *D["test"])[t]) for t in range(T)]
-    diag = {"oracle_routing_test_avg": float(np.mean(oracle)), "stored_params": int(wemoe_bytes(state) // 4)}
+    diag = {"oracle_routing_test_avg": float(np.mean(oracle)), "stored_params": wemoe_storage(spec, state)["wemoe"]}
     # what the adaptation does at the chosen scale with the grid's largest lr and steps (the entropy collapse)
     probe = (hp["scale"], max(grid["lr"]), max(grid["steps"]))
     if probe in runs:
@@ -290,7 +272,7 @@ def _wemoe(ctx):
                      "tta_val_avg": float(jnp.mean(ev(st, *D["val"]))),
                      "tta_routing_own_task_mean": float(np.mean(np.diag(r))),
                      "tta_routing_other_tasks_mean": float((r.sum() - np.trace(r)) / (T * T - T))})
-    return ([float(a) for a in acc], v, hp, n, wemoe_bytes(state), diag)
+    return ([float(a) for a in acc], v, hp, n, wemoe_storage(spec, state)["wemoe_bytes"], diag)
 
 
 DYNAMIC = {"twin_merging": _twin, "smile": _smile, "wemoe": _wemoe}

@@ -310,12 +310,13 @@ def smile_apply(apply_fn: Callable[..., Any], smile: SmileModel, *args: Any, rou
 
 
 def smile_storage(smile: SmileModel) -> dict:
-    """Entries stored by a SMILE model against ``T`` full fine-tuned models.
+    """Entries and bytes stored by a SMILE model against ``T`` full fine-tuned models.
 
     Returns:
       ``{"num_tasks", "model_params" (one model), "base_params", "gate_params", "expert_params" (down, up,
-      bias deltas), "total_params", "full_models_params" (T · model_params), "ratio"}``; the base counts each
-      linear kernel and bias once (the params tree and the layer share them).
+      bias deltas), "total_params", "full_models_params" (T · model_params), "ratio"}``, and the same totals in
+      bytes (``total_bytes``, ``full_models_bytes``, ``ratio_bytes``; each array at its own dtype); the base
+      counts each linear kernel and bias once (the params tree and the layer share them).
 
     References: Tang et al., "SMILE" (2024), Sec. 5 (parameter counts).
     """
@@ -325,7 +326,15 @@ def smile_storage(smile: SmileModel) -> dict:
                   + (0 if lay.bias_delta is None else int(np.size(lay.bias_delta))) for lay in smile.layers.values())
     total = n_model + gate + experts
     T = smile.num_tasks
+    b_model = _nbytes(jax.tree.leaves(smile.params))
+    total_b = b_model + _nbytes([a for lay in smile.layers.values() for a in (lay.gate, lay.down, lay.up,
+                                                                              lay.bias_delta) if a is not None])
     return {"num_tasks": T, "model_params": n_model, "base_params": n_model, "gate_params": gate,
             "expert_params": experts, "total_params": total, "full_models_params": T * n_model,
-            "ratio": T * n_model / total}
+            "ratio": T * n_model / total, "total_bytes": total_b, "full_models_bytes": T * b_model,
+            "ratio_bytes": T * b_model / total_b}
+
+
+def _nbytes(arrays) -> int:
+    return int(sum(int(np.size(a)) * np.dtype(jnp.asarray(a).dtype).itemsize for a in arrays))
 

@@ -473,18 +473,27 @@ def wemoe_tta(spec: WEMoE, state: Mapping[str, Any], logits_fn: Callable[[Any, j
 
 
 def wemoe_storage(spec: WEMoE, state: Mapping[str, Any]) -> dict[str, int]:
-    """Parameter counts: the WEMoE model (merged + T task-vector MLPs + routers) against T full models.
+    """Parameter counts and bytes: the WEMoE model (merged + T task-vector MLPs + routers) against T full models.
 
     Returns:
-      ``{"wemoe": ..., "merged": ..., "mlp_experts": ..., "routers": ..., "full_models": T * model size}``.
+      ``{"wemoe": ..., "merged": ..., "mlp_experts": ..., "routers": ..., "full_models": T * model size}`` in
+      entries, and ``wemoe_bytes`` / ``full_models_bytes`` (each array at its own dtype; the experts' ``base``
+      entries are the merged params' own MLP weights, counted once).
 
     References: Tang et al., "Merging Multi-Task Models via Weight-Ensembling Mixture of Experts" (ICML 2024).
     """
     def count(t):
         return int(sum(np.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(t)))
 
+    def nbytes(t):
+        return int(sum(int(np.size(x)) * np.dtype(jnp.asarray(x).dtype).itemsize for x in jax.tree_util.tree_leaves(t)))
+
+    taus = [u["tau"] for g in state["experts"].values() for u in g.values()]
     merged = count(state["params"])
-    experts = sum(count(u["tau"]) for g in state["experts"].values() for u in g.values())
+    experts = sum(count(t) for t in taus)
     routers = count(state["routers"])
+    b_merged = nbytes(state["params"])
     return {"wemoe": merged + experts + routers, "merged": merged, "mlp_experts": experts, "routers": routers,
-            "full_models": spec.num_tasks * merged}
+            "full_models": spec.num_tasks * merged,
+            "wemoe_bytes": b_merged + nbytes(taus) + nbytes(state["routers"]),
+            "full_models_bytes": spec.num_tasks * b_merged}
