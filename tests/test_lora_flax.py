@@ -106,3 +106,12 @@ def test_flax_lora_bad_input_names_the_paths():
     for lora, msg in cases:
         with pytest.raises(MergeInputError, match=msg):
             merge_flax_lora(base, lora)
+
+
+@pytest.mark.parametrize("suffix", ["", ".value", ".raw_value"])
+def test_find_pairs_with_nnx_variable_suffixes(suffix):
+    # NNX state paths may end in the variable's attribute; the pair keeps the paths as given.
+    paths = [f"enc.fc.kernel{suffix}", f"enc.fc.lora.lora_a{suffix}", f"enc.fc.lora.lora_b{suffix}", "enc.ln.scale"]
+    (pair,) = find_flax_loras(paths, paths)
+    assert (pair.kernel, pair.a, pair.b) == (f"enc.fc.kernel{suffix}", f"enc.fc.lora.lora_a{suffix}",
+                                            f"enc.fc.lora.lora_b{suffix}")

@@ -6,7 +6,7 @@ fan-out orientation (no transpose, unlike PEFT's ``(out, in)`` weights)::
     ΔW = scale · lora_a @ lora_b        lora_a (fan_in, r)    lora_b (r, fan_out)
 
 ``flax.nnx.LoRA`` computes ``x @ lora_a @ lora_b`` (scale 1). Layouts recognised, by path (``X`` is any
-module path; NNX's trailing ``.value`` is ignored):
+module path; NNX's trailing ``.value`` / ``.raw_value`` is ignored):
 
 * ``nnx.LoRALinear``: ``X.kernel`` with ``X.lora.lora_a`` / ``X.lora.lora_b``;
 * ``nnx.LoRA(base_module=...)``: ``X.base_module.kernel`` with ``X.lora_a`` / ``X.lora_b``;
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import MatrixView, MergeInputError, infer_views, leaves_with_paths, path_str
+from ..core.views import variable_path
 
 __all__ = ["FlaxLoraPair", "find_flax_loras", "flax_lora_deltas", "merge_flax_lora"]
 
@@ -53,10 +54,6 @@ class FlaxLoraPair:
     b: str
 
 
-def _strip(path: str) -> str:
-    return path[:-len(".value")] if path.endswith(".value") else path
-
-
 def find_flax_loras(lora_paths: list[str], kernel_paths: list[str]) -> list[FlaxLoraPair]:
     """Pair LoRA factor paths with the kernels they adapt (the layouts of the module docstring).
 
@@ -69,10 +66,10 @@ def find_flax_loras(lora_paths: list[str], kernel_paths: list[str]) -> list[Flax
 
     References: Flax NNX ``nnx.LoRA`` / ``nnx.LoRALinear``.
     """
-    kernels = {_strip(p): p for p in kernel_paths}
+    kernels = {variable_path(p): p for p in kernel_paths}
     groups: dict[str, dict[str, str]] = {}
     for p in lora_paths:
-        q = _strip(p)
+        q = variable_path(p)
         parent, _, name = q.rpartition(".")
         if name in _A_NAMES:
             groups.setdefault(parent, {})["a"] = p
