@@ -84,7 +84,7 @@ from .transform import StatsPhase
 from .xla import HONEST_COST_ENTRIES, HONEST_COST_MIN, honest_cost, loop_variant, materialized, split_blocks
 
 __all__ = ["topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
-           "whole_sort_limit", "topk_thresholds_rows", "global_topk_thresholds"]
+           "whole_sort_limit", "topk_thresholds_rows", "global_topk_thresholds", "global_topk_keep"]
 
 _I32_MIN = np.int32(np.iinfo(np.int32).min)
 _I32_MAX = np.int32(np.iinfo(np.int32).max)
@@ -1103,6 +1103,24 @@ def global_topk_mask(state: MergeState, name: str = "global_topk") -> Bool[Array
     return _threshold_mask(x, v, cut, True).reshape(state.tau.shape)
 
 
+def global_topk_keep(state: MergeState, name: str = "global_topk") -> tuple[Float[Array, "T *shape"], Bool[Array, "T *shape"]]:
+    """``(where(mask, tau, 0), mask)`` for :func:`global_topk_mask`'s mask (float32 values), built per row
+    like :func:`topk_keep_rows`: a consumer's ``kept[t]`` then folds into that row's expression, so XLA
+    fuses the trim into the merge pass and never writes the stacked task vectors.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models"
+    (NeurIPS 2023).
+    """
+    tau = jnp.asarray(state.tau, jnp.float32)
+    if tau.size == 0:
+        return jnp.zeros(tau.shape, jnp.float32), jnp.zeros(tau.shape, bool)
+    x = _leaf_rows(tau)  # the leaf's own shape (sharding), flat order row-major
+    v, cut = global_topk_thresholds(state, name)
+    masks = [_threshold_mask(x[t], v[t], cut[t], True).reshape(tau.shape[1:]) for t in range(tau.shape[0])]
+    kept = jnp.stack([jnp.where(m, tau[t], np.float32(0)) for t, m in enumerate(masks)])
+    return kept, jnp.stack(masks)
+
+
 def global_topk_thresholds(state: MergeState, name: str = "global_topk") -> tuple[Int[Array, "T"], Int[Array, "T"]]:
     """This leaf's thresholds ``(v, cut)`` of :func:`global_topk_mask` (see :func:`topk_thresholds_rows`):
     row ``t`` keeps magnitude keys above ``v[t]`` and those equal to it at flat positions below ``cut[t]``.
@@ -1111,8 +1129,9 @@ def global_topk_thresholds(state: MergeState, name: str = "global_topk") -> tupl
     (NeurIPS 2023).
     """
     st = state.stats[name]
-    x = _leaf_rows(jnp.asarray(state.tau, jnp.float32))
     v = jnp.asarray(st["v"], jnp.int32)
     quota = jnp.asarray(st["quota"], jnp.int32)
     eq = jnp.asarray(st["eq"], jnp.int32)  # entries equal to v per row, counted by the phases
-    return v, _tie_cuts(_rows_fn(x), v, quota, eq, True)
+    # The tie-cut conditional rebuilds the rows from the inputs (while tau is models - base): with tau as
+    # its operand XLA would write the task vectors (and their stack) before every merge pass.
+    return v, _tie_cuts(_g_source(state), v, quota, eq, True)

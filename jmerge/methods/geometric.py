@@ -216,6 +216,11 @@ def multislerp(weight: HParamSpec = 1.0, eps: HParamSpec = 1e-8, *, normalize_we
 def _karcher(state: MergeState, hp, *, max_iter: int, base_relative: bool) -> MergeState:
     T = state.num_models
     x = state.tau if base_relative else state.models()
+    rebuild = state.tau_rebuild()
+    if not base_relative and state.precision is None and rebuild is not None:
+        # base + tau (the numbers of state.models()) with the rows of tau rebuilt from the inputs: XLA then
+        # writes these models once (the norms' input), not also a stacked copy of tau.
+        x = jnp.stack([state.base + r for r in rebuild(lambda a: a)])
     if T == 1:
         return state.replace(merged=state.tau[0])
     # The leaf's own shape (norms and dots sum over all its axes): not flattened, so a sharded leaf is

@@ -104,15 +104,13 @@ def _trim_k(state: MergeState, hp, rounding: str) -> jax.Array:
 
 
 def _trim(state: MergeState, hp, *, scope: str, rounding: str) -> MergeState:
-    if scope == "global":
-        mask = _select.global_topk_mask(state, _TRIM_STATS)
+    if scope == "global":  # per row, so that the merge pass fuses the trim (no stacked tau written)
+        kept, mask = _select.global_topk_keep(state, _TRIM_STATS)
     else:
         k = _trim_k(state, hp, rounding)
         # While tau is models - base, the counting passes read the models: tau is never materialized.
         kept, mask = _select.topk_keep_rows(state.tau, k, magnitude=True, rebuild=state.tau_rebuild())
-        return state.replace(tau=kept, extras={**state.extras, "trim_mask": mask})
-    tau = jnp.where(mask, state.tau, 0.0)
-    return state.replace(tau=tau, extras={**state.extras, "trim_mask": mask})
+    return state.replace(tau=kept, extras={**state.extras, "trim_mask": mask})
 
 
 def trim(density: HParamSpec = 0.2, *, scope: Literal["tensor", "global"] = "tensor",
