@@ -47,7 +47,7 @@ from .transform import StatsPhase, Transform, run_steps, _check_part
 from .tree import (check_compatible, check_task_vectors, leaf_key, leaf_kind, leaves_with_paths,
                    optimizer_state_paths)
 from .views import MatrixView, infer_views
-from .xla import materialized
+from .xla import fast_compile_options, materialized
 
 __all__ = ["LeafProgram", "merge", "merge_leaf", "prepare_leaf_hparams", "check_ranges", "task_vectors",
            "apply_delta", "trace_count", "check_method", "count_eqns", "GROUP_MIN_EQNS"]
@@ -226,12 +226,18 @@ def _fused_leaf(method, state, hp, stats, **inputs):
 
 
 # Paths are not part of the compile key: leaves of equal shape, dtype and view share one executable.
-@functools.partial(jax.jit, static_argnames=("method", "stacked", "out_dtype", "return_extras", "view", "precision"))
-def _leaf_jit(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view,
-              precision=None):
+_LEAF_STATIC = ("method", "stacked", "out_dtype", "return_extras", "view", "precision")
+_COLLECT_STATIC = ("method", "index", "stacked", "view", "precision")
+
+
+def _leaf_counted(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view,
+                  precision=None):
     _TRACES["count"] += 1
     return _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, stacked=stacked, out_dtype=out_dtype,
                       return_extras=return_extras, view=view, precision=precision)
+
+
+_leaf_jit = jax.jit(_leaf_counted, static_argnames=_LEAF_STATIC)
 
 
 def _collect_impl(method, index, base_leaf, model_leaves, hp, key, stats, *, stacked, view, precision=None):
@@ -241,7 +247,19 @@ def _collect_impl(method, index, base_leaf, model_leaves, hp, key, stats, *, sta
     return phase.collect(state.replace(stats=dict(stats.get(sname, {}))), method.steps[si][1].own_hparams(sname, hp))
 
 
-_collect_jit = jax.jit(_collect_impl, static_argnames=("method", "index", "stacked", "view", "precision"))
+_collect_jit = jax.jit(_collect_impl, static_argnames=_COLLECT_STATIC)
+
+
+@functools.cache
+def _fast_jits() -> tuple:
+    """``(leaf, collect)`` jitted with :func:`~jmerge.core.xla.fast_compile_options` (XLA workaround 9: less
+    compile time, the same outputs, slower kernels), or ``(_leaf_jit, _collect_jit)`` where there are none."""
+    opts = fast_compile_options()
+    if not opts:
+        return _leaf_jit, _collect_jit
+    return (jax.jit(_leaf_counted, static_argnames=_LEAF_STATIC, compiler_options=opts),
+            jax.jit(_collect_impl, static_argnames=_COLLECT_STATIC, compiler_options=opts))
+
 
 _PROGRAM = object()  # "the program's own compute dtype" (a call's default)
 
@@ -268,6 +286,10 @@ class LeafProgram:
     one input, which XLA fuses into their consumers: the out-of-core executor reads the models of a
     tensor into one buffer).
     ``compute_dtype=`` on a call overrides the program's (the pipeline picks it per tensor).
+    ``fast_compile=True`` on a call: compile with XLA:CPU options that cut compile time (TIES ~40%) for
+    bit-identical outputs and kernels up to ~25% slower (:func:`jmerge.core.xla.fast_compile_options`;
+    nothing changes on other backends or where XLA lacks them, e.g. JAX 0.12); the pipeline sets it for
+    programs of little total work.
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
@@ -291,11 +313,12 @@ class LeafProgram:
     def collect(self, index: int, base_leaf: Shaped[ArrayLike, "*shape"],
                 model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
                 hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any], view: MatrixView | None = None,
-                *, traced: bool = False, compute_dtype: Any = _PROGRAM, models_stacked: bool = False) -> Any:
+                *, traced: bool = False, compute_dtype: Any = _PROGRAM, models_stacked: bool = False,
+                fast_compile: bool = False) -> Any:
         """Phase ``index``'s statistic of one leaf (steps before the phase's step run first)."""
         view = view if self.method.uses_view else None
         f = functools.partial(_collect_impl, self.method, index) if traced else \
-            functools.partial(_collect_jit, self.method, index)
+            functools.partial(_fast_jits()[1] if fast_compile else _collect_jit, self.method, index)
         return f(base_leaf, model_leaves, hp, key, stats, stacked=self._stacked(models_stacked), view=view,
                  precision=self._precision(compute_dtype))
 
@@ -328,11 +351,11 @@ class LeafProgram:
                  model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
                  hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any] | None = None,
                  view: MatrixView | None = None, *, traced: bool = False, out_dtype: Any = None,
-                 compute_dtype: Any = _PROGRAM, models_stacked: bool = False) -> Any:
+                 compute_dtype: Any = _PROGRAM, models_stacked: bool = False, fast_compile: bool = False) -> Any:
         """The merged leaf (and its extras with ``return_extras``); ``out_dtype`` and ``compute_dtype``
         override the program's."""
         view = view if self.method.uses_view else None
-        f = _leaf_impl if traced else _leaf_jit
+        f = _leaf_impl if traced else (_fast_jits()[0] if fast_compile else _leaf_jit)
         dt = self.out_dtype if out_dtype is None else jnp.dtype(out_dtype).name
         return f(self.method, base_leaf, model_leaves, hp, key, stats or {}, stacked=self._stacked(models_stacked),
                  out_dtype=dt, return_extras=self.return_extras, view=view,

@@ -277,6 +277,8 @@ class MergeContext:
       put: places an input array on devices (``--mesh``), or None.
       compute_float32: compute every merge in float32 from the inputs as stored, whatever the
         ``dtype`` (``--compute-float32``); the output dtype is unchanged.
+      fast_compile: tensor shapes whose program compiles with ``LeafProgram(..., fast_compile=True)``
+        (see :func:`fast_compile_shapes`).
 
     References: none (infrastructure).
     """
@@ -288,6 +290,22 @@ class MergeContext:
     compute_dtype: Optional[np.dtype] = None
     put: Optional[Callable] = None
     compute_float32: bool = False
+    fast_compile: frozenset = frozenset()
+
+
+def fast_compile_shapes(merges: Sequence[TensorJob]) -> frozenset:
+    """Shapes whose merges process at most ``FAST_COMPILE_MAX_WORK`` model entries in all (models x
+    entries summed over the tensors of that shape): their program compiles with XLA:CPU options that
+    save more compile time than its slower kernels cost (``jmerge.core.xla``, workaround 9).
+
+    References: none (an XLA workaround measured on this project's machines).
+    """
+    from ..core.xla import FAST_COMPILE_MAX_WORK  # noqa: PLC0415
+    work: dict = {}
+    for j in merges:
+        shape = tuple(j.shape)
+        work[shape] = work.get(shape, 0) + len(j.op.models) * int(np.prod(shape, dtype=np.int64))
+    return frozenset(s for s, w in work.items() if w <= FAST_COMPILE_MAX_WORK)
 
 
 def _stackable(job: TensorJob, readers, ctx: MergeContext) -> bool:
@@ -387,6 +405,7 @@ def _collect_stats(jobs, readers, bufs, ctx, pool, window, max_bytes, progress) 
             r = ctx.program.collect(pi, _put(ctx, arrays[0]), models,
                                     ctx.hparams[j.out_name], leaf_key(ctx.seed, j.out_name), stats[j.out_name],
                                     ctx.views[j.out_name], compute_dtype=_compute_dtype(ctx, arrays),
+                                    fast_compile=tuple(j.shape) in ctx.fast_compile,
                                     **({"models_stacked": True} if stacked else {}))
             # copied when it is a view of a read buffer (e.g. an input JAX forwarded): the buffer is reused
             collected.append(jax.tree.map(lambda x: _unaliased(np.asarray(x), raw), r))
@@ -416,6 +435,7 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool
     return ctx.program(_put(ctx, arrays[0]), models, hp,
                        leaf_key(ctx.seed, job.out_name), stats.get(job.out_name) or {}, ctx.views[job.out_name],
                        out_dtype=out_dtype, compute_dtype=_compute_dtype(ctx, arrays),
+                       fast_compile=tuple(job.shape) in ctx.fast_compile,
                        **({"models_stacked": True} if stacked else {}))
 
 
@@ -542,7 +562,7 @@ def _context(plan, jobs, seed: int, mesh: Optional[str], compute_float32: bool =
     views = dict(zip(names, infer_views(names, [j.shape for j in merges])))
     return MergeContext(program=LeafProgram(method) if method is not None else None, hparams=hps, views=views,
                         seed=seed, compute_dtype=np_dtype(plan.config.dtype), put=mesh_sharding(mesh),
-                        compute_float32=bool(compute_float32))
+                        compute_float32=bool(compute_float32), fast_compile=fast_compile_shapes(merges))
 
 
 def _layer_sources(jobs, readers) -> list:
