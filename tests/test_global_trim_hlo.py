@@ -5,7 +5,6 @@ The merged values are checked against a NumPy reference of the same thresholds.
 """
 
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -14,23 +13,10 @@ import numpy as np
 import jmerge
 from jmerge.core import LeafProgram
 
+from .test_xla_workarounds import _full_size_buffers
+
 SHAPE = (256, 384)
 N = math.prod(SHAPE)
-
-
-def _entry_full_size_writes(txt: str, n: int) -> list:
-    """Instructions of the entry computation writing >= n elements, except the output and aliases."""
-    e = txt[txt.index("\nENTRY"):]
-    bad = []
-    for line in e[:e.index("\n}")].splitlines()[1:]:
-        m = re.match(r"\s*(ROOT )?%(\S+) = (\w+)\[([0-9,]*)\]\S* (\S+?)\(", line)
-        if not m:
-            continue
-        root, name, _, dims, op = m.groups()
-        size = math.prod(int(d) for d in dims.split(",")) if dims else 1
-        if size >= n and not root and op not in ("parameter", "get-tuple-element", "bitcast"):
-            bad.append((name, dims, op))
-    return bad
 
 
 def _inputs():
@@ -59,7 +45,7 @@ def test_global_ties_merge_pass_writes_only_its_output():
     stats = _stats(tau, N // 5)
     f = jax.jit(lambda b, ms, hp, st: prog(b, ms, hp, jax.random.key(0), st, None, traced=True))
     txt = f.lower(b, ms, hp, stats).compile().as_text()
-    assert _entry_full_size_writes(txt, N) == []
+    assert _full_size_buffers(txt, N) == []
 
     # NumPy reference: keep |tau| above v (and the entries equal to v before the cut), elect, disjoint mean.
     st = stats["trim"]["trim_global_topk"]
