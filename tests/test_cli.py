@@ -98,7 +98,7 @@ def test_merge_fills_the_compile_cache_and_rerun_is_identical(tiny_base, tiny_ft
              + "".join(f"  - model: {f}\n    parameters: {{weight: 1.0, density: 0.3}}\n" for f in tiny_fts))
     outs = [tmp_path / "a", tmp_path / "b"]
     assert main(["merge", p, str(outs[0]), "--quiet"]) == 0
-    assert any("leaf_jit" in f for f in os.listdir(cache)), os.listdir(cache)
+    assert any("_leaf_program" in f for f in os.listdir(cache)), os.listdir(cache)  # the per-leaf programs
     assert main(["merge", p, str(outs[1]), "--quiet"]) == 0
     from jmerge.io.safetensors import open_checkpoint
     with open_checkpoint(str(outs[0])) as a, open_checkpoint(str(outs[1])) as b:

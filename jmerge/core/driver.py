@@ -230,14 +230,14 @@ _LEAF_STATIC = ("method", "stacked", "out_dtype", "return_extras", "view", "prec
 _COLLECT_STATIC = ("method", "index", "stacked", "view", "precision")
 
 
-def _leaf_counted(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view,
+def _leaf_program(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view,
                   precision=None):
     _TRACES["count"] += 1
     return _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, stacked=stacked, out_dtype=out_dtype,
                       return_extras=return_extras, view=view, precision=precision)
 
 
-_leaf_jit = jax.jit(_leaf_counted, static_argnames=_LEAF_STATIC)
+_leaf_jit = jax.jit(_leaf_program, static_argnames=_LEAF_STATIC)
 
 
 def _collect_impl(method, index, base_leaf, model_leaves, hp, key, stats, *, stacked, view, precision=None):
@@ -257,7 +257,7 @@ def _fast_jits() -> tuple:
     opts = fast_compile_options()
     if not opts:
         return _leaf_jit, _collect_jit
-    return (jax.jit(_leaf_counted, static_argnames=_LEAF_STATIC, compiler_options=opts),
+    return (jax.jit(_leaf_program, static_argnames=_LEAF_STATIC, compiler_options=opts),
             jax.jit(_collect_impl, static_argnames=_COLLECT_STATIC, compiler_options=opts))
 
 
