@@ -176,17 +176,21 @@ def test_single_pass_kernel_reads_the_inputs(name, opts):
     assert calls == 1 and sources == ["input"] * 4, sources  # 3 models + the base
 
 
+def _two_scale_chain(backend):
+    """A TIES chain the single-pass route does not take (two scales after the merge), built for ``backend``."""
+    with merge_backend(backend):
+        return jmerge.chain(jmerge.trim(0.5), jmerge.elect_sign(), jmerge.disjoint_merge(), jmerge.scale(0.5),
+                            jmerge.scale(2.0))
+
+
 def test_operand_check_sees_computed_task_vectors():
     # the check can fail: a chain the single-pass route does not take (two scales) uses the step-level kernel,
     # fed the trimmed task vectors computed by XLA, and DELLA's inverse rescale feeds the rescaled ones
     rng = np.random.default_rng(4)
     base = rng.normal(size=(48, 128)).astype(np.float32)
     models = [base + 0.1 * rng.normal(size=base.shape).astype(np.float32) for _ in range(2)]
-    with merge_backend("pallas"):
-        chained = jmerge.chain(jmerge.trim(0.5), jmerge.elect_sign(), jmerge.disjoint_merge(), jmerge.scale(0.5),
-                               jmerge.scale(2.0))
     _, della_inverse = _pair("della")
-    for m in (chained, della_inverse):
+    for m in (_two_scale_chain("pallas"), della_inverse):
         calls, sources = _pallas_operand_sources(m, base, models, {})
         assert calls == 1 and any(s != "input" for s in sources), sources
 
@@ -196,10 +200,5 @@ def test_other_chains_keep_their_steps():
     rng = np.random.default_rng(6)
     base = rng.normal(size=(8, 128)).astype(np.float32)
     models = [base + 0.1 * rng.normal(size=base.shape).astype(np.float32) for _ in range(2)]
-    with merge_backend("pallas"):
-        mp = jmerge.chain(jmerge.trim(0.5), jmerge.elect_sign(), jmerge.disjoint_merge(), jmerge.scale(0.5),
-                          jmerge.scale(2.0))
-    with merge_backend("xla"):
-        mx = jmerge.chain(jmerge.trim(0.5), jmerge.elect_sign(), jmerge.disjoint_merge(), jmerge.scale(0.5),
-                          jmerge.scale(2.0))
+    mp, mx = _two_scale_chain("pallas"), _two_scale_chain("xla")
     assert_bitwise(jmerge.merge(mp, base, models), jmerge.merge(mx, base, models))

@@ -704,18 +704,6 @@ _G_CARRY: dict[int, dict] = {}  # host state of running searches, by token (a fe
 _G_TOKENS = iter(range(1, 2 ** 31 - 1))
 
 
-def _g_rows(state: MergeState) -> list:
-    """The leaf's task vectors as a list of rows in their own shape (each counted by its own reduction,
-    so ``tau = models - base`` is read from the models and never materialized)."""
-    tau = state.tau if state.tau.ndim > 1 else state.tau.reshape(state.tau.shape[0], 1)
-    return [jnp.asarray(tau[t], jnp.float32) for t in range(tau.shape[0])]
-
-
-def _g_count_pass(x, ts, lo, hi):
-    """:func:`_count_pass` of ``|x|`` (the whole-model search's rows)."""
-    return _count_pass(x, ts, lo, hi, True)
-
-
 def _g_source(state: MergeState):
     """``guard -> rows`` of the leaf's task vectors in their own shape. Called inside a conditional: while
     ``tau`` is ``models - base`` the rows are rebuilt from the inputs there (a conditional's closure would
@@ -735,7 +723,8 @@ def _g_count(state: MergeState, prev) -> dict:
     src = _g_source(state)
 
     def run():
-        parts = [_g_count_pass(r[None], ts[t:t + 1], lo[t:t + 1], hi[t:t + 1]) for t, r in enumerate(src(lambda a: a))]
+        parts = [_count_pass(r[None], ts[t:t + 1], lo[t:t + 1], hi[t:t + 1], True)
+                 for t, r in enumerate(src(lambda a: a))]
         return tuple(jnp.concatenate(z) for z in zip(*parts))
 
     skip = lambda: (jnp.zeros((T, _G_J), jnp.int32), jnp.full((T,), _I32_MIN), jnp.full((T,), _I32_MAX))
@@ -897,7 +886,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
     prev_of = dict(zip(c_names, [s_name] + c_names[:-1]))
 
     def collect_sample(state: MergeState, hp):
-        rows = _g_rows(state)
+        rows = _g_source(state)(lambda a: a)  # the rows the counting phases read
         n = rows[0].size
         target = min(_G_SAMPLE, max(n // 32, 1))
         keys = jnp.stack([_keys(_sample(r, target), True).reshape(-1) for r in rows]) if n else \

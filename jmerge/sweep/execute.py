@@ -199,7 +199,7 @@ def _merge_batch_bytes(base: Any, models: Any, settings: int) -> int:
     leaves = jax.tree.leaves(base)
     merged = sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in leaves)
     largest = max((int(np.size(x)) for x in leaves), default=0)
-    return settings * (merged + 4 * largest * (len(jax.tree.leaves(models)) // max(len(leaves), 1) + 2))
+    return settings * (merged + 4 * largest * (len(models) + 2))
 
 
 def _mesh_shardings():
