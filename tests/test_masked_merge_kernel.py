@@ -135,6 +135,39 @@ def test_stacked_task_vectors_and_out_dtype():
     assert masked_merge_bytes([((16, 128), np.float32)] * 3, jnp.bfloat16) == 16 * 128 * (4 * 4 + 2)
 
 
+@pytest.mark.parametrize("n", [1, 2, 50, 127, 128, 896, 2310, 3000, 3072, 24 * 128, 37 * 128, 1 << 16, 1000003])
+@pytest.mark.parametrize("block_rows", [1, 8, 32, 512])
+def test_exact_layout_tiles_the_view(n, block_rows):
+    """JAX < 0.12's Triton lowering does not mask overhanging blocks: on a GPU every block must lie inside."""
+    from jmerge.kernels.fused import _exact_layout
+    (rows, cols), (br, lanes) = _exact_layout(n, block_rows)
+    assert rows % br == 0 and cols % lanes == 0 and rows * cols >= n
+    assert br & (br - 1) == 0 and lanes & (lanes - 1) == 0 and br <= max(block_rows, 1)
+    if n % 128 == 0:  # no copy: the (n/128, 128) view with the largest dividing power-of-two block
+        assert (rows, cols) == (n // 128, 128) and (2 * br > min(block_rows, rows) or rows % (2 * br))
+    else:  # (1, m): padded by less than one block
+        assert rows == 1 and br == 1 and cols - n < lanes <= 1024
+
+
+@pytest.mark.parametrize("shape", [(1,), (50,), (33, 70), (24, 128), (7, 128), (3000,)])
+def test_exact_blocks_equal_the_ragged_layout(shape):
+    """The GPU layout (blocks inside the leaf, zero-padded flat views) gives the same bits as the default one."""
+    T = 3
+    base, ms = _inputs(shape, T, np.float32, seed=len(shape) + shape[0])
+    tv = np.stack([m - base for m in ms]).reshape(T, -1)
+    v, cut = np_thresholds(tv, np.full(T, max(1, tv.shape[1] // 3)))
+    rng = np.random.default_rng(5)
+    masks = rng.random((T,) + shape) < 0.7
+    common = dict(weights=[0.5, 1.0, 1.5], scale=0.9, block_rows=32)
+    for kw in (dict(thresholds=(v, cut)), dict(masks=masks, mask_scale=[1.2, 1.0, 0.8])):
+        want = masked_merge(ms, base, exact_blocks=False, **common, **kw)
+        for stacked in (False, True):
+            models = np.stack(ms) if stacked else ms
+            assert_bitwise(masked_merge(models, base, exact_blocks=True, **common, **kw), want)
+    got = masked_merge(np.stack(ms) - base, stacked=True, masks=masks, add_base=False, exact_blocks=True, block_rows=8)
+    assert_bitwise(got, masked_merge(np.stack(ms) - base, stacked=True, masks=masks, add_base=False, exact_blocks=False))
+
+
 def _has_pallas(method, base, models=None, **kw):
     return "pallas_call" in str(jax.make_jaxpr(lambda b, m: jmerge.merge(method, b, m, **kw))(base, models))
 

@@ -146,7 +146,28 @@ def _pow2_rows(k: int) -> int:
 
 
 def _as_rows(x, n: int, view: tuple[int, int]):
-    return jnp.reshape(x, view)
+    """``x`` as the ``view``; a view larger than ``n`` entries (exact blocks) is zero-padded at the end."""
+    if view[0] * view[1] == n:
+        return jnp.reshape(x, view)
+    return jnp.pad(jnp.reshape(x, (n,)), (0, view[0] * view[1] - n)).reshape(view)
+
+
+def _exact_layout(n: int, block_rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(view, block)`` whose blocks tile the view exactly (no block overhangs the array).
+
+    A leaf whose size 128 divides keeps its ``(n / 128, 128)`` view with the largest power-of-two block of at
+    most ``block_rows`` rows that divides the rows (no copy); any other leaf gets a ``(1, m)`` view, ``m`` the
+    size rounded up to a whole block of ``min(1024, next power of two >= n)`` lanes (a zero-padded copy).
+    """
+    if n % _LANES == 0:
+        rows = n // _LANES
+        br = max(1, min(int(block_rows), rows))
+        br = 1 << (br.bit_length() - 1)
+        while rows % br:
+            br //= 2
+        return (rows, _LANES), (br, _LANES)
+    lanes = min(_FLAT_LANES, 1 << max(0, n - 1).bit_length())
+    return (1, -(-n // lanes) * lanes), (1, lanes)
 
 
 def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
@@ -156,7 +177,7 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
                  sign_method: str = "sum", reduce: str = "mean", normalize_by: str = "count",
                  scale: Any = None, precision: str | None = None, out_dtype: Any = None,
                  add_base: bool = True, round_inputs: bool = True, block_rows: int | None = None,
-                 interpret: bool | None = None, reference: bool = False):
+                 interpret: bool | None = None, reference: bool = False, exact_blocks: bool | None = None):
     """The TIES family's final pass in one fused Pallas kernel (see the module docstring for the formula).
 
     Args:
@@ -185,6 +206,10 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
         intermediate values of a merge, used as they are, e.g. DARE's rescaled survivors).
       block_rows: rows of 128 entries per block (a power of two; default 32 on GPU, 512 elsewhere).
       interpret: run the Pallas interpreter; default True on CPU.
+      exact_blocks: blocks that tile the leaf's view exactly (:func:`_exact_layout`; smaller row blocks, or
+        a zero-padded copy of a leaf 128 does not divide). Default: compiled for a GPU. JAX's Triton lowering
+        before 0.12 does not mask a block that overhangs the array: its loads and stores run past the buffers
+        (on an H200 with JAX 0.11.2 this overwrote other live arrays, 2026-11-30).
       reference: compute the same arithmetic with jax.numpy on the whole leaf instead (one XLA fusion, no
         Pallas): the kernel's reference in tests and benchmarks.
 
@@ -225,25 +250,34 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
     out_dt = jnp.float32 if not add_base else jnp.dtype(out_dtype if out_dtype is not None else base.dtype)
     if n == 0:
         return jnp.zeros(shape, out_dt)
-    if n % _LANES == 0:
+    if block_rows is None:
+        block_rows = 32 if backend == "gpu" else 512
+    if int(block_rows) < 1 or int(block_rows) & (int(block_rows) - 1):
+        raise ValueError(f"masked_merge: block_rows must be a power of two, got {block_rows}.")
+    if exact_blocks is None:
+        exact_blocks = backend == "gpu" and not interpret
+    if exact_blocks and not reference:
+        view, block = _exact_layout(n, int(block_rows))
+        rows, lanes = view[0], block[1]
+        grid = (view[0] // block[0] if view[0] > 1 else view[1] // block[1],)
+        index = (lambda i: (i, 0)) if view[0] > 1 else (lambda i: (0, i))
+    elif n % _LANES == 0:
         rows, lanes = n // _LANES, _LANES
-        if block_rows is None:
-            block_rows = 32 if backend == "gpu" else 512
         br = int(block_rows)
-        if br < 1 or br & (br - 1):
-            raise ValueError(f"masked_merge: block_rows must be a power of two, got {block_rows}.")
         br = min(br, 1 << max(0, (rows - 1).bit_length()))  # no block larger than the leaf needs
         if backend == "tpu" and br < rows:
             br = max(br, 8)
         block = (br, lanes)
         grid = (-(-rows // br),)
         index = lambda i: (i, 0)
+        view = (rows, n // rows)
     else:
         rows, lanes = 1, _FLAT_LANES
         block = (1, lanes)
         grid = (-(-n // lanes),)
         index = lambda i: (0, i)
-    view = (rows, n // rows)
+        view = (1, n)
+    padded = view[0] * view[1] != n
     spec = pl.BlockSpec(block, index)
 
     def full_spec(a):
@@ -253,7 +287,8 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
         """``T`` operands and specs: one stacked ``(T, *view)`` array read at block ``(t, ...)`` (no copy of
         its rows), else each array in its own view; the reference always gets the rows."""
         if stacked_array is not None and not reference:
-            a = stacked_array.reshape((T,) + view)
+            a = stacked_array.reshape((T, n))
+            a = (jnp.pad(a, ((0, 0), (0, view[0] * view[1] - n))) if padded else a).reshape((T,) + view)
             return [a] * T, [pl.BlockSpec((_SQUEEZED,) + block, lambda i, t=t: (t,) + index(i)) for t in range(T)]
         return [_as_rows(x, n, view) for x in arrays], [spec] * T
 
@@ -314,7 +349,7 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
     kernel = functools.partial(_kernel, T=T, has_base=need_base, given_sign=sign is not None, block=block, **static)
     out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(view, out_dt), grid=grid, in_specs=specs,
                          out_specs=spec, interpret=interpret, name="jmerge_masked_merge")(*operands)
-    return out.reshape(shape)
+    return (out.reshape(-1)[:n] if padded else out).reshape(shape)
 
 
 def masked_merge_bytes(shapes_dtypes: Sequence[tuple[tuple[int, ...], Any]], out_dtype: Any, *,
