@@ -9,6 +9,9 @@ import pytest
 
 from jmerge.kernels import disjoint_merge, disjoint_merge_reference
 
+# The Pallas interpreter on CPU; on a GPU/TPU the compiled kernel (scripts/gpu_checks.sh runs these there).
+INTERPRET = jax.default_backend() == "cpu"
+
 
 def ref_disjoint(tau, keep, w, by_weight=False):
     tau = np.asarray(tau, np.float64)
@@ -30,20 +33,20 @@ def test_matches_numpy(shape, T):
     tau[..., ::5] = 0.0  # zeros: no sign
     keep = rng.random((T,) + shape) < 0.6
     w = rng.uniform(0.2, 2.0, size=T).astype(np.float32)
-    got = np.asarray(disjoint_merge(tau, keep, w, block_rows=8, interpret=True))
+    got = np.asarray(disjoint_merge(tau, keep, w, block_rows=8, interpret=INTERPRET))
     np.testing.assert_allclose(got, ref_disjoint(tau, keep, w), rtol=1e-6, atol=1e-7)
-    got = np.asarray(disjoint_merge(tau, keep, w, normalize_by="weight", block_rows=8, interpret=True))
+    got = np.asarray(disjoint_merge(tau, keep, w, normalize_by="weight", block_rows=8, interpret=INTERPRET))
     np.testing.assert_allclose(got, ref_disjoint(tau, keep, w, True), rtol=1e-6, atol=1e-7)
 
 
 def test_bfloat16_and_zero_votes():
     tau = np.array([[1.0, -1.0, 2.0, 0.0], [-1.0, -3.0, 0.0, 0.0]], np.float32)
     keep = np.array([[True, True, True, True], [True, True, False, True]])
-    got = np.asarray(disjoint_merge(tau, keep, 1.0, interpret=True))
+    got = np.asarray(disjoint_merge(tau, keep, 1.0, interpret=INTERPRET))
     np.testing.assert_allclose(got, [1.0, -2.0, 2.0, 0.0])  # col 0: the votes cancel -> +1 elected -> 1.0
     tb = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16, 12)), jnp.bfloat16)
     keep = np.random.default_rng(1).random((3, 16, 12)) < 0.5
-    got = np.asarray(disjoint_merge(tb, keep, 1.0, interpret=True))
+    got = np.asarray(disjoint_merge(tb, keep, 1.0, interpret=INTERPRET))
     np.testing.assert_allclose(got, ref_disjoint(np.asarray(tb, np.float32), keep, 1.0), rtol=1e-6, atol=1e-7)
 
 
@@ -51,7 +54,7 @@ def test_jit_multiblock_and_reference():
     rng = np.random.default_rng(4)
     tau = rng.normal(size=(3, 40, 128)).astype(np.float32)
     keep = rng.random((3, 40, 128)) < 0.3
-    f = jax.jit(lambda t, k, w: disjoint_merge(t, k, w, block_rows=16, interpret=True))  # 3 blocks, last ragged
+    f = jax.jit(lambda t, k, w: disjoint_merge(t, k, w, block_rows=16, interpret=INTERPRET))  # 3 blocks, last ragged
     got = np.asarray(f(tau, keep, jnp.float32(0.7)))
     np.testing.assert_allclose(got, ref_disjoint(tau, keep, 0.7), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.asarray(disjoint_merge_reference(tau, keep, 0.7)), got, rtol=1e-6, atol=1e-7)
@@ -59,6 +62,6 @@ def test_jit_multiblock_and_reference():
 
 def test_bad_inputs():
     with pytest.raises(ValueError):
-        disjoint_merge(np.zeros((2, 3)), np.zeros((2, 4), bool), interpret=True)
+        disjoint_merge(np.zeros((2, 3)), np.zeros((2, 4), bool), interpret=INTERPRET)
     with pytest.raises(ValueError):
-        disjoint_merge(np.zeros((2, 3)), np.zeros((2, 3), bool), normalize_by="sum", interpret=True)
+        disjoint_merge(np.zeros((2, 3)), np.zeros((2, 3), bool), normalize_by="sum", interpret=INTERPRET)

@@ -226,7 +226,7 @@ def build_lora_moe(base: Any, experts: Sequence[LoraExpert], *, top_k: int = 1, 
       router_std: std of the routers' initial kernels (biases start at 0).
       module_map: module name -> linen module path (tuple or ``"a/b"``), a mapping or a callable; default:
         the name without ``base_model.model.``, split at ``.`` and ``/``.
-      impl: expert matmuls: ``"auto"`` (ragged_dot on CPU, Pallas elsewhere), ``"ragged"``, ``"pallas"``, ``"dense"``.
+      impl: expert matmuls: ``"auto"`` (ragged_dot; Pallas is opt-in), ``"ragged"``, ``"pallas"``, ``"dense"``.
 
     Returns:
       ``(spec, state)``: the static :class:`LoraMoE` and the state pytree.
@@ -321,7 +321,7 @@ def lora_moe_delta(x: jax.Array, router_logits: jax.Array, A: jax.Array, B: jax.
       router_logits: ``(tokens, E)``.
       A: ``(E, in, R)``; B: ``(E, R, out)``; scale: ``(E,)``.
       top_k: experts per token; normalize: renormalise the kept weights.
-      impl: ``"auto"`` (``"ragged"`` on CPU, ``"pallas"`` on GPU/TPU), ``"ragged"``, ``"pallas"``, ``"dense"``.
+      impl: ``"auto"`` (``"ragged"``; Pallas is opt-in), ``"ragged"``, ``"pallas"``, ``"dense"``.
       block_rows: Pallas row tile; interpret: Pallas interpreter (default on CPU).
 
     Returns:

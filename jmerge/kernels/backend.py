@@ -1,10 +1,11 @@
 """Which implementation runs the TIES family's final pass: the Pallas kernel or XLA's fusion.
 
 ``"auto"`` (the default) picks the Pallas kernel (:func:`jmerge.kernels.masked_merge`) when JAX's
-default backend is a GPU or TPU, the process sees one device and the leaf has at least
-:data:`AUTO_MIN_ENTRIES` entries, and XLA elsewhere (with several devices a leaf may be sharded, and a
-Pallas call has no sharding rule here: XLA would gather its operands); ``"pallas"`` forces the kernel (on CPU it runs in the Pallas interpreter: a correctness
-check, slow), ``"xla"`` forces XLA. The choice is read when a method is built (``jmerge.ties(...)``,
+default backend is in :data:`AUTO_PALLAS_BACKENDS` (none yet: measured on an H200, XLA's fusion was as fast
+or faster), the process sees one device and the leaf has at least :data:`AUTO_MIN_ENTRIES` entries, and XLA
+elsewhere (with several devices a leaf may be sharded, and a Pallas call has no sharding rule here: XLA
+would gather its operands); ``"pallas"`` forces the kernel (compiled on a GPU/TPU; on CPU it runs in the
+Pallas interpreter: a correctness check, slow), ``"xla"`` forces XLA. The choice is read when a method is built (``jmerge.ties(...)``,
 or a method named in ``jmerge.merge``/a config), from :func:`merge_backend` (a context manager) or
 else the environment variable ``JMERGE_MERGE_BACKEND``; it is part of the method's identity, so
 methods built under different choices compile separately. This module imports no JAX at import time.
@@ -24,13 +25,20 @@ import contextvars
 import os
 from typing import Iterator
 
-__all__ = ["BACKENDS", "ENV_VAR", "AUTO_MIN_ENTRIES", "merge_backend", "requested_merge_backend",
+__all__ = ["BACKENDS", "ENV_VAR", "AUTO_MIN_ENTRIES", "AUTO_PALLAS_BACKENDS", "merge_backend",
+           "requested_merge_backend",
            "use_pallas"]
 
 BACKENDS = ("auto", "xla", "pallas")
 """The accepted names."""
 ENV_VAR = "JMERGE_MERGE_BACKEND"
 """The environment variable read when no :func:`merge_backend` context is active."""
+AUTO_PALLAS_BACKENDS: tuple[str, ...] = ()
+"""JAX backends on which ``"auto"`` picks the kernel: none yet. On an NVIDIA H200 (JAX 0.11.2, 2026-11-30,
+``scripts/bench_kernels.py --fused``, 2^26 entries) XLA's fusion of the same arithmetic was faster than
+the kernel at every block size (bfloat16, T=2: 0.34 ms vs 0.38 at best; T=4: 0.43 vs 0.51), and
+``jmerge.merge(ties)`` took the same time either way (2.39 vs 2.50 ms, 4.31 vs 4.34), its exact top-k
+passes dominating; on TPU the kernel has not run compiled. A backend joins when it measures faster."""
 AUTO_MIN_ENTRIES = 1 << 16
 """``"auto"`` leaves smaller leaves to XLA (a kernel launch per small bias or norm is not worth it)."""
 
@@ -86,4 +94,4 @@ def use_pallas(requested: str, size: int, precision: str | None = None) -> bool:
         return True
     import jax
 
-    return jax.default_backend() in ("gpu", "tpu") and jax.device_count() == 1 and size >= AUTO_MIN_ENTRIES
+    return jax.default_backend() in AUTO_PALLAS_BACKENDS and jax.device_count() == 1 and size >= AUTO_MIN_ENTRIES

@@ -2,9 +2,9 @@
 
 Three implementations of the same layer, chosen by ``moe_dispatch(..., impl=...)``:
 
-- ``"ragged"``: ``jax.lax.ragged_dot`` over the expert-sorted rows (the reference path; the default on CPU).
+- ``"ragged"``: ``jax.lax.ragged_dot`` over the expert-sorted rows (the reference path and ``"auto"``'s choice).
 - ``"pallas"``: a Pallas grouped matmul over the expert-sorted rows, each expert's group padded to
-  whole row tiles (the default on GPU/TPU; on CPU it runs in the Pallas interpreter).
+  whole row tiles (opt-in: compiled on a GPU/TPU, in the Pallas interpreter on CPU).
 - ``"dense"``: every expert on every token, combined with one-hot routing weights (``moe_dense_reference``;
   for checks and benchmarks; ``E / top_k`` times the FLOPs).
 
@@ -36,9 +36,11 @@ __all__ = ["MoEGroups", "group_by_expert", "grouped_matmul", "moe_dense_referenc
            "top_k_routing"]
 
 _IMPLS = ("auto", "ragged", "pallas", "dense")
+# What "auto" runs on every backend. The Pallas grouped matmul is opt-in: its first layout (whole lhs per
+# grid step) did not compile for an H200 (shared memory, Triton's power-of-two shapes; 2026-11-30), and the
+# tiled rewrite has yet to be measured faster than ragged_dot there (scripts/bench_kernels.py).
+_AUTO = "ragged"
 _EXPERTS = ("swiglu", "linear")
-# a squeezed block dimension (the expert axis): pl.squeezed in current JAX, None in older releases
-_SQUEEZED = getattr(pl, "squeezed", None)
 
 
 def top_k_routing(router_logits: Float[ArrayLike, "tokens experts"], top_k: int, *, normalize: bool = True
@@ -160,46 +162,53 @@ def _prepare(x, router_logits, w_gate, w_up, w_down, expert):
     return x, router_logits, w_gate, w_up, w_down
 
 
-def _gmm_kernel(starts_ref, tiles_ref, lhs_ref, rhs_ref, out_ref, *, tm: int):
-    """Grid (column block j, expert e): rows of expert e's tiles times ``rhs[e][:, block j]``."""
-    e = pl.program_id(1)
+def _gmm_kernel(owner_ref, lhs_ref, rhs_ref, out_ref, *, tk: int, n_k: int):
+    """Grid (row tile i, column block j): ``lhs[tile i] @ rhs[owner[i]][:, block j]``, accumulated over K chunks."""
+    e = owner_ref[pl.program_id(0)]
 
-    @pl.when(e == 0)
+    @pl.when(e < 0)  # a tile in no expert's group: zeros
     def _():
         out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
-    start = starts_ref[e]
-    w = rhs_ref[...]
+    @pl.when(e >= 0)
+    def _():
+        def body(c, acc):
+            k0 = pl.multiple_of(c * tk, tk)
+            a = lhs_ref[:, pl.ds(k0, tk)]
+            b = rhs_ref[e, pl.ds(k0, tk), :]
+            return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
 
-    def body(t, carry):
-        r0 = pl.multiple_of(start + t * tm, tm)
-        rows = lhs_ref[pl.ds(r0, tm), :]
-        out_ref[pl.ds(r0, tm), :] = jnp.dot(rows, w, preferred_element_type=jnp.float32).astype(out_ref.dtype)
-        return carry
+        acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(out_ref.shape, jnp.float32))
+        out_ref[...] = acc.astype(out_ref.dtype)
 
-    jax.lax.fori_loop(0, tiles_ref[e], body, 0)
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, 1 << max(0, int(n) - 1).bit_length())
 
 
 def grouped_matmul(lhs: Float[ArrayLike, "rows k"], rhs: Float[ArrayLike, "experts k n"],
                    tile_starts: Int[ArrayLike, " experts"], tile_counts: Int[ArrayLike, " experts"], *,
-                   block_rows: int = 128, block_cols: int = 128, interpret: bool | None = None
+                   block_rows: int = 128, block_cols: int = 128, block_k: int = 32, interpret: bool | None = None
                    ) -> Float[Array, "rows n"]:
     """Pallas grouped matmul: rows ``[s, s + c*block_rows)`` of ``lhs`` times ``rhs[e]`` for each expert ``e``.
 
     ``lhs`` holds each expert's rows as whole tiles of ``block_rows`` rows (group padded with zero rows,
     ``tile_starts[e]`` a multiple of ``block_rows``, groups disjoint); rows in no group come out zero. The
-    grid is (column blocks, experts): each step holds one ``(k, block_cols)`` block of ``rhs[e]`` and loops
-    over that expert's row tiles, so every weight block is read once, whatever the group sizes (the
-    "grouped GEMM" of MegaBlocks, without a block-sparse layout). Accumulates in float32; the result has
-    ``lhs``'s dtype.
+    grid is (row tiles, column blocks): each step finds its tile's expert, multiplies the ``(block_rows, k)``
+    row tile by that expert's ``(k, block_cols)`` weight block in ``block_k`` chunks (float32 accumulator)
+    and writes one output tile (the "grouped GEMM" of MegaBlocks, without a block-sparse layout). The result
+    has ``lhs``'s dtype. Compiled for a GPU (Pallas' Triton lowering) the tiles must be powers of two of at
+    least 16: ``block_cols`` and ``block_k`` are rounded up to that (``k`` and ``n`` zero-padded), and
+    ``block_rows`` must already be one.
 
     Args:
       lhs: ``(rows, k)`` expert-sorted, tile-padded rows (``rows`` a multiple of ``block_rows``).
       rhs: ``(experts, k, n)`` per-expert weights.
       tile_starts: ``(experts,)`` int32 first row of each expert's group.
       tile_counts: ``(experts,)`` int32 number of ``block_rows`` tiles of each group (0 for an empty expert).
-      block_rows: rows per tile (a multiple of 8).
+      block_rows: rows per tile (a multiple of 8; on a GPU a power of two >= 16).
       block_cols: output columns per grid step (``n`` is padded to a multiple of it).
+      block_k: contraction chunk per matmul step (``k`` is padded to a multiple of it).
       interpret: run the Pallas interpreter; default True on CPU, False on GPU/TPU.
 
     Returns:
@@ -211,25 +220,37 @@ def grouped_matmul(lhs: Float[ArrayLike, "rows k"], rhs: Float[ArrayLike, "exper
     rhs = jnp.asarray(rhs).astype(lhs.dtype)
     M, K = lhs.shape
     E, K2, N = rhs.shape
-    if K2 != K or M % block_rows:
-        raise ValueError(f"lhs {lhs.shape} must be (rows, {K2}) with rows a multiple of block_rows={block_rows}.")
+    tm = int(block_rows)
+    if K2 != K or M % tm:
+        raise ValueError(f"lhs {lhs.shape} must be (rows, {K2}) with rows a multiple of block_rows={tm}.")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    tn = min(int(block_cols), N)
-    Np = -(-N // tn) * tn
-    if Np != N:
-        rhs = jnp.pad(rhs, ((0, 0), (0, 0), (0, Np - N)))
+    lo = 1 if interpret else 16
+    if not interpret and (tm < 16 or tm & (tm - 1)):
+        raise ValueError(f"block_rows={tm}: compiled for a GPU the row tile must be a power of two >= 16.")
+    tn = _pow2_at_least(min(int(block_cols), N), lo) if not interpret else min(int(block_cols), N)
+    tk = _pow2_at_least(min(int(block_k), K), lo) if not interpret else min(int(block_k), K)
+    Np, Kp = -(-N // tn) * tn, -(-K // tk) * tk
+    if Kp != K:
+        lhs = jnp.pad(lhs, ((0, 0), (0, Kp - K)))
+    if Np != N or Kp != K:
+        rhs = jnp.pad(rhs, ((0, 0), (0, Kp - K), (0, Np - N)))
+    # the expert owning each row tile (-1: in no group)
+    starts = jnp.asarray(tile_starts, jnp.int32) // tm
+    counts = jnp.asarray(tile_counts, jnp.int32)
+    t = jnp.arange(M // tm, dtype=jnp.int32)[:, None]
+    inside = (t >= starts[None, :]) & (t < (starts + counts)[None, :])
+    owner = jnp.where(jnp.any(inside, axis=1), jnp.argmax(inside, axis=1), -1).astype(jnp.int32)
     out = pl.pallas_call(
-        functools.partial(_gmm_kernel, tm=int(block_rows)),
+        functools.partial(_gmm_kernel, tk=tk, n_k=Kp // tk),
         out_shape=jax.ShapeDtypeStruct((M, Np), lhs.dtype),
-        grid=(Np // tn, E),
-        in_specs=[pl.BlockSpec((E,), lambda j, e: (0,)),
-                  pl.BlockSpec((E,), lambda j, e: (0,)),
-                  pl.BlockSpec((M, K), lambda j, e: (0, 0)),
-                  pl.BlockSpec((_SQUEEZED, K, tn), lambda j, e: (e, 0, j))],
-        out_specs=pl.BlockSpec((M, tn), lambda j, e: (0, j)),
+        grid=(M // tm, Np // tn),
+        in_specs=[pl.BlockSpec((M // tm,), lambda i, j: (0,)),
+                  pl.BlockSpec((tm, Kp), lambda i, j: (i, 0)),
+                  pl.BlockSpec((E, Kp, tn), lambda i, j: (0, 0, j))],
+        out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
         interpret=interpret,
-    )(jnp.asarray(tile_starts, jnp.int32), jnp.asarray(tile_counts, jnp.int32), lhs, rhs)
+    )(owner, lhs, rhs)
     return out[:, :N] if Np != N else out
 
 
@@ -246,7 +267,8 @@ def _experts_pallas(xs, sizes, w_gate, w_up, w_down, *, block_rows, block_cols, 
     """Expert-sorted rows padded so that each expert's group is whole ``block_rows`` tiles, grouped matmuls."""
     R = xs.shape[0]
     E = sizes.shape[0]
-    tm = int(block_rows)
+    compiled = not (jax.default_backend() == "cpu" if interpret is None else interpret)
+    tm = _pow2_at_least(int(block_rows), 16) if compiled else int(block_rows)  # Triton's tiles: powers of two >= 16
     tiles = (sizes + tm - 1) // tm
     tile_starts = (jnp.cumsum(tiles) - tiles) * tm
     starts = jnp.cumsum(sizes) - sizes
@@ -323,7 +345,7 @@ def moe_dispatch(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[Arra
       w_down: ``(experts, ffn, hidden)`` down projections (``expert="linear"``: ``(experts, ffn, out)``, any out).
       top_k: experts per token.
       normalize: renormalise the kept routing weights (Mixtral); False keeps softmax probabilities.
-      impl: ``"auto"`` (``"ragged"`` on CPU, ``"pallas"`` on GPU/TPU), ``"ragged"`` (``jax.lax.ragged_dot``),
+      impl: ``"auto"`` (``"ragged"``; the Pallas path is opt-in), ``"ragged"`` (``jax.lax.ragged_dot``),
         ``"pallas"`` (``grouped_matmul``) or ``"dense"`` (``moe_dense_reference``).
       block_rows: Pallas row tile; each expert's group is padded to a multiple of it.
       block_cols: Pallas output columns per grid step.
@@ -344,7 +366,7 @@ def moe_dispatch(x: Float[ArrayLike, "tokens hidden"], router_logits: Float[Arra
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {', '.join(_IMPLS)}; got {impl!r}.")
     if impl == "auto":
-        impl = "ragged" if jax.default_backend() == "cpu" else "pallas"
+        impl = _AUTO
     x, router_logits, w_gate, w_up, w_down = _prepare(x, router_logits, w_gate, w_up, w_down, expert)
     weights, ids = top_k_routing(router_logits, top_k, normalize=normalize)
     if impl == "dense":
