@@ -89,7 +89,8 @@ def child(args) -> dict:
     import jmerge.sweep as sw
     base, models, eval_fn, info = load_benchmark(args.eval_images, args.eval)
     sets = settings(args.settings)
-    out = {"path": args.child, "devices": len(jax.devices()), "info": info, "load_s": time.perf_counter() - t0}
+    out = {"path": args.child, "devices": len(jax.devices()), "device": str(jax.devices()[0].device_kind), "info": info,
+           "load_s": time.perf_counter() - t0}
     if args.child == "loop":
         ev = jax.jit(eval_fn)
         accs, times = [], []
@@ -125,13 +126,16 @@ def _width(v: str):
 
 
 def run_child(path: str, devices: int, args, cache: str | None = None) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
+    env.pop("JAX_PLATFORMS", None)
+    if args.platform != "default":
+        env["JAX_PLATFORMS"] = args.platform
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", path, "--settings", str(args.settings),
            "--eval-images", str(args.eval_images), "--eval", args.eval]
-    cmd += ["--vmap-width", str(args.vmap_width)]
+    cmd += ["--vmap-width", str(args.vmap_width), "--platform", args.platform]
     if args.batch is not None:
         cmd += ["--batch", str(args.batch)]
     if cache:
@@ -178,6 +182,8 @@ def main() -> int:
     p.add_argument("--warm", action="store_true", help="also runs sharing a persistent compilation cache")
     p.add_argument("--warm-only", action="store_true", help="only the runs sharing a compilation cache")
     p.add_argument("--scaling-only", action="store_true", help="only the batched runs on --devices")
+    p.add_argument("--platform", default="cpu",
+                   help="JAX platform of the measured runs: 'cpu' (default), 'gpu', 'tpu' or 'default' (JAX's choice)")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--child", choices=("loop", "batched"), help=argparse.SUPPRESS)
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
@@ -203,7 +209,7 @@ def main() -> int:
           if info["eval"] == "val" else "none (a checksum of the merged params)")
     print(f"models: jmerge demo's ({info['config']}; {info['tasks']} fine-tuned backbones, {info['params_per_model']} "
           f"parameters in {info['leaves']} leaves); eval: {ev}; {len(loop['metrics'])} TIES settings (scale x "
-          f"density); 1 CPU device, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
+          f"density); 1 device ({loop['device']}), {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
     print(_line("loop (merge + eval) x N", loop))
     print(_line("batched (run_sweep)", batched))
     diff = max(abs(a - b) for a, b in zip(loop["metrics"], batched["metrics"]))
