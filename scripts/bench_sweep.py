@@ -3,6 +3,7 @@
     python scripts/bench_sweep.py                 # loop vs batched, then 1/2/4/8 simulated devices
     python scripts/bench_sweep.py --no-scaling --eval-images 64
     python scripts/bench_sweep.py --eval none     # the merges alone (a checksum of the merged params)
+    python scripts/bench_sweep.py --platform default --no-scaling   # on the machine's GPU/TPU (default: CPU)
 
 * loop: what a user writes without jmerge.sweep: for each setting ``jmerge.merge(jmerge.ties(), ...)`` and a
   jitted evaluation (``float(...)`` of it), 64 times. Its first iteration compiles (every leaf shape's merge

@@ -1,8 +1,8 @@
 """The TIES family on GPU/TPU: the whole leaf as exact top-k thresholds (XLA) plus one fused Pallas pass.
 
 A chain ``[drop or trim] -> elect_sign -> disjoint_merge [-> scale]`` whose ``disjoint_merge`` was built
-for the Pallas backend (:mod:`jmerge.kernels.backend`: ``"auto"`` on a single GPU/TPU for leaves of at
-least ``AUTO_MIN_ENTRIES`` entries, or ``"pallas"`` forced) runs per leaf as:
+for the Pallas backend (:mod:`jmerge.kernels.backend`: ``"pallas"`` forced, or ``"auto"`` on a single device
+of a backend in ``AUTO_PALLAS_BACKENDS`` for leaves of at least ``AUTO_MIN_ENTRIES`` entries) runs per leaf as:
 
 - the selection's parameters, computed by XLA from the inputs (the models and base are read by the
   counting passes; no trimmed task vector is written): per-model top-k thresholds ``(v, cut)``
