@@ -141,6 +141,24 @@ def test_leaf_key_depends_on_path_only():
     assert np.array_equal(k1, k2) and not np.array_equal(k1, k3) and not np.array_equal(k1, k4)
 
 
+def test_leaf_key_of_int_seeds_is_cached_concrete_and_unchanged():
+    """Integer seeds' keys are computed once: the same bits as folding by hand (a key array seed, the
+    uncached path), no tracer kept when the first call happens inside jit, no op dispatched on a repeat."""
+    import zlib
+
+    path = "layers.3.mlp.kernel"
+    by_hand = jax.random.fold_in(jax.random.key(11), np.uint32(zlib.crc32(path.encode()) & 0x7FFFFFFF))
+    inside = jax.jit(lambda x: x + jax.random.uniform(jmerge.leaf_key(11, path)))(1.0)  # first call: in a trace
+    k = jmerge.leaf_key(11, path)
+    assert not isinstance(k, jax.core.Tracer)
+    assert np.array_equal(jax.random.key_data(k), jax.random.key_data(by_hand))
+    assert np.array_equal(jax.random.key_data(jmerge.leaf_key(jax.random.key(11), path)), jax.random.key_data(k))
+    assert float(inside) == 1.0 + float(jax.random.uniform(by_hand))
+    assert jmerge.leaf_key(np.int64(11), path) is k  # cached: the same array object, nothing recomputed
+    with jax.transfer_guard("disallow"):
+        assert jmerge.leaf_key(11, path) is k
+
+
 def test_flax_nnx_state_merges():
     from flax import nnx
 

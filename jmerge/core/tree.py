@@ -7,6 +7,8 @@ hyperparameters and error messages use, and what DARE-style randomness is keyed 
 
 from __future__ import annotations
 
+import functools
+
 import re
 import zlib
 from typing import Any, Sequence
@@ -196,11 +198,22 @@ def leaf_key(seed: int | jax.Array, path: str) -> jax.Array:
 
     References: none (infrastructure).
     """
+    h = zlib.crc32(path.encode()) & 0x7FFFFFFF
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return _int_seed_key(int(seed), h)
     if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
         key = seed
     else:
         key = jax.random.key(seed)
-    return jax.random.fold_in(key, np.uint32(zlib.crc32(path.encode()) & 0x7FFFFFFF))
+    return jax.random.fold_in(key, np.uint32(h))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _int_seed_key(seed: int, h: int) -> jax.Array:
+    """``leaf_key`` of an integer seed, computed once (eagerly, also inside a trace) and kept: a merge of N
+    leaves otherwise dispatches 4N small ops per call (15 ms of a 23 ms TIES merge of 37 leaves on CPU)."""
+    with jax.ensure_compile_time_eval():
+        return jax.random.fold_in(jax.random.key(seed), np.uint32(h))
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoderblock|resblocks)[._]?(\d+)(?:\.|$)")
