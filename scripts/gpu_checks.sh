@@ -4,7 +4,8 @@
 # 1. the Pallas kernels' tests compiled for the GPU (no interpreter): masked merge, fused TIES route,
 #    disjoint merge, MoE grouped matmul; 2. `bench_kernels.py --fused` (bandwidth, fraction of peak);
 # 3. `bench_sweep.py --platform default` (batched sweep vs loop); 4. `bench_kernels.py` (MoE tokens/s);
-# 5. `bench_methods.py` (every method vs task arithmetic); 6. `bench_pallas.py`.
+# 5. `bench_methods.py` (every method vs task arithmetic); 6. `bench_pallas.py`; `sweepwarm` (not in the
+# default list): the sweep with a warm compile cache.
 # Each step has its own time limit so one slow step cannot eat the lease; the demo's trained models are
 # read from .gpu/demo when carried there (else the sweep step trains them first).
 # GPU_CHECKS_SMALL=1 runs every step at toy sizes (a dry run of the script on CPU). Figures: README.
@@ -57,6 +58,7 @@ for s in $STEPS; do
     retest) step retest 110 $PY -m pytest -q -n 8 -p no:cacheprovider -o addopts="" --tb=short ${RETEST:-} ;;
     fused) step fused 100 $PY scripts/bench_kernels.py --fused ;;
     sweep) step sweep 110 $PY scripts/bench_sweep.py --platform default --no-scaling ;;
+    sweepwarm) step sweepwarm 150 $PY scripts/bench_sweep.py --platform default --warm-only ;;
     moe) step moe 75 $PY scripts/bench_kernels.py --sizes all ;;
     methods) step methods 90 $PY scripts/bench_methods.py --params 100e6 --repeat 3 --methods $NON_SVD ;;
     pallas) step pallas 25 $PY scripts/bench_pallas.py ;;
