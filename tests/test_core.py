@@ -159,6 +159,36 @@ def test_leaf_key_of_int_seeds_is_cached_concrete_and_unchanged():
         assert jmerge.leaf_key(11, path) is k
 
 
+def test_leaves_with_paths_cached_by_structure():
+    """Paths are built once per tree structure: equal for equal structures, never reused across different
+    keys, and computed without the cache for a node whose auxiliary data cannot be hashed."""
+    from jmerge.core.tree import leaves_with_paths
+
+    a = {"enc": {"w": np.zeros(2), "b": np.zeros(1)}, "head": [np.zeros(3), np.ones(1)]}
+    b = {"enc": {"w": np.ones(2), "b": np.ones(1)}, "head": [np.ones(3), np.zeros(1)]}
+    c = {"enc": {"w": np.zeros(2), "bias": np.zeros(1)}, "head": [np.zeros(3), np.ones(1)]}
+    pa, la, _ = leaves_with_paths(a)
+    assert pa == ["enc.b", "enc.w", "head.0", "head.1"] and leaves_with_paths(b)[0] == pa
+    assert leaves_with_paths(c)[0] == ["enc.bias", "enc.w", "head.0", "head.1"]
+    assert all(x is y for x, y in zip(la, jax.tree.leaves(a)))
+    pa.append("mutated")  # a caller's list is its own
+    assert leaves_with_paths(a)[0] == ["enc.b", "enc.w", "head.0", "head.1"]
+
+    @jax.tree_util.register_pytree_with_keys_class
+    class Box:
+        def __init__(self, x, meta):
+            self.x, self.meta = x, meta
+
+        def tree_flatten_with_keys(self):
+            return ((jax.tree_util.GetAttrKey("x"), self.x),), self.meta
+
+        @classmethod
+        def tree_unflatten(cls, meta, children):
+            return cls(children[0], meta)
+
+    assert leaves_with_paths({"k": Box(np.zeros(2), ["unhashable"])})[0] == ["k.x"]
+
+
 def test_flax_nnx_state_merges():
     from flax import nnx
 

@@ -133,8 +133,19 @@ def leaves_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
 
     References: none (infrastructure).
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [path_str(p) for p, _ in flat], [x for _, x in flat], treedef
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    try:
+        paths = _PATHS.get(treedef)
+    except TypeError:  # a node whose auxiliary data cannot be hashed: no caching
+        return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]], leaves, treedef
+    if paths is None:  # the dotted paths depend on the structure alone: built once per treedef
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        if len(_PATHS) < 256:
+            _PATHS[treedef] = paths
+    return list(paths), leaves, treedef
+
+
+_PATHS: dict[Any, list[str]] = {}
 
 
 def _desc(x: Any) -> str:
