@@ -8,7 +8,6 @@ hyperparameters and error messages use, and what DARE-style randomness is keyed 
 from __future__ import annotations
 
 import functools
-
 import re
 import zlib
 from typing import Any, Sequence

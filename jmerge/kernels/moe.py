@@ -37,8 +37,9 @@ __all__ = ["MoEGroups", "group_by_expert", "grouped_matmul", "moe_dense_referenc
 
 _IMPLS = ("auto", "ragged", "pallas", "dense")
 # What "auto" runs on every backend. The Pallas grouped matmul is opt-in: its first layout (whole lhs per
-# grid step) did not compile for an H200 (shared memory, Triton's power-of-two shapes; 2026-11-30), and the
-# tiled rewrite has yet to be measured faster than ragged_dot there (scripts/bench_kernels.py).
+# grid step) did not compile for an H200 (shared memory, Triton's power-of-two shapes; 2026-11-30); the tiled
+# layout ran 1.1-7.4x ragged_dot at 4 of 5 sizes there (scripts/bench_kernels.py, README) but has no VJP,
+# and "auto" stays differentiable.
 _AUTO = "ragged"
 _EXPERTS = ("swiglu", "linear")
 
@@ -197,9 +198,8 @@ def grouped_matmul(lhs: Float[ArrayLike, "rows k"], rhs: Float[ArrayLike, "exper
     grid is (row tiles, column blocks): each step finds its tile's expert, multiplies the ``(block_rows, k)``
     row tile by that expert's ``(k, block_cols)`` weight block in ``block_k`` chunks (float32 accumulator)
     and writes one output tile (the "grouped GEMM" of MegaBlocks, without a block-sparse layout). The result
-    has ``lhs``'s dtype. Written for and measured on a GPU (Pallas' Triton lowering, an H200); not yet
-    compiled for a TPU. Compiled for a GPU (Pallas' Triton lowering) the tiles must be powers of two of at
-    least 16: ``block_cols`` and ``block_k`` are rounded up to that (``k`` and ``n`` zero-padded), and
+    has ``lhs``'s dtype. Written for and measured on a GPU (an H200); not yet compiled for a TPU. Compiled
+    for a GPU (Pallas' Triton lowering), the tiles must be powers of two of at least 16: ``block_cols`` and ``block_k`` are rounded up to that (``k`` and ``n`` zero-padded), and
     ``block_rows`` must already be one.
 
     Args:
