@@ -7,7 +7,9 @@
 # 5. `bench_methods.py` (every method vs task arithmetic); 6. `bench_pallas.py`; `sweepwarm` (not in the
 # default list): the sweep with a warm compile cache.
 # Each step has its own time limit so one slow step cannot eat the lease; the demo's trained models are
-# read from .gpu/demo when carried there (else the sweep step trains them first).
+# read from .gpu/demo when carried there (else the sweep step trains them first). To carry them:
+#   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/demo; cp ~/.cache/jmerge/demo/*.npz .gpu/demo/
+# and name .gpu in the device call's carry list (about 20 MB).
 # GPU_CHECKS_SMALL=1 runs every step at toy sizes (a dry run of the script on CPU). Figures: README.
 set -u
 cd "$(dirname "$0")/.."
