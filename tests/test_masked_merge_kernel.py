@@ -165,7 +165,8 @@ def test_exact_blocks_equal_the_ragged_layout(shape):
             models = np.stack(ms) if stacked else ms
             assert_bitwise(masked_merge(models, base, exact_blocks=True, **common, **kw), want)
     got = masked_merge(np.stack(ms) - base, stacked=True, masks=masks, add_base=False, exact_blocks=True, block_rows=8)
-    assert_bitwise(got, masked_merge(np.stack(ms) - base, stacked=True, masks=masks, add_base=False, exact_blocks=False))
+    assert_bitwise(got, masked_merge(np.stack(ms) - base, stacked=True, masks=masks, add_base=False,
+                                     exact_blocks=False))
 
 
 def _has_pallas(method, base, models=None, **kw):

@@ -5,10 +5,10 @@ default backend is in :data:`AUTO_PALLAS_BACKENDS` (none yet: measured on an H20
 or faster), the process sees one device and the leaf has at least :data:`AUTO_MIN_ENTRIES` entries, and XLA
 elsewhere (with several devices a leaf may be sharded, and a Pallas call has no sharding rule here: XLA
 would gather its operands); ``"pallas"`` forces the kernel (compiled on a GPU/TPU; on CPU it runs in the
-Pallas interpreter: a correctness check, slow), ``"xla"`` forces XLA. The choice is read when a method is built (``jmerge.ties(...)``,
-or a method named in ``jmerge.merge``/a config), from :func:`merge_backend` (a context manager) or
-else the environment variable ``JMERGE_MERGE_BACKEND``; it is part of the method's identity, so
-methods built under different choices compile separately. This module imports no JAX at import time.
+Pallas interpreter: a correctness check, slow), ``"xla"`` forces XLA. The choice is read when a method is
+built (``jmerge.ties(...)``, or a method named in ``jmerge.merge``/a config), from :func:`merge_backend` (a
+context manager) or else the environment variable ``JMERGE_MERGE_BACKEND``; it is part of the method's
+identity, so methods built under different choices compile separately. This module imports no JAX at import time.
 
 Where the kernel applies, a TIES-family chain (``[trim | dare [+ trim] | breadcrumbs | della] -> elect_sign
 -> disjoint_merge [-> scale]``) runs per leaf as one pass (``jmerge.methods.ties_fused``): the exact top-k
@@ -26,8 +26,7 @@ import os
 from typing import Iterator
 
 __all__ = ["BACKENDS", "ENV_VAR", "AUTO_MIN_ENTRIES", "AUTO_PALLAS_BACKENDS", "merge_backend",
-           "requested_merge_backend",
-           "use_pallas"]
+           "requested_merge_backend", "use_pallas"]
 
 BACKENDS = ("auto", "xla", "pallas")
 """The accepted names."""

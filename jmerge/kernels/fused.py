@@ -140,16 +140,23 @@ def _kernel(*refs, T: int, has_base: bool, given_sign: bool, block: tuple[int, i
                          (lambda k: i_ref[k:k + 1, :]) if i_ref is not None else None, pos, T=T, **static)
 
 
+def _next_pow2(k: int) -> int:
+    """The smallest power of two >= ``k`` (1 for ``k <= 1``)."""
+    return 1 << max(0, int(k) - 1).bit_length()
+
+
 def _pow2_rows(k: int) -> int:
     """Rows of a scalar table: a power of two >= 8 (Triton wants power-of-two blocks; TPU tiles are 8 rows)."""
-    return max(8, 1 << (k - 1).bit_length())
+    return max(8, _next_pow2(k))
 
 
-def _as_rows(x, n: int, view: tuple[int, int]):
-    """``x`` as the ``view``; a view larger than ``n`` entries (exact blocks) is zero-padded at the end."""
-    if view[0] * view[1] == n:
-        return jnp.reshape(x, view)
-    return jnp.pad(jnp.reshape(x, (n,)), (0, view[0] * view[1] - n)).reshape(view)
+def _as_rows(x, n: int, view: tuple[int, int], lead: tuple[int, ...] = ()):
+    """``x`` (``lead`` axes, then ``n`` entries) as ``lead + view``; a view larger than ``n`` entries (exact
+    blocks) is zero-padded at the end."""
+    x = jnp.reshape(x, lead + (n,))
+    if view[0] * view[1] != n:
+        x = jnp.pad(x, ((0, 0),) * len(lead) + ((0, view[0] * view[1] - n),))
+    return x.reshape(lead + view)
 
 
 def _exact_layout(n: int, block_rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -166,7 +173,7 @@ def _exact_layout(n: int, block_rows: int) -> tuple[tuple[int, int], tuple[int, 
         while rows % br:
             br //= 2
         return (rows, _LANES), (br, _LANES)
-    lanes = min(_FLAT_LANES, 1 << max(0, n - 1).bit_length())
+    lanes = min(_FLAT_LANES, _next_pow2(n))
     return (1, -(-n // lanes) * lanes), (1, lanes)
 
 
@@ -259,26 +266,22 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
         exact_blocks = backend == "gpu" and not interpret
     if exact_blocks and not reference:
         view, block = _exact_layout(n, int(block_rows))
-        rows, lanes = view[0], block[1]
-        grid = (view[0] // block[0] if view[0] > 1 else view[1] // block[1],)
-        index = (lambda i: (i, 0)) if view[0] > 1 else (lambda i: (0, i))
+        along_rows = view[0] > 1
+        grid = (view[0] // block[0] if along_rows else view[1] // block[1],)
+        index = (lambda i: (i, 0)) if along_rows else (lambda i: (0, i))
     elif n % _LANES == 0:
-        rows, lanes = n // _LANES, _LANES
-        br = int(block_rows)
-        br = min(br, 1 << max(0, (rows - 1).bit_length()))  # no block larger than the leaf needs
+        rows = n // _LANES
+        br = min(int(block_rows), _next_pow2(rows))  # no block larger than the leaf needs
         if backend == "tpu" and br < rows:
             br = max(br, 8)
-        block = (br, lanes)
+        view, block = (rows, _LANES), (br, _LANES)
         grid = (-(-rows // br),)
         index = lambda i: (i, 0)
-        view = (rows, n // rows)
     else:
-        rows, lanes = 1, _FLAT_LANES
-        block = (1, lanes)
-        grid = (-(-n // lanes),)
+        view, block = (1, n), (1, _FLAT_LANES)
+        grid = (-(-n // _FLAT_LANES),)
         index = lambda i: (0, i)
-        view = (1, n)
-    padded = view[0] * view[1] != n
+    lanes = block[1]
     spec = pl.BlockSpec(block, index)
 
     def full_spec(a):
@@ -288,8 +291,7 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
         """``T`` operands and specs: one stacked ``(T, *view)`` array read at block ``(t, ...)`` (no copy of
         its rows), else each array in its own view; the reference always gets the rows."""
         if stacked_array is not None and not reference:
-            a = stacked_array.reshape((T, n))
-            a = (jnp.pad(a, ((0, 0), (0, view[0] * view[1] - n))) if padded else a).reshape((T,) + view)
+            a = _as_rows(stacked_array, n, view, lead=(T,))
             return [a] * T, [pl.BlockSpec((_SQUEEZED,) + block, lambda i, t=t: (t,) + index(i)) for t in range(T)]
         return [_as_rows(x, n, view) for x in arrays], [spec] * T
 
@@ -350,7 +352,7 @@ def masked_merge(models: Any, base: Any = None, *, stacked: bool = False,
     kernel = functools.partial(_kernel, T=T, has_base=need_base, given_sign=sign is not None, block=block, **static)
     out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(view, out_dt), grid=grid, in_specs=specs,
                          out_specs=spec, interpret=interpret, name="jmerge_masked_merge")(*operands)
-    return (out.reshape(-1)[:n] if padded else out).reshape(shape)
+    return (out.reshape(-1)[:n] if view[0] * view[1] != n else out).reshape(shape)
 
 
 def masked_merge_bytes(shapes_dtypes: Sequence[tuple[tuple[int, ...], Any]], out_dtype: Any, *,

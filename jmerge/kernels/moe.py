@@ -199,8 +199,8 @@ def grouped_matmul(lhs: Float[ArrayLike, "rows k"], rhs: Float[ArrayLike, "exper
     row tile by that expert's ``(k, block_cols)`` weight block in ``block_k`` chunks (float32 accumulator)
     and writes one output tile (the "grouped GEMM" of MegaBlocks, without a block-sparse layout). The result
     has ``lhs``'s dtype. Written for and measured on a GPU (an H200); not yet compiled for a TPU. Compiled
-    for a GPU (Pallas' Triton lowering), the tiles must be powers of two of at least 16: ``block_cols`` and ``block_k`` are rounded up to that (``k`` and ``n`` zero-padded), and
-    ``block_rows`` must already be one.
+    for a GPU (Pallas' Triton lowering), the tiles must be powers of two of at least 16: ``block_cols`` and
+    ``block_k`` are rounded up to that (``k`` and ``n`` zero-padded), and ``block_rows`` must already be one.
 
     Args:
       lhs: ``(rows, k)`` expert-sorted, tile-padded rows (``rows`` a multiple of ``block_rows``).
