@@ -183,7 +183,7 @@ def main(argv=None):
     sizes = SIZES[a.sizes or ("small" if backend == "cpu" else "all")]
     dtype = jnp.dtype(a.dtype)
     on_cpu = backend == "cpu"
-    auto = "ragged"  # moe_dispatch's "auto" on every backend (the Pallas path is opt-in)
+    from jmerge.kernels.moe import _AUTO as auto  # what moe_dispatch's "auto" runs (on every backend)
     print(f"device={jax.devices()[0]} backend={backend} dtype={dtype.name} auto={auto}")
     if on_cpu:
         print("pallas: not timed without a GPU/TPU (the CPU interpreter is a correctness tool, not a kernel)")

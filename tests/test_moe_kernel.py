@@ -151,8 +151,7 @@ def test_grouped_matmul_direct():
     want = np.zeros((80, Nc))
     want[0:32] = lhs[0:32].astype(np.float64) @ rhs[0]
     want[32:48] = lhs[32:48].astype(np.float64) @ rhs[2]
-    tol = F32
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(got, want, rtol=F32, atol=F32)
 
 
 def test_auto_jit_and_grad_of_ragged_path():
