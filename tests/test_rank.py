@@ -41,11 +41,53 @@ def cases():
     yield "nd", rng.standard_normal((2, 3, 4, 5, 6)).astype(np.float32)
 
 
+@pytest.mark.parametrize("impl", ["xla", "host", "auto"])
 @pytest.mark.parametrize("name,x", list(cases()), ids=[n for n, _ in cases()])
-def test_ranks_equal_numpy_stable_double_argsort(name, x):
-    got = np.asarray(jax.jit(magnitude_ranks)(jnp.asarray(x)))
+def test_ranks_equal_numpy_stable_double_argsort(name, x, impl):
+    got = np.asarray(jax.jit(lambda a: magnitude_ranks(a, impl=impl))(jnp.asarray(x)))
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np_ranks(x))
+
+
+def test_auto_picks_the_host_only_on_one_cpu_device():
+    x = jnp.ones((2, 8))
+    text = str(jax.make_jaxpr(lambda a: magnitude_ranks(a))(x))
+    host = jax.default_backend() == "cpu" and jax.device_count() == 1
+    assert ("pure_callback" in text) == host
+    assert "pure_callback" not in str(jax.make_jaxpr(lambda a: magnitude_ranks(a, impl="xla"))(x))
+    with pytest.raises(ValueError, match="impl must be"):
+        magnitude_ranks(x, impl="numpy")
+
+
+def test_host_ranks_in_parallel_blocks_and_under_vmap(monkeypatch):
+    """Arrays above the parallel threshold are split over threads and rows over cache-sized blocks (row
+    counts that divide neither); a vmapped call (a sweep's settings axis) ranks every slice."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 301, 1003)).astype(np.float32)
+    x[0, :, ::9] = 0.0  # ties
+    monkeypatch.setattr(rank, "_HOST_BLOCK", 1 << 13)
+    got = np.asarray(jax.jit(lambda a: magnitude_ranks(a, impl="host"))(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np_ranks(x))
+    xs = rng.standard_normal((4, 2, 3, 50)).astype(np.float32)
+    got = np.asarray(jax.jit(jax.vmap(lambda a: magnitude_ranks(a, impl="host")))(jnp.asarray(xs)))
+    np.testing.assert_array_equal(got, np_ranks(xs))
+
+
+def test_della_differentiates_through_tau_with_host_ranks():
+    """The ranks are integers of the keys: a gradient through a DELLA merge never reaches the callback."""
+    import jmerge
+    rng = np.random.default_rng(3)
+    base = {"w": jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)}
+    models = [{"w": base["w"] + 0.1 * jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)} for _ in range(2)]
+
+    def loss(s):
+        out = jmerge.merge(jmerge.della(), base, models, hparams={"scale": s})
+        return jnp.sum(out["w"] ** 2)
+
+    g = jax.grad(loss)(jnp.float32(0.7))
+    eps = 1e-3
+    num = (loss(jnp.float32(0.7 + eps)) - loss(jnp.float32(0.7 - eps))) / (2 * eps)
+    np.testing.assert_allclose(float(g), float(num), rtol=2e-2)
 
 
 @pytest.mark.parametrize("window", [0, 1, 3, 7, 40])
@@ -53,7 +95,7 @@ def test_every_window_is_exact(window):
     """The window only trades cost: a window too small for the runs falls back to the pair sort."""
     for name, x in cases():
         if name in ("short_runs", "long_run", "ties", "gauss"):
-            got = np.asarray(jax.jit(lambda a: magnitude_ranks(a, window=window))(jnp.asarray(x)))
+            got = np.asarray(jax.jit(lambda a: magnitude_ranks(a, window=window, impl="xla"))(jnp.asarray(x)))
             np.testing.assert_array_equal(got, np_ranks(x), err_msg=f"{name}, window {window}")
 
 

@@ -25,12 +25,24 @@ few thousand entries almost never do. Rows longer than 16384 entries take the pa
 every row where JAX sees more than one device: the SPMD partitioner all-gathers the operands of the gather
 and scatter of a leaf sharded along its rows, where the pair sort reshards whole rows (an all-to-all).
 
+On a CPU with one device (``impl="auto"``), the ranks come from the host instead (``jax.pure_callback``):
+XLA:CPU's sort calls a comparator per comparison, while NumPy's sorts use AVX-512/AVX2 sorting networks
+(x86-simd-sort). Each row's keys shifted left by 32 bits with the position in the low bits (int64, unique)
+are sorted in blocks of rows that stay in cache, on a few threads (the sort releases the GIL), and the
+ranks are scattered back: 2.5-4x faster than the XLA path on this project's 2-core machine (about 0.18
+vs 0.45 s for a ``(3, 1024, 2816)`` float32 leaf). The result is the same exact integers either way.
+
 References: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based
 Sampling" (2024) (the ranks MagPrune needs); Knuth, "The Art of Computer Programming", vol. 3, 5.2
 (ranks by counting inversions).
 """
 
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +60,64 @@ _MAX_PACKED_BITS = 14  # rows up to 2**14 entries take the packed sort (longer o
 # run longer than it (the exact fallback) is rare
 _WINDOWS = {13: 23, 14: 47}
 _WINDOW = 7  # up to 12 position bits (rows up to 4096 entries)
+
+
+_HOST_BLOCK = 1 << 16  # entries per sorted block of rows (512 KiB of int64 keys: stays in cache)
+_HOST_PARALLEL = 1 << 18  # arrays with fewer entries are ranked on the calling thread
+_POOL: list = []
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
+                                            thread_name_prefix="jmerge-ranks"))
+        return _POOL[0]
+
+
+def _host_rank_rows(keys: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """Ranks of rows ``r0:r1`` of the 2-D int32 ``keys`` into ``out`` (same shape), in cache-sized blocks."""
+    m = keys.shape[-1]
+    rb = max(1, _HOST_BLOCK // m)
+    packed = np.empty((rb, m), np.int64)
+    perm = np.empty((rb, m), np.intp)
+    pos = np.arange(m, dtype=np.int64)
+    vals = np.tile(np.arange(m, dtype=np.int32), rb)
+    flat = out.reshape(-1)
+    for a in range(r0, r1, rb):
+        n = min(rb, r1 - a)
+        p, q = packed[:n], perm[:n]
+        p[...] = keys[a:a + n]  # non-negative int32 keys
+        p <<= 32
+        p |= pos  # unique values ordered by (key, position)
+        p.sort(axis=-1)
+        np.bitwise_and(p, np.int64(0xFFFFFFFF), out=q)  # the position of the q-th smallest entry
+        q += (np.arange(a, a + n, dtype=np.intp) * m)[:, None]
+        flat[q.reshape(-1)] = vals[:n * m]  # rank[perm[q]] = q
+
+
+def _host_ranks(keys) -> np.ndarray:
+    """Exact ascending ranks of int32 order keys along the last axis (ties by lower index), on the host."""
+    keys = np.asarray(keys)
+    m = keys.shape[-1]
+    rows = keys.reshape(-1, m)
+    out = np.empty(rows.shape, np.int32)
+    R = rows.shape[0]
+    workers = _pool()._max_workers if keys.size >= _HOST_PARALLEL else 1
+    edges = np.linspace(0, R, min(workers, R) + 1).astype(np.int64)
+    if len(edges) <= 2:
+        _host_rank_rows(rows, out, 0, R)
+    else:
+        list(_pool().map(lambda i: _host_rank_rows(rows, out, int(edges[i]), int(edges[i + 1])),
+                         range(len(edges) - 1)))
+    return out.reshape(keys.shape)
+
+
+def _use_host(impl: str) -> bool:
+    if impl not in ("auto", "xla", "host"):
+        raise ValueError(f"magnitude_ranks: impl must be 'auto', 'xla' or 'host', got {impl!r}.")
+    return impl == "host" or (impl == "auto" and jax.default_backend() == "cpu" and jax.device_count() == 1)
 
 
 def _pair_sort_ranks(keys: jax.Array, pos: jax.Array) -> jax.Array:
@@ -96,7 +166,8 @@ def _sorted_ranks(keys: jax.Array, pos: jax.Array, b: int, window: int):
     return perm, pos + delta, needs_exact
 
 
-def magnitude_ranks(x: Float[Array, "*rows m"], *, window: int | None = None) -> Int[Array, "*rows m"]:
+def magnitude_ranks(x: Float[Array, "*rows m"], *, window: int | None = None,
+                    impl: Literal["auto", "xla", "host"] = "auto") -> Int[Array, "*rows m"]:
     """Ascending rank of ``|x|`` along the last axis (ties by lower index; NaN ranks as +inf), int32.
 
     Args:
@@ -104,7 +175,9 @@ def magnitude_ranks(x: Float[Array, "*rows m"], *, window: int | None = None) ->
       window: places on either side within which the packed sort's order is corrected (a cost knob:
         the result is exact for every value; a larger window makes the exact fallback rarer and costs one
         more read of the sorted keys per place). Default: 7 for rows up to 4096 entries, 23 up to 8192,
-        47 up to 16384.
+        47 up to 16384. XLA path only.
+      impl: ``"xla"`` (the packed sort above), ``"host"`` (NumPy sorts through ``jax.pure_callback``),
+        ``"auto"`` (default): the host on a CPU backend with one device, XLA elsewhere. Same result.
 
     Returns:
       int32 ranks of ``x``'s shape, a permutation of ``0 .. m-1`` in each row.
@@ -118,6 +191,9 @@ def magnitude_ranks(x: Float[Array, "*rows m"], *, window: int | None = None) ->
     pos = lax.broadcasted_iota(jnp.int32, x.shape, ax)
     if m <= 1 or x.size == 0:
         return jnp.zeros(x.shape, jnp.int32)
+    if _use_host(impl):
+        return jax.pure_callback(_host_ranks, jax.ShapeDtypeStruct(x.shape, jnp.int32), keys,
+                                 vmap_method="expand_dims")
     b = max(1, (m - 1).bit_length())
     if b > _MAX_PACKED_BITS or jax.device_count() > 1:
         # with several devices the leaf may be sharded, and the SPMD partitioner all-gathers the operands
