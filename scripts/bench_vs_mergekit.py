@@ -12,6 +12,8 @@ of the inputs (page cache warm for both tools), and the two outputs are compared
     python scripts/bench_vs_mergekit.py --size small    # hidden 1024, 4 layers
     python scripts/bench_vs_mergekit.py --size deep     # hidden 1024, 16 layers: same tensors, 2.6x the bytes
     python scripts/bench_vs_mergekit.py --methods task_arithmetic --skip-mergekit
+    python scripts/bench_vs_mergekit.py --methods della   # DELLA (density 0.5, epsilon 0.1): outputs differ
+                                                          # by the random draws (each tool its own RNG)
 
 References: Goddard et al., "Arcee's MergeKit" (EMNLP 2024 industry track); Yadav et al.,
 "TIES-Merging" (NeurIPS 2023); Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
@@ -119,6 +121,21 @@ models:
     parameters: {{weight: 1.0, density: 0.2}}
 parameters:
   normalize: true
+dtype: float32
+out_dtype: bfloat16
+""",
+    "della": """merge_method: della
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 1.0, density: 0.5, epsilon: 0.1}}
+  - model: {ft2}
+    parameters: {{weight: 1.0, density: 0.5, epsilon: 0.1}}
+  - model: {ft3}
+    parameters: {{weight: 1.0, density: 0.5, epsilon: 0.1}}
+parameters:
+  normalize: true
+  lambda: 1.0
 dtype: float32
 out_dtype: bfloat16
 """,

@@ -68,6 +68,12 @@ def test_host_ranks_in_parallel_blocks_and_under_vmap(monkeypatch):
     monkeypatch.setattr(rank, "_HOST_BLOCK", 1 << 13)
     got = np.asarray(jax.jit(lambda a: magnitude_ranks(a, impl="host"))(jnp.asarray(x)))
     np.testing.assert_array_equal(got, np_ranks(x))
+    # blocks of bfloat16 values (int32 sort) beside float32 blocks (int64 sort), with ties, NaN and -0.0
+    y = np.array(jnp.asarray(rng.standard_normal((3, 64, 1000)), jnp.bfloat16).astype(jnp.float32))
+    y[1] = rng.standard_normal((64, 1000))
+    y[2, :, ::7], y[2, :, ::11], y[2, :, ::13] = np.nan, -0.0, 0.0
+    got = np.asarray(jax.jit(lambda a: magnitude_ranks(a, impl="host"))(jnp.asarray(y)))
+    np.testing.assert_array_equal(got, np_ranks(y))
     xs = rng.standard_normal((4, 2, 3, 50)).astype(np.float32)
     got = np.asarray(jax.jit(jax.vmap(lambda a: magnitude_ranks(a, impl="host")))(jnp.asarray(xs)))
     np.testing.assert_array_equal(got, np_ranks(xs))

@@ -27,9 +27,10 @@ and scatter of a leaf sharded along its rows, where the pair sort reshards whole
 
 On a CPU with one device (``impl="auto"``), the ranks come from the host instead (``jax.pure_callback``):
 XLA:CPU's sort calls a comparator per comparison, while NumPy's sorts use AVX-512/AVX2 sorting networks
-(x86-simd-sort). Each row's keys shifted left by 32 bits with the position in the low bits (int64, unique)
+(x86-simd-sort). The float32 values go to the host (the keys are made there, block by block); each
+row's keys shifted left by 32 bits with the position in the low bits (int64, unique)
 are sorted in blocks of rows that stay in cache, on a few threads (the sort releases the GIL), and the
-ranks are scattered back: 2.5-4x faster than the XLA path on this project's 2-core machine (about 0.18
+ranks are scattered back: 2.5-4x faster than the XLA path on this project's 2-core machine (about 0.15
 vs 0.45 s for a ``(3, 1024, 2816)`` float32 leaf). The result is the same exact integers either way.
 
 References: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based
@@ -76,30 +77,43 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL[0]
 
 
-def _host_rank_rows(keys: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
-    """Ranks of rows ``r0:r1`` of the 2-D int32 ``keys`` into ``out`` (same shape), in cache-sized blocks."""
-    m = keys.shape[-1]
+def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """Ranks of ``|x|`` in rows ``r0:r1`` of the 2-D float32 ``x`` into ``out`` (int32, same shape), in
+    cache-sized blocks of rows. A block whose keys all have their low 16 bits zero (bfloat16 values, as a
+    bf16 merge computes) and rows of at most 65536 entries sorts int32 values (key | position), twice as
+    fast as the int64 ones (key << 32 | position); both are exact."""
+    m = x.shape[-1]
     rb = max(1, _HOST_BLOCK // m)
+    keys = np.empty((rb, m), np.int32)
     packed = np.empty((rb, m), np.int64)
     perm = np.empty((rb, m), np.intp)
     pos = np.arange(m, dtype=np.int64)
+    pos32 = np.arange(m, dtype=np.int32)
     vals = np.tile(np.arange(m, dtype=np.int32), rb)
     flat = out.reshape(-1)
     for a in range(r0, r1, rb):
         n = min(rb, r1 - a)
-        p, q = packed[:n], perm[:n]
-        p[...] = keys[a:a + n]  # non-negative int32 keys
-        p <<= 32
-        p |= pos  # unique values ordered by (key, position)
-        p.sort(axis=-1)
-        np.bitwise_and(p, np.int64(0xFFFFFFFF), out=q)  # the position of the q-th smallest entry
+        k, q = keys[:n], perm[:n]
+        np.bitwise_and(x[a:a + n].view(np.int32), np.int32(0x7FFFFFFF), out=k)  # |x|'s bits: +0 == -0
+        np.minimum(k, np.int32(0x7F800000), out=k)  # NaN ranks as +inf (select._keys(x, magnitude=True))
+        if m <= 1 << 16 and not np.any(k & np.int32(0xFFFF)):
+            k |= pos32  # unique values ordered by (key, position)
+            k.sort(axis=-1)
+            np.bitwise_and(k, np.int32(0xFFFF), out=q)
+        else:
+            p = packed[:n]
+            p[...] = k
+            p <<= 32
+            p |= pos  # unique values ordered by (key, position)
+            p.sort(axis=-1)
+            np.bitwise_and(p, np.int64(0xFFFFFFFF), out=q)  # the position of the q-th smallest entry
         q += (np.arange(a, a + n, dtype=np.intp) * m)[:, None]
         flat[q.reshape(-1)] = vals[:n * m]  # rank[perm[q]] = q
 
 
-def _host_ranks(keys) -> np.ndarray:
-    """Exact ascending ranks of int32 order keys along the last axis (ties by lower index), on the host."""
-    keys = np.asarray(keys)
+def _host_ranks(x) -> np.ndarray:
+    """Exact ascending ranks of ``|x|`` (float32) along the last axis (ties by lower index), on the host."""
+    keys = np.ascontiguousarray(x, np.float32)
     m = keys.shape[-1]
     rows = keys.reshape(-1, m)
     out = np.empty(rows.shape, np.int32)
@@ -185,15 +199,15 @@ def magnitude_ranks(x: Float[Array, "*rows m"], *, window: int | None = None,
     References: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
     Magnitude-Based Sampling" (2024) (MagPrune's ranks).
     """
-    keys = _keys(x, magnitude=True)  # int32 in [0, 0x7F800000], monotone in |x|
     m = x.shape[-1]
     ax = x.ndim - 1
-    pos = lax.broadcasted_iota(jnp.int32, x.shape, ax)
     if m <= 1 or x.size == 0:
         return jnp.zeros(x.shape, jnp.int32)
     if _use_host(impl):
-        return jax.pure_callback(_host_ranks, jax.ShapeDtypeStruct(x.shape, jnp.int32), keys,
-                                 vmap_method="expand_dims")
+        return jax.pure_callback(_host_ranks, jax.ShapeDtypeStruct(x.shape, jnp.int32),
+                                 jnp.asarray(x, jnp.float32), vmap_method="expand_dims")
+    keys = _keys(x, magnitude=True)  # int32 in [0, 0x7F800000], monotone in |x|
+    pos = lax.broadcasted_iota(jnp.int32, x.shape, ax)
     b = max(1, (m - 1).bit_length())
     if b > _MAX_PACKED_BITS or jax.device_count() > 1:
         # with several devices the leaf may be sharded, and the SPMD partitioner all-gathers the operands
