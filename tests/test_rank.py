@@ -126,3 +126,22 @@ def test_window_correction_and_fallback_flag():
     assert _sorted(named["long_run"], 7)[2]
     assert not _sorted(named["bf16"], 7)[2]  # runs of equal keys (bfloat16 low bits are zero)
     assert not _sorted(named["gauss"], 7)[2]
+
+
+def test_host_ranks_in_a_forked_child():
+    """A child forked after the thread pool started gets a pool of its own (the parent's threads do not
+    exist there; submitting to the parent's pool would wait forever)."""
+    import multiprocessing as mp
+    import os
+    if not hasattr(os, "register_at_fork"):
+        pytest.skip("no fork on this platform")
+    x = np.random.default_rng(9).standard_normal((4, 300, 400)).astype(np.float32)
+    rank._host_ranks(x)  # starts the pool in the parent
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=lambda: q.put(rank._host_ranks(x).tolist()), daemon=True)
+    p.start()
+    got = np.asarray(q.get(timeout=60))  # before join: the child exits once its queue is drained
+    p.join(10)
+    assert p.exitcode == 0
+    np.testing.assert_array_equal(got, np_ranks(x))

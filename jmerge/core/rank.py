@@ -77,6 +77,16 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL[0]
 
 
+def _forget_pool() -> None:  # a forked child has none of the parent's threads: it makes its own pool
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOL.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """Ranks of ``|x|`` in rows ``r0:r1`` of the 2-D float32 ``x`` into ``out`` (int32, same shape), in
     cache-sized blocks of rows. A block whose keys all have their low 16 bits zero (bfloat16 values, as a
