@@ -128,6 +128,8 @@ def test_window_correction_and_fallback_flag():
     assert not _sorted(named["gauss"], 7)[2]
 
 
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")  # forking a threaded process
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # is the point here
 def test_host_ranks_in_a_forked_child():
     """A child forked after the thread pool started gets a pool of its own (the parent's threads do not
     exist there; submitting to the parent's pool would wait forever)."""
