@@ -241,9 +241,10 @@ def _rows_view(tau: jax.Array) -> jax.Array:
 def _magnitude_ranks(x: jax.Array) -> jax.Array:
     """Ascending rank of ``|x|`` along the last axis (ties by lower index; NaN ranks as +inf), int32.
 
-    :func:`jmerge.core.rank.magnitude_ranks`: one one-operand int32 sort of the magnitude keys with the
+    :func:`jmerge.core.rank.magnitude_ranks`: on a one-device CPU, NumPy's SIMD sorts of the packed
+    (key, position) rows on the host; elsewhere one one-operand int32 sort of the magnitude keys with the
     positions packed into their low bits, an exact correction within runs of equal high bits, and a batched
-    scatter back to row order (several times faster on XLA:CPU than a stable sort of (key, position) pairs).
+    scatter back to row order.
     """
     return magnitude_ranks(x)
 
