@@ -84,7 +84,8 @@ from .transform import StatsPhase
 from .xla import HONEST_COST_ENTRIES, HONEST_COST_MIN, honest_cost, loop_variant, materialized, split_blocks
 
 __all__ = ["topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
-           "whole_sort_limit", "topk_thresholds_rows", "global_topk_thresholds", "global_topk_keep"]
+           "whole_sort_limit", "topk_thresholds_rows", "global_topk_thresholds", "global_topk_keep", "tensor_chunks",
+           "tensor_topk_count"]
 
 _I32_MIN = np.int32(np.iinfo(np.int32).min)
 _I32_MAX = np.int32(np.iinfo(np.int32).max)
@@ -99,6 +100,7 @@ _J = 5  # thresholds per pass (5 fields x 6 bits in an int32)
 _SAMPLE = 4096  # target sample size for the first thresholds
 _SORT_MAX = 2048  # rows up to this length are simply sorted (default; see whole_sort_limit)
 _SORT_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("jmerge_whole_sort_limit", default=None)
+_TENSOR_N: contextvars.ContextVar[int | None] = contextvars.ContextVar("jmerge_tensor_chunks", default=None)
 _CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard deviations
 _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
 
@@ -131,6 +133,49 @@ def whole_sort_limit(n: int) -> Iterator[None]:
         yield
     finally:
         _SORT_LIMIT.reset(token)
+
+
+@contextlib.contextmanager
+def tensor_chunks(n: int) -> Iterator[None]:
+    """Within the block, :func:`global_topk_phases` select per tensor: the leaves are the chunks, in flat
+    order, of one tensor of ``n`` entries (zero-padded at the end), and each task keeps the number of entries
+    a per-tensor trim of that tensor keeps (:func:`tensor_topk_count`) instead of ``density`` times the
+    leaves' total size. Read on the host, when the phases finalize.
+
+    The kept entries are then those of the per-tensor top-k: the global search breaks ties by leaf order,
+    then flat index, which is the tensor's flat order; padding entries are zeros at the end, so they come
+    last among the smallest magnitudes and are never among the ``k <= n`` kept ones.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
+    """
+    token = _TENSOR_N.set(int(n))
+    try:
+        yield
+    finally:
+        _TENSOR_N.reset(token)
+
+
+def tensor_topk_count(density: np.ndarray, n: int, rounding: str = "round") -> np.ndarray:
+    """Entries kept per task by a per-tensor trim of ``n`` entries, on the host, ``(T,)`` int64.
+
+    The same float32 arithmetic as the traced count (``jmerge.methods.trim``): ``density * n`` in float32,
+    rounded half to even (``"round"``), or ``density * c`` floored, ``c`` the float32 of ``n`` times a bump
+    of 2^-21 that undoes float32's representation error of the density (``"floor"``, at least one entry
+    when the density is positive; ``"authors"`` adds one), clipped to ``[0, n]``.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
+    """
+    d = np.asarray(density, np.float32)
+    if rounding == "round":
+        k = np.round(d * np.float32(n))
+    else:
+        k = np.floor(d * (np.float32(n) * np.float32(1.0 + 2.0 ** -21)))
+        if rounding == "authors":
+            k = k + np.float32(1)
+    k = np.clip(k, np.float32(0), np.float32(n)).astype(np.int32)
+    if rounding == "floor":
+        k = np.where(d > 0, np.maximum(k, np.int32(min(1, n))), k)
+    return k.astype(np.int64)
 
 
 def _sort_max() -> int:
@@ -804,8 +849,9 @@ class _GSearch:
                 err = 0.5 * D / np.sqrt(m) + 1.0
                 off = np.round(est + err * _G_CS)
             ts[t] = lo + np.clip(off, 1, D - 1).astype(np.int64)
-            if lo < above[t] < hi:
-                ts[t, 0] = above[t]
+            # The smallest key above lo (the snap), else lo + 1: G(lo + 1) < k ends a search whose k-th key is
+            # lo itself, heavily tied (bfloat16 task vectors), which interpolation would not reach soon.
+            ts[t, 0] = above[t] if lo < above[t] < hi else lo + 1
             if lo < below[t] < hi:
                 ts[t, -1] = below[t]
         return ts
@@ -831,6 +877,34 @@ class _GSearch:
                 eq[:, t] = self.glo_i[:, t] - self.ghi_i[:, t]
                 quota[:, t] = _split_ties(eq[:, t], kt - int(self.ghi_i[:, t].sum()))
         return v, quota, eq
+
+
+def _distinct(ts: np.ndarray, sample: np.ndarray, centre: int) -> np.ndarray:
+    """``ts`` (ascending keys) with repeated keys replaced by other sampled keys nearest ``centre``, ascending.
+
+    With heavy ties (bfloat16 task vectors) the sample's order statistics around the expected k-th key are
+    often one tied key; counting at distinct keys instead brackets the k-th key between neighbouring
+    sampled keys, and ``centre + 1`` (``#{key > centre}``) ends the search in this one counting pass when
+    ``centre``, tied, is the k-th key.
+    """
+    uniq = np.unique(ts)
+    if uniq.size == ts.size:
+        return ts
+    if centre < int(_INF_KEY) and centre + 1 not in uniq:
+        uniq = np.unique(np.append(uniq, centre + 1))
+    keys = np.unique(np.clip(sample, 1, int(_INF_KEY)))
+    keys = keys[~np.isin(keys, uniq)]
+    i = int(np.searchsorted(keys, centre))
+    lo, hi, extra = i - 1, i, []
+    while len(extra) < ts.size - uniq.size and (lo >= 0 or hi < keys.size):  # nearest first, alternating
+        if hi < keys.size and (lo < 0 or len(extra) % 2 == 0):
+            extra.append(keys[hi])
+            hi += 1
+        else:
+            extra.append(keys[lo])
+            lo -= 1
+    out = np.sort(np.concatenate([uniq, np.asarray(extra, np.int64)]))
+    return np.concatenate([out, np.full(ts.size - out.size, out[-1], np.int64)])
 
 
 def _g_put(carry: dict) -> int:
@@ -912,7 +986,8 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
             cw = np.cumsum(w[order])  # estimated #{key >= sk[order[j]]}
             sd = np.sqrt(kt * max(1.0 - kt / max(total, 1), 0.0) * total / sk.size) + 1.0
             pos = np.searchsorted(cw, kt + _G_CS0[::-1] * sd)  # from high G (low key) to low G
-            ts[t] = np.clip(sk[order[np.clip(pos, 0, sk.size - 1)]], 1, int(_INF_KEY))
+            ts[t] = _distinct(np.clip(sk[order[np.clip(pos, 0, sk.size - 1)]], 1, int(_INF_KEY)), sk,
+                              int(sk[order[min(int(np.searchsorted(cw, kt)), sk.size - 1)]]))
         token = _g_put({"search": search, "ts": ts})
         return _g_out(search, ts, token, L)
 
@@ -1055,6 +1130,9 @@ def _split_ties(eq: np.ndarray, q: int) -> np.ndarray:
 
 
 def _global_ks(hps, key: str, T: int, name: str, total: int, rounding: str = "round") -> np.ndarray:
+    n = _TENSOR_N.get()
+    if n is not None:  # the leaves are chunks of one tensor (tensor_chunks)
+        return tensor_topk_count(_global_density(hps, key, T, name), n, rounding)
     dens = _global_density(hps, key, T, name).astype(np.float64)
     x = dens * total
     if rounding == "round":

@@ -45,6 +45,9 @@ def _scale(state: MergeState, hp) -> MergeState:
     return state.replace(merged=state.rounded(hp["scale"] * state.merged))
 
 
+_scale.chunk_form = lambda step: step  # elementwise: runs unchanged on a tensor's chunks (jmerge.core.chunks)
+
+
 def scale(scale: HParamSpec = 1.0) -> Transform:
     """Multiply the merged task vector by ``scale`` (the paper's lambda).
 

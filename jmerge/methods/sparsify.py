@@ -29,6 +29,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from ..core import HParamSpec, MergeInputError, MergeState, Transform, transform
@@ -56,11 +57,12 @@ def _per_task(v, T: int) -> jax.Array:
 
 def _count(frac: jax.Array, n: int, rounding: str) -> jax.Array:
     """Number of entries ``frac * n`` (per task) as int32, clipped to ``[0, n]``."""
-    x = frac * jnp.float32(n)
     if rounding == "round":
-        k = jnp.round(x)
-    else:  # floor; the tiny relative bump undoes float32's representation error of frac
-        k = jnp.floor(x * (1.0 + 2.0 ** -21))
+        k = jnp.round(frac * jnp.float32(n))
+    else:  # floor; the tiny relative bump undoes float32's representation error of frac. n times the bump is
+        # one float32 constant, as XLA folds (frac * n) * bump anyway: the count is the same on every compiler
+        # and equals the host's (jmerge.core.select.tensor_topk_count)
+        k = jnp.floor(frac * jnp.float32(np.float32(n) * np.float32(1.0 + 2.0 ** -21)))
         if rounding == "authors":  # the TIES authors' kthvalue keeps int(density * n) + 1
             k = k + 1
     return jnp.clip(k, 0, n).astype(jnp.int32)
@@ -111,6 +113,18 @@ def _trim(state: MergeState, hp, *, scope: str, rounding: str) -> MergeState:
         # While tau is models - base, the counting passes read the models: tau is never materialized.
         kept, mask = _select.topk_keep_rows(state.tau, k, magnitude=True, rebuild=state.tau_rebuild())
     return state.replace(tau=kept, extras={**state.extras, "trim_mask": mask})
+
+
+def _trim_chunk_form(step):
+    """On the chunks of one tensor (``jmerge.core.chunks``) a per-tensor trim is the whole-model trim over
+    the chunks, which then keeps the per-tensor count (``select.tensor_chunks``)."""
+    st = dict(step.static)
+    if st["scope"] != "tensor":
+        return None
+    return trim(step.hparams["density"], scope="global", rounding=st["rounding"]).steps[0][1]
+
+
+_trim.chunk_form = _trim_chunk_form  # read by jmerge.core.chunks.chunked_form
 
 
 def trim(density: HParamSpec = 0.2, *, scope: Literal["tensor", "global"] = "tensor",

@@ -45,6 +45,14 @@ def _elect_sign(state: MergeState, hp, *, method: str, weighted: bool) -> MergeS
     return state.replace(extras={**state.extras, "sign": sign})
 
 
+def _elementwise(step):
+    """The step itself: it computes entry by entry, so it runs unchanged on a tensor's chunks."""
+    return step
+
+
+_elect_sign.chunk_form = _elementwise  # read by jmerge.core.chunks.chunked_form
+
+
 def elect_sign(weight: HParamSpec = 1.0, *, method: Literal["sum", "count"] = "sum",
                weighted: bool = True) -> Transform:
     """Elect one sign per entry and store it in ``state.extras["sign"]`` (+1 or -1).
@@ -86,6 +94,7 @@ def _fuse_chain(*args, **kwargs):
 
 
 _disjoint_merge.fuse_chain = _fuse_chain  # offered to the driver (jmerge.core.driver._fused_leaf)
+_disjoint_merge.chunk_form = lambda step: None if dict(step.static).get("backend") == "pallas" else step
 
 
 def disjoint_merge(weight: HParamSpec = 1.0, *, reduce: Literal["mean", "sum"] = "mean",

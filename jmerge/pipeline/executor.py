@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from ..core import LeafProgram, check_ranges, infer_views, leaf_key
+from ..core.chunks import CHUNK_ENTRIES, chunked_form, merge_chunked
 from ..mergekit import MergePlan
 from ..mergekit.arch import layer_sources, model_views, output_config
 from .jobs import Copy, Merge, Tensor, TensorJob, read_source
@@ -279,6 +280,9 @@ class MergeContext:
         ``dtype`` (``--compute-float32``); the output dtype is unchanged.
       fast_compile: tensor shapes whose program compiles with ``LeafProgram(..., fast_compile=True)``
         (see :func:`fast_compile_shapes`).
+      chunk_program: the method's :func:`~jmerge.core.chunks.chunked_form`, or None: tensors of at least
+        ``CHUNK_ENTRIES`` entries whose models are read stacked merge chunk by chunk with it (one compiled
+        program for every shape; bit-identical results).
 
     References: none (infrastructure).
     """
@@ -291,6 +295,7 @@ class MergeContext:
     put: Optional[Callable] = None
     compute_float32: bool = False
     fast_compile: frozenset = frozenset()
+    chunk_program: Optional[LeafProgram] = None
 
 
 def fast_compile_shapes(merges: Sequence[TensorJob]) -> frozenset:
@@ -422,7 +427,26 @@ def _unaliased(x: np.ndarray, raw: Sequence[np.ndarray]) -> np.ndarray:
     return x.copy() if any(np.may_share_memory(x, b) for b in raw) else x
 
 
-def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool = False):
+@dataclasses.dataclass
+class _Pieces:
+    """A tensor merged chunk by chunk: the chunks' results (computed asynchronously) in flat order."""
+
+    pieces: list
+    last: int
+    shape: tuple
+
+    def array(self) -> np.ndarray:
+        parts = [np.asarray(p) for p in self.pieces]
+        parts[-1] = parts[-1][:self.last]
+        return np.concatenate(parts).reshape(self.shape)
+
+
+def _chunked(job: TensorJob, ctx: MergeContext, stacked: bool) -> bool:
+    return (ctx.chunk_program is not None and stacked and isinstance(job.op, Merge)
+            and int(np.prod(job.shape, dtype=np.int64)) >= CHUNK_ENTRIES)
+
+
+def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool = False, alloc=None):
     if isinstance(job.op, Copy):
         a = arrays[0]
         if job.op.scale != 1.0:
@@ -431,6 +455,11 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool
     hp = {k: np.asarray(v, np.float32) for k, v in ctx.hparams[job.out_name].items()}
     # JAX has no float64 without x64: a float64 output is computed as float32 and cast by the writer
     out_dtype = np.float32 if np.dtype(job.dtype) == np.float64 else job.dtype
+    if _chunked(job, ctx, stacked):
+        pieces, last = merge_chunked(ctx.chunk_program, arrays[0], arrays[1], ctx.hparams[job.out_name],
+                                     leaf_key(ctx.seed, job.out_name), out_dtype=out_dtype,
+                                     compute_dtype=_compute_dtype(ctx, arrays), chunk=CHUNK_ENTRIES, alloc=alloc)
+        return _Pieces(pieces, last, tuple(job.shape))
     models = arrays[1] if stacked else tuple(_put(ctx, a) for a in arrays[1:])
     return ctx.program(_put(ctx, arrays[0]), models, hp,
                        leaf_key(ctx.seed, job.out_name), stats.get(job.out_name) or {}, ctx.views[job.out_name],
@@ -480,7 +509,8 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
         done = [0]
 
         def finish(job, out, raw):
-            out = np.asarray(out)  # waits for the merge; a view of XLA's output buffer (no copy)
+            # waits for the merge; a view of XLA's output buffer (no copy), or the chunks joined
+            out = out.array() if isinstance(out, _Pieces) else np.asarray(out)
             if not any(np.may_share_memory(out, b) for b in raw):
                 bufs.put(raw)  # the inputs are free once computed: the next reads reuse them during the write
                 raw = ()
@@ -492,11 +522,19 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
                 raise RuntimeError(f"injected failure after {done[0]} tensors")
 
         def consume(job, arrays, raw, stacked):
-            sig = (job.shape, str(arrays[0].dtype) if arrays else "", type(job.op).__name__)
+            sig = ("chunks" if _chunked(job, ctx, stacked) else job.shape, str(arrays[0].dtype) if arrays else "",
+                   type(job.op).__name__)
             if isinstance(job.op, Merge) and sig not in compiled:
                 compiled.add(sig)
                 progress.phase("compiling")
-            out = _apply(job, arrays, ctx, stats, stacked)
+            pads: list = []  # the padded last chunk's buffer, given back with the inputs
+
+            def alloc(nbytes):
+                pads.append(bufs.get(nbytes))
+                return pads[-1]
+
+            out = _apply(job, arrays, ctx, stats, stacked, alloc)
+            raw = list(raw) + pads
             progress.phase("merging") if progress._phase != "merging" else None
             futures.append((job.pool_bytes(readers), wpool.submit(finish, job, out, raw)))
             # bound the merges in flight (JAX dispatches asynchronously) by count and by bytes
@@ -560,9 +598,11 @@ def _context(plan, jobs, seed: int, mesh: Optional[str], compute_float32: bool =
         check_ranges(method, names, per)
         hps = dict(zip(names, per))
     views = dict(zip(names, infer_views(names, [j.shape for j in merges])))
+    chunked = chunked_form(method) if method is not None and mesh is None else None
     return MergeContext(program=LeafProgram(method) if method is not None else None, hparams=hps, views=views,
                         seed=seed, compute_dtype=np_dtype(plan.config.dtype), put=mesh_sharding(mesh),
-                        compute_float32=bool(compute_float32), fast_compile=fast_compile_shapes(merges))
+                        compute_float32=bool(compute_float32), fast_compile=fast_compile_shapes(merges),
+                        chunk_program=LeafProgram(chunked) if chunked is not None else None)
 
 
 def _layer_sources(jobs, readers) -> list:

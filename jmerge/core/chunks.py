@@ -1,0 +1,115 @@
+"""A tensor merged as fixed-size chunks of its flattened entries: one compiled program for every shape.
+
+Out of core, a merge compiles one program per tensor shape, and for the TIES family that compile (the
+counting search of the exact top-k) costs more CPU than the merge itself on a first run. A method whose
+steps are all elementwise except a per-tensor top-k trim can instead run on the tensor's flat entries cut
+into chunks of one fixed size (the last one zero-padded): the trim becomes the whole-model top-k over the
+chunks (:func:`~jmerge.core.select.global_topk_phases`, whose ties fall in leaf order, then flat index:
+the tensor's own flat order) with the per-tensor count of kept entries
+(:func:`~jmerge.core.select.tensor_chunks`). Every tensor then runs the same few programs, compiled once
+per dtype, and the result is bit-identical to the per-tensor program: the same entries are kept and every
+other step computes the same operations entry by entry.
+
+A step says how it runs on chunks through an attribute of its update, as ``fuse_chain`` (the core imports
+no method): ``update.chunk_form(step) -> Step | None`` returns the step to run on chunks (the step itself
+when it is elementwise), or None when it cannot.
+
+References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023);
+Goddard et al., "Arcee's MergeKit" (EMNLP 2024 industry track) for the tensor-by-tensor execution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from .driver import LeafProgram
+from .select import tensor_chunks
+from .transform import Transform
+
+__all__ = ["CHUNK_ENTRIES", "chunked_form", "merge_chunked"]
+
+CHUNK_ENTRIES = 1 << 22  # entries per chunk (4 Mi: 8 MiB per bfloat16 model)
+
+
+def chunked_form(method: Transform) -> Transform | None:
+    """``method`` as it runs on the chunks of one tensor (see the module docstring), or None when a step
+    has no chunked form, or when nothing would change (no per-tensor statistic: chunks would only add work).
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
+    """
+    if method.stats or method.uses_view:  # whole-model statistics, or matrix views: not per chunk
+        return None
+    steps, changed = [], False
+    for name, step in method.steps:
+        form = getattr(step.update, "chunk_form", None)
+        new = form(step) if form is not None else None
+        if new is None:
+            return None
+        changed = changed or new is not step
+        steps.append((name, new))
+    return dataclasses.replace(method, steps=tuple(steps)) if changed else None
+
+
+def merge_chunked(program: LeafProgram, base: np.ndarray, models: np.ndarray, hp: Mapping[str, Any], key: Any, *,
+                  out_dtype: Any = None, compute_dtype: Any = None, fast_compile: bool = False,
+                  chunk: int = CHUNK_ENTRIES,
+                  alloc: Callable[[int], np.ndarray] | None = None) -> tuple[list, int]:
+    """Merge one tensor chunk by chunk with ``program`` (a :func:`chunked_form` method).
+
+    Args:
+      program: the :class:`LeafProgram` of a :func:`chunked_form` method.
+      base: the base tensor (NumPy, C-contiguous).
+      models: the fine-tuned tensors stacked ``(T, *base.shape)`` (NumPy, C-contiguous).
+      hp: the tensor's resolved hyperparameters (as for the per-tensor program).
+      key: the tensor's PRNG key (every chunk gets it: chunked methods draw no random numbers).
+      out_dtype, compute_dtype, fast_compile: as for :class:`LeafProgram` calls.
+      chunk: entries per chunk.
+      alloc: ``alloc(nbytes)`` returns a writeable uint8 buffer for the zero-padded last chunk (default
+        NumPy); it must stay untouched until the returned pieces are computed.
+
+    Returns:
+      ``(pieces, last)``: the merged chunks in flat order (JAX arrays of ``chunk`` entries, computed
+      asynchronously) and how many entries of the last one belong to the tensor.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023).
+    """
+    n = int(base.size)
+    T = int(models.shape[0])
+    b = base.reshape(-1)
+    m = models.reshape(T, -1)
+    count = -(-n // chunk)
+    leaves = []
+    for i in range(count):
+        lo = i * chunk
+        if lo + chunk <= n:
+            leaves.append((b[lo:lo + chunk], tuple(m[t, lo:lo + chunk] for t in range(T))))
+            continue
+        rest = n - lo
+        itemsize = max(b.dtype.itemsize, m.dtype.itemsize)
+        raw = (alloc or (lambda nb: np.empty(nb, np.uint8)))((T + 1) * chunk * itemsize)
+        pb = raw[:chunk * b.dtype.itemsize].view(b.dtype)
+        pm = raw[chunk * itemsize:chunk * itemsize + T * chunk * m.dtype.itemsize].view(m.dtype).reshape(T, chunk)
+        pb[:rest] = b[lo:]
+        pb[rest:] = 0
+        pm[:, :rest] = m[:, lo:]
+        pm[:, rest:] = 0
+        leaves.append((pb, tuple(pm[t] for t in range(T))))
+    leaves = [jax.device_put(x) for x in leaves]  # once: every phase and the merge read the same arrays
+    hps = [hp] * count
+    stats: list[dict] = [{} for _ in range(count)]
+    opts = {"compute_dtype": compute_dtype, "fast_compile": fast_compile}
+    with tensor_chunks(n):
+        for pi, (_, sname, phase) in enumerate(program.phases):
+            vals = program.skip(pi, stats, hps)
+            if vals is None:
+                got = [program.collect(pi, bc, mc, hp, key, st, None, **opts) for (bc, mc), st in zip(leaves, stats)]
+                vals = program.finalize(pi, [jax.tree.map(np.asarray, g) for g in got], hps)
+            for st, v in zip(stats, vals):
+                st.setdefault(sname, {})[phase.name] = v
+    hp32 = {k: np.asarray(v, np.float32) for k, v in hp.items()}
+    pieces = [program(bc, mc, hp32, key, st, None, out_dtype=out_dtype, **opts) for (bc, mc), st in zip(leaves, stats)]
+    return pieces, n - (count - 1) * chunk

@@ -1,0 +1,240 @@
+"""A tensor merged as fixed-size chunks of its flat entries (``jmerge.core.chunks``): the per-tensor TIES trim
+as a whole-model top-k over the chunks with the per-tensor count. Results must be bit-identical to the
+per-tensor program (and to NumPy's TIES from the paper), in memory and through ``jmerge merge``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jmerge
+from jmerge.core import LeafProgram, prepare_leaf_hparams
+from jmerge.core import select as sel
+from jmerge.core.chunks import chunked_form, merge_chunked
+from jmerge.io.safetensors import open_checkpoint
+from tests._trees import np_topk
+
+T = 3
+
+
+def _hp(method, **over):
+    """The resolved hyperparameters of one leaf, as the pipeline passes them."""
+    return prepare_leaf_hparams(method, ["x"], T, hparams=over)[0]
+
+
+def _inputs(shape, seed, kind):
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal(shape).astype(np.float32)
+    if kind == "smooth":
+        ms = np.stack([b + 0.01 * rng.standard_normal(shape).astype(np.float32) for _ in range(T)])
+    else:  # heavy ties: few distinct magnitudes, half the entries unchanged (exact zeros in tau)
+        ms = np.stack([b + np.round(4 * rng.standard_normal(shape)).astype(np.float32) * (rng.random(shape) < 0.5)
+                       for _ in range(T)])
+    return b.astype(ml_dtypes.bfloat16), ms.astype(ml_dtypes.bfloat16)
+
+
+def _joined(pieces, last, shape):
+    parts = [np.asarray(p) for p in pieces]
+    parts[-1] = parts[-1][:last]
+    return np.concatenate(parts).reshape(shape)
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+
+
+@pytest.mark.parametrize("rounding", ["round", "floor", "authors"])
+def test_tensor_topk_count_is_the_traced_trim_count(rounding):
+    from jmerge.core.state import MergeState  # noqa: F401 - the traced count reads a state
+    method = jmerge.ties(rounding=rounding)
+    trim_step = method.step("trim")
+    dens = np.array([0.0, 1e-9, 1e-7, 0.1, 0.2, 1 / 3, 0.5, 0.55, 0.7, 0.999999, 1.0], np.float32)
+    sizes = [1, 2, 7, 1000, 4097, 2 ** 24 + 1, 16777219, 65_536_000, 123_456_789, 2 ** 30 + 3]
+    from jmerge.methods.sparsify import _count  # the traced arithmetic of the per-tensor trim
+    for n in sizes:
+        traced = np.asarray(jax.jit(lambda d, n=n: _count(d, n, rounding))(dens))
+        if rounding == "floor":
+            traced = np.where(dens > 0, np.maximum(traced, min(1, n)), traced)
+        host = sel.tensor_topk_count(dens, n, rounding)
+        np.testing.assert_array_equal(host, traced.astype(np.int64), err_msg=f"n={n}")
+    assert trim_step.static  # the step the count belongs to exists with its rounding
+    # the float32 arithmetic matters: float64 would keep another count here
+    d, n = np.float32(0.3), 123_456_789
+    assert sel.tensor_topk_count(d, n, "round") != np.round(np.float64(d) * n)
+
+
+def test_chunked_form_only_for_elementwise_chains_with_a_tensor_trim():
+    assert chunked_form(jmerge.ties()) is not None
+    assert chunked_form(jmerge.ties(rounding="floor", normalize_by="weight", reduce="sum")) is not None
+    form = chunked_form(jmerge.ties(density=0.3))
+    assert [n for n, _ in form.steps] == ["trim", "elect_sign", "disjoint_merge", "scale"]
+    assert dict(form.step("trim").static)["scope"] == "global" and form.stats
+    assert form.hparams == jmerge.ties(density=0.3).hparams  # the same hyperparameters by the same names
+    for m in (jmerge.ties(scope="global"), jmerge.task_arithmetic(), jmerge.dare_ties(), jmerge.breadcrumbs_ties(),
+              jmerge.della(), jmerge.dare_ties(trim_density=0.2)):
+        assert chunked_form(m) is None, m.name
+    from jmerge.kernels import backend
+    with backend.merge_backend("pallas"):  # methods built here use the fused kernel's route
+        assert chunked_form(jmerge.ties()) is None  # the fused kernel's route is per tensor
+
+
+@pytest.mark.parametrize("rounding", ["round", "floor", "authors"])
+@pytest.mark.parametrize("kind", ["smooth", "ties"])
+@pytest.mark.parametrize("precision", [None, "bfloat16"])
+def test_chunks_give_the_bits_of_the_per_tensor_program(rounding, kind, precision):
+    method = jmerge.ties(rounding=rounding, normalize_by="weight")
+    p, pc = LeafProgram(method), LeafProgram(chunked_form(method))
+    key = jax.random.key(0)
+    for shape, dens in (((37, 53), 0.2), ((64, 64), [0.0, 0.55, 1.0]), ((5000,), 0.7), ((3, 5, 7), 1e-3)):
+        b, ms = _inputs(shape, hash((shape, kind)) % 1000, kind)
+        hp = _hp(method, density=jmerge.PerModel(dens) if isinstance(dens, list) else dens,
+                 weight=jmerge.PerModel([1.0, 0.5, 2.0]))
+        ref = p(b, ms, hp, key, {}, None, compute_dtype=precision, models_stacked=True)
+        for chunk in (64, 1000, int(np.prod(shape))):
+            pieces, last = merge_chunked(pc, b, ms, hp, key, compute_dtype=precision, chunk=chunk)
+            assert len(pieces) == -(-int(np.prod(shape)) // chunk)
+            got = _joined(pieces, last, shape)
+            assert got.dtype == np.asarray(ref).dtype
+            np.testing.assert_array_equal(_bits(got), _bits(ref), err_msg=f"{shape} chunk={chunk}")
+
+
+def test_chunks_radix_fallback_and_per_model_counts_give_the_same_bits(monkeypatch):
+    # one counting phase only: searches that have not converged finish with the radix histograms
+    monkeypatch.setattr(sel, "_G_PASSES", 1)
+    method = jmerge.ties(density=jmerge.PerModel([0.1, 0.35, 0.9]), rounding="floor")
+    form = chunked_form(method)
+    assert len(form.stats) == 4  # sample, one count, hi, lo
+    p, pc = LeafProgram(method), LeafProgram(form)
+    b, ms = _inputs((97, 31), 3, "ties")
+    hp = _hp(method)
+    ref = p(b, ms, hp, jax.random.key(1), {}, None, models_stacked=True)
+    pieces, last = merge_chunked(pc, b, ms, hp, jax.random.key(1), chunk=500)
+    np.testing.assert_array_equal(_bits(_joined(pieces, last, b.shape)), _bits(ref))
+
+
+def test_chunks_match_numpy_ties_from_the_paper():
+    shape = (50, 41)
+    b, ms = _inputs(shape, 7, "ties")
+    b32, m32 = b.astype(np.float32), ms.astype(np.float32)
+    tau = m32 - b32[None]
+    dens, lam = 0.3, 0.9
+    k = int(np.round(np.float32(dens) * np.float32(tau[0].size)))
+    kept = np.stack([np.where(np_topk(np.abs(tau[t]).ravel(), k).reshape(shape), tau[t], 0) for t in range(T)])
+    sign = np.where(kept.sum(0) >= 0, 1.0, -1.0)
+    agree = (np.sign(kept) == sign) & (kept != 0)
+    cnt = agree.sum(0)
+    want = b32 + lam * np.where(agree, kept, 0).sum(0) / np.where(cnt == 0, 1, cnt)
+    method = jmerge.ties(density=dens, scale=lam)
+    pieces, last = merge_chunked(LeafProgram(chunked_form(method)), b, ms, _hp(method), jax.random.key(0),
+                                 out_dtype="float32", chunk=256)
+    np.testing.assert_allclose(_joined(pieces, last, shape), want, rtol=1e-6, atol=1e-6)
+
+
+def _read(path):
+    with open_checkpoint(path) as r:
+        return {k: r.get(k) for k in r.keys()}
+
+
+def _ties_yaml(base, fts, extra=""):
+    models = "".join(f"  - model: {f}\n    parameters: {{weight: {w}}}\n" for f, w in zip(fts, (1.0, 0.6, 0.3)))
+    return (f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}"
+            f"parameters: {{density: 0.35, normalize: true}}\ndtype: bfloat16\n{extra}")
+
+
+@pytest.mark.parametrize("extra", ["", "parameters: {density: [0.1, 0.9], normalize: false, lambda: 0.8}\n"])
+def test_merge_through_chunks_writes_the_same_bytes(tiny_base, tiny_fts, tmp_path, monkeypatch, extra):
+    import jmerge.pipeline.executor as ex
+    from jmerge.mergekit import parse_config
+    from jmerge.pipeline import run_merge
+    cfg = _ties_yaml(tiny_base, tiny_fts)
+    if extra:
+        cfg = cfg.replace("parameters: {density: 0.35, normalize: true}\n", extra)
+    run_merge(parse_config(cfg), str(tmp_path / "ref"), quiet=True)
+    calls = []
+    real = ex.merge_chunked
+    monkeypatch.setattr(ex, "merge_chunked", lambda *a, **k: (calls.append(a[1].size), real(*a, **k))[1])
+    monkeypatch.setattr(ex, "CHUNK_ENTRIES", 1000)
+    with open_checkpoint(tiny_base) as r:
+        shapes = {tuple(r.shape(k)) for k in r.keys()}
+    for cf32 in (False, True):
+        out = tmp_path / f"chunked{cf32}"
+        before = jmerge.trace_count()
+        run_merge(parse_config(cfg), str(out), quiet=True, compute_float32=cf32)
+        # one merge program for every chunked shape (and one per small shape, already compiled for cf32=False)
+        assert jmerge.trace_count() - before <= 2 < len(shapes)
+        ref_dir = tmp_path / "ref"
+        if cf32:
+            monkeypatch.setattr(ex, "CHUNK_ENTRIES", 10 ** 12)
+            run_merge(parse_config(cfg), str(tmp_path / "ref32"), quiet=True, compute_float32=True)
+            monkeypatch.setattr(ex, "CHUNK_ENTRIES", 1000)
+            ref_dir = tmp_path / "ref32"
+        got, ref = _read(out), _read(ref_dir)
+        assert set(got) == set(ref)
+        for k in ref:
+            assert got[k].dtype == ref[k].dtype, k
+            np.testing.assert_array_equal(_bits(got[k]), _bits(ref[k]), err_msg=k)
+    with open_checkpoint(tiny_base) as r:
+        big = sum(int(np.prod(r.shape(k))) >= 1000 for k in r.keys())
+        small = sum(int(np.prod(r.shape(k))) < 1000 for k in r.keys())
+    assert big and small and len(calls) == 2 * big  # large tensors went through chunks, small ones did not
+
+
+@pytest.mark.parametrize("case", ["ties", "ties_dtype", "ties_nonorm"])
+def test_mergekit_golden_ties_configs_through_chunks(case, tmp_path, monkeypatch, in_repo_root):
+    import jmerge.pipeline.executor as ex
+    from jmerge.cli import main
+    cfg = os.path.join("tests", "data", "mergekit", case, "config.yml")
+    if not os.path.exists(cfg):
+        pytest.skip("golden case not stored")
+    assert main(["merge", cfg, str(tmp_path / "ref"), "--quiet"]) == 0
+    calls = []
+    real = ex.merge_chunked
+    monkeypatch.setattr(ex, "merge_chunked", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(ex, "CHUNK_ENTRIES", 300)
+    assert main(["merge", cfg, str(tmp_path / "got"), "--quiet"]) == 0
+    assert calls
+    got, ref = _read(tmp_path / "got"), _read(tmp_path / "ref")
+    for k in ref:
+        np.testing.assert_array_equal(_bits(got[k]), _bits(ref[k]), err_msg=k)
+    shutil.rmtree(tmp_path / "got")
+
+
+def test_heavily_tied_kth_key_is_found_in_one_counting_pass():
+    # bfloat16 fine-tunes: |tau| takes few values and the k-th largest is tied by many entries. The first
+    # thresholds are distinct sampled keys plus centre + 1, so one counting pass brackets the tied key.
+    rng = np.random.default_rng(5)
+    shape = (700, 300)
+    b = rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+    ms = np.stack([(b.astype(np.float32) + 0.01 * rng.standard_normal(shape).astype(np.float32))
+                   .astype(ml_dtypes.bfloat16) for _ in range(T)])
+    tau = np.abs(ms.astype(np.float32) - b.astype(np.float32))
+    k = int(np.round(np.float32(0.2) * np.float32(tau[0].size)))
+    kth = np.sort(tau[0].ravel())[::-1][k - 1]
+    assert np.sum(tau[0] == kth) > 1000  # heavily tied
+    method = jmerge.ties(density=0.2)
+    pc = LeafProgram(chunked_form(method))
+    ran = []
+    real = pc.collect
+    pc.collect = lambda pi, *a, **kw: (ran.append(pc.phases[pi][2].name), real(pi, *a, **kw))[1]
+    hp = _hp(method)
+    pieces, last = merge_chunked(pc, b, ms, hp, jax.random.key(0), chunk=50_000)
+    counts = {n for n in ran if "/count" in n}
+    assert counts == {"trim_global_topk/count0"}, sorted(set(ran))
+    ref = LeafProgram(method)(b, ms, hp, jax.random.key(0), {}, None, models_stacked=True)
+    np.testing.assert_array_equal(_bits(_joined(pieces, last, shape)), _bits(ref))
+
+
+def test_distinct_first_thresholds():
+    sample = np.array([5, 5, 5, 5, 7, 9, 9, 12, 3, 1], np.int64)
+    out = sel._distinct(np.array([5, 5, 5, 5, 5, 5, 7, 9, 9, 12]), sample, 5)
+    assert out.size == 10 and np.all(np.diff(out) >= 0)
+    assert {5, 6, 7, 9, 12, 3, 1} <= set(out.tolist())  # the tied centre, centre + 1, the other sampled keys
+    same = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert sel._distinct(same, sample, 5) is same  # no repeated key: unchanged (smooth data)
