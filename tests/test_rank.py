@@ -38,6 +38,7 @@ def cases():
     yield "short_runs", rng.permuted(bits.astype(np.int32).view(np.float32), axis=-1)  # runs of 4
     yield "long_rows", rng.standard_normal((2, 9000)).astype(np.float32)  # 14 position bits
     yield "pair_sort", rng.standard_normal((1, 20000)).astype(np.float32)  # beyond the packed sort
+    yield "wide_rows", rng.standard_normal((1, 70000)).astype(np.float32)  # ranks beyond uint16 (host: int32)
     yield "nd", rng.standard_normal((2, 3, 4, 5, 6)).astype(np.float32)
 
 
@@ -77,6 +78,24 @@ def test_host_ranks_in_parallel_blocks_and_under_vmap(monkeypatch):
     xs = rng.standard_normal((4, 2, 3, 50)).astype(np.float32)
     got = np.asarray(jax.jit(jax.vmap(lambda a: magnitude_ranks(a, impl="host")))(jnp.asarray(xs)))
     np.testing.assert_array_equal(got, np_ranks(xs))
+
+
+def test_host_results_survive_the_reused_output_buffer():
+    """The callback reuses its thread's output buffer: XLA must have copied each result before the next
+    call (else an earlier result would change), also with calls running at once on several threads."""
+    import concurrent.futures as cf
+    rng = np.random.default_rng(11)
+    xs = [rng.standard_normal((3, 40, 700)).astype(np.float32) for _ in range(6)]
+    f = jax.jit(lambda a: magnitude_ranks(a, impl="host"))
+    first = f(jnp.asarray(xs[0]))
+    second = f(jnp.asarray(xs[1]))
+    np.testing.assert_array_equal(np.asarray(first), np_ranks(xs[0]))
+    np.testing.assert_array_equal(np.asarray(second), np_ranks(xs[1]))
+    with cf.ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda x: f(jnp.asarray(x)), xs))
+    for x, o in zip(xs, outs):
+        np.testing.assert_array_equal(np.asarray(o), np_ranks(x))
+    assert rank._rank_dtype(1 << 16) == np.uint16 and rank._rank_dtype((1 << 16) + 1) == np.int32
 
 
 def test_della_differentiates_through_tau_with_host_ranks():

@@ -101,7 +101,7 @@ def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     perm = np.empty((rb, m), np.intp)
     pos = np.arange(m, dtype=np.int64)
     pos32 = np.arange(m, dtype=np.int32)
-    vals = np.tile(np.arange(m, dtype=np.int32), rb)
+    vals = np.tile(np.arange(m, dtype=out.dtype), rb)
     flat = out.reshape(-1)
     for a in range(r0, r1, rb):
         n = min(rb, r1 - a)
@@ -124,12 +124,43 @@ def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
         flat[q.reshape(-1)] = vals[:n * m]  # rank[perm[q]] = q
 
 
+_OUT = threading.local()  # per calling thread: the last output buffer of _host_ranks, reused
+_OUT_MAX = 1 << 28  # bytes: larger outputs are allocated per call
+
+
+def _rank_dtype(m: int):
+    """The callback's result dtype for rows of ``m`` entries: uint16 when every rank fits (half the bytes
+    that cross between XLA and the host), else int32."""
+    return np.uint16 if m <= 1 << 16 else np.int32
+
+
+def _out_buffer(shape: tuple, dtype=np.int32) -> np.ndarray:
+    """An int32 array of ``shape`` for the callback's result, reused by the thread's next call.
+
+    A fresh allocation of this size is mapped anew and faults in zeroed pages on every call (about a
+    third of the callback's time). Reuse is safe because XLA copies a callback's result into its own
+    output buffer before the custom call returns, on the calling thread (``tests/test_rank.py`` checks
+    that an earlier result survives the next call)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes > _OUT_MAX:
+        return np.empty(shape, dtype)
+    buf = getattr(_OUT, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _OUT.buf = np.empty(nbytes, np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
 def _host_ranks(x) -> np.ndarray:
     """Exact ascending ranks of ``|x|`` (float32) along the last axis (ties by lower index), on the host."""
+    if not isinstance(x, np.ndarray):  # a callback's jax.Array: DLPack views it (JAX 0.10's __array__ copies it)
+        try:
+            x = np.from_dlpack(x)
+        except (AttributeError, BufferError, RuntimeError, TypeError):
+            pass
     keys = np.ascontiguousarray(x, np.float32)
     m = keys.shape[-1]
     rows = keys.reshape(-1, m)
-    out = np.empty(rows.shape, np.int32)
+    out = _out_buffer(rows.shape, _rank_dtype(m))
     R = rows.shape[0]
     workers = _WORKERS if keys.size >= _HOST_PARALLEL else 1
     edges = np.linspace(0, R, min(workers, R) + 1).astype(np.int64)
@@ -217,8 +248,9 @@ def magnitude_ranks(x: Float[Array, "*rows m"], *, window: int | None = None,
     if m <= 1 or x.size == 0:
         return jnp.zeros(x.shape, jnp.int32)
     if _use_host(impl):
-        return jax.pure_callback(_host_ranks, jax.ShapeDtypeStruct(x.shape, jnp.int32),
-                                 jnp.asarray(x, jnp.float32), vmap_method="expand_dims")
+        r = jax.pure_callback(_host_ranks, jax.ShapeDtypeStruct(x.shape, _rank_dtype(m)),
+                              jnp.asarray(x, jnp.float32), vmap_method="expand_dims")
+        return r.astype(jnp.int32)
     keys = _keys(x, magnitude=True)  # int32 in [0, 0x7F800000], monotone in |x|
     pos = lax.broadcasted_iota(jnp.int32, x.shape, ax)
     b = max(1, (m - 1).bit_length())
