@@ -238,3 +238,25 @@ def test_distinct_first_thresholds():
     assert {5, 6, 7, 9, 12, 3, 1} <= set(out.tolist())  # the tied centre, centre + 1, the other sampled keys
     same = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
     assert sel._distinct(same, sample, 5) is same  # no repeated key: unchanged (smooth data)
+
+
+def test_per_row_search_finds_a_heavily_tied_kth_key_in_its_first_pass():
+    """The in-program search (per-tensor TIES in memory): first thresholds c - (next sampled key below),
+    c, c + 1 and the next sampled key above c, so one pass brackets a tied k-th key c."""
+    rng = np.random.default_rng(9)
+    b = rng.standard_normal((T, 60_000)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    tau = np.stack([(b[t] + 0.01 * rng.standard_normal(b.shape[1]).astype(np.float32))
+                    .astype(ml_dtypes.bfloat16).astype(np.float32) for t in range(T)]) - b
+    k = jnp.asarray([int(0.2 * tau.shape[1])] * T, jnp.int32)
+    x = jnp.asarray(tau)
+    first = sel._first_thresholds([x[t] for t in range(T)], k, True)
+    z = jnp.zeros((T,), jnp.int32)
+    lo, hi = jnp.full((T,), sel._NEG_INF_KEY, jnp.int32), jnp.full((T,), sel._TOP, jnp.int32)
+    counts, below, above = sel._count_pass(x, first, lo, hi, True)
+    state = sel._narrow((lo, z + tau.shape[1], hi, z, jnp.zeros((T,), bool), hi, lo), first, counts, below, above, k)
+    nlo, nglo, nhi = state[:3]
+    assert bool(jnp.all((nglo == k) | (nhi - nlo <= 1)))  # every row done after one pass
+    srt = np.sort(np.abs(tau).view(np.int32) & 0x7FFFFFFF, axis=1)[:, ::-1]
+    kth = srt[np.arange(T), np.asarray(k) - 1]
+    assert all(np.sum(srt[t] == kth[t]) > 100 for t in range(T))  # the k-th key is heavily tied
+    np.testing.assert_array_equal(np.asarray(nlo), kth)

@@ -347,7 +347,7 @@ def _count_pass(x, ts, lo, hi, magnitude):
 
 
 def _first_thresholds(rows, k, magnitude):
-    """Six keys of a sorted strided sample around the expected rank of the k-th largest."""
+    """Five keys of a sorted strided sample around the expected rank of the k-th largest."""
     n = rows[0].size
     target = min(_SAMPLE, max(n // 8, 1))  # the sample is gathered when sharded: never the whole row
     sk = jnp.sort(_keys(jnp.stack([_sample(r, target).reshape(-1) for r in rows]), magnitude), axis=1)
@@ -356,11 +356,24 @@ def _first_thresholds(rows, k, magnitude):
     pos = (1.0 - q) * M  # ascending sample position of the k-th largest
     sd = jnp.sqrt(M * q * (1.0 - q)) + 1.0
     idx = jnp.round(pos[:, None] + sd[:, None] * jnp.asarray(_CS0, jnp.float32)[None])
-    return jnp.take_along_axis(sk, jnp.clip(idx.astype(jnp.int32), 0, M - 1), 1)
+    ts = jnp.take_along_axis(sk, jnp.clip(idx.astype(jnp.int32), 0, M - 1), 1)
+    # Heavy ties (bfloat16 task vectors): the centre key c recurs in the sample. Count then at c + 1 too
+    # (G(c + 1) < k <= G(c) ends the search in this pass when c, tied, is the k-th key), and at the sample's
+    # next keys below and above c instead of order statistics equal to c. Smooth data: unchanged.
+    c = ts[:, 2]
+    pick = lambda i: jnp.take_along_axis(sk, jnp.clip(i, 0, M - 1)[:, None], 1)[:, 0]
+    first_c = jnp.sum(sk < c[:, None], axis=1, dtype=jnp.int32)
+    after_c = jnp.sum(sk <= c[:, None], axis=1, dtype=jnp.int32)
+    below, above = pick(first_c - 1), pick(after_c)
+    tied = after_c - first_c > 1
+    up = jnp.where(ts[:, 3] == c, above, ts[:, 3])
+    return jnp.stack([ts[:, 0], jnp.where(ts[:, 1] == c, below, ts[:, 1]), c,
+                      jnp.where(tied, c + 1, up), jnp.where(tied, up, jnp.where(ts[:, 4] == c, above, ts[:, 4]))],
+                     axis=1)
 
 
 def _next_thresholds(lo, glo, hi, ghi, even, below, above, k):
-    """Six keys strictly inside (lo, hi): interpolated around the estimated k-th key (or an even
+    """Five keys strictly inside (lo, hi): interpolated around the estimated k-th key (or an even
     split), with the outer two replaced by the snaps of the last pass when they lie inside."""
     D = _u32(hi) - _u32(lo)  # >= 2 for rows still searching
     Df = D.astype(jnp.float32)
