@@ -135,7 +135,7 @@ def _rank_dtype(m: int):
 
 
 def _out_buffer(shape: tuple, dtype=np.int32) -> np.ndarray:
-    """An int32 array of ``shape`` for the callback's result, reused by the thread's next call.
+    """An array of ``shape`` and ``dtype`` for the callback's result, reused by the thread's next call.
 
     A fresh allocation of this size is mapped anew and faults in zeroed pages on every call (about a
     third of the callback's time). Reuse is safe because XLA copies a callback's result into its own
