@@ -20,4 +20,6 @@ if [ "$VER" = "3.11" ]; then
 fi
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
 "$VENV/bin/python" -c 'import jax, sys; print(f"python {sys.version.split()[0]}  jax {jax.__version__}  devices {jax.devices()}")'
-exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile "$@" tests
+# --max-worker-restart 0: a crashed worker ends the run at once (pytest-xdist 3.8's loadfile scheduler can
+# wait forever after replacing a crashed worker: pytest-dev/pytest-xdist#784, #1378)
+exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 "$@" tests

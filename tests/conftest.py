@@ -8,19 +8,46 @@ Golden configs name models by paths relative to the repo root: use the ``in_repo
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 
 import pytest
 
-# CLI merges enable JAX's persistent compilation cache: keep the tests' cache out of ~/.cache.
-if "JMERGE_COMPILE_CACHE" not in os.environ:
+# CLI merges enable JAX's persistent compilation cache: keep the tests' cache out of ~/.cache (and out of a
+# $JMERGE_COMPILE_CACHE the user set), and give every test process its own directory. pytest-xdist's
+# workers inherit the controller's environment, and JAX writes cache entries without a lock and not
+# atomically (lru_cache.put with eviction off): workers sharing one directory could read each other's
+# half-written entries. Once a CLI test turned the cache on, the worker uses it for every later compile.
+# (Subprocesses that a test starts use their test process's directory while it waits for them.)
+if os.environ.get("JMERGE_TEST_CACHE_PID") != str(os.getpid()):
     import tempfile
-    os.environ["JMERGE_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jmerge-test-xla-")
+    os.environ["JMERGE_COMPILE_CACHE"] = tempfile.mkdtemp(prefix=f"jmerge-test-xla-{os.getpid()}-")
+    os.environ["JMERGE_TEST_CACHE_PID"] = str(os.getpid())
 
 REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 DATA_DIR = os.path.join(REPO_ROOT, "tests", "data")
 TINY_DIR = os.path.join(DATA_DIR, "tiny")
 MERGEKIT_DIR = os.path.join(DATA_DIR, "mergekit")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop JAX's cached executables.
+
+    Every XLA:CPU executable keeps its JIT-compiled code in memory mappings of its own, and JAX's caches keep
+    thousands of executables: two test modules alone left ~27,000 mappings in one process, so a worker that
+    runs half of this suite nears the kernel's ``vm.max_map_count`` (65530), where XLA cannot map memory for
+    its next executable. That is the likely cause of the CI crashes seen (a worker segfaulted in the unwinder
+    while an error from ``backend_compile_and_load`` or ``deserialize_executable`` was thrown). With this
+    fixture the largest count at a module's end in a full run is ~21,000 (``test_chunks.py``);
+    ``tests/test_jit_mappings.py`` checks that ``jax.clear_caches()`` releases the mappings.
+    """
+    yield
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
