@@ -1,8 +1,8 @@
 """The test suite's guard against running out of memory mappings (``tests/conftest.py``).
 
 Every XLA:CPU executable keeps its JIT-compiled code in anonymous executable mappings of its own, and JAX's
-caches keep executables alive; a pytest worker that ran half of this suite went past the kernel's
-``vm.max_map_count`` and crashed inside XLA. ``conftest._release_compiled_programs`` calls
+caches keep executables alive; a pytest worker that runs half of this suite nears the kernel's
+``vm.max_map_count`` (the likely cause of CI workers crashing inside XLA). ``conftest._release_compiled_programs`` calls
 ``jax.clear_caches()`` after every module: this checks that doing so releases those mappings, also for
 jitted functions that are still alive (module-level ones are).
 """
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="n
 def _exec_mappings() -> int:
     """Anonymous mappings with execute permission (JIT code), from /proc/self/maps."""
     with open("/proc/self/maps") as f:
-        return sum(1 for line in f if len(line.split()) < 6 and line.split()[1].startswith("r-x"))
+        fields = [line.split() for line in f]
+    return sum(1 for x in fields if len(x) < 6 and x[1].startswith("r-x"))
 
 
 def test_clear_caches_releases_the_jit_mappings_of_live_functions():
