@@ -22,6 +22,9 @@ import numpy as np
 import jmerge
 
 
+_SVD = ("tsv_m", "iso_c", "iso_cts")  # bound against their SVDs' own time: scripts/bench_svd.py
+
+
 def make_tree(n_params: float, seed: int = 0, dtype=jnp.float32):
     """Llama-like leaves (hidden h, mlp 2.75h) sized to about n_params."""
     h = 1024
@@ -93,10 +96,18 @@ def main():
         ta = t if name == "task_arithmetic" else ta
         rows.append((name, t, t / ta))
         print(f"{name:24s} {t:8.3f} s   {t / ta:6.2f}x task_arithmetic", flush=True)
+    if ta is not None and len(rows) > 1:
+        # task arithmetic again: the first timing of the run also pays for the process's first allocations
+        again = timed(lambda: jmerge.merge(registry["task_arithmetic"](), base, models), args.repeat)
+        ta = min(ta, again)
+        print(f"task_arithmetic again    {again:8.3f} s; ratios below against the faster, {ta:.3f} s")
+        rows = [(name, t, t / ta) for name, t, _ in rows]
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     for name, t, ratio in rows:
         if name in ("ties", "ties_global"):
             print(f"{name} / task arithmetic = {ratio:.2f}x (target <= 3x): {'OK' if ratio <= 3.0 else 'ABOVE TARGET'}")
+        elif name not in _SVD and name != "task_arithmetic":
+            print(f"{name} / task arithmetic = {ratio:.2f}x (target <= 5x): {'OK' if ratio <= 5.0 else 'ABOVE TARGET'}")
 
 
 if __name__ == "__main__":

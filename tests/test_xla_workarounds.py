@@ -79,6 +79,23 @@ def test_ties_writes_no_full_size_intermediate(ties_hlo):
     assert _full_size_buffers(ties_hlo, N) == []
 
 
+@pytest.mark.parametrize("method", [jmerge.task_arithmetic(scale=0.5),
+                                    jmerge.linear(weight=jmerge.PerModel([0.2, 0.3, 0.5]), normalize=True)],
+                         ids=["task_arithmetic", "linear"])
+def test_weighted_sum_writes_no_stacked_task_vectors(method):
+    """The rows of tau rebuilt from the models: the weighted sum writes only its output (in memory, the
+    models are separate arrays, and XLA:CPU does not fuse their stack into the sum)."""
+    b = jnp.zeros(SHAPE, jnp.float32)
+    ms = tuple(jnp.ones(SHAPE, jnp.float32) for _ in range(3))
+    prog = LeafProgram(method)
+    hp = {k: jnp.asarray(getattr(v, "specs", v), jnp.float32) for k, v in method.defaults.items()}  # PerModel
+    txt = _hlo(lambda b, ms, hp: prog(b, ms, hp, jax.random.key(0), {}, None, traced=True), b, ms, hp)
+    assert _full_size_buffers(txt, N) == []
+    # what it avoids: the same sum over the stacked task vectors writes them (models x leaf)
+    stacked = _hlo(lambda b, ms: xla.model_sum(0.5 * jnp.stack([m - b for m in ms])), b, ms)
+    assert [d for _, _, d, _ in _full_size_buffers(stacked, N)] == [f"3,{SHAPE[0]},{SHAPE[1]}"]
+
+
 def test_loop_variant_keeps_reads_in_the_loop(ties_hlo, monkeypatch):
     monkeypatch.setattr(select_mod, "loop_variant", lambda a, m: a)
     without = _ties_leaf_hlo()

@@ -84,7 +84,7 @@ from .transform import StatsPhase
 from .xla import HONEST_COST_ENTRIES, HONEST_COST_MIN, honest_cost, loop_variant, materialized, split_blocks
 
 __all__ = ["topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
-           "whole_sort_limit", "topk_thresholds_rows", "global_topk_thresholds", "global_topk_keep", "tensor_chunks",
+           "whole_sort_limit", "topk_thresholds_rows", "threshold_mask", "global_topk_thresholds", "global_topk_keep", "tensor_chunks",
            "tensor_topk_count"]
 
 _I32_MIN = np.int32(np.iinfo(np.int32).min)
@@ -650,6 +650,18 @@ def topk_thresholds_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], 
     else:
         xs = lambda g: [jnp.asarray(r, jnp.float32) for r in rebuild(g)]
     return _row_thresholds(xs, k, magnitude)
+
+
+def threshold_mask(row: Float[Array, "*shape"], v: Int[Array, ""], cut: Int[Array, ""], *,
+                   magnitude: bool = False) -> Bool[Array, "*shape"]:
+    """The top-k mask of one row from its thresholds ``(v[t], cut[t])`` of :func:`topk_thresholds_rows`:
+    the entries whose order key is above ``v``, and those equal to ``v`` at flat positions below ``cut``.
+    Elementwise in ``row``, so XLA fuses it into its consumers.
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023) for the
+    trim step this selection serves.
+    """
+    return _threshold_mask(jnp.asarray(row, jnp.float32), v, cut, magnitude)
 
 
 def topk_mask(x: Float[Array, "*shape"], k: int | Int[Array, ""]) -> Bool[Array, "*shape"]:

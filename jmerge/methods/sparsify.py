@@ -170,8 +170,15 @@ def _apply_rescale(tau, keep, kept, p, rescale):
 def _dare(state: MergeState, hp, *, rescale: str) -> MergeState:
     p = per_model(hp["density"], state)
     keep = _bernoulli(state.key, jnp.broadcast_to(p, state.tau.shape))  # jax.random.bernoulli's bits, fused
-    kept = jnp.where(keep, state.tau, 0.0)
-    tau = _apply_rescale(state.tau, keep, kept, p, rescale)
+    if rescale == "l1":  # (its sums over the stack, as before: summed per row, the last bit may differ)
+        kept = jnp.where(keep, state.tau, 0.0)
+        tau = _apply_rescale(state.tau, keep, kept, p, rescale)
+    else:  # row by row, the same numbers: a later step's row of tau folds into the expression that built it
+        # (XLA:CPU writes the stacked task vectors, models x leaf, when an elementwise op takes the whole stack)
+        rebuild = state.tau_rebuild()
+        rows = rebuild(lambda a: a) if rebuild is not None else [state.tau[t] for t in range(state.num_models)]
+        tau = jnp.stack([_apply_rescale(None, None, jnp.where(keep[t], x, 0.0), p[t], rescale)
+                         for t, x in enumerate(rows)])
     return state.replace(tau=tau, extras={**state.extras, "dare_mask": keep})
 
 
@@ -208,11 +215,17 @@ def _breadcrumbs_ks(state: MergeState, hp, rounding: str) -> tuple[jax.Array, ja
 
 def _breadcrumbs(state: MergeState, hp, *, rounding: str) -> MergeState:
     k_keep, k_top = _breadcrumbs_ks(state, hp, rounding)
-    # Each task's rows in the leaf's own shape (not flattened: a sharded leaf stays sharded).
-    upper = _select.topk_mask_rows(state.tau, k_top + k_keep, magnitude=True)
-    outliers = _select.topk_mask_rows(state.tau, k_top, magnitude=True)
-    mask = upper & ~outliers
-    return state.replace(tau=jnp.where(mask, state.tau, 0.0), extras={**state.extras, "breadcrumbs_mask": mask})
+    # Each task's rows in the leaf's own shape (not flattened: a sharded leaf stays sharded). While tau is
+    # models - base, the counting passes read the models and tau is never materialized; the masked rows are
+    # stacked row by row, so that a later step's row folds into the expression that built it.
+    rebuild = state.tau_rebuild()
+    upper = _select.topk_thresholds_rows(state.tau, k_top + k_keep, magnitude=True, rebuild=rebuild)
+    outliers = _select.topk_thresholds_rows(state.tau, k_top, magnitude=True, rebuild=rebuild)
+    rows = rebuild(lambda a: a) if rebuild is not None else [state.tau[t] for t in range(state.num_models)]
+    masks = [_select.threshold_mask(x, upper[0][t], upper[1][t], magnitude=True)
+             & ~_select.threshold_mask(x, outliers[0][t], outliers[1][t], magnitude=True) for t, x in enumerate(rows)]
+    kept = jnp.stack([jnp.where(m, jnp.asarray(x, jnp.float32), 0.0) for m, x in zip(masks, rows)])
+    return state.replace(tau=kept, extras={**state.extras, "breadcrumbs_mask": jnp.stack(masks)})
 
 
 def breadcrumbs_drop(density: HParamSpec = 0.9, gamma: HParamSpec = 0.01, *,
@@ -235,7 +248,7 @@ def breadcrumbs_drop(density: HParamSpec = 0.9, gamma: HParamSpec = 0.01, *,
     _check_option("rounding", rounding, ("round", "floor"))
     return transform("breadcrumbs", _breadcrumbs, hparams={"density": density, "gamma": gamma},
                      static={"rounding": rounding}, ranges={"density": (0.0, 1.0), "gamma": (0.0, 1.0)},
-                     materialize_tau=True, per_model=("density", "gamma"))
+                     per_model=("density", "gamma"))
 
 
 breadcrumbs = breadcrumbs_drop  # the step's short name (``jmerge.breadcrumbs`` is the named method)
