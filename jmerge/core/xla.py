@@ -68,9 +68,9 @@ HONEST_COST_MIN = 65536  # loops over rows at least this long need it (shorter l
 
 
 def _unrolled(op, x, keepdims: bool):
-    x = jnp.asarray(x)
+    x = list(x) if isinstance(x, (list, tuple)) else jnp.asarray(x)  # rows as given: not stacked
     out = x[0]
-    for i in range(1, x.shape[0]):
+    for i in range(1, len(x)):
         out = op(out, x[i])
     return out[None] if keepdims else out
 
@@ -78,7 +78,8 @@ def _unrolled(op, x, keepdims: bool):
 def model_sum(x: Float[Array, "T *shape"], keepdims: bool = False) -> Float[Array, "*shape"]:
     """Sum over the leading (model) axis, unrolled over its static size (workaround 1).
 
-    Use this, not ``jnp.sum(x, axis=0)``, for per-entry reductions over tasks.
+    Use this, not ``jnp.sum(x, axis=0)``, for per-entry reductions over tasks. ``x`` may be a list of rows
+    (summed as given, never stacked).
 
     References: none (an XLA workaround measured on this project's machines; see the README "Findings").
     """

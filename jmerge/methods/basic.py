@@ -29,12 +29,7 @@ def _weighted_sum(state: MergeState, hp, *, normalize: bool) -> MergeState:
     # Row by row (the numbers and order of model_sum(w * tau)): XLA folds a row of the stacked task vectors
     # into the expression that built it, where a product of the whole stack would make XLA:CPU write the
     # stack (models x leaf) first; while tau is as built, the rows are recomputed from the inputs.
-    rebuild = state.tau_rebuild()
-    rows = rebuild(lambda a: a) if rebuild is not None else [state.tau[t] for t in range(state.num_models)]
-    total = r(w[0] * rows[0])
-    for t in range(1, len(rows)):
-        total = total + r(w[t] * rows[t])
-    total = r(total)
+    total = r(model_sum([r(w[t] * x) for t, x in enumerate(state.tau_rows())]))
     if normalize:
         total = r(total / r(jnp.sum(w)))
     return state.replace(merged=total)
@@ -70,10 +65,7 @@ def _linear(state: MergeState, hp, *, normalize: bool) -> MergeState:
     if rebuild is None:
         avg = model_sum(w * state.models())
     else:  # state.models()'s rows, base + tau, recomputed from the inputs (see _weighted_sum)
-        rows = rebuild(lambda a: a)
-        avg = w[0] * (state.base + rows[0])
-        for t in range(1, len(rows)):
-            avg = avg + w[t] * (state.base + rows[t])
+        avg = model_sum([w[t] * (state.base + x) for t, x in enumerate(rebuild(lambda a: a))])
     if normalize:
         avg = avg / jnp.sum(w)
     return state.replace(merged=avg - state.base)

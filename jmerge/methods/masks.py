@@ -66,25 +66,14 @@ def _tall(tau: jax.Array, tau_mtl: jax.Array, lam: jax.Array, strict: bool) -> j
     return lhs > rhs if strict else lhs >= rhs
 
 
-def _tau_rows(state: MergeState) -> list:
-    """The rows of ``state.tau``: recomputed from the inputs while tau is as built, else its slices. Steps
-    that work row by row and stack their results let a later step's row fold into the expression that
-    built it (XLA:CPU writes the stacked task vectors, models x leaf, when an op takes the whole stack)."""
-    rebuild = state.tau_rebuild()
-    return rebuild(lambda a: a) if rebuild is not None else [state.tau[t] for t in range(state.num_models)]
-
-
 def _tall_rows(rows: list, tau_mtl: jax.Array, lam: jax.Array, strict: bool) -> jax.Array:
     """:func:`_tall` row by row (the same numbers), stacked."""
     return jnp.stack([_tall(x[None], tau_mtl, lam[t][None], strict)[0] for t, x in enumerate(rows)])
 
 
 def _tall_masks(state: MergeState, hp, *, strict: bool) -> MergeState:
-    rows = _tau_rows(state)
-    total = rows[0]
-    for x in rows[1:]:  # model_sum's order
-        total = total + x
-    masks = _tall_rows(rows, total, per_model(hp["lambda_"], state), strict)
+    rows = state.tau_rows()
+    masks = _tall_rows(rows, model_sum(rows), per_model(hp["lambda_"], state), strict)
     return state.replace(extras={**state.extras, "tall_masks": masks})
 
 
@@ -117,11 +106,8 @@ def _consensus_mask(state: MergeState, hp, *, masks_from: str, strict: bool) -> 
     else:
         masks = state.extras.get("tall_masks")
         if masks is None:
-            rows = _tau_rows(state)
-            total = rows[0]
-            for x in rows[1:]:  # model_sum's order
-                total = total + x
-            masks = _tall_rows(rows, total, lam, strict)
+            rows = state.tau_rows()
+            masks = _tall_rows(rows, model_sum(rows), lam, strict)
     count = model_sum(masks.astype(jnp.float32))
     keep = count >= hp["k"]
     return state.replace(merged=jnp.where(keep, state.merged, 0.0),
@@ -537,19 +523,13 @@ def pcb(ratio: HParamSpec = 0.1, scale: HParamSpec = 1.0, *, variant: Literal["p
 # EMR
 
 def _emr_parts(tau: jax.Array | list):
-    """``(tau_uni, masks, num, den)`` from ``tau`` (T, *shape) or its rows (a list; see :func:`_tau_rows`),
+    """``(tau_uni, masks, num, den)`` from ``tau`` (T, *shape) or its rows (a list; see :meth:`MergeState.tau_rows`),
     row by row (model_sum's and model_max's order)."""
     rs = rows(tau) if not isinstance(tau, list) else tau
     T = len(rs)
-    total = rs[0]
-    for x in rs[1:]:
-        total = total + x
-    gamma = jnp.sign(total)
+    gamma = jnp.sign(model_sum(rs))
     masks = [x * gamma > 0 for x in rs]
-    tau_uni = jnp.where(masks[0], jnp.abs(rs[0]), 0.0)
-    for x, m in zip(rs[1:], masks[1:]):
-        tau_uni = jnp.maximum(tau_uni, jnp.where(m, jnp.abs(x), 0.0))
-    tau_uni = gamma * tau_uni
+    tau_uni = gamma * model_max([jnp.where(m, jnp.abs(x), 0.0) for x, m in zip(rs, masks)])
     sums = totals(*[jnp.abs(r) for r in rs], *[jnp.where(m, jnp.abs(tau_uni), 0.0) for m in masks])
     return tau_uni, jnp.stack(masks), jnp.stack(sums[:T]), jnp.stack(sums[T:])
 
@@ -565,7 +545,7 @@ def _emr_stat(num, den, n: int, scope: str):
 
 def _emr_collect_fn(scope: str):
     def collect(state: MergeState, hp):
-        _, _, num, den = _emr_parts(_tau_rows(state))
+        _, _, num, den = _emr_parts(state.tau_rows())
         return _emr_stat(num, den, state.tau[0].size, scope)
     return collect
 
@@ -583,7 +563,7 @@ def _emr_finalize_traced(collected, hps):
 
 
 def _emr(state: MergeState, hp, *, scope: str) -> MergeState:
-    tau_uni, masks, num, den = _emr_parts(_tau_rows(state))
+    tau_uni, masks, num, den = _emr_parts(state.tau_rows())
     if scope == "tensor":
         s = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
     else:

@@ -175,10 +175,8 @@ def _dare(state: MergeState, hp, *, rescale: str) -> MergeState:
         tau = _apply_rescale(state.tau, keep, kept, p, rescale)
     else:  # row by row, the same numbers: a later step's row of tau folds into the expression that built it
         # (XLA:CPU writes the stacked task vectors, models x leaf, when an elementwise op takes the whole stack)
-        rebuild = state.tau_rebuild()
-        rows = rebuild(lambda a: a) if rebuild is not None else [state.tau[t] for t in range(state.num_models)]
         tau = jnp.stack([_apply_rescale(None, None, jnp.where(keep[t], x, 0.0), p[t], rescale)
-                         for t, x in enumerate(rows)])
+                         for t, x in enumerate(state.tau_rows())])
     return state.replace(tau=tau, extras={**state.extras, "dare_mask": keep})
 
 
@@ -221,7 +219,7 @@ def _breadcrumbs(state: MergeState, hp, *, rounding: str) -> MergeState:
     rebuild = state.tau_rebuild()
     upper = _select.topk_thresholds_rows(state.tau, k_top + k_keep, magnitude=True, rebuild=rebuild)
     outliers = _select.topk_thresholds_rows(state.tau, k_top, magnitude=True, rebuild=rebuild)
-    rows = rebuild(lambda a: a) if rebuild is not None else [state.tau[t] for t in range(state.num_models)]
+    rows = state.tau_rows()
     masks = [_select.threshold_mask(x, upper[0][t], upper[1][t], magnitude=True)
              & ~_select.threshold_mask(x, outliers[0][t], outliers[1][t], magnitude=True) for t, x in enumerate(rows)]
     kept = jnp.stack([jnp.where(m, jnp.asarray(x, jnp.float32), 0.0) for m, x in zip(masks, rows)])
