@@ -245,7 +245,7 @@ def test_per_row_search_finds_a_heavily_tied_kth_key_in_its_first_pass():
                     .astype(ml_dtypes.bfloat16).astype(np.float32) for t in range(T)]) - b
     k = jnp.asarray([int(0.2 * tau.shape[1])] * T, jnp.int32)
     x = jnp.asarray(tau)
-    first = sel._first_thresholds([x[t] for t in range(T)], k, True)
+    first, _ = sel._first_thresholds([x[t] for t in range(T)], k, True)
     z = jnp.zeros((T,), jnp.int32)
     lo, hi = jnp.full((T,), sel._NEG_INF_KEY, jnp.int32), jnp.full((T,), sel._TOP, jnp.int32)
     counts, below, above = sel._count_pass(x, first, lo, hi, True)

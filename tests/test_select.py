@@ -381,3 +381,79 @@ def test_whole_sort_limit_default_and_scope():
     with pytest.raises(jmerge.MergeInputError, match="whole_sort_limit"):
         with S.whole_sort_limit(-1):
             pass
+
+
+def _bf16_task_vectors(rng, shape, T=3, scale=0.005):
+    """Rows of ``model - base`` for bfloat16 checkpoints (base ~ 0.02 N(0,1), updates ~ ``scale`` N(0,1)): their
+    magnitudes take a few thousand distinct values, many entries each (the tie-heavy case of LLM checkpoints)."""
+    b0 = rng.normal(size=shape).astype(np.float32) * np.float32(0.02)
+    base = b0.astype(jnp.bfloat16).astype(np.float32)
+    ms = [(b0 + rng.normal(size=shape).astype(np.float32) * np.float32(scale)).astype(jnp.bfloat16).astype(np.float32)
+          for _ in range(T)]
+    return np.stack([m - base for m in ms])
+
+
+class _CountingLax:
+    """``jax.lax`` whose ``while_loop`` (the search's) also counts the rows still searching at each pass
+    (``count``, traced; ``k`` the searched ranks)."""
+
+    k = count = None
+
+    def __getattr__(self, name):
+        return getattr(jax.lax, name)
+
+    def while_loop(self, cond, body, carry):
+        def counted(c):
+            lo, glo, hi = c[0][0][:3]
+            return body(c[0]), c[1] + jnp.sum((glo != self.k) & (S._u32(hi) - S._u32(lo) > 1), dtype=jnp.int32)
+
+        carry, self.count = jax.lax.while_loop(lambda c: cond(c[0]), counted, (carry, jnp.int32(0)))
+        return carry
+
+
+def test_search_tied_bfloat16_rows_take_few_passes(monkeypatch):
+    """bfloat16 task vectors: the sampled keys in the bracket repeat, and thresholds at sampled keys (x, x + 1)
+    find the k-th key in a few passes (the key-space interpolation alone split the bracket evenly for many
+    passes: 122 row-passes on these 8 searches, now 66); the mask is NumPy's."""
+    rng = np.random.default_rng(21)
+    lax_ = _CountingLax()
+    monkeypatch.setattr(S, "lax", lax_)
+
+    @jax.jit
+    def search(x, k):
+        lax_.k = k
+        v, cut = S.topk_thresholds_rows(x, k, magnitude=True)
+        return jnp.stack([S.threshold_mask(x[t], v[t], cut[t], magnitude=True) for t in range(3)]), lax_.count
+
+    total = 0
+    for scale in (0.005, 0.02):
+        for _ in range(2):
+            x = _bf16_task_vectors(rng, (256, 1024), scale=scale)
+            for d in (0.2, 0.5):
+                k = np.full(3, int(round(d * x[0].size)), np.int32)
+                got, n = search(jnp.asarray(x), jnp.asarray(k))
+                np.testing.assert_array_equal(np.asarray(got), ref_rows(np.abs(x), k))
+                total += int(n)
+    assert total <= 80, total
+
+
+def test_global_search_tied_bfloat16_ends_in_counting_phases(monkeypatch):
+    """The whole-model search on bfloat16 task vectors: thresholds at sampled keys end it within the counting
+    phases: 13 phases for these 4 searches (was 27, one of them ending with the radix-histogram fallback);
+    masks equal NumPy's."""
+    rng = np.random.default_rng(5)
+    shapes = {"a": (256, 1024), "b": (512, 384), "c": (1024,)}
+    phases, radix = [], []
+    narrow, result = S._GSearch.narrow, S._radix_result
+    monkeypatch.setattr(S._GSearch, "narrow", lambda self, *a: (phases.append(1), narrow(self, *a))[1])
+    monkeypatch.setattr(S, "_radix_result", lambda *a, **k: (radix.append(1), result(*a, **k))[1])
+    for scale in (0.005, 0.02):
+        taus = {n: _bf16_task_vectors(rng, s, scale=scale) for n, s in shapes.items()}
+        base = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+        models = [{n: taus[n][t] for n in shapes} for t in range(3)]
+        for dens in (0.2, 0.5):
+            _, extras = jmerge.merge(_global_method(density=dens), base, models, return_extras=True)
+            want = ref_global([taus[n] for n in sorted(shapes)], [dens] * 3)
+            for n, w in zip(sorted(shapes), want):
+                np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
+    assert len(phases) <= 18 and not radix, (len(phases), radix)

@@ -28,13 +28,17 @@ k-th largest key ``v`` with ``G(t) = #{key >= t}``:
    ``lo <= v < hi`` (``G(lo) >= k > G(hi)``) shrinks to the thresholds around ``k``; the next
    thresholds are interpolated in key space from the counts (spread by the expected error), or split
    the bracket evenly when the last pass did not halve the number of entries inside; the snaps of
-   the last pass replace the outer two. Every pass moves an end of the bracket, so the loop ends.
+   the last pass replace the outer two. When the sampled keys inside the bracket repeat (heavy ties:
+   bfloat16 task vectors take a few thousand distinct values), four of the five are sampled keys
+   instead: the one at the k-th key's estimated rank among them and its neighbour, each counted at
+   ``x`` and ``x + 1`` (about half the passes of interpolation alone there). Every threshold lies
+   strictly inside the bracket, so every pass moves an end of it and the loop ends.
 3. It stops when some threshold has ``G(t) == k`` (the mask is ``key >= t``: no ties to break) or
    the bracket holds one key ``v`` (then ``q = k - #(key > v)`` of the entries equal to ``v`` are kept,
    the first ``q`` in flat order: block counts of equal keys locate the cut position).
 
 On smooth data this takes 4-5 passes, each about the cost of reading the data once; heavy ties
-(bfloat16 task vectors, exact zeros) up to about 9. XLA:CPU materializes the operand of a long
+(bfloat16 task vectors, exact zeros) 1-5 (with thresholds from interpolation alone: up to about 9). XLA:CPU materializes the operand of a long
 reduction (its tree-reduction rewrite), so every reduction here runs over blocks of 32 first, and
 the key transform carries a loop-variant operand so that it is not hoisted out of the loop and
 materialized as a full-size int32 copy. The result is a per-row threshold ``(v, cut)`` (keep
@@ -60,8 +64,10 @@ each counting phase counts, per leaf and task, ``#{key >= t}`` at ten thresholds
 words) and the two snaps in one variadic reduction, rebuilt from the inputs inside a conditional that
 skips it once every task is done; the host sums the counts and narrows the bracket in int64, keeping
 the counts per leaf, so tied entries at the k-th key are split across leaves in leaf order (ties are
-broken by leaf order, then by flat index) without another pass. A search still open after the
-counting phases (heavy ties) ends with radix histograms (65536 bins of the high, then of the low 16
+broken by leaf order, then by flat index) without another pass. Where the sampled keys inside a
+task's bracket repeat, eight of the ten thresholds are the four distinct sampled keys nearest the
+k-th key's estimated (weighted) rank, each at ``x`` and ``x + 1``. A search still open after the
+counting phases (rare since then) ends with radix histograms (65536 bins of the high, then of the low 16
 bits of ``|tau|``, a scatter-add ~6x the cost of a counting pass on XLA:CPU). Only counts, snaps,
 samples and histograms leave the device.
 """
@@ -347,7 +353,8 @@ def _count_pass(x, ts, lo, hi, magnitude):
 
 
 def _first_thresholds(rows, k, magnitude):
-    """Five keys of a sorted strided sample around the expected rank of the k-th largest."""
+    """Five keys of a sorted strided sample around the expected rank of the k-th largest, and the sorted
+    sample (R, M) (:func:`_tied_thresholds` reads it in later passes)."""
     n = rows[0].size
     target = min(_SAMPLE, max(n // 8, 1))  # the sample is gathered when sharded: never the whole row
     sk = jnp.sort(_keys(jnp.stack([_sample(r, target).reshape(-1) for r in rows]), magnitude), axis=1)
@@ -369,12 +376,13 @@ def _first_thresholds(rows, k, magnitude):
     up = jnp.where(ts[:, 3] == c, above, ts[:, 3])
     return jnp.stack([ts[:, 0], jnp.where(ts[:, 1] == c, below, ts[:, 1]), c,
                       jnp.where(tied, c + 1, up), jnp.where(tied, up, jnp.where(ts[:, 4] == c, above, ts[:, 4]))],
-                     axis=1)
+                     axis=1), sk
 
 
-def _next_thresholds(lo, glo, hi, ghi, even, below, above, k):
+def _next_thresholds(lo, glo, hi, ghi, even, below, above, k, sk=None):
     """Five keys strictly inside (lo, hi): interpolated around the estimated k-th key (or an even
-    split), with the outer two replaced by the snaps of the last pass when they lie inside."""
+    split), with the outer two replaced by the snaps of the last pass when they lie inside; rows whose
+    sample ``sk`` shows ties in the bracket count four of them at sampled keys (:func:`_tied_thresholds`)."""
     D = _u32(hi) - _u32(lo)  # >= 2 for rows still searching
     Df = D.astype(jnp.float32)
     m = jnp.maximum(glo - ghi, 1).astype(jnp.float32)  # entries in [lo, hi)
@@ -391,7 +399,41 @@ def _next_thresholds(lo, glo, hi, ghi, even, below, above, k):
     ts = _i32(_u32(lo)[:, None] + off)
     inside = lambda t: (t > lo) & (t < hi) & ~small
     ts = ts.at[:, 0].set(jnp.where(inside(above), above, ts[:, 0]))
-    return ts.at[:, _J - 1].set(jnp.where(inside(below), below, ts[:, _J - 1]))
+    ts = ts.at[:, _J - 1].set(jnp.where(inside(below), below, ts[:, _J - 1]))
+    if sk is None:
+        return ts
+    tied, cand = _tied_thresholds(lo, glo, hi, ghi, k, sk)
+    cand = jnp.where((cand > lo[:, None]) & (cand < hi[:, None]), cand, ts[:, :4])  # strictly inside, or as before
+    return jnp.where((tied & ~small)[:, None], jnp.concatenate([cand, ts[:, 2:3]], axis=1), ts)
+
+
+def _tied_thresholds(lo, glo, hi, ghi, k, sk):
+    """Four thresholds from the sorted sample ``sk`` (R, M) for a bracket ``[lo, hi)`` whose sampled keys
+    repeat (heavy ties: bfloat16 task vectors take few distinct values, each many times).
+
+    Interpolating in key space assumes the entries spread evenly over the bracket's keys; with ties they sit
+    on a few keys and the search splits the bracket evenly for many passes. Here the sampled keys inside the
+    bracket locate the k-th key by rank instead: ``c``, the sampled key at the k-th key's estimated position
+    among them, and its sampled neighbour ``d`` on the side of the estimate, are counted at ``x`` and ``x + 1``
+    (``G(x) >= k > G(x + 1)`` makes ``x`` the k-th key: the search ends). Returns ``(tied, ts)``: rows whose
+    sampled keys in the bracket repeat, and the four keys ``(min, min + 1, max, max + 1)`` of ``c`` and ``d``.
+    """
+    R, M = sk.shape
+    a = jnp.sum(sk < lo[:, None], axis=1, dtype=jnp.int32)  # sampled keys in [lo, hi): sk[a:b]
+    b = jnp.sum(sk < hi[:, None], axis=1, dtype=jnp.int32)
+    pos = jnp.arange(M - 1, dtype=jnp.int32)[None]
+    tied = jnp.any((sk[:, 1:] == sk[:, :-1]) & (pos >= a[:, None]) & (pos + 1 < b[:, None]), axis=1)
+    m = jnp.maximum(glo - ghi, 1).astype(jnp.float32)
+    e = a.astype(jnp.float32) + (b - a).astype(jnp.float32) * ((glo - k).astype(jnp.float32) + 0.5) / m
+    pick = lambda i: jnp.take_along_axis(sk, jnp.clip(i, 0, M - 1)[:, None], 1)[:, 0]
+    c = pick(jnp.clip(jnp.floor(e).astype(jnp.int32), a, jnp.maximum(b - 1, a)))
+    first_c = jnp.sum(sk < c[:, None], axis=1, dtype=jnp.int32)
+    after_c = jnp.sum(sk <= c[:, None], axis=1, dtype=jnp.int32)
+    up = (e - first_c.astype(jnp.float32)) * 2.0 >= (after_c - first_c).astype(jnp.float32)
+    d = jnp.where(up, pick(after_c), pick(first_c - 1))
+    d = jnp.where(up & (after_c < b) | ~up & (first_c > a), d, c)  # no sampled neighbour there: c again
+    x, y = jnp.minimum(c, d), jnp.maximum(c, d)
+    return tied & (b > a), jnp.stack([x, x + 1, y, y + 1], axis=1)
 
 
 def _narrow(state, ts, counts, below, above, k):
@@ -455,14 +497,14 @@ def _search(xs, k, magnitude):
         if n >= HONEST_COST_MIN:  # see jmerge.core.xla.honest_cost
             never = honest_cost(xs(lambda a: loop_variant(_sample(a, HONEST_COST_ENTRIES), m))[0], never)
         m = jnp.where(never, 0, m)  # always m, but loop-variant to XLA (see jmerge.core.xla.loop_variant)
-        return s, _next_thresholds(*s, k), m
+        return s, _next_thresholds(*s, k, sk), m
 
     # The sample is taken inside a conditional that reads the source's inputs: outside one, XLA
     # would share the data's expression with the caller's (unmaterialized) uses and materialize it.
     # The probe is computed from the first element of each input, not sliced from the full-size
     # data (which would make XLA materialize the data for its two users), and indexed, not sliced
     # from the flattened input (which would gather a sharded one).
-    first = materialized(
+    first, sk = materialized(
         lambda: _first_thresholds([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)], k, magnitude),
         xs(_first_entry)[0])
     carry = (state, first, jnp.int32(_ABS))
@@ -820,6 +862,7 @@ class _GSearch:
         self.even = np.zeros(T, bool)
         total = int(self.sizes.sum())
         self.active = (self.ks > 0) & (self.ks < total)
+        self.samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per task: sorted sampled keys, cumulative weights
 
     def done(self) -> np.ndarray:
         glo = self.glo_i.sum(0)
@@ -879,7 +922,30 @@ class _GSearch:
             ts[t, 0] = above[t] if lo < above[t] < hi else lo + 1
             if lo < below[t] < hi:
                 ts[t, -1] = below[t]
+            tied = self._tied(t, glo, ghi)
+            if tied.size:  # counted first; the interpolated keys fill the rest
+                ts[t] = np.concatenate([tied, ts[t]])[:_G_J]
         return ts
+
+    def _tied(self, t: int, glo: int, ghi: int) -> np.ndarray:
+        """Up to ``_G_J - 2`` thresholds at sampled keys for a bracket whose sampled keys repeat (heavy ties), as
+        :func:`_tied_thresholds` per row: the distinct sampled keys nearest the k-th key's estimated (weighted)
+        position among the bracket's sampled keys, each counted at ``x`` and ``x + 1`` (``G(x) >= k > G(x + 1)``
+        ends the search at ``x``); empty when the sampled keys in the bracket are distinct."""
+        if t not in self.samples:
+            return np.zeros(0, np.int64)
+        sk, cw = self.samples[t]
+        lo, hi, k = self.lo[t], self.hi[t], self.ks[t]
+        a, b = np.searchsorted(sk, [lo, hi])
+        if b - a < 2 or not np.any(sk[a + 1:b] == sk[a:b - 1]):
+            return np.zeros(0, np.int64)
+        w0 = cw[a - 1] if a else 0.0
+        target = w0 + (cw[b - 1] - w0) * ((glo - k) + 0.5) / max(glo - ghi, 1)
+        keys = np.unique(sk[a:b])
+        c = int(np.clip(np.searchsorted(keys, sk[min(int(np.searchsorted(cw[a:b], target)) + a, b - 1)]), 0, keys.size - 1))
+        near = keys[np.argsort(np.abs(np.arange(keys.size) - c), kind="stable")][:(_G_J - 2) // 2]
+        out = np.sort(np.concatenate([near, near + 1]))
+        return out[(out > lo) & (out < hi)]
 
     def result(self, L):
         """Per leaf ``(v, quota, eq)`` (T,) each: keep ``key > v`` and the first ``quota`` of the leaf's
@@ -1007,6 +1073,8 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
             if sk.size == 0:
                 ts[t] = np.arange(1, _G_J + 1)
                 continue
+            up = np.argsort(sk, kind="stable")
+            search.samples[t] = (sk[up], np.cumsum(w[up]))
             order = np.argsort(-sk, kind="stable")
             cw = np.cumsum(w[order])  # estimated #{key >= sk[order[j]]}
             sd = np.sqrt(kt * max(1.0 - kt / max(total, 1), 0.0) * total / sk.size) + 1.0
