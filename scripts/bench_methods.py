@@ -7,6 +7,11 @@ within 3x.
 
     python scripts/bench_methods.py                 # ~100M params, all methods
     python scripts/bench_methods.py --params 20e6 --methods task_arithmetic ties
+    python scripts/bench_methods.py --dtype bfloat16 --delta 0.25 --methods ties   # bf16 checkpoints: heavy ties
+
+``--delta``: the fine-tunes are ``base + delta * N(0, 1)`` (base ~ N(0, 1)), rounded to ``--dtype``. In
+bfloat16 (8 significant bits) their task vectors take few distinct values, each many times: the tie-heavy
+case of the exact top-k search (``jmerge/core/select.py``).
 """
 
 from __future__ import annotations
@@ -66,16 +71,21 @@ def main():
     ap.add_argument("--models", type=int, default=3)
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--delta", type=float, default=0.01, help="scale of the fine-tunes' updates (base ~ N(0, 1))")
     args = ap.parse_args()
 
     base = make_tree(args.params)
     n = sum(x.size for x in jax.tree.leaves(base))
-    models = [jax.tree.map(lambda x, i=i: x + 0.01 * jax.random.normal(jax.random.key(100 + i), x.shape, x.dtype),
-                           base) for i in range(args.models)]
+    dt = jnp.dtype(args.dtype)
+    models = [jax.tree.map(lambda x, i=i: (x + args.delta * jax.random.normal(jax.random.key(100 + i), x.shape,
+                                                                              x.dtype)).astype(dt), base)
+              for i in range(args.models)]
+    base = jax.tree.map(lambda x: x.astype(dt), base)
     jax.block_until_ready(models)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; tree: {n / 1e6:.1f}M params, "
-          f"{len(jax.tree.leaves(base))} leaves, {args.models} fine-tuned models (float32); "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"{len(jax.tree.leaves(base))} leaves, {args.models} fine-tuned models ({args.dtype}, updates "
+          f"{args.delta} N(0, 1)); load average {os.getloadavg()[0]:.1f}")
     registry = dict(jmerge.available_methods())
     registry["ties_global"] = lambda: jmerge.ties(scope="global")  # the paper's whole-model trim
     names = args.methods or sorted(registry)

@@ -12,6 +12,7 @@ of the inputs (page cache warm for both tools), and the two outputs are compared
     python scripts/bench_vs_mergekit.py --size small    # hidden 1024, 4 layers
     python scripts/bench_vs_mergekit.py --size deep     # hidden 1024, 16 layers: same tensors, 2.6x the bytes
     python scripts/bench_vs_mergekit.py --methods task_arithmetic --skip-mergekit
+    python scripts/bench_vs_mergekit.py --size small --delta 0.25 --methods ties   # larger updates
     python scripts/bench_vs_mergekit.py --methods della   # DELLA (density 0.5, epsilon 0.1): outputs differ
                                                           # by the random draws (each tool its own RNG)
 
@@ -221,11 +222,15 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"], choices=sorted(CONFIGS))
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "jmerge-bench"))
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--delta", type=float, default=0.01,
+                    help="fine-tunes' updates relative to the base's scale (0.01: |tau| of a few bf16 steps, heavy "
+                         "ties; 0.25: a few thousand distinct values per tensor)")
     ap.add_argument("--keep-outputs", action="store_true")
     a = ap.parse_args(argv)
 
     t = time.perf_counter()
-    dirs = make_models(os.path.join(a.cache, a.size), a.size)
+    sub = a.size if a.delta == 0.01 else f"{a.size}-delta{a.delta:g}"
+    dirs = make_models(os.path.join(a.cache, sub), a.size, delta=a.delta)
     print(f"models ({a.size}) ready in {time.perf_counter() - t:.1f} s under {os.path.dirname(dirs[0])}")
     in_bytes = sum(os.path.getsize(os.path.join(d, f)) for d in dirs for f in os.listdir(d))
     print(f"input bytes: {in_bytes / 1e9:.2f} GB; load average: {os.getloadavg()}")
