@@ -38,9 +38,9 @@ k-th largest key ``v`` with ``G(t) = #{key >= t}``:
    the first ``q`` in flat order: block counts of equal keys locate the cut position).
 
 On smooth data this takes 4-5 passes, each about the cost of reading the data once; heavy ties
-(bfloat16 task vectors, exact zeros) 1-5 (with thresholds from interpolation alone: up to about 9). XLA:CPU materializes the operand of a long
-reduction (its tree-reduction rewrite), so every reduction here runs over blocks of 32 first, and
-the key transform carries a loop-variant operand so that it is not hoisted out of the loop and
+(bfloat16 task vectors, exact zeros) 1-5 (with thresholds from interpolation alone: up to about 9).
+XLA:CPU materializes the operand of a long reduction (its tree-reduction rewrite), so every reduction
+here runs over blocks of 32 first, and the key transform carries a loop-variant operand so that it is not hoisted out of the loop and
 materialized as a full-size int32 copy. The result is a per-row threshold ``(v, cut)`` (keep
 ``key > v``, and ``key == v`` before flat position ``cut``), so the mask is elementwise and XLA fuses
 it into its consumers: TIES reads the task vectors once more in its final pass instead of writing
@@ -942,7 +942,8 @@ class _GSearch:
         w0 = cw[a - 1] if a else 0.0
         target = w0 + (cw[b - 1] - w0) * ((glo - k) + 0.5) / max(glo - ghi, 1)
         keys = np.unique(sk[a:b])
-        c = int(np.clip(np.searchsorted(keys, sk[min(int(np.searchsorted(cw[a:b], target)) + a, b - 1)]), 0, keys.size - 1))
+        at = sk[min(int(np.searchsorted(cw[a:b], target)) + a, b - 1)]  # the sampled key at the estimated rank
+        c = int(np.clip(np.searchsorted(keys, at), 0, keys.size - 1))
         near = keys[np.argsort(np.abs(np.arange(keys.size) - c), kind="stable")][:(_G_J - 2) // 2]
         out = np.sort(np.concatenate([near, near + 1]))
         return out[(out > lo) & (out < hi)]
