@@ -6,7 +6,8 @@ deltas) as safetensors with a ``config.json`` (NumPy + ml_dtypes, no torch), the
 subprocesses on the same task_arithmetic and TIES (density 0.2) configs, measuring wall time and the
 peak RSS of each subprocess (``resource.getrusage(RUSAGE_CHILDREN)`` in a fresh wrapper process per
 run, so each number belongs to one run). Every measured run is preceded by one untimed warm-up read
-of the inputs (page cache warm for both tools), and the two outputs are compared tensor by tensor.
+of the inputs (page cache warm for both tools) and writes into a fresh output directory, and the two outputs
+are compared tensor by tensor.
 
     python scripts/bench_vs_mergekit.py                 # full: hidden 2048, 8 layers (~0.54B params)
     python scripts/bench_vs_mergekit.py --size small    # hidden 1024, 4 layers
@@ -248,6 +249,9 @@ def main(argv=None) -> int:
                     "--compile-cache", os.path.join(work, "xla-cache")]
             res["jmerge"] = with_moved(timed(jcmd), in_bytes, jm_out)  # cold: an empty compilation cache
             warm(dirs)
+            # a fresh output directory, as mergekit's run gets: --overwrite would otherwise delete the cold run's
+            # output (~1 GB, about 0.6 s here) inside the timed run
+            shutil.rmtree(jm_out, ignore_errors=True)
             res["jmerge_warm"] = with_moved(timed(jcmd), in_bytes, jm_out)  # warm: compiled steps from the cache
             if not a.skip_mergekit:
                 mk_out = os.path.join(work, f"mk-{m}")
