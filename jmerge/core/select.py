@@ -352,6 +352,16 @@ def _count_pass(x, ts, lo, hi, magnitude):
     return counts, below, above
 
 
+def _pick(sk: jax.Array, i: jax.Array) -> jax.Array:
+    """``sk[r, i[r]]`` per row of the sorted sample ``sk`` (R, M), ``i`` clipped to ``[0, M)``."""
+    return jnp.take_along_axis(sk, jnp.clip(i, 0, sk.shape[1] - 1)[:, None], 1)[:, 0]
+
+
+def _run(sk: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Where the run of ``c[r]`` in the sorted sample row ``sk[r]`` starts and ends: ``(#{sk < c}, #{sk <= c})``."""
+    return (jnp.sum(sk < c[:, None], axis=1, dtype=jnp.int32), jnp.sum(sk <= c[:, None], axis=1, dtype=jnp.int32))
+
+
 def _first_thresholds(rows, k, magnitude):
     """Five keys of a sorted strided sample around the expected rank of the k-th largest, and the sorted
     sample (R, M) (:func:`_tied_thresholds` reads it in later passes)."""
@@ -368,10 +378,8 @@ def _first_thresholds(rows, k, magnitude):
     # (G(c + 1) < k <= G(c) ends the search in this pass when c, tied, is the k-th key), and at the sample's
     # next keys below and above c instead of order statistics equal to c. Smooth data: unchanged.
     c = ts[:, 2]
-    pick = lambda i: jnp.take_along_axis(sk, jnp.clip(i, 0, M - 1)[:, None], 1)[:, 0]
-    first_c = jnp.sum(sk < c[:, None], axis=1, dtype=jnp.int32)
-    after_c = jnp.sum(sk <= c[:, None], axis=1, dtype=jnp.int32)
-    below, above = pick(first_c - 1), pick(after_c)
+    first_c, after_c = _run(sk, c)
+    below, above = _pick(sk, first_c - 1), _pick(sk, after_c)
     tied = after_c - first_c > 1
     up = jnp.where(ts[:, 3] == c, above, ts[:, 3])
     return jnp.stack([ts[:, 0], jnp.where(ts[:, 1] == c, below, ts[:, 1]), c,
@@ -418,19 +426,17 @@ def _tied_thresholds(lo, glo, hi, ghi, k, sk):
     (``G(x) >= k > G(x + 1)`` makes ``x`` the k-th key: the search ends). Returns ``(tied, ts)``: rows whose
     sampled keys in the bracket repeat, and the four keys ``(min, min + 1, max, max + 1)`` of ``c`` and ``d``.
     """
-    R, M = sk.shape
+    M = sk.shape[1]
     a = jnp.sum(sk < lo[:, None], axis=1, dtype=jnp.int32)  # sampled keys in [lo, hi): sk[a:b]
     b = jnp.sum(sk < hi[:, None], axis=1, dtype=jnp.int32)
     pos = jnp.arange(M - 1, dtype=jnp.int32)[None]
     tied = jnp.any((sk[:, 1:] == sk[:, :-1]) & (pos >= a[:, None]) & (pos + 1 < b[:, None]), axis=1)
     m = jnp.maximum(glo - ghi, 1).astype(jnp.float32)
     e = a.astype(jnp.float32) + (b - a).astype(jnp.float32) * ((glo - k).astype(jnp.float32) + 0.5) / m
-    pick = lambda i: jnp.take_along_axis(sk, jnp.clip(i, 0, M - 1)[:, None], 1)[:, 0]
-    c = pick(jnp.clip(jnp.floor(e).astype(jnp.int32), a, jnp.maximum(b - 1, a)))
-    first_c = jnp.sum(sk < c[:, None], axis=1, dtype=jnp.int32)
-    after_c = jnp.sum(sk <= c[:, None], axis=1, dtype=jnp.int32)
+    c = _pick(sk, jnp.clip(jnp.floor(e).astype(jnp.int32), a, jnp.maximum(b - 1, a)))
+    first_c, after_c = _run(sk, c)
     up = (e - first_c.astype(jnp.float32)) * 2.0 >= (after_c - first_c).astype(jnp.float32)
-    d = jnp.where(up, pick(after_c), pick(first_c - 1))
+    d = jnp.where(up, _pick(sk, after_c), _pick(sk, first_c - 1))
     d = jnp.where(up & (after_c < b) | ~up & (first_c > a), d, c)  # no sampled neighbour there: c again
     x, y = jnp.minimum(c, d), jnp.maximum(c, d)
     return tied & (b > a), jnp.stack([x, x + 1, y, y + 1], axis=1)
@@ -862,7 +868,8 @@ class _GSearch:
         self.even = np.zeros(T, bool)
         total = int(self.sizes.sum())
         self.active = (self.ks > 0) & (self.ks < total)
-        self.samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per task: sorted sampled keys, cumulative weights
+        self.samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per task: sampled keys and their weights
+        self._sorted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def done(self) -> np.ndarray:
         glo = self.glo_i.sum(0)
@@ -934,7 +941,7 @@ class _GSearch:
         ends the search at ``x``); empty when the sampled keys in the bracket are distinct."""
         if t not in self.samples:
             return np.zeros(0, np.int64)
-        sk, cw = self.samples[t]
+        sk, cw = self._sorted_sample(t)
         lo, hi, k = self.lo[t], self.hi[t], self.ks[t]
         a, b = np.searchsorted(sk, [lo, hi])
         if b - a < 2 or not np.any(sk[a + 1:b] == sk[a:b - 1]):
@@ -947,6 +954,15 @@ class _GSearch:
         near = keys[np.argsort(np.abs(np.arange(keys.size) - c), kind="stable")][:(_G_J - 2) // 2]
         out = np.sort(np.concatenate([near, near + 1]))
         return out[(out > lo) & (out < hi)]
+
+    def _sorted_sample(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Task ``t``'s sampled keys ascending and their cumulative weights (sorted once, when a search first
+        needs them: most end in the first counting phase)."""
+        if t not in self._sorted:
+            sk, w = self.samples[t]
+            up = np.argsort(sk, kind="stable")
+            self._sorted[t] = (sk[up], np.cumsum(w[up]))
+        return self._sorted[t]
 
     def result(self, L):
         """Per leaf ``(v, quota, eq)`` (T,) each: keep ``key > v`` and the first ``quota`` of the leaf's
@@ -1074,8 +1090,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
             if sk.size == 0:
                 ts[t] = np.arange(1, _G_J + 1)
                 continue
-            up = np.argsort(sk, kind="stable")
-            search.samples[t] = (sk[up], np.cumsum(w[up]))
+            search.samples[t] = (sk, w)  # sorted on first use (_GSearch._sorted_sample)
             order = np.argsort(-sk, kind="stable")
             cw = np.cumsum(w[order])  # estimated #{key >= sk[order[j]]}
             sd = np.sqrt(kt * max(1.0 - kt / max(total, 1), 0.0) * total / sk.size) + 1.0
