@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # what readers and type checkers see; at run time __getattr__
     from .core import (Gradient, HParamSpec, LeafProgram, MatrixView, MergeInputError, MergeState, NonFloatLeavesWarning,
                        OptimizerStateWarning, PerModel, Rules, StatsPhase, Step, Transform, apply_delta, chain,
                        check_compatible, count_layers, density_to_k, global_topk_mask, global_topk_phases, infer_view,
-                       infer_views, layer_index, layer_positions, leaf_key, leaf_kind, leaves_with_paths, merge,
-                       merge_leaf, model_max, model_mean, model_sum, named_chain, path_str, prepare_leaf_hparams,
+                       infer_views, keep_host_memory, layer_index, layer_positions, leaf_key, leaf_kind, leaves_with_paths,
+                       merge, merge_leaf, model_max, model_mean, model_sum, named_chain, path_str, prepare_leaf_hparams,
                        resolve_hparams, task_vectors, topk_mask, topk_mask_rows, trace_count, transform)
     from .io import (CheckpointError, CheckpointReader, CheckpointWriter, convert, copy_aux_files, flat_to_nested,
                      load_orbax, model_card, nested_to_flat, open_checkpoint, save_orbax)
@@ -53,7 +53,7 @@ _EXPORTS_BY_PACKAGE: dict[str, tuple[str, ...]] = {
         "Gradient", "HParamSpec", "LeafProgram", "MatrixView", "MergeInputError", "MergeState", "NonFloatLeavesWarning",
         "OptimizerStateWarning", "PerModel", "Rules", "StatsPhase", "Step", "Transform", "apply_delta", "chain",
         "check_compatible", "count_layers", "density_to_k", "global_topk_mask", "global_topk_phases", "infer_view",
-        "infer_views", "layer_index", "layer_positions", "leaf_key", "leaf_kind", "leaves_with_paths", "merge",
+        "infer_views", "keep_host_memory", "layer_index", "layer_positions", "leaf_key", "leaf_kind", "leaves_with_paths", "merge",
         "merge_leaf", "model_max", "model_mean", "model_sum", "named_chain", "path_str", "prepare_leaf_hparams",
         "resolve_hparams", "task_vectors", "topk_mask", "topk_mask_rows", "trace_count", "transform",
     ),
@@ -122,7 +122,7 @@ __all__ = [
     "check_compatible", "leaf_key", "leaf_kind", "layer_index", "count_layers", "HParamSpec", "Gradient", "Rules",
     "PerModel", "resolve_hparams", "layer_positions", "MatrixView", "infer_view", "infer_views", "MergeState",
     "StatsPhase", "Step", "Transform", "transform", "chain", "named_chain", "LeafProgram", "merge", "merge_leaf",
-    "prepare_leaf_hparams",
+    "prepare_leaf_hparams", "keep_host_memory",
     "task_vectors", "apply_delta", "trace_count", "model_sum", "model_mean", "model_max", "topk_mask",
     "topk_mask_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
     # steps and named methods

@@ -17,6 +17,7 @@ case of the exact top-k search (``jmerge/core/select.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -73,7 +74,14 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--delta", type=float, default=0.01, help="scale of the fine-tunes' updates (base ~ N(0, 1))")
+    ap.add_argument("--keep-host-memory", action="store_true",
+                    help="time every method inside jmerge.keep_host_memory() (a loop's calls reuse freed pages)")
     args = ap.parse_args()
+    with jmerge.keep_host_memory() if args.keep_host_memory else contextlib.nullcontext():
+        run(args)
+
+
+def run(args):
 
     base = make_tree(args.params)
     n = sum(x.size for x in jax.tree.leaves(base))
@@ -85,7 +93,8 @@ def main():
     jax.block_until_ready(models)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; tree: {n / 1e6:.1f}M params, "
           f"{len(jax.tree.leaves(base))} leaves, {args.models} fine-tuned models ({args.dtype}, updates "
-          f"{args.delta} N(0, 1)); load average {os.getloadavg()[0]:.1f}")
+          f"{args.delta} N(0, 1)); load average {os.getloadavg()[0]:.1f}"
+          + ("; inside jmerge.keep_host_memory()" if args.keep_host_memory else ""))
     registry = dict(jmerge.available_methods())
     registry["ties_global"] = lambda: jmerge.ties(scope="global")  # the paper's whole-model trim
     names = args.methods or sorted(registry)

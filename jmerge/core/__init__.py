@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .driver import (GROUP_MIN_EQNS, LeafProgram, apply_delta, check_method, check_ranges, count_eqns, merge, merge_leaf,
                      prepare_leaf_hparams, task_vectors, trace_count)
+from .heap import keep_host_memory
 from .errors import MergeInputError, NonFloatLeavesWarning, OptimizerStateWarning
 from .hparams import Gradient, HParamSpec, PerModel, Rules, interp_gradient, layer_positions, resolve_hparams
 from .select import density_to_k, global_topk_mask, global_topk_phases, topk_keep_rows, topk_mask, topk_mask_rows
@@ -35,7 +36,7 @@ __all__ = [
     "MergeState", "diff_rows", "StatsPhase", "Step", "Transform", "transform", "chain", "named_chain", "is_transform",
     # driver
     "LeafProgram", "merge", "merge_leaf", "prepare_leaf_hparams", "check_ranges", "check_method", "task_vectors",
-    "apply_delta", "trace_count", "count_eqns", "GROUP_MIN_EQNS",
+    "apply_delta", "trace_count", "count_eqns", "GROUP_MIN_EQNS", "keep_host_memory",
     # selection and reductions
     "topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
     "model_sum", "model_mean", "model_max",

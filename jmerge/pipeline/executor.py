@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 
 from ..core import LeafProgram, check_ranges, infer_views, leaf_key
 from ..core.chunks import CHUNK_ENTRIES, chunked_form, merge_chunked
+from ..core.heap import M_ARENA_MAX as _M_ARENA_MAX, M_MMAP_MAX as _M_MMAP_MAX, M_TRIM_THRESHOLD as _M_TRIM_THRESHOLD, glibc
 from ..mergekit import MergePlan
 from ..mergekit.arch import layer_sources, model_views, output_config
 from .jobs import Copy, Merge, Tensor, TensorJob, read_source
@@ -187,9 +187,6 @@ class Buffers:
             self._lock.notify_all()
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc mallopt parameters
-
-
 @contextlib.contextmanager
 def _malloc_keeps_freed_memory(reserve: int = 0):
     """While the merge runs, have glibc's malloc keep freed memory for reuse instead of returning it.
@@ -206,14 +203,7 @@ def _malloc_keeps_freed_memory(reserve: int = 0):
     """
     import ctypes  # noqa: PLC0415
 
-    libc = None
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None)
-            if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-                libc = None
-        except OSError:
-            libc = None
+    libc = glibc()
     if libc is not None:
         libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # an int: the largest
         libc.mallopt(_M_MMAP_MAX, 0)
