@@ -457,3 +457,77 @@ def test_global_search_tied_bfloat16_ends_in_counting_phases(monkeypatch):
             for n, w in zip(sorted(shapes), want):
                 np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
     assert len(phases) <= 18 and not radix, (len(phases), radix)
+
+
+def _lattice_task_vectors(rng, shape, T=3):
+    """float32 ``model - base`` (base ~ N(0, 1), updates 0.01 N(0, 1)): the differences lie on the lattice of the
+    base's float32 spacing, so the k-th largest magnitude is shared by several entries (6-10 here)."""
+    base = rng.normal(size=shape).astype(np.float32)
+    return np.stack([(base + np.float32(0.01) * rng.normal(size=shape).astype(np.float32)) - base for _ in range(T)])
+
+
+class _IterationLax:
+    """``jax.lax`` whose ``while_loop`` (the search's) also counts its iterations (``count``, traced)."""
+
+    count = None
+
+    def __getattr__(self, name):
+        return getattr(jax.lax, name)
+
+    def while_loop(self, cond, body, carry):
+        carry, self.count = jax.lax.while_loop(lambda c: cond(c[0]), lambda c: (body(c[0]), c[1] + 1),
+                                               (carry, jnp.int32(0)))
+        return carry
+
+
+def test_small_brackets_are_read_out(monkeypatch):
+    """float32 task vectors of a ``(1024, 2816)`` leaf: the counting passes stop once every bracket holds at
+    most ``_READ`` entries, and one read per row finds the k-th key (3 searches: 9 passes, 18 before, plus
+    one read-out per row); the masks equal NumPy's."""
+    rng = np.random.default_rng(0)
+    lax_ = _IterationLax()
+    monkeypatch.setattr(S, "lax", lax_)
+
+    @jax.jit
+    def search(x, k):
+        v, cut = S.topk_thresholds_rows(x, k, magnitude=True)
+        return jnp.stack([S.threshold_mask(x[t], v[t], cut[t], magnitude=True) for t in range(3)]), lax_.count
+
+    total = 0
+    for _ in range(3):
+        x = _lattice_task_vectors(rng, (1024, 2816))
+        k = np.full(3, int(round(0.2 * x[0].size)), np.int32)
+        got, n = search(jnp.asarray(x), jnp.asarray(k))
+        np.testing.assert_array_equal(np.asarray(got), ref_rows(np.abs(x), k))
+        total += int(n)
+    assert total <= 12, total
+
+
+@pytest.mark.parametrize("read", [2, 8])
+def test_read_out_matches_numpy(monkeypatch, read):
+    """The read-out forced on small rows (``_READ`` lowered, so that it runs after a pass or two): every data
+    kind, signed and magnitude keys, edge ranks; masks equal NumPy's and the read-out did run."""
+    monkeypatch.setattr(S, "_READ", read)
+    hits = []
+    orig = S._read_out
+
+    def counted(*a):
+        jax.debug.callback(lambda: hits.append(1))
+        return orig(*a)
+
+    monkeypatch.setattr(S, "_read_out", counted)
+    rng = np.random.default_rng(read)
+    fns = {m: jax.jit(lambda x, k, m=m: S.topk_mask_rows(x, k, magnitude=m)) for m in (True, False)}
+    for shape in [(64, 40), (3000,), (16, 12, 20)]:
+        n = int(np.prod(shape))
+        for kind in KINDS + ["lattice"]:
+            if kind == "lattice":
+                x = _lattice_task_vectors(rng, shape)
+            else:
+                x = np.stack([make(kind, shape, rng) for _ in range(3)])
+            for magnitude in (True, False):
+                ks = np.array(rng.choice(edge_ks(n, rng), 3), np.int32)
+                got = fns[magnitude](jnp.asarray(x), jnp.asarray(ks))
+                want = ref_rows(np.abs(x) if magnitude else x, ks)
+                np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{shape} {kind} {magnitude} {ks}")
+    assert hits
