@@ -36,16 +36,9 @@ k-th largest key ``v`` with ``G(t) = #{key >= t}``:
 3. It stops when some threshold has ``G(t) == k`` (the mask is ``key >= t``: no ties to break) or
    the bracket holds one key ``v`` (then ``q = k - #(key > v)`` of the entries equal to ``v`` are kept,
    the first ``q`` in flat order: block counts of equal keys locate the cut position).
-4. On one device, rows of more than 131072 entries stop counting once their bracket holds at most 512
-   entries: one read builds a 32-bit mask of the bracket's entries per block of 32, the blocks with
-   entries are located from the masks' population counts (a second level of masks, a cumulative sum
-   over n / 1024 counts), and their keys are gathered and sorted (:func:`_read_out`). float32 task
-   vectors (``model - base`` lies on the lattice of the base's float spacing) share the k-th key among
-   several entries, where the counting passes took 3-4 more passes around a few lattice keys.
 
-On smooth data this takes 2-4 passes and the read-out (4-6 passes before it), each about the cost of
-reading the data once; heavy ties (bfloat16 task vectors, exact zeros) 1-5 (with thresholds from
-interpolation alone: up to about 9).
+On smooth data this takes 4-5 passes, each about the cost of reading the data once; heavy ties
+(bfloat16 task vectors, exact zeros) 1-5 (with thresholds from interpolation alone: up to about 9).
 XLA:CPU materializes the operand of a long reduction (its tree-reduction rewrite), so every reduction
 here runs over blocks of 32 first, and the key transform carries a loop-variant operand so that it is not hoisted out of the loop and
 materialized as a full-size int32 copy. The result is a per-row threshold ``(v, cut)`` (keep
@@ -116,7 +109,6 @@ _SORT_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("jmerge
 _TENSOR_N: contextvars.ContextVar[int | None] = contextvars.ContextVar("jmerge_tensor_chunks", default=None)
 _CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard deviations
 _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
-_READ = 512  # a bracket of at most this many entries is read out (one read) instead of counted further
 
 
 def density_to_k(density: float | Float[Array, "*T"], n: int) -> Int[Array, "*T"]:
@@ -466,49 +458,6 @@ def _narrow(state, ts, counts, below, above, k):
     return nlo, nglo, nhi, nghi, even, below, above
 
 
-def _read_out(x, lo, hi, ghi, k, magnitude):
-    """The k-th largest key of one row ``x`` (any shape) whose bracket ``[lo, hi)`` holds at most ``_READ``
-    entries (``ghi`` of them above it): ``(v, gt, ge)`` as :func:`_search` returns them.
-
-    One read of the row: a 32-bit mask of the bracket's entries per block of 32 (flat order). The blocks with
-    entries (at most ``_READ``) are located from the masks' population counts, a second level of masks over
-    blocks of 32 masks and a small cumulative sum; their entries are gathered, the bracket's keys placed in a
-    buffer of ``_READ`` keys and sorted. On float32 task vectors (``model - base`` lies on the lattice of the
-    base's float spacing, so the k-th key is shared by several entries) this replaces the last 3-4 counting
-    passes, which shrink the key range around a few lattice keys. One device only: the gathers would
-    all-gather a sharded row.
-    """
-    G = _READ
-    keys = _keys(x.reshape(-1), magnitude)
-    n = keys.shape[0]
-    nb = -(-n // _W)
-    lane = jnp.arange(_W, dtype=jnp.uint32)
-    inb = jnp.pad((keys >= lo) & (keys < hi), (0, nb * _W - n))
-    words = jnp.sum(inb.reshape(nb, _W).astype(jnp.uint32) << lane, axis=1, dtype=jnp.uint32)
-    cnt = lax.population_count(words).astype(jnp.int32)
-    ns = -(-nb // _W)
-    nz = jnp.pad(cnt > 0, (0, ns * _W - nb)).reshape(ns, _W)
-    sflag = jnp.sum(nz.astype(jnp.uint32) << lane, axis=1, dtype=jnp.uint32)
-    scnt = lax.population_count(sflag).astype(jnp.int32)
-    inc = jnp.cumsum(scnt)
-    g = jnp.arange(G, dtype=jnp.int32)
-    sg = jnp.clip(jnp.searchsorted(inc, g, side="right"), 0, ns - 1).astype(jnp.int32)
-    slot = g < inc[-1]  # slot g holds the g-th block with entries
-    r = g - (inc[sg] - scnt[sg])  # its rank among its super-block's blocks with entries
-    bits = ((sflag[sg][:, None] >> lane[None]) & np.uint32(1)).astype(jnp.int32)
-    w = jnp.clip(sg * _W + jnp.sum(jnp.cumsum(bits, axis=1) <= r[:, None], axis=1, dtype=jnp.int32), 0, nb - 1)
-    wv = jnp.where(slot, words[w], np.uint32(0))
-    mine = ((wv[:, None] >> lane[None]) & np.uint32(1)).astype(jnp.int32)  # (G, 32): the bracket's entries
-    idx = jnp.minimum(w[:, None] * _W + jnp.arange(_W, dtype=jnp.int32)[None], n - 1)
-    kg = _keys(x.reshape(-1)[idx], magnitude)
-    start = jnp.cumsum(jnp.sum(mine, axis=1)) - jnp.sum(mine, axis=1)
-    dest = jnp.where(mine > 0, start[:, None] + jnp.cumsum(mine, axis=1) - 1, G)
-    buf = jnp.full((G,), _I32_MIN, jnp.int32).at[dest.reshape(-1)].set(kg.reshape(-1), mode="drop")
-    srt = jnp.sort(buf)
-    v = srt[jnp.clip(G - (k - ghi), 0, G - 1)]
-    return v, ghi + jnp.sum(buf > v, dtype=jnp.int32), ghi + jnp.sum(buf >= v, dtype=jnp.int32)
-
-
 def _search(xs, k, magnitude):
     """Per row, a key ``t`` with ``G(t) == k``, else the k-th largest key ``v`` (with ties at it).
 
@@ -530,15 +479,9 @@ def _search(xs, k, magnitude):
     hi = jnp.full((R,), _TOP, jnp.int32)
     state = (lo, z + n, hi, z, jnp.zeros((R,), bool), hi, lo)  # no snaps yet (outside every bracket)
 
-    # Small brackets are read out after the loop (one device; long rows: a short row's passes are cheap).
-    read = jax.device_count() == 1 and n > 8 * _W * _READ
-
-    def found(s):
+    def done(s):
         lo, glo, hi = s[:3]
         return (glo == k) | (_u32(hi) - _u32(lo) <= 1)
-
-    def done(s):
-        return found(s) | (s[1] - s[3] <= _READ) if read else found(s)
 
     def row_pass(t, s, ts, m, fin):
         # Rows that are done skip their pass (their results are discarded below).
@@ -574,17 +517,7 @@ def _search(xs, k, magnitude):
     state = lax.while_loop(lambda c: ~jnp.all(done(c[0])), body, carry)[0]
     lo, glo, hi, ghi = state[:4]
     exact = glo == k
-    v, gt, ge = jnp.where(exact, lo - 1, lo), jnp.where(exact, glo, ghi), glo
-    if not read:
-        return v, gt, ge
-    rest = ~found(state)  # brackets of at most _READ entries: read out
-    outs = []
-    for t in range(R):
-        def run(t=t):
-            x = jnp.asarray(xs(lambda a: a)[t], jnp.float32)
-            return _read_out(x, lo[t], hi[t], ghi[t], k[t], magnitude)
-        outs.append(lax.cond(rest[t], run, lambda t=t: (v[t], gt[t], ge[t])))
-    return tuple(jnp.stack(z) for z in zip(*outs))
+    return jnp.where(exact, lo - 1, lo), jnp.where(exact, glo, ghi), glo
 
 
 def _sorted_threshold(x, k, magnitude):
