@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from .driver import (GROUP_MIN_EQNS, LeafProgram, apply_delta, check_method, check_ranges, count_eqns, merge, merge_leaf,
                      prepare_leaf_hparams, task_vectors, trace_count)
-from .heap import keep_host_memory
 from .errors import MergeInputError, NonFloatLeavesWarning, OptimizerStateWarning
+from .heap import keep_host_memory
 from .hparams import Gradient, HParamSpec, PerModel, Rules, interp_gradient, layer_positions, resolve_hparams
 from .select import density_to_k, global_topk_mask, global_topk_phases, topk_keep_rows, topk_mask, topk_mask_rows
 from .state import MergeState, diff_rows

@@ -14,8 +14,7 @@ empties is unmapped whatever the thresholds; so reuse holds for tensors whose te
 (e.g. ``(1024, 2816)`` float32 leaves with a 3-model stacked temporary), not for larger ones
 (``(1024, 4096)``: no fewer faults). It is therefore not entered by :func:`jmerge.merge` itself: around a
 single call it saved nothing on task arithmetic and TIES (5-10% slower there: heap creation costs more than
-an ``mmap``). The out-of-core CLI has its own setting, applied before its threads start
-(:mod:`jmerge.pipeline.executor`).
+an ``mmap``). The out-of-core CLI has its own, stricter setting (:mod:`jmerge.pipeline.executor`).
 
 On the last exit the thresholds go to the values glibc's dynamic scheme settles at in a process that has
 freed a large block (32 MiB and 64 MiB; a ``mallopt`` cannot re-enable the dynamic scheme) and
