@@ -29,9 +29,10 @@ if TYPE_CHECKING:  # what readers and type checkers see; at run time __getattr__
     from .core import (Gradient, HParamSpec, LeafProgram, MatrixView, MergeInputError, MergeState, NonFloatLeavesWarning,
                        OptimizerStateWarning, PerModel, Rules, StatsPhase, Step, Transform, apply_delta, chain,
                        check_compatible, count_layers, density_to_k, global_topk_mask, global_topk_phases, infer_view,
-                       infer_views, keep_host_memory, layer_index, layer_positions, leaf_key, leaf_kind, leaves_with_paths,
-                       merge, merge_leaf, model_max, model_mean, model_sum, named_chain, path_str, prepare_leaf_hparams,
-                       resolve_hparams, task_vectors, topk_mask, topk_mask_rows, trace_count, transform)
+                       infer_views, keep_host_memory, layer_index, layer_positions, leaf_key, leaf_kind,
+                       leaves_with_paths, merge, merge_leaf, model_max, model_mean, model_sum, named_chain, path_str,
+                       prepare_leaf_hparams, resolve_hparams, task_vectors, topk_mask, topk_mask_rows, trace_count,
+                       transform)
     from .io import (CheckpointError, CheckpointReader, CheckpointWriter, convert, copy_aux_files, flat_to_nested,
                      load_orbax, model_card, nested_to_flat, open_checkpoint, save_orbax)
     from .learned import (LearnedMerge, LearnedMergeError, adamerging, adaptive_projective_gd, atlas, concrete_mask,
@@ -53,9 +54,10 @@ _EXPORTS_BY_PACKAGE: dict[str, tuple[str, ...]] = {
         "Gradient", "HParamSpec", "LeafProgram", "MatrixView", "MergeInputError", "MergeState", "NonFloatLeavesWarning",
         "OptimizerStateWarning", "PerModel", "Rules", "StatsPhase", "Step", "Transform", "apply_delta", "chain",
         "check_compatible", "count_layers", "density_to_k", "global_topk_mask", "global_topk_phases", "infer_view",
-        "infer_views", "keep_host_memory", "layer_index", "layer_positions", "leaf_key", "leaf_kind", "leaves_with_paths", "merge",
-        "merge_leaf", "model_max", "model_mean", "model_sum", "named_chain", "path_str", "prepare_leaf_hparams",
-        "resolve_hparams", "task_vectors", "topk_mask", "topk_mask_rows", "trace_count", "transform",
+        "infer_views", "keep_host_memory", "layer_index", "layer_positions", "leaf_key", "leaf_kind",
+        "leaves_with_paths", "merge", "merge_leaf", "model_max", "model_mean", "model_sum", "named_chain", "path_str",
+        "prepare_leaf_hparams", "resolve_hparams", "task_vectors", "topk_mask", "topk_mask_rows", "trace_count",
+        "transform",
     ),
     "io": (
         "CheckpointError", "CheckpointReader", "CheckpointWriter", "convert", "copy_aux_files", "flat_to_nested",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import sys
 import threading
 from typing import Any, Iterator
@@ -41,27 +42,21 @@ _DEFAULT_TRIM = 64 * 2**20
 
 _lock = threading.Lock()
 _depth = 0
-_libc: Any = None
-_probed = False
 
 
+@functools.cache
 def glibc() -> Any:
     """The process's C library through ``ctypes`` when it is glibc (has ``mallopt``), else None.
 
     References: none (infrastructure).
     """
-    global _libc, _probed
-    if not _probed:
-        lib = None
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(None)
-                if not hasattr(lib, "mallopt") or not hasattr(lib, "gnu_get_libc_version"):
-                    lib = None
-            except OSError:
-                lib = None
-        _libc, _probed = lib, True
-    return _libc
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return lib if hasattr(lib, "mallopt") and hasattr(lib, "gnu_get_libc_version") else None
 
 
 def active() -> bool:

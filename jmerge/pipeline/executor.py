@@ -29,7 +29,8 @@ import numpy as np
 
 from ..core import LeafProgram, check_ranges, infer_views, leaf_key
 from ..core.chunks import CHUNK_ENTRIES, chunked_form, merge_chunked
-from ..core.heap import M_ARENA_MAX as _M_ARENA_MAX, M_MMAP_MAX as _M_MMAP_MAX, M_TRIM_THRESHOLD as _M_TRIM_THRESHOLD, glibc
+from ..core.heap import M_ARENA_MAX as _M_ARENA_MAX, M_MMAP_MAX as _M_MMAP_MAX
+from ..core.heap import M_TRIM_THRESHOLD as _M_TRIM_THRESHOLD, glibc
 from ..mergekit import MergePlan
 from ..mergekit.arch import layer_sources, model_views, output_config
 from .jobs import Copy, Merge, Tensor, TensorJob, read_source
