@@ -162,3 +162,56 @@ def test_totals_reads_its_inputs_once():
     got = jax.jit(lambda b, ms: xla.totals(*derived(b, ms)))(b, ms)
     want = [jnp.sum(x) for x in derived(b, ms)]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def test_row_totals_reads_its_inputs_once_and_sums_rows():
+    x = jax.random.normal(jax.random.key(1), (3,) + SHAPE)
+    ops = lambda x: [x[0] * x[0], x[0] * x[1], x[1] * x[2]]
+    txt = _hlo(lambda x: xla.row_totals(*ops(x)), x)
+    assert _full_size_buffers(txt, N) == []  # the products are never written
+    got = jax.jit(lambda x: xla.row_totals(*ops(x)))(x)
+    want = [np.sum(np.asarray(p, np.float64), axis=-1) for p in ops(np.asarray(x, np.float64))]
+    for g, w in zip(got, want):
+        assert g.shape == (SHAPE[0],)
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sign_is_selects_bit_for_bit(dtype):
+    vals = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, np.inf, np.nan, -np.nan], np.float32)
+    x = jnp.asarray(vals, dtype)
+    assert "sign(" not in _entry(_hlo(xla.sign, x)) and "sign(" not in _hlo(xla.sign, x).split("ENTRY")[0]
+    assert "sign(" in _hlo(jnp.sign, x)  # what it replaces
+    got, want = np.asarray(xla.sign(x)), np.asarray(jnp.sign(x))
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got.view(np.uint16 if dtype == jnp.bfloat16 else np.uint32)[:8],
+                                  want.view(np.uint16 if dtype == jnp.bfloat16 else np.uint32)[:8])  # ±0 kept
+    assert np.isnan(got[8:].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("method,T", [(jmerge.model_stock(), 3), (jmerge.model_stock(filter_wise=True), 3),
+                                      (jmerge.multislerp(), 3), (jmerge.multislerp(base_relative=True), 3),
+                                      (jmerge.karcher(), 3), (jmerge.nuslerp(), 2), (jmerge.nuslerp(base_relative=True), 2)],
+                         ids=["model_stock", "model_stock_filter_wise", "multislerp", "multislerp_base_relative",
+                              "karcher", "nuslerp", "nuslerp_base_relative"])
+def test_geometric_methods_write_nothing_but_their_output(method, T):
+    """The statistics (norms, dots: the Gram matrix) in one variadic reduction over the inputs, the result
+    in one more pass: no model, task vector or product is written to memory (before: the stacked models
+    and each summed product; Karcher and multi-SLERP ran their iterations over full-size arrays)."""
+    b = jnp.zeros(SHAPE, jnp.float32)
+    ms = tuple(jnp.ones(SHAPE, jnp.float32) * (i + 1) for i in range(T))
+    prog = LeafProgram(method)
+    hp = {k: jnp.asarray(getattr(v, "specs", v), jnp.float32) for k, v in method.defaults.items()}
+    txt = _hlo(lambda b, ms, hp: prog(b, ms, hp, jax.random.key(0), {}, None, traced=True), b, ms, hp)
+    assert _full_size_buffers(txt, N) == []
+
+
+def test_counts_are_exact_and_write_no_mask():
+    x = jax.random.normal(jax.random.key(2), (3,) + SHAPE)
+    masks = lambda x: [x[0] > 0.5, (x[1] > 0) & (x[2] < 0), jnp.abs(x[0] - x[1]) < 1e-3]
+    got = jax.jit(lambda x: xla.counts(*masks(x)))(x)
+    want = [int(np.count_nonzero(m)) for m in masks(np.asarray(x))]
+    assert [int(g) for g in got] == want and all(g.dtype == jnp.int32 for g in got)
+    assert _full_size_buffers(_hlo(lambda x: xla.counts(*masks(x)), x), N) == []
+    # what it avoids: the sums of the masks write each as int32 first
+    assert len(_full_size_buffers(_hlo(lambda x: [jnp.sum(m, dtype=jnp.int32) for m in masks(x)], x), N)) >= 2

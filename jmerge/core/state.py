@@ -189,5 +189,14 @@ class MergeState:
             return jnp.stack([round_to(m, self.precision) for m in self.source[2]])
         return self.base[None] + self.tau
 
+    def model_rows(self) -> list[Float[Array, "*shape"]]:
+        """The fine-tuned leaves as float32, row by row (never stacked): while ``tau`` is as built, the
+        inputs themselves (rounded to an emulated precision, as :meth:`models`; in float32 they can
+        differ from ``base + tau`` in the last bit), else ``base + tau``'s rows. Read in several passes,
+        the inputs are read again; ``base + tau`` would be written to memory once first."""
+        if self.source is not None and self.source[0] is self.tau and self.source[1] is not None:
+            return [round_to(jnp.asarray(m, jnp.float32), self.precision) for m in self.source[2]]
+        return [self.base + t for t in self.tau_rows()]
+
     def replace(self, **kw: Any) -> "MergeState":
         return dataclasses.replace(self, **kw)

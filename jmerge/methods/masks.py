@@ -36,7 +36,7 @@ from ..core import (HParamSpec, MergeInputError, MergeState, StatsPhase, Transfo
                     density_to_k,
                     leaves_with_paths, model_max, model_sum, topk_mask_rows, transform)
 from ..core import task_vectors as task_vectors_of
-from ..core.xla import materialized, rows, totals
+from ..core.xla import materialized, rows, sign, totals
 from .basic import per_model, scale as _scale_step, weighted_sum
 
 __all__ = [
@@ -454,7 +454,7 @@ def _pcb_authors(tau2: jax.Array, ratio, outlier: float):
     srt = jnp.sort(a, axis=1)
     lo_i, hi_i = int(n * outlier), max(int(n * (1 - outlier) - 1), 0)
     a = jnp.clip(a, srt[:, lo_i:lo_i + 1], srt[:, hi_i:hi_i + 1])
-    clamped = jnp.sign(tau2) * a
+    clamped = sign(tau2) * a
     intra = jnp.exp(T * _minmax(a) ** 2)
     inter = jnp.tanh(tau2 * model_sum(tau2, keepdims=True))
     score = intra * inter
@@ -527,10 +527,14 @@ def _emr_parts(tau: jax.Array | list):
     row by row (model_sum's and model_max's order)."""
     rs = rows(tau) if not isinstance(tau, list) else tau
     T = len(rs)
-    gamma = jnp.sign(model_sum(rs))
+    gamma = sign(model_sum(rs))  # core.xla.sign: jnp.sign, vectorized
     masks = [x * gamma > 0 for x in rs]
-    tau_uni = gamma * model_max([jnp.where(m, jnp.abs(x), 0.0) for x, m in zip(rs, masks)])
-    sums = totals(*[jnp.abs(r) for r in rs], *[jnp.where(m, jnp.abs(tau_uni), 0.0) for m in masks])
+    kept = [jnp.where(m, jnp.abs(x), 0.0) for x, m in zip(rs, masks)]
+    top = model_max(kept)  # |tau_uni|
+    tau_uni = gamma * top
+    # mask_t ⊙ |tau_uni| written as where(kept_t > 0, top, 0) (the same numbers: a kept entry is nonzero):
+    # XLA:CPU's fused variadic reduction is then 7 ms per (3, 1024, 2816) leaf, not 26.
+    sums = totals(*[jnp.abs(r) for r in rs], *[jnp.where(k > 0, top, 0.0) for k in kept])
     return tau_uni, jnp.stack(masks), jnp.stack(sums[:T]), jnp.stack(sums[T:])
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ..core import HParamSpec, MergeState, Transform, transform
+from ..core.xla import counts as xla_counts
 
 __all__ = ["ram", "ramplus_tl", "ram_contributors"]
 
@@ -53,10 +54,13 @@ def _ram(state: MergeState, hp, *, plus: bool) -> MergeState:
     if plus:
         r = jnp.asarray(hp["r"], jnp.float32)
         alpha = jnp.asarray(hp["alpha"], jnp.float32)
+        # the 2T counts in one variadic integer reduction (exact; as 2T sums XLA:CPU wrote each mask to
+        # memory and read the inputs 2T times)
+        counts = xla_counts(*[nz[t] & shared for t in range(T)], *[nz[t] & unique for t in range(T)])
         lams = []
         for t in range(T):
-            n_shared = jnp.sum(nz[t] & shared, dtype=jnp.int32).astype(jnp.float32)
-            n_unique = jnp.sum(nz[t] & unique, dtype=jnp.int32).astype(jnp.float32)
+            n_shared = counts[t].astype(jnp.float32)
+            n_unique = counts[T + t].astype(jnp.float32)
             rho = n_shared / jnp.maximum(n_unique, eps)
             lams.append(1.0 + r * jnp.minimum(jnp.maximum(rho, 0.0), alpha))
     merged = None

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from ..core import (HParamSpec, MergeInputError, MergeState, Transform, chain, model_mean, model_sum, topk_mask_rows,
                     transform)
-from ..core.xla import rows
+from ..core.xla import counts, row_totals, rows, sign as _sign
 from ..kernels import backend as _kernel_backend
 from ..kernels.arith import disjoint_aggregate
 from .basic import per_model, scale as _scale_step, weighted_sum
@@ -40,7 +40,7 @@ def _elect_sign(state: MergeState, hp, *, method: str, weighted: bool) -> MergeS
     r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
     taus = rows(state.tau)
     x = [r(w * t) for w, t in zip(_weights(hp["weight"], state), taus)] if weighted else taus
-    votes = r(sum(x[1:], x[0])) if method == "sum" else sum([jnp.sign(v) for v in x[1:]], jnp.sign(x[0]))
+    votes = r(sum(x[1:], x[0])) if method == "sum" else sum([_sign(v) for v in x[1:]], _sign(x[0]))
     sign = jnp.where(votes >= 0, 1.0, -1.0).astype(jnp.float32)
     return state.replace(extras={**state.extras, "sign": sign})
 
@@ -307,26 +307,31 @@ def magmax(scale: HParamSpec = 0.5, *, tie: Literal["last", "first"] = "last") -
 
 
 def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
+    # Row by row (the models' rows of tau, never stacked: XLA:CPU wrote tau and the selected tau as
+    # (T, *shape) arrays when steps took them whole); the same arithmetic as on the stack.
     T = state.num_models
-    tau = state.tau
+    taus = state.tau_rows()
     r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
-    mu = model_mean(tau)
-    var = r(model_mean(jnp.square(tau - mu[None])))  # population variance across tasks, in the leaf's shape
-    nonzero = jnp.sum(var != 0)
+    mu = model_sum(taus) / T
+    var = r(model_sum([jnp.square(x - mu) for x in taus]) / T)  # population variance across tasks
+    nonzero = counts(var != 0)[0]
     d = jnp.asarray(hp["density"], jnp.float32)
     x = d * nonzero.astype(jnp.float32)
     k = jnp.round(x) if rounding == "round" else jnp.floor(x * (1.0 + 2.0 ** -21))
     k = jnp.where(d >= 1, var.size, jnp.clip(k, 0, var.size)).astype(jnp.int32)
     select = topk_mask_rows(var[None], k[None])[0]  # in the leaf's shape: a sharded leaf is not gathered
-    tau = jnp.where(select[None], tau, 0.0)
-    votes = r(model_sum(tau))
+    taus = [jnp.where(select, x, 0.0) for x in taus]
+    votes = r(model_sum(taus))
     sign = jnp.where(votes >= 0, 1.0, -1.0)
-    erase = jnp.sign(tau) == sign[None]
-    energy = r(jnp.mean(r(jnp.square(tau)), axis=tuple(range(1, tau.ndim))))  # not flattened (sharding)
+    # mean(tau_t^2) per model: the T sums in one variadic reduction over the leaf's own shape (not
+    # flattened: sharding); as a mean over the stack XLA:CPU first wrote the T squares to memory
+    sq = [r(jnp.square(x)) for x in taus]
+    sums = [jnp.sum(p) for p in row_totals(*sq)] if var.ndim >= 1 else sq
+    energy = r(jnp.stack(sums) / jnp.float32(max(var.size, 1)))
     esum = r(jnp.sum(energy))
     wt = jnp.where(jnp.abs(esum) < 1e-6, r(jnp.full((T,), 1.0 / T)), r(energy / jnp.where(esum == 0, 1.0, esum)))
-    ew = jnp.where(erase, wt.reshape((T,) + (1,) * (tau.ndim - 1)), 0.0)
-    merged = r(r(model_sum(r(tau * ew))) / r(jnp.maximum(r(model_sum(ew)), 1e-6)))
+    ew = [jnp.where(_sign(x) == sign, wt[t], 0.0) for t, x in enumerate(taus)]  # erase
+    merged = r(r(model_sum([r(x * e) for x, e in zip(taus, ew)])) / r(jnp.maximum(r(model_sum(ew)), 1e-6)))
     return state.replace(merged=merged, extras={**state.extras, "sign": sign, "sce_mask": select})
 
 
