@@ -96,9 +96,13 @@ def fusion_importance(model: Float[Array, "*shape"], base: Float[Array, "*shape"
     qe = q + _EPS
     x = qd / qe  # p' / q' - 1
     kl = jnp.sum((qe + qd) * _log1p_minus_x(x) + qd * qd / qe, axis=-1, keepdims=True)
-    pe = _softmax(m) + _EPS
-    plain = jnp.sum(pe * jnp.log(pe / qe), axis=-1, keepdims=True)
-    return jnp.abs(tau) * jnp.where(far, plain, kl)
+
+    def with_plain():  # only when some row is far: its exp and log cost as much as the rest
+        pe = _softmax(m) + _EPS
+        plain = jnp.sum(pe * jnp.log(pe / qe), axis=-1, keepdims=True)
+        return jnp.where(far, plain, kl)
+
+    return jnp.abs(tau) * lax.cond(jnp.any(far), with_plain, lambda: kl)
 
 
 def _importance_rounded(m: jnp.ndarray, b: jnp.ndarray, precision: str) -> jnp.ndarray:
