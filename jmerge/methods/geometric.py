@@ -286,7 +286,9 @@ def multislerp(weight: HParamSpec = 1.0, eps: HParamSpec = 1e-8, *, normalize_we
 
     Where the weighted mean of the units vanishes (``|m| < eps``) mergekit falls back to linear
     interpolation for two models and raises for more; jmerge (inside ``jit``) falls back to the
-    weighted linear average ``Σ w_t x_t`` for any number of models.
+    weighted linear average ``Σ w_t x_t`` for any number of models. In float32 the mean, the tangent
+    and the result are computed as combinations of the models from their Gram matrix (two passes over
+    the models); a bf16/fp16 compute dtype evaluates them entry by entry with mergekit's roundings.
 
     Args:
       weight: per-model weights (``PerModel``).
@@ -430,7 +432,10 @@ def karcher(max_iter: int = 10, tol: HParamSpec = 1e-5, weight: HParamSpec = 1.0
     ``Σ α_t θ_t/sin θ_t (u_t − cos θ_t m)`` by the exponential map, for at most ``max_iter``
     iterations (a ``fori_loop`` that freezes once the tangent norm drops below ``tol``). The
     result is ``m · Σ α_t |x_t|`` with ``α = weight / Σ weight``. Tensors with norm ``≤ tol``
-    do not steer the direction (mergekit semantics); all-zero inputs give zero.
+    do not steer the direction (mergekit semantics); all-zero inputs give zero. In float32 every
+    iterate is a combination of the units, so the iteration runs on the models' Gram matrix (one pass
+    over the models for it, one to write the result); a bf16/fp16 compute dtype runs it entry by entry
+    with mergekit's roundings.
 
     Args:
       max_iter: iteration count (static).
