@@ -127,9 +127,13 @@ print(json.dumps({"on": f_on, "off": f_off, "same": same}))
 @counts_pages
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="host memory: the CPU backend")
 def test_a_loop_of_merges_reuses_pages():
-    """Model Stock writes a stacked intermediate per leaf (3 x 11 MiB here) and every call its results
-    (8 x 11 MiB): without the setting each call maps and faults them in again. In a fresh process: how much
-    is reused depends on which threads' malloc arenas already hold memory (0.51 after other tests here)."""
+    """A loop of merges inside the setting: results bit-identical, and no more page faults per call than
+    outside it. Model Stock used to write a stacked intermediate per leaf (3 x 11 MiB), which the setting
+    let a loop reuse (faults 0.24-0.26x); since it reads the models in one variadic reduction it writes
+    none, and its calls reuse their pages with or without the setting (ratio 0.28-0.65 in both after a
+    first round, 1.1 after a warm-up round outside too; measured 2026-12-01), so the gain is no longer
+    asserted here. The setting itself is checked by the malloc rounds above (0 faults inside, a full
+    mapping outside)."""
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
@@ -138,7 +142,7 @@ def test_a_loop_of_merges_reuses_pages():
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["same"]
-    assert got["on"] < 0.5 * got["off"], got  # measured 0.24-0.26 (0.96 when the setting is a no-op)
+    assert got["on"] <= 1.5 * got["off"], got  # never worse: measured 0.28-0.65
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="host memory: the CPU backend")
