@@ -457,3 +457,27 @@ def test_global_search_tied_bfloat16_ends_in_counting_phases(monkeypatch):
             for n, w in zip(sorted(shapes), want):
                 np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
     assert len(phases) <= 18 and not radix, (len(phases), radix)
+
+
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_threshold_word_is_the_mask(magnitude):
+    """threshold_word is -1 exactly where threshold_mask is true (keys >= 0: x >= 0, or magnitudes), for
+    thresholds at the keys' extremes and the search's sentinels, every cut; bits & word is where(mask, y, +0)."""
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.normal(size=(6, 50))).astype(np.float32)
+    x[0, :10] = 0.5
+    x[1, :5] = [np.nan, np.inf, 0.0, -0.0 if magnitude else 0.0, np.float32(1e-45)]
+    if magnitude:
+        x[2] *= np.where(rng.random(50) < 0.5, -1, 1).astype(np.float32)
+        x[2, :2] = [-np.inf, -np.nan]
+    keys = np.asarray(S._keys(jnp.asarray(x), magnitude))
+    vs = sorted({int(keys.min()), int(keys.max()), int(np.median(keys)), int(keys[0, 0]), 0, -1,
+                 int(S._TOP), int(S._NEG_INF_KEY) - 1, int(S._INF_KEY)})
+    y = rng.normal(size=x.shape).astype(np.float32)
+    for v in vs:
+        for cut in (0, 1, 7, 50):
+            m = np.asarray(S.threshold_mask(jnp.asarray(x), jnp.int32(v), jnp.int32(cut), magnitude=magnitude))
+            w = np.asarray(S.threshold_word(jnp.asarray(x), jnp.int32(v), jnp.int32(cut), magnitude=magnitude))
+            np.testing.assert_array_equal(w, np.where(m, -1, 0).astype(np.int32), err_msg=f"v={v} cut={cut}")
+            masked = (y.view(np.int32) & w).view(np.float32)
+            np.testing.assert_array_equal(masked.view(np.int32), np.where(m, y, np.float32(0)).view(np.int32))

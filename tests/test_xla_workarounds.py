@@ -215,3 +215,55 @@ def test_counts_are_exact_and_write_no_mask():
     assert _full_size_buffers(_hlo(lambda x: xla.counts(*masks(x)), x), N) == []
     # what it avoids: the sums of the masks write each as int32 first
     assert len(_full_size_buffers(_hlo(lambda x: [jnp.sum(m, dtype=jnp.int32) for m in masks(x)], x), N)) >= 2
+
+
+def test_counts_of_one_mask_write_no_mask():
+    """A single mask is counted with its complement: alone, its reduction over every axis became a tree of
+    reduce-windows over the mask written to memory as int32 (SCE's nonzero count)."""
+    x = jax.random.normal(jax.random.key(3), (3,) + SHAPE)
+    var = lambda x: jnp.square(x[0] - x[1]) * (x[2] > 0)  # zero where x[2] <= 0
+    got = jax.jit(lambda x: xla.counts(var(x) != 0)[0])(x)
+    assert int(got) == int(np.count_nonzero(np.asarray(var(x)) != 0))
+    assert _full_size_buffers(_hlo(lambda x: xla.counts(var(x) != 0)[0], x), N) == []
+    single = lambda x: jax.lax.reduce((var(x) != 0).astype(jnp.int32), np.int32(0), jax.lax.add, (0, 1))
+    assert len(_full_size_buffers(_hlo(single, x), N)) >= 1  # what it avoids
+    assert [int(c) for c in jax.jit(lambda m: xla.counts(m))(jnp.array([True, False, True]))] == [2]
+    assert [int(c) for c in xla.counts(jnp.asarray(True))] == [1]
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_sce_writes_only_its_variance(density):
+    """SCE reads tau in three forms of the same bits (variance, energies, result): one leaf-sized buffer,
+    the variance its top-k search reads (before: tau's rows, their mean, the count's mask and the selected
+    rows, 9 buffers)."""
+    method = jmerge.sce(density=density)
+    b = jnp.zeros(SHAPE, jnp.float32)
+    ms = tuple(jnp.ones(SHAPE, jnp.float32) * (i + 1) for i in range(3))
+    prog = LeafProgram(method)
+    hp = {k: jnp.asarray(v, jnp.float32) for k, v in method.defaults.items()}
+    txt = _hlo(lambda b, ms, hp: prog(b, ms, hp, jax.random.key(0), {}, None, traced=True), b, ms, hp)
+    bad = _full_size_buffers(txt, N)
+    assert len(bad) == 1 and bad[0][1:] == ("f32", "1024,2816", "conditional"), bad
+
+
+@pytest.mark.parametrize("precision", [None, "bfloat16", "float16"])
+def test_tau_forms_have_the_same_bits(precision):
+    """diff_rows' forms: "m+(-b)" is "m-b" bit for bit; "b-m" is its negation but that a zero is +0 (the
+    statistics that read it square it). Each against NumPy's float32 difference."""
+    from jmerge.core.state import diff_rows, round_to
+    rng = np.random.default_rng(4)
+    b = rng.normal(size=(64, 33)).astype(np.float32)
+    ms = [b + np.float32(0.01) * rng.normal(size=b.shape).astype(np.float32) for _ in range(2)]
+    ms[0][:3] = b[:3]  # zeros in tau
+    b[0, :4] = -0.0
+    ms[1][0, :4] = -0.0
+    f = {form: [np.asarray(x) for x in diff_rows(b, ms, precision=precision, form=form)]
+         for form in ("m-b", "m+(-b)", "b-m")}
+    r = lambda x: np.asarray(round_to(x, precision))
+    for t, m in enumerate(ms):
+        want = r(r(m) - r(b))
+        np.testing.assert_array_equal(f["m-b"][t].view(np.int32), want.view(np.int32))
+        np.testing.assert_array_equal(f["m+(-b)"][t].view(np.int32), want.view(np.int32))
+        neg = f["b-m"][t]
+        np.testing.assert_array_equal(neg.view(np.int32), np.where(want == 0, np.float32(0), -want).view(np.int32))
+        np.testing.assert_array_equal(np.square(neg).view(np.int32), np.square(want).view(np.int32))

@@ -603,15 +603,40 @@ def _threshold_mask(x, v, cut, magnitude):
     ``x`` is rows ``(R, *shape)`` with ``v`` and ``cut`` of shape ``(R,)``, or one row of any shape
     with scalar ``v`` and ``cut``; flat positions count within a row (row-major).
     """
-    lead = jnp.ndim(v)
-    keys = _keys(x, magnitude)
+    keys, pos, col = _keys(x, magnitude), _positions(x, jnp.ndim(v)), _col(x, jnp.ndim(v))
+    return (keys > col(v)) | ((keys == col(v)) & (pos < col(cut)))
+
+
+def _positions(x, lead: int) -> jax.Array:
+    """Flat (row-major) positions of ``x``'s entries within its rows (the axes after ``lead``)."""
     pos = jnp.zeros(x.shape, jnp.int32)
     stride = 1
     for d in reversed(range(lead, x.ndim)):
         pos = pos + lax.broadcasted_iota(jnp.int32, x.shape, d) * np.int32(stride)
         stride *= x.shape[d]
-    col = lambda a: jnp.reshape(a, jnp.shape(a) + (1,) * (x.ndim - lead))
-    return (keys > col(v)) | ((keys == col(v)) & (pos < col(cut)))
+    return pos
+
+
+def _col(x, lead: int):
+    return lambda a: jnp.reshape(a, jnp.shape(a) + (1,) * (x.ndim - lead))
+
+
+def _threshold_word(x, v, cut, magnitude):
+    """:func:`_threshold_mask` as an int32 word, ``-1`` where the mask is true and ``0`` elsewhere, in
+    integer arithmetic without a compare, for keys that are nonnegative (``magnitude``, or ``x >= 0``).
+
+    ``bits(y) & word`` is ``where(mask, y, +0)``. A mask shared by several operands of one variadic
+    reduction made XLA:CPU emit it unvectorized (a (1024, 2816) leaf: 12.6 ms for three masked sums,
+    against 4.9 ms with this word; workaround 11).
+    """
+    keys, pos, col = _keys(x, magnitude), _positions(x, jnp.ndim(v)), _col(x, jnp.ndim(v))
+    v = col(jnp.asarray(v, jnp.int32))
+    v0 = jnp.maximum(v, 0)  # keys >= 0: no difference below overflows
+    every = -(v < 0).astype(jnp.int32)  # v < 0 keeps every entry
+    above = (v0 - keys) >> 31  # -1 where keys > v0
+    below = (keys - v0) >> 31  # -1 where keys < v0
+    first = (pos - col(jnp.asarray(cut, jnp.int32))) >> 31  # -1 where pos < cut
+    return above | every | (~(above | below) & first)
 
 
 def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
@@ -710,6 +735,19 @@ def threshold_mask(row: Float[Array, "*shape"], v: Int[Array, ""], cut: Int[Arra
     trim step this selection serves.
     """
     return _threshold_mask(jnp.asarray(row, jnp.float32), v, cut, magnitude)
+
+
+def threshold_word(row: Float[Array, "*shape"], v: Int[Array, ""], cut: Int[Array, ""], *,
+                   magnitude: bool = False) -> Int[Array, "*shape"]:
+    """:func:`threshold_mask` as an int32 word (``-1`` kept, ``0`` dropped) computed without compares,
+    for a row whose order keys are nonnegative: ``magnitude=True``, or ``row >= 0`` (NaN allowed).
+    ``bitcast(bitcast(y, int32) & word, float32)`` is ``where(mask, y, 0.0)`` bit for bit. For masks
+    shared by several sums of one reduction (XLA:CPU vectorizes this word, not a shared compare).
+
+    References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023) for the
+    trim step this selection serves.
+    """
+    return _threshold_word(jnp.asarray(row, jnp.float32), v, cut, magnitude)
 
 
 def topk_mask(x: Float[Array, "*shape"], k: int | Int[Array, ""]) -> Bool[Array, "*shape"]:

@@ -13,7 +13,7 @@ References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) fo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,15 +86,23 @@ def round_to(x: ArrayLike, precision: str | None) -> Float[Array, "..."]:
 
 
 def diff_rows(base_leaf: Shaped[ArrayLike, "*shape"], model_leaves: Sequence[Shaped[ArrayLike, "*shape"]],
-              guard: Callable[[Any], Any] = lambda a: a, precision: str | None = None) -> list[Float[Array, "*shape"]]:
+              guard: Callable[[Any], Any] = lambda a: a, precision: str | None = None,
+              form: Literal["m-b", "m+(-b)", "b-m"] = "m-b") -> list[Float[Array, "*shape"]]:
     """The rows of ``tau``: ``float32(model_t) - float32(base)``, each input passed through ``guard``.
 
     With an emulated ``precision`` the inputs and each difference are rounded to it (the task vector
-    as computed in that dtype).
+    as computed in that dtype). ``form`` picks the expression: ``"m+(-b)"`` has the same bits as
+    ``"m-b"``; ``"b-m"`` is ``-tau_t`` bit for bit (rounding to nearest is symmetric) except that a zero
+    is ``+0``. Passes that read tau through different forms do not share it: with one expression in
+    two passes, XLA:CPU writes it to memory once (fresh pages) and reads it in each.
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) for task vectors.
     """
     b = round_to(guard(base_leaf), precision)
+    if form == "b-m":
+        return [round_to(b - round_to(guard(m), precision), precision) for m in model_leaves]
+    if form == "m+(-b)":
+        return [round_to(round_to(guard(m), precision) + (-b), precision) for m in model_leaves]
     return [round_to(round_to(guard(m), precision) - b, precision) for m in model_leaves]
 
 
@@ -157,14 +165,16 @@ class MergeState:
         rounds a result (after each arithmetic operation or reduction); ``x`` itself in float32."""
         return x if self.precision is None else round_to(x, self.precision)
 
-    def tau_rebuild(self) -> Callable[[Callable[[Any], Any]], list[Float[Array, "*shape"]]] | None:
+    def tau_rebuild(self, form: Literal["m-b", "m+(-b)", "b-m"] = "m-b"
+                    ) -> Callable[[Callable[[Any], Any]], list[Float[Array, "*shape"]]] | None:
         """While ``tau`` is still ``models - base`` as built: ``guard -> [tau[0], ..., tau[T-1]]``, the
         rows recomputed from the original leaves, each leaf wrapped in ``guard``; else None. A step
-        that reads ``tau`` in a loop recomputes it this way instead of materializing it."""
+        that reads ``tau`` in a loop recomputes it this way instead of materializing it. ``form`` as in
+        :func:`diff_rows` (``"b-m"``: ``-tau``, for statistics that cannot tell ``x`` from ``-x``)."""
         if self.source is None or self.source[0] is not self.tau or self.source[1] is None:
             return None
         _, base_leaf, model_leaves = self.source
-        return lambda guard: diff_rows(base_leaf, model_leaves, guard, self.precision)
+        return lambda guard: diff_rows(base_leaf, model_leaves, guard, self.precision, form)
 
     def tau_rows(self) -> list[Float[Array, "*shape"]]:
         """The rows of ``tau``: recomputed from the inputs while tau is as built, else its slices. A step

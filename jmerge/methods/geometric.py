@@ -208,11 +208,8 @@ def _negated_tau_rows(state: MergeState) -> list | None:
     """``[base - model_t]`` (``-tau_t`` bit for bit, but the sign of a zero) from the float32 inputs while
     tau is as built, else None. A pass that writes the result reads these, the statistics' pass ``tau``:
     with the same expression in both, XLA:CPU writes tau's rows to memory once and reads them twice."""
-    src = state.source
-    if state.precision is not None or src is None or src[0] is not state.tau or src[1] is None:
-        return None
-    b = jnp.asarray(src[1], jnp.float32)
-    return [b - jnp.asarray(m, jnp.float32) for m in src[2]]
+    rebuild = state.tau_rebuild("b-m") if state.precision is None else None
+    return None if rebuild is None else rebuild(lambda a: a)
 
 
 def _multislerp_gram(state: MergeState, hp, *, normalize_weights: bool, base_relative: bool) -> MergeState:

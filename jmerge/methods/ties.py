@@ -16,10 +16,12 @@ from __future__ import annotations
 from typing import Literal
 
 import jax.numpy as jnp
+from jax import lax
 
-from ..core import (HParamSpec, MergeInputError, MergeState, Transform, chain, model_mean, model_sum, topk_mask_rows,
+from ..core import (HParamSpec, MergeInputError, MergeState, Transform, chain, model_mean, model_sum,
                     transform)
-from ..core.xla import counts, row_totals, rows, sign as _sign
+from ..core.select import threshold_mask, threshold_word, topk_thresholds_rows
+from ..core.xla import counts, materialized, row_totals, rows, sign as _sign
 from ..kernels import backend as _kernel_backend
 from ..kernels.arith import disjoint_aggregate
 from .basic import per_model, scale as _scale_step, weighted_sum
@@ -308,28 +310,40 @@ def magmax(scale: HParamSpec = 0.5, *, tie: Literal["last", "first"] = "last") -
 
 def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
     # Row by row (the models' rows of tau, never stacked: XLA:CPU wrote tau and the selected tau as
-    # (T, *shape) arrays when steps took them whole); the same arithmetic as on the stack.
+    # (T, *shape) arrays when steps took them whole); the same arithmetic as on the stack. The passes read
+    # tau in three forms of the same bits (state.tau_rebuild): the variance from base - model_t (its
+    # squares do not see the sign), the energies from model_t + (-base), the result from model_t - base;
+    # with one expression in several passes XLA:CPU wrote tau's rows to memory to read them in each.
     T = state.num_models
-    taus = state.tau_rows()
     r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
-    mu = model_sum(taus) / T
-    var = r(model_sum([jnp.square(x - mu) for x in taus]) / T)  # population variance across tasks
+    taus = [state.tau[t] for t in range(T)]
+    form = lambda f: taus if state.tau_rebuild() is None else state.tau_rebuild(f)(lambda a: a)
+
+    def variance(xs):  # population variance across tasks; the same bits for -xs
+        mu = model_sum(xs) / T
+        return r(model_sum([jnp.square(x - mu) for x in xs]) / T)
+
+    # written once: the count, the top-k search and the energies read it
+    var = materialized(lambda: variance(form("b-m")), state.base)
     nonzero = counts(var != 0)[0]
     d = jnp.asarray(hp["density"], jnp.float32)
     x = d * nonzero.astype(jnp.float32)
     k = jnp.round(x) if rounding == "round" else jnp.floor(x * (1.0 + 2.0 ** -21))
     k = jnp.where(d >= 1, var.size, jnp.clip(k, 0, var.size)).astype(jnp.int32)
-    select = topk_mask_rows(var[None], k[None])[0]  # in the leaf's shape: a sharded leaf is not gathered
-    taus = [jnp.where(select, x, 0.0) for x in taus]
-    votes = r(model_sum(taus))
-    sign = jnp.where(votes >= 0, 1.0, -1.0)
-    # mean(tau_t^2) per model: the T sums in one variadic reduction over the leaf's own shape (not
-    # flattened: sharding); as a mean over the stack XLA:CPU first wrote the T squares to memory
-    sq = [r(jnp.square(x)) for x in taus]
+    v, cut = topk_thresholds_rows(var[None], k[None])  # in the leaf's shape: a sharded leaf is not gathered
+    # mean(tau_t^2) per model over the selected entries: the T sums in one variadic reduction over the
+    # leaf's own shape (not flattened: sharding), the selection as an int32 word (threshold_word)
+    word = threshold_word(var, v[0], cut[0])
+    bits = lambda y: lax.bitcast_convert_type(y, jnp.int32)
+    sq = [lax.bitcast_convert_type(bits(r(jnp.square(x))) & word, jnp.float32) for x in form("m+(-b)")]
     sums = [jnp.sum(p) for p in row_totals(*sq)] if var.ndim >= 1 else sq
     energy = r(jnp.stack(sums) / jnp.float32(max(var.size, 1)))
     esum = r(jnp.sum(energy))
     wt = jnp.where(jnp.abs(esum) < 1e-6, r(jnp.full((T,), 1.0 / T)), r(energy / jnp.where(esum == 0, 1.0, esum)))
+    select = threshold_mask(var, v[0], cut[0])
+    taus = [jnp.where(select, x, 0.0) for x in taus]
+    votes = r(model_sum(taus))
+    sign = jnp.where(votes >= 0, 1.0, -1.0)
     ew = [jnp.where(_sign(x) == sign, wt[t], 0.0) for t, x in enumerate(taus)]  # erase
     merged = r(r(model_sum([r(x * e) for x, e in zip(taus, ew)])) / r(jnp.maximum(r(model_sum(ew)), 1e-6)))
     return state.replace(merged=merged, extras={**state.extras, "sign": sign, "sce_mask": select})
