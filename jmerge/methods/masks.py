@@ -108,7 +108,8 @@ def _consensus_mask(state: MergeState, hp, *, masks_from: str, strict: bool) -> 
         if masks is None:
             rows = state.tau_rows()
             masks = _tall_rows(rows, model_sum(rows), lam, strict)
-    count = model_sum(masks.astype(jnp.float32))
+    # the stack's rows, each converted (a conversion of the whole stack made XLA:CPU write the stacked masks)
+    count = model_sum([masks[t].astype(jnp.float32) for t in range(masks.shape[0])])
     keep = count >= hp["k"]
     return state.replace(merged=jnp.where(keep, state.merged, 0.0),
                          extras={**state.extras, "tall_masks": masks, "consensus_mask": keep})
