@@ -194,13 +194,19 @@ def counts(*masks: jax.Array) -> list:
     return list(lax.reduce(ops, zero, lambda a, b: tuple(x + y for x, y in zip(a, b)), tuple(range(ops[0].ndim))))
 
 
-def totals(*xs: jax.Array) -> list:
+def totals(*xs: jax.Array, flatten: bool = True) -> list:
     """The sum of each array (all of one shape), computed in one variadic reduction (workaround 7).
 
     Rows (the last axis) are reduced together first (:func:`row_totals`, over the array reshaped to
-    rows), then the row sums of each array; float32.
+    rows), then the row sums of each array; float32. ``flatten=False`` reduces the arrays' last axis
+    in their own shape (a sharded leaf is reduced where it lives, never gathered); a 0-d array is its
+    own sum.
     """
     shape = xs[0].shape
+    if not flatten:
+        if not shape:
+            return [jnp.asarray(x, jnp.float32) for x in xs]
+        return [jnp.sum(p) for p in row_totals(*xs)]
     cols = shape[-1] if len(shape) >= 1 else 1
     return [jnp.sum(p) for p in row_totals(*(jnp.reshape(x, (-1, cols)) for x in xs))]
 

@@ -14,13 +14,14 @@ smoothing" (1977); Jang et al., "Model Stock: All we need is just a few fine-tun
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from ..core import HParamSpec, MergeInputError, MergeState, Transform, model_mean, model_sum, transform
-from ..core.xla import row_totals
+from ..core.xla import row_totals, totals
 
 __all__ = ["slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap"]
 
@@ -31,16 +32,7 @@ def _safe_norm(x, axis=None, keepdims=False):
     return jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=keepdims))
 
 
-def _totals(*xs):
-    """The sum over every axis of each array (all of one shape, the leaf's own: not flattened, so a
-    sharded leaf is reduced where it lives), in one variadic reduction over rows, then the row sums.
-
-    XLA:CPU then reads the inputs of all the sums once, without writing the summed values to fresh
-    buffers first (as it does for ``jnp.sum`` of a computed value; core.xla workaround 7).
-    """
-    if xs[0].ndim == 0:
-        return [jnp.asarray(x, jnp.float32) for x in xs]
-    return [jnp.sum(p) for p in row_totals(*xs)]
+_totals = functools.partial(totals, flatten=False)  # sums over every axis, not flattened (sharding)
 
 
 # --------------------------------------------------------------------------------------------

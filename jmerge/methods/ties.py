@@ -21,7 +21,7 @@ from jax import lax
 from ..core import (HParamSpec, MergeInputError, MergeState, Transform, chain, model_mean, model_sum,
                     transform)
 from ..core.select import threshold_mask, threshold_word, topk_thresholds_rows
-from ..core.xla import counts, materialized, row_totals, rows, sign as _sign
+from ..core.xla import counts, materialized, rows, sign as _sign, totals
 from ..kernels import backend as _kernel_backend
 from ..kernels.arith import disjoint_aggregate
 from .basic import per_model, scale as _scale_step, weighted_sum
@@ -336,7 +336,7 @@ def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
     word = threshold_word(var, v[0], cut[0])
     bits = lambda y: lax.bitcast_convert_type(y, jnp.int32)
     sq = [lax.bitcast_convert_type(bits(r(jnp.square(x))) & word, jnp.float32) for x in form("m+(-b)")]
-    sums = [jnp.sum(p) for p in row_totals(*sq)] if var.ndim >= 1 else sq
+    sums = totals(*sq, flatten=False)
     energy = r(jnp.stack(sums) / jnp.float32(max(var.size, 1)))
     esum = r(jnp.sum(energy))
     wt = jnp.where(jnp.abs(esum) < 1e-6, r(jnp.full((T,), 1.0 / T)), r(energy / jnp.where(esum == 0, 1.0, esum)))
