@@ -91,10 +91,11 @@ def main():
     ap.add_argument("methods", nargs="+", help='factory calls of jmerge, e.g. "ties(density=0.2)"')
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--models", type=int, default=3, help="fine-tuned models merged (Arcee Fusion takes 1)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     base = jnp.asarray(rng.standard_normal((1024, 2816)).astype(np.float32))
-    models = [base + 0.01 * jnp.asarray(rng.standard_normal(base.shape).astype(np.float32)) for _ in range(3)]
+    models = [base + 0.01 * jnp.asarray(rng.standard_normal(base.shape).astype(np.float32)) for _ in range(args.models)]
     for spec in args.methods:
         method = eval("jmerge." + spec, {"jmerge": jmerge})
         run = lambda: jmerge.merge(method, {"w": base}, [{"w": m} for m in models])

@@ -353,3 +353,40 @@ def test_mergekit_configs_parse():
     assert plan.method_name == "arcee_fusion" and plan.models == ["m"]
     with pytest.raises(jmerge.ConfigError, match="at most 1"):
         parse_config("merge_method: arcee_fusion\nbase_model: b\nmodels:\n  - model: m1\n  - model: m2\n")
+
+
+def test_row_kl_blocks_equal_the_whole_leaf():
+    """_row_kl runs a loop over blocks of rows (the last block overlapping the one before when the rows do
+    not divide); each row's KL equals the whole-leaf evaluation, which the reference test checks."""
+    from jmerge.methods import fusion as F
+    rng = np.random.default_rng(8)
+    for shape in ((1000, 128), (101, 2817), (3, 5, 9000)):
+        b = rng.normal(size=shape).astype(np.float32)
+        m = (b + 0.01 * rng.normal(size=shape)).astype(np.float32)
+        m.reshape(rows := m.size // shape[-1], -1)[0, 0] += 30.0  # a far row: the plain sum in its block
+        B = F._blocked(jnp.asarray(m))
+        assert 0 < B < rows and rows % B, (shape, B)  # several blocks, the last one overlapping
+        whole = np.asarray(jax.jit(F._kl)(m, b))
+        got = np.asarray(jax.jit(F._row_kl)(m, b))
+        np.testing.assert_allclose(got, whole, rtol=2e-6, atol=0, err_msg=str(shape))
+        ref = (ref_importance(b, m) / np.abs(m.astype(np.float64) - b)).reshape(rows, -1)[:, :1]
+        np.testing.assert_allclose(got.reshape(rows, 1)[1:], ref[1:], rtol=1e-4)  # row 0 (far): the plain sum
+
+
+@pytest.mark.parametrize("nan_rows", [3, 30])
+def test_arcee_fusion_nan_importances_sort_last(nan_rows):
+    """NaN importances (a NaN weight makes its row's KL NaN) sort after every number, as in mergekit's
+    torch.sort: quartiles at positions past the numbers are NaN, and a NaN fence keeps nothing. Few NaN rows:
+    the fence is that of the numbers with the NaNs counted at the top (NumPy's sort)."""
+    rng = np.random.default_rng(9)
+    b = rng.normal(size=(40, 300)).astype(np.float32)
+    m = (b + 0.01 * rng.normal(size=b.shape)).astype(np.float32)
+    m[:nan_rows, 5] = np.nan
+    _, ex = jmerge.merge(arcee_fusion(), {"w": b}, [{"w": m}], return_extras=True)
+    got = np.asarray(ex["w"]["fusion_mask"])
+    s = np.asarray(jax.jit(fusion_importance)(m, b))
+    assert np.isnan(s[:nan_rows]).all() and not np.isnan(s[nan_rows:]).any()
+    q1, q2, q3 = _quartiles(s)  # np.sort: NaN last
+    want = s >= np.float32(q2) + np.float32(1.5) * (np.float32(q3) - np.float32(q1))
+    np.testing.assert_array_equal(got, want)
+    assert (got.sum() == 0) == (nan_rows == 30)  # 30 of 40 rows: Q3's position falls among the NaNs

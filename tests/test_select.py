@@ -481,3 +481,27 @@ def test_threshold_word_is_the_mask(magnitude):
             np.testing.assert_array_equal(w, np.where(m, -1, 0).astype(np.int32), err_msg=f"v={v} cut={cut}")
             masked = (y.view(np.int32) & w).view(np.float32)
             np.testing.assert_array_equal(masked.view(np.int32), np.where(m, y, np.float32(0)).view(np.int32))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "special"])
+def test_threshold_values_are_the_kth_largest(kind):
+    """threshold_values from topk_thresholds_rows' thresholds is the k-th largest value of each row, against
+    NumPy's sort (NaN sorts last, so the k-th largest is NaN for k up to the NaN count); every k from 0 to
+    past n, rows of several shapes (the counting search and the whole sort)."""
+    rng = np.random.default_rng(7)
+    for shape in ((40, 60), (3000,), (5, 7, 90)):
+        x = rng.normal(size=shape).astype(np.float32)
+        flat = x.reshape(-1)
+        if kind == "ties":
+            flat[:] = np.round(flat * 4) / 4
+        if kind == "special":
+            flat[:6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, np.nan]
+            flat[6:20] = np.float32(1e-45)
+        n = flat.size
+        asc = np.sort(flat)  # NaN last
+        ks = np.array(sorted({0, 1, 2, 3, 5, n // 4, n // 2, n - 1, n, n + 3}), np.int32)
+        rows = jnp.broadcast_to(jnp.asarray(x), (len(ks),) + shape)
+        v, cut = S.topk_thresholds_rows(rows, jnp.asarray(ks))
+        got = np.asarray(S.threshold_values([jnp.asarray(x)] * len(ks), ks, v, cut))
+        want = np.array([np.inf if k <= 0 else asc[max(n - k, 0)] for k in ks], np.float32)
+        np.testing.assert_array_equal(got, want, err_msg=f"{shape} k={ks}")

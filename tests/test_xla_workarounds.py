@@ -267,3 +267,17 @@ def test_tau_forms_have_the_same_bits(precision):
         neg = f["b-m"][t]
         np.testing.assert_array_equal(neg.view(np.int32), np.where(want == 0, np.float32(0), -want).view(np.int32))
         np.testing.assert_array_equal(np.square(neg).view(np.int32), np.square(want).view(np.int32))
+
+
+def test_arcee_fusion_writes_no_leaf_sized_buffer():
+    """Arcee Fusion's row KLs run a block of rows at a time, its quartile searches and their values recompute
+    the importances from the inputs, and the values' pass reads ``|b - m|`` (not tau, which the result reads):
+    no leaf-sized buffer (before: tau, |tau|, the softmax and its terms, the importances broadcast to three
+    rows twice, 11 buffers)."""
+    method = jmerge.arcee_fusion()
+    b = jnp.zeros(SHAPE, jnp.float32)
+    ms = (jnp.ones(SHAPE, jnp.float32),)
+    prog = LeafProgram(method)
+    hp = {k: jnp.asarray(v, jnp.float32) for k, v in method.defaults.items()}
+    txt = _hlo(lambda b, ms, hp: prog(b, ms, hp, jax.random.key(0), {}, None, traced=True), b, ms, hp)
+    assert _full_size_buffers(txt, N) == []
