@@ -35,6 +35,7 @@ from jax import lax
 from ..core import (HParamSpec, MergeInputError, MergeState, StatsPhase, Transform, chain, check_task_vectors,
                     density_to_k,
                     leaves_with_paths, model_max, model_sum, topk_mask_rows, transform)
+from ..core.select import threshold_mask, topk_thresholds_rows
 from ..core import task_vectors as task_vectors_of
 from ..core.xla import materialized, rows, sign, totals
 from .basic import per_model, scale as _scale_step, weighted_sum
@@ -394,59 +395,77 @@ def _nsoftmax(x: jax.Array) -> jax.Array:
     return x.shape[-1] * jax.nn.softmax(x, axis=-1)
 
 
-def _pcb_scores(tau: jax.Array) -> jax.Array:
-    """PCB's ``beta_t = intra_t * inter_t`` for ``tau`` (T, *shape), in the leaf's own shape.
+def _pcb_scores(rows_of, T: int, shape: tuple) -> list:
+    """PCB's ``beta_t = intra_t * inter_t`` for the task vectors' rows, each in the leaf's own ``shape``.
+
+    ``rows_of(form)`` gives the T rows of tau (``form`` as in :func:`jmerge.core.diff_rows`). Each pass reads
+    them in a form of its own (the products of two ``b - m`` rows are those of the ``m - b`` rows bit for
+    bit): with one expression in several passes XLA:CPU writes it to memory (fresh pages) first.
 
     ``softmax(T * Norm(tau_t * tau_s))`` is symmetric in (t, s), so the T (T + 1) / 2 distinct ones are
     computed (the intra term of task t is its (t, t) term). Every statistic reduces over all axes of the
     leaf (not flattened: a sharded leaf is reduced where it lives, never gathered), all pairs at once:
-    one variadic reduction for the minima and maxima, one for the softmax sums. The softmax maximum is
-    ``T * Norm(max) = T`` exactly (0 for a constant product), so it needs no pass of its own.
+    one variadic reduction for the minima and maxima, one for the softmax sums (along the last axis first,
+    then over the row sums: one reduction over every entry is a sequential float32 loop on XLA:CPU, whose
+    sums of ~3M terms were about 1.7% off). The softmax maximum is ``T * Norm(max) = T`` exactly (0 for a
+    constant product), so it needs no pass of its own.
 
     Sharded, the sums add in another order and the elementwise code runs on other shapes (XLA:CPU's
     vectorized and scalar ``exp`` may differ in the last bit), so scores agree with one device to float32
     rounding, and an entry whose score lies within that rounding of the drop threshold may fall on
     either side.
     """
-    T = tau.shape[0]
-    n = tau[0].size
-    ax = tuple(range(tau.ndim - 1))
+    n = int(np.prod(shape))
+    ax = tuple(range(len(shape)))
     pairs = [(t, u) for t in range(T) for u in range(t, T)]
-    prod = lambda t, u: tau[t] * tau[u]
-    ext = lax.reduce(tuple(prod(t, u) for t, u in pairs) * 2,
-                     (np.float32(np.inf),) * len(pairs) + (np.float32(-np.inf),) * len(pairs),
-                     lambda a, b: tuple(jnp.minimum(x, y) for x, y in zip(a[:len(pairs)], b[:len(pairs)]))
-                     + tuple(jnp.maximum(x, y) for x, y in zip(a[len(pairs):], b[len(pairs):])), ax)
-    lo, hi = ext[:len(pairs)], ext[len(pairs):]
+    P = len(pairs)
+    r = rows_of("m-b")
+    ext = lax.reduce(tuple(r[t] * r[u] for t, u in pairs) * 2, (np.float32(np.inf),) * P + (np.float32(-np.inf),) * P,
+                     lambda a, b: tuple(jnp.minimum(x, y) for x, y in zip(a[:P], b[:P]))
+                     + tuple(jnp.maximum(x, y) for x, y in zip(a[P:], b[P:])), ax)
+    lo, hi = ext[:P], ext[P:]
 
-    def logits(i):  # T * Norm(tau_t * tau_u) minus its maximum
+    def logits(i, r):  # T * Norm(tau_t * tau_u) minus its maximum
         t, u = pairs[i]
         rng = hi[i] - lo[i]
-        norm = jnp.where(rng > 0, (prod(t, u) - lo[i]) / jnp.where(rng > 0, rng, 1.0), 0.0)
+        norm = jnp.where(rng > 0, (r[t] * r[u] - lo[i]) / jnp.where(rng > 0, rng, 1.0), 0.0)
         return T * norm - T * jnp.where(rng > 0, (hi[i] - lo[i]) / jnp.where(rng > 0, rng, 1.0), 0.0)
 
-    sums = lax.reduce(tuple(jnp.exp(logits(i)) for i in range(len(pairs))), (np.float32(0),) * len(pairs),
-                      lambda a, b: tuple(x + y for x, y in zip(a, b)), ax)
-    sm = {pairs[i]: n * (jnp.exp(logits(i)) / sums[i]) for i in range(len(pairs))}
+    r = rows_of("m+(-b)")
+    # The exponentials written once (vectorized elementwise; fused into a reduction XLA:CPU computes them
+    # one at a time) and read by the sums and the scores.
+    e = materialized(lambda: [jnp.exp(logits(i, r)) for i in range(P)], r[0])
+    sums = [jnp.sum(jnp.sum(x, axis=-1)) for x in e]
+    sm = {pairs[i]: n * (e[i] / sums[i]) for i in range(P)}
     sm.update({(u, t): v for (t, u), v in list(sm.items())})
     beta = []
     for t in range(T):
-        inter = jnp.zeros(tau.shape[1:], jnp.float32)
+        inter = jnp.zeros(shape, jnp.float32)
         for u in range(T):
             inter = inter + sm[(t, u)]
         beta.append(sm[(t, t)] * inter)
-    return jnp.stack(beta)
+    return beta
 
 
-def _pcb_paper(tau: jax.Array, ratio):
-    T = tau.shape[0]
-    n = tau[0].size
-    # One buffer for the scores: the top-k's counting passes and its final mask must read the same
-    # values (recomputed in two fusions, an entry at the threshold may round differently and flip).
-    beta = materialized(lambda: _pcb_scores(tau), tau)
+def _pcb_paper(state: MergeState, ratio):
+    """``(tau rows, kept scores rows)`` for the paper variant."""
+    T = state.num_models
+    shape = state.tau.shape[1:] or (1,)  # a 0-d leaf is one entry
+    n = int(np.prod(shape))
+    fix = lambda x: jnp.reshape(x, shape)
+    rebuild = {f: state.tau_rebuild(f) for f in ("m-b", "m+(-b)", "b-m")}
+    if all(v is not None for v in rebuild.values()):  # tau as built: every pass reads the inputs
+        rows_of = lambda form: [fix(x) for x in rebuild[form](lambda a: a)]
+    else:
+        rows_of = lambda form: [fix(state.tau[t]) for t in range(T)]
+    # One buffer per task for the scores (computed from the inputs inside the conditional, so nothing is
+    # written before it): the top-k's counting passes and its final mask must read the same values
+    # (recomputed in two fusions, an entry at the threshold may round differently and flip).
+    beta = materialized(lambda: _pcb_scores(rows_of, T, shape), state.tau)
     keep_k = jnp.broadcast_to(n - density_to_k(ratio, n), (T,))
-    keep = topk_mask_rows(beta, keep_k)  # rows in the leaf's shape (sharding)
-    return tau, jnp.where(keep, beta, 0.0)
+    v, cut = topk_thresholds_rows(jnp.stack(beta), keep_k, rebuild=lambda g: [g(x) for x in beta])
+    kept = [jnp.where(threshold_mask(x, v[t], cut[t]), x, 0.0) for t, x in enumerate(beta)]
+    return rows_of("m-b"), kept
 
 
 def _pcb_authors(tau2: jax.Array, ratio, outlier: float):
@@ -471,9 +490,12 @@ def _pcb(state: MergeState, hp, *, variant: str, outlier: float) -> MergeState:
         total = model_sum(beta, keepdims=True)
         w = beta / jnp.maximum(total, 1e-12)
     else:
-        tau2, beta = _pcb_paper(state.tau if state.tau.ndim > 1 else state.tau.reshape(T, 1), hp["ratio"])
-        total = model_sum(beta, keepdims=True)
-        w = jnp.where(total > 0, beta / jnp.where(total > 0, total, 1.0), 0.0)
+        tau_rows, kept = _pcb_paper(state, hp["ratio"])
+        total = model_sum(kept)
+        ws = [jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 0.0) for x in kept]
+        merged = hp["scale"] * model_sum([wt * x for wt, x in zip(ws, tau_rows)])
+        return state.replace(merged=merged.reshape(state.tau.shape[1:]),
+                             extras={**state.extras, "pcb_weights": jnp.stack(ws).reshape(state.tau.shape)})
     merged = hp["scale"] * model_sum(w * tau2)
     return state.replace(merged=merged.reshape(state.tau.shape[1:]),
                          extras={**state.extras, "pcb_weights": w.reshape(state.tau.shape)})
