@@ -398,17 +398,18 @@ def _nsoftmax(x: jax.Array) -> jax.Array:
 def _pcb_scores(rows_of, T: int, shape: tuple) -> list:
     """PCB's ``beta_t = intra_t * inter_t`` for the task vectors' rows, each in the leaf's own ``shape``.
 
-    ``rows_of(form)`` gives the T rows of tau (``form`` as in :func:`jmerge.core.diff_rows`). Each pass reads
-    them in a form of its own (the products of two ``b - m`` rows are those of the ``m - b`` rows bit for
-    bit): with one expression in several passes XLA:CPU writes it to memory (fresh pages) first.
+    ``rows_of(form)`` gives the T rows of tau (``form`` as in :func:`jmerge.core.diff_rows`): the minima and
+    maxima read ``m - b``, the exponentials ``m + (-b)`` (the same bits): with one expression in two passes
+    XLA:CPU writes it to memory (fresh pages) first.
 
     ``softmax(T * Norm(tau_t * tau_s))`` is symmetric in (t, s), so the T (T + 1) / 2 distinct ones are
     computed (the intra term of task t is its (t, t) term). Every statistic reduces over all axes of the
-    leaf (not flattened: a sharded leaf is reduced where it lives, never gathered), all pairs at once:
-    one variadic reduction for the minima and maxima, one for the softmax sums (along the last axis first,
-    then over the row sums: one reduction over every entry is a sequential float32 loop on XLA:CPU, whose
-    sums of ~3M terms were about 1.7% off). The softmax maximum is ``T * Norm(max) = T`` exactly (0 for a
-    constant product), so it needs no pass of its own.
+    leaf (not flattened: a sharded leaf is reduced where it lives, never gathered): one variadic reduction
+    for the minima and maxima of all pairs; the exponentials are written once (vectorized elementwise: fused
+    into a reduction XLA:CPU computes them one at a time) and each pair's sum runs along the last axis first,
+    then over the row sums (one variadic reduction over every entry is a sequential float32 loop on XLA:CPU,
+    whose sums of ~3M terms were about 1.7% off). The softmax maximum is ``T * Norm(max) = T`` exactly (0 for
+    a constant product), so it needs no pass of its own.
 
     Sharded, the sums add in another order and the elementwise code runs on other shapes (XLA:CPU's
     vectorized and scalar ``exp`` may differ in the last bit), so scores agree with one device to float32
@@ -432,8 +433,6 @@ def _pcb_scores(rows_of, T: int, shape: tuple) -> list:
         return T * norm - T * jnp.where(rng > 0, (hi[i] - lo[i]) / jnp.where(rng > 0, rng, 1.0), 0.0)
 
     r = rows_of("m+(-b)")
-    # The exponentials written once (vectorized elementwise; fused into a reduction XLA:CPU computes them
-    # one at a time) and read by the sums and the scores.
     e = materialized(lambda: [jnp.exp(logits(i, r)) for i in range(P)], r[0])
     sums = [jnp.sum(jnp.sum(x, axis=-1)) for x in e]
     sm = {pairs[i]: n * (e[i] / sums[i]) for i in range(P)}
@@ -453,7 +452,7 @@ def _pcb_paper(state: MergeState, ratio):
     shape = state.tau.shape[1:] or (1,)  # a 0-d leaf is one entry
     n = int(np.prod(shape))
     fix = lambda x: jnp.reshape(x, shape)
-    rebuild = {f: state.tau_rebuild(f) for f in ("m-b", "m+(-b)", "b-m")}
+    rebuild = {f: state.tau_rebuild(f) for f in ("m-b", "m+(-b)")}
     if all(v is not None for v in rebuild.values()):  # tau as built: every pass reads the inputs
         rows_of = lambda form: [fix(x) for x in rebuild[form](lambda a: a)]
     else:
