@@ -176,11 +176,12 @@ class MergeState:
         _, base_leaf, model_leaves = self.source
         return lambda guard: diff_rows(base_leaf, model_leaves, guard, self.precision, form)
 
-    def tau_rows(self) -> list[Float[Array, "*shape"]]:
-        """The rows of ``tau``: recomputed from the inputs while tau is as built, else its slices. A step
-        that works row by row and stacks its results lets a later step's row fold into the expression that
-        built it (XLA:CPU writes the whole stack, models x leaf, when an op takes it whole)."""
-        rebuild = self.tau_rebuild()
+    def tau_rows(self, form: Literal["m-b", "m+(-b)", "b-m"] = "m-b") -> list[Float[Array, "*shape"]]:
+        """The rows of ``tau``: recomputed from the inputs while tau is as built (in ``form``, see
+        :meth:`tau_rebuild`), else its slices. A step that works row by row and stacks its results lets a
+        later step's row fold into the expression that built it (XLA:CPU writes the whole stack, models x
+        leaf, when an op takes it whole)."""
+        rebuild = self.tau_rebuild(form)
         return rebuild(lambda a: a) if rebuild is not None else [self.tau[t] for t in range(self.num_models)]
 
     def raw_tau(self) -> Float[Array, "T *shape"]:

@@ -451,12 +451,7 @@ def _pcb_paper(state: MergeState, ratio):
     T = state.num_models
     shape = state.tau.shape[1:] or (1,)  # a 0-d leaf is one entry
     n = int(np.prod(shape))
-    fix = lambda x: jnp.reshape(x, shape)
-    rebuild = {f: state.tau_rebuild(f) for f in ("m-b", "m+(-b)")}
-    if all(v is not None for v in rebuild.values()):  # tau as built: every pass reads the inputs
-        rows_of = lambda form: [fix(x) for x in rebuild[form](lambda a: a)]
-    else:
-        rows_of = lambda form: [fix(state.tau[t]) for t in range(T)]
+    rows_of = lambda form: [jnp.reshape(x, shape) for x in state.tau_rows(form)]  # tau as built: the inputs
     # One buffer per task for the scores (computed from the inputs inside the conditional, so nothing is
     # written before it): the top-k's counting passes and its final mask must read the same values
     # (recomputed in two fusions, an entry at the threshold may round differently and flip).
@@ -488,14 +483,13 @@ def _pcb(state: MergeState, hp, *, variant: str, outlier: float) -> MergeState:
         tau2, beta = _pcb_authors(state.tau.reshape(T, -1), hp["ratio"], outlier)
         total = model_sum(beta, keepdims=True)
         w = beta / jnp.maximum(total, 1e-12)
-    else:
+        merged = hp["scale"] * model_sum(w * tau2)
+    else:  # per task row (no stack): each row folds into the expression that built it
         tau_rows, kept = _pcb_paper(state, hp["ratio"])
         total = model_sum(kept)
         ws = [jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 0.0) for x in kept]
         merged = hp["scale"] * model_sum([wt * x for wt, x in zip(ws, tau_rows)])
-        return state.replace(merged=merged.reshape(state.tau.shape[1:]),
-                             extras={**state.extras, "pcb_weights": jnp.stack(ws).reshape(state.tau.shape)})
-    merged = hp["scale"] * model_sum(w * tau2)
+        w = jnp.stack(ws)
     return state.replace(merged=merged.reshape(state.tau.shape[1:]),
                          extras={**state.extras, "pcb_weights": w.reshape(state.tau.shape)})
 

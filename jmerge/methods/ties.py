@@ -317,10 +317,7 @@ def _sce(state: MergeState, hp, *, rounding: str) -> MergeState:
     T = state.num_models
     r = state.rounded  # identity in float32; rounds where a merge computed in bf16/fp16 rounds
     taus = [state.tau[t] for t in range(T)]
-
-    def form(f):  # tau's rows in the form f while tau is as built, else its slices
-        rebuild = state.tau_rebuild(f)
-        return taus if rebuild is None else rebuild(lambda a: a)
+    form = state.tau_rows  # tau's rows in a form of the same bits (each pass its own)
 
     def variance(xs):  # population variance across tasks; the same bits for -xs
         mu = model_sum(xs) / T
