@@ -321,31 +321,43 @@ def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
 def _count_pass(x, ts, lo, hi, magnitude):
     """Counts at ``J`` thresholds (``counts[:, j] = #{key >= ts[:, j]}``; ``J`` a multiple of ``_J``, one packed
     int32 per ``_J``) and the two snaps ``below = max{key < hi}`` and ``above = min{key > lo}`` per row, in one
-    read of ``x`` (one variadic reduction)."""
+    read of ``x`` (one variadic reduction).
+
+    ``x`` is (R, ...) with one search per row (``ts`` (R, J)), or one row (1, ...) searched for ``P`` targets
+    at once (``ts`` (P, J), ``lo`` and ``hi`` (P,)): every target's counts and snaps are outputs of the same
+    reduction, so the row is read once for all of them (results (P, J) and (P,))."""
     R, J = x.shape[0], ts.shape[1]
+    P = ts.shape[0]
     W = J // _J
     main, tail = _blocks(x)
-    counts = jnp.zeros((R, J), jnp.int32)
-    below = jnp.full((R,), _I32_MIN, jnp.int32)
-    above = jnp.full((R,), _I32_MAX, jnp.int32)
+    counts = jnp.zeros((P, J), jnp.int32)
+    below = jnp.full((P,), _I32_MIN, jnp.int32)
+    above = jnp.full((P,), _I32_MAX, jnp.int32)
     if main.size:
         km = _keys(main, magnitude)
-        col = lambda a: a.reshape((R,) + (1,) * (main.ndim - 1))
-        packed = tuple(sum((km >= col(ts[:, w * _J + j])).astype(jnp.int32) << (_BITS * j) for j in range(_J))
-                       for w in range(W))
-        lo3, hi3 = col(lo), col(hi)
-        out = lax.reduce(packed + (jnp.where(km < hi3, km, _I32_MIN), jnp.where(km > lo3, km, _I32_MAX)),
-                         (np.int32(0),) * W + (_I32_MIN, _I32_MAX),
-                         lambda a, b: tuple(x + y for x, y in zip(a[:W], b[:W]))
-                         + (jnp.maximum(a[W], b[W]), jnp.minimum(a[W + 1], b[W + 1])),
+        col = lambda a: a.reshape((a.shape[0],) + (1,) * (main.ndim - 1))
+        # one search per row (P == R): thresholds of shape (R, 1, ...); one row with P targets: per target
+        tg = [slice(None)] if P == R else [slice(p, p + 1) for p in range(P)]
+        packed = tuple(sum((km >= col(ts[g, w * _J + j])).astype(jnp.int32) << (_BITS * j) for j in range(_J))
+                       for g in tg for w in range(W))
+        snaps = tuple(z for g in tg for z in (jnp.where(km < col(hi[g]), km, _I32_MIN),
+                                               jnp.where(km > col(lo[g]), km, _I32_MAX)))
+        G, NW = len(tg), len(tg) * W
+        out = lax.reduce(packed + snaps, (np.int32(0),) * NW + (_I32_MIN, _I32_MAX) * G,
+                         lambda a, b: tuple(x + y for x, y in zip(a[:NW], b[:NW]))
+                         + tuple(jnp.maximum(a[i], b[i]) if (i - NW) % 2 == 0 else jnp.minimum(a[i], b[i])
+                                 for i in range(NW, NW + 2 * G)),
                          (main.ndim - 1,))
         rest = tuple(range(1, out[0].ndim))  # block sums in the data's own shape: no flattening (sharding)
-        parts = [_unpack_counts(s, _J) for s in out[:W]]
-        counts = counts + (parts[0] if W == 1 else jnp.concatenate(parts, axis=1))
-        below = jnp.maximum(below, jnp.max(out[W], axis=rest))
-        above = jnp.minimum(above, jnp.min(out[W + 1], axis=rest))
+        parts = [_unpack_counts(s, _J) for s in out[:NW]]
+        rows = [parts[i * W] if W == 1 else jnp.concatenate(parts[i * W:(i + 1) * W], axis=1) for i in range(G)]
+        counts = counts + (rows[0] if G == 1 else jnp.concatenate(rows, axis=0))
+        bl = [jnp.max(out[NW + 2 * i], axis=rest) for i in range(G)]
+        ab = [jnp.min(out[NW + 2 * i + 1], axis=rest) for i in range(G)]
+        below = jnp.maximum(below, bl[0] if G == 1 else jnp.concatenate(bl))
+        above = jnp.minimum(above, ab[0] if G == 1 else jnp.concatenate(ab))
     if tail.shape[1]:
-        kt = _keys(tail, magnitude)
+        kt = _keys(tail, magnitude)  # (R, m) against (P, J) thresholds: R == P, or one row broadcast to P
         counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
         below = jnp.maximum(below, jnp.max(jnp.where(kt < hi[:, None], kt, _I32_MIN), axis=1))
         above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
@@ -362,12 +374,15 @@ def _run(sk: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (jnp.sum(sk < c[:, None], axis=1, dtype=jnp.int32), jnp.sum(sk <= c[:, None], axis=1, dtype=jnp.int32))
 
 
-def _first_thresholds(rows, k, magnitude):
+def _first_thresholds(rows, k, magnitude, data_of=None):
     """Five keys of a sorted strided sample around the expected rank of the k-th largest, and the sorted
-    sample (R, M) (:func:`_tied_thresholds` reads it in later passes)."""
+    sample (R, M) (:func:`_tied_thresholds` reads it in later passes). ``data_of``: the data row of each
+    search row (default: one search per row); a row searched for several targets is sampled once."""
     n = rows[0].size
     target = min(_SAMPLE, max(n // 8, 1))  # the sample is gathered when sharded: never the whole row
     sk = jnp.sort(_keys(jnp.stack([_sample(r, target).reshape(-1) for r in rows]), magnitude), axis=1)
+    if data_of is not None:
+        sk = sk[np.asarray(data_of)]
     M = sk.shape[1]
     q = k.astype(jnp.float32) / n
     pos = (1.0 - q) * M  # ascending sample position of the k-th largest
@@ -450,15 +465,18 @@ def _narrow(state, ts, counts, below, above, k):
     nglo = jnp.where(nlo == lo, glo, jnp.min(jnp.where(ge & (ts == nlo[:, None]), counts, _I32_MAX), axis=1))
     nhi = jnp.minimum(jnp.min(jnp.where(ge, _I32_MAX, ts), axis=1), hi)
     nghi = jnp.where(nhi == hi, ghi, jnp.max(jnp.where(~ge & (ts == nhi[:, None]), counts, -1), axis=1))
-    # No key lies in (below, hi): G(below + 1) == G(hi), so hi may drop to below + 1.
-    nhi = jnp.where((nhi == hi) & (below >= nlo), below + 1, nhi)
+    # The old bracket's keys above lo lie in [above, below]. A lower end the counts moved up (nlo > lo) may rise
+    # to above (no key in [nlo, above): G(above) == G(nlo)), and hi may drop to below + 1 (no key in
+    # (below, hi): G(below + 1) == G(nhi)); a bracket holding one key (many entries tied at it) ends here.
+    nlo = jnp.where((nlo > lo) & (above > nlo) & (above < nhi), above, nlo)
+    nhi = jnp.where((below >= nlo) & (below < nhi), below + 1, nhi)
     # No key lies in (lo, above): if that covers the new bracket, the k-th key is lo itself.
     nhi = jnp.where((nlo == lo) & (above >= nhi), lo + 1, nhi)
     even = (nglo - nghi) * 2 > (glo - ghi)  # fewer than half the entries left the bracket
     return nlo, nglo, nhi, nghi, even, below, above
 
 
-def _search(xs, k, magnitude):
+def _search(xs, k, magnitude, data_of=None):
     """Per row, a key ``t`` with ``G(t) == k``, else the k-th largest key ``v`` (with ties at it).
 
     ``xs(guard)`` returns the data as a list of R rows (float32, each of ``n`` entries in any shape,
@@ -468,12 +486,24 @@ def _search(xs, k, magnitude):
     those arrays without being materialized (one stacked reduction would put a concatenate, which
     XLA:CPU does not vectorize, in the loop).
 
+    ``data_of`` (optional): search row ``s`` reads data row ``data_of[s]`` (``k`` has one entry per search
+    row). The searches of one data row share its passes: each pass reads the row once and counts every
+    unfinished search's thresholds (:func:`_count_pass` with several targets); a search's steps are those
+    it takes alone.
+
     Returns ``(v, gt, ge)``: keep ``key > v`` (``gt`` entries) and the first ``k - gt`` of the
     ``ge - gt`` entries equal to ``v``. When a threshold ``t`` hit ``k`` exactly, ``v = t - 1`` and
     ``gt == k``.
     """
     rows0 = xs(lambda a: a)
-    R, n = len(rows0), rows0[0].size
+    n = rows0[0].size
+    data_of = tuple(range(len(rows0))) if data_of is None else tuple(int(d) for d in data_of)
+    R = len(data_of)
+    groups: dict[int, list[int]] = {}
+    for s_, d in enumerate(data_of):
+        groups.setdefault(d, []).append(s_)
+    order = [s_ for g in groups.values() for s_ in g]
+    inverse = np.argsort(np.asarray(order))
     z = jnp.zeros((R,), jnp.int32)
     lo = jnp.full((R,), _NEG_INF_KEY, jnp.int32)
     hi = jnp.full((R,), _TOP, jnp.int32)
@@ -483,20 +513,25 @@ def _search(xs, k, magnitude):
         lo, glo, hi = s[:3]
         return (glo == k) | (_u32(hi) - _u32(lo) <= 1)
 
-    def row_pass(t, s, ts, m, fin):
-        # Rows that are done skip their pass (their results are discarded below).
-        def run():
-            r = jnp.asarray(xs(lambda a: loop_variant(a, m))[t], jnp.float32)
-            return _count_pass(r[None], ts[t:t + 1], s[0][t:t + 1], s[2][t:t + 1], magnitude)
+    def row_pass(d, idx, s, ts, m, fin):
+        # A data row whose searches are all done skips its pass (results of done searches are discarded below).
+        P = len(idx)
+        at = (lambda a: a[idx[0]:idx[0] + 1]) if P == 1 else (lambda a: a[np.asarray(idx)])
 
-        skip = lambda: (jnp.zeros((1, _J), jnp.int32), jnp.full((1,), _I32_MIN), jnp.full((1,), _I32_MAX))
-        return lax.cond(fin[t], skip, run)
+        def run():
+            r = jnp.asarray(xs(lambda a: loop_variant(a, m))[d], jnp.float32)
+            return _count_pass(r[None], at(ts), at(s[0]), at(s[2]), magnitude)
+
+        skip = lambda: (jnp.zeros((P, _J), jnp.int32), jnp.full((P,), _I32_MIN), jnp.full((P,), _I32_MAX))
+        return lax.cond(fin[idx[0]] if P == 1 else jnp.all(at(fin)), skip, run)
 
     def body(carry):
         s, ts, m = carry
         fin = done(s)
-        parts = [row_pass(t, s, ts, m, fin) for t in range(R)]
+        parts = [row_pass(d, idx, s, ts, m, fin) for d, idx in groups.items()]
         counts, below, above = (jnp.concatenate(z) for z in zip(*parts))
+        if order != list(range(R)):  # back to search-row order
+            counts, below, above = (a[inverse] for a in (counts, below, above))
         new = _narrow(s, ts, counts, below, above, k)
         s = tuple(jnp.where(fin, a, b) for a, b in zip(s, new))
         never = counts[0, 0] < 0  # always false, but XLA cannot tell
@@ -511,7 +546,8 @@ def _search(xs, k, magnitude):
     # data (which would make XLA materialize the data for its two users), and indexed, not sliced
     # from the flattened input (which would gather a sharded one).
     first, sk = materialized(
-        lambda: _first_thresholds([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)], k, magnitude),
+        lambda: _first_thresholds([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)], k, magnitude,
+                                  None if data_of == tuple(range(len(rows0))) else data_of),
         xs(_first_entry)[0])
     carry = (state, first, jnp.int32(_ABS))
     state = lax.while_loop(lambda c: ~jnp.all(done(c[0])), body, carry)[0]
@@ -641,11 +677,25 @@ def _threshold_word(x, v, cut, magnitude):
 
 def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
     """Row-wise top-k as ``(v, cut)`` for :func:`_threshold_mask`; ``xs`` an (R, n) array (any float
-    dtype) or a data source ``guard -> (R, n)`` (see :func:`_search`)."""
+    dtype) or a data source ``guard -> (R, n)`` (see :func:`_search`).
+
+    ``k`` (R,), or (P, R): ``P`` counts per row, searched in shared passes (results (P, R))."""
     if not callable(xs):
         xs = _rows_fn(jnp.asarray(xs, jnp.float32))  # rows in their own shape
     R, n = jax.eval_shape(lambda: _stacked(xs)).shape
     k = jnp.asarray(k).astype(jnp.int32)
+    if k.ndim == 2:  # search row p * R + r reads data row r
+        P = k.shape[0]
+        data_of = tuple(r for _ in range(P) for r in range(R))
+        xs_s = lambda g: (lambda rows: [rows[d] for d in data_of])(xs(g))
+        kf = k.reshape(-1)
+        kc = jnp.clip(kf, 1, n)
+        if n <= _sort_max():
+            v, cut = _row_thresholds(xs_s, kf, magnitude)
+            return v.reshape(P, R), cut.reshape(P, R)
+        v, gt, ge = _search(xs, kc, magnitude, data_of)
+        v, cut = _search_result(xs_s, kf, n, v, gt, ge, magnitude)
+        return v.reshape(P, R), cut.reshape(P, R)
     kc = jnp.clip(k, 1, n)
     if n <= _sort_max():
         v, cut = _sorted_threshold(_stacked(xs), kc, magnitude)
@@ -654,6 +704,11 @@ def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
         return (jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v)),
                 jnp.where((k <= 0) | (k == n), np.int32(0), jnp.where(k > n, np.int32(n), cut)))
     v, gt, ge = _search(xs, kc, magnitude)
+    return _search_result(xs, k, n, v, gt, ge, magnitude)
+
+
+def _search_result(xs, k, n, v, gt, ge, magnitude):
+    """``(v, cut)`` from :func:`_search`'s ``(v, gt, ge)`` for the counts ``k`` (unclipped) of rows of ``n``."""
     # k <= 0: a threshold above every key keeps nothing; k >= n: one below every key keeps all.
     v = jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v))
     gt = jnp.where(k <= 0, 0, jnp.where(k >= n, n, gt))
@@ -702,9 +757,10 @@ def topk_keep_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], *, mag
     return kept, jnp.stack(masks)
 
 
-def topk_thresholds_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], *, magnitude: bool = False,
+def topk_thresholds_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"] | Int[Array, "P T"], *,
+                         magnitude: bool = False,
                          rebuild: Callable[[Callable[[Any], Any]], Sequence[Shaped[ArrayLike, "*shape"]]] | None = None
-                         ) -> tuple[Int[Array, "T"], Int[Array, "T"]]:
+                         ) -> tuple[Int[Array, "*P T"], Int[Array, "*P T"]]:
     """The per-row thresholds ``(v, cut)`` behind :func:`topk_keep_rows`'s mask, for a consumer that applies it
     itself (the fused TIES kernel, :func:`jmerge.kernels.masked_merge`).
 
@@ -713,11 +769,16 @@ def topk_thresholds_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], 
     ``cut[t]``: exactly the mask of :func:`topk_keep_rows` / :func:`topk_mask_rows` (same search, same ties).
     ``rebuild`` as in :func:`topk_keep_rows`.
 
+    ``k`` of shape ``(P, T)`` asks for ``P`` counts per row (e.g. Breadcrumbs' two cuts, quartiles): the
+    results are ``(P, T)``, equal to ``P`` separate calls, and the ``P`` searches of a row share its counting
+    passes (each pass reads the row once for all of them).
+
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023) for the
     trim step this selection serves.
     """
     x = jnp.asarray(x)
-    k = jnp.broadcast_to(jnp.asarray(k), (x.shape[0],))
+    k = jnp.asarray(k)
+    k = k if k.ndim == 2 else jnp.broadcast_to(k, (x.shape[0],))
     if rebuild is None:
         xs = _rows_fn(jnp.asarray(x, jnp.float32))
     else:
@@ -890,6 +951,8 @@ _G_SAMPLE = 4096  # sampled entries per leaf and task (at most 1/32 of the leaf)
 _G_CS0 = np.array([-7.0, -4.0, -2.2, -1.0, -0.3, 0.3, 1.0, 2.2, 4.0, 7.0])  # first thresholds, in sample sigmas
 _G_CS = np.array([-3.5, -2.0, -1.1, -0.5, -0.15, 0.15, 0.5, 1.1, 2.0, 3.5])  # later thresholds, in expected errors
 _G_J = 2 * _J  # thresholds per counting phase (two packed counts)
+_G_TIED = 3  # sampled keys counted (at x and x + 1) for a bracket whose sampled keys repeat
+_G_KEEP = np.array([0, _G_J - 1, 3, 6, 4, 5, 2, 7, 1, 8])  # interpolated thresholds by priority (snaps, centre)
 _G_CARRY: dict[int, dict] = {}  # host state of running searches, by token (a few at a time)
 _G_TOKENS = iter(range(1, 2 ** 31 - 1))
 
@@ -967,8 +1030,11 @@ class _GSearch:
                 j = cand[np.argmin(ts[t, cand])]
                 self.hi[t] = ts[t, j]
                 self.ghi_i[:, t] = counts_i[:, t, j]
-            # No key lies in (below, hi): G(below + 1) == G(hi) in every leaf.
-            if self.hi[t] == hi and self.lo[t] <= below[t] < self.hi[t]:
+            # The old bracket's keys above lo lie in [above, below] (see _narrow): a lower end the counts moved
+            # rises to above, and hi drops to below + 1, their counts unchanged in every leaf.
+            if lo < self.lo[t] < above[t] < self.hi[t]:
+                self.lo[t] = above[t]
+            if self.lo[t] <= below[t] < self.hi[t] - 1:
                 self.hi[t] = below[t] + 1
             # No key lies in (lo, above): the k-th key is lo itself when that covers the bracket.
             if self.lo[t] == lo and above[t] >= self.hi[t]:
@@ -1002,15 +1068,18 @@ class _GSearch:
             if lo < below[t] < hi:
                 ts[t, -1] = below[t]
             tied = self._tied(t, glo, ghi)
-            if tied.size:  # counted first; the interpolated keys fill the rest
-                ts[t] = np.concatenate([tied, ts[t]])[:_G_J]
+            if tied.size:  # counted first; the snaps and the central interpolated keys fill the rest
+                ts[t] = np.concatenate([tied, ts[t][np.sort(_G_KEEP[:_G_J - tied.size])]])
         return ts
 
     def _tied(self, t: int, glo: int, ghi: int) -> np.ndarray:
-        """Up to ``_G_J - 2`` thresholds at sampled keys for a bracket whose sampled keys repeat (heavy ties), as
+        """Up to ``2 * _G_TIED`` thresholds at sampled keys for a bracket whose sampled keys repeat (heavy ties), as
         :func:`_tied_thresholds` per row: the distinct sampled keys nearest the k-th key's estimated (weighted)
         position among the bracket's sampled keys, each counted at ``x`` and ``x + 1`` (``G(x) >= k > G(x + 1)``
-        ends the search at ``x``); empty when the sampled keys in the bracket are distinct."""
+        ends the search at ``x``). Empty when the sampled keys in the bracket are distinct, or when more than
+        ``_G_TIED`` distinct sampled keys lie within the estimate's sampling error (float32 ``model - base``
+        values: a lattice of many keys, each tied a few thousand times in a large bracket), where the pairs
+        would rarely hold the k-th key and the interpolated thresholds narrow the bracket faster."""
         if t not in self.samples:
             return np.zeros(0, np.int64)
         sk, cw = self._sorted_sample(t)
@@ -1020,10 +1089,15 @@ class _GSearch:
             return np.zeros(0, np.int64)
         w0 = cw[a - 1] if a else 0.0
         target = w0 + (cw[b - 1] - w0) * ((glo - k) + 0.5) / max(glo - ghi, 1)
+        p = min(int(np.searchsorted(cw[a:b], target)), b - a - 1)  # the estimated rank among the sampled keys
+        q = min(max(((glo - k) + 0.5) / max(glo - ghi, 1), 0.0), 1.0)
+        sd = int(np.ceil(np.sqrt((b - a) * q * (1.0 - q)))) + 1  # its sampling error, in sampled keys
+        if np.unique(sk[a + max(p - sd, 0):a + min(p + sd + 1, b - a)]).size > _G_TIED:
+            return np.zeros(0, np.int64)  # more distinct keys within the error than pairs to count: interpolate
         keys = np.unique(sk[a:b])
-        at = sk[min(int(np.searchsorted(cw[a:b], target)) + a, b - 1)]  # the sampled key at the estimated rank
+        at = sk[a + p]  # the sampled key at the estimated rank
         c = int(np.clip(np.searchsorted(keys, at), 0, keys.size - 1))
-        near = keys[np.argsort(np.abs(np.arange(keys.size) - c), kind="stable")][:(_G_J - 2) // 2]
+        near = keys[np.argsort(np.abs(np.arange(keys.size) - c), kind="stable")][:_G_TIED]
         out = np.sort(np.concatenate([near, near + 1]))
         return out[(out > lo) & (out < hi)]
 

@@ -216,8 +216,8 @@ def _order_statistics(x, positions: tuple[int, ...], form: jnp.ndarray | None = 
 
     ``x`` is an array, or a source ``guard -> array`` that recomputes it from the arrays it derives from,
     each wrapped in ``guard`` (the counting passes then read those, and ``x`` is never written). The value
-    at position ``i`` is the smallest of the ``n − i`` largest entries: one top-k search per position,
-    then one pass for all the values (:func:`jmerge.core.select.threshold_values`), which reads ``form``
+    at position ``i`` is the smallest of the ``n − i`` largest entries: one top-k search per position
+    (the searches share their counting passes: each reads ``x`` once for all positions), then one pass for all the values (:func:`jmerge.core.select.threshold_values`), which reads ``form``
     if given (``x``'s values written in another form, so that XLA does not write an expression that
     this pass and the caller's share).
     """
@@ -226,10 +226,11 @@ def _order_statistics(x, positions: tuple[int, ...], form: jnp.ndarray | None = 
     shape = x.shape if x.ndim else (1,)  # rows in the leaf's own shape: a sharded leaf is not gathered
     n = x.size
     fix = (lambda a: jnp.reshape(a, shape)) if x.ndim == 0 else (lambda a: a)
-    rebuild = lambda g: [fix(src(g))] * len(positions)
+    rebuild = lambda g: [fix(src(g))]
     k = jnp.asarray([n - i for i in positions], jnp.int32)
-    v, cut = topk_thresholds_rows(jnp.broadcast_to(fix(x), (len(positions),) + shape), k, rebuild=rebuild)
-    return threshold_values([fix(x if form is None else form)] * len(positions), k, v, cut)
+    # one row searched for every position: each counting pass reads it once for all of them
+    v, cut = topk_thresholds_rows(fix(x)[None], k[:, None], rebuild=rebuild)
+    return threshold_values([fix(x if form is None else form)] * len(positions), k, v[:, 0], cut[:, 0])
 
 
 def _arcee_fusion(state: MergeState, hp) -> MergeState:

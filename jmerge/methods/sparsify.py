@@ -217,11 +217,12 @@ def _breadcrumbs(state: MergeState, hp, *, rounding: str) -> MergeState:
     # models - base, the counting passes read the models and tau is never materialized; the masked rows are
     # stacked row by row, so that a later step's row folds into the expression that built it.
     rebuild = state.tau_rebuild()
-    upper = _select.topk_thresholds_rows(state.tau, k_top + k_keep, magnitude=True, rebuild=rebuild)
-    outliers = _select.topk_thresholds_rows(state.tau, k_top, magnitude=True, rebuild=rebuild)
+    # Both cuts of a task come from one search with two targets: each counting pass reads the task once.
+    v, cut = _select.topk_thresholds_rows(state.tau, jnp.stack([k_top + k_keep, k_top]), magnitude=True,
+                                          rebuild=rebuild)
     rows = state.tau_rows()
-    masks = [_select.threshold_mask(x, upper[0][t], upper[1][t], magnitude=True)
-             & ~_select.threshold_mask(x, outliers[0][t], outliers[1][t], magnitude=True) for t, x in enumerate(rows)]
+    masks = [_select.threshold_mask(x, v[0, t], cut[0, t], magnitude=True)
+             & ~_select.threshold_mask(x, v[1, t], cut[1, t], magnitude=True) for t, x in enumerate(rows)]
     kept = jnp.stack([jnp.where(m, jnp.asarray(x, jnp.float32), 0.0) for m, x in zip(masks, rows)])
     return state.replace(tau=kept, extras={**state.extras, "breadcrumbs_mask": jnp.stack(masks)})
 

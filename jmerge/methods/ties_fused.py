@@ -70,9 +70,11 @@ def _selection(prefix, state: MergeState, hp, stats) -> dict | None:
         return {"thresholds": _select.topk_thresholds_rows(state.tau, k, magnitude=True, rebuild=state.tau_rebuild())}
     if kinds == [_breadcrumbs]:
         k_keep, k_top = _breadcrumbs_ks(state, s0.own_hparams(n0, hp), st0["rounding"])
-        # both searches read the models (the step materializes tau; here nothing reads it, so it is not built)
-        search = lambda k: _select.topk_thresholds_rows(state.tau, k, magnitude=True, rebuild=state.tau_rebuild())
-        return {"thresholds": search(k_top + k_keep), "drop_thresholds": search(k_top)}
+        # both searches read the models (the step materializes tau; here nothing reads it, so it is not built),
+        # sharing their counting passes
+        v, cut = _select.topk_thresholds_rows(state.tau, jnp.stack([k_top + k_keep, k_top]), magnitude=True,
+                                              rebuild=state.tau_rebuild())
+        return {"thresholds": (v[0], cut[0]), "drop_thresholds": (v[1], cut[1])}
     if kinds[0] is _dare and kinds[1:] in ([], [_trim]):
         p = per_model(s0.own_hparams(n0, hp)["density"], state)
         keep = _bernoulli(state.key, jnp.broadcast_to(p, state.tau.shape))
