@@ -86,9 +86,12 @@ def run(args):
     base = make_tree(args.params)
     n = sum(x.size for x in jax.tree.leaves(base))
     dt = jnp.dtype(args.dtype)
-    models = [jax.tree.map(lambda x, i=i: (x + args.delta * jax.random.normal(jax.random.key(100 + i), x.shape,
-                                                                              x.dtype)).astype(dt), base)
-              for i in range(args.models)]
+    # each leaf's update from its own key (one key per model for every leaf made same-shaped leaves' updates
+    # identical: a whole-model sample of them is then correlated, unlike real fine-tunes)
+    leaves, treedef = jax.tree.flatten(base)
+    models = [jax.tree.unflatten(treedef, [
+        (x + args.delta * jax.random.normal(jax.random.fold_in(jax.random.key(100 + i), j), x.shape, x.dtype)).astype(dt)
+        for j, x in enumerate(leaves)]) for i in range(args.models)]
     base = jax.tree.map(lambda x: x.astype(dt), base)
     jax.block_until_ready(models)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; tree: {n / 1e6:.1f}M params, "
