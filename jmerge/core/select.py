@@ -687,15 +687,16 @@ def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
     if k.ndim == 2:  # search row p * R + r reads data row r
         P = k.shape[0]
         data_of = tuple(r for _ in range(P) for r in range(R))
-        xs_s = lambda g: (lambda rows: [rows[d] for d in data_of])(xs(g))
         kf = k.reshape(-1)
         kc = jnp.clip(kf, 1, n)
         if n <= _sort_max():
+            xs_s = lambda g: (lambda rows: [rows[d] for d in data_of])(xs(g))
             v, cut = _row_thresholds(xs_s, kf, magnitude)
             return v.reshape(P, R), cut.reshape(P, R)
         v, gt, ge = _search(xs, kc, magnitude, data_of)
-        v, cut = _search_result(xs_s, kf, n, v, gt, ge, magnitude)
-        return v.reshape(P, R), cut.reshape(P, R)
+        # the tie cuts per target, each over the R rows (as P separate calls: no stack of P copies of the rows)
+        out = [_search_result(xs, k[p], n, *(a.reshape(P, R)[p] for a in (v, gt, ge)), magnitude) for p in range(P)]
+        return jnp.stack([o[0] for o in out]), jnp.stack([o[1] for o in out])
     kc = jnp.clip(k, 1, n)
     if n <= _sort_max():
         v, cut = _sorted_threshold(_stacked(xs), kc, magnitude)
