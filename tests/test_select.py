@@ -411,11 +411,8 @@ class _CountingLax:
         return carry
 
 
-def test_search_tied_bfloat16_rows_take_few_passes(monkeypatch):
-    """bfloat16 task vectors: the sampled keys in the bracket repeat, and thresholds at sampled keys (x, x + 1)
-    find the k-th key in a few passes (the key-space interpolation alone split the bracket evenly for many
-    passes: 122 row-passes on these 8 searches, now 66); the mask is NumPy's."""
-    rng = np.random.default_rng(21)
+def _counted_search(monkeypatch):
+    """A jitted ``(x, k) -> (masks of the 3 rows, row-passes of the search)`` (``select.lax`` counting)."""
     lax_ = _CountingLax()
     monkeypatch.setattr(S, "lax", lax_)
 
@@ -425,15 +422,28 @@ def test_search_tied_bfloat16_rows_take_few_passes(monkeypatch):
         v, cut = S.topk_thresholds_rows(x, k, magnitude=True)
         return jnp.stack([S.threshold_mask(x[t], v[t], cut[t], magnitude=True) for t in range(3)]), lax_.count
 
+    return search
+
+
+def _row_passes(search, xs, densities) -> int:
+    """Row-passes of ``search`` (:func:`_counted_search`) over each 3-row ``x`` and density; every mask NumPy's."""
     total = 0
-    for scale in (0.005, 0.02):
-        for _ in range(2):
-            x = _bf16_task_vectors(rng, (256, 1024), scale=scale)
-            for d in (0.2, 0.5):
-                k = np.full(3, int(round(d * x[0].size)), np.int32)
-                got, n = search(jnp.asarray(x), jnp.asarray(k))
-                np.testing.assert_array_equal(np.asarray(got), ref_rows(np.abs(x), k))
-                total += int(n)
+    for x in xs:
+        for d in densities:
+            k = np.full(3, int(round(d * x[0].size)), np.int32)
+            got, n = search(jnp.asarray(x), jnp.asarray(k))
+            np.testing.assert_array_equal(np.asarray(got), ref_rows(np.abs(x), k))
+            total += int(n)
+    return total
+
+
+def test_search_tied_bfloat16_rows_take_few_passes(monkeypatch):
+    """bfloat16 task vectors: the sampled keys in the bracket repeat, and thresholds at sampled keys (x, x + 1)
+    find the k-th key in a few passes (the key-space interpolation alone split the bracket evenly for many
+    passes: 122 row-passes on these 8 searches, now 66); the mask is NumPy's."""
+    rng = np.random.default_rng(21)
+    xs = [_bf16_task_vectors(rng, (256, 1024), scale=scale) for scale in (0.005, 0.02) for _ in range(2)]
+    total = _row_passes(_counted_search(monkeypatch), xs, (0.2, 0.5))
     assert total <= 80, total
 
 
@@ -575,23 +585,8 @@ def test_search_lattice_rows_snap_to_their_keys(monkeypatch):
     so a bracket holding one key ends the search: 145 row-passes on these 12 searches of 3 rows (173 when only
     an unmoved end snapped); masks equal NumPy's."""
     rng = np.random.default_rng(3)
-    lax_ = _CountingLax()
-    monkeypatch.setattr(S, "lax", lax_)
-
-    @jax.jit
-    def search(x, k):
-        lax_.k = k
-        v, cut = S.topk_thresholds_rows(x, k, magnitude=True)
-        return jnp.stack([S.threshold_mask(x[t], v[t], cut[t], magnitude=True) for t in range(3)]), lax_.count
-
-    total = 0
-    for _ in range(3):
-        x = (rng.integers(1, 30000, size=(3, 200_000)) * np.float32(1e-4)).astype(np.float32)
-        for d in (0.2, 0.5, 0.9, 0.01):
-            k = np.full(3, int(round(d * x[0].size)), np.int32)
-            got, n = search(jnp.asarray(x), jnp.asarray(k))
-            np.testing.assert_array_equal(np.asarray(got), ref_rows(np.abs(x), k))
-            total += int(n)
+    xs = [(rng.integers(1, 30000, size=(3, 200_000)) * np.float32(1e-4)).astype(np.float32) for _ in range(3)]
+    total = _row_passes(_counted_search(monkeypatch), xs, (0.2, 0.5, 0.9, 0.01))
     assert total <= 150, total
 
 
