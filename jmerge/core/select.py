@@ -497,7 +497,8 @@ def _search(xs, k, magnitude, data_of=None):
     """
     rows0 = xs(lambda a: a)
     n = rows0[0].size
-    data_of = tuple(range(len(rows0))) if data_of is None else tuple(int(d) for d in data_of)
+    identity = tuple(range(len(rows0)))
+    data_of = identity if data_of is None else tuple(int(d) for d in data_of)
     R = len(data_of)
     groups: dict[int, list[int]] = {}
     for s_, d in enumerate(data_of):
@@ -547,7 +548,7 @@ def _search(xs, k, magnitude, data_of=None):
     # from the flattened input (which would gather a sharded one).
     first, sk = materialized(
         lambda: _first_thresholds([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)], k, magnitude,
-                                  None if data_of == tuple(range(len(rows0))) else data_of),
+                                  None if data_of == identity else data_of),
         xs(_first_entry)[0])
     carry = (state, first, jnp.int32(_ABS))
     state = lax.while_loop(lambda c: ~jnp.all(done(c[0])), body, carry)[0]
@@ -684,18 +685,13 @@ def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
         xs = _rows_fn(jnp.asarray(xs, jnp.float32))  # rows in their own shape
     R, n = jax.eval_shape(lambda: _stacked(xs)).shape
     k = jnp.asarray(k).astype(jnp.int32)
-    if k.ndim == 2:  # search row p * R + r reads data row r
+    if k.ndim == 2:
         P = k.shape[0]
-        data_of = tuple(r for _ in range(P) for r in range(R))
-        kf = k.reshape(-1)
-        kc = jnp.clip(kf, 1, n)
-        if n <= _sort_max():
-            xs_s = lambda g: (lambda rows: [rows[d] for d in data_of])(xs(g))
-            v, cut = _row_thresholds(xs_s, kf, magnitude)
-            return v.reshape(P, R), cut.reshape(P, R)
-        v, gt, ge = _search(xs, kc, magnitude, data_of)
-        # the tie cuts per target, each over the R rows (as P separate calls: no stack of P copies of the rows)
-        out = [_search_result(xs, k[p], n, *(a.reshape(P, R)[p] for a in (v, gt, ge)), magnitude) for p in range(P)]
+        if n <= _sort_max():  # short rows are sorted: no passes to share
+            out = [_row_thresholds(xs, k[p], magnitude) for p in range(P)]
+        else:  # search row p * R + r reads data row r; the tie cuts per target over the R rows, as P calls
+            vs = _search(xs, jnp.clip(k.reshape(-1), 1, n), magnitude, tuple(r for _ in range(P) for r in range(R)))
+            out = [_search_result(xs, k[p], n, *(a[p * R:(p + 1) * R] for a in vs), magnitude) for p in range(P)]
         return jnp.stack([o[0] for o in out]), jnp.stack([o[1] for o in out])
     kc = jnp.clip(k, 1, n)
     if n <= _sort_max():

@@ -217,8 +217,8 @@ def _order_statistics(x, positions: tuple[int, ...], form: jnp.ndarray | None = 
     ``x`` is an array, or a source ``guard -> array`` that recomputes it from the arrays it derives from,
     each wrapped in ``guard`` (the counting passes then read those, and ``x`` is never written). The value
     at position ``i`` is the smallest of the ``n − i`` largest entries: one top-k search per position
-    (the searches share their counting passes: each reads ``x`` once for all positions), then one pass for all the values (:func:`jmerge.core.select.threshold_values`), which reads ``form``
-    if given (``x``'s values written in another form, so that XLA does not write an expression that
+    (the searches share their counting passes: each reads ``x`` once for all positions), then one pass
+    for all the values (:func:`jmerge.core.select.threshold_values`), which reads ``form`` if given (``x``'s values written in another form, so that XLA does not write an expression that
     this pass and the caller's share).
     """
     src = x if callable(x) else (lambda g: g(x))
