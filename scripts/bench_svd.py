@@ -167,8 +167,12 @@ def main():
         weights = None
         what = f"{timed_layers} layer(s) as they are, x {n_layers / timed_layers:g}"
     del full
-    models = [jax.tree.map(lambda x, i=i: x + 0.01 * jax.random.normal(jax.random.key(100 + i), x.shape, x.dtype),
-                           base) for i in range(args.models)]
+    # each leaf's update from its own key (as scripts/bench_methods.py): one key per model for every leaf would give
+    # same-shaped leaves identical updates
+    flat, treedef = jax.tree.flatten(base)
+    models = [jax.tree.unflatten(treedef, [
+        x + 0.01 * jax.random.normal(jax.random.fold_in(jax.random.key(100 + i), j), x.shape, x.dtype)
+        for j, x in enumerate(flat)]) for i in range(args.models)]
     jax.block_until_ready(models)
     print(f"jax {jax.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs; tree {n_full / 1e6:.1f}M params, "
           f"{n_layers} layers, {args.models} task vectors (float32); timed: {what}")
