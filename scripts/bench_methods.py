@@ -56,6 +56,16 @@ def make_tree(n_params: float, seed: int = 0, dtype=jnp.float32):
     return tree
 
 
+def make_finetunes(base, n_models: int, delta: float) -> list:
+    """``n_models`` fine-tunes ``base + delta * N(0, 1)``, each leaf's update from its own key (one key per model
+    for every leaf would make same-shaped leaves' updates identical: a whole-model sample of them is then
+    correlated, unlike real fine-tunes)."""
+    leaves, treedef = jax.tree.flatten(base)
+    return [jax.tree.unflatten(treedef, [
+        x + delta * jax.random.normal(jax.random.fold_in(jax.random.key(100 + i), j), x.shape, x.dtype)
+        for j, x in enumerate(leaves)]) for i in range(n_models)]
+
+
 def timed(fn, repeat):
     jax.block_until_ready(fn())  # compile + warm
     best = float("inf")
@@ -86,12 +96,7 @@ def run(args):
     base = make_tree(args.params)
     n = sum(x.size for x in jax.tree.leaves(base))
     dt = jnp.dtype(args.dtype)
-    # each leaf's update from its own key (one key per model for every leaf made same-shaped leaves' updates
-    # identical: a whole-model sample of them is then correlated, unlike real fine-tunes)
-    leaves, treedef = jax.tree.flatten(base)
-    models = [jax.tree.unflatten(treedef, [
-        (x + args.delta * jax.random.normal(jax.random.fold_in(jax.random.key(100 + i), j), x.shape, x.dtype)).astype(dt)
-        for j, x in enumerate(leaves)]) for i in range(args.models)]
+    models = [jax.tree.map(lambda x: x.astype(dt), m) for m in make_finetunes(base, args.models, args.delta)]
     base = jax.tree.map(lambda x: x.astype(dt), base)
     jax.block_until_ready(models)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; tree: {n / 1e6:.1f}M params, "

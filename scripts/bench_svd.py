@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_methods import make_tree  # noqa: E402  (the same tree as the methods benchmark)
+from bench_methods import make_finetunes, make_tree  # noqa: E402  (the methods benchmark's tree and fine-tunes)
 
 import jmerge  # noqa: E402
 from jmerge.methods.spectral import iso_cts_sizes, tsv_rank  # noqa: E402
@@ -167,12 +167,7 @@ def main():
         weights = None
         what = f"{timed_layers} layer(s) as they are, x {n_layers / timed_layers:g}"
     del full
-    # each leaf's update from its own key (as scripts/bench_methods.py): one key per model for every leaf would give
-    # same-shaped leaves identical updates
-    flat, treedef = jax.tree.flatten(base)
-    models = [jax.tree.unflatten(treedef, [
-        x + 0.01 * jax.random.normal(jax.random.fold_in(jax.random.key(100 + i), j), x.shape, x.dtype)
-        for j, x in enumerate(flat)]) for i in range(args.models)]
+    models = make_finetunes(base, args.models, 0.01)
     jax.block_until_ready(models)
     print(f"jax {jax.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs; tree {n_full / 1e6:.1f}M params, "
           f"{n_layers} layers, {args.models} task vectors (float32); timed: {what}")
