@@ -159,6 +159,29 @@ def test_leaf_key_of_int_seeds_is_cached_concrete_and_unchanged():
         assert jmerge.leaf_key(11, path) is k
 
 
+
+def test_leaf_key_host_threefry_equals_jax():
+    """The host-side Threefry-2x32 of integer seeds gives JAX's bits (``fold_in(key(seed), h)``) for seeds and
+    path hashes over their whole ranges; a seed outside ``[0, 2**31)`` takes JAX's own path."""
+    import zlib
+
+    from jmerge.core.tree import _threefry_fold_in_data
+
+    rng = np.random.default_rng(0)
+    seeds = [0, 1, 2, 42, 2**31 - 1] + [int(s) for s in rng.integers(0, 2**31, 12)]
+    hashes = [0, 1, 0x7FFFFFFF, 0xFFFFFFFF] + [int(h) for h in rng.integers(0, 2**32, 12)]
+    for s in seeds:
+        for h in hashes:
+            ref = jax.random.key_data(jax.random.fold_in(jax.random.key(s), np.uint32(h)))
+            assert np.array_equal(_threefry_fold_in_data(s, h), ref), (s, h)
+    path = "model.layers.0.mlp.up_proj.weight"
+    h = zlib.crc32(path.encode()) & 0x7FFFFFFF
+    for s in (5, -3):  # the host path, and JAX's (a negative seed)
+        k = jmerge.leaf_key(s, path)
+        assert jax.random.key_impl(k) == jax.random.key_impl(jax.random.key(0))
+        assert np.array_equal(jax.random.key_data(k),
+                              jax.random.key_data(jax.random.fold_in(jax.random.key(s), np.uint32(h))))
+
 def test_leaves_with_paths_cached_by_structure():
     """Paths are built once per tree structure: equal for equal structures, never reused across different
     keys, and computed without the cache for a node whose auxiliary data cannot be hashed."""

@@ -222,11 +222,42 @@ def _fold(seed: int | jax.Array, h: int) -> jax.Array:
 
 @functools.lru_cache(maxsize=1 << 12)
 def _int_seed_key(seed: int, h: int) -> jax.Array:
-    """``leaf_key`` of an integer seed, computed once (eagerly, also inside a trace) and kept (the last 4,096
-    (seed, path) pairs): a merge of N leaves otherwise dispatches 4N small ops per call (15 ms of a 23 ms
-    TIES merge of 37 leaves on CPU)."""
-    with jax.ensure_compile_time_eval():
+    """``leaf_key`` of an integer seed, computed once and kept (the last 4,096 (seed, path) pairs): a merge of
+    N leaves otherwise dispatches 4N small ops per call (15 ms of a 23 ms TIES merge of 37 leaves on CPU).
+
+    With JAX's default threefry keys the key's two words are computed here on the host
+    (:func:`_threefry_fold_in_data`) and wrapped, dispatching nothing: computed by JAX the first key cost
+    0.15-0.3 s of compiles in every process (a CLI merge of a Llama checkpoint, before any tensor merged).
+    Other key implementations, and seeds outside ``[0, 2**31)``, are computed by JAX (eagerly, also inside a
+    trace)."""
+    with jax.ensure_compile_time_eval():  # a concrete key, also inside a trace (it is kept)
+        if 0 <= seed < 2**31 and str(jax.config.jax_default_prng_impl) == "threefry2x32":
+            return jax.random.wrap_key_data(_threefry_fold_in_data(seed, h), impl="threefry2x32")
         return _fold(seed, h)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _threefry_fold_in_data(seed: int, h: int) -> np.ndarray:
+    """The data (two uint32 words) of ``jax.random.fold_in(jax.random.key(seed), h)`` with threefry2x32 keys,
+    for ``0 <= seed < 2**31`` and a uint32 ``h``: the key of a seed is ``(0, seed)``, and folding in ``h``
+    hashes the count ``(0, h)`` with Threefry-2x32 (20 rounds) under that key.
+
+    References: Salmon et al., "Parallel Random Numbers: As Easy as 1, 2, 3" (SC 2011), Threefry-2x32-20.
+    """
+    k0, k1 = 0, seed & _M32
+    ks = (k0, k1, k0 ^ k1 ^ 0x1BD11BDA)
+    rot = ((13, 15, 26, 6), (17, 29, 16, 24))
+    x0, x1 = (0 + ks[0]) & _M32, (h + ks[1]) & _M32
+    for i in range(5):
+        for r in rot[i % 2]:
+            x0 = (x0 + x1) & _M32
+            x1 = ((x1 << r) | (x1 >> (32 - r))) & _M32
+            x1 ^= x0
+        x0 = (x0 + ks[(i + 1) % 3]) & _M32
+        x1 = (x1 + ks[(i + 2) % 3] + i + 1) & _M32
+    return np.array([x0, x1], np.uint32)
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoderblock|resblocks)[._]?(\d+)(?:\.|$)")
