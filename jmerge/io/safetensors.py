@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, OutputExistsError
+from .memory import anon_buffer
 
 __all__ = [
     "CheckpointReader",
@@ -464,7 +465,22 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
 
 
 _DIO_BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory (covers 512- and 4096-byte sectors)
-_DIO_CHUNK = 8 * 2**20  # the aligned bounce buffer
+_DIO_CHUNK = 32 * 2**20  # the aligned bounce buffer: one write of up to 32 MiB (8 MiB writes were ~30% slower
+# on a virtio disk: fewer requests in flight)
+
+
+class _Bounce:
+    """The page-aligned bounce buffer of a writer's ``O_DIRECT`` files: one for all its shards (allocated at the
+    first write, huge pages where the kernel allows), used under its lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._buf: np.ndarray | None = None
+
+    def get(self) -> np.ndarray:
+        if self._buf is None:
+            self._buf = anon_buffer(_DIO_CHUNK)  # 2 MiB-aligned, so aligned for O_DIRECT
+        return self._buf
 
 
 class _DirectFile:
@@ -475,15 +491,14 @@ class _DirectFile:
     through ``O_DIRECT`` (never mixed with buffered writes of the same pages). :meth:`open` returns None where
     ``O_DIRECT`` is missing or refused (tmpfs, some network file systems): the writer then writes buffered."""
 
-    def __init__(self, fd: int, size: int):
+    def __init__(self, fd: int, size: int, bounce: _Bounce):
         self.fd, self.size = fd, size
         self.edges: dict[int, bytearray] = {}  # block number -> its bytes
         self.lock = threading.Lock()
-        import mmap  # noqa: PLC0415
-        self.bounce = np.frombuffer(mmap.mmap(-1, _DIO_CHUNK), np.uint8)  # page-aligned
+        self.bounce = bounce
 
     @staticmethod
-    def open(path: str, size: int) -> "_DirectFile | None":
+    def open(path: str, size: int, bounce: _Bounce) -> "_DirectFile | None":
         flag = getattr(os, "O_DIRECT", 0)
         if not flag or not _HAVE_POSITIONAL_IO:
             return None
@@ -491,7 +506,7 @@ class _DirectFile:
             fd = os.open(path, os.O_WRONLY | flag | _O_BINARY)
         except OSError:
             return None
-        return _DirectFile(fd, size)
+        return _DirectFile(fd, size, bounce)
 
     def _edge(self, data: memoryview, off: int) -> None:
         """Copy ``data`` (within whole blocks' span, not filling them) into the assembled edge blocks."""
@@ -506,10 +521,12 @@ class _DirectFile:
 
     def _direct(self, data, off: int) -> None:
         """``data`` (a multiple of the block size) at ``off`` (aligned), through the bounce buffer."""
-        for i in range(0, len(data), _DIO_CHUNK):
-            n = min(_DIO_CHUNK, len(data) - i)
-            self.bounce[:n] = np.frombuffer(data[i:i + n], np.uint8)
-            _pwrite_all(self.fd, memoryview(self.bounce[:n]), off + i)
+        with self.bounce.lock:
+            buf = self.bounce.get()
+            for i in range(0, len(data), _DIO_CHUNK):
+                n = min(_DIO_CHUNK, len(data) - i)
+                buf[:n] = np.frombuffer(data[i:i + n], np.uint8)
+                _pwrite_all(self.fd, memoryview(buf[:n]), off + i)
 
     def write(self, data: memoryview, off: int) -> None:
         lo = -(-off // _DIO_BLOCK) * _DIO_BLOCK
@@ -626,6 +643,7 @@ class CheckpointWriter:
         os.makedirs(parent, exist_ok=True)
         self.tmp_dir, self._owner_file = _claim_tmp_dir(parent, os.path.basename(self.out_dir), f"{id(self):x}")
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd index, abs offset, nbytes)
+        bounce = _Bounce()  # shared by the shards' O_DIRECT files
         try:
             for si, shard in enumerate(plan):
                 entries: dict[str, Any] = {"__metadata__": meta}
@@ -638,7 +656,7 @@ class CheckpointWriter:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
                 self._fds.append(fd)
                 os.ftruncate(fd, len(head) + off)
-                direct = _DirectFile.open(path, len(head) + off) if fsync else None
+                direct = _DirectFile.open(path, len(head) + off, bounce) if fsync else None
                 self._direct.append(direct)
                 if direct is not None:
                     direct.write(memoryview(head), 0)

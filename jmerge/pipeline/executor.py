@@ -31,6 +31,7 @@ from ..core import LeafProgram, check_ranges, infer_views, leaf_key
 from ..core.chunks import CHUNK_ENTRIES, chunked_form, merge_chunked
 from ..core.heap import M_ARENA_MAX as _M_ARENA_MAX, M_MMAP_MAX as _M_MMAP_MAX
 from ..core.heap import M_TRIM_THRESHOLD as _M_TRIM_THRESHOLD, glibc
+from ..io.memory import HUGE_PAGE as _HUGE, anon_buffer as _anon_buffer
 from ..mergekit import MergePlan
 from ..mergekit.arch import layer_sources, model_views, output_config
 from .jobs import Copy, Merge, Tensor, TensorJob, read_source
@@ -41,26 +42,7 @@ from .validate import open_input, validate_plan
 __all__ = ["run_merge", "run_jobs", "MergeContext", "Buffers", "mesh_sharding"]
 
 
-_HUGE = 2 * 2**20  # a transparent huge page (x86-64, arm64 with 4 KiB pages)
 _SMALL = 256 * 2**10  # below this, buffers are plain NumPy allocations (few pages, little to save)
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault every page of a range in one call (missing from Python's mmap)
-
-
-def _anon_buffer(nbytes: int) -> np.ndarray:
-    """``nbytes`` of 2 MiB-aligned anonymous memory (huge pages where the kernel allows), faulted in at once."""
-    import mmap  # noqa: PLC0415
-
-    private = getattr(mmap, "MAP_PRIVATE", None)  # not MAP_SHARED (shared memory: no huge pages)
-    m = mmap.mmap(-1, nbytes + _HUGE) if private is None else mmap.mmap(-1, nbytes + _HUGE, flags=private)
-    a = np.frombuffer(m, np.uint8)  # keeps the mapping alive as long as any view of it (or JAX's alias) lives
-    off = (-a.ctypes.data) % _HUGE
-    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), _MADV_POPULATE_WRITE):
-        if advice is not None and hasattr(m, "madvise"):
-            try:
-                m.madvise(advice, off, nbytes)  # off: a multiple of 2 MiB, so of the page size
-            except (OSError, ValueError):
-                pass  # no THP / an older kernel: ordinary pages, faulted on first touch
-    return a[off:off + nbytes]
 
 
 def _aligned_small(nbytes: int) -> np.ndarray:
