@@ -300,11 +300,14 @@ def test_models_stacked_needs_model_leaves():
         prog(np.zeros(3, np.float32), np.zeros((2, 3), np.float32), {}, None, models_stacked=True)
 
 
-@pytest.mark.parametrize("fsync", [True, False])
-def test_writer_direct_io_writes_the_same_bytes_in_any_order(tmp_path, fsync):
+@pytest.mark.parametrize("fsync,chunk", [(True, None), (True, 3 * 4096), (False, None)])
+def test_writer_direct_io_writes_the_same_bytes_in_any_order(tmp_path, monkeypatch, fsync, chunk):
     """O_DIRECT (with fsync, where the file system allows it) writes every byte as buffered writes do: whole
-    blocks direct, edges shared with neighbours or the header assembled, odd sizes, any order, several shards."""
+    blocks direct, edges shared with neighbours or the header assembled, odd sizes, any order, several shards
+    sharing one staging buffer (also one of 3 blocks, which most writes pass through in several pieces)."""
     from jmerge.io import safetensors as st
+    if chunk is not None:
+        monkeypatch.setattr(st, "_DIO_CHUNK", chunk)
     rng = np.random.default_rng(1)
     sizes = [1, 3, 2047, 2048, 2049, 4096, 5000, 1 << 16, 3 * 4096 + 7, 12345, 2, 700_001]
     dts = [np.float32, ml_dtypes.bfloat16, np.uint8, np.float16]
@@ -317,6 +320,10 @@ def test_writer_direct_io_writes_the_same_bytes_in_any_order(tmp_path, fsync):
     out = tmp_path / f"o{int(fsync)}"
     w = st.CheckpointWriter(out, layout, max_shard_bytes=1 << 20, fsync=fsync)
     direct = [d is not None for d in w._direct]
+    if any(direct):  # one staging buffer for both shards, of the chunk's size (or the largest file's, when smaller)
+        assert len({id(d.bounce) for d in w._direct if d is not None}) == 1
+        per_shard = [sum(nb for s, _, nb in w._where.values() if s == i) for i in range(2)]
+        assert w._direct[0].bounce.size == (chunk or -(-(max(per_shard) + (1 << 20)) // 4096) * 4096)
     assert len(w.shard_files) == 2
     for k in rng.permutation(list(data)):
         w.write(str(k), data[str(k)])

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, OutputExistsError
-from .memory import anon_buffer
+from .memory import HUGE_PAGE, anon_buffer
 
 __all__ = [
     "CheckpointReader",
@@ -470,16 +470,21 @@ _DIO_CHUNK = 32 * 2**20  # the aligned bounce buffer: one write of up to 32 MiB 
 
 
 class _Bounce:
-    """The page-aligned bounce buffer of a writer's ``O_DIRECT`` files: one for all its shards (allocated at the
-    first write, huge pages where the kernel allows), used under its lock."""
+    """The page-aligned bounce buffer of a writer's ``O_DIRECT`` files: one for all its shards, used under its
+    lock, allocated at the first write with ``min(_DIO_CHUNK, largest file)`` bytes (huge pages from 2 MiB on)."""
 
-    def __init__(self):
+    def __init__(self, largest: int):
         self.lock = threading.Lock()
+        self.size = min(_DIO_CHUNK, -(-max(largest, 1) // _DIO_BLOCK) * _DIO_BLOCK)
         self._buf: np.ndarray | None = None
 
     def get(self) -> np.ndarray:
         if self._buf is None:
-            self._buf = anon_buffer(_DIO_CHUNK)  # 2 MiB-aligned, so aligned for O_DIRECT
+            if self.size >= HUGE_PAGE:
+                self._buf = anon_buffer(self.size)  # 2 MiB-aligned, so aligned for O_DIRECT
+            else:
+                import mmap  # noqa: PLC0415
+                self._buf = np.frombuffer(mmap.mmap(-1, self.size), np.uint8)  # page-aligned
         return self._buf
 
 
@@ -523,8 +528,8 @@ class _DirectFile:
         """``data`` (a multiple of the block size) at ``off`` (aligned), through the bounce buffer."""
         with self.bounce.lock:
             buf = self.bounce.get()
-            for i in range(0, len(data), _DIO_CHUNK):
-                n = min(_DIO_CHUNK, len(data) - i)
+            for i in range(0, len(data), len(buf)):
+                n = min(len(buf), len(data) - i)
                 buf[:n] = np.frombuffer(data[i:i + n], np.uint8)
                 _pwrite_all(self.fd, memoryview(buf[:n]), off + i)
 
@@ -643,7 +648,7 @@ class CheckpointWriter:
         os.makedirs(parent, exist_ok=True)
         self.tmp_dir, self._owner_file = _claim_tmp_dir(parent, os.path.basename(self.out_dir), f"{id(self):x}")
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd index, abs offset, nbytes)
-        bounce = _Bounce()  # shared by the shards' O_DIRECT files
+        bounce = _Bounce(max(sum(nb for *_, nb in shard) for shard in plan) + 2**20)  # shared by the shards' files
         try:
             for si, shard in enumerate(plan):
                 entries: dict[str, Any] = {"__metadata__": meta}
