@@ -159,7 +159,6 @@ def test_leaf_key_of_int_seeds_is_cached_concrete_and_unchanged():
         assert jmerge.leaf_key(11, path) is k
 
 
-
 def test_leaf_key_host_threefry_equals_jax():
     """The host-side Threefry-2x32 of integer seeds gives JAX's bits (``fold_in(key(seed), h)``) for seeds and
     path hashes over their whole ranges; a seed outside ``[0, 2**31)`` takes JAX's own path."""
@@ -181,6 +180,7 @@ def test_leaf_key_host_threefry_equals_jax():
         assert jax.random.key_impl(k) == jax.random.key_impl(jax.random.key(0))
         assert np.array_equal(jax.random.key_data(k),
                               jax.random.key_data(jax.random.fold_in(jax.random.key(s), np.uint32(h))))
+
 
 def test_leaves_with_paths_cached_by_structure():
     """Paths are built once per tree structure: equal for equal structures, never reused across different
