@@ -42,6 +42,21 @@ SCRIPT = textwrap.dedent(r"""
         a = np.asarray(rows(x3s, ks))
         assert np.array_equal(a, np.asarray(rows(x3, ks))), name
         assert np.array_equal(a, np.stack([ref(x3[t], int(ks[t])) for t in range(8)])), name
+    # Outside jit, merge sorts rows only of leaves that are not sharded (a sort of a sharded row gathers it);
+    # an eager TIES merge of a leaf sharded on its last axis equals the one-device merge.
+    import jmerge
+    from jmerge.core import driver as D
+    w = rng.normal(size=(8, 8000)).astype(np.float32)
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, "x")))
+    assert D._eager_sort_limit(ws, (w,)) == {}
+    assert D._eager_sort_limit(jax.device_put(w, NamedSharding(mesh, P())), (w,)) == {"sort_limit": D.EAGER_SORT_LIMIT}
+    assert D._eager_sort_limit(w, (jax.device_put(w, jax.devices()[1]),)) == {"sort_limit": D.EAGER_SORT_LIMIT}
+    ms = [w + rng.normal(size=w.shape).astype(np.float32) for _ in range(3)]
+    hp = {"density": 0.2}
+    one = np.asarray(jmerge.merge(jmerge.ties(), {"w": w}, [{"w": m} for m in ms], hparams=hp)["w"])
+    shard = lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "x")))
+    sh = jmerge.merge(jmerge.ties(), {"w": shard(w)}, [{"w": shard(m)} for m in ms], hparams=hp)["w"]
+    assert np.array_equal(np.asarray(sh), one)
     print("OK")
 """)
 

@@ -352,3 +352,35 @@ def test_new_hyperparameter_values_do_not_recompile_and_user_jit_matches():
     f = jax.jit(lambda b, ms: jmerge.merge(ties(density=0.3), b, ms))
     eager = jmerge.merge(ties(density=0.3), one, one_models)
     np.testing.assert_allclose(np.asarray(f(one, one_models)["c"]), np.asarray(eager["c"]), rtol=1e-6, atol=1e-6)
+
+
+def test_ties_eager_merge_sorts_unsharded_rows_and_equals_the_counting_search(monkeypatch):
+    """Outside ``jax.jit``, leaves on one device whose rows exceed the default sort cut-off (2048) but not
+    ``EAGER_SORT_LIMIT`` are trimmed by a whole sort (seen when the leaf program is traced); under
+    ``whole_sort_limit(0)`` by the counting search (no sort). Both give the paper's formulas, bit for bit alike.
+    Shapes used by no other test, so both leaf programs are traced here."""
+    from jmerge.core import driver as D
+    from jmerge.core import select as S
+    rng = np.random.default_rng(11)
+    shapes = {"w": (37, 131), "v": (2053,)}
+    assert all(2048 < int(np.prod(s)) <= D.EAGER_SORT_LIMIT for s in shapes.values())
+    base = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    models = [{k: v + np.float32(0.1) * rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()}
+              for _ in range(T)]
+    calls = []
+    real = S._sorted_threshold
+    monkeypatch.setattr(S, "_sorted_threshold", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    dens, w = [0.2, 0.35, 0.5], [1.0] * T
+    sorted_out = run(ties(), base, models, density=dens, scale=1.0, weight=w)[0]
+    assert len(calls) >= len(shapes)
+    calls.clear()
+    with S.whole_sort_limit(0):
+        counted_out = run(ties(), base, models, density=dens, scale=1.0, weight=w)[0]
+    assert not calls
+    refs = []
+    for p, b, tau in np_taus(base, models):
+        tr = np_trim_tensor(tau, dens)
+        refs.append((p, b, np_disjoint(tr, w, np_elect(tr, w))))
+    check_out(sorted_out, refs, np.float32)
+    for k in shapes:
+        np.testing.assert_array_equal(np.asarray(sorted_out[k]), np.asarray(counted_out[k]), err_msg=k)

@@ -90,7 +90,7 @@ from .transform import StatsPhase
 from .xla import HONEST_COST_ENTRIES, HONEST_COST_MIN, honest_cost, loop_variant, materialized, split_blocks
 
 __all__ = ["topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
-           "whole_sort_limit", "topk_thresholds_rows", "threshold_mask", "global_topk_thresholds", "global_topk_keep", "tensor_chunks",
+           "whole_sort_limit", "sort_limit_in_effect", "topk_thresholds_rows", "threshold_mask", "global_topk_thresholds", "global_topk_keep", "tensor_chunks",
            "tensor_topk_count", "threshold_values"]
 
 _I32_MIN = np.int32(np.iinfo(np.int32).min)
@@ -182,6 +182,14 @@ def tensor_topk_count(density: np.ndarray, n: int, rounding: str = "round") -> n
     if rounding == "floor":
         k = np.where(d > 0, np.maximum(k, np.int32(min(1, n))), k)
     return k.astype(np.int64)
+
+
+def sort_limit_in_effect() -> int | None:
+    """The limit set by an enclosing :func:`whole_sort_limit`, or None where none is set.
+
+    References: none (infrastructure).
+    """
+    return _SORT_LIMIT.get()
 
 
 def _sort_max() -> int:
