@@ -447,13 +447,17 @@ def _tall_per_task(ctx):
     scales = SWEEPS["task_arithmetic"]["scale"]
     val = {}  # (lambda, scale) -> (T,) validation accuracies
     masks = {}
+
+    @jax.jit  # one program for the 45 (lambda, scale) settings: merge, per-task models and evaluation
+    def val_of(mask, scale):
+        merged = jmerge.merge(jmerge.task_arithmetic(), base, models, hparams={"scale": scale})
+        return ctx["val_eval_per_task"](_stack(tall_task_models(base, merged, mask)))
+
     for lam in TALL_LAMBDAS:
         _, extras = jmerge.merge(jmerge.tall_merge(lambda_=lam, scale=1.0), base, models, return_extras=True)
         masks[lam] = extras_item(extras, "tall_masks")
         for sc in scales:
-            merged = jmerge.merge(jmerge.task_arithmetic(scale=sc), base, models)
-            per = _stack(tall_task_models(base, merged, masks[lam]))
-            val[(lam, sc)] = np.asarray(ctx["val_eval_per_task"](per))
+            val[(lam, sc)] = np.asarray(val_of(masks[lam], np.float32(sc)))
     best_sc, best = None, None
     for sc in scales:
         lams = [max(TALL_LAMBDAS, key=lambda lam: (val[(lam, sc)][t], -lam)) for t in range(T)]

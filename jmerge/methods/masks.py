@@ -279,12 +279,15 @@ def pack_masks(masks: Any) -> Any:
 def unpack_masks(packed: Any) -> Any:
     """Inverse of :func:`pack_masks`: a pytree of NumPy boolean arrays with the original shapes.
 
+    Leaves that are not packed pass through as booleans: NumPy stays NumPy, JAX arrays stay JAX arrays (so
+    :func:`tall_task_models` and :func:`emr_task_models` run under ``jax.jit`` with the masks as arguments).
+
     References: Wang et al., "Localizing Task Information for Improved Model Merging and
     Compression" (ICML 2024).
     """
     def unpack(p):
         if not _is_packed(p):
-            return np.asarray(p, bool)
+            return p.astype(bool) if isinstance(p, jax.Array) else np.asarray(p, bool)
         n = int(np.prod(p.shape)) if p.shape else 1
         return np.unpackbits(np.asarray(p.bits, np.uint8), count=n).astype(bool).reshape(p.shape)
 
