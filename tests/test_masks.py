@@ -252,6 +252,23 @@ def test_tall_task_models_are_base_plus_masked_mtl(dtype):
         np.testing.assert_allclose(flat(d[1])[p], ref, rtol=tol, atol=tol)
 
 
+def test_tall_task_models_under_jit_with_masks_as_arguments():
+    """Masks passed into ``jax.jit`` (tracers) give the same per-task models as outside it; ``unpack_masks``
+    keeps JAX masks as JAX arrays (and NumPy masks as NumPy)."""
+    base, models = random_trees(T=3, seed=9)
+    merged, ex = run(jmerge.tall_merge(lambda_=0.4, scale=0.6), base, models)
+    masks = jax.tree.map(jnp.asarray, jmerge.extras_item(ex, "tall_masks"))
+    jitted = jax.jit(lambda m, g: jmerge.tall_task_models(base, g, m))(masks, merged)
+    fb, tau = taus(base, models)
+    fm = flat(masks, bool)
+    for t in range(3):
+        for p in fb:
+            np.testing.assert_allclose(flat(jitted[t])[p], fb[p] + fm[p][t] * 0.6 * tau[p].sum(0), rtol=1e-6,
+                                       atol=1e-6, err_msg=p)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(jmerge.unpack_masks(masks)))
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(jmerge.unpack_masks(jax.tree.map(np.asarray, masks))))
+
+
 def test_pack_masks_round_trip_and_32x_smaller():
     rng = np.random.default_rng(8)
     masks = {"a": rng.random((3, 16, 12)) > 0.5, "b": {"c": rng.random((3, 7)) > 0.3},
