@@ -566,18 +566,24 @@ def _search(xs, k, magnitude, data_of=None):
 
 
 def _sorted_threshold(x, k, magnitude):
-    """The same ``(v, cut)`` for short rows, from one sort of (key, -flat position) pairs: ascending, the last
-    ``k`` pairs are the top-k with ties at the lowest positions, and the first of them gives ``v`` and the
-    cut (``n`` when every entry equal to ``v`` is kept, as :func:`_tie_cuts` returns). No tie-cut pass and no
-    conditional: a sweep's program (rows up to :func:`whole_sort_limit`) compiles about half the code per shape.
+    """The same ``(v, cut)`` for short rows, from one sort of the keys alone: ascending, the ``k``-th largest
+    key is ``v``; when more entries equal ``v`` than the ``q = k - #(key > v)`` kept, the cut is one past the
+    ``q``-th of them in flat order, read from a running count of the entries equal to ``v`` (``n`` when all are
+    kept, as :func:`_tie_cuts` returns). A single-operand sort (6x faster on XLA:CPU than sorting (key,
+    position) pairs) and no conditional: a sweep's program (rows up to :func:`whole_sort_limit`) compiles
+    about half the code per shape of the counting search, and the sort, which no ``k`` changes, is hoisted
+    out of a vmap over settings.
     """
     keys = _keys(x, magnitude)
     n = keys.shape[1]
-    neg_pos = -lax.broadcasted_iota(jnp.int32, keys.shape, 1)
-    srt, neg = lax.sort((keys, neg_pos), dimension=1, num_keys=2)
+    srt = lax.sort(keys, dimension=1)
     v = jnp.take_along_axis(srt, (n - k)[:, None], 1)
-    ge = jnp.sum(keys >= v, axis=1, dtype=jnp.int32)
-    cut = jnp.where(ge == k, np.int32(n), np.int32(1) - jnp.take_along_axis(neg, (n - k)[:, None], 1)[:, 0])
+    gt = jnp.sum(keys > v, axis=1, dtype=jnp.int32)
+    eq = keys == v
+    ge = gt + jnp.sum(eq, axis=1, dtype=jnp.int32)
+    # the q-th tied entry (q >= 1: v is the k-th largest key) sits at the first i with count(eq[:i+1]) >= q
+    before = jnp.sum(jnp.cumsum(eq, axis=1, dtype=jnp.int32) < (k - gt)[:, None], axis=1, dtype=jnp.int32)
+    cut = jnp.where(ge == k, np.int32(n), before + np.int32(1))
     return v[:, 0], cut
 
 
