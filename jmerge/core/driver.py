@@ -384,11 +384,14 @@ class LeafProgram:
 # Whole-tree merges
 
 
-EAGER_SORT_LIMIT = 32768
+EAGER_SORT_LIMIT = 8192
 """Outside ``jax.jit``, :func:`merge` selects the top-k of rows of at most this many entries by a whole sort
 when the leaf is not sharded (:func:`jmerge.core.select.whole_sort_limit`, unless the caller set a limit):
-the same masks as the counting search, whose ``while_loop`` compiles ~3x slower (a cold TIES merge of the
-demo's 68k-parameter model: 9.9 s -> 3.5 s). Sharded leaves keep the counting search (a sort would gather)."""
+the same masks as the counting search, whose ``while_loop`` compiles ~5x slower (a TIES leaf program: ~1.5 s
+against ~0.33 s; the demo's 68k-parameter model merges cold in 3.5-3.9 s instead of 9.9 s). Once compiled the
+sort is slower (TIES, 3 models: 0.65 / 0.37 ms at 4096 entries, 5.3 / 0.8 ms at 32768), hence the cut-off;
+inside ``jax.jit`` (compiled once, run many times) the default 2048 holds. Sharded leaves keep the counting
+search (a sort would gather them)."""
 
 
 def _eager_sort_limit(base_leaf, model_leaves) -> dict:
