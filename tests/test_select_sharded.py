@@ -48,9 +48,9 @@ SCRIPT = textwrap.dedent(r"""
     from jmerge.core import driver as D
     w = rng.normal(size=(8, 8000)).astype(np.float32)
     ws = jax.device_put(w, NamedSharding(mesh, P(None, "x")))
-    assert D._eager_sort_limit(ws, (w,)) == {}
-    assert D._eager_sort_limit(jax.device_put(w, NamedSharding(mesh, P())), (w,)) == {"sort_limit": D.EAGER_SORT_LIMIT}
-    assert D._eager_sort_limit(w, (jax.device_put(w, jax.devices()[1]),)) == {"sort_limit": D.EAGER_SORT_LIMIT}
+    assert D._eager_sort_limit(ws, (w,)) is None
+    assert D._eager_sort_limit(jax.device_put(w, NamedSharding(mesh, P())), (w,)) == D.EAGER_SORT_LIMIT
+    assert D._eager_sort_limit(w, (jax.device_put(w, jax.devices()[1]),)) == D.EAGER_SORT_LIMIT
     ms = [w + rng.normal(size=w.shape).astype(np.float32) for _ in range(3)]
     hp = {"density": 0.2}
     one = np.asarray(jmerge.merge(jmerge.ties(), {"w": w}, [{"w": m} for m in ms], hparams=hp)["w"])

@@ -303,6 +303,8 @@ class LeafProgram:
     programs of little total work.
     ``sort_limit=n`` on a call (not traced): rows of at most ``n`` entries select their top-k by a whole
     sort (:func:`jmerge.core.select.whole_sort_limit`; the same masks); for leaves that are not sharded.
+    ``sort_limit="auto"``: :data:`EAGER_SORT_LIMIT` when the call's arrays are not sharded and no enclosing
+    ``whole_sort_limit`` is set (what :func:`merge` and the out-of-core executor pass), else the default.
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
     """
@@ -327,14 +329,14 @@ class LeafProgram:
                 model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
                 hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any], view: MatrixView | None = None,
                 *, traced: bool = False, compute_dtype: Any = _PROGRAM, models_stacked: bool = False,
-                fast_compile: bool = False, sort_limit: int | None = None) -> Any:
+                fast_compile: bool = False, sort_limit: int | str | None = None) -> Any:
         """Phase ``index``'s statistic of one leaf (steps before the phase's step run first)."""
         view = view if self.method.uses_view else None
         if traced:
             f, extra = functools.partial(_collect_impl, self.method, index), {}
         else:
             f = functools.partial(_fast_jits()[1] if fast_compile else _collect_jit, self.method, index)
-            extra = {"sort_limit": sort_limit}
+            extra = {"sort_limit": _resolve_sort_limit(sort_limit, base_leaf, model_leaves)}
         return f(base_leaf, model_leaves, hp, key, stats, stacked=self._stacked(models_stacked), view=view,
                  precision=self._precision(compute_dtype), **extra)
 
@@ -368,12 +370,12 @@ class LeafProgram:
                  hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any] | None = None,
                  view: MatrixView | None = None, *, traced: bool = False, out_dtype: Any = None,
                  compute_dtype: Any = _PROGRAM, models_stacked: bool = False, fast_compile: bool = False,
-                 sort_limit: int | None = None) -> Any:
+                 sort_limit: int | str | None = None) -> Any:
         """The merged leaf (and its extras with ``return_extras``); ``out_dtype`` and ``compute_dtype``
         override the program's."""
         view = view if self.method.uses_view else None
         f = _leaf_impl if traced else (_fast_jits()[0] if fast_compile else _leaf_jit)
-        extra = {} if traced else {"sort_limit": sort_limit}
+        extra = {} if traced else {"sort_limit": _resolve_sort_limit(sort_limit, base_leaf, model_leaves)}
         dt = self.out_dtype if out_dtype is None else jnp.dtype(out_dtype).name
         return f(self.method, base_leaf, model_leaves, hp, key, stats or {}, stacked=self._stacked(models_stacked),
                  out_dtype=dt, return_extras=self.return_extras, view=view,
@@ -394,16 +396,24 @@ inside ``jax.jit`` (compiled once, run many times) the default 2048 holds. Shard
 search (a sort would gather them)."""
 
 
-def _eager_sort_limit(base_leaf, model_leaves) -> dict:
-    """``{"sort_limit": EAGER_SORT_LIMIT}`` for a leaf whose arrays are all on one device or replicated (host
-    arrays included) and when no caller set a limit; else ``{}``."""
+def _eager_sort_limit(base_leaf, model_leaves) -> int | None:
+    """:data:`EAGER_SORT_LIMIT` for a leaf whose arrays are all on one device or replicated (host arrays
+    included) when no caller set a limit; else None (the default limit)."""
     if sort_limit_in_effect() is not None:
-        return {}
+        return None
     for x in jax.tree.leaves((base_leaf, model_leaves)):
         sh = getattr(x, "sharding", None)
         if sh is not None and not sh.is_fully_replicated:
-            return {}
-    return {"sort_limit": EAGER_SORT_LIMIT}
+            return None
+    return EAGER_SORT_LIMIT
+
+
+def _resolve_sort_limit(sort_limit, base_leaf, model_leaves) -> int | None:
+    if sort_limit == "auto":
+        return _eager_sort_limit(base_leaf, model_leaves)
+    if sort_limit is not None and (isinstance(sort_limit, str) or int(sort_limit) < 0):
+        raise MergeInputError(f"sort_limit={sort_limit!r}: give a non-negative number of entries, 'auto' or None.")
+    return sort_limit
 
 
 def _is_traced(*trees) -> bool:
@@ -627,8 +637,6 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
     bl = [base_leaves[i] for i in idx]
     ml = [per_leaf_models[i] for i in idx]
 
-    limits = [{} if traced else _eager_sort_limit(b, m) for b, m in zip(bl, ml)]
-
     # Whole-model statistics (only for non-leaf-local steps such as global top-k).
     stats = [dict() for _ in idx]
     host_only = [p.name for _, _, p in program.phases if p.finalize_traced is None]
@@ -639,8 +647,8 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
     for pi, (_, sname, phase) in enumerate(program.phases):
         vals = None if traced else program.skip(pi, stats, hps)
         if vals is None:
-            collected = [program.collect(pi, b, m, hp, k, st, v, traced=traced, **lim)
-                         for b, m, hp, k, st, v, lim in zip(bl, ml, hps, keys, stats, vws, limits)]
+            collected = [program.collect(pi, b, m, hp, k, st, v, traced=traced, sort_limit="auto")
+                         for b, m, hp, k, st, v in zip(bl, ml, hps, keys, stats, vws)]
             vals = program.finalize(pi, collected, hps, traced=traced)
         for st, val in zip(stats, vals):
             st.setdefault(sname, {})[phase.name] = val
@@ -651,8 +659,8 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
         res = _run_grouped(program, list(zip(range(len(idx)), bl, ml, hps, keys, vws, stats)), group_leaves)
         results = [res[j] for j in range(len(idx))]
     else:
-        results = [program(b, m, hp, k, st, v, traced=traced, **lim)
-                   for b, m, hp, k, st, v, lim in zip(bl, ml, hps, keys, stats, vws, limits)]
+        results = [program(b, m, hp, k, st, v, traced=traced, sort_limit="auto")
+                   for b, m, hp, k, st, v in zip(bl, ml, hps, keys, stats, vws)]
     outs = list(base_leaves)
     extras: list = [{} for _ in base_leaves]
     for j, i in enumerate(idx):
@@ -696,7 +704,7 @@ def merge_leaf(method: Transform, base_leaf: Shaped[ArrayLike, "*shape"],
     program = LeafProgram(method, stacked=stacked, out_dtype=out_dtype, return_extras=return_extras,
                           compute_dtype=compute_dtype)
     ms = model_leaves if stacked else tuple(model_leaves)
-    return program(base_leaf, ms, hp, leaf_key(seed, path), dict(stats or {}), view)
+    return program(base_leaf, ms, hp, leaf_key(seed, path), dict(stats or {}), view, sort_limit="auto")
 
 
 # --------------------------------------------------------------------------------------------

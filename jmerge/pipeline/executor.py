@@ -383,7 +383,7 @@ def _collect_stats(jobs, readers, bufs, ctx, pool, window, max_bytes, progress) 
             r = ctx.program.collect(pi, _put(ctx, arrays[0]), models,
                                     ctx.hparams[j.out_name], leaf_key(ctx.seed, j.out_name), stats[j.out_name],
                                     ctx.views[j.out_name], compute_dtype=_compute_dtype(ctx, arrays),
-                                    fast_compile=tuple(j.shape) in ctx.fast_compile,
+                                    fast_compile=tuple(j.shape) in ctx.fast_compile, sort_limit="auto",
                                     **({"models_stacked": True} if stacked else {}))
             # copied when it is a view of a read buffer (e.g. an input JAX forwarded): the buffer is reused
             collected.append(jax.tree.map(lambda x: _unaliased(np.asarray(x), raw), r))
@@ -437,7 +437,7 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool
     return ctx.program(_put(ctx, arrays[0]), models, hp,
                        leaf_key(ctx.seed, job.out_name), stats.get(job.out_name) or {}, ctx.views[job.out_name],
                        out_dtype=out_dtype, compute_dtype=_compute_dtype(ctx, arrays),
-                       fast_compile=tuple(job.shape) in ctx.fast_compile,
+                       fast_compile=tuple(job.shape) in ctx.fast_compile, sort_limit="auto",
                        **({"models_stacked": True} if stacked else {}))
 
 
