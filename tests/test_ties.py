@@ -384,3 +384,24 @@ def test_ties_eager_merge_sorts_unsharded_rows_and_equals_the_counting_search(mo
     check_out(sorted_out, refs, np.float32)
     for k in shapes:
         np.testing.assert_array_equal(np.asarray(sorted_out[k]), np.asarray(counted_out[k]), err_msg=k)
+
+
+def test_leaf_program_sort_limit_values():
+    """``sort_limit``: "auto", None or a count give the same merged leaf (the formulas'); anything else is
+    refused, naming the value."""
+    from jmerge.core.driver import LeafProgram
+    rng = np.random.default_rng(12)
+    b = rng.normal(size=(2101,)).astype(np.float32)
+    ms = tuple(b + np.float32(0.1) * rng.normal(size=b.shape).astype(np.float32) for _ in range(T))
+    hp = jmerge.prepare_leaf_hparams(ties(), ["w"], T, hparams={"density": 0.3})[0]
+    prog = LeafProgram(ties())
+    outs = [np.asarray(prog(b, ms, hp, jmerge.leaf_key(0, "w"), {}, None, sort_limit=lim))
+            for lim in ("auto", None, 4096)]
+    tau = np.stack(ms) - b
+    tr = np_trim_tensor(tau, [0.3] * T)
+    np.testing.assert_allclose(outs[0], b + np_disjoint(tr, [1.0] * T, np_elect(tr, [1.0] * T)), rtol=1e-6, atol=1e-6)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    for bad in ("sorted", -1):
+        with pytest.raises(MergeInputError, match="sort_limit"):
+            prog(b, ms, hp, jmerge.leaf_key(0, "w"), {}, None, sort_limit=bad)
