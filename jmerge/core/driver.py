@@ -17,8 +17,9 @@ half-precision operations; reductions accumulate in float32 and round once). flo
 out-of-core executor (``jmerge.pipeline``) runs it tensor by tensor, so both give the same numbers.
 Outside ``jax.jit`` it is compiled once per leaf shape, dtype and view (hyperparameter values are
 arguments), and leaves that are not sharded select their top-k by a whole sort up to
-:data:`EAGER_SORT_LIMIT` entries per row (the same masks, a program that compiles faster); inside a user's ``jax.jit`` the leaves of one shape share one traced body
-(``lax.map`` over the stacked group), so compile time follows the number of distinct shapes.
+:data:`EAGER_SORT_LIMIT` entries per row (the same masks, a program that compiles faster); inside a
+user's ``jax.jit`` the leaves of one shape share one traced body (``lax.map`` over the stacked group), so
+compile time follows the number of distinct shapes.
 
 Steps that need whole-model statistics (TIES with global top-k, as in the paper) declare
 :class:`StatsPhase` objects: each phase collects a small per-leaf statistic, a host-side finalizer

@@ -90,8 +90,8 @@ from .transform import StatsPhase
 from .xla import HONEST_COST_ENTRIES, HONEST_COST_MIN, honest_cost, loop_variant, materialized, split_blocks
 
 __all__ = ["topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
-           "whole_sort_limit", "sort_limit_in_effect", "topk_thresholds_rows", "threshold_mask", "global_topk_thresholds", "global_topk_keep", "tensor_chunks",
-           "tensor_topk_count", "threshold_values"]
+           "whole_sort_limit", "sort_limit_in_effect", "topk_thresholds_rows", "threshold_mask",
+           "global_topk_thresholds", "global_topk_keep", "tensor_chunks", "tensor_topk_count", "threshold_values"]
 
 _I32_MIN = np.int32(np.iinfo(np.int32).min)
 _I32_MAX = np.int32(np.iinfo(np.int32).max)

@@ -280,7 +280,7 @@ def unpack_masks(packed: Any) -> Any:
     """Inverse of :func:`pack_masks`: a pytree of NumPy boolean arrays with the original shapes.
 
     Leaves that are not packed pass through as booleans: NumPy stays NumPy, JAX arrays stay JAX arrays (so
-    :func:`tall_task_models` and :func:`emr_task_models` run under ``jax.jit`` with the masks as arguments).
+    :func:`tall_task_models` runs under ``jax.jit`` with the masks as arguments).
 
     References: Wang et al., "Localizing Task Information for Improved Model Merging and
     Compression" (ICML 2024).
