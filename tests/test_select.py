@@ -1,5 +1,7 @@
 """Exact top-k masks (jmerge.core.select) against a NumPy reference: stable argsort on -x."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -609,3 +611,51 @@ def test_global_search_float32_task_vectors_take_few_phases(monkeypatch):
         for n, w in zip(sorted(shapes), ref_global(taus, [dens] * 3)):
             np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
     assert len(phases) <= 16, len(phases)
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_sorted_keys_is_the_stable_argsort_of_a_whole_model_sample(descending):
+    """The global search orders its weighted sample with one packed sort (:func:`select._sorted_keys`); the keys
+    and cumulative weights equal those of the stable argsort it replaced, on tied keys spread over leaves of
+    different weights (incl. 0 and the largest key), and on one leaf."""
+    rng = np.random.default_rng(3)
+    for counts in ([4096, 1, 0, 300, 4096, 17], [5000]):
+        L = len(counts)
+        keys = np.concatenate([rng.choice(np.array([0, 5, 6, 1 << 20, int(S._INF_KEY)]), c) if i % 2 else
+                               rng.integers(0, int(S._INF_KEY) + 1, c) for i, c in enumerate(counts)]).astype(np.int64)
+        leaf = np.repeat(np.arange(L, dtype=np.int64), counts)
+        wl = rng.uniform(1.0, 500.0, L)
+        order = np.argsort(-keys if descending else keys, kind="stable")
+        got, g = S._sorted_keys(keys, leaf, descending)
+        np.testing.assert_array_equal(got, keys[order])
+        np.testing.assert_array_equal(np.cumsum(wl[g]), np.cumsum(wl[leaf[order]]))
+        np.testing.assert_array_equal(np.sort(g), np.sort(leaf))
+
+
+def test_global_search_reads_out_the_bracket_after_one_counting_phase(monkeypatch):
+    """On unsharded leaves (``jmerge.merge`` outside jit) a counting phase also reads out the keys of the bracket the
+    previous phase left when every leaf holds at most its read-out capacity of them: every search then ends after two
+    phases (four here without it), with NumPy's masks, ties split across leaves included. This 4-leaf tree's bracket
+    after one phase holds ~0.5-1% of the entries (~0.06% on ``bench_methods.py``'s 72 leaves: a larger sample), so
+    the capacity is raised here to 1/32 of a leaf; at the default (1/512) the bracket is read out one phase later
+    (three), and under the default whole-sort limit (how sharded leaves are declared) not at all (four)."""
+    rng = np.random.default_rng(21)
+    shapes = {"a": (1024, 1024), "b": (1024, 2816), "c": (37, 5), "d": (1024,)}
+    base = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    models = [{n: base[n] + (0.01 * rng.normal(size=s)).astype(np.float32) for n, s in shapes.items()}
+              for _ in range(3)]
+    taus = [np.stack([m[n] - base[n] for m in models]) for n in sorted(shapes)]
+    counted = []
+    narrow = S._GSearch.narrow
+    monkeypatch.setattr(S._GSearch, "narrow", lambda self, *a: (counted.append(1), narrow(self, *a))[1])
+    capacity = S._read_capacity
+    for cap, limit, phases in ((5, None, 2), (9, None, 3), (5, S._SORT_MAX, 4)):
+        monkeypatch.setattr(S, "_read_capacity", lambda n: max(16, n >> cap) if cap != 9 else capacity(n))
+        jax.clear_caches()  # the capacity is static in the compiled counting phase
+        for dens in (0.2, 0.9):
+            counted.clear()
+            with S.whole_sort_limit(limit) if limit else contextlib.nullcontext():
+                _, extras = jmerge.merge(_global_method(density=dens), base, models, return_extras=True)
+            for n, w in zip(sorted(shapes), ref_global(taus, [dens] * 3)):
+                np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
+            assert len(counted) == phases, (cap, limit, dens, counted)

@@ -64,12 +64,18 @@ each counting phase counts, per leaf and task, ``#{key >= t}`` at ten thresholds
 words) and the two snaps in one variadic reduction, rebuilt from the inputs inside a conditional that
 skips it once every task is done; the host sums the counts and narrows the bracket in int64, keeping
 the counts per leaf, so tied entries at the k-th key are split across leaves in leaf order (ties are
-broken by leaf order, then by flat index) without another pass. Where the sampled keys inside a
+broken by leaf order, then by flat index) without another pass. Once every leaf holds at most
+1/512 of its entries in every open bracket (after the first phase, on a model of many leaves), the next
+phase also reads the bracket out: the same reduction counts the bracket's entries per block of 32, and the
+first blocks that hold any (a prefix sum of the block flags, searched) are gathered and returned; the host
+takes the k-th key from their keys and ends the search (two counting phases where four were needed). Only
+calls whose leaves are not sharded read out (the caller raised the whole-sort limit; see
+:func:`whole_sort_limit`). Where the sampled keys inside a
 task's bracket repeat, eight of the ten thresholds are the four distinct sampled keys nearest the
 k-th key's estimated (weighted) rank, each at ``x`` and ``x + 1``. A search still open after the
 counting phases (rare since then) ends with radix histograms (65536 bins of the high, then of the low 16
 bits of ``|tau|``, a scatter-add ~6x the cost of a counting pass on XLA:CPU). Only counts, snaps,
-samples and histograms leave the device.
+samples, histograms and read-out brackets leave the device.
 """
 
 from __future__ import annotations
@@ -127,7 +133,8 @@ def whole_sort_limit(n: int) -> Iterator[None]:
     kept in flat order), so this only trades cost: a sort is a small program that compiles fast and vmaps
     well; the counting search reads the data ~5 times without a sort, and never gathers a sharded row. Raise
     it only where leaves are not sharded along their rows (a sorted sharded row is all-gathered); the
-    sweep (:mod:`jmerge.sweep.execute`), whose leaves are replicated, uses 32768.
+    sweep (:mod:`jmerge.sweep.execute`), whose leaves are replicated, uses 32768. A limit above the default
+    also lets the whole-model search read out its last bracket (:func:`global_topk_phases`: a gather).
 
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023)
     (the trim step this selection serves).
@@ -326,14 +333,18 @@ def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
     return jnp.stack(sums, 1)
 
 
-def _count_pass(x, ts, lo, hi, magnitude):
+def _count_pass(x, ts, lo, hi, magnitude, inside: bool = False):
     """Counts at ``J`` thresholds (``counts[:, j] = #{key >= ts[:, j]}``; ``J`` a multiple of ``_J``, one packed
     int32 per ``_J``) and the two snaps ``below = max{key < hi}`` and ``above = min{key > lo}`` per row, in one
     read of ``x`` (one variadic reduction).
 
     ``x`` is (R, ...) with one search per row (``ts`` (R, J)), or one row (1, ...) searched for ``P`` targets
     at once (``ts`` (P, J), ``lo`` and ``hi`` (P,)): every target's counts and snaps are outputs of the same
-    reduction, so the row is read once for all of them (results (P, J) and (P,))."""
+    reduction, so the row is read once for all of them (results (P, J) and (P,)).
+
+    ``inside`` (one row, one target): also the number of entries with ``lo <= key < hi`` in each block of the
+    last axis (:func:`_blocks`' main part, shape ``(1, *lead, blocks)``), from the same reduction (for
+    :func:`_read_out`)."""
     R, J = x.shape[0], ts.shape[1]
     P = ts.shape[0]
     W = J // _J
@@ -351,11 +362,15 @@ def _count_pass(x, ts, lo, hi, magnitude):
         snaps = tuple(z for g in tg for z in (jnp.where(km < col(hi[g]), km, _I32_MIN),
                                                jnp.where(km > col(lo[g]), km, _I32_MAX)))
         G, NW = len(tg), len(tg) * W
-        out = lax.reduce(packed + snaps, (np.int32(0),) * NW + (_I32_MIN, _I32_MAX) * G,
+        ins = ((((km >= col(lo)) & (km < col(hi))).astype(jnp.int32),) if inside else ())
+        init = (np.int32(0),) * NW + (_I32_MIN, _I32_MAX) * G + (np.int32(0),) * len(ins)
+        out = lax.reduce(packed + snaps + ins, init,
                          lambda a, b: tuple(x + y for x, y in zip(a[:NW], b[:NW]))
                          + tuple(jnp.maximum(a[i], b[i]) if (i - NW) % 2 == 0 else jnp.minimum(a[i], b[i])
-                                 for i in range(NW, NW + 2 * G)),
+                                 for i in range(NW, NW + 2 * G))
+                         + tuple(a[i] + b[i] for i in range(NW + 2 * G, len(a))),
                          (main.ndim - 1,))
+        blocks_inside = out[-1] if inside else None
         rest = tuple(range(1, out[0].ndim))  # block sums in the data's own shape: no flattening (sharding)
         parts = [_unpack_counts(s, _J) for s in out[:NW]]
         rows = [parts[i * W] if W == 1 else jnp.concatenate(parts[i * W:(i + 1) * W], axis=1) for i in range(G)]
@@ -369,6 +384,10 @@ def _count_pass(x, ts, lo, hi, magnitude):
         counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
         below = jnp.maximum(below, jnp.max(jnp.where(kt < hi[:, None], kt, _I32_MIN), axis=1))
         above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
+    if inside:
+        if not main.size:
+            blocks_inside = jnp.zeros(main.shape[:-1], jnp.int32)
+        return counts, below, above, blocks_inside
     return counts, below, above
 
 
@@ -600,17 +619,47 @@ def _tie_cut(x, v, quota, magnitude):
         x = x.reshape(R, 1)
     eq = (_keys(x, magnitude) == v.reshape((R,) + (1,) * (x.ndim - 1))).astype(jnp.uint32)
     main, tail = _blocks(eq)
-    w = main.shape[-1]
-    lane = lambda m: lax.broadcasted_iota(jnp.uint32, m.shape, m.ndim - 1)
     # Sums of distinct bits (== bitwise or; an all-reduce across devices supports only sums, max, min).
-    bm = jnp.sum(main << lane(main), axis=main.ndim - 1, dtype=jnp.uint32)
+    bm = jnp.sum(main << _lane(main), axis=main.ndim - 1, dtype=jnp.uint32)
     if tail.shape[1]:  # flattened rows: the tail is one more block at the end (flat order)
-        bt = jnp.sum(tail << lane(tail), axis=1, dtype=jnp.uint32)
-        bm = jnp.concatenate([bm, bt[:, None]], axis=1)
+        bm = jnp.concatenate([bm, jnp.sum(tail << _lane(tail), axis=1, dtype=jnp.uint32)[:, None]], axis=1)
+    return _cut_in_blocks(bm, quota, main.shape[-1])
+
+
+def _tie_cut_shared(rows, v, quota, magnitude):
+    """:func:`_tie_cut` for ``P`` cuts per row (``v`` and ``quota`` (P, R), results (P, R)), each row read once:
+    one variadic reduction per row gives the bit masks of all ``P`` keys (``rows``: the R rows in their own
+    shape, as a data source gives them; stacking them first would write the stack)."""
+    P, R = v.shape
+    bms, w = [], None
+    for r, x in enumerate(rows):
+        x = jnp.reshape(x, (1,) + (jnp.shape(x) or (1,)))  # one row, in its own shape
+        keys = _keys(x, magnitude)
+        splits = [_blocks((keys == v[p, r]).astype(jnp.uint32)) for p in range(P)]
+        main = splits[0][0]
+        w = main.shape[-1]
+        bm = lax.reduce(tuple(m << _lane(m) for m, _ in splits), (np.uint32(0),) * P,
+                        lambda a, b: tuple(i + j for i, j in zip(a, b)), (main.ndim - 1,))
+        if splits[0][1].shape[1]:
+            bm = [jnp.concatenate([b, jnp.sum(t << _lane(t), axis=1, dtype=jnp.uint32)[:, None]], axis=1)
+                  for b, (_, t) in zip(bm, splits)]
+        bms.append(jnp.stack(bm))  # (P, 1, *grid)
+    bm = jnp.concatenate(bms, axis=1)  # (P, R, *grid)
+    return jnp.stack([_cut_in_blocks(bm[p], quota[p], w) for p in range(P)])
+
+
+def _lane(m):
+    """Bit position of each entry within its block (the last axis)."""
+    return lax.broadcasted_iota(jnp.uint32, m.shape, m.ndim - 1)
+
+
+def _cut_in_blocks(bm, rem, w: int):
+    """The flat position after the ``rem``-th set bit of the per-block bit masks ``bm`` (R, *grid) of blocks of
+    ``w`` entries (see :func:`_tie_cut`), per row."""
+    R = bm.shape[0]
     cnt = lax.population_count(bm).astype(jnp.int32)
     grid = cnt.shape[1:]
     col = lambda a: a.reshape((R,) + (1,) * len(grid))
-    rem = quota
     sel = jnp.ones(cnt.shape, bool)
     start = jnp.zeros((R,), jnp.int32)
     for a in range(1, cnt.ndim):
@@ -629,7 +678,8 @@ def _tie_cut(x, v, quota, magnitude):
 
 def _tie_cuts(xs, v, quota, eq, magnitude):
     """Per row, the cut position ``c`` such that ``key > v`` plus ``key == v`` before ``c`` (flat
-    order) keeps exactly ``quota`` of the ``eq`` entries equal to ``v``.
+    order) keeps exactly ``quota`` of the ``eq`` entries equal to ``v``; ``v``, ``quota`` and ``eq`` (R,), or
+    (P, R) for ``P`` cuts per row (one conditional, one read of the data for all).
 
     Rows that keep all of their ties get ``n``, rows that keep none ``0``; only when some row keeps
     a part of them does a conditional read the data once more to locate the cut
@@ -640,8 +690,10 @@ def _tie_cuts(xs, v, quota, eq, magnitude):
     whole = jnp.where(quota > 0, np.int32(n), np.int32(0))
 
     def cut():
-        x = _stacked_rows(xs)
-        return jnp.where(partial, _tie_cut(x, v, jnp.where(partial, quota, 1), magnitude), whole)
+        q = jnp.where(partial, quota, 1)
+        if jnp.ndim(v) == 2:
+            return jnp.where(partial, _tie_cut_shared(xs(lambda a: a), v, q, magnitude), whole)
+        return jnp.where(partial, _tie_cut(_stacked_rows(xs), v, q, magnitude), whole)
 
     return lax.cond(jnp.any(partial), cut, lambda: whole)
 
@@ -705,7 +757,9 @@ def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
             out = [_row_thresholds(xs, k[p], magnitude) for p in range(P)]
         else:  # search row p * R + r reads data row r; the tie cuts per target over the R rows, as P calls
             vs = _search(xs, jnp.clip(k.reshape(-1), 1, n), magnitude, tuple(r for _ in range(P) for r in range(R)))
-            out = [_search_result(xs, k[p], n, *(a[p * R:(p + 1) * R] for a in vs), magnitude) for p in range(P)]
+            v, quota, eq = (jnp.stack(z) for z in zip(*(_search_ties(k[p], n, *(a[p * R:(p + 1) * R] for a in vs))
+                                                         for p in range(P))))
+            return v, _tie_cuts(xs, v, quota, eq, magnitude)  # one conditional: the P cuts share a read
         return jnp.stack([o[0] for o in out]), jnp.stack([o[1] for o in out])
     kc = jnp.clip(k, 1, n)
     if n <= _sort_max():
@@ -720,11 +774,18 @@ def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
 
 def _search_result(xs, k, n, v, gt, ge, magnitude):
     """``(v, cut)`` from :func:`_search`'s ``(v, gt, ge)`` for the counts ``k`` (unclipped) of rows of ``n``."""
+    v, quota, eq = _search_ties(k, n, v, gt, ge)
+    return v, _tie_cuts(xs, v, quota, eq, magnitude)
+
+
+def _search_ties(k, n, v, gt, ge):
+    """``(v, quota, eq)`` for :func:`_tie_cuts` from :func:`_search`'s ``(v, gt, ge)`` for the counts ``k``
+    (unclipped) of rows of ``n``."""
     # k <= 0: a threshold above every key keeps nothing; k >= n: one below every key keeps all.
     v = jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v))
     gt = jnp.where(k <= 0, 0, jnp.where(k >= n, n, gt))
     ge = jnp.where((k <= 0) | (k >= n), gt, ge)
-    return v, _tie_cuts(xs, v, jnp.maximum(k, 0) - gt, ge - gt, magnitude)
+    return v, jnp.maximum(k, 0) - gt, ge - gt
 
 
 def _topk_rows(x: jax.Array, k: jax.Array, magnitude: bool = False) -> jax.Array:
@@ -958,6 +1019,7 @@ def _boundary(hist: np.ndarray, k: int) -> tuple[int, int]:
 
 
 _G_PASSES = 7  # counting phases before the histogram fallback
+_G_READ = 1 << 18  # at most this many entries of a task's bracket (all leaves) are read out
 _G_SAMPLE = 4096  # sampled entries per leaf and task (at most 1/32 of the leaf)
 _G_CS0 = np.array([-7.0, -4.0, -2.2, -1.0, -0.3, 0.3, 1.0, 2.2, 4.0, 7.0])  # first thresholds, in sample sigmas
 _G_CS = np.array([-3.5, -2.0, -1.1, -0.5, -0.15, 0.15, 0.5, 1.1, 2.0, 3.5])  # later thresholds, in expected errors
@@ -981,22 +1043,77 @@ def _g_source(state: MergeState):
 
 
 def _g_count(state: MergeState, prev) -> dict:
-    """Counts ``#{key >= ts}`` at the ``_G_J`` thresholds of ``prev`` and the snaps per task (one read)."""
+    """Counts ``#{key >= ts}`` at the ``_G_J`` thresholds of ``prev`` and the snaps per task (one read).
+
+    When ``prev["read"]`` (the host found every leaf's entries in the bracket ``lo <= key < hi`` of each open task
+    within the leaf's :func:`_read_capacity`) and the call's leaves are not sharded (:func:`_read_allowed`), the
+    same read also gives those entries' keys (:func:`_read_out`), from which the host ends the searches."""
     T = state.tau.shape[0]
     ts, lo, hi = (jnp.asarray(prev[a], jnp.int32) for a in ("ts", "lo", "hi"))
     src = _g_source(state)
+    n = state.tau[0].size
+    C = _read_capacity(n) if n and _read_allowed() else 0
 
-    def run():
-        parts = [_count_pass(r[None], ts[t:t + 1], lo[t:t + 1], hi[t:t + 1], True)
-                 for t, r in enumerate(src(lambda a: a))]
-        return tuple(jnp.concatenate(z) for z in zip(*parts))
+    def run(read):
+        parts = []
+        for t, r in enumerate(src(lambda a: a)):
+            out = _count_pass(r[None], ts[t:t + 1], lo[t:t + 1], hi[t:t + 1], True, inside=read)
+            parts.append(out[:3] + (_read_out(r, out[3], C) if read else ()))
+        return tuple(jnp.concatenate(z) for z in zip(*parts)) + (() if read else no_read())
 
-    skip = lambda: (jnp.zeros((T, _G_J), jnp.int32), jnp.full((T,), _I32_MIN), jnp.full((T,), _I32_MAX))
+    def no_read():  # the read-out's outputs, empty (the branches of a conditional agree)
+        if not C:
+            return ()
+        main, tail = jax.eval_shape(lambda: _blocks(jnp.zeros((1,) + (state.tau.shape[1:] or (1,)), jnp.float32)))
+        return (jnp.zeros((T, C, main.shape[-1]), jnp.int32), jnp.zeros((T,), jnp.int32),
+                jnp.zeros((T, tail.shape[-1]), jnp.int32))
+
+    def skip():
+        return (jnp.zeros((T, _G_J), jnp.int32), jnp.full((T,), _I32_MIN), jnp.full((T,), _I32_MAX)) + no_read()
+
     if state.tau.size == 0:
-        c, b, a = skip()
+        res = skip()
+    elif C:
+        res = lax.cond(jnp.asarray(prev["run"]),
+                       lambda: lax.cond(jnp.asarray(prev["read"]), lambda: run(True), lambda: run(False)), skip)
     else:
-        c, b, a = lax.cond(jnp.asarray(prev["run"]), run, skip)
-    return {"counts": c, "below": b, "above": a, "token": jnp.asarray(prev["token"])}
+        res = lax.cond(jnp.asarray(prev["run"]), lambda: run(False), skip)
+    out = {"counts": res[0], "below": res[1], "above": res[2], "token": jnp.asarray(prev["token"])}
+    if C:
+        out.update(zip(("read_keys", "read_blocks", "read_tail"), res[3:]))
+    return out
+
+
+def _read_capacity(n: int) -> int:
+    """Blocks of a leaf of ``n`` entries (per task) that a counting phase can read out: 1/512 of its entries'
+    count (the whole-model bracket after the first phase holds about 1e-4 to 1e-3 of all entries), at least 16."""
+    return max(16, n >> 9)
+
+
+def _read_allowed() -> bool:
+    """Whether this call may gather a leaf's entries (the read-out of :func:`_g_count`): only where the caller raised
+    the whole-sort limit, which declares the leaves unsharded (:func:`whole_sort_limit`; ``jmerge.merge`` and the
+    out-of-core executor do for one-device / replicated leaves). A sharded leaf keeps to counting (no gather)."""
+    return _sort_max() > _SORT_MAX
+
+
+def _read_out(row: jax.Array, blocks_inside: jax.Array, C: int):
+    """The keys of a row's first ``C`` blocks holding entries of the bracket (``blocks_inside``, per block of
+    :func:`_blocks`' main part, from :func:`_count_pass`), the number of such blocks, and the keys of the tail
+    (fewer entries than a block, returned whole): ``(1, C, w)``, ``(1,)``, ``(1, tail)``.
+
+    The block positions come from a prefix sum of the block flags (``associative_scan``: ~3x faster than
+    ``cumsum`` on XLA:CPU) searched at ``1..C``; the gather reads only those blocks of the inputs."""
+    main, tail = _blocks(row[None])
+    w = main.shape[-1]
+    flags = (blocks_inside.reshape(-1) > 0).astype(jnp.int32)
+    nb = flags.shape[0]
+    if nb == 0:
+        return jnp.zeros((1, C, w), jnp.int32), jnp.zeros((1,), jnp.int32), _keys(tail, True)
+    cs = lax.associative_scan(jnp.add, flags)
+    idx = jnp.minimum(jnp.searchsorted(cs, jnp.arange(1, C + 1, dtype=jnp.int32), method="scan_unrolled"), nb - 1)
+    keys = _keys(main.reshape(nb, w)[idx], True)
+    return keys[None], cs[-1:], _keys(tail, True)
 
 
 class _GSearch:
@@ -1014,7 +1131,7 @@ class _GSearch:
         self.even = np.zeros(T, bool)
         total = int(self.sizes.sum())
         self.active = (self.ks > 0) & (self.ks < total)
-        self.samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per task: sampled keys and their weights
+        self.samples: dict[int, tuple] = {}  # per task: sampled keys, their leaves, the leaves' weights
         self._sorted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def done(self) -> np.ndarray:
@@ -1116,10 +1233,47 @@ class _GSearch:
         """Task ``t``'s sampled keys ascending and their cumulative weights (sorted once, when a search first
         needs them: most end in the first counting phase)."""
         if t not in self._sorted:
-            sk, w = self.samples[t]
-            up = np.argsort(sk, kind="stable")
-            self._sorted[t] = (sk[up], np.cumsum(w[up]))
+            sk, leaf, wl = self.samples[t]
+            up, g = _sorted_keys(sk, leaf)
+            self._sorted[t] = (up, np.cumsum(wl[g]))
         return self._sorted[t]
+
+    def read_out(self, collected) -> None:
+        """Ends every open search from the keys of its bracket read out by a counting phase (:func:`_g_count`):
+        the k-th key is the ``(k - G(hi))``-th largest of them, and each leaf's counts at it follow. A search whose
+        keys did not all come back (a leaf that could not read out: sharded) keeps its counting bracket."""
+        if not all("read_keys" in c for c, n in zip(collected, self.sizes) if n):
+            return
+        got = [(np.asarray(c["read_keys"]), np.asarray(c["read_blocks"]), np.asarray(c["read_tail"])) if n else None
+               for c, n in zip(collected, self.sizes)]
+        for t in np.flatnonzero(~self.done()):
+            lo, hi = int(self.lo[t]), int(min(self.hi[t], int(_TOP)))
+            glo, ghi = self.glo_i[:, t], self.ghi_i[:, t]
+            keys = []
+            for g in got:
+                if g is None:
+                    keys.append(np.zeros(0, np.int32))
+                    continue
+                kk = np.concatenate([g[0][t, :int(g[1][t])].reshape(-1), g[2][t]])
+                keys.append(kk[(kk >= lo) & (kk < hi)])
+            if any(kk.size != g1 - g0 for kk, g1, g0 in zip(keys, glo, ghi)):
+                continue  # not every key of the bracket came back (not read out this phase): keep counting
+            inside = np.concatenate(keys)
+            r = int(self.ks[t] - ghi.sum())  # the k-th key is the r-th largest inside (G(lo) >= k > G(hi))
+            v = int(np.partition(inside, inside.size - r)[inside.size - r])
+            self.lo[t], self.hi[t] = v, v + 1
+            self.glo_i[:, t] = ghi + np.array([np.count_nonzero(kk >= v) for kk in keys], np.int64)
+            self.ghi_i[:, t] = ghi + np.array([np.count_nonzero(kk > v) for kk in keys], np.int64)
+
+    def readable(self) -> bool:
+        """Whether the next counting phase can read out the open searches' brackets: every leaf holds at most
+        :func:`_read_capacity` entries of each (so at most that many blocks), and each bracket at most ``_G_READ``."""
+        open_ = ~self.done()
+        if not open_.any():
+            return False
+        inside = (self.glo_i - self.ghi_i)[:, open_]  # (L, open)
+        caps = np.array([_read_capacity(int(n)) for n in self.sizes], np.int64)
+        return bool(inside.sum(0).max() <= _G_READ and np.all(inside.max(1) <= caps))
 
     def result(self, L):
         """Per leaf ``(v, quota, eq)`` (T,) each: keep ``key > v`` and the first ``quota`` of the leaf's
@@ -1142,6 +1296,18 @@ class _GSearch:
                 eq[:, t] = self.glo_i[:, t] - self.ghi_i[:, t]
                 quota[:, t] = _split_ties(eq[:, t], kt - int(self.ghi_i[:, t].sum()))
         return v, quota, eq
+
+
+def _sorted_keys(keys: np.ndarray, leaf: np.ndarray, descending: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitude keys (in ``[0, _INF_KEY]``) sorted, with their ``leaf`` ids (non-negative, non-decreasing along
+    ``keys``): the order of ``np.argsort(keys, kind="stable")`` (descending: of ``-keys``) up to the order of
+    entries equal in key and leaf, which carry the same weight. One sort of (key, leaf) packed in int64: ~8x
+    faster than the stable argsort on a whole-model sample (3.8 vs 29 ms for 300k keys)."""
+    bits = max(int(leaf[-1]).bit_length(), 1) if leaf.size else 1
+    k = np.asarray(keys, np.int64)
+    packed = np.sort(((int(_INF_KEY) - k if descending else k) << bits) | leaf)
+    k = packed >> bits
+    return (int(_INF_KEY) - k if descending else k), packed & ((1 << bits) - 1)
 
 
 def _distinct(ts: np.ndarray, sample: np.ndarray, centre: int) -> np.ndarray:
@@ -1186,6 +1352,7 @@ def _g_out(search: _GSearch, ts, token: int, L: int) -> list:
     hi = jnp.asarray(np.minimum(search.hi, int(_TOP)).astype(np.int32))
     out = {"ts": jnp.asarray(ts.astype(np.int32)), "lo": lo, "hi": hi, "run": jnp.asarray(run),
            "token": jnp.asarray(np.int32(token))}
+    out["read"] = jnp.asarray(run and search.readable())
     return [out for _ in range(L)]
 
 
@@ -1239,7 +1406,9 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         ks = _global_ks(hps, density_key, T, name, total, rounding)
         search = _GSearch(ks, sizes)
         keys = [np.asarray(c["keys"], np.int64) for c in collected]
-        w = np.concatenate([np.full(kk.shape[1], sizes[i] / max(kk.shape[1], 1)) for i, kk in enumerate(keys)])
+        counts = np.array([kk.shape[1] for kk in keys], np.int64)
+        wl = sizes / np.maximum(counts, 1)  # a sampled key's weight: its leaf's entries per sampled entry
+        leaf = np.repeat(np.arange(L, dtype=np.int64), counts)
         ts = np.zeros((T, _G_J), np.int64)
         for t in range(T):
             kt = min(max(int(ks[t]), 1), max(total, 1))
@@ -1247,13 +1416,13 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
             if sk.size == 0:
                 ts[t] = np.arange(1, _G_J + 1)
                 continue
-            search.samples[t] = (sk, w)  # sorted on first use (_GSearch._sorted_sample)
-            order = np.argsort(-sk, kind="stable")
-            cw = np.cumsum(w[order])  # estimated #{key >= sk[order[j]]}
+            search.samples[t] = (sk, leaf, wl)  # sorted ascending on first use (_GSearch._sorted_sample)
+            down, g = _sorted_keys(sk, leaf, descending=True)
+            cw = np.cumsum(wl[g])  # estimated #{key >= down[j]}
             sd = np.sqrt(kt * max(1.0 - kt / max(total, 1), 0.0) * total / sk.size) + 1.0
             pos = np.searchsorted(cw, kt + _G_CS0[::-1] * sd)  # from high G (low key) to low G
-            ts[t] = _distinct(np.clip(sk[order[np.clip(pos, 0, sk.size - 1)]], 1, int(_INF_KEY)), sk,
-                              int(sk[order[min(int(np.searchsorted(cw, kt)), sk.size - 1)]]))
+            ts[t] = _distinct(np.clip(down[np.clip(pos, 0, sk.size - 1)], 1, int(_INF_KEY)), sk,
+                              int(down[min(int(np.searchsorted(cw, kt)), sk.size - 1)]))
         token = _g_put({"search": search, "ts": ts})
         return _g_out(search, ts, token, L)
 
@@ -1265,6 +1434,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         below = np.max([np.asarray(c["below"], np.int64) for c in collected], axis=0)
         above = np.min([np.asarray(c["above"], np.int64) for c in collected], axis=0)
         if not np.all(search.done()):
+            search.read_out(collected)
             search.narrow(ts, counts_i, below, above)
             carry["ts"] = ts = search.next_thresholds(below, above)
         if last:
