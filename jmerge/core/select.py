@@ -1042,17 +1042,18 @@ def _g_source(state: MergeState):
     return lambda g: [r if r.ndim else r.reshape(1) for r in src(g)]
 
 
-def _g_count(state: MergeState, prev) -> dict:
+def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     """Counts ``#{key >= ts}`` at the ``_G_J`` thresholds of ``prev`` and the snaps per task (one read).
 
     When ``prev["read"]`` (the host found every leaf's entries in the bracket ``lo <= key < hi`` of each open task
     within the leaf's :func:`_read_capacity`) and the call's leaves are not sharded (:func:`_read_allowed`), the
-    same read also gives those entries' keys (:func:`_read_out`), from which the host ends the searches."""
+    same read also gives those entries' keys (:func:`_read_out`), from which the host ends the searches. ``read``
+    False: no read-out in this phase's program (the first counting phase, whose bracket is the whole model)."""
     T = state.tau.shape[0]
     ts, lo, hi = (jnp.asarray(prev[a], jnp.int32) for a in ("ts", "lo", "hi"))
     src = _g_source(state)
     n = state.tau[0].size
-    C = _read_capacity(n) if n and _read_allowed() else 0
+    C = _read_capacity(n) if read and n and _read_allowed() else 0
 
     def run(read):
         parts = []
@@ -1102,16 +1103,17 @@ def _read_out(row: jax.Array, blocks_inside: jax.Array, C: int):
     :func:`_blocks`' main part, from :func:`_count_pass`), the number of such blocks, and the keys of the tail
     (fewer entries than a block, returned whole): ``(1, C, w)``, ``(1,)``, ``(1, tail)``.
 
-    The block positions come from a prefix sum of the block flags (``associative_scan``: ~3x faster than
-    ``cumsum`` on XLA:CPU) searched at ``1..C``; the gather reads only those blocks of the inputs."""
+    The block positions come from a prefix sum of the block flags searched at ``1..C`` (``cumsum`` and a
+    looped search: an ``associative_scan`` or an unrolled search run no faster here and compile seconds longer
+    per leaf shape); the gather reads only those blocks of the inputs."""
     main, tail = _blocks(row[None])
     w = main.shape[-1]
     flags = (blocks_inside.reshape(-1) > 0).astype(jnp.int32)
     nb = flags.shape[0]
     if nb == 0:
         return jnp.zeros((1, C, w), jnp.int32), jnp.zeros((1,), jnp.int32), _keys(tail, True)
-    cs = lax.associative_scan(jnp.add, flags)
-    idx = jnp.minimum(jnp.searchsorted(cs, jnp.arange(1, C + 1, dtype=jnp.int32), method="scan_unrolled"), nb - 1)
+    cs = jnp.cumsum(flags)
+    idx = jnp.minimum(jnp.searchsorted(cs, jnp.arange(1, C + 1, dtype=jnp.int32), method="scan"), nb - 1)
     keys = _keys(main.reshape(nb, w)[idx], True)
     return keys[None], cs[-1:], _keys(tail, True)
 
@@ -1521,7 +1523,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
     phases = [StatsPhase(s_name, collect_sample, finalize_sample)]
     for i, cn in enumerate(c_names):
         last = i == _G_PASSES - 1
-        phases.append(StatsPhase(cn, lambda state, hp, cn=cn: _g_count(state, state.stats[prev_of[cn]]),
+        phases.append(StatsPhase(cn, lambda state, hp, cn=cn, i=i: _g_count(state, state.stats[prev_of[cn]], i > 0),
                                  lambda collected, hps, last=last: finalize_count(collected, hps, last),
                                  skip=lambda so_far, hps, cn=cn, last=last: skip_count(so_far, hps, cn, last)))
     phases += [StatsPhase(hi_name, collect_hi, finalize_hi, skip=skip_hi),
