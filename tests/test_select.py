@@ -659,3 +659,21 @@ def test_global_search_reads_out_the_bracket_after_one_counting_phase(monkeypatc
             for n, w in zip(sorted(shapes), ref_global(taus, [dens] * 3)):
                 np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
             assert len(counted) == phases, (cap, limit, dens, counted)
+
+
+def test_global_search_reads_nothing_it_did_not_ask_for():
+    """A counting phase returns the read-out's outputs as zeros when the host did not ask for it; a leaf shorter
+    than a block returns its keys as the read-out's tail, so those zeros could pass the host's count check (a
+    bracket at key 0 holding as many entries per leaf as the tail). ``read_done`` tells them apart: the same
+    outputs end the search when the read was asked for, and leave it open when not."""
+    def collected(done):
+        return [{"read_keys": np.zeros((1, 16, 7), np.int32), "read_blocks": np.zeros(1, np.int32),
+                 "read_tail": np.zeros((1, 7), np.int32), "read_done": np.asarray(done)} for _ in range(2)]
+
+    for done in (False, True):
+        search = S._GSearch(np.array([10]), np.array([7, 7]))
+        search.hi[0] = 5  # bracket [0, 5) holding all 14 entries (7 per leaf), k = 10
+        search.read_out(collected(done))
+        assert bool(search.done()[0]) == done
+        if done:  # the zeros taken as keys: the k-th key is 0, tied 14 times
+            assert search.lo[0] == 0 and search.glo_i[:, 0].tolist() == [7, 7] and search.ghi_i[:, 0].tolist() == [0, 0]

@@ -1080,8 +1080,9 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     else:
         res = lax.cond(jnp.asarray(prev["run"]), lambda: run(False), skip)
     out = {"counts": res[0], "below": res[1], "above": res[2], "token": jnp.asarray(prev["token"])}
-    if C:
+    if C:  # the read-out's outputs are zeros unless the host asked for it (and the phase ran)
         out.update(zip(("read_keys", "read_blocks", "read_tail"), res[3:]))
+        out["read_done"] = jnp.asarray(prev["read"]) & jnp.asarray(prev["run"]) & (state.tau.size > 0)
     return out
 
 
@@ -1244,7 +1245,7 @@ class _GSearch:
         """Ends every open search from the keys of its bracket read out by a counting phase (:func:`_g_count`):
         the k-th key is the ``(k - G(hi))``-th largest of them, and each leaf's counts at it follow. A search whose
         keys did not all come back (a leaf that could not read out: sharded) keeps its counting bracket."""
-        if not all("read_keys" in c for c, n in zip(collected, self.sizes) if n):
+        if not all("read_keys" in c and bool(c["read_done"]) for c, n in zip(collected, self.sizes) if n):
             return
         got = [(np.asarray(c["read_keys"]), np.asarray(c["read_blocks"]), np.asarray(c["read_tail"])) if n else None
                for c, n in zip(collected, self.sizes)]
