@@ -435,8 +435,11 @@ def _pcb_scores(rows_of, T: int, shape: tuple) -> list:
         norm = jnp.where(rng > 0, (r[t] * r[u] - lo[i]) / jnp.where(rng > 0, rng, 1.0), 0.0)
         return T * norm - T * jnp.where(rng > 0, (hi[i] - lo[i]) / jnp.where(rng > 0, rng, 1.0), 0.0)
 
-    r = rows_of("m+(-b)")
-    e = materialized(lambda: [jnp.exp(logits(i, r)) for i in range(P)], r[0])
+    def exps():  # the rows are rebuilt inside the conditional (captured from outside, they would be its operands)
+        r = rows_of("m+(-b)")
+        return [jnp.exp(logits(i, r)) for i in range(P)]
+
+    e = materialized(exps, ext[0])
     sums = [jnp.sum(jnp.sum(x, axis=-1)) for x in e]
     sm = {pairs[i]: n * (e[i] / sums[i]) for i in range(P)}
     sm.update({(u, t): v for (t, u), v in list(sm.items())})
