@@ -353,9 +353,9 @@ def _count_pass(x, ts, lo, hi, magnitude, inside: bool | tuple = False):
     at once (``ts`` (P, J), ``lo`` and ``hi`` (P,)): every target's counts and snaps are outputs of the same
     reduction, so the row is read once for all of them (results (P, J) and (P,)).
 
-    ``inside`` (one row): True, or a pair ``(flo, fhi)`` of (P,) arrays: also, per target, the number of entries
+    ``inside`` (one row, one target): True, or a pair ``(flo, fhi)`` of (1,) arrays: also the number of entries
     with ``lo <= key < hi`` (``flo <= key < fhi``) in each block of the last axis (:func:`_blocks`' main part,
-    shape ``(P, *lead, blocks)``), from the same reduction (for :func:`_read_out`)."""
+    shape ``(1, *lead, blocks)``), from the same reduction (for :func:`_flagged_blocks`)."""
     R, J = x.shape[0], ts.shape[1]
     P = ts.shape[0]
     W = J // _J
@@ -374,8 +374,7 @@ def _count_pass(x, ts, lo, hi, magnitude, inside: bool | tuple = False):
                                                jnp.where(km > col(lo[g]), km, _I32_MAX)))
         G, NW = len(tg), len(tg) * W
         flo, fhi = (lo, hi) if inside is True else (inside if inside is not False else (None, None))
-        ins = (tuple(((km >= col(flo[g])) & (km < col(fhi[g]))).astype(jnp.int32) for g in tg)
-               if inside is not False else ())
+        ins = ((((km >= col(flo)) & (km < col(fhi))).astype(jnp.int32),) if inside is not False else ())
         init = (np.int32(0),) * NW + (_I32_MIN, _I32_MAX) * G + (np.int32(0),) * len(ins)
         out = lax.reduce(packed + snaps + ins, init,
                          lambda a, b: tuple(x + y for x, y in zip(a[:NW], b[:NW]))
@@ -383,7 +382,7 @@ def _count_pass(x, ts, lo, hi, magnitude, inside: bool | tuple = False):
                                  for i in range(NW, NW + 2 * G))
                          + tuple(a[i] + b[i] for i in range(NW + 2 * G, len(a))),
                          (main.ndim - 1,))
-        blocks_inside = (jnp.concatenate(out[len(out) - len(ins):], axis=0) if len(ins) > 1 else out[-1]) if ins else None
+        blocks_inside = out[-1] if ins else None
         rest = tuple(range(1, out[0].ndim))  # block sums in the data's own shape: no flattening (sharding)
         parts = [_unpack_counts(s, _J) for s in out[:NW]]
         rows = [parts[i * W] if W == 1 else jnp.concatenate(parts[i * W:(i + 1) * W], axis=1) for i in range(G)]
@@ -399,7 +398,7 @@ def _count_pass(x, ts, lo, hi, magnitude, inside: bool | tuple = False):
         above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
     if inside is not False:
         if not main.size:
-            blocks_inside = jnp.zeros((P,) + main.shape[1:-1], jnp.int32)
+            blocks_inside = jnp.zeros(main.shape[:-1], jnp.int32)
         return counts, below, above, blocks_inside
     return counts, below, above
 
@@ -569,7 +568,7 @@ def _search(xs, k, magnitude, data_of=None):
 
         def skip():
             out = (jnp.zeros((P, _J), jnp.int32), jnp.full((P,), _I32_MIN), jnp.full((P,), _I32_MAX))
-            return out + ((jnp.zeros((P,) + flag_shape[1:], jnp.int32),) if C else ())
+            return out + ((jnp.zeros(flag_shape, jnp.int32),) if C else ())
 
         return lax.cond(fin[idx[0]] if P == 1 else jnp.all(at(fin)), skip, run)
 
@@ -583,12 +582,8 @@ def _search(xs, k, magnitude, data_of=None):
             counts, below, above = (a[inverse] for a in (counts, below, above))
         new = _narrow(s, ts, counts, below, above, k)
         s = tuple(jnp.where(fin, a, b) for a, b in zip(s, new))
-        if C:  # each search row's block flags (a group's rows in its order)
-            flags = [None] * R
-            for idx, part in zip(groups.values(), parts):
-                for j, s_ in enumerate(idx):
-                    flags[s_] = part[3][j:j + 1]
-            s, rc = _read_rows(xs, s, span, fin, flags, data_of, k, m, rc, C, done, magnitude)
+        if C:  # one search per data row, in order: each row's block flags
+            s, rc = _read_rows(xs, s, span, fin, [p[3] for p in parts], k, m, rc, C, done, magnitude)
         never = counts[0, 0] < 0  # always false, but XLA cannot tell
         if n >= HONEST_COST_MIN:  # see jmerge.core.xla.honest_cost
             never = honest_cost(xs(lambda a: loop_variant(_sample(a, HONEST_COST_ENTRIES), m))[0], never)
@@ -627,15 +622,14 @@ def _read_span(s, ts, C):
     return jnp.where(whole, lo, jnp.min(ts, axis=1)), jnp.where(whole, hi, jnp.max(ts, axis=1))
 
 
-def _read_rows(xs, s, span, fin, flags, data_of, k, m, rc, C, done, magnitude):
+def _read_rows(xs, s, span, fin, flags, k, m, rc, C, done, magnitude):
     """The read-out of :func:`_search` (leaves not sharded): a search row whose new bracket lies within the
     range its pass flagged (:func:`_read_span`), holds at most ``2 * C`` entries, and whose flagged blocks
     (those holding entries of that range, counted in the same reduction) number at most ``C``, gathers those
-    blocks (:func:`_read_out`) and ends its search: the bracket's entries among them are compacted, the k-th
+    blocks (:func:`_flagged_blocks`) and ends its search: the bracket's entries among them are compacted, the k-th
     key ``v`` is the ``(k - G(hi))``-th largest of them, and the tie cut (the flat position after the
     ``(k - #{key > v})``-th entry equal to ``v``) is read from their positions (gathered in flat order), so
-    :func:`_tie_cuts` needs no pass for it. The bracket's entry count must match the counts (else the row keeps counting). Search row ``s``
-    reads data row ``data_of[s]`` (several searches of one row read out from their own flags).
+    :func:`_tie_cuts` needs no pass for it. The bracket's entry count must match the counts (else the row keeps counting).
 
     Returns the state with ended rows as one-key brackets ``[v, v + 1)`` (``G(v)``, ``#{key > v}``) and
     ``(rcut, known)``: their cuts and which rows have one."""
@@ -652,14 +646,8 @@ def _read_rows(xs, s, span, fin, flags, data_of, k, m, rc, C, done, magnitude):
     def read():  # every row at once (one program for the rows: compiled once, not per row); rows not ok keep cur
         data = xs(lambda a: loop_variant(a, m))
         nb = flags[0].size
-        cs = jnp.cumsum((jnp.concatenate([f.reshape(1, nb) for f in flags]) > 0).astype(jnp.int32), axis=1)
-        cnt = cs[:, -1]
-        if nb:  # the first C flagged blocks of each row (the prefix sum searched at 1..C)
-            idx = jax.vmap(lambda c: jnp.searchsorted(c, jnp.arange(1, C + 1, dtype=jnp.int32), method="scan"))(cs)
-            idx = jnp.minimum(idx, nb - 1).astype(jnp.int32)
-        else:
-            idx, cnt = jnp.zeros((R, C), jnp.int32), jnp.zeros((R,), jnp.int32)
-        parts = [_blocks(jnp.asarray(data[data_of[d]], jnp.float32)[None]) for d in range(R)]
+        idx, cnt = _flagged_blocks(jnp.concatenate([f.reshape(1, nb) for f in flags]), C)
+        parts = [_blocks(jnp.asarray(x, jnp.float32)[None]) for x in data]
         w = parts[0][0].shape[-1]
         keys = jnp.stack([_keys(mn.reshape(nb, w)[idx[d]], magnitude) if nb else jnp.zeros((C, w), jnp.int32)
                           for d, (mn, _) in enumerate(parts)])  # (R, C, w): only those blocks are read
@@ -1214,28 +1202,34 @@ def _read_allowed() -> bool:
     return _sort_max() > _SORT_MAX
 
 
-def _read_out(row: jax.Array, blocks_inside: jax.Array, C: int, magnitude: bool = True, with_index: bool = False):
+def _flagged_blocks(flags: jax.Array, C: int) -> tuple[jax.Array, jax.Array]:
+    """Per row of the block counts ``flags`` (R, nb), the flat indices of the first ``C`` blocks holding any entry
+    (slots past their number repeat the last block) and that number: ``(R, C)``, ``(R,)``.
+
+    A prefix sum of the block flags searched at ``1..C`` (``cumsum`` and a looped search: an ``associative_scan``
+    or an unrolled search run no faster here and compile seconds longer per leaf shape)."""
+    R, nb = flags.shape
+    if nb == 0:
+        return jnp.zeros((R, C), jnp.int32), jnp.zeros((R,), jnp.int32)
+    cs = jnp.cumsum((flags > 0).astype(jnp.int32), axis=1)
+    idx = jax.vmap(lambda c: jnp.searchsorted(c, jnp.arange(1, C + 1, dtype=jnp.int32), method="scan"))(cs)
+    return jnp.minimum(idx, nb - 1).astype(jnp.int32), cs[:, -1]
+
+
+def _read_out(row: jax.Array, blocks_inside: jax.Array, C: int):
     """The keys of a row's first ``C`` blocks holding entries of the bracket (``blocks_inside``, per block of
     :func:`_blocks`' main part, from :func:`_count_pass`), the number of such blocks, and the keys of the tail
     (fewer entries than a block, returned whole): ``(1, C, w)``, ``(1,)``, ``(1, tail)``.
 
-    The block positions come from a prefix sum of the block flags searched at ``1..C`` (``cumsum`` and a
-    looped search: an ``associative_scan`` or an unrolled search run no faster here and compile seconds longer
-    per leaf shape); the gather reads only those blocks of the inputs. ``with_index``: also the blocks' flat
-    indices ``(C,)`` (block ``b`` holds the flat positions ``b * w ... b * w + w - 1``; the tail follows the last
-    block); slots past the count repeat the last block."""
+    The block positions come from :func:`_flagged_blocks`; the gather reads only those blocks of the inputs."""
     main, tail = _blocks(row[None])
     w = main.shape[-1]
-    flags = (blocks_inside.reshape(-1) > 0).astype(jnp.int32)
-    nb = flags.shape[0]
+    nb = int(np.prod(main.shape[:-1]))
     if nb == 0:
-        out = jnp.zeros((1, C, w), jnp.int32), jnp.zeros((1,), jnp.int32), _keys(tail, magnitude)
-        return out + (jnp.zeros((C,), jnp.int32),) if with_index else out
-    cs = jnp.cumsum(flags)
-    idx = jnp.minimum(jnp.searchsorted(cs, jnp.arange(1, C + 1, dtype=jnp.int32), method="scan"), nb - 1)
-    keys = _keys(main.reshape(nb, w)[idx], magnitude)
-    out = keys[None], cs[-1:], _keys(tail, magnitude)
-    return out + (idx.astype(jnp.int32),) if with_index else out
+        return jnp.zeros((1, C, w), jnp.int32), jnp.zeros((1,), jnp.int32), _keys(tail, True)
+    idx, cnt = _flagged_blocks(blocks_inside.reshape(1, nb), C)
+    keys = _keys(main.reshape(nb, w)[idx[0]], True)
+    return keys[None], cnt, _keys(tail, True)
 
 
 class _GSearch:
