@@ -126,6 +126,8 @@ _SORT_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("jmerge
 _TENSOR_N: contextvars.ContextVar[int | None] = contextvars.ContextVar("jmerge_tensor_chunks", default=None)
 _CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard deviations
 _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
+_SLOPE_NOISE = 3.0  # a bracket's density slope is used beyond this many of its counting errors (_slope)
+_SLOPE_MIN = 1024  # ... and only for a bracket and neighbours holding at least this many entries each
 
 
 def density_to_k(density: float | Float[Array, "*T"], n: int) -> Int[Array, "*T"]:
@@ -441,15 +443,25 @@ def _first_thresholds(rows, k, magnitude, data_of=None):
                      axis=1), sk
 
 
-def _next_thresholds(lo, glo, hi, ghi, even, below, above, k, sk=None):
+def _next_thresholds(lo, glo, hi, ghi, even, below, above, g, k, sk=None):
     """Five keys strictly inside (lo, hi): interpolated around the estimated k-th key (or an even
     split), with the outer two replaced by the snaps of the last pass when they lie inside; rows whose
-    sample ``sk`` shows ties in the bracket count four of them at sampled keys (:func:`_tied_thresholds`)."""
+    sample ``sk`` shows ties in the bracket count four of them at sampled keys (:func:`_tied_thresholds`).
+
+    The estimate assumes the entries' density in the bracket changes linearly across it by the relative slope
+    ``g`` (from :func:`_narrow`: 0 is uniform). In a distribution's tail (Breadcrumbs' top 1%, TIES at low
+    density) the density of a bracket of thousands of entries falls by tens of percent from ``lo`` to ``hi``,
+    and a uniform interpolation misses the narrow span of the next thresholds (a pass that barely narrows)."""
     D = _u32(hi) - _u32(lo)  # >= 2 for rows still searching
     Df = D.astype(jnp.float32)
     m = jnp.maximum(glo - ghi, 1).astype(jnp.float32)  # entries in [lo, hi)
-    est = Df * ((glo - k).astype(jnp.float32) + 0.5) / m
-    err = 0.5 * Df * lax.rsqrt(m) + 1.0  # expected error of est, in keys
+    f = jnp.clip(((glo - k).astype(jnp.float32) + 0.5) / m, 0.0, 1.0)  # fraction of the bracket's entries below
+    # u in [0, 1] with F(u) = f for the density 1 + g (s - 1/2): u + g (u^2 - u) / 2 = f (the stable root)
+    h = 1.0 - 0.5 * g
+    u = 2.0 * f / (h + jnp.sqrt(jnp.maximum(h * h + 2.0 * g * f, 0.0)))
+    est = Df * u
+    dens = jnp.maximum(1.0 + g * (u - 0.5), 0.25)  # the relative density at the estimate
+    err = 0.5 * Df * lax.rsqrt(m) / dens + 1.0  # expected error of est, in keys
     off = est[:, None] + err[:, None] * jnp.asarray(_CS, jnp.float32)[None]
     grid = Df[:, None] * (jnp.arange(1, _J + 1, dtype=jnp.float32) / (_J + 1))[None]
     off = jnp.where(even[:, None], grid, off)
@@ -484,7 +496,12 @@ def _tied_thresholds(lo, glo, hi, ghi, k, sk):
     a = jnp.sum(sk < lo[:, None], axis=1, dtype=jnp.int32)  # sampled keys in [lo, hi): sk[a:b]
     b = jnp.sum(sk < hi[:, None], axis=1, dtype=jnp.int32)
     pos = jnp.arange(M - 1, dtype=jnp.int32)[None]
-    tied = jnp.any((sk[:, 1:] == sk[:, :-1]) & (pos >= a[:, None]) & (pos + 1 < b[:, None]), axis=1)
+    rep = jnp.sum((sk[:, 1:] == sk[:, :-1]) & (pos >= a[:, None]) & (pos + 1 < b[:, None]), axis=1, dtype=jnp.int32)
+    # Tied when the sampled keys in the bracket repeat often: r repeats among s sampled keys spread evenly over K
+    # keys take K ~ s^2 / (2 r); tied for K <= 2 s (4 r >= s). float32 model - base values sit on a lattice of
+    # many keys, each a few dozen entries: a wide bracket's sampled keys repeat now and then (a birthday
+    # coincidence), and pairs at them would rarely hold the k-th key; bfloat16 keys hold thousands each.
+    tied = (rep > 0) & (4 * rep >= b - a)
     m = jnp.maximum(glo - ghi, 1).astype(jnp.float32)
     e = a.astype(jnp.float32) + (b - a).astype(jnp.float32) * ((glo - k).astype(jnp.float32) + 0.5) / m
     c = _pick(sk, jnp.clip(jnp.floor(e).astype(jnp.int32), a, jnp.maximum(b - 1, a)))
@@ -496,14 +513,61 @@ def _tied_thresholds(lo, glo, hi, ghi, k, sk):
     return tied & (b > a), jnp.stack([x, x + 1, y, y + 1], axis=1)
 
 
+def _slope(ts, counts, lo, glo, hi, ghi, nlo, nglo, nhi, nghi):
+    """The relative density slope ``g`` of the bracket ``[nlo, nhi)`` (its density ``1 + g (s - 1/2)`` times the
+    mean at ``s`` in [0, 1] across it, ``|g| <= 1.5``), from the exact densities of the neighbouring intervals the
+    pass counted: ``[tl, nlo)`` and ``[nhi, tr)``, ``tl`` / ``tr`` the nearest counted keys (thresholds or the old
+    bracket's ends) outside it, each used when no wider than 4 brackets and in the bracket's binade. 0 when
+    neither is, or when the slope is within the counts' noise or they hold few entries.""" 
+    cand = jnp.concatenate([ts, lo[:, None], hi[:, None]], axis=1)
+    cnt = jnp.concatenate([counts, glo[:, None], ghi[:, None]], axis=1)
+    below_ = cand < nlo[:, None]
+    tl = jnp.max(jnp.where(below_, cand, _I32_MIN), axis=1)
+    gl = jnp.min(jnp.where(below_ & (cand == tl[:, None]), cnt, _I32_MAX), axis=1)
+    above_ = cand > nhi[:, None]
+    tr = jnp.min(jnp.where(above_, cand, _I32_MAX), axis=1)
+    gr = jnp.max(jnp.where(above_ & (cand == tr[:, None]), cnt, -1), axis=1)
+    f = lambda a: a.astype(jnp.float32)
+    D = f(_u32(nhi) - _u32(nlo))
+    rho = f(jnp.maximum(nglo - nghi, 1)) / jnp.maximum(D, 1.0)
+    wl, wr = f(_u32(nlo) - _u32(tl)), f(_u32(tr) - _u32(nhi))
+    # Keys are linear in the value within a binade (one exponent) and halve their step across one: a density
+    # slope is estimated only within the bracket's binade (a step there is no slope)
+    e = lambda t: t >> 23
+    one = e(nlo) == e(nhi - 1)
+    okl = one & jnp.any(below_, axis=1) & (wl > 0) & (wl <= 4.0 * D) & (e(tl) == e(nlo))
+    okr = one & jnp.any(above_, axis=1) & (wr > 0) & (wr <= 4.0 * D) & (e(tr - 1) == e(nlo))
+    rl = f(gl - nglo) / jnp.maximum(wl, 1.0)  # density left of the bracket, centred at -wl / 2 from nlo
+    rr = f(nghi - gr) / jnp.maximum(wr, 1.0)
+    # slope per key from the two sides (centres D / 2 + wl / 2 and D / 2 + wr / 2 from the bracket's centre)
+    both = (rr - rl) / (0.5 * (wl + wr) + D)
+    left = (rho - rl) / (0.5 * (wl + D))
+    right = (rr - rho) / (0.5 * (wr + D))
+    b = jnp.where(okl & okr, both, jnp.where(okl, left, jnp.where(okr, right, 0.0)))
+    g = b * D / jnp.maximum(rho, 1e-30)
+    # counting noise of g (each density from a count c has relative error ~ 1 / sqrt(c)); a slope within
+    # NOISE of them is not used, and larger ones are shrunk by that much
+    inv = lambda c: 1.0 / jnp.maximum(f(c), 1.0)
+    nm = inv(nglo - nghi)
+    noise = jnp.where(okl & okr, jnp.sqrt(inv(gl - nglo) + inv(nghi - gr)),
+                      2.0 * jnp.sqrt(nm + jnp.where(okl, inv(gl - nglo), inv(nghi - gr))))
+    g = jnp.sign(g) * jnp.maximum(jnp.abs(g) - _SLOPE_NOISE * noise, 0.0)
+    # few entries: the counts of lattice values (float32 model - base) or ties are no density; uniform then
+    few = jnp.minimum(nglo - nghi, jnp.where(okl & okr, jnp.minimum(gl - nglo, nghi - gr),
+                                             jnp.where(okl, gl - nglo, nghi - gr))) < _SLOPE_MIN
+    return jnp.where(few, 0.0, jnp.clip(g, -1.5, 1.5))
+
+
 def _narrow(state, ts, counts, below, above, k):
-    """New bracket from the counts at ``ts`` and the snaps (both relative to the old bracket)."""
+    """New bracket from the counts at ``ts`` and the snaps (both relative to the old bracket), with its density
+    slope (:func:`_slope`)."""
     lo, glo, hi, ghi = state[:4]
     ge = counts >= k[:, None]
     nlo = jnp.maximum(jnp.max(jnp.where(ge, ts, _I32_MIN), axis=1), lo)
     nglo = jnp.where(nlo == lo, glo, jnp.min(jnp.where(ge & (ts == nlo[:, None]), counts, _I32_MAX), axis=1))
     nhi = jnp.minimum(jnp.min(jnp.where(ge, _I32_MAX, ts), axis=1), hi)
     nghi = jnp.where(nhi == hi, ghi, jnp.max(jnp.where(~ge & (ts == nhi[:, None]), counts, -1), axis=1))
+    g = _slope(ts, counts, lo, glo, hi, ghi, nlo, nglo, nhi, nghi)
     # The old bracket's keys above lo lie in [above, below]. A lower end the counts moved up (nlo > lo) may rise
     # to above (no key in [nlo, above): G(above) == G(nlo)), and hi may drop to below + 1 (no key in
     # (below, hi): G(below + 1) == G(nhi)); a bracket holding one key (many entries tied at it) ends here.
@@ -512,7 +576,7 @@ def _narrow(state, ts, counts, below, above, k):
     # No key lies in (lo, above): if that covers the new bracket, the k-th key is lo itself.
     nhi = jnp.where((nlo == lo) & (above >= nhi), lo + 1, nhi)
     even = (nglo - nghi) * 2 > (glo - ghi)  # fewer than half the entries left the bracket
-    return nlo, nglo, nhi, nghi, even, below, above
+    return nlo, nglo, nhi, nghi, even, below, above, g
 
 
 def _search(xs, k, magnitude, data_of=None):
@@ -526,80 +590,112 @@ def _search(xs, k, magnitude, data_of=None):
     XLA:CPU does not vectorize, in the loop).
 
     ``data_of`` (optional): search row ``s`` reads data row ``data_of[s]`` (``k`` has one entry per search
-    row). The searches of one data row share its passes: each pass reads the row once and counts every
-    unfinished search's thresholds (:func:`_count_pass` with several targets); a search's steps are those
-    it takes alone.
+    row). The searches of one data row share its first pass (one read counts every search's thresholds:
+    :func:`_count_pass` with several targets), and its later passes too unless the searches read their
+    brackets out (:func:`_read_rows`; then each search counts in its own passes, since the block flags of
+    several targets in one reduction cost more than the passes they save); a search's steps are those it
+    takes alone.
 
-    Returns ``(v, gt, ge)``: keep ``key > v`` (``gt`` entries) and the first ``k - gt`` of the
+    Searches that read out and share a data row take their first pass (the sample's thresholds) together,
+    before the loop and without block flags (the span of those thresholds holds far more entries than a read-out
+    takes); one search per data row keeps its first pass in the loop (a pass outside would compile again).
+
+    Returns ``(v, gt, ge, rcut, known)``: keep ``key > v`` (``gt`` entries) and the first ``k - gt`` of the
     ``ge - gt`` entries equal to ``v``. When a threshold ``t`` hit ``k`` exactly, ``v = t - 1`` and
-    ``gt == k``.
+    ``gt == k``. ``rcut``, ``known``: the tie cuts the read-out found (:func:`_tie_cuts`).
     """
     rows0 = xs(lambda a: a)
     n = rows0[0].size
     identity = tuple(range(len(rows0)))
     data_of = identity if data_of is None else tuple(int(d) for d in data_of)
     R = len(data_of)
-    groups: dict[int, list[int]] = {}
-    for s_, d in enumerate(data_of):
-        groups.setdefault(d, []).append(s_)
-    order = [s_ for g in groups.values() for s_ in g]
-    inverse = np.argsort(np.asarray(order))
+    C = _tensor_read_capacity(n) if _read_allowed() else 0
+
+    def grouping(apart):  # [(data row, its search rows)] and the permutation back to search-row order
+        if apart:
+            groups = [(d, [s_]) for s_, d in enumerate(data_of)]
+        else:
+            by: dict[int, list[int]] = {}
+            for s_, d in enumerate(data_of):
+                by.setdefault(d, []).append(s_)
+            groups = list(by.items())
+        order = [s_ for _, g in groups for s_ in g]
+        return groups, (None if order == list(range(R)) else np.argsort(np.asarray(order)))
+
+    shared, loop_groups = grouping(False), grouping(bool(C))
     z = jnp.zeros((R,), jnp.int32)
     lo = jnp.full((R,), _NEG_INF_KEY, jnp.int32)
     hi = jnp.full((R,), _TOP, jnp.int32)
-    state = (lo, z + n, hi, z, jnp.zeros((R,), bool), hi, lo)  # no snaps yet (outside every bracket)
+    state = (lo, z + n, hi, z, jnp.zeros((R,), bool), hi, lo, jnp.zeros((R,), jnp.float32))  # no snaps yet
 
     def done(s):
         lo, glo, hi = s[:3]
         return (glo == k) | (_u32(hi) - _u32(lo) <= 1)
 
-    C = _tensor_read_capacity(n) if data_of == identity and _read_allowed() else 0
     flag_shape = jax.eval_shape(lambda: _blocks(jnp.zeros((1,) + jnp.shape(rows0[0]), jnp.float32)))[0].shape[:-1]
 
-    def row_pass(d, idx, s, ts, m, fin, span):
-        # A data row whose searches are all done skips its pass (results of done searches are discarded below).
-        P = len(idx)
-        at = (lambda a: a[idx[0]:idx[0] + 1]) if P == 1 else (lambda a: a[np.asarray(idx)])
-        flag = (at(span[0]), at(span[1])) if C else False
+    def count(rows, grouped, s, ts, fin, span=None, flag=False):
+        """One pass over the data rows: counts and snaps per search row (search-row order), and with ``flag``
+        each search row's block flags. A data row whose searches are all done skips its pass."""
+        groups, inverse = grouped
+        parts = []
+        for d, idx in groups:
+            P = len(idx)
+            at = (lambda a: a[idx[0]:idx[0] + 1]) if P == 1 else (lambda a: a[np.asarray(idx)])
+            fl = (at(span[0]), at(span[1])) if flag else False
 
-        def run():
-            r = jnp.asarray(xs(lambda a: loop_variant(a, m))[d], jnp.float32)
-            return _count_pass(r[None], at(ts), at(s[0]), at(s[2]), magnitude, inside=flag)
+            def run(d=d, at=at, fl=fl):
+                return _count_pass(jnp.asarray(rows()[d], jnp.float32)[None], at(ts), at(s[0]), at(s[2]), magnitude,
+                                   inside=fl)
 
-        def skip():
-            out = (jnp.zeros((P, _J), jnp.int32), jnp.full((P,), _I32_MIN), jnp.full((P,), _I32_MAX))
-            return out + ((jnp.zeros(flag_shape, jnp.int32),) if C else ())
+            def skip(P=P):
+                out = (jnp.zeros((P, _J), jnp.int32), jnp.full((P,), _I32_MIN), jnp.full((P,), _I32_MAX))
+                return out + ((jnp.zeros(flag_shape, jnp.int32),) if flag else ())
 
-        return lax.cond(fin[idx[0]] if P == 1 else jnp.all(at(fin)), skip, run)
+            parts.append(lax.cond(fin[idx[0]] if P == 1 else jnp.all(at(fin)), skip, run))
+        counts, below, above = (jnp.concatenate(z) for z in list(zip(*parts))[:3])
+        if inverse is not None:  # back to search-row order
+            counts, below, above = (a[inverse] for a in (counts, below, above))
+        return counts, below, above, [p[3] for p in parts] if flag else None
+
+    def step(s, ts, counts, below, above):
+        new = _narrow(s, ts, counts, below, above, k)
+        return tuple(jnp.where(done(s), a, b) for a, b in zip(s, new))
 
     def body(carry):
         s, ts, m, rc = carry
         fin = done(s)
         span = _read_span(s, ts, C) if C else None
-        parts = [row_pass(d, idx, s, ts, m, fin, span) for d, idx in groups.items()]
-        counts, below, above = (jnp.concatenate(z) for z in list(zip(*parts))[:3])
-        if order != list(range(R)):  # back to search-row order
-            counts, below, above = (a[inverse] for a in (counts, below, above))
-        new = _narrow(s, ts, counts, below, above, k)
-        s = tuple(jnp.where(fin, a, b) for a, b in zip(s, new))
-        if C:  # one search per data row, in order: each row's block flags
-            s, rc = _read_rows(xs, s, span, fin, [p[3] for p in parts], k, m, rc, C, done, magnitude)
+        counts, below, above, flags = count(lambda: xs(lambda a: loop_variant(a, m)), loop_groups, s, ts, fin,
+                                            span, bool(C))
+        s = step(s, ts, counts, below, above)
+        if C:  # one search per pass: each search row's block flags
+            s, rc = _read_rows(xs, data_of, s, span, fin, flags, k, m, rc, C, done, magnitude)
         never = counts[0, 0] < 0  # always false, but XLA cannot tell
         if n >= HONEST_COST_MIN:  # see jmerge.core.xla.honest_cost
             never = honest_cost(xs(lambda a: loop_variant(_sample(a, HONEST_COST_ENTRIES), m))[0], never)
         m = jnp.where(never, 0, m)  # always m, but loop-variant to XLA (see jmerge.core.xla.loop_variant)
         return s, _next_thresholds(*s, k, sk), m, rc
 
-    # The sample is taken inside a conditional that reads the source's inputs: outside one, XLA
-    # would share the data's expression with the caller's (unmaterialized) uses and materialize it.
+    # Searches that share a data row but count apart in the loop (read-outs) share its first pass, before the loop
+    peel = loop_groups[0] != shared[0]
+
+    def first():  # the sample's thresholds (and with peel their counts: the searches of a data row share its read)
+        rows = lambda: [jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)]
+        ts, sk = _first_thresholds(rows(), k, magnitude, None if data_of == identity else data_of)
+        if not peel:
+            return state, ts, sk
+        counts, below, above, _ = count(rows, shared, state, ts, done(state))
+        s = step(state, ts, counts, below, above)
+        return s, _next_thresholds(*s, k, sk), sk
+
+    # The sample and the first pass are taken inside a conditional that reads the source's inputs: outside one,
+    # XLA would share the data's expression with the caller's (unmaterialized) uses and materialize it.
     # The probe is computed from the first element of each input, not sliced from the full-size
     # data (which would make XLA materialize the data for its two users), and indexed, not sliced
     # from the flattened input (which would gather a sharded one).
-    first, sk = materialized(
-        lambda: _first_thresholds([jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)], k, magnitude,
-                                  None if data_of == identity else data_of),
-        xs(_first_entry)[0])
-    carry = (state, first, jnp.int32(_ABS), (jnp.zeros((R,), jnp.int32), jnp.zeros((R,), bool)))
+    state, ts, sk = materialized(first, xs(_first_entry)[0])
+    carry = (state, ts, jnp.int32(_ABS), (jnp.zeros((R,), jnp.int32), jnp.zeros((R,), bool)))
     state, _, _, (rcut, known) = lax.while_loop(lambda c: ~jnp.all(done(c[0])), body, carry)
     lo, glo, hi, ghi = state[:4]
     exact = glo == k
@@ -622,7 +718,7 @@ def _read_span(s, ts, C):
     return jnp.where(whole, lo, jnp.min(ts, axis=1)), jnp.where(whole, hi, jnp.max(ts, axis=1))
 
 
-def _read_rows(xs, s, span, fin, flags, k, m, rc, C, done, magnitude):
+def _read_rows(xs, data_of, s, span, fin, flags, k, m, rc, C, done, magnitude):
     """The read-out of :func:`_search` (leaves not sharded): a search row whose new bracket lies within the
     range its pass flagged (:func:`_read_span`), holds at most ``2 * C`` entries, and whose flagged blocks
     (those holding entries of that range, counted in the same reduction) number at most ``C``, gathers those
@@ -630,6 +726,7 @@ def _read_rows(xs, s, span, fin, flags, k, m, rc, C, done, magnitude):
     key ``v`` is the ``(k - G(hi))``-th largest of them, and the tie cut (the flat position after the
     ``(k - #{key > v})``-th entry equal to ``v``) is read from their positions (gathered in flat order), so
     :func:`_tie_cuts` needs no pass for it. The bracket's entry count must match the counts (else the row keeps counting).
+    Search row ``s`` reads data row ``data_of[s]``.
 
     Returns the state with ended rows as one-key brackets ``[v, v + 1)`` (``G(v)``, ``#{key > v}``) and
     ``(rcut, known)``: their cuts and which rows have one."""
@@ -647,7 +744,7 @@ def _read_rows(xs, s, span, fin, flags, k, m, rc, C, done, magnitude):
         data = xs(lambda a: loop_variant(a, m))
         nb = flags[0].size
         idx, cnt = _flagged_blocks(jnp.concatenate([f.reshape(1, nb) for f in flags]), C)
-        parts = [_blocks(jnp.asarray(x, jnp.float32)[None]) for x in data]
+        parts = [_blocks(jnp.asarray(data[d], jnp.float32)[None]) for d in data_of]
         w = parts[0][0].shape[-1]
         keys = jnp.stack([_keys(mn.reshape(nb, w)[idx[d]], magnitude) if nb else jnp.zeros((C, w), jnp.int32)
                           for d, (mn, _) in enumerate(parts)])  # (R, C, w): only those blocks are read
@@ -853,11 +950,8 @@ def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
         if n <= _sort_max():  # short rows are sorted: no passes to share
             out = [_row_thresholds(xs, k[p], magnitude) for p in range(P)]
         else:  # search row p * R + r reads data row r; the tie cuts per target over the R rows, as P calls
-            if _read_allowed() and _tensor_read_capacity(n):  # searches that read out: each its own passes
-                *vs, rcut, known = _search(lambda g: list(xs(g)) * P, jnp.clip(k.reshape(-1), 1, n), magnitude)
-            else:
-                *vs, rcut, known = _search(xs, jnp.clip(k.reshape(-1), 1, n), magnitude,
-                                           tuple(r for _ in range(P) for r in range(R)))
+            *vs, rcut, known = _search(xs, jnp.clip(k.reshape(-1), 1, n), magnitude,
+                                       tuple(r for _ in range(P) for r in range(R)))
             v, quota, eq = (jnp.stack(z) for z in zip(*(_search_ties(k[p], n, *(a[p * R:(p + 1) * R] for a in vs))
                                                          for p in range(P))))
             # one conditional: the P cuts share a read
