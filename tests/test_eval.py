@@ -271,7 +271,10 @@ def test_cli_perplexity_and_out(tmp_path, capsys, llama, tok):
     assert main(["eval", LLAMA, "--text", str(text), "--batch-size", "3", "--out", str(out)]) == 0
     cap = capsys.readouterr()
     want = jm.perplexity(llama, tx.make_batches(tx.encode_texts(tok, DOCS[:4]), 1, bucket=False, fill=False))
-    assert cap.out.startswith(f"perplexity {want.perplexity:.4f} ")
+    # printed to 4 decimals; batches of 3 and of 1 round the float32 NLL differently (~1e-6 relative), which can
+    # move the 4th decimal: compare the number, to the print's half unit plus that
+    word, value = cap.out.split()[:2]
+    assert word == "perplexity" and abs(float(value) - want.perplexity) <= 5e-5 + 5e-6 * want.perplexity, cap.out
     assert f"{want.tokens} tokens, 4 documents" in cap.out and "eval 100.0%" in cap.err
     (row,) = [json.loads(x) for x in out.read_text().splitlines()]
     assert row["tokens"] == want.tokens and _rel(row["nll"], want.nll) <= 1e-6
