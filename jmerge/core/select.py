@@ -518,7 +518,7 @@ def _slope(ts, counts, lo, glo, hi, ghi, nlo, nglo, nhi, nghi):
     mean at ``s`` in [0, 1] across it, ``|g| <= 1.5``), from the exact densities of the neighbouring intervals the
     pass counted: ``[tl, nlo)`` and ``[nhi, tr)``, ``tl`` / ``tr`` the nearest counted keys (thresholds or the old
     bracket's ends) outside it, each used when no wider than 4 brackets and in the bracket's binade. 0 when
-    neither is, or when the slope is within the counts' noise or they hold few entries.""" 
+    neither is, or when the slope is within the counts' noise or they hold few entries."""
     cand = jnp.concatenate([ts, lo[:, None], hi[:, None]], axis=1)
     cnt = jnp.concatenate([counts, glo[:, None], ghi[:, None]], axis=1)
     below_ = cand < nlo[:, None]
@@ -658,9 +658,9 @@ def _search(xs, k, magnitude, data_of=None):
             counts, below, above = (a[inverse] for a in (counts, below, above))
         return counts, below, above, [p[3] for p in parts] if flag else None
 
-    def step(s, ts, counts, below, above):
+    def step(s, fin, ts, counts, below, above):  # the narrowed state; searches done before (fin) keep theirs
         new = _narrow(s, ts, counts, below, above, k)
-        return tuple(jnp.where(done(s), a, b) for a, b in zip(s, new))
+        return tuple(jnp.where(fin, a, b) for a, b in zip(s, new))
 
     def body(carry):
         s, ts, m, rc = carry
@@ -668,7 +668,7 @@ def _search(xs, k, magnitude, data_of=None):
         span = _read_span(s, ts, C) if C else None
         counts, below, above, flags = count(lambda: xs(lambda a: loop_variant(a, m)), loop_groups, s, ts, fin,
                                             span, bool(C))
-        s = step(s, ts, counts, below, above)
+        s = step(s, fin, ts, counts, below, above)
         if C:  # one search per pass: each search row's block flags
             s, rc = _read_rows(xs, data_of, s, span, fin, flags, k, m, rc, C, done, magnitude)
         never = counts[0, 0] < 0  # always false, but XLA cannot tell
@@ -685,8 +685,9 @@ def _search(xs, k, magnitude, data_of=None):
         ts, sk = _first_thresholds(rows(), k, magnitude, None if data_of == identity else data_of)
         if not peel:
             return state, ts, sk
-        counts, below, above, _ = count(rows, shared, state, ts, done(state))
-        s = step(state, ts, counts, below, above)
+        fin = done(state)
+        counts, below, above, _ = count(rows, shared, state, ts, fin)
+        s = step(state, fin, ts, counts, below, above)
         return s, _next_thresholds(*s, k, sk), sk
 
     # The sample and the first pass are taken inside a conditional that reads the source's inputs: outside one,
