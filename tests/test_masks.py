@@ -317,6 +317,32 @@ def test_pcb_matches_numpy(dtype, ratios):
         np.testing.assert_allclose(s[s > 0], 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(6, 4, 5), (9, 7)])
+def test_pcb_breaks_ties_of_equal_inputs_by_position(shape):
+    """Entries whose task values are all equal get equal scores (the same bits), so the cut among them
+    follows their position, as in the reference. With XLA:CPU's own exp (JAX 0.12 on an AVX-512 machine)
+    the fusion's vector lanes and its remainder (the last column here) rounded the same exponential to
+    values 1 ulp apart, and the cut picked by that instead (the bf16 case of test_pcb_matches_numpy)."""
+    rng = np.random.default_rng(3)
+    T = 3
+    palette = np.concatenate([np.zeros((1, T)), rng.normal(scale=0.1, size=(5, T))]).astype(np.float32)
+    tau = palette[rng.integers(0, len(palette), size=shape)]  # (*shape, T): six distinct task-value triples
+    tau = np.moveaxis(tau, -1, 0)
+    base = {"w": jnp.zeros(shape, jnp.float32)}
+    models = [{"w": jnp.asarray(tau[t])} for t in range(T)]
+    n = int(np.prod(shape))
+    for ratio in (0.1, 0.3, 0.5, 0.7):
+        out, ex = run(jmerge.pcb(scale=1.0), base, models, ratio=ratio)
+        ref, w = ref_pcb(tau, ratio, 1.0)
+        np.testing.assert_allclose(np.asarray(ex["w"]["pcb_weights"]), w, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(out["w"]), ref, rtol=1e-5, atol=2e-7)
+        for t in range(T):  # the cut falls inside a group of equal scores: the ties matter here
+            keep = n - int(np.round(ratio * n))
+            flat = tau[t].reshape(-1)
+            order = np.argsort(-np.asarray(w[t]).reshape(-1), kind="stable")
+            assert keep < n and np.any(flat == flat[order[keep - 1]]) and w[t].reshape(-1)[order[keep - 1]] > 0
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pcb_authors_variant_matches_numpy(dtype):
     base, models = random_trees(T=3, seed=16, dtype=dtype)

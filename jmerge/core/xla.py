@@ -53,6 +53,15 @@
    mask (a compare or select) shared by several operands of one variadic reduction is emitted
    unvectorized by XLA:CPU: three masked sums over a ``(1024, 2816)`` leaf 12.6 ms, 4.9 ms with the
    word (``bits & word``), 2.5 ms unmasked.
+12. :func:`uniform_exp` and :func:`unfused`: arithmetic whose bits do not depend on an entry's position.
+   XLA:CPU's LLVM contracts a multiply and the add that consumes it into one FMA in the vector lanes of
+   some fusions and not in their remainder (the last entries of a row that do not fill a vector), and
+   JAX 0.12's ``exp`` differs in the last bit between the two (measured on an AVX-512 machine:
+   ``exp(-1.7454545)`` is 0.17456561 in the vector lanes of a ``(3, 4, 5)`` fusion and 0.17456563 in its
+   fifth column). :func:`unfused` rounds a product to float32 by adding a zero the compiler cannot see
+   (:func:`opaque_zero`; an FMA of the product and that zero is the rounded product); :func:`uniform_exp`
+   is built from such steps (a Llama-sized PCB leaf ~15% slower than with XLA's ``exp``). Scores of
+   equal inputs are then equal, and a top-k breaks their tie by position on every machine (PCB).
 
 References: none (compiler behaviour measured on this project's machines; see README "Findings").
 """
@@ -69,7 +78,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 __all__ = ["model_sum", "model_mean", "model_max", "materialized", "loop_variant", "honest_cost",
-           "split_blocks", "rows", "totals", "row_totals", "counts", "sign", "bernoulli", "HONEST_COST_MIN", "HONEST_COST_ENTRIES",
+           "split_blocks", "rows", "totals", "row_totals", "counts", "sign", "opaque_zero", "unfused", "uniform_exp", "bernoulli", "HONEST_COST_MIN", "HONEST_COST_ENTRIES",
            "fast_compile_options", "FAST_COMPILE_OPTIONS", "FAST_COMPILE_MAX_WORK"]
 
 HONEST_COST_ENTRIES = 16384  # entries of the float sum of :func:`honest_cost`
@@ -222,6 +231,63 @@ def sign(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     x = jnp.asarray(x)
     one = jnp.ones((), x.dtype)
     return jnp.where(x > 0, one, jnp.where(x < 0, -one, x))
+
+
+def opaque_zero(probe: jax.Array) -> jax.Array:
+    """A float32 0 that neither XLA nor LLVM can fold: the result of a conditional on workaround 2's
+    always-true traced predicate, so the kernels that use it load it from memory (workaround 12).
+
+    References: none (an XLA workaround measured on this project's machines; see the README "Findings").
+    """
+    probe = jnp.asarray(probe)
+    p = probe[(0,) * probe.ndim] if probe.size else jnp.zeros((), jnp.float32)
+    p = (p == p) | (p != p)
+    return lax.cond(p, lambda: jnp.zeros((), jnp.float32), lambda: jnp.ones((), jnp.float32))
+
+
+def unfused(x: Float[Array, "*shape"], zero: jax.Array) -> Float[Array, "*shape"]:
+    """float32 ``x + zero`` (``zero`` from :func:`opaque_zero`): ``x`` itself (``-0`` becomes ``+0``), but a
+    product passed through it is rounded to float32 before the add that consumes it, in every lane: a
+    contracted ``fma(a, b, zero)`` is the rounded product too (workaround 12).
+
+    References: none (an XLA workaround measured on this project's machines; see the README "Findings").
+    """
+    return jnp.asarray(x, jnp.float32) + zero
+
+
+_LN2_HI = np.float32(0.693359375)  # ln 2 in 9 bits: k * _LN2_HI is exact for |k| < 2**15
+_LN2_LO = np.float32(np.log(2.0) - 0.693359375)
+_EXP_TAYLOR = tuple(np.float32(1.0 / np.prod(np.arange(1, i + 1, dtype=np.float64))) for i in range(8))
+
+
+def uniform_exp(x: Float[Array, "*shape"], zero: jax.Array | None = None) -> Float[Array, "*shape"]:
+    """``exp(x)`` of float32 ``x`` within 1 ulp, the same bits in every lane (workaround 12).
+
+    ``x = k ln 2 + r`` with ``k = round(x / ln 2)`` (Cody-Waite: ln 2 split in two so that ``k ln 2`` loses
+    nothing), ``exp(r)`` by its Taylor polynomial of degree 7 (``|r| <= ln 2 / 2``: truncation below
+    5.3e-9 relative), times ``2**k`` built in the exponent bits (two normal powers of two). Every product
+    that feeds an add is :func:`unfused` (``zero``: an :func:`opaque_zero`; made here when not given). 0
+    below -87.3 (where ``exp`` is subnormal or less: 0 on an XLA:CPU that flushes subnormals), ``inf``
+    above ``log(float32 max) = 88.7228``, NaN for NaN. Measured: within 0.93 ulp of float64 ``exp`` on
+    [-87.2, 88.72].
+
+    References: Cody and Waite, "Software Manual for the Elementary Functions" (1980) (argument
+    reduction).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    z = opaque_zero(x) if zero is None else zero
+    xc = jnp.clip(x, np.float32(-87.3), np.float32(88.7228))
+    k = jnp.floor(unfused(xc * np.float32(1.0 / np.log(2.0)), z) + np.float32(0.5))
+    r = (xc - k * _LN2_HI) - unfused(k * _LN2_LO, z)  # k * _LN2_HI is exact: an FMA changes nothing
+    p = _EXP_TAYLOR[7]
+    for c in reversed(_EXP_TAYLOR[:7]):
+        p = unfused(p * r, z) + c
+    ki = k.astype(jnp.int32)
+    half = lax.shift_right_arithmetic(ki, np.int32(1))  # 2**k as two normal powers of two (k in [-126, 128])
+    pow2 = lambda e: lax.bitcast_convert_type(lax.shift_left(e + np.int32(127), np.int32(23)), jnp.float32)
+    y = (p * pow2(half)) * pow2(ki - half)
+    y = jnp.where(x > np.float32(88.7228), np.float32(np.inf), y)
+    return jnp.where(x < np.float32(-87.3), np.float32(0.0), y)
 
 
 def _threefry2x32(k1, k2, x0, x1):

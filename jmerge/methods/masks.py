@@ -37,7 +37,7 @@ from ..core import (HParamSpec, MergeInputError, MergeState, StatsPhase, Transfo
                     leaves_with_paths, model_max, model_sum, topk_mask_rows, transform)
 from ..core.select import threshold_mask, topk_thresholds_rows
 from ..core import task_vectors as task_vectors_of
-from ..core.xla import materialized, rows, sign, totals
+from ..core.xla import materialized, opaque_zero, rows, sign, totals, unfused, uniform_exp
 from .basic import per_model, scale as _scale_step, weighted_sum
 
 __all__ = [
@@ -392,12 +392,6 @@ def _minmax(x: jax.Array) -> jax.Array:
     return jnp.where(rng > 0, (x - lo) / jnp.where(rng > 0, rng, 1.0), 0.0)
 
 
-def _nsoftmax(x: jax.Array) -> jax.Array:
-    """``n * softmax(x)`` over the last axis of length n (the factor n cancels in PCB's weights and
-    keeps the scores O(1) in float32 for large tensors)."""
-    return x.shape[-1] * jax.nn.softmax(x, axis=-1)
-
-
 def _pcb_scores(rows_of, T: int, shape: tuple) -> list:
     """PCB's ``beta_t = intra_t * inter_t`` for the task vectors' rows, each in the leaf's own ``shape``.
 
@@ -412,12 +406,13 @@ def _pcb_scores(rows_of, T: int, shape: tuple) -> list:
     into a reduction XLA:CPU computes them one at a time) and each pair's sum runs along the last axis first,
     then over the row sums (one variadic reduction over every entry is a sequential float32 loop on XLA:CPU,
     whose sums of ~3M terms were about 1.7% off). The softmax maximum is ``T * Norm(max) = T`` exactly (0 for
-    a constant product), so it needs no pass of its own.
+    a constant product), so it needs no pass of its own. The exponentials are :func:`uniform_exp`'s and every
+    product that feeds an add is :func:`unfused`: equal inputs give equal scores in every lane, so the top-k
+    breaks their tie by position, as NumPy's stable sort does (XLA:CPU contracts multiply-adds into FMAs
+    and rounds ``exp`` differently in a fusion's vector lanes and in its remainder).
 
-    Sharded, the sums add in another order and the elementwise code runs on other shapes (XLA:CPU's
-    vectorized and scalar ``exp`` may differ in the last bit), so scores agree with one device to float32
-    rounding, and an entry whose score lies within that rounding of the drop threshold may fall on
-    either side.
+    Sharded, the sums add in another order, so scores agree with one device to float32 rounding, and an
+    entry whose score lies within that rounding of the drop threshold may fall on either side.
     """
     n = int(np.prod(shape))
     ax = tuple(range(len(shape)))
@@ -429,19 +424,22 @@ def _pcb_scores(rows_of, T: int, shape: tuple) -> list:
                      + tuple(jnp.maximum(x, y) for x, y in zip(a[P:], b[P:])), ax)
     lo, hi = ext[:P], ext[P:]
 
+    z = opaque_zero(lo[0])  # every product that feeds an add is rounded first, in every lane (unfused)
+
     def logits(i, r):  # T * Norm(tau_t * tau_u) minus its maximum
         t, u = pairs[i]
-        rng = hi[i] - lo[i]
-        norm = jnp.where(rng > 0, (r[t] * r[u] - lo[i]) / jnp.where(rng > 0, rng, 1.0), 0.0)
-        return T * norm - T * jnp.where(rng > 0, (hi[i] - lo[i]) / jnp.where(rng > 0, rng, 1.0), 0.0)
+        d = hi[i] - lo[i]
+        rng = jnp.where(d > 0, d, 1.0)
+        norm = (unfused(r[t] * r[u], z) - lo[i]) / rng
+        return jnp.where(d > 0, T * (norm - d / rng), 0.0)
 
     def exps():  # the rows are rebuilt inside the conditional (captured from outside, they would be its operands)
         r = rows_of("m+(-b)")
-        return [jnp.exp(logits(i, r)) for i in range(P)]
+        return [uniform_exp(logits(i, r), z) for i in range(P)]
 
     e = materialized(exps, ext[0])
     sums = [jnp.sum(jnp.sum(x, axis=-1)) for x in e]
-    sm = {pairs[i]: n * (e[i] / sums[i]) for i in range(P)}
+    sm = {pairs[i]: unfused(n * (e[i] / sums[i]), z) for i in range(P)}
     sm.update({(u, t): v for (t, u), v in list(sm.items())})
     beta = []
     for t in range(T):
