@@ -331,16 +331,19 @@ def test_pcb_breaks_ties_of_equal_inputs_by_position(shape):
     base = {"w": jnp.zeros(shape, jnp.float32)}
     models = [{"w": jnp.asarray(tau[t])} for t in range(T)]
     n = int(np.prod(shape))
+    key = tau.reshape(T, -1).T  # each entry's task values
+    split = 0
     for ratio in (0.1, 0.3, 0.5, 0.7):
         out, ex = run(jmerge.pcb(scale=1.0), base, models, ratio=ratio)
         ref, w = ref_pcb(tau, ratio, 1.0)
         np.testing.assert_allclose(np.asarray(ex["w"]["pcb_weights"]), w, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(np.asarray(out["w"]), ref, rtol=1e-5, atol=2e-7)
-        for t in range(T):  # the cut falls inside a group of equal scores: the ties matter here
+        for t in range(T):  # cuts that keep some entries of a group of equal inputs and drop others
             keep = n - int(np.round(ratio * n))
-            flat = tau[t].reshape(-1)
-            order = np.argsort(-np.asarray(w[t]).reshape(-1), kind="stable")
-            assert keep < n and np.any(flat == flat[order[keep - 1]]) and w[t].reshape(-1)[order[keep - 1]] > 0
+            last = np.argsort(-w[t].reshape(-1), kind="stable")[keep - 1]  # the lowest kept score
+            assert w[t].reshape(-1)[last] > 0
+            split += bool(np.any(w[t].reshape(-1)[(key == key[last]).all(1)] == 0))
+    assert split >= 3, split  # the ties matter here (6 such cuts of 12 for each shape)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

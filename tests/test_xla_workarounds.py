@@ -189,7 +189,7 @@ def test_sign_is_selects_bit_for_bit(dtype):
     assert np.isnan(got[8:].astype(np.float32)).all()
 
 
-def test_uniform_exp_is_exp_within_an_ulp_and_the_same_in_every_lane():
+def test_uniform_exp_is_exp_to_an_ulp_and_the_same_in_every_lane():
     x = np.concatenate([np.linspace(-87.2, 88.72, 400_001, dtype=np.float32),
                         np.float32([-1.7454545, -1e-8, 1e-8, -0.5 * np.log(2), 0.5 * np.log(2)])])
     got = np.asarray(jax.jit(xla.uniform_exp)(x), np.float64)
