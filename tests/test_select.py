@@ -641,27 +641,32 @@ def test_global_search_reads_out_the_bracket_after_one_counting_phase(monkeypatc
     phases (four here without it), with NumPy's masks, ties split across leaves included. This 4-leaf tree's bracket
     after one phase holds ~0.5-1% of the entries (~0.06% on ``bench_methods.py``'s 72 leaves: a larger sample), so
     the capacity is raised here to 1/32 of a leaf; at the default (1/512) the bracket is read out one phase later
-    (three), and under the default whole-sort limit (how sharded leaves are declared) not at all (four)."""
+    (three), and under the default whole-sort limit (how sharded leaves are declared) not at all (four). A phase
+    that reads out counts nothing (the host already knows the bracket's entries per leaf): every phase but that
+    one narrows the bracket from counts."""
     rng = np.random.default_rng(21)
     shapes = {"a": (1024, 1024), "b": (1024, 2816), "c": (37, 5), "d": (1024,)}
     base = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
     models = [{n: base[n] + (0.01 * rng.normal(size=s)).astype(np.float32) for n, s in shapes.items()}
               for _ in range(3)]
     taus = [np.stack([m[n] - base[n] for m in models]) for n in sorted(shapes)]
-    counted = []
-    narrow = S._GSearch.narrow
-    monkeypatch.setattr(S._GSearch, "narrow", lambda self, *a: (counted.append(1), narrow(self, *a))[1])
+    counted, narrowed = [], []  # phases run while a search was open; phases that narrowed from counts
+    narrow, read_out = S._GSearch.narrow, S._GSearch.read_out
+    monkeypatch.setattr(S._GSearch, "narrow", lambda self, *a: (narrowed.append(1), narrow(self, *a))[1])
+    monkeypatch.setattr(S._GSearch, "read_out", lambda self, *a: (counted.append(1), read_out(self, *a))[1])
     capacity = S._read_capacity
     for cap, limit, phases in ((5, None, 2), (9, None, 3), (5, S._SORT_MAX, 4)):
         monkeypatch.setattr(S, "_read_capacity", lambda n: max(16, n >> cap) if cap != 9 else capacity(n))
         jax.clear_caches()  # the capacity is static in the compiled counting phase
         for dens in (0.2, 0.9):
             counted.clear()
+            narrowed.clear()
             with S.whole_sort_limit(limit) if limit else contextlib.nullcontext():
                 _, extras = jmerge.merge(_global_method(density=dens), base, models, return_extras=True)
             for n, w in zip(sorted(shapes), ref_global(taus, [dens] * 3)):
                 np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
             assert len(counted) == phases, (cap, limit, dens, counted)
+            assert len(narrowed) == (phases - 1 if limit is None else phases), (cap, limit, dens, narrowed)
 
 
 def test_global_search_reads_nothing_it_did_not_ask_for():
@@ -680,6 +685,37 @@ def test_global_search_reads_nothing_it_did_not_ask_for():
         assert bool(search.done()[0]) == done
         if done:  # the zeros taken as keys: the k-th key is 0, tied 14 times
             assert search.lo[0] == 0 and search.glo_i[:, 0].tolist() == [7, 7] and search.ghi_i[:, 0].tolist() == [0, 0]
+
+
+def test_global_read_only_phase_that_did_not_end_its_search_counts_next():
+    """A phase that reads out counts nothing (``counted`` False). Should its read-out not end a search (a leaf that
+    could not read: not expected once the host checked the capacities), the host must not narrow from its zero
+    counts: the bracket and thresholds stay, and the next phase counts them (no read-out asked)."""
+    phase = S.global_topk_phases()[1]  # the first counting phase (its finalize is every counting phase's)
+    search = S._GSearch(np.array([10]), np.array([7, 7]))
+    search.hi[0] = 5  # bracket [0, 5) holding all 14 entries (7 per leaf), k = 10
+    search.glo_i[:, 0] = [7, 7]
+    ts = np.arange(1, S._G_J + 1, dtype=np.int64)[None]
+    token = S._g_put({"search": search, "ts": ts})
+    zeros = {"counts": np.zeros((1, S._G_J), np.int32), "below": np.full((1,), S._I32_MIN),
+             "above": np.full((1,), S._I32_MAX), "token": np.int32(token)}
+    read = {"read_keys": np.zeros((1, 16, 7), np.int32), "read_blocks": np.zeros(1, np.int32),
+            "read_tail": np.zeros((1, 7), np.int32)}
+    collected = [{**zeros, **read, "read_done": np.asarray(True), "counted": np.asarray(False)},
+                 {**zeros, **read, "read_done": np.asarray(False), "counted": np.asarray(True)}]
+    out = phase.finalize(collected, [{"density": np.float32(10 / 14)}] * 2)
+    assert not search.done()[0] and search.no_read and not search.readable()
+    assert (search.lo[0], search.hi[0]) == (0, 5) and search.glo_i[:, 0].tolist() == [7, 7]
+    np.testing.assert_array_equal(np.asarray(out[0]["ts"]), ts)  # the same thresholds, counted next
+    assert not bool(out[0]["read"]) and bool(out[0]["run"])
+    # every leaf read: the same zeros end the search (the k-th key is 0, tied 14 times), no counts needed
+    search2 = S._GSearch(np.array([10]), np.array([7, 7]))
+    search2.hi[0] = 5
+    token2 = S._g_put({"search": search2, "ts": ts})
+    both = [{**c, "token": np.int32(token2), "read_done": np.asarray(True), "counted": np.asarray(False)}
+            for c in collected]
+    phase.finalize(both, [{"density": np.float32(10 / 14)}] * 2)
+    assert search2.done()[0] and search2.lo[0] == 0 and not search2.no_read
 
 
 def _lattice_rows(rng, shape):
