@@ -718,6 +718,28 @@ def test_global_read_only_phase_that_did_not_end_its_search_counts_next():
     assert search2.done()[0] and search2.lo[0] == 0 and not search2.no_read
 
 
+@pytest.mark.parametrize("L,K,p", [(1, 1, 0.5), (31, 4, 0.3), (32, 40, 0.9), (33, 3, 0.5), (1000, 64, 0.02),
+                                   (90112, 1024, 0.006), (4099, 2048, 1.0), (4099, 16, 0.0)])
+def test_first_true_is_nonzero_of_each_row(L, K, p):
+    """``_first_true`` (the read-out's compaction: word population counts, then the bit in the word) against NumPy's
+    ``flatnonzero`` per row: the first K True positions in order, -1 past their number, and the count."""
+    rng = np.random.default_rng(L + K)
+    mask = rng.random((3, L)) < p
+    mask[1] = rng.random(L) < min(1.0, 4 * p)  # rows of different counts in one call
+    idx, cnt = jax.jit(lambda m: S._first_true(m, K))(jnp.asarray(mask))
+    for r in range(3):
+        ref = np.flatnonzero(mask[r])
+        assert int(cnt[r]) == ref.size
+        want = np.full(K, -1)
+        want[:min(K, ref.size)] = ref[:K]
+        np.testing.assert_array_equal(np.asarray(idx[r]), want)
+    flags = jnp.asarray(mask.astype(np.int32) * 3)  # block counts: any positive count flags the block
+    bidx, bcnt = S._flagged_blocks(flags, K)
+    for r in range(3):
+        ref = np.flatnonzero(mask[r])[:K]
+        np.testing.assert_array_equal(np.asarray(bidx[r]), np.concatenate([ref, np.full(K - ref.size, L - 1)]))
+
+
 def _lattice_rows(rng, shape):
     """Task vectors on a coarse float32 lattice (many entries tied at each magnitude), with exact zeros."""
     x = np.round(rng.normal(size=(3,) + shape) * 40).astype(np.float32) / np.float32(1024)

@@ -760,7 +760,7 @@ def _read_rows(xs, data_of, s, span, fin, flags, k, m, rc, C, done, magnitude):
         valid = jnp.concatenate([valid.reshape(R, -1), jnp.ones((R, tl), bool)], axis=1)
         inb = valid & (allk >= lo[:, None]) & (allk < hi[:, None])
         m_in = jnp.sum(inb, axis=1, dtype=jnp.int32)
-        at = jax.vmap(lambda x: jnp.nonzero(x, size=E, fill_value=0)[0])(inb).astype(jnp.int32)  # flat order
+        at = jnp.maximum(_first_true(inb, E)[0], 0)  # flat order (slots past m_in: 0, masked below)
         ck = jnp.where(jnp.arange(E, dtype=jnp.int32)[None] < m_in[:, None], jnp.take_along_axis(allk, at, 1), _I32_MIN)
         q = jnp.clip(k - ghi, 1, E)  # >= 1 where the k-th key lies in the bracket
         v = jnp.take_along_axis(lax.sort(ck, dimension=1), (E - q)[:, None], 1)[:, 0]
@@ -1319,18 +1319,47 @@ def _read_allowed() -> bool:
     return _sort_max() > _SORT_MAX
 
 
+def _first_true(mask: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
+    """Per row of the bool ``mask`` (R, L), the indices of its first ``K`` True entries in order (slots past their
+    number hold -1) and that number: ``(R, K)``, ``(R,)`` int32 (``jnp.nonzero(row, size=K)`` per row).
+
+    The mask is packed 32 entries to a uint32 word; a prefix sum of the words' population counts (L / 32 entries)
+    is searched at ``1..K`` for the word holding each True entry, and its bit is found by halving the word five
+    times (population counts of the lower halves). XLA:CPU's prefix sum (a windowed reduction) costs ~16 adds per
+    entry, so summing words instead of entries makes this 3-5x faster than a prefix sum of the mask (a
+    ``(3, 90112)`` mask, K = 1024: 0.17 against 0.86 ms; ``(3, 32773)``, K = 2048: 0.24 against 0.72 ms for
+    ``jnp.nonzero``)."""
+    R, L = mask.shape
+    nw = -(-L // 32)
+    m = jnp.pad(mask, ((0, 0), (0, nw * 32 - L))).reshape(R, nw, 32).astype(jnp.uint32)
+    # sums of distinct bits: the words
+    words = jnp.sum(m << lax.broadcasted_iota(jnp.uint32, m.shape, 2), axis=2, dtype=jnp.uint32)
+    pc = lax.population_count(words).astype(jnp.int32)
+    cs = jnp.cumsum(pc, axis=1)
+    q = jnp.arange(1, K + 1, dtype=jnp.int32)
+    wi = jax.vmap(lambda c: jnp.searchsorted(c, q, method="scan"))(cs)  # the word of the q-th True entry
+    wi = jnp.minimum(wi, nw - 1).astype(jnp.int32)
+    r = q[None] - (jnp.take_along_axis(cs, wi, 1) - jnp.take_along_axis(pc, wi, 1))  # its rank in the word
+    w = jnp.take_along_axis(words, wi, 1)
+    bit = jnp.zeros(w.shape, jnp.uint32)
+    for step in (16, 8, 4, 2, 1):  # the r-th set bit: in the upper half of the window when r exceeds the lower's
+        c = lax.population_count((w >> bit) & np.uint32((1 << step) - 1)).astype(jnp.int32)
+        up = r > c
+        bit = bit + jnp.where(up, np.uint32(step), np.uint32(0))
+        r = r - jnp.where(up, c, 0)
+    cnt = cs[:, -1]
+    return jnp.where(q[None] <= cnt[:, None], wi * np.int32(32) + bit.astype(jnp.int32), np.int32(-1)), cnt
+
+
 def _flagged_blocks(flags: jax.Array, C: int) -> tuple[jax.Array, jax.Array]:
     """Per row of the block counts ``flags`` (R, nb), the flat indices of the first ``C`` blocks holding any entry
-    (slots past their number repeat the last block) and that number: ``(R, C)``, ``(R,)``.
-
-    A prefix sum of the block flags searched at ``1..C`` (``cumsum`` and a looped search: an ``associative_scan``
-    or an unrolled search run no faster here and compile seconds longer per leaf shape)."""
+    (slots past their number repeat the last block) and that number: ``(R, C)``, ``(R,)``
+    (:func:`_first_true` of the flags)."""
     R, nb = flags.shape
     if nb == 0:
         return jnp.zeros((R, C), jnp.int32), jnp.zeros((R,), jnp.int32)
-    cs = jnp.cumsum((flags > 0).astype(jnp.int32), axis=1)
-    idx = jax.vmap(lambda c: jnp.searchsorted(c, jnp.arange(1, C + 1, dtype=jnp.int32), method="scan"))(cs)
-    return jnp.minimum(idx, nb - 1).astype(jnp.int32), cs[:, -1]
+    idx, cnt = _first_true(flags > 0, C)
+    return jnp.where(idx < 0, np.int32(nb - 1), idx), cnt
 
 
 def _read_out(row: jax.Array, blocks_inside: jax.Array, C: int):
