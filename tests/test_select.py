@@ -688,7 +688,7 @@ def test_global_search_reads_nothing_it_did_not_ask_for():
 
 
 def test_global_read_only_phase_that_did_not_end_its_search_counts_next():
-    """A phase that reads out counts nothing (``counted`` False). Should its read-out not end a search (a leaf that
+    """A phase that reads out counts nothing (neutral counts). Should its read-out not end a search (a leaf that
     could not read: not expected once the host checked the capacities), the host must not narrow from its zero
     counts: the bracket and thresholds stay, and the next phase counts them (no read-out asked)."""
     phase = S.global_topk_phases()[1]  # the first counting phase (its finalize is every counting phase's)
@@ -701,8 +701,7 @@ def test_global_read_only_phase_that_did_not_end_its_search_counts_next():
              "above": np.full((1,), S._I32_MAX), "token": np.int32(token)}
     read = {"read_keys": np.zeros((1, 16, 7), np.int32), "read_blocks": np.zeros(1, np.int32),
             "read_tail": np.zeros((1, 7), np.int32)}
-    collected = [{**zeros, **read, "read_done": np.asarray(True), "counted": np.asarray(False)},
-                 {**zeros, **read, "read_done": np.asarray(False), "counted": np.asarray(True)}]
+    collected = [{**zeros, **read, "read_done": np.asarray(True)}, {**zeros, **read, "read_done": np.asarray(False)}]
     out = phase.finalize(collected, [{"density": np.float32(10 / 14)}] * 2)
     assert not search.done()[0] and search.no_read and not search.readable()
     assert (search.lo[0], search.hi[0]) == (0, 5) and search.glo_i[:, 0].tolist() == [7, 7]
@@ -712,8 +711,7 @@ def test_global_read_only_phase_that_did_not_end_its_search_counts_next():
     search2 = S._GSearch(np.array([10]), np.array([7, 7]))
     search2.hi[0] = 5
     token2 = S._g_put({"search": search2, "ts": ts})
-    both = [{**c, "token": np.int32(token2), "read_done": np.asarray(True), "counted": np.asarray(False)}
-            for c in collected]
+    both = [{**c, "token": np.int32(token2), "read_done": np.asarray(True)} for c in collected]
     phase.finalize(both, [{"density": np.float32(10 / 14)}] * 2)
     assert search2.done()[0] and search2.lo[0] == 0 and not search2.no_read
 

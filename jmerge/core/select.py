@@ -1247,8 +1247,8 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     When ``prev["read"]`` (the host found every leaf's entries in the bracket ``lo <= key < hi`` of each open task
     within the leaf's :func:`_read_capacity`) and the call's leaves are not sharded (:func:`_read_allowed`), the
     same read gives those entries' keys instead (:func:`_read_out`), from which the host ends the searches: such a
-    phase counts nothing (``counted`` False; it flags the bracket's entries per block, about 0.55x the cost of
-    the counts), since the host knows every leaf's entries in the bracket and each fits its capacity, so the
+    phase counts nothing (its counts and snaps are neutral; it flags the bracket's entries per block, about 0.55x
+    the cost of the counts), since the host knows every leaf's entries in the bracket and each fits its capacity, so the
     read-out holds them all. ``read`` False: no read-out in this phase's program (the first counting phase,
     whose bracket is the whole model)."""
     T = state.tau.shape[0]
@@ -1267,7 +1267,7 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
         out = tuple(jnp.concatenate(z) for z in zip(*parts))
         return (uncounted() + out) if read else (out + no_read())
 
-    def uncounted():  # a read-only phase's counts and snaps: neutral values, marked by "counted" False
+    def uncounted():  # the counts and snaps of a phase that read out (or skipped): neutral values
         return jnp.zeros((T, _G_J), jnp.int32), jnp.full((T,), _I32_MIN), jnp.full((T,), _I32_MAX)
 
     def no_read():  # the read-out's outputs, empty (the branches of a conditional agree)
@@ -1291,7 +1291,6 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     if C:  # the read-out's outputs are zeros unless the host asked for it (and the phase ran)
         out.update(zip(("read_keys", "read_blocks", "read_tail"), res[3:]))
         out["read_done"] = jnp.asarray(prev["read"]) & jnp.asarray(prev["run"]) & (state.tau.size > 0)
-        out["counted"] = ~out["read_done"]  # a phase that read out counted nothing
     return out
 
 
@@ -1698,13 +1697,11 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         above = np.min([np.asarray(c["above"], np.int64) for c in collected], axis=0)
         if not np.all(search.done()):
             search.read_out(collected)
-            if all(bool(c.get("counted", True)) for c in collected):
+            if not any(bool(c.get("read_done", False)) for c in collected):  # a phase that read out counted nothing
                 search.narrow(ts, counts_i, below, above)
                 carry["ts"] = ts = search.next_thresholds(below, above)
-            elif not np.all(search.done()):  # a read-only phase that did not end every search (not expected:
-                search.no_read = True  # the host checked the capacities): the next phase counts ts
-            else:
-                carry["ts"] = ts = search.next_thresholds(below, above)
+            elif not np.all(search.done()):  # a read-out that did not end every search (not expected: the host
+                search.no_read = True  # checked the capacities): the next phase counts the same thresholds
         if last:
             fb = jnp.asarray(bool(np.any(~search.done())))
             return [{"fallback": fb, "token": jnp.asarray(np.int32(token))} for _ in collected]
