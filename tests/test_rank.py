@@ -75,6 +75,14 @@ def test_host_ranks_in_parallel_blocks_and_under_vmap(monkeypatch):
     y[2, :, ::7], y[2, :, ::11], y[2, :, ::13] = np.nan, -0.0, 0.0
     got = np.asarray(jax.jit(lambda a: magnitude_ranks(a, impl="host"))(jnp.asarray(y)))
     np.testing.assert_array_equal(got, np_ranks(y))
+    # a block whose first entries look like bfloat16 (exact zeros, 16 low bits zero) and whose later ones do
+    # not: the first entries alone never pick the int32 sort (it would drop the low bits)
+    z = rng.standard_normal((2, 64, 1000)).astype(np.float32)
+    z[:, :, :300] = 0.0
+    z[1, :, 300:] = np.asarray(jnp.asarray(z[1, :, 300:], jnp.bfloat16).astype(jnp.float32))
+    z[1, 40, 999] = np.float32(1.0000001)  # one entry with low bits in an otherwise bfloat16 block
+    got = np.asarray(jax.jit(lambda a: magnitude_ranks(a, impl="host"))(jnp.asarray(z)))
+    np.testing.assert_array_equal(got, np_ranks(z))
     xs = rng.standard_normal((4, 2, 3, 50)).astype(np.float32)
     got = np.asarray(jax.jit(jax.vmap(lambda a: magnitude_ranks(a, impl="host")))(jnp.asarray(xs)))
     np.testing.assert_array_equal(got, np_ranks(xs))

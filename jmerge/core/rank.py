@@ -90,38 +90,46 @@ if hasattr(os, "register_at_fork"):
 
 
 def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
-    """Ranks of ``|x|`` in rows ``r0:r1`` of the 2-D float32 ``x`` into ``out`` (int32, same shape), in
-    cache-sized blocks of rows. A block whose keys all have their low 16 bits zero (bfloat16 values, as a
+    """Ranks of ``|x|`` in rows ``r0:r1`` of the 2-D float32 ``x`` into ``out`` (same shape, uint16 or int32),
+    in cache-sized blocks of rows. A block whose keys all have their low 16 bits zero (bfloat16 values, as a
     bf16 merge computes) and rows of at most 65536 entries sorts int32 values (key | position), twice as
-    fast as the int64 ones (key << 32 | position); both are exact."""
+    fast as the int64 ones (key << 32 | position); both are exact.
+
+    The int64 values carry each entry's flat position within the block (row * m + column; within a row the
+    same order as the column), so the sorted values' low 32 bits index the block's output directly (no
+    per-row offsets to add), and a block of float32 values shows it is one by its first entries (the full
+    scan for the int32 case runs only when those have zero low bits)."""
     m = x.shape[-1]
     rb = max(1, _HOST_BLOCK // m)
     keys = np.empty((rb, m), np.int32)
     packed = np.empty((rb, m), np.int64)
     perm = np.empty((rb, m), np.intp)
-    pos = np.arange(m, dtype=np.int64)
+    pos = np.arange(rb * m, dtype=np.int64).reshape(rb, m)  # flat positions within a block
     pos32 = np.arange(m, dtype=np.int32)
     vals = np.tile(np.arange(m, dtype=out.dtype), rb)
     flat = out.reshape(-1)
+    low16 = np.int32(0xFFFF)
     for a in range(r0, r1, rb):
         n = min(rb, r1 - a)
         k, q = keys[:n], perm[:n]
+        dest = flat[a * m:(a + n) * m]  # the block's rows of the output, flat
         # select._keys(x, magnitude=True) on the host: |x|'s bits (+0 == -0), NaN ranked as +inf
         np.bitwise_and(x[a:a + n].view(np.int32), _ABS, out=k)
         np.minimum(k, _INF_KEY, out=k)
-        if m <= 1 << 16 and not np.any(k & np.int32(0xFFFF)):
+        head = k.reshape(-1)[:256]
+        if m <= 1 << 16 and not np.any(head & low16) and not np.any(k & low16):
             k |= pos32  # unique values ordered by (key, position)
             k.sort(axis=-1)
             np.bitwise_and(k, np.int32(0xFFFF), out=q)
+            q += (np.arange(n, dtype=np.intp) * m)[:, None]
         else:
             p = packed[:n]
             p[...] = k
             p <<= 32
-            p |= pos  # unique values ordered by (key, position)
+            p |= pos[:n]  # unique values ordered by (key, position)
             p.sort(axis=-1)
-            np.bitwise_and(p, np.int64(0xFFFFFFFF), out=q)  # the position of the q-th smallest entry
-        q += (np.arange(a, a + n, dtype=np.intp) * m)[:, None]
-        flat[q.reshape(-1)] = vals[:n * m]  # rank[perm[q]] = q
+            np.bitwise_and(p, np.int64(0xFFFFFFFF), out=q)  # the block position of the q-th smallest entry
+        dest[q.reshape(-1)] = vals[:n * m]  # rank[perm[q]] = q
 
 
 _OUT = threading.local()  # per calling thread: the last output buffer of _host_ranks, reused
