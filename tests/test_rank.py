@@ -1,5 +1,8 @@
 """jmerge.core.rank: exact magnitude ranks (DELLA) against NumPy's stable double argsort."""
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,3 +176,69 @@ def test_host_ranks_in_a_forked_child():
     p.join(10)
     assert p.exitcode == 0
     np.testing.assert_array_equal(got, np_ranks(x))
+
+
+def _flush(x):
+    """float32 with denormals flushed to zero, as XLA:CPU's kernels treat inputs and results."""
+    x = np.asarray(x, np.float32)
+    return np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x).astype(np.float32)
+
+
+def _tiny_rows(rng, shape):
+    """Leaves whose differences include denormals (flushed by XLA) and denormal inputs (read as zero)."""
+    tiny = np.finfo(np.float32).tiny
+    base = (rng.standard_normal(shape) * 0.01).astype(np.float32)
+    models = []
+    for t in range(3):
+        m = base + (rng.standard_normal(shape) * 1e-3).astype(np.float32)
+        b = base.reshape(-1)
+        mm = m.reshape(-1)
+        # entries at the bottom of the normal range: differences below it (denormal results)
+        b[t::5] = tiny * (1 + rng.integers(0, 64, b[t::5].shape)).astype(np.float32)
+        mm[t::5] = b[t::5] + (rng.integers(-8, 8, b[t::5].shape) * 2.0 ** -140).astype(np.float32)
+        mm[t + 1::7] = (rng.integers(1, 2 ** 20, mm[t + 1::7].shape) * 2.0 ** -149).astype(np.float32)  # denormal inputs
+        models.append(m.astype(np.float32))
+    return base, models
+
+
+@pytest.mark.parametrize("impl", ["host", "xla", "auto"])
+def test_difference_ranks_have_xlas_bits_with_denormals(impl, monkeypatch):
+    """The host reads the inputs and makes the differences itself, in the calling XLA thread's environment
+    (denormal inputs and results flushed, as XLA's kernels do), on threads that did not have it: the ranks are
+    those of the differences XLA computes, which a NumPy reference with the flush reproduces and one without
+    it does not."""
+    rng = np.random.default_rng(21)
+    base, models = _tiny_rows(rng, (40, 700))
+    monkeypatch.setattr(rank, "_HOST_PARALLEL", 1 << 10)  # split over the pool's threads
+    pool = ThreadPoolExecutor(max_workers=2)
+    list(pool.map(time.sleep, [0.05, 0.05]))  # both threads started here, outside XLA: no flush of their own
+    assert pool.submit(lambda: np.float32(1e-39) * np.float32(1.0)).result() != 0  # (a thread made by XLA's would)
+    monkeypatch.setattr(rank, "_POOL", [pool])
+    want = np_ranks(np.stack([_flush(_flush(m) - _flush(base)) for m in models]))
+    assert not np.array_equal(want, np_ranks(np.stack([m - base for m in models])))  # the flush matters here
+    got = jax.jit(lambda b, ms: rank.difference_ranks(b, ms, impl=impl))(jnp.asarray(base), [jnp.asarray(m) for m in models])
+    assert got.dtype == jnp.int32 and got.shape == (3, 40, 700)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # DELLA reads its ranks this way while tau is models - base: equal to the ranks of tau as XLA stacks it
+    tau = jax.jit(lambda b, ms: jnp.stack([m - b for m in ms]))(jnp.asarray(base), [jnp.asarray(m) for m in models])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(magnitude_ranks(tau, impl="xla")))
+    pool.shutdown()
+
+
+def test_difference_ranks_shapes_and_vmap():
+    """Vectors are one row, matrices rank along their last axes flattened per leading index; a vmapped call
+    (every operand broadcast to the batch) ranks each batch entry."""
+    rng = np.random.default_rng(8)
+    for shape in [(5,), (4, 6), (3, 4, 5), ()]:
+        base = rng.standard_normal(shape).astype(np.float32)
+        models = [base + rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+        got = np.asarray(jax.jit(lambda b, ms: rank.difference_ranks(b, ms, impl="host"))(base, models))
+        rows = lambda x: x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+        want = np_ranks(np.stack([rows(m - base) for m in models])) if base.size > 1 else np.zeros((2, 1, 1))
+        np.testing.assert_array_equal(got, want)
+    base = rng.standard_normal((4, 30)).astype(np.float32)
+    ms = rng.standard_normal((3, 2, 4, 30)).astype(np.float32)  # batch of 3 settings, 2 models
+    f = jax.vmap(lambda m: rank.difference_ranks(jnp.asarray(base), [m[0], m[1]], impl="host"))
+    got = np.asarray(jax.jit(f)(ms))
+    for i in range(3):
+        np.testing.assert_array_equal(got[i], np_ranks(np.stack([ms[i, j] - base for j in range(2)])))

@@ -34,7 +34,7 @@ from jaxtyping import Array, Float
 
 from ..core import HParamSpec, MergeInputError, MergeState, Transform, transform
 from ..core import select as _select
-from ..core.rank import magnitude_ranks
+from ..core.rank import difference_ranks, magnitude_ranks
 from ..core.xla import bernoulli as _bernoulli
 from .basic import per_model
 
@@ -276,17 +276,18 @@ def _magnitude_ranks(x: jax.Array) -> jax.Array:
 
 
 def della_keep_probs(tau: Float[Array, "T *shape"], density: float | Float[Array, "*T"],
-                     epsilon: float | Float[Array, "*T"]) -> Float[Array, "T *shape"]:
+                     epsilon: float | Float[Array, "*T"], *, ranks: Array | None = None) -> Float[Array, "T *shape"]:
     """DELLA keep probabilities ``(density - eps) + 2 eps * rank / (m - 1)``, clipped to [0, 1].
 
     ``rank`` is the ascending magnitude rank of an entry within its row (ties by lower index, NaN
     ranks as +inf); a row of one entry gets ``density``. ``density >= 1`` keeps everything and ``density <= 0``
-    drops everything whatever ``epsilon`` (as mergekit). Returned with ``tau``'s shape.
+    drops everything whatever ``epsilon`` (as mergekit). Returned with ``tau``'s shape. ``ranks``: those
+    ranks when already known, ``(T, R, m)`` (:func:`jmerge.core.rank.difference_ranks`).
     """
     T = tau.shape[0]
     x = _rows_view(tau)
     m = x.shape[-1]
-    ranks = _magnitude_ranks(x).astype(jnp.float32)
+    ranks = (_magnitude_ranks(x) if ranks is None else ranks.reshape(x.shape)).astype(jnp.float32)
     rank_norm = ranks / (m - 1) if m > 1 else jnp.full(x.shape, 0.5, jnp.float32)
     d = _per_task(density, T).reshape(T, 1, 1)
     e = _per_task(epsilon, T).reshape(T, 1, 1)
@@ -295,11 +296,25 @@ def della_keep_probs(tau: Float[Array, "T *shape"], density: float | Float[Array
     return p.reshape(tau.shape)
 
 
+def _della_ranks(state: MergeState):
+    """The magnitude ranks of ``tau`` from the inputs while it is ``models - base`` as built (float32, no
+    emulated precision): the host ranks then read the inputs, and the stacked task vectors are never written
+    (:func:`jmerge.core.rank.difference_ranks`); else None."""
+    if state.precision is not None or state.tau_rebuild() is None:
+        return None
+    _, base_leaf, model_leaves = state.source
+    return difference_ranks(base_leaf, model_leaves)
+
+
 def _della(state: MergeState, hp, *, rescale: str) -> MergeState:
-    p = della_keep_probs(state.tau, hp["density"], hp["epsilon"])
+    p = della_keep_probs(state.tau, hp["density"], hp["epsilon"], ranks=_della_ranks(state))
     keep = _bernoulli(state.key, p)  # jax.random.bernoulli's bits, fused
-    kept = jnp.where(keep, state.tau, 0.0)
-    tau = _apply_rescale(state.tau, keep, kept, p, rescale)
+    if rescale == "l1":  # (its sums over the stack, as DARE's)
+        kept = jnp.where(keep, state.tau, 0.0)
+        tau = _apply_rescale(state.tau, keep, kept, p, rescale)
+    else:  # row by row, the same numbers (as DARE): the stacked task vectors are never written
+        tau = jnp.stack([_apply_rescale(None, None, jnp.where(keep[t], x, 0.0), p[t], rescale)
+                         for t, x in enumerate(state.tau_rows())])
     return state.replace(tau=tau, extras={**state.extras, "della_mask": keep})
 
 
