@@ -201,26 +201,34 @@ def _tiny_rows(rng, shape):
     return base, models
 
 
+@pytest.mark.parametrize("dtypes", ["f32", "bf16", "mixed"])
 @pytest.mark.parametrize("impl", ["host", "xla", "auto"])
-def test_difference_ranks_have_xlas_bits_with_denormals(impl, monkeypatch):
+def test_difference_ranks_have_xlas_bits_with_denormals(impl, dtypes, monkeypatch):
     """The host reads the inputs and makes the differences itself, in the calling XLA thread's environment
     (denormal inputs and results flushed, as XLA's kernels do), on threads that did not have it: the ranks are
     those of the differences XLA computes, which a NumPy reference with the flush reproduces and one without
     it does not."""
     rng = np.random.default_rng(21)
     base, models = _tiny_rows(rng, (40, 700))
+    if dtypes != "f32":  # bfloat16 inputs (denormal ones too), widened exactly; "mixed": a float32 base
+        bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16))
+        base = base if dtypes == "mixed" else bf(base)
+        models = [bf(m) for m in models]
+    wide = lambda x: np.asarray(x).astype(np.float32)
     monkeypatch.setattr(rank, "_HOST_PARALLEL", 1 << 10)  # split over the pool's threads
     pool = ThreadPoolExecutor(max_workers=2)
     list(pool.map(time.sleep, [0.05, 0.05]))  # both threads started here, outside XLA: no flush of their own
     assert pool.submit(lambda: np.float32(1e-39) * np.float32(1.0)).result() != 0  # (a thread made by XLA's would)
     monkeypatch.setattr(rank, "_POOL", [pool])
-    want = np_ranks(np.stack([_flush(_flush(m) - _flush(base)) for m in models]))
-    assert not np.array_equal(want, np_ranks(np.stack([m - base for m in models])))  # the flush matters here
+    want = np_ranks(np.stack([_flush(_flush(wide(m)) - _flush(wide(base))) for m in models]))
+    unflushed = np_ranks(np.stack([wide(m) - wide(base) for m in models]))
+    assert not np.array_equal(want, unflushed)  # the flush matters here
     got = jax.jit(lambda b, ms: rank.difference_ranks(b, ms, impl=impl))(jnp.asarray(base), [jnp.asarray(m) for m in models])
     assert got.dtype == jnp.int32 and got.shape == (3, 40, 700)
     np.testing.assert_array_equal(np.asarray(got), want)
     # DELLA reads its ranks this way while tau is models - base: equal to the ranks of tau as XLA stacks it
-    tau = jax.jit(lambda b, ms: jnp.stack([m - b for m in ms]))(jnp.asarray(base), [jnp.asarray(m) for m in models])
+    tau = jax.jit(lambda b, ms: jnp.stack([jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32) for m in ms]))(
+        jnp.asarray(base), [jnp.asarray(m) for m in models])
     np.testing.assert_array_equal(np.asarray(got), np.asarray(magnitude_ranks(tau, impl="xla")))
     pool.shutdown()
 

@@ -115,6 +115,7 @@ def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.n
     rb = max(1, _HOST_BLOCK // m)
     keys = np.empty((rb, m), np.int32)
     diff = np.empty((rb, m), np.float32) if base is not None else None
+    wide = [np.empty((rb, m), np.uint32) for v in (x, base) if v is not None and v.dtype.itemsize == 2]
     packed = np.empty((rb, m), np.int64)
     perm = np.empty((rb, m), np.intp)
     pos = np.arange(rb * m, dtype=np.int64).reshape(rb, m)  # flat positions within a block
@@ -127,7 +128,12 @@ def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.n
         k, q = keys[:n], perm[:n]
         dest = flat[a * m:(a + n) * m]  # the block's rows of the output, flat
         # select._keys(x, magnitude=True) on the host: |x|'s bits (+0 == -0), NaN ranked as +inf
-        src = x[a:a + n] if base is None else np.subtract(x[a:a + n], base[a:a + n], out=diff[:n])
+        if base is None:
+            src = x[a:a + n]
+        else:  # bfloat16 operands widened exactly (their bits are float32's high half), then XLA's difference
+            w = iter(wide)
+            src = np.subtract(*(_widened(v[a:a + n], next(w)[:n]) if v.dtype.itemsize == 2 else v[a:a + n]
+                                for v in (x, base)), out=diff[:n])
         np.bitwise_and(src.view(np.int32), _ABS, out=k)
         np.minimum(k, _INF_KEY, out=k)
         head = k.reshape(-1)[:256]
@@ -233,9 +239,16 @@ def _fenv(env: _FEnv):
         _FENV[1](ctypes.byref(own))
 
 
+def _widened(bf16: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """bfloat16 values (any 2-byte array holding their bits) as float32, exactly: the bits shifted left by 16."""
+    np.left_shift(bf16.view(np.uint16), 16, out=out, dtype=np.uint32)
+    return out.view(np.float32)
+
+
 def _host_difference_ranks(base, *models) -> np.ndarray:
     """Ranks of ``|models[t] - base|`` along the last axis, on the host: ``(T, R, m)`` for ``(R, m)``
-    float32 operands, ``(B, T, R, m)`` for ``(B, R, m)`` ones (a vmapped call, every operand broadcast)."""
+    float32 or bfloat16 operands, ``(B, T, R, m)`` for ``(B, R, m)`` ones (a vmapped call, every operand
+    broadcast)."""
     b = np.asarray(base)
     ms = [np.asarray(x) for x in models]
     m = b.shape[-1]
@@ -269,9 +282,10 @@ def difference_ranks(base: Float[Array, "*shape"], models: Sequence[Float[Array,
     """Ranks of ``|models[t] - base|`` (float32 differences) within the rows of the leaf, int32 ``(T, R, m)``.
 
     Rows are the leaf's leading axis (one row for vectors and scalars); the ranks equal
-    ``magnitude_ranks(stack([m - base for m in models]).reshape(T, R, m))``. On the host path with float32
-    inputs (one CPU device, and the C library's ``fegetenv`` / ``fesetenv``), the callback reads the inputs
-    themselves and makes the differences block by block, instead of XLA writing the stacked task vectors for
+    ``magnitude_ranks(stack([m - base for m in models]).reshape(T, R, m))`` (float32 differences of the
+    inputs widened to float32). On the host path with float32 or bfloat16 inputs (one CPU device, and the C
+    library's ``fegetenv`` / ``fesetenv``), the callback reads the inputs themselves and makes the
+    differences block by block, instead of XLA writing the stacked task vectors for
     it (a ``(3, 1024, 2816)`` leaf: ~22 ms less of ~80). Its threads take the calling XLA thread's
     floating-point environment, in which denormal inputs and results are flushed to zero as in XLA's own
     kernels, so every difference has XLA's bits (``tests/test_rank.py`` checks denormal differences).
@@ -290,8 +304,8 @@ def difference_ranks(base: Float[Array, "*shape"], models: Sequence[Float[Array,
     rows = [_leaf_rows(jnp.asarray(x)) for x in [base, *models]]
     R, m = rows[0].shape
     T = len(models)
-    f32 = all(r.dtype == jnp.float32 for r in rows)
-    if not (_use_host(impl) and f32 and _FENV is not None and m > 1 and R * m > 0):
+    wide = all(r.dtype in (jnp.float32, jnp.bfloat16) for r in rows)
+    if not (_use_host(impl) and wide and _FENV is not None and m > 1 and R * m > 0):
         tau = jnp.stack([jnp.asarray(r, jnp.float32) - jnp.asarray(rows[0], jnp.float32) for r in rows[1:]])
         return magnitude_ranks(tau, impl=impl)
     r = jax.pure_callback(_host_difference_ranks, jax.ShapeDtypeStruct((T, R, m), _rank_dtype(m)), *rows,
