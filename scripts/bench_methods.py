@@ -7,6 +7,7 @@ method within 5x task arithmetic; whole-model TIES (``ties_global``: ``ties(scop
     python scripts/bench_methods.py                 # ~100M params, all methods
     python scripts/bench_methods.py --params 20e6 --methods task_arithmetic ties
     python scripts/bench_methods.py --dtype bfloat16 --delta 0.25 --methods ties   # bf16 checkpoints: heavy ties
+    python scripts/bench_methods.py --sync-dispatch --keep-host-memory   # the no-fresh-pages setting
 
 ``--delta``: the fine-tunes are ``base + delta * N(0, 1)`` (base ~ N(0, 1)), rounded to ``--dtype``. In
 bfloat16 (8 significant bits) their task vectors take few distinct values, each many times: the tie-heavy
@@ -85,7 +86,13 @@ def main():
     ap.add_argument("--delta", type=float, default=0.01, help="scale of the fine-tunes' updates (base ~ N(0, 1))")
     ap.add_argument("--keep-host-memory", action="store_true",
                     help="time every method inside jmerge.keep_host_memory() (a loop's calls reuse freed pages)")
+    ap.add_argument("--sync-dispatch", action="store_true",
+                    help="turn JAX's CPU async dispatch off before the first computation: each execution then "
+                         "allocates its temporaries on the calling thread, whose freed pages malloc can reuse "
+                         "(with --keep-host-memory: every call's; see jmerge/core/heap.py)")
     args = ap.parse_args()
+    if args.sync_dispatch:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)  # read when the CPU client is created
     with jmerge.keep_host_memory() if args.keep_host_memory else contextlib.nullcontext():
         run(args)
 
@@ -101,7 +108,8 @@ def run(args):
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; tree: {n / 1e6:.1f}M params, "
           f"{len(jax.tree.leaves(base))} leaves, {args.models} fine-tuned models ({args.dtype}, updates "
           f"{args.delta} N(0, 1)); load average {os.getloadavg()[0]:.1f}"
-          + ("; inside jmerge.keep_host_memory()" if args.keep_host_memory else ""))
+          + ("; inside jmerge.keep_host_memory()" if args.keep_host_memory else "")
+          + ("; CPU async dispatch off" if args.sync_dispatch else ""))
     registry = dict(jmerge.available_methods())
     registry["ties_global"] = lambda: jmerge.ties(scope="global")  # the paper's whole-model trim
     names = args.methods or sorted(registry)
