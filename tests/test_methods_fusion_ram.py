@@ -360,7 +360,7 @@ def test_row_kl_blocks_equal_the_whole_leaf():
     not divide); each row's KL equals the whole-leaf evaluation, which the reference test checks."""
     from jmerge.methods import fusion as F
     rng = np.random.default_rng(8)
-    for shape in ((1000, 128), (101, 2817), (3, 5, 9000)):
+    for shape in ((1000, 128), (401, 2817), (3, 70, 9000)):
         b = rng.normal(size=shape).astype(np.float32)
         m = (b + 0.01 * rng.normal(size=shape)).astype(np.float32)
         m.reshape(rows := m.size // shape[-1], -1)[0, 0] += 30.0  # a far row: the plain sum in its block
@@ -371,6 +371,25 @@ def test_row_kl_blocks_equal_the_whole_leaf():
         np.testing.assert_allclose(got, whole, rtol=2e-6, atol=0, err_msg=str(shape))
         ref = (ref_importance(b, m) / np.abs(m.astype(np.float64) - b)).reshape(rows, -1)[:, :1]
         np.testing.assert_allclose(got.reshape(rows, 1)[1:], ref[1:], rtol=1e-4)  # row 0 (far): the plain sum
+
+
+def test_row_kl_long_blocks_give_the_short_blocks_bits(monkeypatch):
+    """Rows of 256 entries or more take blocks of 2**19 entries (fewer loop iterations) with the KLs of the
+    2**16-entry blocks bit for bit; shorter rows keep the short blocks."""
+    from jmerge.methods import fusion as F
+    rng = np.random.default_rng(10)
+    for n in (256, 300, 1024, 2816, 5632):
+        rows = (1 << 20) // n + 7
+        b = rng.normal(size=(rows, n)).astype(np.float32)
+        m = (b + 0.01 * rng.normal(size=b.shape)).astype(np.float32)
+        long_ = np.asarray(jax.jit(F._row_kl)(m, b))
+        assert F._blocked(jnp.asarray(m)) == max(4, (1 << 19) // n)
+        with monkeypatch.context() as mp:
+            mp.setattr(F, "_BLOCK_ENTRIES_LONG", 1 << 16)
+            assert F._blocked(jnp.asarray(m)) == max(4, (1 << 16) // n)
+            short = np.asarray(jax.jit(F._row_kl)(m, b))
+        np.testing.assert_array_equal(long_, short, err_msg=str(n))
+    assert F._blocked(jnp.zeros((4096, 255))) == (1 << 16) // 255
 
 
 @pytest.mark.parametrize("nan_rows", [3, 30])

@@ -196,7 +196,7 @@ def _tiny_rows(rng, shape):
         # entries at the bottom of the normal range: differences below it (denormal results)
         b[t::5] = tiny * (1 + rng.integers(0, 64, b[t::5].shape)).astype(np.float32)
         mm[t::5] = b[t::5] + (rng.integers(-8, 8, b[t::5].shape) * 2.0 ** -140).astype(np.float32)
-        mm[t + 1::7] = (rng.integers(1, 2 ** 20, mm[t + 1::7].shape) * 2.0 ** -149).astype(np.float32)  # denormal inputs
+        mm[t + 1::7] = (rng.integers(1, 2 ** 20, mm[t + 1::7].shape) * 2.0 ** -149).astype(np.float32)  # denormals
         models.append(m.astype(np.float32))
     return base, models
 
@@ -223,7 +223,8 @@ def test_difference_ranks_have_xlas_bits_with_denormals(impl, dtypes, monkeypatc
     want = np_ranks(np.stack([_flush(_flush(wide(m)) - _flush(wide(base))) for m in models]))
     unflushed = np_ranks(np.stack([wide(m) - wide(base) for m in models]))
     assert not np.array_equal(want, unflushed)  # the flush matters here
-    got = jax.jit(lambda b, ms: rank.difference_ranks(b, ms, impl=impl))(jnp.asarray(base), [jnp.asarray(m) for m in models])
+    f = jax.jit(lambda b, ms: rank.difference_ranks(b, ms, impl=impl))
+    got = f(jnp.asarray(base), [jnp.asarray(m) for m in models])
     assert got.dtype == jnp.int32 and got.shape == (3, 40, 700)
     np.testing.assert_array_equal(np.asarray(got), want)
     # DELLA reads its ranks this way while tau is models - base: equal to the ranks of tau as XLA stacks it
