@@ -251,3 +251,29 @@ def test_difference_ranks_shapes_and_vmap():
     got = np.asarray(jax.jit(f)(ms))
     for i in range(3):
         np.testing.assert_array_equal(got[i], np_ranks(np.stack([ms[i, j] - base for j in range(2)])))
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["della", "della_linear"])
+def test_della_writes_no_stacked_task_vectors(linear):
+    """On the host-ranks path DELLA's leaf program writes one full-size array besides its output: the callback's
+    ranks (uint16). The callback reads the inputs and the survivors are rescaled row by row, so the stacked
+    float32 task vectors (models x leaf) are never written (they were, for the callback, before)."""
+    if not rank._use_host("auto"):
+        pytest.skip("the host ranks run on a one-device CPU only")
+    import re
+
+    import jmerge
+    from jmerge.core import LeafProgram
+    shape = (256, 700)
+    method = jmerge.della_linear() if linear else jmerge.della()
+    prog = LeafProgram(method)
+    hp = {k: jnp.asarray(getattr(v, "specs", v), jnp.float32) for k, v in method.defaults.items()}
+    b = jnp.zeros(shape, jnp.float32)
+    ms = tuple(jnp.ones(shape, jnp.float32) for _ in range(3))
+    txt = jax.jit(lambda b, ms, hp: prog(b, ms, hp, jax.random.key(0), {}, None, traced=True)).lower(
+        b, ms, hp).compile().as_text()
+    entry = txt[txt.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    big = [m.group(1, 2) for m in re.finditer(r"\n\s*(?:ROOT )?%\S+ = (\w+)\[([0-9,]+)\]\S* (?!parameter)", entry)
+           if np.prod([int(d) for d in m.group(2).split(",")]) >= 3 * shape[0] * shape[1]]
+    assert big == [("u16", f"3,{shape[0]},{shape[1]}")], big
