@@ -277,3 +277,17 @@ def test_della_writes_no_stacked_task_vectors(linear):
     big = [m.group(1, 2) for m in re.finditer(r"\n\s*(?:ROOT )?%\S+ = (\w+)\[([0-9,]+)\]\S* (?!parameter)", entry)
            if np.prod([int(d) for d in m.group(2).split(",")]) >= 3 * shape[0] * shape[1]]
     assert big == [("u16", f"3,{shape[0]},{shape[1]}")], big
+
+
+def test_difference_ranks_without_the_c_fenv_take_xlas_differences(monkeypatch):
+    """Where the C library's fegetenv / fesetenv cannot be loaded, XLA computes the differences (the stacked
+    path, as before): the same ranks, denormals included."""
+    rng = np.random.default_rng(22)
+    base, models = _tiny_rows(rng, (8, 300))
+    jaxpr = lambda: str(jax.make_jaxpr(lambda b, ms: rank.difference_ranks(b, ms, impl="host"))(base, models))
+    assert " sub " not in jaxpr()  # with the C environment: the host makes the differences
+    monkeypatch.setattr(rank, "_FENV", None)
+    assert " sub " in jaxpr()  # without: XLA does
+    f = jax.jit(lambda b, ms: rank.difference_ranks(b, ms, impl="host"))
+    got = np.asarray(f(jnp.asarray(base), [jnp.asarray(m) for m in models]))
+    np.testing.assert_array_equal(got, np_ranks(np.stack([_flush(_flush(m) - _flush(base)) for m in models])))

@@ -207,11 +207,17 @@ class _FEnv(ctypes.Structure):
 
 
 def _load_fenv():
-    """``(fegetenv, fesetenv)`` from the C math library, or None where they cannot be loaded."""
-    try:
-        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        get, put = libm.fegetenv, libm.fesetenv
-    except (OSError, AttributeError):
+    """``(fegetenv, fesetenv)`` from the C math library (already loaded by Python: looked up in the process
+    first, without the subprocess ``find_library`` may start), or None where they cannot be loaded."""
+    get = put = None
+    for name in (None, "libm.so.6", "FIND"):
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("m") if name == "FIND" else name)
+            get, put = lib.fegetenv, lib.fesetenv
+            break
+        except (OSError, AttributeError, TypeError):
+            continue
+    if get is None:
         return None
     get.argtypes = put.argtypes = [ctypes.POINTER(_FEnv)]
     get.restype = put.restype = ctypes.c_int
