@@ -96,8 +96,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.ndarray | None = None,
-                    env=None) -> None:
+def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.ndarray | None = None) -> None:
     """Ranks of ``|x|`` in rows ``r0:r1`` of the 2-D float32 ``x`` into ``out`` (same shape, uint16 or int32),
     in cache-sized blocks of rows. A block whose keys all have their low 16 bits zero (bfloat16 values, as a
     bf16 merge computes) and rows of at most 65536 entries sorts int32 values (key | position), twice as
@@ -108,17 +107,15 @@ def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.n
     per-row offsets to add), and a block of float32 values shows it is one by its first entries (the full
     scan for the int32 case runs only when those have zero low bits).
 
-    With ``base`` (float32, ``x``'s shape), the ranks are of ``|x - base|``: each block's differences are
-    computed here, in the floating-point environment ``env`` of the calling XLA thread (see
-    :func:`difference_ranks`), so they are the bits XLA computes."""
-    if env is not None and base is not None:
-        with _fenv(env):
-            return _host_rank_rows(x, out, r0, r1, base)
+    With ``base`` (``x``'s shape; each float32 or bfloat16), the ranks are of ``|x - base|``: each block's
+    differences are computed here, in the thread's floating-point environment (:func:`difference_ranks` runs
+    this in the calling XLA thread's, so they are the bits XLA computes)."""
     m = x.shape[-1]
     rb = max(1, _HOST_BLOCK // m)
     keys = np.empty((rb, m), np.int32)
-    diff = np.empty((rb, m), np.float32) if base is not None else None
-    wide = [np.empty((rb, m), np.uint32) for v in (x, base) if v is not None and v.dtype.itemsize == 2]
+    if base is not None:
+        diff = np.empty((rb, m), np.float32)
+        read_x, read_b = _block_reader(x, rb), _block_reader(base, rb)
     packed = np.empty((rb, m), np.int64)
     perm = np.empty((rb, m), np.intp)
     pos = np.arange(rb * m, dtype=np.int64).reshape(rb, m)  # flat positions within a block
@@ -131,12 +128,7 @@ def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.n
         k, q = keys[:n], perm[:n]
         dest = flat[a * m:(a + n) * m]  # the block's rows of the output, flat
         # select._keys(x, magnitude=True) on the host: |x|'s bits (+0 == -0), NaN ranked as +inf
-        if base is None:
-            src = x[a:a + n]
-        else:  # bfloat16 operands widened exactly (their bits are float32's high half), then XLA's difference
-            w = iter(wide)
-            src = np.subtract(*(_widened(v[a:a + n], next(w)[:n]) if v.dtype.itemsize == 2 else v[a:a + n]
-                                for v in (x, base)), out=diff[:n])
+        src = x[a:a + n] if base is None else np.subtract(read_x(a, n), read_b(a, n), out=diff[:n])
         np.bitwise_and(src.view(np.int32), _ABS, out=k)
         np.minimum(k, _INF_KEY, out=k)
         head = k.reshape(-1)[:256]
@@ -240,7 +232,7 @@ def _current_fenv() -> _FEnv | None:
 def _fenv(env: _FEnv):
     """Run the block in the floating-point environment ``env``, then restore the thread's own."""
     own = _FEnv()
-    if _FENV is None or _FENV[0](ctypes.byref(own)) != 0 or _FENV[1](ctypes.byref(env)) != 0:
+    if env is None or _FENV is None or _FENV[0](ctypes.byref(own)) != 0 or _FENV[1](ctypes.byref(env)) != 0:
         raise RuntimeError("jmerge: cannot set the floating-point environment of a rank thread")
     try:
         yield
@@ -248,10 +240,18 @@ def _fenv(env: _FEnv):
         _FENV[1](ctypes.byref(own))
 
 
-def _widened(bf16: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """bfloat16 values (any 2-byte array holding their bits) as float32, exactly: the bits shifted left by 16."""
-    np.left_shift(bf16.view(np.uint16), 16, out=out, dtype=np.uint32)
-    return out.view(np.float32)
+def _block_reader(v: np.ndarray, rb: int):
+    """``(a, n) -> v[a:a + n]`` as float32: bfloat16 rows (a 2-byte dtype holding their bits) widened exactly,
+    the bits shifted left by 16, into a buffer of ``rb`` rows reused for every block."""
+    if v.dtype.itemsize != 2:
+        return lambda a, n: v[a:a + n]
+    buf = np.empty((rb, v.shape[-1]), np.uint32)
+
+    def read(a: int, n: int) -> np.ndarray:
+        np.left_shift(v[a:a + n].view(np.uint16), 16, out=buf[:n], dtype=np.uint32)
+        return buf[:n].view(np.float32)
+
+    return read
 
 
 def _host_difference_ranks(base, *models) -> np.ndarray:
@@ -272,12 +272,13 @@ def _host_difference_ranks(base, *models) -> np.ndarray:
     splits = min(workers, R)
     edges = np.linspace(0, R, splits + 1).astype(np.int64)
     jobs = [(i, t, int(edges[j]), int(edges[j + 1])) for i in range(B) for t in range(T) for j in range(splits)]
-    run = lambda job: _host_rank_rows(mm[job[1]][job[0]], out[job[0], job[1]], job[2], job[3], bb[job[0]], env)
-    if workers == 1:
-        for job in jobs:
-            _host_rank_rows(mm[job[1]][job[0]], out[job[0], job[1]], job[2], job[3], bb[job[0]])
-    else:
-        list(_pool().map(run, jobs))
+
+    def run(job):
+        i, t, r0, r1 = job
+        with _fenv(env):  # on the calling thread too: its own environment, set again
+            _host_rank_rows(mm[t][i], out[i, t], r0, r1, bb[i])
+
+    list(map(run, jobs) if workers == 1 else _pool().map(run, jobs))
     return out.reshape(b.shape[:-2] + (T, R, m))
 
 

@@ -159,7 +159,7 @@ def trim(density: HParamSpec = 0.2, *, scope: Literal["tensor", "global"] = "ten
 # --------------------------------------------------------------------------------------------
 # DARE: random drop and rescale
 
-def _apply_rescale(tau, keep, kept, p, rescale):
+def _apply_rescale(tau, kept, p, rescale):
     if rescale == "inverse":
         return kept * jnp.where(p > 0, 1.0 / jnp.where(p > 0, p, 1.0), 0.0)
     if rescale == "l1":
@@ -167,16 +167,22 @@ def _apply_rescale(tau, keep, kept, p, rescale):
     return kept
 
 
+def _kept_rescaled(state: MergeState, keep, p, rescale: str) -> jax.Array:
+    """tau's entries where ``keep``, rescaled (DARE's and DELLA's survivors; ``p``: keep probabilities, per
+    model or per entry). ``"l1"`` sums over the stack as before (summed per row, the last bit may differ); the
+    other rescalings run row by row, the same numbers: a later step's row of tau folds into the expression
+    that built it (XLA:CPU writes the stacked task vectors, models x leaf, when an elementwise op takes the
+    whole stack)."""
+    if rescale == "l1":
+        return _apply_rescale(state.tau, jnp.where(keep, state.tau, 0.0), p, rescale)
+    return jnp.stack([_apply_rescale(None, jnp.where(keep[t], x, 0.0), p[t], rescale)
+                      for t, x in enumerate(state.tau_rows())])
+
+
 def _dare(state: MergeState, hp, *, rescale: str) -> MergeState:
     p = per_model(hp["density"], state)
     keep = _bernoulli(state.key, jnp.broadcast_to(p, state.tau.shape))  # jax.random.bernoulli's bits, fused
-    if rescale == "l1":  # (its sums over the stack, as before: summed per row, the last bit may differ)
-        kept = jnp.where(keep, state.tau, 0.0)
-        tau = _apply_rescale(state.tau, keep, kept, p, rescale)
-    else:  # row by row, the same numbers: a later step's row of tau folds into the expression that built it
-        # (XLA:CPU writes the stacked task vectors, models x leaf, when an elementwise op takes the whole stack)
-        tau = jnp.stack([_apply_rescale(None, None, jnp.where(keep[t], x, 0.0), p[t], rescale)
-                         for t, x in enumerate(state.tau_rows())])
+    tau = _kept_rescaled(state, keep, p, rescale)
     return state.replace(tau=tau, extras={**state.extras, "dare_mask": keep})
 
 
@@ -309,12 +315,7 @@ def _della_ranks(state: MergeState):
 def _della(state: MergeState, hp, *, rescale: str) -> MergeState:
     p = della_keep_probs(state.tau, hp["density"], hp["epsilon"], ranks=_della_ranks(state))
     keep = _bernoulli(state.key, p)  # jax.random.bernoulli's bits, fused
-    if rescale == "l1":  # (its sums over the stack, as DARE's)
-        kept = jnp.where(keep, state.tau, 0.0)
-        tau = _apply_rescale(state.tau, keep, kept, p, rescale)
-    else:  # row by row, the same numbers (as DARE): the stacked task vectors are never written
-        tau = jnp.stack([_apply_rescale(None, None, jnp.where(keep[t], x, 0.0), p[t], rescale)
-                         for t, x in enumerate(state.tau_rows())])
+    tau = _kept_rescaled(state, keep, p, rescale)
     return state.replace(tau=tau, extras={**state.extras, "della_mask": keep})
 
 
