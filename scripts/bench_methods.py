@@ -8,6 +8,15 @@ method within 5x task arithmetic; whole-model TIES (``ties_global``: ``ties(scop
     python scripts/bench_methods.py --params 20e6 --methods task_arithmetic ties
     python scripts/bench_methods.py --dtype bfloat16 --delta 0.25 --methods ties   # bf16 checkpoints: heavy ties
     python scripts/bench_methods.py --sync-dispatch --keep-host-memory   # the no-fresh-pages setting
+    python scripts/bench_methods.py --methods task_arithmetic ties pcb della della_linear --floors
+
+``--floors``: also times, on the same tree, arithmetic that some methods cannot avoid, and prints each
+method's time as a multiple of it: DELLA's exact magnitude ranks need every row sorted (NumPy's sort of
+the rows' packed ``key << 32 | position`` int64 values in cache-sized blocks on the host ranks' threads,
+the sort ``jmerge.core.rank`` runs, and nothing else: no differences, no packing, no scatter, no draws);
+PCB's scores need six exponentials per entry (three fine-tunes: one per pair of task vectors), timed as
+one fused XLA pass per leaf with XLA's own ``exp``, plus a per-row top-k and merge of three rows, taken
+as TIES's time in the same run.
 
 ``--delta``: the fine-tunes are ``base + delta * N(0, 1)`` (base ~ N(0, 1)), rounded to ``--dtype``. In
 bfloat16 (8 significant bits) their task vectors take few distinct values, each many times: the tie-heavy
@@ -90,11 +99,67 @@ def main():
                     help="turn JAX's CPU async dispatch off before the first computation: each execution then "
                          "allocates its temporaries on the calling thread, whose freed pages malloc can reuse "
                          "(with --keep-host-memory: every call's; see jmerge/core/heap.py)")
+    ap.add_argument("--floors", action="store_true",
+                    help="also time the arithmetic DELLA and PCB cannot avoid (exact row sorts, exponentials)")
     args = ap.parse_args()
     if args.sync_dispatch:
         jax.config.update("jax_cpu_enable_async_dispatch", False)  # read when the CPU client is created
     with jmerge.keep_host_memory() if args.keep_host_memory else contextlib.nullcontext():
         run(args)
+
+
+def sort_floor(base, models, repeat) -> float:
+    """Seconds to sort every row of the tree's task vectors as DELLA's exact ranks need: NumPy's in-place sort
+    of packed ``key << 32 | position`` int64 values, in blocks of rows of ``rank._HOST_BLOCK`` entries, on the
+    host ranks' threads. The values are built (and copied in before each sort) outside the timing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jmerge.core import rank
+
+    jobs = []  # (packed values, working copy) per block of rows
+    for i, b in enumerate(jax.tree.leaves(base)):
+        b = np.asarray(b, np.float32)
+        rows = b.reshape(b.shape[0], -1) if b.ndim > 1 else b.reshape(1, -1)
+        m = rows.shape[1]
+        rb = max(1, rank._HOST_BLOCK // m)
+        for mod in models:
+            x = np.asarray(jax.tree.leaves(mod)[i], np.float32).reshape(rows.shape) - rows
+            keys = (x.view(np.int32) & np.int32(0x7FFFFFFF)).astype(np.int64) << 32
+            packed = keys | np.arange(m, dtype=np.int64)[None]
+            for a in range(0, rows.shape[0], rb):
+                blk = packed[a:a + rb]
+                jobs.append((blk, np.empty_like(blk)))
+    for src, dst in jobs:
+        np.copyto(dst, src)
+    pool = ThreadPoolExecutor(rank._WORKERS)
+    half = [jobs[w::rank._WORKERS] for w in range(rank._WORKERS)]
+
+    def sort_all(js):
+        for _, dst in js:
+            dst.sort(axis=-1)
+
+    best = float("inf")
+    for _ in range(repeat):
+        for src, dst in jobs:
+            np.copyto(dst, src)
+        t = time.perf_counter()
+        list(pool.map(sort_all, half))
+        best = min(best, time.perf_counter() - t)
+    pool.shutdown()
+    return best
+
+
+def exp_floor(base, models, repeat) -> float:
+    """Seconds for PCB's exponentials alone: per leaf, one jitted pass that reads the inputs, forms the
+    T (T + 1) / 2 pairwise products of the task vectors and writes the sum of their ``exp`` (XLA's own)."""
+
+    @jax.jit
+    def leaf(b, *ms):
+        r = [m.astype(jnp.float32) - b.astype(jnp.float32) for m in ms]
+        return sum(jnp.exp(r[t] * r[u]) for t in range(len(r)) for u in range(t, len(r)))
+
+    leaves = [jax.tree.leaves(m) for m in models]
+    return timed(lambda: [leaf(b, *(l[i] for l in leaves)) for i, b in enumerate(jax.tree.leaves(base))], repeat)
 
 
 def run(args):
@@ -136,6 +201,18 @@ def run(args):
         ta = min(ta, again)
         print(f"task_arithmetic again    {again:8.3f} s; ratios below against the faster, {ta:.3f} s")
         rows = [(name, t, t / ta) for name, t, _ in rows]
+    if args.floors:
+        times = {name: t for name, t, _ in rows}
+        floors = {"della": sort_floor(base, models, args.repeat)}
+        floors["della_linear"] = floors["della"]
+        if "ties" in times:
+            floors["pcb"] = exp_floor(base, models, args.repeat) + times["ties"]
+        print(f"floors: DELLA's row sorts {floors['della']:.3f} s ({floors['della'] / ta:.2f}x task arithmetic)"
+              + (f"; PCB's exponentials + TIES {floors['pcb']:.3f} s ({floors['pcb'] / ta:.2f}x)" if "pcb" in floors
+                 else "; PCB's needs ties in --methods"))
+        for name, t, _ in rows:
+            if name in floors:
+                print(f"{name:24s} {t:8.3f} s = {t / floors[name]:5.2f}x its floor")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     for name, t, ratio in rows:
         if name == "ties_global":

@@ -419,9 +419,14 @@ def _pcb_scores(rows_of, T: int, shape: tuple) -> list:
     pairs = [(t, u) for t in range(T) for u in range(t, T)]
     P = len(pairs)
     r = rows_of("m-b")
-    ext = lax.reduce(tuple(r[t] * r[u] for t, u in pairs) * 2, (np.float32(np.inf),) * P + (np.float32(-np.inf),) * P,
-                     lambda a, b: tuple(jnp.minimum(x, y) for x, y in zip(a[:P], b[:P]))
-                     + tuple(jnp.maximum(x, y) for x, y in zip(a[P:], b[P:])), ax)
+    minmax = lambda a, b: (tuple(jnp.minimum(x, y) for x, y in zip(a[:P], b[:P]))
+                           + tuple(jnp.maximum(x, y) for x, y in zip(a[P:], b[P:])))
+    init = (np.float32(np.inf),) * P + (np.float32(-np.inf),) * P
+    # along the last axis first, then the rest: XLA:CPU vectorizes a row reduction, not a whole one (1.9 -> 1.1 ms
+    # on a (1024, 2816) leaf); minima and maxima are exact in any order
+    ext = lax.reduce(tuple(r[t] * r[u] for t, u in pairs) * 2, init, minmax, ax[-1:])
+    if len(ax) > 1:
+        ext = lax.reduce(ext, init, minmax, ax[:-1])
     lo, hi = ext[:P], ext[P:]
 
     z = opaque_zero(lo[0])  # every product that feeds an add is rounded first, in every lane (unfused)
