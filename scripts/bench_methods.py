@@ -108,44 +108,51 @@ def main():
         run(args)
 
 
-def sort_floor(base, models, repeat) -> float:
-    """Seconds to sort every row of the tree's task vectors as DELLA's exact ranks need: NumPy's in-place sort
-    of packed ``key << 32 | position`` int64 values, in blocks of rows of ``rank._HOST_BLOCK`` entries, on the
-    host ranks' threads. The values are built (and copied in before each sort) outside the timing."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def packed_blocks(base, models) -> list:
+    """DELLA's sort keys of the tree: per leaf, model and block of rows (``rank._HOST_BLOCK`` entries), the int64
+    values ``|model - base|``'s key ``<< 32 | position in the row``, float32, rows as in
+    :func:`jmerge.core.rank.difference_ranks` (the leading axis). Sorted, a row's low 32 bits list its entries
+    from the smallest magnitude up (ties by position): the inverse permutation is DELLA's ranks."""
     from jmerge.core import rank
 
-    jobs = []  # (packed values, working copy) per block of rows
+    blocks = []
+    models = [jax.tree.leaves(m) for m in models]
     for i, b in enumerate(jax.tree.leaves(base)):
         b = np.asarray(b, np.float32)
         rows = b.reshape(b.shape[0], -1) if b.ndim > 1 else b.reshape(1, -1)
         m = rows.shape[1]
         rb = max(1, rank._HOST_BLOCK // m)
         for mod in models:
-            x = np.asarray(jax.tree.leaves(mod)[i], np.float32).reshape(rows.shape) - rows
-            keys = (x.view(np.int32) & np.int32(0x7FFFFFFF)).astype(np.int64) << 32
-            packed = keys | np.arange(m, dtype=np.int64)[None]
-            for a in range(0, rows.shape[0], rb):
-                blk = packed[a:a + rb]
-                jobs.append((blk, np.empty_like(blk)))
-    for src, dst in jobs:
-        np.copyto(dst, src)
-    pool = ThreadPoolExecutor(rank._WORKERS)
-    half = [jobs[w::rank._WORKERS] for w in range(rank._WORKERS)]
+            x = np.asarray(mod[i], np.float32).reshape(rows.shape) - rows
+            keys = np.minimum(x.view(np.int32) & np.int32(0x7FFFFFFF), np.int32(0x7F800000))  # NaN as +inf
+            packed = (keys.astype(np.int64) << 32) | np.arange(m, dtype=np.int64)[None]
+            blocks += [packed[a:a + rb] for a in range(0, rows.shape[0], rb)]
+    return blocks
+
+
+def sort_floor(base, models, repeat) -> float:
+    """Seconds to sort every row of the tree's task vectors as DELLA's exact ranks need: NumPy's in-place sort
+    of :func:`packed_blocks` on the host ranks' threads (the values built, and copied in before each sort,
+    outside the timing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jmerge.core import rank
+
+    jobs = [(b, np.empty_like(b)) for b in packed_blocks(base, models)]
+    parts = [jobs[w::rank._WORKERS] for w in range(rank._WORKERS)]
 
     def sort_all(js):
         for _, dst in js:
             dst.sort(axis=-1)
 
     best = float("inf")
-    for _ in range(repeat):
-        for src, dst in jobs:
-            np.copyto(dst, src)
-        t = time.perf_counter()
-        list(pool.map(sort_all, half))
-        best = min(best, time.perf_counter() - t)
-    pool.shutdown()
+    with ThreadPoolExecutor(rank._WORKERS) as pool:
+        for _ in range(repeat):
+            for src, dst in jobs:
+                np.copyto(dst, src)
+            t = time.perf_counter()
+            list(pool.map(sort_all, parts))
+            best = min(best, time.perf_counter() - t)
     return best
 
 
