@@ -25,7 +25,7 @@ few thousand entries almost never do. Rows longer than 16384 entries take the pa
 every row where JAX sees more than one device: the SPMD partitioner all-gathers the operands of the gather
 and scatter of a leaf sharded along its rows, where the pair sort reshards whole rows (an all-to-all).
 
-On a CPU with one device (``impl="auto"``), the ranks come from the host instead (``jax.pure_callback``):
+On a CPU with one device (``impl="auto"``), the ranks come from the host instead (a host callback):
 XLA:CPU's sort calls a comparator per comparison, while NumPy's sorts use AVX-512/AVX2 sorting networks
 (x86-simd-sort). The float32 values go to the host (the keys are made there, block by block); each
 row's keys shifted left by 32 bits with the position in the low bits (int64, unique; int32 ``key |
@@ -425,7 +425,7 @@ def magnitude_ranks(x: Float[Array, "*rows m"], *, window: int | None = None,
         the result is exact for every value; a larger window makes the exact fallback rarer and costs one
         more read of the sorted keys per place). Default: 7 for rows up to 4096 entries, 23 up to 8192,
         47 up to 16384. XLA path only.
-      impl: ``"xla"`` (the packed sort above), ``"host"`` (NumPy sorts through ``jax.pure_callback``),
+      impl: ``"xla"`` (the packed sort above), ``"host"`` (NumPy sorts through a host callback),
         ``"auto"`` (default): the host on a CPU backend with one device, XLA elsewhere. Same result.
 
     Returns:
