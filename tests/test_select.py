@@ -575,13 +575,15 @@ def test_shared_searches_match_numpy_and_separate_calls(kind):
 
 def test_shared_searches_read_each_row_once_per_pass():
     """With k of shape (P, T) the counting loop has one pass (conditional) per row, not per search: 3 for
-    Breadcrumbs-like (2, 3) targets, where two separate calls run two loops of 3."""
+    Breadcrumbs-like (2, 3) targets. One search per row (a separate call per target): the three rows count in one
+    reduction, one conditional (rows made from shared inputs, TIES's task vectors, read them once); two separate
+    calls run two loops of one."""
     x = jnp.zeros((3, 97, 131), jnp.float32)
     shared = _while_body_conds(lambda x: S.topk_thresholds_rows(x, jnp.ones((2, 3), jnp.int32), magnitude=True), x)
     separate = _while_body_conds(lambda x: [S.topk_thresholds_rows(x, jnp.ones(3, jnp.int32), magnitude=True)
                                             for _ in range(2)], x)
     assert shared == [3], shared
-    assert separate == [3, 3], separate
+    assert separate == [1, 1], separate
 
 
 def test_search_lattice_rows_snap_to_their_keys(monkeypatch):
@@ -866,3 +868,28 @@ def test_tensor_search_read_out_merges_equal_the_counting_ones():
             eager = jmerge.merge(method, base, models)["w"]
             traced = jax.jit(lambda base, models: jmerge.merge(method, base, models))(base, models)["w"]
             np.testing.assert_array_equal(np.asarray(eager).view(np.int32), np.asarray(traced).view(np.int32))
+
+
+@pytest.mark.parametrize("shape", [(97, 131), (64, 96), (1000,), (3, 7, 50)], ids=str)
+@pytest.mark.parametrize("J", [S._J, S._G_J])
+def test_count_pass_rows_equals_one_row_at_a_time(shape, J):
+    """The rows' counting in one reduction gives each row's counts, snaps and block counts of ``_count_pass``
+    (tails of the blocks included, one and two packed counts), and NumPy's counts."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(shape).astype(np.float32)
+    rows = [base + rng.standard_normal(shape).astype(np.float32) * s for s in (0.01, 0.1, 1.0)]
+    keys = [np.abs(r - base).view(np.int32).reshape(-1) for r in rows]
+    ts = jnp.asarray(np.stack([np.sort(rng.choice(k, J, replace=False)) for k in keys]), jnp.int32)
+    lo, hi = ts[:, 1], ts[:, J - 2]
+    for inside in (False, True):
+        got = jax.jit(lambda b, ms: S._count_pass_rows([(m - b)[None] for m in ms], ts, lo, hi, True, inside=inside))(
+            base, rows)
+        for i, r in enumerate(rows):
+            want = S._count_pass(jnp.asarray(r - base)[None], ts[i:i + 1], lo[i:i + 1], hi[i:i + 1], True,
+                                 inside=inside)
+            for a, b in zip(got[:3], want[:3]):
+                np.testing.assert_array_equal(np.asarray(a)[i:i + 1], np.asarray(b))
+            if inside:
+                np.testing.assert_array_equal(np.asarray(got[3][i]), np.asarray(want[3]))
+        np.testing.assert_array_equal(np.asarray(got[0]),
+                                      np.stack([(k[:, None] >= np.asarray(t)[None]).sum(0) for k, t in zip(keys, ts)]))
