@@ -693,7 +693,8 @@ def _search(xs, k, magnitude, data_of=None):
 
     def count(rows, grouped, s, ts, fin, span=None, flag=False):
         """One pass over the data rows: counts and snaps per search row (search-row order), and with ``flag``
-        each search row's block flags. A data row whose searches are all done skips its pass."""
+        each search row's block flags. A data row whose searches are all done skips its pass; distinct data rows
+        with one search each count in one reduction (:func:`count_rows`), skipped only when all are done."""
         groups, inverse = grouped
         if len(groups) > 1 and len({d for d, _ in groups}) == len(groups) and all(len(i) == 1 for _, i in groups):
             # distinct data rows, one search each: one reduction (Breadcrumbs' two searches of a row, counted in
