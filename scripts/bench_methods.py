@@ -124,7 +124,7 @@ def packed_blocks(base, models) -> list:
         rb = max(1, rank._HOST_BLOCK // m)
         for mod in models:
             x = np.asarray(mod[i], np.float32).reshape(rows.shape) - rows
-            keys = np.minimum(x.view(np.int32) & np.int32(0x7FFFFFFF), np.int32(0x7F800000))  # NaN as +inf
+            keys = np.minimum(x.view(np.int32) & rank._ABS, rank._INF_KEY)  # |x|'s bits, NaN as +inf (as rank)
             packed = (keys.astype(np.int64) << 32) | np.arange(m, dtype=np.int64)[None]
             blocks += [packed[a:a + rb] for a in range(0, rows.shape[0], rb)]
     return blocks

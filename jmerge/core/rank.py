@@ -291,12 +291,12 @@ def _difference_ranks_in_place(ctx, out, base, *models) -> None:
     """:func:`_host_difference_ranks` as a buffer callback: reads XLA's operand buffers (no copies) and writes
     the ranks into XLA's result buffer."""
     del ctx
-    _host_difference_ranks_into(np.asarray(out), np.asarray(base), *models)
+    _host_difference_ranks_into(np.asarray(out), base, *models)
 
 
-def _host_difference_ranks_into(out: np.ndarray, base: np.ndarray, *models) -> None:
+def _host_difference_ranks_into(out: np.ndarray, base, *models) -> None:
     """:func:`_host_difference_ranks` written into ``out`` (contiguous, ``(B, T, R, m)`` entries)."""
-    b = base
+    b = np.asarray(base)
     ms = [np.asarray(x) for x in models]
     m = b.shape[-1]
     bb = b.reshape(-1, b.shape[-2], m)

@@ -347,6 +347,24 @@ def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
     return jnp.stack(sums, 1)
 
 
+def _packed_counts(km: jax.Array, thresholds) -> jax.Array:
+    """Per entry, the ``_J`` indicators ``km >= thresholds[j]`` packed into ``_BITS``-bit fields of one int32
+    (summed per block they count without overflow, :func:`_unpack_counts`)."""
+    return sum((km >= thresholds[j]).astype(jnp.int32) << (_BITS * j) for j in range(_J))
+
+
+def _with_tail(tail, ts, lo, hi, magnitude, counts, below, above):
+    """``(counts, below, above)`` updated with the tail's entries (the part :func:`_blocks` leaves outside its
+    blocks), ``tail`` (R, m) against ``ts`` (R or P, J), ``lo``, ``hi``."""
+    if not tail.shape[1]:
+        return counts, below, above
+    kt = _keys(tail, magnitude)  # (R, m) against (P, J) thresholds: R == P, or one row broadcast to P
+    counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
+    below = jnp.maximum(below, jnp.max(jnp.where(kt < hi[:, None], kt, _I32_MIN), axis=1))
+    above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
+    return counts, below, above
+
+
 def _count_pass(x, ts, lo, hi, magnitude, inside: bool | tuple = False):
     """Counts at ``J`` thresholds (``counts[:, j] = #{key >= ts[:, j]}``; ``J`` a multiple of ``_J``, one packed
     int32 per ``_J``) and the two snaps ``below = max{key < hi}`` and ``above = min{key > lo}`` per row, in one
@@ -371,8 +389,7 @@ def _count_pass(x, ts, lo, hi, magnitude, inside: bool | tuple = False):
         col = lambda a: a.reshape((a.shape[0],) + (1,) * (main.ndim - 1))
         # one search per row (P == R): thresholds of shape (R, 1, ...); one row with P targets: per target
         tg = [slice(None)] if P == R else [slice(p, p + 1) for p in range(P)]
-        packed = tuple(sum((km >= col(ts[g, w * _J + j])).astype(jnp.int32) << (_BITS * j) for j in range(_J))
-                       for g in tg for w in range(W))
+        packed = tuple(_packed_counts(km, [col(ts[g, w * _J + j]) for j in range(_J)]) for g in tg for w in range(W))
         snaps = tuple(z for g in tg for z in (jnp.where(km < col(hi[g]), km, _I32_MIN),
                                                jnp.where(km > col(lo[g]), km, _I32_MAX)))
         G, NW = len(tg), len(tg) * W
@@ -394,11 +411,7 @@ def _count_pass(x, ts, lo, hi, magnitude, inside: bool | tuple = False):
         ab = [jnp.min(out[NW + 2 * i + 1], axis=rest) for i in range(G)]
         below = jnp.maximum(below, bl[0] if G == 1 else jnp.concatenate(bl))
         above = jnp.minimum(above, ab[0] if G == 1 else jnp.concatenate(ab))
-    if tail.shape[1]:
-        kt = _keys(tail, magnitude)  # (R, m) against (P, J) thresholds: R == P, or one row broadcast to P
-        counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
-        below = jnp.maximum(below, jnp.max(jnp.where(kt < hi[:, None], kt, _I32_MIN), axis=1))
-        above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
+    counts, below, above = _with_tail(tail, ts, lo, hi, magnitude, counts, below, above)
     if inside is not False:
         if not main.size:
             blocks_inside = jnp.zeros(main.shape[:-1], jnp.int32)
@@ -429,7 +442,7 @@ def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: boo
     for i, (main, _) in enumerate(parts):
         km = _keys(main, magnitude)
         for w in range(W):
-            ops.append(sum((km >= col(ts[i, w * _J + j])).astype(jnp.int32) << (_BITS * j) for j in range(_J)))
+            ops.append(_packed_counts(km, [col(ts[i, w * _J + j]) for j in range(_J)]))
             init.append(np.int32(0)), kinds.append("add")
         ops += [jnp.where(km < col(hi[i]), km, _I32_MIN), jnp.where(km > col(lo[i]), km, _I32_MAX)]
         init += [_I32_MIN, _I32_MAX]
@@ -448,13 +461,8 @@ def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: boo
         o = out[i * per:(i + 1) * per]
         c = [_unpack_counts(z, _J) for z in o[:W]]
         c = c[0] if W == 1 else jnp.concatenate(c, axis=1)
-        bl, ab = jnp.max(o[W], axis=rest), jnp.min(o[W + 1], axis=rest)
-        if tail.shape[1]:
-            kt = _keys(tail, magnitude)
-            t_, h_, l_ = ts[i:i + 1], hi[i:i + 1], lo[i:i + 1]
-            c = c + jnp.sum(kt[:, None, :] >= t_[:, :, None], axis=2, dtype=jnp.int32)
-            bl = jnp.maximum(bl, jnp.max(jnp.where(kt < h_[:, None], kt, _I32_MIN), axis=1))
-            ab = jnp.minimum(ab, jnp.min(jnp.where(kt > l_[:, None], kt, _I32_MAX), axis=1))
+        c, bl, ab = _with_tail(tail, ts[i:i + 1], lo[i:i + 1], hi[i:i + 1], magnitude, c,
+                               jnp.max(o[W], axis=rest), jnp.min(o[W + 1], axis=rest))
         counts.append(c), below.append(bl), above.append(ab)
         if inside is not False:
             flags.append(o[W + 2])
