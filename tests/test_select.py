@@ -874,23 +874,26 @@ def test_tensor_search_read_out_merges_equal_the_counting_ones():
 @pytest.mark.parametrize("shape", [(97, 131), (64, 96), (1000,), (3, 7, 50)], ids=str)
 @pytest.mark.parametrize("J", [S._J, S._G_J])
 def test_count_pass_rows_equals_one_row_at_a_time(shape, J):
-    """The rows' counting in one reduction gives each row's counts, snaps and block counts of ``_count_pass``
-    (tails of the blocks included, one and two packed counts), and NumPy's counts."""
+    """The searches' counting in one reduction gives each search's counts, snaps and block counts of ``_count_pass``
+    (tails of the blocks included, one and two packed counts), and NumPy's counts: three rows, and a row searched
+    twice (its two searches with thresholds of their own, as Breadcrumbs' two cuts)."""
     rng = np.random.default_rng(5)
     base = rng.standard_normal(shape).astype(np.float32)
-    rows = [base + rng.standard_normal(shape).astype(np.float32) * s for s in (0.01, 0.1, 1.0)]
-    keys = [np.abs(r - base).view(np.int32).reshape(-1) for r in rows]
-    ts = jnp.asarray(np.stack([np.sort(rng.choice(k, J, replace=False)) for k in keys]), jnp.int32)
-    lo, hi = ts[:, 1], ts[:, J - 2]
-    for inside in (False, True):
-        got = jax.jit(lambda b, ms: S._count_pass_rows([(m - b)[None] for m in ms], ts, lo, hi, True, inside=inside))(
-            base, rows)
-        for i, r in enumerate(rows):
-            want = S._count_pass(jnp.asarray(r - base)[None], ts[i:i + 1], lo[i:i + 1], hi[i:i + 1], True,
-                                 inside=inside)
-            for a, b in zip(got[:3], want[:3]):
-                np.testing.assert_array_equal(np.asarray(a)[i:i + 1], np.asarray(b))
-            if inside:
-                np.testing.assert_array_equal(np.asarray(got[3][i]), np.asarray(want[3]))
-        np.testing.assert_array_equal(np.asarray(got[0]),
-                                      np.stack([(k[:, None] >= np.asarray(t)[None]).sum(0) for k, t in zip(keys, ts)]))
+    models = [base + rng.standard_normal(shape).astype(np.float32) * s for s in (0.01, 0.1, 1.0)]
+    for order in ((0, 1, 2), (0, 0, 1)):
+        rows = [models[o] for o in order]
+        keys = [np.abs(r - base).view(np.int32).reshape(-1) for r in rows]
+        ts = jnp.asarray(np.stack([np.sort(rng.choice(k, J, replace=False)) for k in keys]), jnp.int32)
+        lo, hi = ts[:, 1], ts[:, J - 2]
+        for inside in (False, True):
+            got = jax.jit(lambda b, ms: S._count_pass_rows([(m - b)[None] for m in ms], ts, lo, hi, True,
+                                                           inside=inside))(base, rows)
+            for i, r in enumerate(rows):
+                want = S._count_pass(jnp.asarray(r - base)[None], ts[i:i + 1], lo[i:i + 1], hi[i:i + 1], True,
+                                     inside=inside)
+                for a, b in zip(got[:3], want[:3]):
+                    np.testing.assert_array_equal(np.asarray(a)[i:i + 1], np.asarray(b))
+                if inside:
+                    np.testing.assert_array_equal(np.asarray(got[3][i]), np.asarray(want[3]))
+            np.testing.assert_array_equal(np.asarray(got[0]),
+                                          np.stack([(k[:, None] >= np.asarray(t)[None]).sum(0) for k, t in zip(keys, ts)]))

@@ -355,10 +355,10 @@ def _packed_counts(km: jax.Array, thresholds) -> jax.Array:
 
 def _with_tail(tail, ts, lo, hi, magnitude, counts, below, above):
     """``(counts, below, above)`` updated with the tail's entries (the part :func:`_blocks` leaves outside its
-    blocks), ``tail`` (R, m) against ``ts`` (R or P, J), ``lo``, ``hi``."""
+    blocks), ``tail`` (R, m) against ``ts`` (R, J), ``lo``, ``hi`` (R,): one search per row."""
     if not tail.shape[1]:
         return counts, below, above
-    kt = _keys(tail, magnitude)  # (R, m) against (P, J) thresholds: R == P, or one row broadcast to P
+    kt = _keys(tail, magnitude)
     counts = counts + jnp.sum(kt[:, None, :] >= ts[:, :, None], axis=2, dtype=jnp.int32)
     below = jnp.maximum(below, jnp.max(jnp.where(kt < hi[:, None], kt, _I32_MIN), axis=1))
     above = jnp.minimum(above, jnp.min(jnp.where(kt > lo[:, None], kt, _I32_MAX), axis=1))
@@ -368,49 +368,37 @@ def _with_tail(tail, ts, lo, hi, magnitude, counts, below, above):
 def _count_pass(x, ts, lo, hi, magnitude, inside: bool | tuple = False):
     """Counts at ``J`` thresholds (``counts[:, j] = #{key >= ts[:, j]}``; ``J`` a multiple of ``_J``, one packed
     int32 per ``_J``) and the two snaps ``below = max{key < hi}`` and ``above = min{key > lo}`` per row, in one
-    read of ``x`` (one variadic reduction).
+    read of ``x`` (one variadic reduction): ``x`` is (R, ...) with one search per row (``ts`` (R, J), ``lo`` and
+    ``hi`` (R,)). Several searches of one row count in :func:`_count_pass_rows`.
 
-    ``x`` is (R, ...) with one search per row (``ts`` (R, J)), or one row (1, ...) searched for ``P`` targets
-    at once (``ts`` (P, J), ``lo`` and ``hi`` (P,)): every target's counts and snaps are outputs of the same
-    reduction, so the row is read once for all of them (results (P, J) and (P,)).
-
-    ``inside`` (one row, one target): True, or a pair ``(flo, fhi)`` of (1,) arrays: also the number of entries
+    ``inside`` (one row): True, or a pair ``(flo, fhi)`` of (1,) arrays: also the number of entries
     with ``lo <= key < hi`` (``flo <= key < fhi``) in each block of the last axis (:func:`_blocks`' main part,
     shape ``(1, *lead, blocks)``), from the same reduction (for :func:`_flagged_blocks`)."""
     R, J = x.shape[0], ts.shape[1]
-    P = ts.shape[0]
     W = J // _J
     main, tail = _blocks(x)
-    counts = jnp.zeros((P, J), jnp.int32)
-    below = jnp.full((P,), _I32_MIN, jnp.int32)
-    above = jnp.full((P,), _I32_MAX, jnp.int32)
+    counts = jnp.zeros((R, J), jnp.int32)
+    below = jnp.full((R,), _I32_MIN, jnp.int32)
+    above = jnp.full((R,), _I32_MAX, jnp.int32)
     if main.size:
         km = _keys(main, magnitude)
-        col = lambda a: a.reshape((a.shape[0],) + (1,) * (main.ndim - 1))
-        # one search per row (P == R): thresholds of shape (R, 1, ...); one row with P targets: per target
-        tg = [slice(None)] if P == R else [slice(p, p + 1) for p in range(P)]
-        packed = tuple(_packed_counts(km, [col(ts[g, w * _J + j]) for j in range(_J)]) for g in tg for w in range(W))
-        snaps = tuple(z for g in tg for z in (jnp.where(km < col(hi[g]), km, _I32_MIN),
-                                               jnp.where(km > col(lo[g]), km, _I32_MAX)))
-        G, NW = len(tg), len(tg) * W
+        col = lambda a: a.reshape((a.shape[0],) + (1,) * (main.ndim - 1))  # (R,) -> (R, 1, ...)
+        packed = tuple(_packed_counts(km, [col(ts[:, w * _J + j]) for j in range(_J)]) for w in range(W))
+        snaps = (jnp.where(km < col(hi), km, _I32_MIN), jnp.where(km > col(lo), km, _I32_MAX))
         flo, fhi = (lo, hi) if inside is True else (inside if inside is not False else (None, None))
         ins = ((((km >= col(flo)) & (km < col(fhi))).astype(jnp.int32),) if inside is not False else ())
-        init = (np.int32(0),) * NW + (_I32_MIN, _I32_MAX) * G + (np.int32(0),) * len(ins)
+        init = (np.int32(0),) * W + (_I32_MIN, _I32_MAX) + (np.int32(0),) * len(ins)
         out = lax.reduce(packed + snaps + ins, init,
-                         lambda a, b: tuple(x + y for x, y in zip(a[:NW], b[:NW]))
-                         + tuple(jnp.maximum(a[i], b[i]) if (i - NW) % 2 == 0 else jnp.minimum(a[i], b[i])
-                                 for i in range(NW, NW + 2 * G))
-                         + tuple(a[i] + b[i] for i in range(NW + 2 * G, len(a))),
+                         lambda a, b: tuple(x + y for x, y in zip(a[:W], b[:W]))
+                         + (jnp.maximum(a[W], b[W]), jnp.minimum(a[W + 1], b[W + 1]))
+                         + tuple(a[i] + b[i] for i in range(W + 2, len(a))),
                          (main.ndim - 1,))
         blocks_inside = out[-1] if ins else None
         rest = tuple(range(1, out[0].ndim))  # block sums in the data's own shape: no flattening (sharding)
-        parts = [_unpack_counts(s, _J) for s in out[:NW]]
-        rows = [parts[i * W] if W == 1 else jnp.concatenate(parts[i * W:(i + 1) * W], axis=1) for i in range(G)]
-        counts = counts + (rows[0] if G == 1 else jnp.concatenate(rows, axis=0))
-        bl = [jnp.max(out[NW + 2 * i], axis=rest) for i in range(G)]
-        ab = [jnp.min(out[NW + 2 * i + 1], axis=rest) for i in range(G)]
-        below = jnp.maximum(below, bl[0] if G == 1 else jnp.concatenate(bl))
-        above = jnp.minimum(above, ab[0] if G == 1 else jnp.concatenate(ab))
+        parts = [_unpack_counts(s, _J) for s in out[:W]]
+        counts = counts + (parts[0] if W == 1 else jnp.concatenate(parts, axis=1))
+        below = jnp.maximum(below, jnp.max(out[W], axis=rest))
+        above = jnp.minimum(above, jnp.min(out[W + 1], axis=rest))
     counts, below, above = _with_tail(tail, ts, lo, hi, magnitude, counts, below, above)
     if inside is not False:
         if not main.size:
@@ -684,18 +672,6 @@ def _search(xs, k, magnitude, data_of=None):
     R = len(data_of)
     C = _tensor_read_capacity(n) if _read_allowed() else 0
 
-    def grouping(apart):  # [(data row, its search rows)] and the permutation back to search-row order
-        if apart:
-            groups = [(d, [s_]) for s_, d in enumerate(data_of)]
-        else:
-            by: dict[int, list[int]] = {}
-            for s_, d in enumerate(data_of):
-                by.setdefault(d, []).append(s_)
-            groups = list(by.items())
-        order = [s_ for _, g in groups for s_ in g]
-        return groups, (None if order == list(range(R)) else np.argsort(np.asarray(order)))
-
-    shared, loop_groups = grouping(False), grouping(bool(C))
     z = jnp.zeros((R,), jnp.int32)
     lo = jnp.full((R,), _NEG_INF_KEY, jnp.int32)
     hi = jnp.full((R,), _TOP, jnp.int32)
@@ -707,41 +683,26 @@ def _search(xs, k, magnitude, data_of=None):
 
     flag_shape = jax.eval_shape(lambda: _blocks(jnp.zeros((1,) + jnp.shape(rows0[0]), jnp.float32)))[0].shape[:-1]
 
-    def count(rows, grouped, s, ts, fin, span=None, flag=False):
-        """One pass over the data rows: counts and snaps per search row (search-row order), and with ``flag``
-        each search row's block flags. Every search counts in the same reduction (:func:`count_rows`), skipped only
-        when all are done: a data row that several searches share (Breadcrumbs' two cuts, Arcee Fusion's
-        quartiles) is read once for all of them, and so are inputs that several rows share (the base of TIES's
-        task vectors). For Breadcrumbs on a 100M-parameter tree this took 0.84 -> 0.61 s against a conditional
-        and a reduction per data row."""
-        groups, inverse = grouped
-        counts, below, above, flags = count_rows(rows, [(d, [i]) for d, idx in groups for i in idx], s, ts, fin,
-                                                 span, flag)
-        if inverse is not None:  # back to search-row order (flags are only asked in search-row order)
-            counts, below, above = (a[inverse] for a in (counts, below, above))
-        return counts, below, above, flags
-
-    def count_rows(rows, groups, s, ts, fin, span, flag):
-        """:func:`count` of the searches ``groups`` (one search each; data rows may repeat) in one reduction
-        (rows made from shared inputs, as task vectors from the base, read them once): skipped when every search
-        is done; a done search's counts and flags are then the skipped pass's (ignored by ``step``, no flagged
-        blocks). Results in the order of ``groups``."""
-        sel = np.asarray([i[0] for _, i in groups])
-        f = fin[sel]
+    def count(rows, s, ts, fin, span=None, flag=False):
+        """One pass over the data rows: every search's counts and snaps, and with ``flag`` its block flags, from
+        one reduction (:func:`_count_pass_rows`), skipped when every search is done (a done search's counts and
+        flags are then the skipped pass's: ignored by ``step``, no flagged blocks). A data row that several
+        searches share (Breadcrumbs' two cuts, Arcee Fusion's quartiles) is read once for all of them, and so are
+        inputs that several rows share (the base of TIES's task vectors). For Breadcrumbs on a 100M-parameter
+        tree this took 0.84 -> 0.61 s against a conditional and a reduction per data row."""
 
         def run():
             rs = rows()
-            fl = (span[0][sel], span[1][sel]) if flag else False
-            out = _count_pass_rows([jnp.asarray(rs[d], jnp.float32)[None] for d, _ in groups], ts[sel], s[0][sel],
-                                   s[2][sel], magnitude, inside=fl)
-            c, b, a = (jnp.where(f, 0, out[0].T).T, jnp.where(f, _I32_MIN, out[1]), jnp.where(f, _I32_MAX, out[2]))
-            return (c, b, a) + ((tuple(jnp.where(f[j], 0, x) for j, x in enumerate(out[3])),) if flag else ())
+            out = _count_pass_rows([jnp.asarray(rs[d], jnp.float32)[None] for d in data_of], ts, s[0], s[2],
+                                   magnitude, inside=span if flag else False)
+            c, b, a = (jnp.where(fin, 0, out[0].T).T, jnp.where(fin, _I32_MIN, out[1]), jnp.where(fin, _I32_MAX, out[2]))
+            return (c, b, a) + ((tuple(jnp.where(fin[j], 0, x) for j, x in enumerate(out[3])),) if flag else ())
 
         def skip():
-            out = (jnp.zeros((len(sel), _J), jnp.int32), jnp.full((len(sel),), _I32_MIN), jnp.full((len(sel),), _I32_MAX))
-            return out + ((tuple(jnp.zeros(flag_shape, jnp.int32) for _ in sel),) if flag else ())
+            out = (jnp.zeros((R, _J), jnp.int32), jnp.full((R,), _I32_MIN), jnp.full((R,), _I32_MAX))
+            return out + ((tuple(jnp.zeros(flag_shape, jnp.int32) for _ in range(R)),) if flag else ())
 
-        out = lax.cond(jnp.all(f), skip, run)
+        out = lax.cond(jnp.all(fin), skip, run)
         return out[0], out[1], out[2], list(out[3]) if flag else None
 
     def step(s, fin, ts, counts, below, above):  # the narrowed state; searches done before (fin) keep theirs
@@ -752,8 +713,7 @@ def _search(xs, k, magnitude, data_of=None):
         s, ts, m, rc = carry
         fin = done(s)
         span = _read_span(s, ts, C) if C else None
-        counts, below, above, flags = count(lambda: xs(lambda a: loop_variant(a, m)), loop_groups, s, ts, fin,
-                                            span, bool(C))
+        counts, below, above, flags = count(lambda: xs(lambda a: loop_variant(a, m)), s, ts, fin, span, bool(C))
         s = step(s, fin, ts, counts, below, above)
         if C:  # one search per pass: each search row's block flags
             s, rc = _read_rows(xs, data_of, s, span, fin, flags, k, m, rc, C, done, magnitude)
@@ -764,7 +724,7 @@ def _search(xs, k, magnitude, data_of=None):
         return s, _next_thresholds(*s, k, sk), m, rc
 
     # Searches that share a data row, with read-outs, take their first pass before the loop (no block flags)
-    peel = loop_groups[0] != shared[0]
+    peel = bool(C) and len(set(data_of)) < R
 
     def first():  # the sample's thresholds (and with peel their counts: the searches of a data row share its read)
         rows = lambda: [jnp.asarray(r, jnp.float32) for r in xs(lambda a: a)]
@@ -772,7 +732,7 @@ def _search(xs, k, magnitude, data_of=None):
         if not peel:
             return state, ts, sk
         fin = done(state)
-        counts, below, above, _ = count(rows, shared, state, ts, fin)
+        counts, below, above, _ = count(rows, state, ts, fin)
         s = step(state, fin, ts, counts, below, above)
         return s, _next_thresholds(*s, k, sk), sk
 
