@@ -829,22 +829,22 @@ def test_slope_of_a_linear_density():
 
 def test_searches_of_one_row_share_its_first_pass(monkeypatch):
     """Two targets per row (Breadcrumbs' cuts, Arcee Fusion's quartiles): with read-outs, the sample's first
-    pass counts all six searches of the three rows in one reduction without block flags, and the loop's pass
+    pass counts all six searches of the three rows in one reduction without block flags or snaps, and the loop's pass
     counts them in one reduction with their flags; without read-outs, every pass is one reduction of the six,
     no flags. Results equal NumPy's either way."""
     calls = []
     count_rows = S._count_pass_rows
 
-    def recording(xs, ts, lo, hi, magnitude, inside=False):
-        calls.append((len(xs), inside is not False))
-        return count_rows(xs, ts, lo, hi, magnitude, inside)
+    def recording(xs, ts, lo, hi, magnitude, inside=False, snaps=True):
+        calls.append((len(xs), inside is not False, snaps))
+        return count_rows(xs, ts, lo, hi, magnitude, inside, snaps)
 
     monkeypatch.setattr(S, "_count_pass_rows", recording)
     rng = np.random.default_rng(12)
     x = rng.normal(size=(3, 200, 300)).astype(np.float32)
     k = np.array([[30_000, 20_000, 50_000], [600, 60, 6000]], np.int32)
     ref = np.stack([ref_rows(np.abs(x.reshape(3, -1)), k[p]) for p in range(2)])
-    for limit, want in ((8192, {(6, False), (6, True)}), (None, {(6, False)})):
+    for limit, want in ((8192, {(6, False, False), (6, True, True)}), (None, {(6, False, True)})):
         calls.clear()
         with S.whole_sort_limit(limit) if limit else contextlib.nullcontext():
             v, cut = jax.jit(lambda x: S.topk_thresholds_rows(x, jnp.asarray(k), magnitude=True))(jnp.asarray(x))
@@ -885,15 +885,21 @@ def test_count_pass_rows_equals_one_row_at_a_time(shape, J):
         keys = [np.abs(r - base).view(np.int32).reshape(-1) for r in rows]
         ts = jnp.asarray(np.stack([np.sort(rng.choice(k, J, replace=False)) for k in keys]), jnp.int32)
         lo, hi = ts[:, 1], ts[:, J - 2]
-        for inside in (False, True):
+        # a span between two thresholds (columns 1 and J - 2: lo and hi): the same block counts from the packed fields
+        fspan = S._FieldSpan(jnp.full((3,), 1, jnp.int32), jnp.full((3,), J - 2, jnp.int32))
+        for inside, snaps in ((False, True), (True, True), (fspan, True), (fspan, False)):
             got = jax.jit(lambda b, ms: S._count_pass_rows([(m - b)[None] for m in ms], ts, lo, hi, True,
-                                                           inside=inside))(base, rows)
+                                                           inside=inside, snaps=snaps))(base, rows)
             for i, r in enumerate(rows):
                 want = S._count_pass(jnp.asarray(r - base)[None], ts[i:i + 1], lo[i:i + 1], hi[i:i + 1], True,
-                                     inside=inside)
-                for a, b in zip(got[:3], want[:3]):
-                    np.testing.assert_array_equal(np.asarray(a)[i:i + 1], np.asarray(b))
-                if inside:
+                                     inside=inside is not False)
+                np.testing.assert_array_equal(np.asarray(got[0])[i:i + 1], np.asarray(want[0]))
+                if snaps:
+                    for a, b in zip(got[1:3], want[1:3]):
+                        np.testing.assert_array_equal(np.asarray(a)[i:i + 1], np.asarray(b))
+                else:  # no-information snaps
+                    assert int(got[1][i]) == int(hi[i]) - 1 and int(got[2][i]) == int(lo[i]) + 1
+                if inside is not False:
                     np.testing.assert_array_equal(np.asarray(got[3][i]), np.asarray(want[3]))
             np.testing.assert_array_equal(np.asarray(got[0]),
                                           np.stack([(k[:, None] >= np.asarray(t)[None]).sum(0) for k, t in zip(keys, ts)]))

@@ -24,7 +24,8 @@ k-th largest key ``v`` with ``G(t) = #{key >= t}``:
 2. each pass counts ``G`` at five thresholds at once: the five comparisons of an element are packed
    into 6-bit fields of one int32, summed over blocks of 32 (so no field overflows), and the block
    sums are unpacked two fields at a time. The same variadic reduction returns the largest key below
-   the bracket's upper end and the smallest above its lower end (the "snaps"). The bracket
+   the bracket's upper end and the smallest above its lower end (the "snaps"; not in a first pass taken
+   from the whole range, where they would be the extreme keys, for a third of its work). The bracket
    ``lo <= v < hi`` (``G(lo) >= k > G(hi)``) shrinks to the thresholds around ``k``; the next
    thresholds are interpolated in key space from the counts (spread by the expected error), or split
    the bracket evenly when the last pass did not halve the number of entries inside; the snaps of
@@ -39,14 +40,14 @@ k-th largest key ``v`` with ``G(t) = #{key >= t}``:
 
 4. Where the leaves are not sharded (the caller raised the whole-sort limit, as ``jmerge.merge`` and the
    out-of-core executor do), each pass also counts, per block of 32, the entries of the span of its thresholds
-   (of the whole bracket once that holds at most ``C`` = 1024 entries) in the same reduction. When the new
+   (of the whole bracket once that holds at most ``C`` = 1024 entries: its ends are then counted in place of
+   the outer two thresholds), as the difference of two fields of the packed block sums. When the new
    bracket lies in that span and at most ``C`` blocks hold its entries, those blocks are gathered (prefix sum of
    the block flags, searched), the bracket's entries among them compacted and sorted: the k-th key and the tie
    cut (from the gathered positions, in flat order) end the search in that pass, with no tie-cut pass after it.
    Smooth float32 rows of ~3M entries end in 2-3 passes where counting alone took 4-5 and a tie-cut pass;
-   the masks are the same, bit for bit. Several targets of one row (Breadcrumbs'
-   two cuts) then search apart, each with its own passes (the flags of two targets in one reduction made it
-   ~45% slower).
+   the masks are the same, bit for bit. Every search of a pass counts in one reduction (Breadcrumbs' two cuts
+   of a row read it once), each with its own thresholds, snaps and flags.
 
 On smooth data counting alone takes 4-5 passes, each about the cost of reading the data once; heavy ties
 (bfloat16 task vectors, exact zeros) 1-5 (with thresholds from interpolation alone: up to about 9).
@@ -94,7 +95,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -407,24 +408,46 @@ def _count_pass(x, ts, lo, hi, magnitude, inside: bool | tuple = False):
     return counts, below, above
 
 
-def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: bool | tuple = False) -> tuple:
+class _FieldSpan(NamedTuple):
+    """A flagged span given by two of the pass's own thresholds: search row ``i`` flags the entries with
+    ``ts[i, lo[i]] <= key < ts[i, hi[i]]`` (``lo``, ``hi``: (R,) int32 column indices of ``ts``)."""
+    lo: jax.Array
+    hi: jax.Array
+
+
+def _field(s: jax.Array, j: jax.Array) -> jax.Array:
+    """Field ``j`` (traced) of the packed block sums ``s``."""
+    return (s >> (np.int32(_BITS) * j)) & np.int32((1 << _BITS) - 1)
+
+
+def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: bool | tuple = False,
+                     snaps: bool = True) -> tuple:
     """:func:`_count_pass` of several searches, one data row each (rows may repeat: a row searched for two
     targets is read once for both), in one reduction: ``xs`` are R arrays of
     one row each, ``(1, ...)`` and all of one shape; ``ts`` (R, J), ``lo`` and ``hi`` (R,), ``inside`` as
-    there (pairs of (R,) arrays). Each row's operands are its own (no stacked copy of the rows, which XLA:CPU
-    would build with a concatenate it does not vectorize), so rows computed from shared inputs (task vectors
-    ``m_t - b``) read those inputs once: three TIES rows of a ``(1024, 2816)`` leaf count in 1.3-1.5 ms where
-    three reductions take 1.8-1.9 ms. Returns ``(counts (R, J), below (R,), above (R,))``, and with ``inside``
-    the list of each row's block counts; the same integers as :func:`_count_pass` row by row."""
+    there (pairs of (R,) arrays), or a :class:`_FieldSpan`: the span between two of each row's thresholds, whose
+    block counts are then the difference of two fields of the packed block sums (no operand of their own: two
+    compares, an and and a sum per entry and search fewer). Each row's operands are its own (no stacked copy of
+    the rows, which XLA:CPU would build with a concatenate it does not vectorize), so rows computed from shared
+    inputs (task vectors ``m_t - b``) read those inputs once: three TIES rows of a ``(1024, 2816)`` leaf count in
+    1.3-1.5 ms where three reductions take 1.8-1.9 ms. ``snaps=False`` leaves the snaps out (about a third of a
+    pass's work) and returns the no-information values ``below = hi - 1``, ``above = lo + 1`` (true bounds:
+    :func:`_narrow` moves no end on them). Returns ``(counts (R, J), below (R,), above (R,))``, and with
+    ``inside`` the list of each row's block counts; the same integers as :func:`_count_pass` row by row."""
     R, J = len(xs), ts.shape[1]
     W = J // _J
     parts = [_blocks(x) for x in xs]
     main0 = parts[0][0]
+    fields = isinstance(inside, _FieldSpan)
     if not main0.size or any(p[0].shape != main0.shape for p in parts):  # nothing to combine
+        rows_ = jnp.arange(R)
+        span = (ts[rows_, inside.lo], ts[rows_, inside.hi]) if fields else inside
         outs = [_count_pass(x, ts[i:i + 1], lo[i:i + 1], hi[i:i + 1], magnitude,
-                            inside if inside in (False, True) else (inside[0][i:i + 1], inside[1][i:i + 1]))
+                            span if span in (False, True) else (span[0][i:i + 1], span[1][i:i + 1]))
                 for i, x in enumerate(xs)]
         res = tuple(jnp.concatenate(z) for z in list(zip(*outs))[:3])
+        if not snaps:
+            res = (res[0], hi - 1, lo + 1)
         return res + ([o[3] for o in outs],) if inside is not False else res
     col = lambda a: a.reshape((1,) * main0.ndim)
     ops, init, kinds = [], [], []
@@ -433,10 +456,11 @@ def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: boo
         for w in range(W):
             ops.append(_packed_counts(km, [col(ts[i, w * _J + j]) for j in range(_J)]))
             init.append(np.int32(0)), kinds.append("add")
-        ops += [jnp.where(km < col(hi[i]), km, _I32_MIN), jnp.where(km > col(lo[i]), km, _I32_MAX)]
-        init += [_I32_MIN, _I32_MAX]
-        kinds += ["max", "min"]
-        if inside is not False:
+        if snaps:
+            ops += [jnp.where(km < col(hi[i]), km, _I32_MIN), jnp.where(km > col(lo[i]), km, _I32_MAX)]
+            init += [_I32_MIN, _I32_MAX]
+            kinds += ["max", "min"]
+        if inside is not False and not fields:
             flo, fhi = (lo[i], hi[i]) if inside is True else (inside[0][i], inside[1][i])
             ops.append(((km >= col(flo)) & (km < col(fhi))).astype(jnp.int32))
             init.append(np.int32(0)), kinds.append("add")
@@ -449,22 +473,31 @@ def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: boo
     # one reduction per row and kind, XLA:CPU runs each as its own few small kernels (~20 us each)
     fmask = np.int32((1 << _BITS) - 1)
     ops2, init2, kinds2 = [], [], []
+    S = 2 if snaps else 0
     for i in range(R):
         o = out[i * per:(i + 1) * per]
         for w in range(W):
             ops2 += [(o[w] >> (_BITS * j)) & fmask for j in range(_J)]
-        ops2 += [o[W], o[W + 1]]
-    kinds2 = (["add"] * J + ["max", "min"]) * R
+        ops2 += list(o[W:W + S])
+    kinds2 = (["add"] * J + ["max", "min"][:S]) * R
     init2 = tuple({"add": np.int32(0), "max": _I32_MIN, "min": _I32_MAX}[c] for c in kinds2)
     tot = lax.reduce(tuple(ops2), init2, lambda a, b: tuple(comb[c](x, y) for c, x, y in zip(kinds2, a, b)), rest)
     counts, below, above, flags = [], [], [], []
     for i, (_, tail) in enumerate(parts):
-        t = tot[i * (J + 2):(i + 1) * (J + 2)]
+        t = tot[i * (J + S):(i + 1) * (J + S)]
         c = jnp.stack(t[:J], 1)
-        c, bl, ab = _with_tail(tail, ts[i:i + 1], lo[i:i + 1], hi[i:i + 1], magnitude, c, t[J], t[J + 1])
+        if snaps:
+            c, bl, ab = _with_tail(tail, ts[i:i + 1], lo[i:i + 1], hi[i:i + 1], magnitude, c, t[J], t[J + 1])
+        else:  # the tail's counts alone; the no-information snaps
+            c, _, _ = _with_tail(tail, ts[i:i + 1], lo[i:i + 1], hi[i:i + 1], magnitude, c, _I32_MIN, _I32_MAX)
+            bl, ab = hi[i:i + 1] - 1, lo[i:i + 1] + 1
         counts.append(c), below.append(bl), above.append(ab)
-        if inside is not False:
-            flags.append(out[i * per + W + 2])
+        if fields:  # the span's block counts: G(ts[lo]) - G(ts[hi]) per block, from the packed block sums
+            o = out[i * per:i * per + W]
+            pick = lambda j: sum(jnp.where(j // _J == w, _field(o[w], j % _J), 0) for w in range(W))
+            flags.append(pick(inside.lo[i]) - pick(inside.hi[i]))
+        elif inside is not False:
+            flags.append(out[i * per + W + S])
     res = (jnp.concatenate(counts), jnp.concatenate(below), jnp.concatenate(above))
     return res + (flags,) if inside is not False else res
 
@@ -683,7 +716,7 @@ def _search(xs, k, magnitude, data_of=None):
 
     flag_shape = jax.eval_shape(lambda: _blocks(jnp.zeros((1,) + jnp.shape(rows0[0]), jnp.float32)))[0].shape[:-1]
 
-    def count(rows, s, ts, fin, span=None, flag=False):
+    def count(rows, s, ts, fin, span=None, flag=False, snaps=True):
         """One pass over the data rows: every search's counts and snaps, and with ``flag`` its block flags, from
         one reduction (:func:`_count_pass_rows`), skipped when every search is done (a done search's counts and
         flags are then the skipped pass's: ignored by ``step``, no flagged blocks). A data row that several
@@ -694,7 +727,7 @@ def _search(xs, k, magnitude, data_of=None):
         def run():
             rs = rows()
             out = _count_pass_rows([jnp.asarray(rs[d], jnp.float32)[None] for d in data_of], ts, s[0], s[2],
-                                   magnitude, inside=span if flag else False)
+                                   magnitude, inside=span if flag else False, snaps=snaps)
             c, b, a = (jnp.where(fin, 0, out[0].T).T, jnp.where(fin, _I32_MIN, out[1]), jnp.where(fin, _I32_MAX, out[2]))
             return (c, b, a) + ((tuple(jnp.where(fin[j], 0, x) for j, x in enumerate(out[3])),) if flag else ())
 
@@ -712,8 +745,11 @@ def _search(xs, k, magnitude, data_of=None):
     def body(carry):
         s, ts, m, rc = carry
         fin = done(s)
-        span = _read_span(s, ts, C) if C else None
-        counts, below, above, flags = count(lambda: xs(lambda a: loop_variant(a, m)), s, ts, fin, span, bool(C))
+        if C:  # the flagged span is two of the pass's thresholds: its block counts come from the packed ones
+            ts, fspan = _read_span(s, ts, C)
+            span = (jnp.take_along_axis(ts, fspan.lo[:, None], 1)[:, 0], jnp.take_along_axis(ts, fspan.hi[:, None], 1)[:, 0])
+        counts, below, above, flags = count(lambda: xs(lambda a: loop_variant(a, m)), s, ts, fin,
+                                            fspan if C else None, bool(C))
         s = step(s, fin, ts, counts, below, above)
         if C:  # one search per pass: each search row's block flags
             s, rc = _read_rows(xs, data_of, s, span, fin, flags, k, m, rc, C, done, magnitude)
@@ -732,8 +768,12 @@ def _search(xs, k, magnitude, data_of=None):
         if not peel:
             return state, ts, sk
         fin = done(state)
-        counts, below, above, _ = count(rows, state, ts, fin)
+        # no snaps: from the whole range they are the row's extreme keys, which rarely end a search (a third of
+        # the pass's work); their no-information values move no end, and the state records none for the next
+        # thresholds (below = hi, above = lo: neither lies strictly inside the bracket)
+        counts, below, above, _ = count(rows, state, ts, fin, snaps=False)
         s = step(state, fin, ts, counts, below, above)
+        s = s[:5] + (s[2], s[0]) + s[7:]
         return s, _next_thresholds(*s, k, sk), sk
 
     # The sample and the first pass are taken inside a conditional that reads the source's inputs: outside one,
@@ -759,10 +799,13 @@ def _tensor_read_capacity(n: int) -> int:
 def _read_span(s, ts, C):
     """Per search row, the key range ``[flo, fhi)`` whose entries a counting pass flags per block for the
     read-out: the whole bracket when it holds at most ``C`` entries (so it fits: the pass then ends the search),
-    else the span of the pass's thresholds (which holds the new bracket when the k-th key falls between them)."""
+    else the span of the pass's thresholds (which holds the new bracket when the k-th key falls between them).
+    The span's ends are two of the pass's thresholds (:class:`_FieldSpan`): a whole bracket's row counts at its
+    ends instead of its outer two thresholds (its search ends in this pass). Returns ``(ts, span)``."""
     lo, glo, hi, ghi = s[:4]
     whole = glo - ghi <= C
-    return jnp.where(whole, lo, jnp.min(ts, axis=1)), jnp.where(whole, hi, jnp.max(ts, axis=1))
+    ts = ts.at[:, 0].set(jnp.where(whole, lo, ts[:, 0])).at[:, -1].set(jnp.where(whole, hi, ts[:, -1]))
+    return ts, _FieldSpan(jnp.argmin(ts, axis=1).astype(jnp.int32), jnp.argmax(ts, axis=1).astype(jnp.int32))
 
 
 def _read_rows(xs, data_of, s, span, fin, flags, k, m, rc, C, done, magnitude):
@@ -1295,8 +1338,11 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     phase counts nothing (its counts and snaps are neutral; it flags the bracket's entries per block, about 0.55x
     the cost of the counts), since the host knows every leaf's entries in the bracket and each fits its capacity, so the
     read-out holds them all. ``read`` False: no read-out in this phase's program (the first counting phase,
-    whose bracket is the whole model)."""
+    whose bracket is the whole model), and no snaps: from the whole range they are the extreme keys, which rarely
+    end a search (a third of the phase's work); the no-information values it returns instead (``hi - 1``,
+    ``lo + 1``) move no end in :meth:`_GSearch.narrow`."""
     T = state.tau.shape[0]
+    snaps = read
     ts, lo, hi = (jnp.asarray(prev[a], jnp.int32) for a in ("ts", "lo", "hi"))
     src = _g_source(state)
     n = state.tau[0].size
@@ -1308,7 +1354,7 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
             parts = [_read_out(r, _bracket_blocks(r, lo[t], hi[t]), C) for t, r in enumerate(rows)]
             out = tuple(jnp.concatenate(z) for z in zip(*parts))
         else:  # every task vector's counts in one reduction (the base read once)
-            out = _count_pass_rows([r[None] for r in rows], ts, lo, hi, True)
+            out = _count_pass_rows([r[None] for r in rows], ts, lo, hi, True, snaps=snaps)
         return (uncounted() + out) if read else (out + no_read())
 
     def uncounted():  # the counts and snaps of a phase that read out (or skipped): neutral values
