@@ -1351,7 +1351,7 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     def run(read):
         rows = src(lambda a: a)
         if read:  # read-only: the bracket's entries per block and the read-out, no counts (see above)
-            parts = [_read_out(r, _bracket_blocks(r, lo[t], hi[t]), C) for t, r in enumerate(rows)]
+            parts = [_read_out(r, f, C) for r, f in zip(rows, _bracket_blocks(rows, lo, hi))]
             out = tuple(jnp.concatenate(z) for z in zip(*parts))
         else:  # every task vector's counts in one reduction (the base read once)
             out = _count_pass_rows([r[None] for r in rows], ts, lo, hi, True, snaps=snaps)
@@ -1384,15 +1384,18 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     return out
 
 
-def _bracket_blocks(row: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """Entries of ``row`` (its own shape) with ``lo <= key(|x|) < hi`` per block of :func:`_blocks`' main part,
-    ``(1, *lead, blocks)``: the ``inside`` output of :func:`_count_pass` alone (one compare pair per entry instead
-    of ten packed threshold counts and two snaps)."""
-    main, _ = _blocks(row[None])
-    if not main.size:
-        return jnp.zeros(main.shape[:-1], jnp.int32)
-    km = _keys(main, True)
-    return jnp.sum(((km >= lo) & (km < hi)).astype(jnp.int32), axis=main.ndim - 1, dtype=jnp.int32)
+def _bracket_blocks(rows: Sequence[jax.Array], lo: jax.Array, hi: jax.Array) -> list[jax.Array]:
+    """Per row (a leaf's task vectors, each in its own shape), its entries with ``lo[t] <= key(|x|) < hi[t]`` per
+    block of :func:`_blocks`' main part, ``(1, *lead, blocks)`` each: the ``inside`` output of :func:`_count_pass`
+    alone (a subtraction and an unsigned compare per entry instead of ten packed threshold counts and two snaps),
+    every row's in one reduction (rows computed from shared inputs read them once: the base)."""
+    mains = [_blocks(r[None])[0] for r in rows]
+    if not mains[0].size:
+        return [jnp.zeros(m.shape[:-1], jnp.int32) for m in mains]
+    # lo <= key < hi as one unsigned compare of key - lo (keys below lo wrap past hi - lo)
+    ops = tuple((_u32(_keys(m, True) - lo[t]) < _u32(hi[t] - lo[t])).astype(jnp.int32) for t, m in enumerate(mains))
+    return list(lax.reduce(ops, (np.int32(0),) * len(ops), lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                           (mains[0].ndim - 1,)))
 
 
 def _read_capacity(n: int) -> int:
