@@ -671,6 +671,33 @@ def test_global_search_reads_out_the_bracket_after_one_counting_phase(monkeypatc
             assert len(narrowed) == (phases - 1 if limit is None else phases), (cap, limit, dens, narrowed)
 
 
+def test_global_first_counting_phase_counts_without_snaps(monkeypatch):
+    """The first counting phase counts from the whole range, where the snaps would be the row's extreme keys: it
+    counts without them (its no-information values move no end of a bracket), every later phase with them. Without
+    read-outs (the default whole-sort limit) the searches take several counting phases; the masks equal NumPy's."""
+    calls = []
+    count_rows = S._count_pass_rows
+
+    def recording(xs, ts, lo, hi, magnitude, inside=False, snaps=True):
+        calls.append(snaps)
+        return count_rows(xs, ts, lo, hi, magnitude, inside, snaps)
+
+    monkeypatch.setattr(S, "_count_pass_rows", recording)
+    jax.clear_caches()  # every phase's program traced here
+    rng = np.random.default_rng(8)
+    shapes = {"a": (256, 640), "b": (4099,)}
+    base = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    models = [{n: base[n] + (0.01 * rng.normal(size=s)).astype(np.float32) for n, s in shapes.items()}
+              for _ in range(3)]
+    taus = [np.stack([m[n] - base[n] for m in models]) for n in sorted(shapes)]
+    with S.whole_sort_limit(S._SORT_MAX):
+        _, extras = jmerge.merge(_global_method(density=0.2), base, models, return_extras=True)
+    for n, w in zip(sorted(shapes), ref_global(taus, [0.2] * 3)):
+        np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
+    first = calls.index(True)
+    assert first > 0 and not any(calls[:first]) and all(calls[first:]), calls
+
+
 def test_global_search_reads_nothing_it_did_not_ask_for():
     """A counting phase returns the read-out's outputs as zeros when the host did not ask for it; a leaf shorter
     than a block returns its keys as the read-out's tail, so those zeros could pass the host's count check (a
