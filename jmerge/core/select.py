@@ -73,13 +73,13 @@ the same exact result (same threshold, same tie cut), so the limit changes only 
 The global (whole-model) selection runs the same counting search across leaves, one phase per pass:
 a strided sample of every leaf (weighted by the leaf's sampling rate) gives the first ten thresholds;
 each counting phase counts, per leaf and task, ``#{key >= t}`` at ten thresholds (two packed int32
-words) and the two snaps in one variadic reduction, rebuilt from the inputs inside a conditional that
+words) and, from the second phase on, the two snaps in one variadic reduction, rebuilt from the inputs inside a conditional that
 skips it once every task is done; the host sums the counts and narrows the bracket in int64, keeping
 the counts per leaf, so tied entries at the k-th key are split across leaves in leaf order (ties are
 broken by leaf order, then by flat index) without another pass. Once every leaf holds at most
 1/512 of its entries in every open bracket (after the first phase, on a model of many leaves), the next
 phase reads the bracket out instead of counting: one reduction counts the bracket's entries per block of 32
-(two compares per entry; 0.10 s on ``scripts/bench_methods.py``'s tree, where a counting phase takes 0.18 s),
+(every task's in one reduction, a subtraction and an unsigned compare per entry),
 and the first blocks that hold any (a prefix sum of the block flags, searched) are gathered and returned; the
 host takes the k-th key from their keys and ends the search (two phases where four were needed). Only
 calls whose leaves are not sharded read out (the caller raised the whole-sort limit; see
@@ -333,6 +333,11 @@ def _count_rows(b: jax.Array) -> jax.Array:
     return _sum_rows(_block_counts(b))
 
 
+def _field(s: jax.Array, j: jax.Array) -> jax.Array:
+    """Field ``j`` (a Python int or traced) of the packed block sums ``s``."""
+    return (s >> (np.int32(_BITS) * j)) & np.int32((1 << _BITS) - 1)
+
+
 def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
     """Sums of the ``J`` ``_BITS``-bit fields of the block sums ``s`` (R, ...) (each field <= ``_W``)
     over all but the first axis, (R, J) int32.
@@ -340,8 +345,7 @@ def _unpack_counts(s: jax.Array, J: int) -> jax.Array:
     One variadic reduction over ``s`` in its own shape (block sums of a sharded leaf stay sharded: each
     device sums its blocks and only the (R, J) totals are summed across devices).
     """
-    fmask = np.int32((1 << _BITS) - 1)
-    fields = tuple((s >> (_BITS * j)) & fmask for j in range(J))
+    fields = tuple(_field(s, j) for j in range(J))
     axes = tuple(range(1, s.ndim))
     sums = lax.reduce(fields, tuple(np.int32(0) for _ in fields),
                       lambda a, b: tuple(x + y for x, y in zip(a, b)), axes)
@@ -415,11 +419,6 @@ class _FieldSpan(NamedTuple):
     hi: jax.Array
 
 
-def _field(s: jax.Array, j: jax.Array) -> jax.Array:
-    """Field ``j`` (traced) of the packed block sums ``s``."""
-    return (s >> (np.int32(_BITS) * j)) & np.int32((1 << _BITS) - 1)
-
-
 def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: bool | tuple = False,
                      snaps: bool = True) -> tuple:
     """:func:`_count_pass` of several searches, one data row each (rows may repeat: a row searched for two
@@ -471,13 +470,12 @@ def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: boo
     rest = tuple(range(1, out[0].ndim))
     # every row's block sums summed (the packed fields apart), maxed and minned in one more variadic reduction: as
     # one reduction per row and kind, XLA:CPU runs each as its own few small kernels (~20 us each)
-    fmask = np.int32((1 << _BITS) - 1)
     ops2, init2, kinds2 = [], [], []
     S = 2 if snaps else 0
     for i in range(R):
         o = out[i * per:(i + 1) * per]
         for w in range(W):
-            ops2 += [(o[w] >> (_BITS * j)) & fmask for j in range(_J)]
+            ops2 += [_field(o[w], j) for j in range(_J)]
         ops2 += list(o[W:W + S])
     kinds2 = (["add"] * J + ["max", "min"][:S]) * R
     init2 = tuple({"add": np.int32(0), "max": _I32_MIN, "min": _I32_MAX}[c] for c in kinds2)
@@ -747,7 +745,7 @@ def _search(xs, k, magnitude, data_of=None):
         fin = done(s)
         if C:  # the flagged span is two of the pass's thresholds: its block counts come from the packed ones
             ts, fspan = _read_span(s, ts, C)
-            span = (jnp.take_along_axis(ts, fspan.lo[:, None], 1)[:, 0], jnp.take_along_axis(ts, fspan.hi[:, None], 1)[:, 0])
+            span = (jnp.min(ts, axis=1), jnp.max(ts, axis=1))  # its keys (the thresholds fspan names)
         counts, below, above, flags = count(lambda: xs(lambda a: loop_variant(a, m)), s, ts, fin,
                                             fspan if C else None, bool(C))
         s = step(s, fin, ts, counts, below, above)
