@@ -618,23 +618,49 @@ def test_global_search_float32_task_vectors_take_few_phases(monkeypatch):
     assert len(phases) <= 16, len(phases)
 
 
-@pytest.mark.parametrize("descending", [False, True])
-def test_sorted_keys_is_the_stable_argsort_of_a_whole_model_sample(descending):
-    """The global search orders its weighted sample with one packed sort (:func:`select._sorted_keys`); the keys
-    and cumulative weights equal those of the stable argsort it replaced, on tied keys spread over leaves of
-    different weights (incl. 0 and the largest key), and on one leaf."""
-    rng = np.random.default_rng(3)
+def _whole_model_samples(rng):
+    """Samples as the global search takes them: tied keys spread over leaves (incl. 0 and the largest key), leaf ids
+    non-decreasing along the keys; one with several leaves and one with a single leaf."""
     for counts in ([4096, 1, 0, 300, 4096, 17], [5000]):
-        L = len(counts)
         keys = np.concatenate([rng.choice(np.array([0, 5, 6, 1 << 20, int(S._INF_KEY)]), c) if i % 2 else
                                rng.integers(0, int(S._INF_KEY) + 1, c) for i, c in enumerate(counts)]).astype(np.int64)
-        leaf = np.repeat(np.arange(L, dtype=np.int64), counts)
-        wl = rng.uniform(1.0, 500.0, L)
-        order = np.argsort(-keys if descending else keys, kind="stable")
-        got, g = S._sorted_keys(keys, leaf, descending)
+        yield keys, np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+
+
+def test_sorted_keys_is_the_stable_argsort_of_a_whole_model_sample():
+    """The global search orders its weighted sample with one packed sort (:func:`select._sorted_keys`); the keys
+    and cumulative weights equal those of the stable argsort it replaced, on tied keys spread over leaves of
+    different weights, and on one leaf."""
+    rng = np.random.default_rng(3)
+    for keys, leaf in _whole_model_samples(rng):
+        wl = rng.uniform(1.0, 500.0, leaf[-1] + 1)
+        order = np.argsort(keys, kind="stable")
+        got, g = S._sorted_keys(keys, leaf)
         np.testing.assert_array_equal(got, keys[order])
         np.testing.assert_array_equal(np.cumsum(wl[g]), np.cumsum(wl[leaf[order]]))
         np.testing.assert_array_equal(np.sort(g), np.sort(leaf))
+
+
+def test_first_thresholds_read_the_ascending_sort_from_the_top():
+    """The first thresholds are looked up from the largest sampled key down, in the one ascending sort of the sample
+    reversed (:func:`select._weights_from_top`): at the end of each run of equal keys its cumulative weights are
+    those of the stable descending argsort (integer weights, a leaf's size over its sampled count), and
+    ``searchsorted`` at any target picks the same key in both."""
+    rng = np.random.default_rng(4)
+    for keys, leaf in _whole_model_samples(rng):
+        wl = rng.integers(1, 800, leaf[-1] + 1).astype(np.float64)
+        up, g = S._sorted_keys(keys, leaf)
+        down, cw = up[::-1], S._weights_from_top(np.cumsum(wl[g]))
+        order = np.argsort(-keys, kind="stable")
+        ref_keys, ref_cw = keys[order], np.cumsum(wl[leaf[order]])
+        np.testing.assert_array_equal(down, ref_keys)
+        ends = np.flatnonzero(np.append(down[1:] != down[:-1], True))  # last entry of each run of equal keys
+        np.testing.assert_array_equal(cw[ends], ref_cw[ends])
+        targets = rng.uniform(0, ref_cw[-1] * 1.01, 2000)
+        pick = lambda c, d: d[np.clip(np.searchsorted(c, targets), 0, d.size - 1)]
+        np.testing.assert_array_equal(pick(cw, down), pick(ref_cw, ref_keys))
+        if leaf[-1] > 0:  # leaves of different weights: the runs' inner entries differ (two orders compared)
+            assert not np.array_equal(cw, ref_cw)
 
 
 def test_global_search_reads_out_the_bracket_after_one_counting_phase(monkeypatch):

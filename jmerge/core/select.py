@@ -1582,8 +1582,8 @@ class _GSearch:
         return out[(out > lo) & (out < hi)]
 
     def _sorted_sample(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Task ``t``'s sampled keys ascending and their cumulative weights (sorted once, when a search first
-        needs them: most end in the first counting phase)."""
+        """Task ``t``'s sampled keys ascending and their cumulative weights (sorted once, for the first thresholds;
+        later phases read them again for heavily tied brackets)."""
         if t not in self._sorted:
             sk, leaf, wl = self.samples[t]
             up, g = _sorted_keys(sk, leaf)
@@ -1598,24 +1598,26 @@ class _GSearch:
             return
         got = [(np.asarray(c["read_keys"]), np.asarray(c["read_blocks"]), np.asarray(c["read_tail"])) if n else None
                for c, n in zip(collected, self.sizes)]
+        L = len(got)
         for t in np.flatnonzero(~self.done()):
             lo, hi = int(self.lo[t]), int(min(self.hi[t], int(_TOP)))
             glo, ghi = self.glo_i[:, t], self.ghi_i[:, t]
-            keys = []
-            for g in got:
-                if g is None:
-                    keys.append(np.zeros(0, np.int32))
-                    continue
-                kk = np.concatenate([g[0][t, :int(g[1][t])].reshape(-1), g[2][t]])
-                keys.append(kk[(kk >= lo) & (kk < hi)])
-            if any(kk.size != g1 - g0 for kk, g1, g0 in zip(keys, glo, ghi)):
+            keys, leaf = [], []  # the bracket's keys and their leaves
+            for i, g in enumerate(got):
+                for kk in (g[0][t, :int(g[1][t])], g[2][t]) if g is not None else ():
+                    # lo <= key < hi as one unsigned compare (keys and lo are >= 0: no overflow)
+                    kk = kk[(kk - np.int32(lo)).view(np.uint32) < np.uint32(hi - lo)]
+                    keys.append(kk)
+                    leaf.append(np.full(kk.size, i, np.int32))
+            inside = np.concatenate(keys) if keys else np.zeros(0, np.int32)
+            leaf = np.concatenate(leaf) if leaf else np.zeros(0, np.int32)
+            if np.any(np.bincount(leaf, minlength=L) != glo - ghi):
                 continue  # not every key of the bracket came back (not read out this phase): keep counting
-            inside = np.concatenate(keys)
             r = int(self.ks[t] - ghi.sum())  # the k-th key is the r-th largest inside (G(lo) >= k > G(hi))
             v = int(np.partition(inside, inside.size - r)[inside.size - r])
             self.lo[t], self.hi[t] = v, v + 1
-            self.glo_i[:, t] = ghi + np.array([np.count_nonzero(kk >= v) for kk in keys], np.int64)
-            self.ghi_i[:, t] = ghi + np.array([np.count_nonzero(kk > v) for kk in keys], np.int64)
+            self.glo_i[:, t] = ghi + np.bincount(leaf[inside >= v], minlength=L)
+            self.ghi_i[:, t] = ghi + np.bincount(leaf[inside > v], minlength=L)
 
     def readable(self) -> bool:
         """Whether the next counting phase can read out the open searches' brackets: every leaf holds at most
@@ -1650,16 +1652,23 @@ class _GSearch:
         return v, quota, eq
 
 
-def _sorted_keys(keys: np.ndarray, leaf: np.ndarray, descending: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Magnitude keys (in ``[0, _INF_KEY]``) sorted, with their ``leaf`` ids (non-negative, non-decreasing along
-    ``keys``): the order of ``np.argsort(keys, kind="stable")`` (descending: of ``-keys``) up to the order of
-    entries equal in key and leaf, which carry the same weight. One sort of (key, leaf) packed in int64: ~8x
-    faster than the stable argsort on a whole-model sample (3.8 vs 29 ms for 300k keys)."""
+def _sorted_keys(keys: np.ndarray, leaf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitude keys (in ``[0, _INF_KEY]``) sorted ascending, with their ``leaf`` ids (non-negative, non-decreasing
+    along ``keys``): the order of ``np.argsort(keys, kind="stable")`` up to the order of entries equal in key and
+    leaf, which carry the same weight. One sort of (key, leaf) packed in int64: ~8x faster than the stable argsort
+    on a whole-model sample (3.8 vs 29 ms for 300k keys)."""
     bits = max(int(leaf[-1]).bit_length(), 1) if leaf.size else 1
-    k = np.asarray(keys, np.int64)
-    packed = np.sort(((int(_INF_KEY) - k if descending else k) << bits) | leaf)
-    k = packed >> bits
-    return (int(_INF_KEY) - k if descending else k), packed & ((1 << bits) - 1)
+    packed = np.sort((np.asarray(keys, np.int64) << bits) | leaf)
+    return packed >> bits, packed & ((1 << bits) - 1)
+
+
+def _weights_from_top(cw: np.ndarray) -> np.ndarray:
+    """From the cumulative weights ``cw`` of a sample sorted ascending, those of the same sample read from its
+    largest key down (``up[::-1]``): ``out[j]`` estimates ``#{key >= up[-1 - j]}``. At the last entry of each run of
+    equal keys these are the cumulative weights of the descending sort (``np.argsort(-keys, kind="stable")``), exactly
+    when the weights are integers (a leaf's size over its sampled count, as a rule) and to rounding otherwise, so a
+    ``searchsorted`` in them picks the same keys; the sample is sorted once for both directions."""
+    return cw[-1] - np.concatenate([[0.0], cw[:-1]])[::-1]
 
 
 def _distinct(ts: np.ndarray, sample: np.ndarray, centre: int) -> np.ndarray:
@@ -1757,20 +1766,21 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         total = int(sizes.sum())
         ks = _global_ks(hps, density_key, T, name, total, rounding)
         search = _GSearch(ks, sizes)
-        keys = [np.asarray(c["keys"], np.int64) for c in collected]
+        keys = [np.asarray(c["keys"]) for c in collected]
         counts = np.array([kk.shape[1] for kk in keys], np.int64)
         wl = sizes / np.maximum(counts, 1)  # a sampled key's weight: its leaf's entries per sampled entry
         leaf = np.repeat(np.arange(L, dtype=np.int64), counts)
         ts = np.zeros((T, _G_J), np.int64)
+        allk = np.concatenate(keys, axis=1).astype(np.int64)  # (T, sampled entries of all leaves)
         for t in range(T):
             kt = min(max(int(ks[t]), 1), max(total, 1))
-            sk = np.concatenate([kk[t] for kk in keys])
+            sk = allk[t]
             if sk.size == 0:
                 ts[t] = np.arange(1, _G_J + 1)
                 continue
-            search.samples[t] = (sk, leaf, wl)  # sorted ascending on first use (_GSearch._sorted_sample)
-            down, g = _sorted_keys(sk, leaf, descending=True)
-            cw = np.cumsum(wl[g])  # estimated #{key >= down[j]}
+            search.samples[t] = (sk, leaf, wl)
+            up, cwu = search._sorted_sample(t)  # the one sort of the sample, read here from its high end
+            down, cw = up[::-1], _weights_from_top(cwu)  # cw[j]: estimated #{key >= down[j]}
             sd = np.sqrt(kt * max(1.0 - kt / max(total, 1), 0.0) * total / sk.size) + 1.0
             pos = np.searchsorted(cw, kt + _G_CS0[::-1] * sd)  # from high G (low key) to low G
             ts[t] = _distinct(np.clip(down[np.clip(pos, 0, sk.size - 1)], 1, int(_INF_KEY)), sk,
@@ -1793,8 +1803,8 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
             elif not np.all(search.done()):  # a read-out that did not end every search (not expected: the host
                 search.no_read = True  # checked the capacities): the next phase counts the same thresholds
         if last:
-            fb = jnp.asarray(bool(np.any(~search.done())))
-            return [{"fallback": fb, "token": jnp.asarray(np.int32(token))} for _ in collected]
+            return [{"fallback": jnp.asarray(bool(np.any(~search.done()))), "token": jnp.asarray(np.int32(token))}
+                    ] * len(collected)  # one value for every leaf (no device array made per leaf)
         return _g_out(search, ts, token, len(collected))
 
     def collect_hi(state: MergeState, hp):
@@ -1819,7 +1829,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
             ks = _global_ks(hps, density_key, T, name, total, rounding)
             b1 = np.array([_boundary(hist[t], int(min(max(ks[t], 1), max(total, 1))))[0] for t in range(T)],
                           np.int32)
-        return [{"b1": jnp.asarray(b1), "fallback": jnp.asarray(fb), "token": token} for _ in collected]
+        return [{"b1": jnp.asarray(b1), "fallback": jnp.asarray(fb), "token": token}] * len(collected)
 
     def collect_lo(state: MergeState, hp):
         prev = state.stats[hi_name]
@@ -1846,8 +1856,9 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         else:
             v, quotas, eqs = _radix_result(collected, hps, density_key, name, rounding)
         vj = jnp.asarray(v.astype(np.int32))
-        return [{"v": vj, "quota": jnp.asarray(quotas[i].astype(np.int32)), "eq": jnp.asarray(eqs[i].astype(np.int32))}
-                for i in range(L)]
+        none = jnp.zeros(v.shape, jnp.int32)  # shared by the leaves without entries tied at v (most of them)
+        as_j = lambda a: jnp.asarray(a.astype(np.int32)) if np.any(a) else none
+        return [{"v": vj, "quota": as_j(quotas[i]), "eq": as_j(eqs[i])} for i in range(L)]
 
     # Skips (no pass over the inputs, out of core) once the search is done: the values the phases would give.
     def skip_count(so_far, hps, cn, last):
@@ -1856,16 +1867,17 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         if not np.all(carry["search"].done()):
             return None
         if last:
-            return [{"fallback": jnp.asarray(False), "token": jnp.asarray(np.int32(token))} for _ in so_far]
-        return _g_out(carry["search"], carry["ts"], token, len(so_far))
+            return [{"fallback": jnp.asarray(False), "token": jnp.asarray(np.int32(token))}] * len(so_far)
+        if "done" not in carry:  # every later count phase is skipped with these same values
+            carry["done"] = _g_out(carry["search"], carry["ts"], token, len(so_far))
+        return carry["done"]
 
     def skip_hi(so_far, hps):
         prev = so_far[0][c_names[-1]]
         if bool(prev["fallback"]):
             return None
         T = _G_CARRY[int(prev["token"])]["search"].ks.size
-        return [{"b1": jnp.zeros(T, jnp.int32), "fallback": jnp.asarray(False), "token": prev["token"]}
-                for _ in so_far]
+        return [{"b1": jnp.zeros(T, jnp.int32), "fallback": jnp.asarray(False), "token": prev["token"]}] * len(so_far)
 
     def skip_lo(so_far, hps):
         prev = so_far[0][hi_name]
