@@ -110,6 +110,22 @@ def test_with_hparams_keeps_identity_and_sets_step_defaults():
     assert u.defaults["trim.density"] == 0.4 and t.defaults["trim.density"] == 0.2
 
 
+def test_identity_is_made_once_and_not_pickled():
+    """A method's identity (its jit cache key as a static argument) is built on first use and kept; equal methods
+    still compare and hash equal, other configurations differ, and a pickled method carries no cached hash (a
+    function's hash is its id, which another process does not share)."""
+    import pickle
+    t = jmerge.ties(density=0.2)
+    h = hash(t)
+    assert t.__dict__["_hash"] == h and t._identity() is t._identity()
+    assert hash(jmerge.ties(density=0.7)) == h and jmerge.ties(density=0.7) == t
+    assert jmerge.ties(scope="global") != t and jmerge.ties(rounding="floor") != t
+    state = t.__getstate__()
+    assert "_hash" not in state and "_ident" not in state
+    u = pickle.loads(pickle.dumps(t))
+    assert "_hash" not in u.__dict__ and u == t and hash(u) == h
+
+
 def test_uncalled_factory_is_a_clear_error():
     base, models = random_trees(T=2)
     with pytest.raises(MergeInputError, match=r"factory 'ties' itself; call it.*jmerge\.ties\(\)"):

@@ -645,11 +645,13 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
         raise MergeInputError(f"method '{method.name}' needs whole-model statistics computed on the host "
                               f"({', '.join(host_only)}, e.g. scope='global'): run this merge outside jax.jit/vmap, "
                               "or use a per-tensor scope.")
+    # each leaf's sort limit, resolved once for all its calls (its arrays' shardings do not change)
+    sls = [None] * len(bl) if traced else [_resolve_sort_limit("auto", b, m) for b, m in zip(bl, ml)]
     for pi, (_, sname, phase) in enumerate(program.phases):
         vals = None if traced else program.skip(pi, stats, hps)
         if vals is None:
-            collected = [program.collect(pi, b, m, hp, k, st, v, traced=traced, sort_limit="auto")
-                         for b, m, hp, k, st, v in zip(bl, ml, hps, keys, stats, vws)]
+            collected = [program.collect(pi, b, m, hp, k, st, v, traced=traced, sort_limit=sl)
+                         for b, m, hp, k, st, v, sl in zip(bl, ml, hps, keys, stats, vws, sls)]
             vals = program.finalize(pi, collected, hps, traced=traced)
         for st, val in zip(stats, vals):
             st.setdefault(sname, {})[phase.name] = val
@@ -660,8 +662,8 @@ def merge(method: Transform, base: Any, models: Sequence[Any] | None = None, *, 
         res = _run_grouped(program, list(zip(range(len(idx)), bl, ml, hps, keys, vws, stats)), group_leaves)
         results = [res[j] for j in range(len(idx))]
     else:
-        results = [program(b, m, hp, k, st, v, traced=traced, sort_limit="auto")
-                   for b, m, hp, k, st, v in zip(bl, ml, hps, keys, stats, vws)]
+        results = [program(b, m, hp, k, st, v, traced=traced, sort_limit=sl)
+                   for b, m, hp, k, st, v, sl in zip(bl, ml, hps, keys, stats, vws, sls)]
     outs = list(base_leaves)
     extras: list = [{} for _ in base_leaves]
     for j, i in enumerate(idx):
