@@ -864,20 +864,55 @@ def test_slope_of_a_linear_density():
         c = _linear_counts(ts_, lo_, hi, a, b, total)
         glo, ghi = np.int32(total), _linear_counts([hi], lo_, hi, a, b, total)[0]
         as_ = lambda v: jnp.asarray(np.atleast_1d(v))
-        g = S._slope(as_(ts_)[None], as_(c)[None], as_(lo_), as_(glo), as_(hi), as_(ghi),
-                     as_(ts_[j]), as_(c[j]), as_(ts_[j + 1]), as_(c[j + 1]))
+        g, dg = S._slope(as_(ts_)[None], as_(c)[None], as_(lo_), as_(glo), as_(hi), as_(ghi),
+                         as_(ts_[j]), as_(c[j]), as_(ts_[j + 1]), as_(c[j + 1]))
         rho_mid = a + b * (ts_[j] + step / 2 - lo_)
-        return float(g[0]), b * step / rho_mid
+        return float(g[0]), b * step / rho_mid, float(dg[0]), np.concatenate([[glo], c, [ghi]])
 
     for a, b in ((200.0, -1e-3), (100.0, 5e-4), (30.0, -1.5e-4)):  # millions of entries: little noise
         for j in (0, 1, 3):  # j = 0: the left neighbour is the old bracket's end lo; j = 3: the right one is hi
-            got, want = slope(a, b, j)
+            got, want, dg, G = slope(a, b, j)
             assert abs(want) > 0.05 and abs(got - want) <= 0.05 * abs(want) + 0.005, (a, b, j, got, want)
-    assert slope(200.0, 0.0, 2)[0] == 0.0  # uniform
-    assert slope(0.02, -5e-8, 2)[0] == 0.0  # 400 entries per interval: few
-    assert slope(1.0, 1e-7, 2)[0] == 0.0  # a slope of 0.2% across the bracket is within the noise
+            # the part not used is the shrinkage: 3 counting errors of the two neighbours' densities
+            noise = np.sqrt(1.0 / (G[j] - G[j + 1]) + 1.0 / (G[j + 2] - G[j + 3]))
+            assert dg == pytest.approx(3.0 * noise, rel=1e-4), (a, b, j, dg, noise)
+            assert abs(abs(got) + dg - abs(want)) <= 0.05 * abs(want) + 0.005  # together: the measured slope
+    assert slope(200.0, 0.0, 2)[:3:2] == (0.0, 0.0)  # uniform (the counts' slope is exactly 0)
+    assert slope(0.02, -5e-8, 2)[:3:2] == (0.0, 0.0)  # 400 entries per interval: few
+    g, want, dg, _ = slope(1.0, 1e-7, 2)  # a slope of 0.2% across the bracket is within the noise: all of it unused
+    assert g == 0.0 and 0.0 < dg <= 3.0 * np.sqrt(2.0 / 20_000) and abs(dg - want) <= 0.02
     near = np.int32(0x3C800000 - 3 * step - step // 2)  # the binade's end inside the middle bracket
-    assert slope(200.0, -1e-3, 2, near, near + step * np.arange(1, 6, dtype=np.int32))[0] == 0.0
+    assert slope(200.0, -1e-3, 2, near, near + step * np.arange(1, 6, dtype=np.int32))[:3:2] == (0.0, 0.0)
+
+
+def test_next_thresholds_spread_for_the_slope_not_used():
+    """The next thresholds lie at ``est + err * (-2.5, -0.8, 0, 0.8, 2.5)``; the slope :func:`select._slope` did not
+    use (``dg``) adds its error of the estimate, ``D u (1 - u) / 2 * dg`` keys (``du/dg`` for the linear density),
+    in quadrature: ``err' = sqrt(err^2 + model^2)``, with ``cap``, at most ``cap`` entries' worth of keys but never
+    below ``err`` (the read-out's blocks). NumPy from the formulas."""
+    lo, hi = np.int32(0x3C000000), np.int32(0x3C000000 + 200_000)
+    glo, ghi, k = 2708, 0, 1167  # the k-th key 1541 entries above lo: f = 1541.5 / 2708
+    D, m = 200_000.0, 2708.0
+    f = (glo - k + 0.5) / m
+    err = 0.5 * D / np.sqrt(m) + 1.0
+    as_ = lambda v, dt=np.int32: jnp.asarray(np.atleast_1d(np.asarray(v, dt)))
+
+    def spread(dg, cap=None):
+        ts = S._next_thresholds(as_(lo), as_(glo), as_(hi), as_(ghi), as_(False, bool), as_(hi), as_(lo),
+                                as_(0.0, np.float32), as_(dg, np.float32), as_(k), cap=cap)
+        ts = np.asarray(ts[0], np.int64)
+        return ts, (ts[4] - ts[0]) / 5.0  # in keys, per expected error
+
+    ts0, e0 = spread(0.0)
+    est = D * f
+    assert np.allclose(ts0 - lo, np.floor(est + err * np.array([-2.5, -0.8, 0.0, 0.8, 2.5])), atol=2)
+    for dg in (0.1, 0.3, 0.9):
+        model = D * 0.5 * f * (1.0 - f) * dg
+        _, e = spread(dg)
+        assert e == pytest.approx(np.hypot(err, model), abs=1.0), (dg, e)
+        _, ec = spread(dg, cap=100.0)  # at most 100 entries' keys (7386), at least err (1922)
+        assert ec == pytest.approx(min(np.hypot(err, model), max(err, 100.0 * D / m)), abs=1.0), (dg, ec)
+    assert spread(0.9, cap=1.0)[1] == pytest.approx(err, abs=1.0)  # never below the counting error
 
 
 def test_searches_of_one_row_share_its_first_pass(monkeypatch):

@@ -538,7 +538,7 @@ def _first_thresholds(rows, k, magnitude, data_of=None):
                      axis=1), sk
 
 
-def _next_thresholds(lo, glo, hi, ghi, even, below, above, g, k, sk=None):
+def _next_thresholds(lo, glo, hi, ghi, even, below, above, g, dg, k, sk=None, cap=None):
     """Five keys strictly inside (lo, hi): interpolated around the estimated k-th key (or an even
     split), with the outer two replaced by the snaps of the last pass when they lie inside; rows whose
     sample ``sk`` shows ties in the bracket count four of them at sampled keys (:func:`_tied_thresholds`).
@@ -546,7 +546,15 @@ def _next_thresholds(lo, glo, hi, ghi, even, below, above, g, k, sk=None):
     The estimate assumes the entries' density in the bracket changes linearly across it by the relative slope
     ``g`` (from :func:`_narrow`: 0 is uniform). In a distribution's tail (Breadcrumbs' top 1%, TIES at low
     density) the density of a bracket of thousands of entries falls by tens of percent from ``lo`` to ``hi``,
-    and a uniform interpolation misses the narrow span of the next thresholds (a pass that barely narrows)."""
+    and a uniform interpolation misses the narrow span of the next thresholds (a pass that barely narrows).
+
+    ``dg``, the slope :func:`_slope` measured but did not use (within its counts' noise), moves the estimate by
+    up to ``D u (1 - u) / 2 * dg`` keys: that error is added to the counting error in quadrature, with ``cap``
+    (entries, from the search's read-out capacity) bounding the widened error by that many entries' worth of keys
+    so that the thresholds' span stays within the blocks a read-out gathers. A Breadcrumbs top-1% search whose
+    thresholds all fell on one side of the k-th key (a slope of about -0.2 shrunk to -0.04) then holds it; on
+    ``scripts/bench_methods.py``'s tree Breadcrumbs took 69 -> 56 loop passes (TIES 114 -> 112, Arcee Fusion
+    62 -> 58), and 168 mixed cases (7 shapes, float32/bf16, 6 methods) 313 -> 306 with none more."""
     D = _u32(hi) - _u32(lo)  # >= 2 for rows still searching
     Df = D.astype(jnp.float32)
     m = jnp.maximum(glo - ghi, 1).astype(jnp.float32)  # entries in [lo, hi)
@@ -557,6 +565,11 @@ def _next_thresholds(lo, glo, hi, ghi, even, below, above, g, k, sk=None):
     est = Df * u
     dens = jnp.maximum(1.0 + g * (u - 0.5), 0.25)  # the relative density at the estimate
     err = 0.5 * Df * lax.rsqrt(m) / dens + 1.0  # expected error of est, in keys
+    model = Df * (0.5 * u * (1.0 - u)) * dg  # est's error from the slope not used (du/dg = u (1 - u) / 2)
+    wide = jnp.sqrt(err * err + model * model)
+    if cap is not None:  # the span of the thresholds holds at most about 6 cap entries (the read-out's blocks)
+        wide = jnp.minimum(wide, jnp.maximum(err, cap * Df / m))
+    err = wide
     off = est[:, None] + err[:, None] * jnp.asarray(_CS, jnp.float32)[None]
     grid = Df[:, None] * (jnp.arange(1, _J + 1, dtype=jnp.float32) / (_J + 1))[None]
     off = jnp.where(even[:, None], grid, off)
@@ -613,7 +626,10 @@ def _slope(ts, counts, lo, glo, hi, ghi, nlo, nglo, nhi, nghi):
     mean at ``s`` in [0, 1] across it, ``|g| <= 1.5``), from the exact densities of the neighbouring intervals the
     pass counted: ``[tl, nlo)`` and ``[nhi, tr)``, ``tl`` / ``tr`` the nearest counted keys (thresholds or the old
     bracket's ends) outside it, each used when no wider than 4 brackets and in the bracket's binade. 0 when
-    neither is, or when the slope is within the counts' noise or they hold few entries."""
+    neither is, or when the slope is within the counts' noise or they hold few entries.
+
+    Returns ``(g, dg)``: ``dg`` is the part of the measured slope not used (``min(|g_raw|, 3 noise)``; 0 where
+    no neighbour is usable or the counts are few), which :func:`_next_thresholds` spreads its thresholds for."""
     cand = jnp.concatenate([ts, lo[:, None], hi[:, None]], axis=1)
     cnt = jnp.concatenate([counts, glo[:, None], ghi[:, None]], axis=1)
     below_ = cand < nlo[:, None]
@@ -646,23 +662,24 @@ def _slope(ts, counts, lo, glo, hi, ghi, nlo, nglo, nhi, nghi):
     nm = inv(nglo - nghi)
     noise = jnp.where(okl & okr, jnp.sqrt(inv(gl - nglo) + inv(nghi - gr)),
                       2.0 * jnp.sqrt(nm + jnp.where(okl, inv(gl - nglo), inv(nghi - gr))))
+    dg = jnp.minimum(jnp.abs(g), _SLOPE_NOISE * noise)  # the part of the slope not used
     g = jnp.sign(g) * jnp.maximum(jnp.abs(g) - _SLOPE_NOISE * noise, 0.0)
     # few entries: the counts of lattice values (float32 model - base) or ties are no density; uniform then
     few = jnp.minimum(nglo - nghi, jnp.where(okl & okr, jnp.minimum(gl - nglo, nghi - gr),
                                              jnp.where(okl, gl - nglo, nghi - gr))) < _SLOPE_MIN
-    return jnp.where(few, 0.0, jnp.clip(g, -1.5, 1.5))
+    return jnp.where(few, 0.0, jnp.clip(g, -1.5, 1.5)), jnp.where(few | ~(okl | okr), 0.0, jnp.minimum(dg, 1.5))
 
 
 def _narrow(state, ts, counts, below, above, k):
     """New bracket from the counts at ``ts`` and the snaps (both relative to the old bracket), with its density
-    slope (:func:`_slope`)."""
+    slope and the slope's unused part (:func:`_slope`)."""
     lo, glo, hi, ghi = state[:4]
     ge = counts >= k[:, None]
     nlo = jnp.maximum(jnp.max(jnp.where(ge, ts, _I32_MIN), axis=1), lo)
     nglo = jnp.where(nlo == lo, glo, jnp.min(jnp.where(ge & (ts == nlo[:, None]), counts, _I32_MAX), axis=1))
     nhi = jnp.minimum(jnp.min(jnp.where(ge, _I32_MAX, ts), axis=1), hi)
     nghi = jnp.where(nhi == hi, ghi, jnp.max(jnp.where(~ge & (ts == nhi[:, None]), counts, -1), axis=1))
-    g = _slope(ts, counts, lo, glo, hi, ghi, nlo, nglo, nhi, nghi)
+    g, dg = _slope(ts, counts, lo, glo, hi, ghi, nlo, nglo, nhi, nghi)
     # The old bracket's keys above lo lie in [above, below]. A lower end the counts moved up (nlo > lo) may rise
     # to above (no key in [nlo, above): G(above) == G(nlo)), and hi may drop to below + 1 (no key in
     # (below, hi): G(below + 1) == G(nhi)); a bracket holding one key (many entries tied at it) ends here.
@@ -671,7 +688,7 @@ def _narrow(state, ts, counts, below, above, k):
     # No key lies in (lo, above): if that covers the new bracket, the k-th key is lo itself.
     nhi = jnp.where((nlo == lo) & (above >= nhi), lo + 1, nhi)
     even = (nglo - nghi) * 2 > (glo - ghi)  # fewer than half the entries left the bracket
-    return nlo, nglo, nhi, nghi, even, below, above, g
+    return nlo, nglo, nhi, nghi, even, below, above, g, dg
 
 
 def _search(xs, k, magnitude, data_of=None):
@@ -706,7 +723,8 @@ def _search(xs, k, magnitude, data_of=None):
     z = jnp.zeros((R,), jnp.int32)
     lo = jnp.full((R,), _NEG_INF_KEY, jnp.int32)
     hi = jnp.full((R,), _TOP, jnp.int32)
-    state = (lo, z + n, hi, z, jnp.zeros((R,), bool), hi, lo, jnp.zeros((R,), jnp.float32))  # no snaps yet
+    f0 = jnp.zeros((R,), jnp.float32)
+    state = (lo, z + n, hi, z, jnp.zeros((R,), bool), hi, lo, f0, f0)  # no snaps yet
 
     def done(s):
         lo, glo, hi = s[:3]
@@ -755,7 +773,7 @@ def _search(xs, k, magnitude, data_of=None):
         if n >= HONEST_COST_MIN:  # see jmerge.core.xla.honest_cost
             never = honest_cost(xs(lambda a: loop_variant(_sample(a, HONEST_COST_ENTRIES), m))[0], never)
         m = jnp.where(never, 0, m)  # always m, but loop-variant to XLA (see jmerge.core.xla.loop_variant)
-        return s, _next_thresholds(*s, k, sk), m, rc
+        return s, _next_thresholds(*s, k, sk, cap=C / 6.0 if C else None), m, rc
 
     # Searches that share a data row, with read-outs, take their first pass before the loop (no block flags)
     peel = bool(C) and len(set(data_of)) < R
@@ -771,7 +789,7 @@ def _search(xs, k, magnitude, data_of=None):
         # the lowest float (Arcee Fusion on a bf16 leaf of (1024, 2816): 33 -> 35-41 ms without them)
         counts, below, above, _ = count(rows, state, ts, fin)
         s = step(state, fin, ts, counts, below, above)
-        return s, _next_thresholds(*s, k, sk), sk
+        return s, _next_thresholds(*s, k, sk, cap=C / 6.0 if C else None), sk
 
     # The sample and the first pass are taken inside a conditional that reads the source's inputs: outside one,
     # XLA would share the data's expression with the caller's (unmaterialized) uses and materialize it.
