@@ -102,24 +102,34 @@ def fusion_importance(model: Float[Array, "*shape"], base: Float[Array, "*shape"
     return jnp.abs(m - b) * _row_kl(m, b)
 
 
-def _kl(m: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """The accurate float32 ``KL(p ‖ q)`` of each row (last axis) of ``m`` and ``b``, shape ``(..., 1)``."""
-    tau = m - b
-    q = _softmax(b)
+def _kl(m, b: jnp.ndarray) -> jnp.ndarray:
+    """The accurate float32 ``KL(p ‖ q)`` of each row (last axis) of ``m`` and ``b``, shape ``(..., 1)``.
+
+    ``m`` may be a function returning it (called again for the rows far from the base: a block of
+    :func:`_row_kl` then slices the leaf there, not as an operand of the conditional, which would copy it)."""
+    m_of = m if callable(m) else (lambda: m)
+    tau = m_of() - b
     far = jnp.max(jnp.abs(tau), axis=-1, keepdims=True) > _FAR
-    t = jnp.where(far, 0.0, tau)
+
+    def with_plain():  # only when some row is far: its exp and log cost as much as the rest
+        qe = _softmax(b) + _EPS
+        pe = _softmax(m_of()) + _EPS
+        plain = jnp.sum(pe * jnp.log(pe / qe), axis=-1, keepdims=True)
+        return jnp.where(far, plain, _kl_near(b, jnp.where(far, 0.0, tau)))
+
+    # no row far (a fine-tune of the same base): tau itself, the same values as where(far, 0, tau), not written
+    return lax.cond(jnp.any(far), with_plain, lambda: _kl_near(b, tau))
+
+
+def _kl_near(b: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """:func:`_kl` of rows with ``m - b = t`` (each ``|t| <= 20``) without cancellation (see
+    :func:`fusion_importance`)."""
+    q = _softmax(b)
     c = jnp.log1p(jnp.sum(q * jnp.expm1(t), axis=-1, keepdims=True))
     qd = q * jnp.expm1(t - c)  # p - q
     qe = q + _EPS
     x = qd / qe  # p' / q' - 1
-    kl = jnp.sum((qe + qd) * _log1p_minus_x(x) + qd * qd / qe, axis=-1, keepdims=True)
-
-    def with_plain():  # only when some row is far: its exp and log cost as much as the rest
-        pe = _softmax(m) + _EPS
-        plain = jnp.sum(pe * jnp.log(pe / qe), axis=-1, keepdims=True)
-        return jnp.where(far, plain, kl)
-
-    return lax.cond(jnp.any(far), with_plain, lambda: kl)
+    return jnp.sum((qe + qd) * _log1p_minus_x(x) + qd * qd / qe, axis=-1, keepdims=True)
 
 
 def _blocked(m: jnp.ndarray) -> int:
@@ -157,7 +167,7 @@ def _row_kl(m: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
 
     def body(i, out):  # the last block starts early enough to end at row R (rows recomputed alike)
         r0 = jnp.minimum(i * B, R - B)
-        kl = _kl(lax.dynamic_slice_in_dim(m2, r0, B), lax.dynamic_slice_in_dim(b2, r0, B))
+        kl = _kl(lambda: lax.dynamic_slice_in_dim(m2, r0, B), lax.dynamic_slice_in_dim(b2, r0, B))
         return lax.dynamic_update_slice_in_dim(out, kl, r0, axis=0)
 
     out = lax.fori_loop(0, -(-R // B), body, jnp.zeros((R, 1), jnp.float32))
