@@ -129,7 +129,8 @@ _TENSOR_N: contextvars.ContextVar[int | None] = contextvars.ContextVar("jmerge_t
 _CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard deviations
 _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
 _SLOPE_NOISE = 3.0  # a bracket's density slope is used beyond this many of its counting errors (_slope)
-_SLOPE_MIN = 1024  # ... and only for a bracket and neighbours holding at least this many entries each
+_SLOPE_MIN = 512  # ... and only for a bracket and neighbours holding at least this many entries each (1024 left a
+# Breadcrumbs top-1% bracket of 2708 entries with a 918-entry neighbour uniform: 4 passes more on a (1024, 1024) leaf)
 
 
 def density_to_k(density: float | Float[Array, "*T"], n: int) -> Int[Array, "*T"]:
@@ -554,7 +555,8 @@ def _next_thresholds(lo, glo, hi, ghi, even, below, above, g, dg, k, sk=None, ca
     so that the thresholds' span stays within the blocks a read-out gathers. A Breadcrumbs top-1% search whose
     thresholds all fell on one side of the k-th key (a slope of about -0.2 shrunk to -0.04) then holds it; on
     ``scripts/bench_methods.py``'s tree Breadcrumbs took 69 -> 56 loop passes (TIES 114 -> 112, Arcee Fusion
-    62 -> 58), and 168 mixed cases (7 shapes, float32/bf16, 6 methods) 313 -> 306 with none more."""
+    62 -> 58), and 168 mixed cases (7 shapes, float32/bf16, 6 methods) 313 -> 306 with none more (304 with
+    ``_SLOPE_MIN`` 512, one bf16 case a pass more)."""
     D = _u32(hi) - _u32(lo)  # >= 2 for rows still searching
     Df = D.astype(jnp.float32)
     m = jnp.maximum(glo - ghi, 1).astype(jnp.float32)  # entries in [lo, hi)
