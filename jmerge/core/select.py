@@ -569,7 +569,7 @@ def _next_thresholds(lo, glo, hi, ghi, even, below, above, g, dg, k, sk=None, ca
     err = 0.5 * Df * lax.rsqrt(m) / dens + 1.0  # expected error of est, in keys
     model = Df * (0.5 * u * (1.0 - u)) * dg  # est's error from the slope not used (du/dg = u (1 - u) / 2)
     wide = jnp.sqrt(err * err + model * model)
-    if cap is not None:  # the span of the thresholds holds at most about 6 cap entries (the read-out's blocks)
+    if cap is not None:  # their span (5 errors) then holds at most about 5 cap entries: within the read-out's blocks
         wide = jnp.minimum(wide, jnp.maximum(err, cap * Df / m))
     err = wide
     off = est[:, None] + err[:, None] * jnp.asarray(_CS, jnp.float32)[None]
