@@ -552,8 +552,9 @@ def _next_thresholds(lo, glo, hi, ghi, even, below, above, g, dg, k, sk=None, ca
     ``dg``, the slope :func:`_slope` measured but did not use (within its counts' noise), moves the estimate by
     up to ``D u (1 - u) / 2 * dg`` keys: that error is added to the counting error in quadrature, with ``cap``
     (entries, from the search's read-out capacity) bounding the widened error by that many entries' worth of keys
-    so that the thresholds' span stays within the blocks a read-out gathers. A Breadcrumbs top-1% search whose
-    thresholds all fell on one side of the k-th key (a slope of about -0.2 shrunk to -0.04) then holds it; on
+    so that the thresholds' span stays within the blocks a read-out gathers. A Breadcrumbs top-1% search of a
+    ``(1024, 1024)`` leaf (slope -0.24 measured, -0.16 used) put all five thresholds above the k-th key and took
+    two passes more; spread for the other -0.08 they hold it and the bracket is read out in that pass. On
     ``scripts/bench_methods.py``'s tree Breadcrumbs took 69 -> 56 loop passes (TIES 114 -> 112, Arcee Fusion
     62 -> 58), and 168 mixed cases (7 shapes, float32/bf16, 6 methods) 313 -> 306 with none more (304 with
     ``_SLOPE_MIN`` 512, one bf16 case a pass more)."""
