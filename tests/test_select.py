@@ -846,9 +846,9 @@ def test_tensor_search_tail_quantiles_read_out_in_two_passes(monkeypatch):
 def test_tensor_search_slope_from_neighbours_of_512_entries(monkeypatch):
     """A top-1% search of float32 task vectors ``(b + 0.01 N) - b`` of a ``(1024, 1024)`` leaf (JAX's keys 0..3):
     after the sample's pass the bracket holds 2708 entries and its left neighbour 918, whose densities show the
-    tail's fall; with neighbours of at least 1024 entries required the bracket was taken as uniform, its next
-    thresholds all fell 4.9 counting errors above the k-th key and the search took three passes more (9
-    row-passes for the 3 rows instead of 6). Masks are NumPy's either way."""
+    tail's fall; with neighbours of at least 1024 entries required the bracket was taken as uniform, its estimate of
+    the k-th key fell 4.9 counting errors above it (beyond all five thresholds) and that row's search took three
+    passes more (9 row-passes for the 3 rows instead of 6). Masks are NumPy's either way."""
     key = jax.random.key(0)
     b = jax.random.normal(key, (1024, 1024))
     x = np.stack([np.asarray(b + 0.01 * jax.random.normal(jax.random.fold_in(key, i + 1), b.shape) - b)

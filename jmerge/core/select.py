@@ -130,7 +130,7 @@ _CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard devia
 _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
 _SLOPE_NOISE = 3.0  # a bracket's density slope is used beyond this many of its counting errors (_slope)
 _SLOPE_MIN = 512  # ... and only for a bracket and neighbours holding at least this many entries each (1024 left a
-# Breadcrumbs top-1% bracket of 2708 entries with a 918-entry neighbour uniform: 4 passes more on a (1024, 1024) leaf)
+# Breadcrumbs top-1% bracket of 2708 entries with a 918-entry neighbour uniform: 3 passes more on a (1024, 1024) leaf)
 
 
 def density_to_k(density: float | Float[Array, "*T"], n: int) -> Int[Array, "*T"]:
