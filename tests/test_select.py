@@ -920,7 +920,7 @@ def test_next_thresholds_spread_for_the_slope_not_used():
         ts = np.asarray(ts[0], np.int64)
         return ts, (ts[4] - ts[0]) / 5.0  # in keys, per expected error
 
-    ts0, e0 = spread(0.0)
+    ts0, _ = spread(0.0)
     est = D * f
     assert np.allclose(ts0 - lo, np.floor(est + err * np.array([-2.5, -0.8, 0.0, 0.8, 2.5])), atol=2)
     for dg in (0.1, 0.3, 0.9):

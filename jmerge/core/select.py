@@ -670,7 +670,7 @@ def _slope(ts, counts, lo, glo, hi, ghi, nlo, nglo, nhi, nghi):
     # few entries: the counts of lattice values (float32 model - base) or ties are no density; uniform then
     few = jnp.minimum(nglo - nghi, jnp.where(okl & okr, jnp.minimum(gl - nglo, nghi - gr),
                                              jnp.where(okl, gl - nglo, nghi - gr))) < _SLOPE_MIN
-    return jnp.where(few, 0.0, jnp.clip(g, -1.5, 1.5)), jnp.where(few | ~(okl | okr), 0.0, jnp.minimum(dg, 1.5))
+    return jnp.where(few, 0.0, jnp.clip(g, -1.5, 1.5)), jnp.where(few, 0.0, jnp.minimum(dg, 1.5))
 
 
 def _narrow(state, ts, counts, below, above, k):
@@ -722,6 +722,7 @@ def _search(xs, k, magnitude, data_of=None):
     data_of = identity if data_of is None else tuple(int(d) for d in data_of)
     R = len(data_of)
     C = _tensor_read_capacity(n) if _read_allowed() else 0
+    cap = C / 6.0 if C else None  # the next thresholds' widened error, in entries (see _next_thresholds)
 
     z = jnp.zeros((R,), jnp.int32)
     lo = jnp.full((R,), _NEG_INF_KEY, jnp.int32)
@@ -776,7 +777,7 @@ def _search(xs, k, magnitude, data_of=None):
         if n >= HONEST_COST_MIN:  # see jmerge.core.xla.honest_cost
             never = honest_cost(xs(lambda a: loop_variant(_sample(a, HONEST_COST_ENTRIES), m))[0], never)
         m = jnp.where(never, 0, m)  # always m, but loop-variant to XLA (see jmerge.core.xla.loop_variant)
-        return s, _next_thresholds(*s, k, sk, cap=C / 6.0 if C else None), m, rc
+        return s, _next_thresholds(*s, k, sk, cap=cap), m, rc
 
     # Searches that share a data row, with read-outs, take their first pass before the loop (no block flags)
     peel = bool(C) and len(set(data_of)) < R
@@ -792,7 +793,7 @@ def _search(xs, k, magnitude, data_of=None):
         # the lowest float (Arcee Fusion on a bf16 leaf of (1024, 2816): 33 -> 35-41 ms without them)
         counts, below, above, _ = count(rows, state, ts, fin)
         s = step(state, fin, ts, counts, below, above)
-        return s, _next_thresholds(*s, k, sk, cap=C / 6.0 if C else None), sk
+        return s, _next_thresholds(*s, k, sk, cap=cap), sk
 
     # The sample and the first pass are taken inside a conditional that reads the source's inputs: outside one,
     # XLA would share the data's expression with the caller's (unmaterialized) uses and materialize it.
