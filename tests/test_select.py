@@ -746,7 +746,7 @@ def test_global_read_only_phase_that_did_not_end_its_search_counts_next():
     """A phase that reads out counts nothing (neutral counts). Should its read-out not end a search (a leaf that
     could not read: not expected once the host checked the capacities), the host must not narrow from its zero
     counts: the bracket and thresholds stay, and the next phase counts them (no read-out asked)."""
-    phase = S.global_topk_phases()[1]  # the first counting phase (its finalize is every counting phase's)
+    phase = S.global_topk_phases()[2]  # a counting phase after the first (whose finalize narrows before reading out)
     search = S._GSearch(np.array([10]), np.array([7, 7]))
     search.hi[0] = 5  # bracket [0, 5) holding all 14 entries (7 per leaf), k = 10
     search.glo_i[:, 0] = [7, 7]
@@ -1008,3 +1008,60 @@ def test_count_pass_rows_equals_one_row_at_a_time(shape, J):
                     np.testing.assert_array_equal(np.asarray(got[3][i]), np.asarray(want[3]))
             np.testing.assert_array_equal(np.asarray(got[0]),
                                           np.stack([(k[:, None] >= np.asarray(t)[None]).sum(0) for k, t in zip(keys, ts)]))
+
+
+def test_global_search_after_a_missed_first_phase(monkeypatch):
+    """When the k-th key falls outside the first counting phase's thresholds (the sample's estimate off by more than
+    their ``_G_CS0`` errors, made certain here by thresholds 0.01 errors apart), the next phase counts at sampled keys
+    further out on that side (:meth:`select._GSearch.after_miss`) instead of interpolating over a bracket that reaches
+    the key range's end: fewer phases than without, every search ends, and the masks equal NumPy's."""
+    rng = np.random.default_rng(5)
+    shapes = {"a": (1024, 1024), "b": (1024, 2816), "c": (37, 5), "d": (1024,)}
+    base = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    models = [{n: base[n] + (0.01 * rng.normal(size=s)).astype(np.float32) for n, s in shapes.items()}
+              for _ in range(3)]
+    taus = [np.stack([m[n] - base[n] for m in models]) for n in sorted(shapes)]
+    monkeypatch.setattr(S, "_G_CS0_READ", np.array([-0.02, -0.01, 0.0, 0.01, 0.02]))
+    phases, missed = [], []
+    narrow, after_miss = S._GSearch.narrow, S._GSearch.after_miss
+
+    def recording_miss(self, ts, first):
+        out = after_miss(self, ts, first)
+        missed.append(int(np.sum(np.any(out != ts, axis=1))))
+        return out
+
+    monkeypatch.setattr(S._GSearch, "narrow", lambda self, *a: (phases.append(1), narrow(self, *a))[1])
+    counts = {}
+    for use in (True, False):
+        monkeypatch.setattr(S._GSearch, "after_miss", recording_miss if use else lambda self, ts, first: ts)
+        for dens in (0.2, 0.03):
+            phases.clear()
+            _, extras = jmerge.merge(_global_method(density=dens), base, models, return_extras=True)
+            for n, w in zip(sorted(shapes), ref_global(taus, [dens] * 3)):
+                np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
+            counts[use, dens] = len(phases)
+    print(counts, missed)
+    assert missed and all(m == 3 for m in missed), missed  # every task's first thresholds missed, and were moved
+    for dens in (0.2, 0.03):
+        assert counts[True, dens] < counts[False, dens], counts
+
+
+def test_compact_bracket_keeps_the_bracket_keys_of_the_valid_blocks():
+    """The read-out's device compaction (:func:`select._compact_bracket`): of each row's gathered blocks, the first
+    ``nblocks`` are valid; their keys with ``lo <= key < hi`` come back in flat order with their number (NumPy's
+    boolean selection), the tail as given."""
+    rng = np.random.default_rng(9)
+    T, C, w = 3, 40, 32
+    keys = rng.integers(0, 1 << 20, (T, C, w)).astype(np.int32)
+    nb = np.array([40, 7, 0], np.int32)
+    lo = np.array([1 << 18, 0, 5], np.int32)
+    hi = np.array([(1 << 18) + 4000, 1 << 20, 9], np.int32)
+    tail = rng.integers(0, 9, (T, 5)).astype(np.int32)
+    got, cnt, t2 = jax.jit(S._compact_bracket)(*map(jnp.asarray, (keys, nb, tail, lo, hi)))
+    for t in range(T):
+        k = keys[t, :nb[t]].reshape(-1)
+        want = k[(k >= lo[t]) & (k < hi[t])]
+        assert int(cnt[t]) == want.size
+        np.testing.assert_array_equal(np.asarray(got[t])[:want.size], want[:C])
+    assert 0 < int(cnt[0]) <= C and int(cnt[1]) == 7 * w > C and int(cnt[2]) == 0
+    np.testing.assert_array_equal(np.asarray(t2), tail)

@@ -1328,6 +1328,12 @@ _G_PASSES = 7  # counting phases before the histogram fallback
 _G_READ = 1 << 18  # at most this many entries of a task's bracket (all leaves) are read out
 _G_SAMPLE = 4096  # sampled entries per leaf and task (at most 1/32 of the leaf)
 _G_CS0 = np.array([-7.0, -4.0, -2.2, -1.0, -0.3, 0.3, 1.0, 2.2, 4.0, 7.0])  # first thresholds, in sample sigmas
+# ... where the next phase can read the bracket out (unsharded leaves): one packed count, ~0.65x the time of two. Each
+# bracket between them then fits the read-out (at most 1.6 errors: ~0.13% of the entries on bench_methods.py's tree
+# at density 0.2), and the k-th key falls outside them in ~1.6% of searches (see _GSearch.after_miss)
+_G_CS0_READ = np.array([-2.4, -0.8, 0.0, 0.8, 2.4])
+# after a miss of the first thresholds, the next at 1 + (these - 1) times the outermost's errors (at least 1) beyond it
+_G_CS_MISS = np.array([1.12, 1.3, 1.5, 1.75, 2.1, 2.5, 3.1, 4.0, 5.2, 7.0])
 _G_CS = np.array([-3.5, -2.0, -1.1, -0.5, -0.15, 0.15, 0.5, 1.1, 2.0, 3.5])  # later thresholds, in expected errors
 _G_J = 2 * _J  # thresholds per counting phase (two packed counts)
 _G_TIED = 3  # sampled keys counted (at x and x + 1) for a bracket whose sampled keys repeat
@@ -1371,19 +1377,19 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
         rows = src(lambda a: a)
         if read:  # read-only: the bracket's entries per block and the read-out, no counts (see above)
             parts = [_read_out(r, f, C) for r, f in zip(rows, _bracket_blocks(rows, lo, hi))]
-            out = tuple(jnp.concatenate(z) for z in zip(*parts))
+            out = _compact_bracket(*(jnp.concatenate(z) for z in zip(*parts)), lo, hi)
         else:  # every task vector's counts in one reduction (the base read once)
             out = _count_pass_rows([r[None] for r in rows], ts, lo, hi, True, snaps=snaps)
         return (uncounted() + out) if read else (out + no_read())
 
     def uncounted():  # the counts and snaps of a phase that read out (or skipped): neutral values
-        return jnp.zeros((T, _G_J), jnp.int32), jnp.full((T,), _I32_MIN), jnp.full((T,), _I32_MAX)
+        return jnp.zeros((T, ts.shape[1]), jnp.int32), jnp.full((T,), _I32_MIN), jnp.full((T,), _I32_MAX)
 
     def no_read():  # the read-out's outputs, empty (the branches of a conditional agree)
         if not C:
             return ()
         main, tail = jax.eval_shape(lambda: _blocks(jnp.zeros((1,) + (state.tau.shape[1:] or (1,)), jnp.float32)))
-        return (jnp.zeros((T, C, main.shape[-1]), jnp.int32), jnp.zeros((T,), jnp.int32),
+        return (jnp.zeros((T, C), jnp.int32), jnp.zeros((T,), jnp.int32),
                 jnp.zeros((T, tail.shape[-1]), jnp.int32))
 
     def skip():
@@ -1434,23 +1440,38 @@ def _first_true(mask: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
     """Per row of the bool ``mask`` (R, L), the indices of its first ``K`` True entries in order (slots past their
     number hold -1) and that number: ``(R, K)``, ``(R,)`` int32 (``jnp.nonzero(row, size=K)`` per row).
 
-    The mask is packed 32 entries to a uint32 word; a prefix sum of the words' population counts (L / 32 entries)
-    is searched at ``1..K`` for the word holding each True entry, and its bit is found by halving the word five
+    The mask is packed 32 entries to a uint32 word; from a prefix sum of the words' population counts (L / 32
+    entries) each True entry's word is found (:func:`_first_true_words`), and its bit by halving the word five
     times (population counts of the lower halves). XLA:CPU's prefix sum (a windowed reduction) costs ~16 adds per
     entry, so summing words instead of entries makes this 3-5x faster than a prefix sum of the mask (a
-    ``(3, 90112)`` mask, K = 1024: 0.17 against 0.86 ms; ``(3, 32773)``, K = 2048: 0.24 against 0.72 ms for
-    ``jnp.nonzero``)."""
+    ``(3, 90112)`` mask, K = 1024: 0.17 against 0.86 ms with a binary search per slot; ``(3, 32773)``, K = 2048:
+    0.24 against 0.72 ms for ``jnp.nonzero``)."""
     R, L = mask.shape
     nw = -(-L // 32)
     m = jnp.pad(mask, ((0, 0), (0, nw * 32 - L))).reshape(R, nw, 32).astype(jnp.uint32)
     # sums of distinct bits: the words
     words = jnp.sum(m << lax.broadcasted_iota(jnp.uint32, m.shape, 2), axis=2, dtype=jnp.uint32)
+    return _first_true_words(words, K)
+
+
+def _first_true_words(words: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`_first_true` of a mask given as its uint32 words ``(R, nw)`` (entry ``32 * i + b`` is bit ``b`` of
+    word ``i``).
+
+    Each word holding set bits writes its index into the slot of its first one (the exclusive prefix sum of the
+    population counts; slots from ``K`` up are dropped), and a running maximum over the slots fills those of its
+    later bits: 1.4-2x faster than a binary search of the prefix sums per slot (``jnp.searchsorted``: ~12 dependent
+    gathers each), as the scatter and the running maximum cost a few operations per word and slot."""
+    R, nw = words.shape
     pc = lax.population_count(words).astype(jnp.int32)
     cs = jnp.cumsum(pc, axis=1)
+    ex = cs - pc  # set bits before each word
+    iw = lax.broadcasted_iota(jnp.int32, words.shape, 1)
+    dest = jnp.where(pc > 0, ex, np.int32(K) + iw)  # distinct slots; words without set bits: past K (dropped)
+    slots = jax.vmap(lambda d, i: jnp.zeros((K,), jnp.int32).at[d].set(i, mode="drop", unique_indices=True))(dest, iw)
+    wi = lax.cummax(slots, axis=1)  # the word of each slot's set bit
     q = jnp.arange(1, K + 1, dtype=jnp.int32)
-    wi = jax.vmap(lambda c: jnp.searchsorted(c, q, method="scan"))(cs)  # the word of the q-th True entry
-    wi = jnp.minimum(wi, nw - 1).astype(jnp.int32)
-    r = q[None] - (jnp.take_along_axis(cs, wi, 1) - jnp.take_along_axis(pc, wi, 1))  # its rank in the word
+    r = q[None] - jnp.take_along_axis(ex, wi, 1)  # its rank in the word
     w = jnp.take_along_axis(words, wi, 1)
     bit = jnp.zeros(w.shape, jnp.uint32)
     for step in (16, 8, 4, 2, 1):  # the r-th set bit: in the upper half of the window when r exceeds the lower's
@@ -1489,6 +1510,19 @@ def _read_out(row: jax.Array, blocks_inside: jax.Array, C: int):
     return keys[None], cnt, _keys(tail, True)
 
 
+def _compact_bracket(keys: jax.Array, nblocks: jax.Array, tail: jax.Array, lo: jax.Array, hi: jax.Array) -> tuple:
+    """The read-out's keys (``(T, C, w)`` blocks, the first ``nblocks`` of each row valid) reduced to those in the
+    bracket ``lo <= key < hi``, in flat order: ``(T, C)`` (junk past the number), their number ``(T,)``, and the tail
+    as given. The host checks that number against the counts; a leaf's bracket holds at most ``C`` entries when it
+    reads out (:meth:`_GSearch.readable`), so the host sorts through the bracket's keys alone, not every key of
+    their blocks (~30x as many: most flagged blocks hold one key of the bracket)."""
+    T, C, w = keys.shape
+    valid = jnp.arange(C, dtype=jnp.int32)[None, :, None] < nblocks[:, None, None]
+    inb = valid & (_u32(keys - lo[:, None, None]) < _u32(hi - lo)[:, None, None])
+    idx, cnt = _first_true(inb.reshape(T, C * w), C)
+    return jnp.take_along_axis(keys.reshape(T, C * w), jnp.maximum(idx, 0), 1), cnt, tail
+
+
 class _GSearch:
     """Host state of one global top-k search per task: the bracket ``lo <= v < hi`` with its counts
     (in total and per leaf), as :func:`_narrow` / :func:`_next_thresholds` keep it per row, in int64."""
@@ -1505,6 +1539,8 @@ class _GSearch:
         total = int(self.sizes.sum())
         self.active = (self.ks > 0) & (self.ks < total)
         self.samples: dict[int, tuple] = {}  # per task: sampled keys, their leaves, the leaves' weights
+        self.spread: dict[int, tuple[int, float]] = {}  # per task: k and the sample's error in G at k (entries)
+        self.edges = (float(_G_CS0[0]), float(_G_CS0[-1]))  # the first thresholds' outermost, in those errors
         self.no_read = False  # set when a read-only phase left a search open: later phases count
         self._sorted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -1603,6 +1639,37 @@ class _GSearch:
         out = np.sort(np.concatenate([near, near + 1]))
         return out[(out > lo) & (out < hi)]
 
+    def sample_thresholds(self, t: int, cs: np.ndarray) -> np.ndarray:
+        """Task ``t``'s sampled keys at the estimated ``G = k + cs * sd`` (``sd`` the sample's error at k), ascending
+        for ``cs`` descending."""
+        up, cwu = self._sorted_sample(t)  # the one sort of the sample, read here from its high end
+        down, cw = up[::-1], _weights_from_top(cwu)  # cw[j]: estimated #{key >= down[j]}
+        kt, sd = self.spread[t]
+        pos = np.searchsorted(cw, kt + cs * sd)  # from high G (low key) to low G
+        return _distinct(np.clip(down[np.clip(pos, 0, up.size - 1)], 1, int(_INF_KEY)), up,
+                         int(down[min(int(np.searchsorted(cw, kt)), up.size - 1)]))
+
+    def after_miss(self, ts: np.ndarray, first: np.ndarray) -> np.ndarray:
+        """``ts`` (the next thresholds) with those of a task whose k-th key fell outside the first phase's
+        thresholds ``first`` (the sample's estimate off by more than their ``_G_CS0`` errors; about 1.6% of searches)
+        placed at sampled keys further out on that side (``_G_CS_MISS``: from 1.12 to 7 times the outermost's errors
+        for the five of ``_G_CS0_READ``), where interpolating over a bracket that reaches an end of the key range would
+        take several phases."""
+        ts = ts.copy()
+        for t in np.flatnonzero(~self.done()):
+            lo, hi = self.lo[t], self.hi[t]
+            below, above = hi <= first[t].min(), lo >= first[t].max()
+            if t not in self.samples or not (below or above):
+                continue
+            c = self.edges[1] if below else self.edges[0]  # the first thresholds' outermost on that side
+            step = max(abs(c), 1.0) * (_G_CS_MISS - 1.0)  # further out: a larger G below the thresholds, smaller above
+            cs = (c + step)[::-1] if below else c - step  # descending: ascending keys
+            cand = np.unique(self.sample_thresholds(t, cs))
+            cand = cand[(cand > lo) & (cand < hi)]
+            if cand.size:
+                ts[t] = np.concatenate([cand, np.full(_G_J - cand.size, cand[-1])])[:_G_J]
+        return ts
+
     def _sorted_sample(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Task ``t``'s sampled keys ascending and their cumulative weights (sorted once, for the first thresholds;
         later phases read them again for heavily tied brackets)."""
@@ -1618,21 +1685,28 @@ class _GSearch:
         keys did not all come back (a leaf that could not read out: sharded) keeps its counting bracket."""
         if not all("read_keys" in c and bool(c["read_done"]) for c, n in zip(collected, self.sizes) if n):
             return
-        got = [(np.asarray(c["read_keys"]), np.asarray(c["read_blocks"]), np.asarray(c["read_tail"])) if n else None
-               for c, n in zip(collected, self.sizes)]
-        L = len(got)
-        for t in np.flatnonzero(~self.done()):
+        L = len(collected)
+        open_ = np.flatnonzero(~self.done())
+        parts: dict[int, list] = {int(t): [] for t in open_}  # per task: every leaf's read keys, then their leaves
+        sizes: dict[int, list] = {int(t): [] for t in open_}
+        for c, n in zip(collected, self.sizes):
+            if not n:
+                for t in parts:
+                    sizes[t].append(0)
+                continue
+            rk, rb, rt = np.asarray(c["read_keys"]), np.asarray(c["read_blocks"]), np.asarray(c["read_tail"])
+            for t in parts:
+                kk = rk[t, :int(rb[t])].reshape(-1)
+                parts[t] += [kk, rt[t]]
+                sizes[t].append(kk.size + rt[t].size)
+        for t in parts:
             lo, hi = int(self.lo[t]), int(min(self.hi[t], int(_TOP)))
             glo, ghi = self.glo_i[:, t], self.ghi_i[:, t]
-            keys, leaf = [], []  # the bracket's keys and their leaves
-            for i, g in enumerate(got):
-                for kk in (g[0][t, :int(g[1][t])], g[2][t]) if g is not None else ():
-                    # lo <= key < hi as one unsigned compare (keys and lo are >= 0: no overflow)
-                    kk = kk[(kk - np.int32(lo)).view(np.uint32) < np.uint32(hi - lo)]
-                    keys.append(kk)
-                    leaf.append(np.full(kk.size, i, np.int32))
-            inside = np.concatenate(keys) if keys else np.zeros(0, np.int32)
-            leaf = np.concatenate(leaf) if leaf else np.zeros(0, np.int32)
+            keys = np.concatenate(parts[t]) if parts[t] else np.zeros(0, np.int32)
+            # lo <= key < hi as one unsigned compare (keys and lo are >= 0: no overflow), over every leaf's keys at once
+            sel = (keys - np.int32(lo)).view(np.uint32) < np.uint32(hi - lo)
+            inside = keys[sel]
+            leaf = np.repeat(np.arange(L, dtype=np.int32), sizes[t])[sel]  # the bracket's keys' leaves
             if np.any(np.bincount(leaf, minlength=L) != glo - ghi):
                 continue  # not every key of the bracket came back (not read out this phase): keep counting
             r = int(self.ks[t] - ghi.sum())  # the k-th key is the r-th largest inside (G(lo) >= k > G(hi))
@@ -1748,7 +1822,8 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
     Ties at the threshold are broken by leaf order, then by flat index. Read the leaf's mask with
     :func:`global_topk_mask` in the update that follows.
 
-    How: a strided sample of every leaf gives the first thresholds; each counting phase counts, per
+    How: a strided sample of every leaf gives the first thresholds (five where the next phase can read the bracket
+    out, else ten); each counting phase counts, per
     leaf and task, the entries at or above ten thresholds in one read (the packed counts of
     :func:`topk_mask_rows`), the host sums the counts and narrows the bracket of the k-th key (counts
     per leaf are kept, so tied entries are split in leaf order without another pass). On smooth data
@@ -1780,7 +1855,8 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         target = min(_G_SAMPLE, max(n // 32, 1))
         keys = jnp.stack([_keys(_sample(r, target), True).reshape(-1) for r in rows]) if n else \
             jnp.zeros((len(rows), 0), jnp.int32)
-        return {"keys": keys, "n": jnp.int32(n)}
+        # whether the phase after the first can read its bracket out here (see _G_CS0_READ)
+        return {"keys": keys, "n": jnp.int32(n), "read": jnp.asarray(not n or _read_allowed())}
 
     def finalize_sample(collected, hps):
         T, L = collected[0]["keys"].shape[0], len(collected)
@@ -1792,25 +1868,29 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         counts = np.array([kk.shape[1] for kk in keys], np.int64)
         wl = sizes / np.maximum(counts, 1)  # a sampled key's weight: its leaf's entries per sampled entry
         leaf = np.repeat(np.arange(L, dtype=np.int64), counts)
-        ts = np.zeros((T, _G_J), np.int64)
+        cs0 = _G_CS0_READ if all(bool(c.get("read", False)) for c in collected) else _G_CS0
+        search.edges = (float(cs0[0]), float(cs0[-1]))
+        # the sample's error at k: with the few first thresholds of a read-out, from the weighted sample's effective
+        # size (leaves of different sizes weigh their keys differently: a 7B model's ~0.93M sampled keys count as
+        # ~0.13M, and 2.4 errors from the plain count would be ~0.9 true ones); the ten spread over 7 errors keep
+        # the plain count (their phases as before)
+        n_eff = max(total ** 2 / max(float(np.sum(counts * wl ** 2)), 1.0), 1.0) if cs0 is _G_CS0_READ else \
+            float(max(int(counts.sum()), 1))
+        ts = np.zeros((T, cs0.size), np.int64)
         allk = np.concatenate(keys, axis=1).astype(np.int64)  # (T, sampled entries of all leaves)
         for t in range(T):
             kt = min(max(int(ks[t]), 1), max(total, 1))
             sk = allk[t]
             if sk.size == 0:
-                ts[t] = np.arange(1, _G_J + 1)
+                ts[t] = np.arange(1, cs0.size + 1)
                 continue
             search.samples[t] = (sk, leaf, wl)
-            up, cwu = search._sorted_sample(t)  # the one sort of the sample, read here from its high end
-            down, cw = up[::-1], _weights_from_top(cwu)  # cw[j]: estimated #{key >= down[j]}
-            sd = np.sqrt(kt * max(1.0 - kt / max(total, 1), 0.0) * total / sk.size) + 1.0
-            pos = np.searchsorted(cw, kt + _G_CS0[::-1] * sd)  # from high G (low key) to low G
-            ts[t] = _distinct(np.clip(down[np.clip(pos, 0, sk.size - 1)], 1, int(_INF_KEY)), sk,
-                              int(down[min(int(np.searchsorted(cw, kt)), sk.size - 1)]))
+            search.spread[t] = (kt, np.sqrt(kt * max(1.0 - kt / max(total, 1), 0.0) * total / n_eff) + 1.0)
+            ts[t] = search.sample_thresholds(t, cs0[::-1])
         token = _g_put({"search": search, "ts": ts})
         return _g_out(search, ts, token, L)
 
-    def finalize_count(collected, hps, last):
+    def finalize_count(collected, hps, last, first):
         token = int(collected[0]["token"])
         carry = _G_CARRY[token]
         search, ts = carry["search"], carry["ts"]
@@ -1821,7 +1901,8 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
             search.read_out(collected)
             if not any(bool(c.get("read_done", False)) for c in collected):  # a phase that read out counted nothing
                 search.narrow(ts, counts_i, below, above)
-                carry["ts"] = ts = search.next_thresholds(below, above)
+                nts = search.next_thresholds(below, above)
+                carry["ts"] = ts = search.after_miss(nts, ts) if first else nts
             elif not np.all(search.done()):  # a read-out that did not end every search (not expected: the host
                 search.no_read = True  # checked the capacities): the next phase counts the same thresholds
         if last:
@@ -1911,7 +1992,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
     for i, cn in enumerate(c_names):
         last = i == _G_PASSES - 1
         phases.append(StatsPhase(cn, lambda state, hp, cn=cn, i=i: _g_count(state, state.stats[prev_of[cn]], i > 0),
-                                 lambda collected, hps, last=last: finalize_count(collected, hps, last),
+                                 lambda collected, hps, last=last, i=i: finalize_count(collected, hps, last, i == 0),
                                  skip=lambda so_far, hps, cn=cn, last=last: skip_count(so_far, hps, cn, last)))
     phases += [StatsPhase(hi_name, collect_hi, finalize_hi, skip=skip_hi),
                StatsPhase(name, collect_lo, finalize_lo, skip=skip_lo)]
