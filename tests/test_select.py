@@ -1065,3 +1065,28 @@ def test_compact_bracket_keeps_the_bracket_keys_of_the_valid_blocks():
         np.testing.assert_array_equal(np.asarray(got[t])[:want.size], want[:C])
     assert 0 < int(cnt[0]) <= C and int(cnt[1]) == 7 * w > C and int(cnt[2]) == 0
     np.testing.assert_array_equal(np.asarray(t2), tail)
+
+
+def test_fits_read_out_estimates_each_leafs_share_of_a_bracket():
+    """The five first thresholds are kept only when the weighted sample puts every bracket between them within the
+    read-out (:meth:`select._GSearch.fits_read_out`): a leaf's share is its size times the bracket's fraction among the
+    sampled keys of its size class. Spread keys fit; a leaf whose keys crowd into one bracket does not, and a bracket
+    holding more than the read-out in all does not."""
+    rng = np.random.default_rng(2)
+    sizes = np.array([1 << 20, 1 << 20, 1 << 12])
+    counts = np.array([4096, 4096, 128])
+    caps = np.array([S._read_capacity(int(n)) for n in sizes], np.float64)
+    ts = np.array([400_000, 499_000, 500_000, 501_000, 600_000])
+
+    def search(crowd):
+        keys = [rng.integers(0, 1_000_000, c) for c in counts]
+        if crowd:
+            keys[1][:400] = rng.integers(500_000, 501_000, 400)  # ~10% of leaf 1 in one bracket: ~100k entries
+        s = S._GSearch(np.array([1 << 20]), sizes)
+        leaf = np.repeat(np.arange(3), counts)
+        s.samples[0] = (np.concatenate(keys).astype(np.int64), leaf, sizes / counts)
+        return s
+
+    assert search(False).fits_read_out(0, ts[1:4], caps)  # ~0.1% of each leaf per bracket: ~1k of 2048
+    assert not search(True).fits_read_out(0, ts[1:4], caps)
+    assert not search(False).fits_read_out(0, ts[[0, 4]], caps)  # ~20% of every leaf

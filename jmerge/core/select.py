@@ -1329,10 +1329,12 @@ _G_READ = 1 << 18  # at most this many entries of a task's bracket (all leaves) 
 _G_SAMPLE = 4096  # sampled entries per leaf and task (at most 1/32 of the leaf)
 _G_CS0 = np.array([-7.0, -4.0, -2.2, -1.0, -0.3, 0.3, 1.0, 2.2, 4.0, 7.0])  # first thresholds, in sample sigmas
 # ... where the next phase can read the bracket out (unsharded leaves): one packed count, ~0.65x the time of two. Each
-# bracket between them then fits the read-out (at most 1.6 errors: ~0.13% of the entries on bench_methods.py's tree
-# at density 0.2), and the k-th key falls outside them in ~1.6% of searches (see _GSearch.after_miss)
-_G_CS0_READ = np.array([-2.4, -0.8, 0.0, 0.8, 2.4])
+# bracket between them should fit the read-out (at most 1.5 errors: ~0.14% of the entries on bench_methods.py's tree
+# at density 0.2; checked on the sample first, _GSearch.fits_read_out), and the k-th key falls outside them in ~2% of
+# searches (see _GSearch.after_miss)
+_G_CS0_READ = np.array([-2.3, -0.8, 0.0, 0.8, 2.3])
 # after a miss of the first thresholds, the next at 1 + (these - 1) times the outermost's errors (at least 1) beyond it
+_G_FIT = 0.9  # the five first thresholds are taken when the sample puts each bracket within this share of the read-out
 _G_CS_MISS = np.array([1.12, 1.3, 1.5, 1.75, 2.1, 2.5, 3.1, 4.0, 5.2, 7.0])
 _G_CS = np.array([-3.5, -2.0, -1.1, -0.5, -0.15, 0.15, 0.5, 1.1, 2.0, 3.5])  # later thresholds, in expected errors
 _G_J = 2 * _J  # thresholds per counting phase (two packed counts)
@@ -1543,6 +1545,7 @@ class _GSearch:
         self.edges = (float(_G_CS0[0]), float(_G_CS0[-1]))  # the first thresholds' outermost, in those errors
         self.no_read = False  # set when a read-only phase left a search open: later phases count
         self._sorted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._sorted_leaf: dict[int, np.ndarray] = {}  # per task: the sorted sample's leaves
 
     def done(self) -> np.ndarray:
         glo = self.glo_i.sum(0)
@@ -1651,7 +1654,7 @@ class _GSearch:
 
     def after_miss(self, ts: np.ndarray, first: np.ndarray) -> np.ndarray:
         """``ts`` (the next thresholds) with those of a task whose k-th key fell outside the first phase's
-        thresholds ``first`` (the sample's estimate off by more than their ``_G_CS0`` errors; about 1.6% of searches)
+        thresholds ``first`` (the sample's estimate off by more than their ``_G_CS0_READ`` errors; about 2% of searches)
         placed at sampled keys further out on that side (``_G_CS_MISS``: from 1.12 to 7 times the outermost's errors
         for the five of ``_G_CS0_READ``), where interpolating over a bracket that reaches an end of the key range would
         take several phases."""
@@ -1677,7 +1680,27 @@ class _GSearch:
             sk, leaf, wl = self.samples[t]
             up, g = _sorted_keys(sk, leaf)
             self._sorted[t] = (up, np.cumsum(wl[g]))
+            self._sorted_leaf[t] = g
         return self._sorted[t]
+
+    def fits_read_out(self, t: int, ts: np.ndarray, caps: np.ndarray) -> bool:
+        """Whether each bracket between neighbouring thresholds ``ts`` (ascending) of task ``t`` is expected to fit the
+        read-out (:meth:`readable`), estimated from the weighted sample: each leaf's share at most ``_G_FIT`` of its
+        capacity ``caps``, the whole at most ``_G_FIT * _G_READ``. A leaf's share is its size times the fraction of
+        the bracket among the sampled keys of all leaves of its size (a few sampled keys per leaf and bracket would
+        be too noisy alone). Leaves that differ (an embedding's updates ten times smaller than the layers') can crowd
+        their entries into one bracket."""
+        up, _ = self._sorted_sample(t)
+        g, wl = self._sorted_leaf[t], self.samples[t][2]
+        size, group = np.unique(self.sizes, return_inverse=True)
+        drawn = np.bincount(group, weights=self.sizes / wl, minlength=size.size)  # sampled keys per size
+        a = np.searchsorted(up, ts)
+        for i0, i1 in zip(a[:-1], a[1:]):
+            share = np.bincount(group[g[i0:i1]], minlength=size.size) / np.maximum(drawn, 1.0)
+            est = share[group] * self.sizes
+            if est.sum() > _G_FIT * _G_READ or np.any(est > _G_FIT * caps):
+                return False
+        return True
 
     def read_out(self, collected) -> None:
         """Ends every open search from the keys of its bracket read out by a counting phase (:func:`_g_count`):
@@ -1868,25 +1891,32 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         counts = np.array([kk.shape[1] for kk in keys], np.int64)
         wl = sizes / np.maximum(counts, 1)  # a sampled key's weight: its leaf's entries per sampled entry
         leaf = np.repeat(np.arange(L, dtype=np.int64), counts)
-        cs0 = _G_CS0_READ if all(bool(c.get("read", False)) for c in collected) else _G_CS0
-        search.edges = (float(cs0[0]), float(cs0[-1]))
-        # the sample's error at k: with the few first thresholds of a read-out, from the weighted sample's effective
-        # size (leaves of different sizes weigh their keys differently: a 7B model's ~0.93M sampled keys count as
-        # ~0.13M, and 2.4 errors from the plain count would be ~0.9 true ones); the ten spread over 7 errors keep
-        # the plain count (their phases as before)
-        n_eff = max(total ** 2 / max(float(np.sum(counts * wl ** 2)), 1.0), 1.0) if cs0 is _G_CS0_READ else \
-            float(max(int(counts.sum()), 1))
-        ts = np.zeros((T, cs0.size), np.int64)
         allk = np.concatenate(keys, axis=1).astype(np.int64)  # (T, sampled entries of all leaves)
+        kts = [min(max(int(ks[t]), 1), max(total, 1)) for t in range(T)]
         for t in range(T):
-            kt = min(max(int(ks[t]), 1), max(total, 1))
-            sk = allk[t]
-            if sk.size == 0:
-                ts[t] = np.arange(1, cs0.size + 1)
-                continue
-            search.samples[t] = (sk, leaf, wl)
-            search.spread[t] = (kt, np.sqrt(kt * max(1.0 - kt / max(total, 1), 0.0) * total / n_eff) + 1.0)
-            ts[t] = search.sample_thresholds(t, cs0[::-1])
+            if allk[t].size:
+                search.samples[t] = (allk[t], leaf, wl)
+        caps = np.array([_read_capacity(int(n)) for n in sizes], np.float64)
+        # The five first thresholds where the next phase can read out and the sample expects each bracket between
+        # them to fit (else, or on sharded leaves, the ten). Their errors come from the weighted sample's effective
+        # size (leaves of different sizes weigh their keys differently: a 7B model's ~0.93M sampled keys count as
+        # ~0.13M, and 2.3 errors from the plain count would be ~0.9 true ones); the ten spread over 7 errors keep the
+        # plain count (their phases as before).
+        read = all(bool(c.get("read", False)) for c in collected)
+        for cs0 in ((_G_CS0_READ, _G_CS0) if read else (_G_CS0,)):
+            n_eff = max(total ** 2 / max(float(np.sum(counts * wl ** 2)), 1.0), 1.0) if cs0 is _G_CS0_READ else \
+                float(max(int(counts.sum()), 1))
+            ts = np.zeros((T, cs0.size), np.int64)
+            for t in range(T):
+                if t not in search.samples:
+                    ts[t] = np.arange(1, cs0.size + 1)
+                    continue
+                kt = kts[t]
+                search.spread[t] = (kt, np.sqrt(kt * max(1.0 - kt / max(total, 1), 0.0) * total / n_eff) + 1.0)
+                ts[t] = search.sample_thresholds(t, cs0[::-1])
+            if cs0 is _G_CS0 or all(search.fits_read_out(t, ts[t], caps) for t in search.samples):
+                break
+        search.edges = (float(cs0[0]), float(cs0[-1]))
         token = _g_put({"search": search, "ts": ts})
         return _g_out(search, ts, token, L)
 
