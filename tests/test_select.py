@@ -597,20 +597,27 @@ def test_search_lattice_rows_snap_to_their_keys(monkeypatch):
     assert total <= 150, total
 
 
+def _finetuned(seed, shapes):
+    """A float32 base ~ N(0, 1) of ``shapes``, three fine-tunes ``base + 0.01 N(0, 1)``, and the task vectors stacked per
+    leaf in sorted name order (what :func:`ref_global` takes)."""
+    rng = np.random.default_rng(seed)
+    base = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    models = [{n: base[n] + (0.01 * rng.normal(size=s)).astype(np.float32) for n, s in shapes.items()}
+              for _ in range(3)]
+    taus = [np.stack([m[n] - base[n] for m in models]) for n in sorted(shapes)]
+    return base, models, taus
+
+
 def test_global_search_float32_task_vectors_take_few_phases(monkeypatch):
     """The whole-model search on float32 ``model - base`` task vectors (values on a lattice: thousands of entries
     per sampled key in the first bracket, too many distinct keys within the sample's error for the tied-key pairs):
     4 counting phases per search here (19 in all before: tied pairs counted where the estimate could not reach,
     and only an unmoved bracket end snapped); masks equal NumPy's."""
-    rng = np.random.default_rng(8)
     shapes = {"a": (1024, 1024), "b": (1024, 2816), "c": (2816, 1024), "d": (1024,)}
     phases = []
     narrow = S._GSearch.narrow
     monkeypatch.setattr(S._GSearch, "narrow", lambda self, *a: (phases.append(1), narrow(self, *a))[1])
-    base = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
-    models = [{n: base[n] + (0.01 * rng.normal(size=s)).astype(np.float32) for n, s in shapes.items()}
-              for _ in range(3)]
-    taus = [np.stack([m[n] - base[n] for m in models]) for n in sorted(shapes)]
+    base, models, taus = _finetuned(8, shapes)
     for dens in (0.2, 0.5, 0.9, 0.01):
         _, extras = jmerge.merge(_global_method(density=dens), base, models, return_extras=True)
         for n, w in zip(sorted(shapes), ref_global(taus, [dens] * 3)):
@@ -672,12 +679,8 @@ def test_global_search_reads_out_the_bracket_after_one_counting_phase(monkeypatc
     (three), and under the default whole-sort limit (how sharded leaves are declared) not at all (four). A phase
     that reads out counts nothing (the host already knows the bracket's entries per leaf): every phase but that
     one narrows the bracket from counts."""
-    rng = np.random.default_rng(21)
     shapes = {"a": (1024, 1024), "b": (1024, 2816), "c": (37, 5), "d": (1024,)}
-    base = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
-    models = [{n: base[n] + (0.01 * rng.normal(size=s)).astype(np.float32) for n, s in shapes.items()}
-              for _ in range(3)]
-    taus = [np.stack([m[n] - base[n] for m in models]) for n in sorted(shapes)]
+    base, models, taus = _finetuned(21, shapes)
     counted, narrowed = [], []  # phases run while a search was open; phases that narrowed from counts
     narrow, read_out = S._GSearch.narrow, S._GSearch.read_out
     monkeypatch.setattr(S._GSearch, "narrow", lambda self, *a: (narrowed.append(1), narrow(self, *a))[1])
@@ -710,12 +713,8 @@ def test_global_first_counting_phase_counts_without_snaps(monkeypatch):
 
     monkeypatch.setattr(S, "_count_pass_rows", recording)
     jax.clear_caches()  # every phase's program traced here
-    rng = np.random.default_rng(8)
     shapes = {"a": (256, 640), "b": (4099,)}
-    base = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
-    models = [{n: base[n] + (0.01 * rng.normal(size=s)).astype(np.float32) for n, s in shapes.items()}
-              for _ in range(3)]
-    taus = [np.stack([m[n] - base[n] for m in models]) for n in sorted(shapes)]
+    base, models, taus = _finetuned(8, shapes)
     with S.whole_sort_limit(S._SORT_MAX):
         _, extras = jmerge.merge(_global_method(density=0.2), base, models, return_extras=True)
     for n, w in zip(sorted(shapes), ref_global(taus, [0.2] * 3)):
@@ -1012,15 +1011,11 @@ def test_count_pass_rows_equals_one_row_at_a_time(shape, J):
 
 def test_global_search_after_a_missed_first_phase(monkeypatch):
     """When the k-th key falls outside the first counting phase's thresholds (the sample's estimate off by more than
-    their ``_G_CS0`` errors, made certain here by thresholds 0.01 errors apart), the next phase counts at sampled keys
+    their ``_G_CS0_READ`` errors, made certain here by thresholds 0.01 errors apart), the next phase counts at sampled keys
     further out on that side (:meth:`select._GSearch.after_miss`) instead of interpolating over a bracket that reaches
     the key range's end: fewer phases than without, every search ends, and the masks equal NumPy's."""
-    rng = np.random.default_rng(5)
     shapes = {"a": (1024, 1024), "b": (1024, 2816), "c": (37, 5), "d": (1024,)}
-    base = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
-    models = [{n: base[n] + (0.01 * rng.normal(size=s)).astype(np.float32) for n, s in shapes.items()}
-              for _ in range(3)]
-    taus = [np.stack([m[n] - base[n] for m in models]) for n in sorted(shapes)]
+    base, models, taus = _finetuned(5, shapes)
     monkeypatch.setattr(S, "_G_CS0_READ", np.array([-0.02, -0.01, 0.0, 0.01, 0.02]))
     phases, missed = [], []
     narrow, after_miss = S._GSearch.narrow, S._GSearch.after_miss

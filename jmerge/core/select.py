@@ -1333,8 +1333,8 @@ _G_CS0 = np.array([-7.0, -4.0, -2.2, -1.0, -0.3, 0.3, 1.0, 2.2, 4.0, 7.0])  # fi
 # at density 0.2; checked on the sample first, _GSearch.fits_read_out), and the k-th key falls outside them in ~2% of
 # searches (see _GSearch.after_miss)
 _G_CS0_READ = np.array([-2.3, -0.8, 0.0, 0.8, 2.3])
-# after a miss of the first thresholds, the next at 1 + (these - 1) times the outermost's errors (at least 1) beyond it
 _G_FIT = 0.9  # the five first thresholds are taken when the sample puts each bracket within this share of the read-out
+# after a miss of the first thresholds, the next at 1 + (these - 1) times the outermost's errors (at least 1) beyond it
 _G_CS_MISS = np.array([1.12, 1.3, 1.5, 1.75, 2.1, 2.5, 3.1, 4.0, 5.2, 7.0])
 _G_CS = np.array([-3.5, -2.0, -1.1, -0.5, -0.15, 0.15, 0.5, 1.1, 2.0, 3.5])  # later thresholds, in expected errors
 _G_J = 2 * _J  # thresholds per counting phase (two packed counts)
@@ -1390,7 +1390,7 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     def no_read():  # the read-out's outputs, empty (the branches of a conditional agree)
         if not C:
             return ()
-        main, tail = jax.eval_shape(lambda: _blocks(jnp.zeros((1,) + (state.tau.shape[1:] or (1,)), jnp.float32)))
+        _, tail = jax.eval_shape(lambda: _blocks(jnp.zeros((1,) + (state.tau.shape[1:] or (1,)), jnp.float32)))
         return (jnp.zeros((T, C), jnp.int32), jnp.zeros((T,), jnp.int32),
                 jnp.zeros((T, tail.shape[-1]), jnp.int32))
 
@@ -1443,8 +1443,11 @@ def _first_true(mask: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
     number hold -1) and that number: ``(R, K)``, ``(R,)`` int32 (``jnp.nonzero(row, size=K)`` per row).
 
     The mask is packed 32 entries to a uint32 word; from a prefix sum of the words' population counts (L / 32
-    entries) each True entry's word is found (:func:`_first_true_words`), and its bit by halving the word five
-    times (population counts of the lower halves). XLA:CPU's prefix sum (a windowed reduction) costs ~16 adds per
+    entries) each True entry's word is found, and its bit by halving the word five times (population counts of the
+    lower halves). Each word holding set bits writes its index into the slot of its first one (the exclusive prefix
+    sum; slots from ``K`` up are dropped), and a running maximum over the slots fills those of its later bits:
+    1.4-2x faster than a binary search of the prefix sums per slot (``jnp.searchsorted``: ~12 dependent gathers
+    each). XLA:CPU's prefix sum (a windowed reduction) costs ~16 adds per
     entry, so summing words instead of entries makes this 3-5x faster than a prefix sum of the mask (a
     ``(3, 90112)`` mask, K = 1024: 0.17 against 0.86 ms with a binary search per slot; ``(3, 32773)``, K = 2048:
     0.24 against 0.72 ms for ``jnp.nonzero``)."""
@@ -1453,18 +1456,6 @@ def _first_true(mask: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
     m = jnp.pad(mask, ((0, 0), (0, nw * 32 - L))).reshape(R, nw, 32).astype(jnp.uint32)
     # sums of distinct bits: the words
     words = jnp.sum(m << lax.broadcasted_iota(jnp.uint32, m.shape, 2), axis=2, dtype=jnp.uint32)
-    return _first_true_words(words, K)
-
-
-def _first_true_words(words: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
-    """:func:`_first_true` of a mask given as its uint32 words ``(R, nw)`` (entry ``32 * i + b`` is bit ``b`` of
-    word ``i``).
-
-    Each word holding set bits writes its index into the slot of its first one (the exclusive prefix sum of the
-    population counts; slots from ``K`` up are dropped), and a running maximum over the slots fills those of its
-    later bits: 1.4-2x faster than a binary search of the prefix sums per slot (``jnp.searchsorted``: ~12 dependent
-    gathers each), as the scatter and the running maximum cost a few operations per word and slot."""
-    R, nw = words.shape
     pc = lax.population_count(words).astype(jnp.int32)
     cs = jnp.cumsum(pc, axis=1)
     ex = cs - pc  # set bits before each word
@@ -1544,8 +1535,7 @@ class _GSearch:
         self.spread: dict[int, tuple[int, float]] = {}  # per task: k and the sample's error in G at k (entries)
         self.edges = (float(_G_CS0[0]), float(_G_CS0[-1]))  # the first thresholds' outermost, in those errors
         self.no_read = False  # set when a read-only phase left a search open: later phases count
-        self._sorted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._sorted_leaf: dict[int, np.ndarray] = {}  # per task: the sorted sample's leaves
+        self._sorted: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # keys, cumulative weights, leaves
 
     def done(self) -> np.ndarray:
         glo = self.glo_i.sum(0)
@@ -1679,9 +1669,8 @@ class _GSearch:
         if t not in self._sorted:
             sk, leaf, wl = self.samples[t]
             up, g = _sorted_keys(sk, leaf)
-            self._sorted[t] = (up, np.cumsum(wl[g]))
-            self._sorted_leaf[t] = g
-        return self._sorted[t]
+            self._sorted[t] = (up, np.cumsum(wl[g]), g)
+        return self._sorted[t][:2]
 
     def fits_read_out(self, t: int, ts: np.ndarray, caps: np.ndarray) -> bool:
         """Whether each bracket between neighbouring thresholds ``ts`` (ascending) of task ``t`` is expected to fit the
@@ -1690,8 +1679,9 @@ class _GSearch:
         the bracket among the sampled keys of all leaves of its size (a few sampled keys per leaf and bracket would
         be too noisy alone). Leaves that differ (an embedding's updates ten times smaller than the layers') can crowd
         their entries into one bracket."""
-        up, _ = self._sorted_sample(t)
-        g, wl = self._sorted_leaf[t], self.samples[t][2]
+        self._sorted_sample(t)
+        up, _, g = self._sorted[t]
+        wl = self.samples[t][2]
         size, group = np.unique(self.sizes, return_inverse=True)
         drawn = np.bincount(group, weights=self.sizes / wl, minlength=size.size)  # sampled keys per size
         a = np.searchsorted(up, ts)
