@@ -707,9 +707,9 @@ def test_global_first_counting_phase_counts_without_snaps(monkeypatch):
     calls = []
     count_rows = S._count_pass_rows
 
-    def recording(xs, ts, lo, hi, magnitude, inside=False, snaps=True):
+    def recording(xs, ts, lo, hi, magnitude, inside=False, snaps=True, sums=False):
         calls.append(snaps)
-        return count_rows(xs, ts, lo, hi, magnitude, inside, snaps)
+        return count_rows(xs, ts, lo, hi, magnitude, inside, snaps, sums)
 
     monkeypatch.setattr(S, "_count_pass_rows", recording)
     jax.clear_caches()  # every phase's program traced here
@@ -1085,3 +1085,78 @@ def test_fits_read_out_estimates_each_leafs_share_of_a_bracket():
     assert search(False).fits_read_out(0, ts[1:4], caps)  # ~0.1% of each leaf per bracket: ~1k of 2048
     assert not search(True).fits_read_out(0, ts[1:4], caps)
     assert not search(False).fits_read_out(0, ts[[0, 4]], caps)  # ~20% of every leaf
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (4099,), (7, 33), (5,)])
+def test_interval_marks_flag_each_blocks_intervals_between_the_thresholds(shape):
+    """The first whole-model counting phase marks, per block, which intervals between neighbouring thresholds hold
+    entries (:func:`select._interval_marks`, from the packed block sums the count adds anyway): bit ``j`` where some
+    key of the block has ``ts[j] <= key < ts[j + 1]`` (NumPy per block, blocks of :func:`select._blocks`; repeated
+    thresholds give empty intervals); the counts are those of the pass without marks."""
+    rng = np.random.default_rng(sum(shape))
+    rows = [rng.laplace(size=shape).astype(np.float32) for _ in range(3)]
+    keys = [np.abs(r).view(np.int32) for r in rows]
+    ts = np.stack([np.sort(np.quantile(k, [0.1, 0.3, 0.5, 0.7, 0.95]).astype(np.int64)) for k in keys])
+    ts[1, 3:] = ts[1, 2]  # two empty intervals
+    ts = jnp.asarray(ts.astype(np.int32))
+    lo, hi = jnp.zeros(3, jnp.int32), jnp.full(3, S._TOP)
+    xs = [jnp.asarray(r)[None] for r in rows]
+    out = jax.jit(lambda xs: S._count_pass_rows(xs, ts, lo, hi, True, snaps=False, sums=True))(xs)
+    plain = jax.jit(lambda xs: S._count_pass_rows(xs, ts, lo, hi, True, snaps=False))(xs)
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(plain[0]))
+    marks = np.asarray(S._interval_marks(out[3]))
+    main, _ = S._blocks(jnp.zeros((1,) + shape))
+    w, nb = main.shape[-1], int(np.prod(main.shape[1:-1]))
+    assert marks.shape == (3,) + main.shape[1:-1]
+    t = np.asarray(ts)
+    for r in range(3):
+        blk = keys[r].reshape(-1)[:nb * w].reshape(nb, w) if nb else np.zeros((0, w), np.int32)
+        want = sum(np.any((blk >= t[r, j]) & (blk < t[r, j + 1]), axis=1).astype(np.uint8) << j for j in range(4))
+        np.testing.assert_array_equal(marks[r].reshape(-1), np.asarray(want, np.uint8).reshape(-1))
+    if nb:
+        assert np.any(marks & 1) and np.any(marks & 8) and not np.any(marks[1] & 12)
+
+
+def test_marked_intervals_make_up_each_open_bracket():
+    """The host maps each open bracket to the run of first-phase intervals it spans (:meth:`select._GSearch.
+    marked_intervals`): bits ``a..b-1`` for ``[ts[a], ts[b])``, 0 for a finished search, None when an end is not one
+    of the thresholds (a miss: the read-out then flags its blocks in a pass)."""
+    first = np.array([[10, 20, 30, 40, 50], [5, 6, 7, 7, 7], [1, 2, 3, 4, 5]], np.int64)
+    s = S._GSearch(np.array([5, 5, 5]), np.array([100, 100]))
+    s.lo[:], s.hi[:] = [20, 5, 3], [40, 7, 4]  # the third done: a one-key bracket
+    assert s.marked_intervals(first).tolist() == [0b0110, 0b0011, 0]
+    s.lo[1], s.hi[1] = 7, S._TOP  # above every threshold: a miss
+    assert s.marked_intervals(first) is None
+
+
+def test_global_read_out_gathers_the_blocks_the_first_phase_marked(monkeypatch):
+    """Where the read-out follows the first counting phase, it gathers the blocks that phase marked in the bracket's
+    intervals instead of a pass flagging them; the masks equal NumPy's and those of the flagging pass (marks refused),
+    at two densities. The capacity is raised (1/8 of a leaf) so that the sample of this small tree expects every
+    bracket of the five first thresholds to fit (its 32 sampled keys of the 1024-entry leaf are too few for the
+    default). Out of core (statistics on the host) no marks are asked for."""
+    shapes = {"a": (1024, 1024), "b": (1024, 2816), "d": (1024,)}
+    base, models, taus = _finetuned(21, shapes)
+    monkeypatch.setattr(S, "_read_capacity", lambda n: max(16, n >> 3))
+    jax.clear_caches()
+    used, counted = [], []
+    marked, read_out = S._GSearch.marked_intervals, S._GSearch.read_out
+    monkeypatch.setattr(S._GSearch, "read_out", lambda self, *a: (counted.append(1), read_out(self, *a))[1])
+    for refuse in (False, True):
+        monkeypatch.setattr(S._GSearch, "marked_intervals",
+                            lambda self, first: used.append(not refuse) or (None if refuse else marked(self, first)))
+        for dens in (0.2, 0.9):
+            used.clear()
+            counted.clear()
+            _, extras = jmerge.merge(_global_method(density=dens), base, models, return_extras=True)
+            for n, w in zip(sorted(shapes), ref_global(taus, [dens] * 3)):
+                np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
+            # every search ends in the read-out after the first phase (a missed block would leave it counting)
+            assert used == [not refuse] and len(counted) == 2, (refuse, dens, used, counted)
+    outs = []
+    sample = S.global_topk_phases()[0]
+    for conv in (lambda a: a, np.asarray):  # device statistics (jmerge.merge), host ones (out of core)
+        collected = [{"keys": conv(jnp.asarray(np.arange(1, 65, dtype=np.int32).reshape(1, 64) * (i + 1))),
+                      "n": np.int32(1 << 16), "read": np.asarray(True)} for i in range(2)]
+        outs.append(sample.finalize(collected, [{"density": np.float32(0.2)}] * 2)[0])
+    assert "mark" in outs[0] and "mark" not in outs[1]
