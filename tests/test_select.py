@@ -1087,34 +1087,38 @@ def test_fits_read_out_estimates_each_leafs_share_of_a_bracket():
     assert not search(False).fits_read_out(0, ts[[0, 4]], caps)  # ~20% of every leaf
 
 
+@pytest.mark.parametrize("J", [5, 10])
 @pytest.mark.parametrize("shape", [(64, 96), (4099,), (7, 33), (5,)])
-def test_interval_marks_flag_each_blocks_intervals_between_the_thresholds(shape):
-    """The first whole-model counting phase marks, per block, which intervals between neighbouring thresholds hold
-    entries (:func:`select._interval_marks`, from the packed block sums the count adds anyway): bit ``j`` where some
-    key of the block has ``ts[j] <= key < ts[j + 1]`` (NumPy per block, blocks of :func:`select._blocks`; repeated
-    thresholds give empty intervals); the counts are those of the pass without marks."""
-    rng = np.random.default_rng(sum(shape))
+def test_interval_marks_flag_each_blocks_intervals_between_the_thresholds(shape, J):
+    """A whole-model counting phase marks, per block, which intervals between neighbouring thresholds hold entries
+    (:func:`select._interval_marks`, from the packed block sums the count adds anyway; five thresholds in one packed
+    word, ten in two): bit ``j`` where some key of the block has ``ts[j] <= key < ts[j + 1]`` (NumPy per block, blocks
+    of :func:`select._blocks`; repeated thresholds give empty intervals); the counts are those of the pass without
+    marks."""
+    rng = np.random.default_rng(sum(shape) + J)
     rows = [rng.laplace(size=shape).astype(np.float32) for _ in range(3)]
     keys = [np.abs(r).view(np.int32) for r in rows]
-    ts = np.stack([np.sort(np.quantile(k, [0.1, 0.3, 0.5, 0.7, 0.95]).astype(np.int64)) for k in keys])
-    ts[1, 3:] = ts[1, 2]  # two empty intervals
+    ts = np.stack([np.sort(np.quantile(k, np.linspace(0.1, 0.95, J)).astype(np.int64)) for k in keys])
+    ts[1, 3:] = ts[1, 2]  # empty intervals from the third on
     ts = jnp.asarray(ts.astype(np.int32))
     lo, hi = jnp.zeros(3, jnp.int32), jnp.full(3, S._TOP)
     xs = [jnp.asarray(r)[None] for r in rows]
-    out = jax.jit(lambda xs: S._count_pass_rows(xs, ts, lo, hi, True, snaps=False, sums=True))(xs)
-    plain = jax.jit(lambda xs: S._count_pass_rows(xs, ts, lo, hi, True, snaps=False))(xs)
-    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(plain[0]))
-    marks = np.asarray(S._interval_marks(out[3]))
+    out = jax.jit(lambda xs: S._count_pass_rows(xs, ts, lo, hi, True, snaps=J == 10, sums=True))(xs)
+    plain = jax.jit(lambda xs: S._count_pass_rows(xs, ts, lo, hi, True, snaps=J == 10))(xs)
+    for a, b in zip(out[:3], plain):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    marks = np.asarray(S._interval_marks(out[3], J))
     main, _ = S._blocks(jnp.zeros((1,) + shape))
     w, nb = main.shape[-1], int(np.prod(main.shape[1:-1]))
-    assert marks.shape == (3,) + main.shape[1:-1]
+    assert marks.shape == (3,) + main.shape[1:-1] and marks.dtype == (np.uint8 if J == 5 else np.uint16)
     t = np.asarray(ts)
     for r in range(3):
         blk = keys[r].reshape(-1)[:nb * w].reshape(nb, w) if nb else np.zeros((0, w), np.int32)
-        want = sum(np.any((blk >= t[r, j]) & (blk < t[r, j + 1]), axis=1).astype(np.uint8) << j for j in range(4))
-        np.testing.assert_array_equal(marks[r].reshape(-1), np.asarray(want, np.uint8).reshape(-1))
+        want = sum(np.any((blk >= t[r, j]) & (blk < t[r, j + 1]), axis=1).astype(np.int64) << j for j in range(J - 1))
+        np.testing.assert_array_equal(marks[r].reshape(-1).astype(np.int64), np.asarray(want).reshape(-1))
     if nb:
-        assert np.any(marks & 1) and np.any(marks & 8) and not np.any(marks[1] & 12)
+        top = 1 << (J - 2)
+        assert np.any(marks & 1) and np.any(marks & top) and not np.any(marks[1] & ~np.array(3, marks.dtype))
 
 
 def test_marked_intervals_make_up_each_open_bracket():
@@ -1130,29 +1134,33 @@ def test_marked_intervals_make_up_each_open_bracket():
 
 
 def test_global_read_out_gathers_the_blocks_the_first_phase_marked(monkeypatch):
-    """Where the read-out follows the first counting phase, it gathers the blocks that phase marked in the bracket's
-    intervals instead of a pass flagging them; the masks equal NumPy's and those of the flagging pass (marks refused),
-    at two densities. The capacity is raised (1/8 of a leaf) so that the sample of this small tree expects every
-    bracket of the five first thresholds to fit (its 32 sampled keys of the 1024-entry leaf are too few for the
-    default). Out of core (statistics on the host) no marks are asked for."""
+    """A read-out right after the first counting phase gathers the blocks that phase marked in the bracket's intervals
+    instead of a pass flagging them; the masks equal NumPy's and those of the flagging pass (marks refused), at two
+    densities, after a first phase of five thresholds (one packed word of marks) and of ten (two; the five refused
+    here). The capacity is raised (1/8 of a leaf) so that this small tree's bracket is read out after one phase.
+    Out of core (statistics on the host) no marks are asked for."""
     shapes = {"a": (1024, 1024), "b": (1024, 2816), "d": (1024,)}
     base, models, taus = _finetuned(21, shapes)
-    monkeypatch.setattr(S, "_read_capacity", lambda n: max(16, n >> 3))
-    jax.clear_caches()
-    used, counted = [], []
-    marked, read_out = S._GSearch.marked_intervals, S._GSearch.read_out
+    used, counted, firsts = [], [], []
+    marked, read_out, sample_thresholds = S._GSearch.marked_intervals, S._GSearch.read_out, S._GSearch.sample_thresholds
     monkeypatch.setattr(S._GSearch, "read_out", lambda self, *a: (counted.append(1), read_out(self, *a))[1])
-    for refuse in (False, True):
-        monkeypatch.setattr(S._GSearch, "marked_intervals",
-                            lambda self, first: used.append(not refuse) or (None if refuse else marked(self, first)))
-        for dens in (0.2, 0.9):
-            used.clear()
-            counted.clear()
-            _, extras = jmerge.merge(_global_method(density=dens), base, models, return_extras=True)
-            for n, w in zip(sorted(shapes), ref_global(taus, [dens] * 3)):
-                np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
-            # every search ends in the read-out after the first phase (a missed block would leave it counting)
-            assert used == [not refuse] and len(counted) == 2, (refuse, dens, used, counted)
+    monkeypatch.setattr(S._GSearch, "sample_thresholds", lambda self, t, cs: (firsts.append(cs.size),
+                                                                               sample_thresholds(self, t, cs))[1])
+    monkeypatch.setattr(S, "_read_capacity", lambda n: max(16, n >> 3))
+    jax.clear_caches()  # the capacity is static in the compiled counting phase
+    for fit in (S._G_FIT, 0.0):
+        monkeypatch.setattr(S, "_G_FIT", fit)
+        for refuse in (False, True):
+            monkeypatch.setattr(S._GSearch, "marked_intervals",
+                                lambda self, c: used.append(not refuse) or (None if refuse else marked(self, c)))
+            for dens in (0.2, 0.9):
+                used.clear(), counted.clear(), firsts.clear()
+                _, extras = jmerge.merge(_global_method(density=dens), base, models, return_extras=True)
+                for n, w in zip(sorted(shapes), ref_global(taus, [dens] * 3)):
+                    np.testing.assert_array_equal(np.asarray(extras[n]["mask"]), w)
+                # every search ends in the read-out (a block missed would leave it counting)
+                assert used == [not refuse] and len(counted) == 2, (fit, refuse, dens, used, counted)
+                assert firsts[-1] == (5 if fit else 10), firsts
     outs = []
     sample = S.global_topk_phases()[0]
     for conv in (lambda a: a, np.asarray):  # device statistics (jmerge.merge), host ones (out of core)

@@ -82,10 +82,9 @@ phase reads the bracket out instead of counting: one reduction counts the bracke
 (every task's in one reduction, a subtraction and an unsigned compare per entry),
 and the first blocks that hold any (a prefix sum of the block flags, searched) are gathered and returned; the
 host takes the k-th key from their keys and ends the search (two phases where four were needed). Where the
-first phase counts at five thresholds (the sample expects every bracket between them to fit the read-out) and the
-statistics stay on the device (``jmerge.merge``), that phase also marks per block which of the four intervals
-between its thresholds hold entries (from the block sums it adds anyway); the read-out after it then takes its
-blocks from the marks of the bracket's intervals and reads only those blocks, not the whole model. Only
+statistics stay on the device (``jmerge.merge``), the first phase also marks per block which intervals between its
+thresholds hold entries (from the block sums it adds anyway); a read-out right after it takes its blocks from the
+marks of the bracket's intervals and reads only those blocks, not the whole model. Only
 calls whose leaves are not sharded read out (the caller raised the whole-sort limit; see
 :func:`whole_sort_limit`). Where the sampled keys inside a
 task's bracket repeat, eight of the ten thresholds are the four distinct sampled keys nearest the
@@ -438,9 +437,9 @@ def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: boo
     pass's work) and returns the no-information values ``below = hi - 1``, ``above = lo + 1`` (true bounds:
     :func:`_narrow` moves no end on them). Returns ``(counts (R, J), below (R,), above (R,))``, and with
     ``inside`` the list of each row's block counts; the same integers as :func:`_count_pass` row by row. ``sums``
-    (with ``J == _J`` and no ``inside``): also the list of each row's packed block sums of the main part,
-    ``(1, *lead, blocks)`` (field ``j``: the block's entries with ``key >= ts[i, j]``), zeros where rows do not
-    combine (no main part)."""
+    (no ``inside``): also per row the list of its ``J / _J`` packed block sums of the main part, each
+    ``(1, *lead, blocks)`` (field ``j`` of word ``w``: the block's entries with ``key >= ts[i, w * _J + j]``), zeros
+    where rows do not combine (no main part)."""
     R, J = len(xs), ts.shape[1]
     W = J // _J
     parts = [_blocks(x) for x in xs]
@@ -456,7 +455,7 @@ def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: boo
         if not snaps:
             res = (res[0], hi - 1, lo + 1)
         if sums:
-            return res + ([jnp.zeros(p[0].shape[:-1], jnp.int32) for p in parts],)
+            return res + ([[jnp.zeros(p[0].shape[:-1], jnp.int32)] * W for p in parts],)
         return res + ([o[3] for o in outs],) if inside is not False else res
     col = lambda a: a.reshape((1,) * main0.ndim)
     ops, init, kinds = [], [], []
@@ -507,7 +506,7 @@ def _count_pass_rows(xs: Sequence[jax.Array], ts, lo, hi, magnitude, inside: boo
         elif inside is not False:
             flags.append(out[i * per + W + S])
         elif sums:
-            flags.append(out[i * per])
+            flags.append(list(out[i * per:i * per + W]))
     res = (jnp.concatenate(counts), jnp.concatenate(below), jnp.concatenate(above))
     return res + (flags,) if inside is not False or sums else res
 
@@ -1380,12 +1379,12 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     end a search (a third of the phase's work); the no-information values it returns instead (``hi - 1``,
     ``lo + 1``) move no end in :meth:`_GSearch.narrow`.
 
-    Marks: a first phase asked for them (``"mark"`` in ``prev``: its five thresholds, statistics kept on the device)
-    also returns, per task and block, which of the four intervals between its neighbouring thresholds hold entries
+    Marks: the first phase, asked for them (``"mark"`` in ``prev``: unsharded leaves, statistics kept on the device),
+    also returns, per task and block, which intervals between its neighbouring thresholds (ascending) hold entries
     (bit ``j``: ``ts[j] <= key < ts[j + 1]``, the difference of two fields of the block sums it adds anyway,
     :func:`_interval_marks`). When the host's bracket after it is a run of those intervals (``prev["marked"]``, their
-    bits per task in ``prev["mark_mask"]``), the read-out phase finds its blocks from the marks instead of a pass
-    flagging them, and reads only those blocks, not the whole leaf (the same blocks, so the same keys): on a
+    bits per task in ``prev["mark_mask"]``), the read-out phase after it finds its blocks from the marks instead of a
+    pass flagging them, and reads only those blocks, not the whole leaf (the same blocks, so the same keys): on a
     ``(1024, 2816)`` leaf's three rows 1.05 ms instead of 1.9 ms (the flags' compaction 0.24 ms, the gather 0.47 ms,
     the bracket's compaction 0.34 ms)."""
     T = state.tau.shape[0]
@@ -1394,8 +1393,8 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     src = _g_source(state)
     n = state.tau[0].size
     C = _read_capacity(n) if read and n and _read_allowed() else 0
-    mark = not read and "mark" in prev  # this (first) phase returns the marks
-    marked = read and "marks" in prev  # this phase may read out the blocks its marks give
+    mark = "mark" in prev  # this (first) phase returns its marks (zeros when it skips)
+    marked = read and "marks" in prev  # this phase may read out the blocks the last phase's marks give
     main, tail = jax.eval_shape(lambda: _blocks(jnp.zeros((1,) + (state.tau.shape[1:] or (1,)), jnp.float32)))
     nb = int(np.prod(main.shape[:-1]))  # a row's blocks
 
@@ -1403,8 +1402,8 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
         if nb == 0:
             return jnp.zeros((T, C), jnp.int32), jnp.zeros((T,), jnp.int32)
         if marks:
-            m = jnp.asarray(prev["marks"]).reshape(T, nb) & jnp.asarray(prev["mark_mask"], jnp.uint8)[:, None]
-            return _flagged_blocks(m, C)
+            m = jnp.asarray(prev["marks"])
+            return _flagged_blocks(m.reshape(T, nb) & jnp.asarray(prev["mark_mask"], m.dtype)[:, None], C)
         return _flagged_blocks(jnp.concatenate([f.reshape(1, nb) for f in _bracket_blocks(src(lambda a: a), lo, hi)]), C)
 
     def run(read):
@@ -1419,8 +1418,8 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
             rows = src(lambda a: a)
             out = _count_pass_rows([r[None] for r in rows], ts, lo, hi, True, snaps=snaps, sums=mark)
             if mark:
-                out = out[:3] + (_interval_marks(out[3]),)
-        return (uncounted() + out) if read else (out + no_read())  # (a phase has marks or a read-out, not both)
+                out = out[:3] + (_interval_marks(out[3], ts.shape[1]),)
+        return (uncounted() + no_marks() + out) if read else (out + no_read())
 
     def uncounted():  # the counts and snaps of a phase that read out (or skipped): neutral values
         return jnp.zeros((T, ts.shape[1]), jnp.int32), jnp.full((T,), _I32_MIN), jnp.full((T,), _I32_MAX)
@@ -1431,8 +1430,11 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
         return (jnp.zeros((T, C), jnp.int32), jnp.zeros((T,), jnp.int32),
                 jnp.zeros((T, tail.shape[-1]), jnp.int32))
 
+    def no_marks():  # a phase that reads out or skips counts nothing: no marks
+        return (jnp.zeros((T,) + main.shape[1:-1], _mark_dtype(ts.shape[1])),) if mark else ()
+
     def skip():
-        return uncounted() + ((jnp.zeros((T,) + main.shape[1:-1], jnp.uint8),) if mark else ()) + no_read()
+        return uncounted() + no_marks() + no_read()
 
     if state.tau.size == 0:
         res = skip()
@@ -1445,19 +1447,26 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     if mark:
         out["marks"] = res[3]
     if C:  # the read-out's outputs are zeros unless the host asked for it (and the phase ran)
-        out.update(zip(("read_keys", "read_blocks", "read_tail"), res[3:]))
+        out.update(zip(("read_keys", "read_blocks", "read_tail"), res[3 + mark:]))
         out["read_done"] = jnp.asarray(prev["read"]) & jnp.asarray(prev["run"]) & (state.tau.size > 0)
     return out
 
 
-def _interval_marks(sums: Sequence[jax.Array]) -> jax.Array:
-    """From each row's packed block sums at ``_J`` ascending thresholds (:func:`_count_pass_rows` with ``sums``),
+def _mark_dtype(J: int):
+    """The marks' dtype for ``J`` thresholds: a bit per interval between neighbours."""
+    return jnp.uint8 if J <= 9 else jnp.uint16
+
+
+def _interval_marks(sums: Sequence[Sequence[jax.Array]], J: int) -> jax.Array:
+    """From each row's packed block sums at ``J`` ascending thresholds (:func:`_count_pass_rows` with ``sums``),
     per block the intervals between neighbouring thresholds that hold entries: bit ``j`` set when
-    ``ts[j] <= key < ts[j + 1]`` for some entry (field ``j`` exceeds field ``j + 1``). ``(R, *lead, blocks)`` uint8."""
+    ``ts[j] <= key < ts[j + 1]`` for some entry (field ``j`` exceeds field ``j + 1``). ``(R, *lead, blocks)``, a bit
+    per interval (:func:`_mark_dtype`)."""
+    dt = _mark_dtype(J)
     out = []
-    for s in sums:
-        f = [_field(s, j) for j in range(_J)]
-        out.append(sum(((f[j] > f[j + 1]).astype(jnp.uint8) << np.uint8(j)) for j in range(_J - 1)).astype(jnp.uint8))
+    for words in sums:
+        f = [_field(words[j // _J], j % _J) for j in range(J)]
+        out.append(sum(((f[j] > f[j + 1]).astype(dt) << dt(j)) for j in range(J - 1)).astype(dt))
     return jnp.concatenate(out)
 
 
@@ -1779,13 +1788,14 @@ class _GSearch:
             self.glo_i[:, t] = ghi + np.bincount(leaf[inside >= v], minlength=L)
             self.ghi_i[:, t] = ghi + np.bincount(leaf[inside > v], minlength=L)
 
-    def marked_intervals(self, first: np.ndarray) -> np.ndarray | None:
-        """Per task, the bits of the intervals between neighbouring first thresholds ``first`` (T, ``_J``, ascending)
-        that make up its bracket ``[lo, hi)`` (:func:`_interval_marks`; 0 for a search that is done), or None when an
-        open bracket is not a run of them (its end not one of those thresholds: a miss)."""
-        mask = np.zeros(self.ks.size, np.uint8)
+    def marked_intervals(self, counted: np.ndarray) -> np.ndarray | None:
+        """Per task, the bits of the intervals between neighbouring thresholds ``counted`` (T, J, ascending: those of
+        the phase that marked them) that make up its bracket ``[lo, hi)`` (:func:`_interval_marks`; 0 for a search
+        that is done), or None when an open bracket is not a run of them (an end not one of those thresholds: a miss
+        of the first phase, or a snap)."""
+        mask = np.zeros(self.ks.size, np.dtype(_mark_dtype(counted.shape[1])))
         for t in np.flatnonzero(~self.done()):
-            a, b = np.flatnonzero(first[t] == self.lo[t]), np.flatnonzero(first[t] == self.hi[t])
+            a, b = np.flatnonzero(counted[t] == self.lo[t]), np.flatnonzero(counted[t] == self.hi[t])
             if not a.size or not b.size or a[-1] >= b[0]:
                 return None
             mask[t] = sum(1 << j for j in range(a[-1], b[0]))
@@ -1880,11 +1890,11 @@ def _g_put(carry: dict) -> int:
 
 
 def _g_out(search: _GSearch, ts, token: int, L: int, mark: bool = False, marks: list | None = None,
-           first: np.ndarray | None = None) -> list:
+           counted: np.ndarray | None = None) -> list:
     """The next counting phase's input per leaf: its thresholds, the brackets, whether it runs and reads out; ``mark``:
-    ask the (first) phase for its marks (:func:`_g_count`); ``marks``: every leaf's marks from the first phase (with
-    its thresholds ``first``), passed on with the intervals that make up each open bracket
-    (:meth:`_GSearch.marked_intervals`), from which the read-out finds its blocks."""
+    ask the first phase for its marks (:func:`_g_count`); ``marks``: every leaf's marks from it (with the thresholds
+    it ``counted``), passed on with the intervals that make up each open bracket (:meth:`_GSearch.marked_intervals`),
+    from which a read-out finds its blocks."""
     run = bool(np.any(~search.done()))
     lo = jnp.asarray(search.lo.astype(np.int32))
     hi = jnp.asarray(np.minimum(search.hi, int(_TOP)).astype(np.int32))
@@ -1896,9 +1906,9 @@ def _g_out(search: _GSearch, ts, token: int, L: int, mark: bool = False, marks: 
         out["mark"] = jnp.asarray(True)
     if marks is None:
         return [out for _ in range(L)]
-    mask = search.marked_intervals(first) if read else None
+    mask = search.marked_intervals(counted) if read else None
     out["marked"] = jnp.asarray(mask is not None)  # else the read-out flags its blocks in a pass (a miss)
-    out["mark_mask"] = jnp.asarray(mask if mask is not None else np.zeros(search.ks.size, np.uint8))
+    out["mark_mask"] = jnp.asarray(mask if mask is not None else np.zeros(search.ks.size, np.dtype(marks[0].dtype)))
     return [dict(out, marks=m) for m in marks]
 
 
@@ -1915,11 +1925,13 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
     out, else ten); each counting phase counts, per
     leaf and task, the entries at or above ten thresholds in one read (the packed counts of
     :func:`topk_mask_rows`), the host sums the counts and narrows the bracket of the k-th key (counts
-    per leaf are kept, so tied entries are split in leaf order without another pass). On smooth data
+    per leaf are kept, so tied entries are split in leaf order without another pass). On unsharded leaves a
+    phase whose bracket fits reads its keys out instead and ends the search (after a first phase of five
+    thresholds, from the blocks that phase marked). On smooth data
     the search ends within the counting phases; a search that has not (heavy ties) finishes with the
     radix histograms (65536 bins of the high, then of the low 16 bits of ``|tau|``). Phases with
-    nothing left to do run an empty conditional. Only counts, snaps, samples and histograms leave the
-    device.
+    nothing left to do run an empty conditional. Only counts, snaps, samples, read-out keys and histograms leave
+    the device.
 
     Args:
       name: stats name (the phases are ``name + "/sample"``, ``name + "/count<i>"``, ``name + "/hi"``
@@ -1984,9 +1996,11 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
                 break
         search.edges = (float(cs0[0]), float(cs0[-1]))
         token = _g_put({"search": search, "ts": ts})
-        # marks (the read-out's blocks from the first phase) where the statistics stay on the device (jmerge.merge):
-        # out of core every phase reads every tensor anyway, and the host would hold the marks (T N / 32 bytes)
-        mark = cs0 is _G_CS0_READ and isinstance(collected[0]["keys"], jax.Array)
+        # the first phase's marks (the read-out's blocks, when the next phase reads out) where the statistics stay on
+        # the device (jmerge.merge) and the leaves are not sharded: out of core every phase reads every tensor anyway,
+        # and the host would hold the marks (T N / 32 bytes, twice that for ten thresholds). Later phases mark nothing:
+        # their brackets often end at a snap or an older end, which no interval of theirs makes up.
+        mark = read and isinstance(collected[0]["keys"], jax.Array)
         return _g_out(search, ts, token, L, mark=mark)
 
     def finalize_count(collected, hps, last, first):
@@ -1996,7 +2010,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         counts_i = np.stack([np.asarray(c["counts"], np.int64) for c in collected])  # (L, T, J)
         below = np.max([np.asarray(c["below"], np.int64) for c in collected], axis=0)
         above = np.min([np.asarray(c["above"], np.int64) for c in collected], axis=0)
-        first_ts = ts
+        counted = ts  # the thresholds this phase counted (the first phase's ascending: its marks' intervals)
         if not np.all(search.done()):
             search.read_out(collected)
             if not any(bool(c.get("read_done", False)) for c in collected):  # a phase that read out counted nothing
@@ -2009,7 +2023,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
             return [{"fallback": jnp.asarray(bool(np.any(~search.done()))), "token": jnp.asarray(np.int32(token))}
                     ] * len(collected)  # one value for every leaf (no device array made per leaf)
         if first and "marks" in collected[0]:
-            return _g_out(search, ts, token, len(collected), marks=[c["marks"] for c in collected], first=first_ts)
+            return _g_out(search, ts, token, len(collected), marks=[c["marks"] for c in collected], counted=counted)
         return _g_out(search, ts, token, len(collected))
 
     def collect_hi(state: MergeState, hp):
