@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jmerge
+from jmerge.core import driver
 from jmerge.core import select as S
 from jmerge import transform
 
@@ -1148,6 +1149,11 @@ def test_global_read_out_gathers_the_blocks_the_first_phase_marked(monkeypatch):
                                                                                sample_thresholds(self, t, cs))[1])
     monkeypatch.setattr(S, "_read_capacity", lambda n: max(16, n >> 3))
     jax.clear_caches()  # the capacity is static in the compiled counting phase
+    merged_stats = []
+    call = driver.LeafProgram.__call__
+    monkeypatch.setattr(driver.LeafProgram, "__call__",
+                        lambda self, b, m, hp, k, st=None, *a, **kw: (merged_stats.append(st), call(self, b, m, hp, k, st,
+                                                                                                  *a, **kw))[1])
     for fit in (S._G_FIT, 0.0):
         monkeypatch.setattr(S, "_G_FIT", fit)
         for refuse in (False, True):
@@ -1161,6 +1167,10 @@ def test_global_read_out_gathers_the_blocks_the_first_phase_marked(monkeypatch):
                 # every search ends in the read-out (a block missed would leave it counting)
                 assert used == [not refuse] and len(counted) == 2, (fit, refuse, dens, used, counted)
                 assert firsts[-1] == (5 if fit else 10), firsts
+                # the marks were dropped once read: the merge's programs do not take them
+                assert merged_stats and not any("marks" in str(jax.tree_util.keystr(p))
+                                                for st in merged_stats for p, _ in
+                                                jax.tree_util.tree_flatten_with_path(st)[0]), merged_stats[:1]
     outs = []
     sample = S.global_topk_phases()[0]
     for conv in (lambda a: a, np.asarray):  # device statistics (jmerge.merge), host ones (out of core)

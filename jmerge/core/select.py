@@ -2003,9 +2003,15 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         mark = read and isinstance(collected[0]["keys"], jax.Array)
         return _g_out(search, ts, token, L, mark=mark)
 
+    def drop_marks(carry):  # the first phase's marks, once the phase after it ran or was skipped: memory freed, and
+        # later programs (the merge's included) take the same arguments whichever way the search went
+        for d in carry.pop("marked", ()):
+            d.pop("marks", None)
+
     def finalize_count(collected, hps, last, first):
         token = int(collected[0]["token"])
         carry = _G_CARRY[token]
+        drop_marks(carry)
         search, ts = carry["search"], carry["ts"]
         counts_i = np.stack([np.asarray(c["counts"], np.int64) for c in collected])  # (L, T, J)
         below = np.max([np.asarray(c["below"], np.int64) for c in collected], axis=0)
@@ -2023,7 +2029,9 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
             return [{"fallback": jnp.asarray(bool(np.any(~search.done()))), "token": jnp.asarray(np.int32(token))}
                     ] * len(collected)  # one value for every leaf (no device array made per leaf)
         if first and "marks" in collected[0]:
-            return _g_out(search, ts, token, len(collected), marks=[c["marks"] for c in collected], counted=counted)
+            carry["marked"] = _g_out(search, ts, token, len(collected), marks=[c["marks"] for c in collected],
+                                     counted=counted)
+            return carry["marked"]
         return _g_out(search, ts, token, len(collected))
 
     def collect_hi(state: MergeState, hp):
@@ -2085,6 +2093,7 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
         carry = _G_CARRY[token]
         if not np.all(carry["search"].done()):
             return None
+        drop_marks(carry)
         if last:
             return [{"fallback": jnp.asarray(False), "token": jnp.asarray(np.int32(token))}] * len(so_far)
         if "done" not in carry:  # every later count phase is skipped with these same values
