@@ -1926,8 +1926,8 @@ def global_topk_phases(name: str = "global_topk", density_key: str = "density",
     leaf and task, the entries at or above ten thresholds in one read (the packed counts of
     :func:`topk_mask_rows`), the host sums the counts and narrows the bracket of the k-th key (counts
     per leaf are kept, so tied entries are split in leaf order without another pass). On unsharded leaves a
-    phase whose bracket fits reads its keys out instead and ends the search (after a first phase of five
-    thresholds, from the blocks that phase marked). On smooth data
+    phase whose bracket fits reads its keys out instead and ends the search (right after the first phase, from
+    the blocks that phase marked, where the statistics stay on the device). On smooth data
     the search ends within the counting phases; a search that has not (heavy ties) finishes with the
     radix histograms (65536 bins of the high, then of the low 16 bits of ``|tau|``). Phases with
     nothing left to do run an empty conditional. Only counts, snaps, samples, read-out keys and histograms leave
