@@ -1399,8 +1399,6 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
     nb = int(np.prod(main.shape[:-1]))  # a row's blocks
 
     def flagged(marks: bool):  # the bracket's blocks, from the marks or from a pass flagging them: (T, C), (T,)
-        if nb == 0:
-            return jnp.zeros((T, C), jnp.int32), jnp.zeros((T,), jnp.int32)
         if marks:
             m = jnp.asarray(prev["marks"])
             return _flagged_blocks(m.reshape(T, nb) & jnp.asarray(prev["mark_mask"], m.dtype)[:, None], C)
@@ -1412,7 +1410,7 @@ def _g_count(state: MergeState, prev, read: bool = True) -> dict:
                 idx, cnt = lax.cond(jnp.asarray(prev["marked"]), lambda: flagged(True), lambda: flagged(False))
             else:
                 idx, cnt = flagged(False)
-            parts = [_read_out(r, None, C, (idx[t:t + 1], cnt[t:t + 1])) for t, r in enumerate(src(lambda a: a))]
+            parts = [_read_out(r, idx[t:t + 1], cnt[t:t + 1]) for t, r in enumerate(src(lambda a: a))]
             out = _compact_bracket(*(jnp.concatenate(z) for z in zip(*parts)), lo, hi)
         else:  # every task vector's counts in one reduction (the base read once)
             rows = src(lambda a: a)
@@ -1546,19 +1544,16 @@ def _flagged_blocks(flags: jax.Array, C: int) -> tuple[jax.Array, jax.Array]:
     return jnp.where(idx < 0, np.int32(nb - 1), idx), cnt
 
 
-def _read_out(row: jax.Array, blocks_inside: jax.Array | None, C: int, given: tuple | None = None):
-    """The keys of a row's first ``C`` blocks holding entries of the bracket (``blocks_inside``, per block of
-    :func:`_blocks`' main part, from :func:`_count_pass`), the number of such blocks, and the keys of the tail
-    (fewer entries than a block, returned whole): ``(1, C, w)``, ``(1,)``, ``(1, tail)``.
-
-    The block positions come from :func:`_flagged_blocks`, or are ``given`` (``(1, C)`` flat block indices, slots
-    past their number any valid block, and that number ``(1,)``); the gather reads only those blocks of the inputs."""
+def _read_out(row: jax.Array, idx: jax.Array, cnt: jax.Array):
+    """The keys of a row's blocks ``idx`` (``(1, C)`` flat indices into :func:`_blocks`' main part, from
+    :func:`_flagged_blocks`: the first ``C`` blocks holding entries of the bracket, slots past their number ``cnt``
+    any valid block), that number, and the keys of the tail (fewer entries than a block, returned whole):
+    ``(1, C, w)``, ``(1,)``, ``(1, tail)``. The gather reads only those blocks of the inputs."""
     main, tail = _blocks(row[None])
     w = main.shape[-1]
     nb = int(np.prod(main.shape[:-1]))
     if nb == 0:
-        return jnp.zeros((1, C, w), jnp.int32), jnp.zeros((1,), jnp.int32), _keys(tail, True)
-    idx, cnt = given if given is not None else _flagged_blocks(blocks_inside.reshape(1, nb), C)
+        return jnp.zeros((1, idx.shape[1], w), jnp.int32), jnp.zeros((1,), jnp.int32), _keys(tail, True)
     keys = _keys(main.reshape(nb, w)[idx[0]], True)
     return keys[None], cnt, _keys(tail, True)
 
