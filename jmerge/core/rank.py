@@ -28,7 +28,7 @@ and scatter of a leaf sharded along its rows, where the pair sort reshards whole
 On a CPU with one device (``impl="auto"``), the ranks come from the host instead (a host callback):
 XLA:CPU's sort calls a comparator per comparison, while NumPy's sorts use AVX-512/AVX2 sorting networks
 (x86-simd-sort). The float32 values go to the host (the keys are made there, block by block); each
-row's keys shifted left by 32 bits with the position in the low bits (int64, unique; int32 ``key |
+row's keys shifted into the high bits with the position in the low bits (uint64, unique; int32 ``key |
 position`` for bfloat16 values, whose low 16 bits are zero) are sorted in blocks of rows that stay in cache, on a few threads (the sort releases the GIL), and the
 ranks are scattered back: 2.5-4x faster than the XLA path on this project's 2-core machine (about 0.15
 vs 0.45 s for a ``(3, 1024, 2816)`` float32 leaf). The result is the same exact integers either way.
@@ -109,12 +109,17 @@ def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.n
     """Ranks of ``|x|`` in rows ``r0:r1`` of the 2-D float32 ``x`` into ``out`` (same shape, uint16 or int32),
     in cache-sized blocks of rows. A block whose keys all have their low 16 bits zero (bfloat16 values, as a
     bf16 merge computes) and rows of at most 65536 entries sorts int32 values (key | position), twice as
-    fast as the int64 ones (key << 32 | position); both are exact.
+    fast as the 64-bit ones; both are exact.
 
-    The int64 values carry each entry's flat position within the block (row * m + column; within a row the
-    same order as the column), so the sorted values' low 32 bits index the block's output directly (no
-    per-row offsets to add), and a block of float32 values shows it is one by its first entries (the full
-    scan for the int32 case runs only when those have zero low bits).
+    A block of float32 values (it shows it is one by its first entries; the full scan for the int32 case runs
+    only when those have zero low bits) sorts the uint64 values ``bits(x) << 33 | position``: the shift drops
+    the sign bit, so they order by ``(|x|, position)`` with two passes to build them (a widening shift, an or)
+    where ``key << 32`` took four (abs, clamp, widen, shift); NaN, whose bits exceed those of +inf, would sort
+    after it, so a block whose largest sorted value shows one is done again the clamped way below (``min(|x|'s
+    bits, inf's) << 32 | position``, int64). The 64-bit values carry each entry's flat position within the
+    block (row * m + column; within a row the same order as the column), so the sorted values' low 32 bits
+    index the block's output directly (no per-row offsets to add). Measured on a ``(1024, 2816)`` row of task
+    vectors, one thread: 20-21 -> 18.5-19.3 ms (the sort itself ~11 ms).
 
     With ``base`` (``x``'s shape; each float32 or bfloat16), the ranks are of ``|x - base|``: each block's
     differences are computed here, in the thread's floating-point environment (:func:`difference_ranks` runs
@@ -132,12 +137,23 @@ def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.n
     vals = np.tile(np.arange(m, dtype=out.dtype), rb)
     flat = out.reshape(-1)
     low16 = np.int32(0xFFFF)
+    wide = packed.view(np.uint64)
     for a in range(r0, r1, rb):
         n = min(rb, r1 - a)
         k, q = keys[:n], perm[:n]
         dest = flat[a * m:(a + n) * m]  # the block's rows of the output, flat
-        # select._keys(x, magnitude=True) on the host: |x|'s bits (+0 == -0), NaN ranked as +inf
         src = x[a:a + n] if base is None else np.subtract(read_x(a, n), read_b(a, n), out=diff[:n])
+        bits = src.view(np.uint32)
+        if np.any(bits.reshape(-1)[:256] & np.uint32(0xFFFF)):  # float32 values: (|x|'s bits << 33) | position
+            w = wide[:n]  # shifted 33 places the sign bit leaves: unsigned, these order by (|x|, position)
+            np.left_shift(bits, np.uint64(33), out=w, dtype=np.uint64)
+            w |= pos[:n].view(np.uint64)
+            w.sort(axis=-1)
+            if not np.any(w[:, -1] >> np.uint64(33) > np.uint64(_INF_KEY)):  # a row's largest: no NaN in the block
+                np.bitwise_and(packed[:n], np.int64(0xFFFFFFFF), out=q)
+                dest[q.reshape(-1)] = vals[:n * m]
+                continue
+        # select._keys(x, magnitude=True) on the host: |x|'s bits (+0 == -0), NaN ranked as +inf
         np.bitwise_and(src.view(np.int32), _ABS, out=k)
         np.minimum(k, _INF_KEY, out=k)
         head = k.reshape(-1)[:256]
