@@ -409,3 +409,21 @@ def test_arcee_fusion_nan_importances_sort_last(nan_rows):
     want = s >= np.float32(q2) + np.float32(1.5) * (np.float32(q3) - np.float32(q1))
     np.testing.assert_array_equal(got, want)
     assert (got.sum() == 0) == (nan_rows == 30)  # 30 of 40 rows: Q3's position falls among the NaNs
+
+
+@pytest.mark.parametrize("spread", [0.1, 0.9])
+def test_log1p_minus_x_series_and_direct_branches(spread):
+    """``log1p(x) - x`` against float64 NumPy, for a block whose every ``|x| <= 1/8`` (the series alone, no
+    ``log1p`` evaluated) and for a block with larger entries too (each entry takes its own branch): within a
+    few float32 ulps of the result, and the two blocks agree on the entries they share."""
+    from jmerge.methods.fusion import _log1p_minus_x
+
+    rng = np.random.default_rng(5)
+    x = (rng.uniform(-1, 1, size=(64, 300)) * spread).astype(np.float32)
+    x[0, :5] = [0.0, 0.125, -0.125, 1e-20, -3e-8]
+    got = np.asarray(jax.jit(_log1p_minus_x)(jnp.asarray(x)))
+    want = np.log1p(x.astype(np.float64)) - x.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=4e-6, atol=1e-30)
+    small = np.abs(x) <= 0.125
+    alone = np.asarray(jax.jit(_log1p_minus_x)(jnp.asarray(np.where(small, x, 0.0))))
+    np.testing.assert_array_equal(alone[small], got[small])

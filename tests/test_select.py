@@ -521,6 +521,52 @@ def test_threshold_values_are_the_kth_largest(kind):
         got = np.asarray(S.threshold_values([jnp.asarray(x)] * len(ks), ks, v, cut))
         want = np.array([np.inf if k <= 0 else asc[max(n - k, 0)] for k in ks], np.float32)
         np.testing.assert_array_equal(got, want, err_msg=f"{shape} k={ks}")
+        # with the searches' k-th keys: the same values, whichever way each row's search ended
+        v2, cut2, kth = S.topk_thresholds_rows(rows, jnp.asarray(ks), kth=True)
+        np.testing.assert_array_equal(np.asarray(v2), np.asarray(v))
+        np.testing.assert_array_equal(np.asarray(cut2), np.asarray(cut))
+        got = np.asarray(S.threshold_values(lambda: [jnp.asarray(x)] * len(ks), ks, v2, cut2, kth))
+        np.testing.assert_array_equal(got, want, err_msg=f"{shape} k={ks} (kth)")
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "inf"])
+def test_threshold_values_read_no_row_when_every_search_ended_on_its_key(kind):
+    """A counting search that ends on its k-th key (every read-out does: a one-key bracket) reports it, and
+    threshold_values then takes the values from those keys without its pass (the rows' function is never
+    run); an unknown k-th key (the search ended on a threshold that hit k exactly) or one equal to +inf (which
+    NaN shares) keeps the pass. The values equal NumPy's sort (NaN last) either way."""
+    rng = np.random.default_rng(3)
+    x = rng.lognormal(size=(300, 211)).astype(np.float32)  # 63300 entries: the counting search
+    if kind == "ties":
+        x = np.round(x * 2) / 2
+    if kind == "inf":
+        x.flat[::5] = np.inf
+        x.flat[::7] = np.nan
+    flat = x.reshape(-1)
+    n = flat.size
+    asc = np.sort(flat)
+    ks = np.array([n // 4, n // 2, 3 * n // 4], np.int32)
+    ran = []
+
+    def rows():
+        jax.debug.callback(lambda: ran.append(1))
+        return [jnp.asarray(x)] * len(ks)
+
+    f = jax.jit(lambda x, ks: S.topk_thresholds_rows(jnp.broadcast_to(x, (3,) + x.shape), ks, kth=True))
+    with S.whole_sort_limit(4096):  # read-outs allowed (unsharded rows), as jmerge.merge sets
+        v, cut, kth = f(jnp.asarray(x), jnp.asarray(ks))
+    got = np.asarray(jax.jit(lambda v, cut, kth: S.threshold_values(rows, ks, v, cut, kth))(v, cut, kth))
+    want = np.array([asc[n - k] for k in ks], np.float32)
+    np.testing.assert_array_equal(got, want)
+    kth, true = np.asarray(kth), np.asarray(S._keys(jnp.asarray(want)))
+    known = kth != np.iinfo(np.int32).min
+    np.testing.assert_array_equal(kth[known], true[known])  # a reported key is the k-th key
+    # the pass runs exactly when some k-th key is unknown or that of +inf / NaN
+    assert bool(ran) == bool((~known).any() or (true >= np.asarray(S._INF_KEY)).any())
+    if kind != "inf":  # read-outs end on their keys (ties included); a threshold hitting k exactly does not
+        assert known.sum() >= 2
+    else:
+        assert ran
 
 
 def _while_body_conds(fn, *args) -> list[int]:

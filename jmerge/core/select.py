@@ -722,9 +722,11 @@ def _search(xs, k, magnitude, data_of=None):
     before the loop and without block flags (the span of those thresholds holds far more entries than a read-out
     takes); one search per data row keeps its first pass in the loop (a pass outside would compile again).
 
-    Returns ``(v, gt, ge, rcut, known)``: keep ``key > v`` (``gt`` entries) and the first ``k - gt`` of the
+    Returns ``(v, gt, ge, rcut, known, kth)``: keep ``key > v`` (``gt`` entries) and the first ``k - gt`` of the
     ``ge - gt`` entries equal to ``v``. When a threshold ``t`` hit ``k`` exactly, ``v = t - 1`` and
-    ``gt == k``. ``rcut``, ``known``: the tie cuts the read-out found (:func:`_tie_cuts`).
+    ``gt == k``. ``rcut``, ``known``: the tie cuts the read-out found (:func:`_tie_cuts`). ``kth``: the k-th
+    largest key where the search ended on it (a one-key bracket, as every read-out ends), else ``INT32_MIN``
+    (a threshold that hit ``k`` exactly says only that it lies at or above ``t``).
     """
     rows0 = xs(lambda a: a)
     n = rows0[0].size
@@ -815,7 +817,8 @@ def _search(xs, k, magnitude, data_of=None):
     state, _, _, (rcut, known) = lax.while_loop(lambda c: ~jnp.all(done(c[0])), body, carry)
     lo, glo, hi, ghi = state[:4]
     exact = glo == k
-    return jnp.where(exact, lo - 1, lo), jnp.where(exact, glo, ghi), glo, rcut, known
+    kth = jnp.where((hi - lo == 1) & (glo >= k) & (ghi < k), lo, _I32_MIN)  # G(lo) >= k > G(lo + 1): lo is it
+    return jnp.where(exact, lo - 1, lo), jnp.where(exact, glo, ghi), glo, rcut, known, kth
 
 
 def _tensor_read_capacity(n: int) -> int:
@@ -1055,36 +1058,43 @@ def _threshold_word(x, v, cut, magnitude):
     return above | every | (~(above | below) & first)
 
 
-def _row_thresholds(xs, k: jax.Array, magnitude: bool = False):
+def _row_thresholds(xs, k: jax.Array, magnitude: bool = False, kth: bool = False):
     """Row-wise top-k as ``(v, cut)`` for :func:`_threshold_mask`; ``xs`` an (R, n) array (any float
     dtype) or a data source ``guard -> (R, n)`` (see :func:`_search`).
 
-    ``k`` (R,), or (P, R): ``P`` counts per row, searched in shared passes (results (P, R))."""
+    ``k`` (R,), or (P, R): ``P`` counts per row, searched in shared passes (results (P, R)). With ``kth``, also
+    each k-th largest key where a counting search ended on it, else ``INT32_MIN`` (always for sorted rows and
+    ``k`` outside ``[1, n]``): :func:`threshold_values` then needs no pass."""
     if not callable(xs):
         xs = _rows_fn(jnp.asarray(xs, jnp.float32))  # rows in their own shape
     R, n = jax.eval_shape(lambda: _stacked(xs)).shape
     k = jnp.asarray(k).astype(jnp.int32)
     if k.ndim == 2:
         P = k.shape[0]
+    unknown = jnp.full(k.shape, _I32_MIN)
+    with_kth = (lambda res, kk: res + (jnp.where((k >= 1) & (k <= n), kk, _I32_MIN),)) if kth else (lambda res, kk: res)
+    if k.ndim == 2:
+        P = k.shape[0]
         if n <= _sort_max():  # short rows are sorted: no passes to share
             out = [_row_thresholds(xs, k[p], magnitude) for p in range(P)]
         else:  # search row p * R + r reads data row r; the tie cuts per target over the R rows, as P calls
-            *vs, rcut, known = _search(xs, jnp.clip(k.reshape(-1), 1, n), magnitude,
-                                       tuple(r for _ in range(P) for r in range(R)))
+            *vs, rcut, known, kk = _search(xs, jnp.clip(k.reshape(-1), 1, n), magnitude,
+                                           tuple(r for _ in range(P) for r in range(R)))
             v, quota, eq = (jnp.stack(z) for z in zip(*(_search_ties(k[p], n, *(a[p * R:(p + 1) * R] for a in vs))
                                                          for p in range(P))))
             # one conditional: the P cuts share a read
-            return v, _tie_cuts(xs, v, quota, eq, magnitude, rcut.reshape(P, R), known.reshape(P, R))
-        return jnp.stack([o[0] for o in out]), jnp.stack([o[1] for o in out])
+            return with_kth((v, _tie_cuts(xs, v, quota, eq, magnitude, rcut.reshape(P, R), known.reshape(P, R))),
+                            kk.reshape(P, R))
+        return with_kth((jnp.stack([o[0] for o in out]), jnp.stack([o[1] for o in out])), unknown)
     kc = jnp.clip(k, 1, n)
     if n <= _sort_max():
         v, cut = _sorted_threshold(_stacked(xs), kc, magnitude)
         # k <= 0: a threshold above every key keeps nothing; k >= n: one below every key keeps all (the cuts of
         # these rows are those of the counting path; they select nothing more).
-        return (jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v)),
-                jnp.where((k <= 0) | (k == n), np.int32(0), jnp.where(k > n, np.int32(n), cut)))
-    v, gt, ge, rcut, known = _search(xs, kc, magnitude)
-    return _search_result(xs, k, n, v, gt, ge, magnitude, rcut, known)
+        return with_kth((jnp.where(k <= 0, _TOP, jnp.where(k >= n, _NEG_INF_KEY - 1, v)),
+                         jnp.where((k <= 0) | (k == n), np.int32(0), jnp.where(k > n, np.int32(n), cut))), unknown)
+    v, gt, ge, rcut, known, kk = _search(xs, kc, magnitude)
+    return with_kth(_search_result(xs, k, n, v, gt, ge, magnitude, rcut, known), kk)
 
 
 def _search_result(xs, k, n, v, gt, ge, magnitude, rcut=None, known=None):
@@ -1147,8 +1157,8 @@ def topk_keep_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"], *, mag
 
 def topk_thresholds_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"] | Int[Array, "P T"], *,
                          magnitude: bool = False,
-                         rebuild: Callable[[Callable[[Any], Any]], Sequence[Shaped[ArrayLike, "*shape"]]] | None = None
-                         ) -> tuple[Int[Array, "*P T"], Int[Array, "*P T"]]:
+                         rebuild: Callable[[Callable[[Any], Any]], Sequence[Shaped[ArrayLike, "*shape"]]] | None = None,
+                         kth: bool = False) -> tuple[Int[Array, "*P T"], ...]:
     """The per-row thresholds ``(v, cut)`` behind :func:`topk_keep_rows`'s mask, for a consumer that applies it
     itself (the fused TIES kernel, :func:`jmerge.kernels.masked_merge`).
 
@@ -1161,6 +1171,9 @@ def topk_thresholds_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"] |
     results are ``(P, T)``, equal to ``P`` separate calls, and the ``P`` searches of a row share its counting
     passes (each pass reads the row once for all of them).
 
+    ``kth``: also return each k-th largest key where the search ended on it, else ``INT32_MIN`` (pass it to
+    :func:`threshold_values`, which then reads no row when every one is known).
+
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023) for the
     trim step this selection serves.
     """
@@ -1171,7 +1184,7 @@ def topk_thresholds_rows(x: Float[Array, "T *shape"], k: int | Int[Array, "T"] |
         xs = _rows_fn(jnp.asarray(x, jnp.float32))
     else:
         xs = lambda g: [jnp.asarray(r, jnp.float32) for r in rebuild(g)]
-    return _row_thresholds(xs, k, magnitude)
+    return _row_thresholds(xs, k, magnitude, kth)
 
 
 def threshold_mask(row: Float[Array, "*shape"], v: Int[Array, ""], cut: Int[Array, ""], *,
@@ -1199,8 +1212,9 @@ def threshold_word(row: Float[Array, "*shape"], v: Int[Array, ""], cut: Int[Arra
     return _threshold_word(jnp.asarray(row, jnp.float32), v, cut, magnitude)
 
 
-def threshold_values(rows: Sequence[Float[Array, "*shape"]], k: Int[Array, "R"], v: Int[Array, "R"],
-                     cut: Int[Array, "R"]) -> Float[Array, "R"]:
+def threshold_values(rows: Sequence[Float[Array, "*shape"]] | Callable[[], Sequence[Float[Array, "*shape"]]],
+                     k: Int[Array, "R"], v: Int[Array, "R"],
+                     cut: Int[Array, "R"], kth: Int[Array, "R"] | None = None) -> Float[Array, "R"]:
     """The ``k[j]``-th largest value of each row, from the row's thresholds ``(v[j], cut[j])`` of
     :func:`topk_thresholds_rows` for that ``k`` (not ``magnitude``): the smallest value the row keeps.
 
@@ -1210,12 +1224,21 @@ def threshold_values(rows: Sequence[Float[Array, "*shape"]], k: Int[Array, "R"],
     every row at once, in integer arithmetic: XLA:CPU's float ``min`` reduction is not vectorized (three
     masked minima over a ``(1024, 2816)`` leaf: 22-34 ms as floats, 1.8 ms as int32 keys). ``rows`` may
     be the same values written in another form than the caller's (e.g. ``|b - m|`` for ``|m - b|``), so
-    that XLA does not write an expression both passes share.
+    that XLA does not write an expression both passes share, or a function returning them. ``kth`` (from
+    :func:`topk_thresholds_rows`): where every row's k-th key is known and below the key of ``+inf`` (which
+    NaN shares), the values are those keys' floats, the same the pass finds, and the rows are not read (built
+    inside the conditional when ``rows`` is a function, so that they are not written for it).
 
     References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023) for the
     selection whose thresholds these are.
     """
     k, v, cut = (jnp.asarray(a, jnp.int32) for a in (k, v, cut))
+    if kth is not None:
+        kth = jnp.asarray(kth, jnp.int32)
+        return lax.cond(jnp.all((kth != _I32_MIN) & (kth < _INF_KEY)),
+                        lambda: lax.bitcast_convert_type(kth ^ ((kth >> 31) & _ABS), jnp.float32),  # _keys' inverse
+                        lambda: threshold_values(rows, k, v, cut))
+    rows = rows() if callable(rows) else rows
     ops, inits = [], []
     for j, x in enumerate(rows):
         keys = _keys(x)
