@@ -239,6 +239,11 @@ def _keys(x: jax.Array, magnitude: bool = False) -> jax.Array:
     return jnp.where(a > _INF_KEY, _INF_KEY, k)
 
 
+def _key_floats(key: jax.Array) -> jax.Array:
+    """The float32 values of non-magnitude :func:`_keys` (their inverse; the key of 0 gives +0.0)."""
+    return lax.bitcast_convert_type(key ^ ((key >> 31) & _ABS), jnp.float32)
+
+
 def _rows_fn(x: jax.Array):
     """The data source of a materialized (R, n) array: ``guard -> [x[0], ..., x[R-1]]``."""
     return lambda g: [g(x[t]) for t in range(x.shape[0])]
@@ -1069,8 +1074,6 @@ def _row_thresholds(xs, k: jax.Array, magnitude: bool = False, kth: bool = False
         xs = _rows_fn(jnp.asarray(xs, jnp.float32))  # rows in their own shape
     R, n = jax.eval_shape(lambda: _stacked(xs)).shape
     k = jnp.asarray(k).astype(jnp.int32)
-    if k.ndim == 2:
-        P = k.shape[0]
     unknown = jnp.full(k.shape, _I32_MIN)
     with_kth = (lambda res, kk: res + (jnp.where((k >= 1) & (k <= n), kk, _I32_MIN),)) if kth else (lambda res, kk: res)
     if k.ndim == 2:
@@ -1236,8 +1239,7 @@ def threshold_values(rows: Sequence[Float[Array, "*shape"]] | Callable[[], Seque
     if kth is not None:
         kth = jnp.asarray(kth, jnp.int32)
         return lax.cond(jnp.all((kth != _I32_MIN) & (kth < _INF_KEY)),
-                        lambda: lax.bitcast_convert_type(kth ^ ((kth >> 31) & _ABS), jnp.float32),  # _keys' inverse
-                        lambda: threshold_values(rows, k, v, cut))
+                        lambda: _key_floats(kth), lambda: threshold_values(rows, k, v, cut))
     rows = rows() if callable(rows) else rows
     ops, inits = [], []
     for j, x in enumerate(rows):
@@ -1251,7 +1253,7 @@ def threshold_values(rows: Sequence[Float[Array, "*shape"]] | Callable[[], Seque
                                                                   for i in range(len(a))), ax)
     above, nans = jnp.stack(red[0::2]), -jnp.stack(red[1::2])
     key = jnp.where((cut > 0) & (v >= _NEG_INF_KEY), v, above)  # v below every key: k >= n keeps all
-    val = lax.bitcast_convert_type(key ^ ((key >> 31) & _ABS), jnp.float32)  # _keys' inverse
+    val = _key_floats(key)
     val = jnp.where((k <= 0) | (key == _I32_MAX), np.float32(np.inf), val)
     return jnp.where((k > 0) & (k <= nans), np.float32(np.nan), val)
 
