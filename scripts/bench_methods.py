@@ -8,7 +8,7 @@ method within 5x task arithmetic; whole-model TIES (``ties_global``: ``ties(scop
     python scripts/bench_methods.py --params 20e6 --methods task_arithmetic ties
     python scripts/bench_methods.py --dtype bfloat16 --delta 0.25 --methods ties   # bf16 checkpoints: heavy ties
     python scripts/bench_methods.py --sync-dispatch --keep-host-memory   # the no-fresh-pages setting
-    python scripts/bench_methods.py --methods task_arithmetic ties pcb della della_linear --floors
+    python scripts/bench_methods.py --methods task_arithmetic ties pcb della della_linear arcee_fusion --floors
 
 ``--floors``: also times, on the same tree, arithmetic that some methods cannot avoid, and prints each
 method's time as a multiple of it: DELLA's exact magnitude ranks need every row sorted (NumPy's sort of
@@ -16,7 +16,9 @@ the rows' packed ``key << 32 | position`` int64 values in cache-sized blocks on 
 the sort ``jmerge.core.rank`` runs, and nothing else: no differences, no packing, no scatter, no draws);
 PCB's scores need six exponentials per entry (three fine-tunes: one per pair of task vectors), timed as
 one fused XLA pass per leaf with XLA's own ``exp``, plus a per-row top-k and merge of three rows, taken
-as TIES's time in the same run.
+as TIES's time in the same run; Arcee Fusion needs its row KL divergences, computed as jmerge computes them
+(the same bits: the merge's mask at an entry depends on them), and one pass that writes the output from
+the inputs and the KLs (the mask at a given threshold), without the exact quartiles of the importances.
 
 ``--delta``: the fine-tunes are ``base + delta * N(0, 1)`` (base ~ N(0, 1)), rounded to ``--dtype``. In
 bfloat16 (8 significant bits) their task vectors take few distinct values, each many times: the tie-heavy
@@ -100,7 +102,8 @@ def main():
                          "allocates its temporaries on the calling thread, whose freed pages malloc can reuse "
                          "(with --keep-host-memory: every call's; see jmerge/core/heap.py)")
     ap.add_argument("--floors", action="store_true",
-                    help="also time the arithmetic DELLA and PCB cannot avoid (exact row sorts, exponentials)")
+                    help="also time the arithmetic DELLA, PCB and Arcee Fusion cannot avoid (exact row sorts, "
+                         "exponentials, row KLs)")
     args = ap.parse_args()
     if args.sync_dispatch:
         jax.config.update("jax_cpu_enable_async_dispatch", False)  # read when the CPU client is created
@@ -169,6 +172,25 @@ def exp_floor(base, models, repeat) -> float:
     return timed(lambda: [leaf(b, *(l[i] for l in leaves)) for i, b in enumerate(jax.tree.leaves(base))], repeat)
 
 
+def kl_floor(base, models, repeat) -> float:
+    """Seconds for what Arcee Fusion cannot avoid, without its quartiles: per leaf, jmerge's row KLs of the first
+    fine-tune against the base (:func:`jmerge.methods.fusion.fusion_importance`'s, the same bits) and one pass
+    writing ``base + (model - base) * [|model - base| * KL >= threshold]`` (:func:`kl_floor_leaf`)."""
+    leaves = jax.tree.leaves(models[0])
+    c = jnp.float32(1e-9)
+    return timed(lambda: [kl_floor_leaf(b, leaves[i], c) for i, b in enumerate(jax.tree.leaves(base))], repeat)
+
+
+@jax.jit
+def kl_floor_leaf(b, m, threshold):
+    """One leaf of :func:`kl_floor`: Arcee Fusion's merged leaf for a given fence ``threshold``."""
+    from jmerge.methods import fusion
+
+    m32, b32 = m.astype(jnp.float32), b.astype(jnp.float32)
+    imp = fusion.fusion_importance(m32, b32)
+    return jnp.where(imp >= threshold, m32, b32).astype(b.dtype)
+
+
 def run(args):
 
     base = make_tree(args.params)
@@ -214,9 +236,12 @@ def run(args):
         floors["della_linear"] = floors["della"]
         if "ties" in times:
             floors["pcb"] = exp_floor(base, models, args.repeat) + times["ties"]
+        floors["arcee_fusion"] = kl_floor(base, models, args.repeat)
         print(f"floors: DELLA's row sorts {floors['della']:.3f} s ({floors['della'] / ta:.2f}x task arithmetic)"
               + (f"; PCB's exponentials + TIES {floors['pcb']:.3f} s ({floors['pcb'] / ta:.2f}x)" if "pcb" in floors
-                 else "; PCB's needs ties in --methods"))
+                 else "; PCB's needs ties in --methods")
+              + f"; Arcee Fusion's row KLs + one output pass {floors['arcee_fusion']:.3f} s "
+                f"({floors['arcee_fusion'] / ta:.2f}x)")
         for name, t, _ in rows:
             if name in floors:
                 print(f"{name:24s} {t:8.3f} s = {t / floors[name]:5.2f}x its floor")

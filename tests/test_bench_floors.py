@@ -47,3 +47,27 @@ def test_della_sort_floor_sorts_the_keys_of_dellas_ranks():
     assert np.array_equal(np.concatenate([g.reshape(-1) for g in got]),
                           np.concatenate([w.reshape(-1) for w in want]))
     assert bench.sort_floor(base, models, 1) > 0
+
+
+def test_arcee_fusion_floor_leaf_is_the_merge_at_its_fence():
+    """The Arcee Fusion floor's pass, given the fence that NumPy's sort of jmerge's importances gives, is jmerge's
+    Arcee Fusion merge entry for entry: the floor computes the merge's KLs and output, only not its quartiles."""
+    import jmerge
+    from jmerge.methods.fusion import fusion_importance
+
+    bench = _bench()
+    k = jax.random.key(5)
+    for shape in [(300, 700), (64,), (256, 1024)]:
+        b = jax.random.normal(jax.random.fold_in(k, shape[0]), shape)
+        m = b + 0.01 * jax.random.normal(jax.random.fold_in(k, shape[-1]), shape)
+        imp = np.sort(np.asarray(fusion_importance(m, b)).ravel())
+        n = imp.size
+        q1, med, q3 = (imp[int(q * (n - 1))] for q in (0.25, 0.5, 0.75))
+        fence = np.float32(med + np.float32(np.float32(1.5) * np.float32(q3 - q1)))
+        got = np.asarray(bench.kl_floor_leaf(b, m, fence))
+        want = np.asarray(jmerge.merge(jmerge.arcee_fusion(), {"w": b}, [{"w": m}])["w"])
+        kept = np.asarray(fusion_importance(m, b)) >= fence
+        assert 0 < kept.sum() < n
+        assert np.array_equal(got, want)
+        assert np.array_equal(got, np.where(kept, np.asarray(m), np.asarray(b)))
+    assert bench.kl_floor({"w": b}, [{"w": m}], 1) > 0
