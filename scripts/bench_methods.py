@@ -175,7 +175,8 @@ def exp_floor(base, models, repeat) -> float:
 def kl_floor(base, models, repeat) -> float:
     """Seconds for what Arcee Fusion cannot avoid, without its quartiles: per leaf, jmerge's row KLs of the first
     fine-tune against the base (:func:`jmerge.methods.fusion.fusion_importance`'s, the same bits) and one pass
-    writing ``base + (model - base) * [|model - base| * KL >= threshold]`` (:func:`kl_floor_leaf`)."""
+    writing the model's entries where ``|model - base| * KL >= threshold`` and the base's elsewhere
+    (:func:`kl_floor_leaf`)."""
     leaves = jax.tree.leaves(models[0])
     c = jnp.float32(1e-9)
     return timed(lambda: [kl_floor_leaf(b, leaves[i], c) for i, b in enumerate(jax.tree.leaves(base))], repeat)
