@@ -8,6 +8,7 @@ method within 5x task arithmetic; whole-model TIES (``ties_global``: ``ties(scop
     python scripts/bench_methods.py --params 20e6 --methods task_arithmetic ties
     python scripts/bench_methods.py --dtype bfloat16 --delta 0.25 --methods ties   # bf16 checkpoints: heavy ties
     python scripts/bench_methods.py --sync-dispatch --keep-host-memory   # the no-fresh-pages setting
+    python scripts/bench_methods.py --streams 1     # leaf programs one after another (default: 2 streams)
     python scripts/bench_methods.py --methods task_arithmetic ties pcb della della_linear arcee_fusion --floors
 
 ``--floors``: also times, on the same tree, arithmetic that some methods cannot avoid, and prints each
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jmerge
+from jmerge.core import streams
 
 
 _SVD = ("tsv_m", "iso_c", "iso_cts")  # bound against their SVDs' own time: scripts/bench_svd.py
@@ -101,12 +103,17 @@ def main():
                     help="turn JAX's CPU async dispatch off before the first computation: each execution then "
                          "allocates its temporaries on the calling thread, whose freed pages malloc can reuse "
                          "(with --keep-host-memory: every call's; see jmerge/core/heap.py)")
+    ap.add_argument("--streams", type=int, default=None,
+                    help="execution streams the eager leaf programs take in turn (jmerge.core.streams.LEAF_STREAMS; "
+                         "default 2, 1: one after another)")
     ap.add_argument("--floors", action="store_true",
                     help="also time the arithmetic DELLA, PCB and Arcee Fusion cannot avoid (exact row sorts, "
                          "exponentials, row KLs)")
     args = ap.parse_args()
     if args.sync_dispatch:
         jax.config.update("jax_cpu_enable_async_dispatch", False)  # read when the CPU client is created
+    if args.streams is not None:
+        streams.LEAF_STREAMS = args.streams
     with jmerge.keep_host_memory() if args.keep_host_memory else contextlib.nullcontext():
         run(args)
 
@@ -204,7 +211,8 @@ def run(args):
           f"{len(jax.tree.leaves(base))} leaves, {args.models} fine-tuned models ({args.dtype}, updates "
           f"{args.delta} N(0, 1)); load average {os.getloadavg()[0]:.1f}"
           + ("; inside jmerge.keep_host_memory()" if args.keep_host_memory else "")
-          + ("; CPU async dispatch off" if args.sync_dispatch else ""))
+          + ("; CPU async dispatch off" if args.sync_dispatch else "")
+          + f"; {streams.LEAF_STREAMS} execution stream(s)")
     registry = dict(jmerge.available_methods())
     registry["ties_global"] = lambda: jmerge.ties(scope="global")  # the paper's whole-model trim
     names = args.methods or sorted(registry)

@@ -50,6 +50,7 @@ from .transform import StatsPhase, Transform, run_steps, _check_part
 from .tree import (check_compatible, check_task_vectors, leaf_key, leaf_kind, leaves_with_paths,
                    optimizer_state_paths)
 from .select import sort_limit_in_effect, whole_sort_limit
+from .streams import leaf_stream
 from .views import MatrixView, infer_views
 from .xla import fast_compile_options, materialized
 
@@ -333,13 +334,14 @@ class LeafProgram:
                 fast_compile: bool = False, sort_limit: int | str | None = None) -> Any:
         """Phase ``index``'s statistic of one leaf (steps before the phase's step run first)."""
         view = view if self.method.uses_view else None
+        args = (self.method, index, base_leaf, model_leaves, hp, key, stats)
+        kwargs = dict(stacked=self._stacked(models_stacked), view=view, precision=self._precision(compute_dtype))
         if traced:
-            f, extra = functools.partial(_collect_impl, self.method, index), {}
-        else:
-            f = functools.partial(_fast_jits()[1] if fast_compile else _collect_jit, self.method, index)
-            extra = {"sort_limit": _resolve_sort_limit(sort_limit, base_leaf, model_leaves)}
-        return f(base_leaf, model_leaves, hp, key, stats, stacked=self._stacked(models_stacked), view=view,
-                 precision=self._precision(compute_dtype), **extra)
+            return _collect_impl(*args, **kwargs)
+        f = _fast_jits()[1] if fast_compile else _collect_jit
+        kwargs["sort_limit"] = _resolve_sort_limit(sort_limit, base_leaf, model_leaves)
+        with leaf_stream(f, args, kwargs, (base_leaf, model_leaves)):
+            return f(*args, **kwargs)
 
     def _stacked(self, models_stacked: bool) -> bool | str:
         if models_stacked and self.stacked:
@@ -378,9 +380,11 @@ class LeafProgram:
         f = _leaf_impl if traced else (_fast_jits()[0] if fast_compile else _leaf_jit)
         extra = {} if traced else {"sort_limit": _resolve_sort_limit(sort_limit, base_leaf, model_leaves)}
         dt = self.out_dtype if out_dtype is None else jnp.dtype(out_dtype).name
-        return f(self.method, base_leaf, model_leaves, hp, key, stats or {}, stacked=self._stacked(models_stacked),
-                 out_dtype=dt, return_extras=self.return_extras, view=view,
-                 precision=self._precision(compute_dtype), **extra)
+        args = (self.method, base_leaf, model_leaves, hp, key, stats or {})
+        kwargs = dict(stacked=self._stacked(models_stacked), out_dtype=dt, return_extras=self.return_extras, view=view,
+                      precision=self._precision(compute_dtype), **extra)
+        with contextlib.nullcontext() if traced else leaf_stream(f, args, kwargs, (base_leaf, model_leaves)):
+            return f(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
