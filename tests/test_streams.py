@@ -48,6 +48,7 @@ def test_results_do_not_depend_on_the_streams(method, monkeypatch):
               for _ in range(3)]
     m = jmerge.ties(scope="global") if method == "ties_global" else getattr(jmerge, method)()
     models = models[:m.max_models] if m.max_models else models
+    monkeypatch.setattr(streams, "MIN_ENTRIES", 0)  # these small leaves take streams too
     monkeypatch.setattr(streams, "LEAF_STREAMS", 1)
     one = jmerge.merge(m, base, models, seed=3)
     monkeypatch.setattr(streams, "LEAF_STREAMS", 2)
@@ -56,8 +57,9 @@ def test_results_do_not_depend_on_the_streams(method, monkeypatch):
         np.testing.assert_array_equal(np.asarray(two[k]), np.asarray(one[k]), err_msg=f"{method}: leaf {k}")
 
 
-def test_ties_on_two_streams_against_numpy():
+def test_ties_on_two_streams_against_numpy(monkeypatch):
     """TIES with the default two streams against the formula in NumPy (no ties among the magnitudes)."""
+    monkeypatch.setattr(streams, "MIN_ENTRIES", 0)
     rng = np.random.default_rng(8)
     base = _tree(rng)
     models = [jax.tree.map(lambda x: x + 0.01 * jnp.asarray(rng.standard_normal(x.shape), jnp.float32), base)
@@ -89,6 +91,8 @@ def test_leaf_streams_alternate(monkeypatch):
     monkeypatch.setattr(streams, "_execution_stream_id", record)
     fn = jax.jit(_double, static_argnums=0)
     x = jnp.ones((4, 5))
+    small = streams.leaf_stream(fn, ("double", x), {}, (x,))  # fewer than MIN_ENTRIES entries
+    monkeypatch.setattr(streams, "MIN_ENTRIES", 20)
     for _ in range(4):
         with streams.leaf_stream(fn, ("double", x), {}, (x, [np.ones((4, 5))])):
             pass
@@ -110,13 +114,14 @@ def test_leaf_streams_alternate(monkeypatch):
         kinds.append(type(streams.leaf_stream(f, ("f", x), {}, (x,))))
     monkeypatch.setattr(streams, "LEAF_STREAMS", 1)
     kinds.append(type(streams.leaf_stream(fn, ("double", x), {}, (x,))))
-    assert seen == [] and kinds == [contextlib.nullcontext] * 5
+    assert seen == [] and kinds == [contextlib.nullcontext] * 5 and isinstance(small, contextlib.nullcontext)
 
 
 _SHARDED = """
 import contextlib, jax, jax.numpy as jnp, numpy as np, jmerge
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jmerge.core import streams
+streams.MIN_ENTRIES = 0
 assert len(jax.devices()) == 8
 mesh = Mesh(np.array(jax.devices()), ("d",))
 fn = jax.jit(lambda tag, a: a * 2, static_argnums=0)
@@ -165,6 +170,7 @@ def test_sharded_leaves_keep_the_callers_stream():
 _SVD_MERGES = """
 import jax, jax.numpy as jnp, numpy as np, jmerge
 from jmerge.core import streams
+streams.MIN_ENTRIES = 0
 rng = np.random.default_rng(0)
 base = {f"w{i}": jnp.asarray(rng.standard_normal((48, 40 + i)), jnp.float32) for i in range(6)}
 models = [jax.tree.map(lambda x: x + 0.05 * jnp.asarray(rng.standard_normal(x.shape), jnp.float32), base)
