@@ -14,15 +14,15 @@ Measured on ``scripts/bench_methods.py``'s 102.8M-parameter tree (2 cores, JAX 0
 task arithmetic 0.132 -> 0.118 s, TIES 0.47 -> 0.39 s, Breadcrumbs 0.52 -> 0.41 s, Arcee Fusion 0.78 ->
 0.64 s, whole-model TIES 0.36 -> 0.31 s; three or four streams gained nothing more.
 
-Only where it is safe and useful: outside a trace, for a program whose inputs are host arrays (placed on
-the default device, a CPU) or live on one CPU device, in a single-process run, and whose computation holds
-no linear-algebra decomposition, FFT or host callback. jaxlib's LAPACK kernels (SVD, eigh, QR, Cholesky,
-...) split a batch over XLA's intra-op thread pool and block their thread until the parts are done: two
-of them running at once on a two-thread pool wait for each other forever (measured: two batched SVDs on
-two streams deadlock at once; ``jax.numpy`` matrix products on two streams do not). Which programs qualify
-is read once per program signature from its jaxpr (the trace ``jax.jit`` makes anyway: its cache serves
-the call after). Sharded or replicated leaves (programs over several devices, whose collectives order
-themselves), other backends and multi-host runs keep the caller's stream.
+Only where it is safe and useful: outside a trace, for a leaf of at least :data:`MIN_ENTRIES` entries whose
+inputs are host arrays (placed on the default device, a CPU) or live on one CPU device, in a single-process
+run, and whose computation holds no linear-algebra decomposition, FFT or host callback. jaxlib's LAPACK
+kernels (SVD, eigh, QR, Cholesky, ...) split a batch over XLA's intra-op thread pool and block their thread
+until the parts are done: two of them running at once on a two-thread pool wait for each other forever
+(measured: two batched SVDs on two streams deadlock at once; ``jax.numpy`` matrix products on two streams do
+not). Which programs qualify is read once per program signature from its jaxpr (the trace ``jax.jit`` makes
+anyway: its cache serves the call after). Sharded or replicated leaves (programs over several devices, whose
+collectives order themselves), other backends and multi-host runs keep the caller's stream.
 
 References: none (XLA's PjRt CPU client orders executions per execution stream).
 """
