@@ -50,7 +50,7 @@ from .transform import StatsPhase, Transform, run_steps, _check_part
 from .tree import (check_compatible, check_task_vectors, leaf_key, leaf_kind, leaves_with_paths,
                    optimizer_state_paths)
 from .select import sort_limit_in_effect, whole_sort_limit
-from .streams import leaf_stream
+from .streams import iter_eqns, leaf_stream
 from .views import MatrixView, infer_views
 from .xla import fast_compile_options, materialized
 
@@ -277,6 +277,19 @@ def _fast_jits() -> tuple:
 _PROGRAM = object()  # "the program's own compute dtype" (a call's default)
 
 
+def _dispatch(which: int, args: tuple, kwargs: dict, inputs: tuple, traced: bool, fast_compile: bool,
+              sort_limit: int | str | None) -> Any:
+    """Run the leaf program (``which`` 0) or a phase's collection (1) on ``args``: inline inside a trace, else
+    jitted (with the fast-compile options when asked), with the leaf's sort limit, on the execution stream
+    :func:`~jmerge.core.streams.leaf_stream` picks for it. ``inputs``: the leaf's ``(base_leaf, model_leaves)``."""
+    if traced:
+        return (_leaf_impl, _collect_impl)[which](*args, **kwargs)
+    f = _fast_jits()[which] if fast_compile else (_leaf_jit, _collect_jit)[which]
+    kwargs = dict(kwargs, sort_limit=_resolve_sort_limit(sort_limit, *inputs))
+    with leaf_stream(f, args, kwargs, inputs):
+        return f(*args, **kwargs)
+
+
 class LeafProgram:
     """A merge method ready to run one leaf at a time: the code :func:`merge` runs per leaf and the
     out-of-core executor runs per tensor.
@@ -336,12 +349,7 @@ class LeafProgram:
         view = view if self.method.uses_view else None
         args = (self.method, index, base_leaf, model_leaves, hp, key, stats)
         kwargs = dict(stacked=self._stacked(models_stacked), view=view, precision=self._precision(compute_dtype))
-        if traced:
-            return _collect_impl(*args, **kwargs)
-        f = _fast_jits()[1] if fast_compile else _collect_jit
-        kwargs["sort_limit"] = _resolve_sort_limit(sort_limit, base_leaf, model_leaves)
-        with leaf_stream(f, args, kwargs, (base_leaf, model_leaves)):
-            return f(*args, **kwargs)
+        return _dispatch(1, args, kwargs, (base_leaf, model_leaves), traced, fast_compile, sort_limit)
 
     def _stacked(self, models_stacked: bool) -> bool | str:
         if models_stacked and self.stacked:
@@ -377,14 +385,11 @@ class LeafProgram:
         """The merged leaf (and its extras with ``return_extras``); ``out_dtype`` and ``compute_dtype``
         override the program's."""
         view = view if self.method.uses_view else None
-        f = _leaf_impl if traced else (_fast_jits()[0] if fast_compile else _leaf_jit)
-        extra = {} if traced else {"sort_limit": _resolve_sort_limit(sort_limit, base_leaf, model_leaves)}
         dt = self.out_dtype if out_dtype is None else jnp.dtype(out_dtype).name
         args = (self.method, base_leaf, model_leaves, hp, key, stats or {})
         kwargs = dict(stacked=self._stacked(models_stacked), out_dtype=dt, return_extras=self.return_extras, view=view,
-                      precision=self._precision(compute_dtype), **extra)
-        with contextlib.nullcontext() if traced else leaf_stream(f, args, kwargs, (base_leaf, model_leaves)):
-            return f(*args, **kwargs)
+                      precision=self._precision(compute_dtype))
+        return _dispatch(0, args, kwargs, (base_leaf, model_leaves), traced, fast_compile, sort_limit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,15 +500,7 @@ def count_eqns(jaxpr: Any) -> int:
 
     References: none (infrastructure).
     """
-    n = 0
-    for e in jaxpr.eqns:
-        n += 1
-        for v in e.params.values():
-            for sub in (v if isinstance(v, (list, tuple)) else [v]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    n += count_eqns(inner)
-    return n
+    return sum(1 for _ in iter_eqns(jaxpr))
 
 
 def _run_grouped(program: LeafProgram, items: list, mode) -> dict:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Callable, ContextManager, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -44,7 +44,7 @@ except (ImportError, AttributeError):  # pragma: no cover - a jaxlib without exe
     _execution_stream_id = None
     _get_stream = None
 
-__all__ = ["LEAF_STREAMS", "leaf_stream", "concurrent_safe"]
+__all__ = ["LEAF_STREAMS", "MIN_ENTRIES", "leaf_stream", "concurrent_safe", "iter_eqns"]
 
 LEAF_STREAMS = 2
 """Execution streams that eager leaf programs take in turn (1: the caller's stream alone, one after another)."""
@@ -77,22 +77,27 @@ def _blocking_primitives() -> frozenset:
 _BLOCKING = _blocking_primitives()
 
 
+def iter_eqns(jaxpr: Any) -> Iterator[Any]:
+    """The equations of a jaxpr and of all its sub-jaxprs (loop bodies, branches, nested jits), depth first.
+
+    References: none (infrastructure).
+    """
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from iter_eqns(inner)
+
+
 def concurrent_safe(jaxpr: Any) -> bool:
     """Whether a computation with this jaxpr (and its sub-jaxprs: loops, branches, nested jits) may run
     beside another on the CPU: no primitive of :func:`_blocking_primitives` and no host callback.
 
     References: none (see the module docstring).
     """
-    for e in jaxpr.eqns:
-        name = e.primitive.name
-        if name in _BLOCKING or "callback" in name:
-            return False
-        for v in e.params.values():
-            for sub in (v if isinstance(v, (list, tuple)) else [v]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and not concurrent_safe(inner):
-                    return False
-    return True
+    return not any(e.primitive.name in _BLOCKING or "callback" in e.primitive.name for e in iter_eqns(jaxpr))
 
 
 def _on_one_cpu(leaves: list) -> bool:
