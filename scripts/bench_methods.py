@@ -9,6 +9,7 @@ method within 5x task arithmetic; whole-model TIES (``ties_global``: ``ties(scop
     python scripts/bench_methods.py --dtype bfloat16 --delta 0.25 --methods ties   # bf16 checkpoints: heavy ties
     python scripts/bench_methods.py --sync-dispatch --keep-host-memory   # the no-fresh-pages setting
     python scripts/bench_methods.py --streams 1     # leaf programs one after another (default: 2 streams)
+    python scripts/bench_methods.py --compare-streams --methods task_arithmetic ties breadcrumbs  # 1 vs 2, one run
     python scripts/bench_methods.py --methods task_arithmetic ties pcb della della_linear arcee_fusion --floors
 
 ``--floors``: also times, on the same tree, arithmetic that some methods cannot avoid, and prints each
@@ -89,6 +90,26 @@ def timed(fn, repeat):
     return best
 
 
+def timed_streams(fn, repeat, counts=(1, 2)):
+    """Best time of ``fn`` with each count of ``streams.LEAF_STREAMS`` in ``counts``, the settings alternated
+    within every repeat (so that a change in the machine's load falls on both); the setting is restored."""
+    saved = streams.LEAF_STREAMS
+    best = {c: float("inf") for c in counts}
+    try:
+        for c in counts:  # compile + warm (the compiled programs are the same for every count)
+            streams.LEAF_STREAMS = c
+            jax.block_until_ready(fn())
+        for _ in range(repeat):
+            for c in counts:
+                streams.LEAF_STREAMS = c
+                t = time.perf_counter()
+                jax.block_until_ready(fn())
+                best[c] = min(best[c], time.perf_counter() - t)
+    finally:
+        streams.LEAF_STREAMS = saved
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=100e6)
@@ -106,10 +127,15 @@ def main():
     ap.add_argument("--streams", type=int, default=None,
                     help="execution streams the eager leaf programs take in turn (jmerge.core.streams.LEAF_STREAMS; "
                          "default 2, 1: one after another)")
+    ap.add_argument("--compare-streams", action="store_true",
+                    help="time every method on one execution stream and on two, alternated in this run, and print "
+                         "both (the ratios use the two-stream times)")
     ap.add_argument("--floors", action="store_true",
                     help="also time the arithmetic DELLA, PCB and Arcee Fusion cannot avoid (exact row sorts, "
                          "exponentials, row KLs)")
     args = ap.parse_args()
+    if args.compare_streams and args.streams is not None:
+        ap.error("--compare-streams times one and two streams itself: leave out --streams")
     if args.sync_dispatch:
         jax.config.update("jax_cpu_enable_async_dispatch", False)  # read when the CPU client is created
     if args.streams is not None:
@@ -212,7 +238,8 @@ def run(args):
           f"{args.delta} N(0, 1)); load average {os.getloadavg()[0]:.1f}"
           + ("; inside jmerge.keep_host_memory()" if args.keep_host_memory else "")
           + ("; CPU async dispatch off" if args.sync_dispatch else "")
-          + f"; {streams.LEAF_STREAMS} execution stream(s)")
+          + ("; one and two execution streams, alternated" if args.compare_streams
+             else f"; {streams.LEAF_STREAMS} execution stream(s)"))
     registry = dict(jmerge.available_methods())
     registry["ties_global"] = lambda: jmerge.ties(scope="global")  # the paper's whole-model trim
     names = args.methods or sorted(registry)
@@ -226,13 +253,20 @@ def run(args):
             if method.max_models is not None:
                 T = min(T, method.max_models)
             ms = models[:max(T, method.min_models)]
-            t = timed(lambda: jmerge.merge(method, base, ms), args.repeat)
+            fn = lambda: jmerge.merge(method, base, ms)
+            if args.compare_streams:
+                ab = timed_streams(fn, args.repeat)
+                t = ab[2]
+            else:
+                t = timed(fn, args.repeat)
         except Exception as e:  # report and continue
             print(f"{name:24s} FAILED: {type(e).__name__}: {str(e)[:120]}")
             continue
         ta = t if name == "task_arithmetic" else ta
         rows.append((name, t, t / ta))
-        print(f"{name:24s} {t:8.3f} s   {t / ta:6.2f}x task_arithmetic", flush=True)
+        print(f"{name:24s} {t:8.3f} s   {t / ta:6.2f}x task_arithmetic"
+              + (f"   (one stream {ab[1]:.3f} s: two are {ab[1] / ab[2]:.2f}x faster)" if args.compare_streams else ""),
+              flush=True)
     if ta is not None and len(rows) > 1:
         # task arithmetic again: the first timing of the run also pays for the process's first allocations
         again = timed(lambda: jmerge.merge(registry["task_arithmetic"](), base, models), args.repeat)

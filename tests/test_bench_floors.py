@@ -72,3 +72,27 @@ def test_arcee_fusion_floor_leaf_is_the_merge_at_its_fence():
         assert np.array_equal(got, want)
         assert np.array_equal(got, np.where(kept, np.asarray(m), np.asarray(b)))
     assert bench.kl_floor({"w": b}, [{"w": m}], 1) > 0
+
+
+def test_compare_streams_alternates_the_settings_and_restores_them():
+    """``--compare-streams`` times each method with one stream and with two in turn (after one warm call each) and
+    leaves ``streams.LEAF_STREAMS`` as it found it, also when the timed function raises."""
+    import pytest
+
+    from jmerge.core import streams
+
+    bench = _bench()
+    seen = []
+    before = streams.LEAF_STREAMS
+    best = bench.timed_streams(lambda: seen.append(streams.LEAF_STREAMS), 3)
+    assert seen == [1, 2] + [1, 2] * 3
+    assert sorted(best) == [1, 2] and all(0 <= t < 1 for t in best.values())
+    assert streams.LEAF_STREAMS == before
+
+    def fails():
+        if streams.LEAF_STREAMS == 2:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        bench.timed_streams(fails, 1)
+    assert streams.LEAF_STREAMS == before
