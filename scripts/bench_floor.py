@@ -52,8 +52,10 @@ def copy_floor(dirs: list[str], out_dir: str) -> None:
         jobs = [TensorJob(n, tuple(readers[0].shape(n)), np.dtype(readers[0].dtype(n)),
                           Merge(Tensor(0, n), tuple(Tensor(i, n) for i in range(1, len(readers)))),
                           np.dtype(readers[0].dtype(n))) for n in names]
+        # entrywise (the "merge" returns the base's rows as read): large tensors go in blocks of rows, as task
+        # arithmetic's do, so the floor reads and writes through the same path and memory
         ctx = MergeContext(program=_NoArithmetic(), hparams={n: {} for n in names}, views={n: None for n in names},
-                           seed=0)
+                           seed=0, entrywise=True)
         with CheckpointWriter(out_dir, [(j.out_name, j.shape, j.dtype) for j in jobs], overwrite=True) as w:
             run_jobs(jobs, readers, w, ctx, tune_malloc=True)  # as run_merge does
     finally:

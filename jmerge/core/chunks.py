@@ -30,7 +30,7 @@ from .driver import LeafProgram
 from .select import tensor_chunks
 from .transform import Transform
 
-__all__ = ["CHUNK_ENTRIES", "chunked_form", "merge_chunked"]
+__all__ = ["CHUNK_ENTRIES", "chunked_form", "merge_chunked", "entrywise"]
 
 CHUNK_ENTRIES = 1 << 22  # entries per chunk (4 Mi: 8 MiB per bfloat16 model)
 
@@ -52,6 +52,20 @@ def chunked_form(method: Transform) -> Transform | None:
         changed = changed or new is not step
         steps.append((name, new))
     return dataclasses.replace(method, steps=tuple(steps)) if changed else None
+
+
+def entrywise(method: Transform) -> bool:
+    """Whether every entry of ``method``'s merged leaf is computed from the same entry of its inputs alone, by
+    the same operations whatever the leaf's shape (each step's update says so with an ``entrywise``
+    attribute; no whole-model statistics, matrix views or random draws, whose keys follow the leaf's flat
+    index): any rows of a tensor then merge to those rows of the whole tensor's result, so the out-of-core
+    executor may read, merge and write a large tensor a block of rows at a time
+    (:func:`jmerge.pipeline.jobs.row_parts`). Task arithmetic, linear and their scalings are.
+
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
+    """
+    return (bool(method.steps) and not method.stats and not method.uses_view
+            and all(getattr(step.update, "entrywise", False) for _, step in method.steps))
 
 
 def merge_chunked(program: LeafProgram, base: np.ndarray, models: np.ndarray, hp: Mapping[str, Any], key: Any, *,

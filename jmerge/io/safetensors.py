@@ -383,6 +383,41 @@ class CheckpointReader:
                         self._files[info.file], name)
         return arr
 
+    def get_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Read rows ``start:stop`` of one tensor (its leading axis): one positional read of their bytes.
+
+        Args:
+          name: tensor name (of at least one dimension).
+          start, stop: the rows, ``0 <= start <= stop <= shape[0]``.
+          out: as in :meth:`get`, of exactly the rows' bytes.
+
+        Returns:
+          An array of shape ``(stop - start, *shape[1:])`` and the stored dtype (``out``-backed when given).
+        """
+        info = self._get_info(name)
+        if not self._fds:
+            raise CheckpointError(f"{self.path}: reader is closed")
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise CheckpointError(f"{self.path}: tensor {name!r} of shape {info.shape} has no rows {start}:{stop}")
+        shape = (stop - start,) + tuple(info.shape[1:])
+        row = math.prod(info.shape[1:]) * info.dtype.itemsize
+        if out is None:
+            arr = np.empty(shape, info.dtype)
+        else:
+            if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.flags.writeable) \
+                    or out.nbytes != row * (stop - start):
+                raise CheckpointError(f"{self.path}: tensor {name!r} rows {start}:{stop}: `out` must be a writeable "
+                                      f"C-contiguous numpy array of {row * (stop - start)} bytes")
+            arr = out.reshape(-1).view(np.uint8).view(info.dtype).reshape(shape)
+        if arr.nbytes:
+            _pread_into(self._fds[info.file], memoryview(arr.reshape(-1).view(np.uint8)), info.start + start * row,
+                        self._files[info.file], name)
+        return arr
+
+    def rows_readable(self, name: str) -> bool:
+        """Whether :meth:`get_rows` reads ``name`` (a tensor of at least one dimension)."""
+        return len(self._get_info(name).shape) >= 1
+
     def __getitem__(self, name: str) -> np.ndarray:
         return self.get(name)
 
@@ -616,6 +651,7 @@ class CheckpointWriter:
         self._fds: list[int] = []
         self._direct: list[_DirectFile | None] = []  # per shard, with fsync: O_DIRECT writes where possible
         self._written: set[str] = set()
+        self._rows: dict[str, list[tuple[int, int]]] = {}  # name -> row blocks written so far (write(rows=...))
         meta = {"format": "pt"}
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
 
@@ -687,21 +723,32 @@ class CheckpointWriter:
         if self._done:
             raise CheckpointError(f"{self.out_dir}: writer already committed or aborted")
 
-    def write(self, name: str, array: Any) -> None:
+    def write(self, name: str, array: Any, rows: tuple[int, int] | None = None) -> None:
         """Write one tensor's bytes at its planned offset (any order, thread-safe).
 
         ``array`` (NumPy or JAX) must have the layout's shape; it is cast to the layout's dtype if it
         differs. Writing a name twice, or one not in the layout, raises CheckpointError.
+
+        With ``rows=(start, stop)``, ``array`` is those rows of the tensor (its leading axis) and lands at
+        their place; the tensor counts as written once its blocks of rows cover it. A block that overlaps
+        one already written raises CheckpointError.
         """
         self._check_open()
         try:
-            shape, dt = self._layout[name]
+            whole, dt = self._layout[name]
         except KeyError:
             raise CheckpointError(f"{self.out_dir}: tensor {name!r} is not in the writer's layout") from None
+        shape = whole
+        if rows is not None:
+            r0, r1 = (int(r) for r in rows)
+            if not whole or not 0 <= r0 < r1 <= whole[0]:
+                raise CheckpointError(f"{self.out_dir}: tensor {name!r} of shape {whole} has no rows {r0}:{r1}")
+            shape = (r1 - r0,) + whole[1:]
         arr = np.asarray(array)
         if tuple(arr.shape) != shape:
             raise CheckpointError(
                 f"{self.out_dir}: tensor {name!r} has shape {tuple(arr.shape)} but the layout says {shape}"
+                + ("" if rows is None else f" (rows {r0}:{r1} of {whole})")
             )
         if arr.dtype != dt:
             arr = arr.astype(dt)
@@ -709,10 +756,21 @@ class CheckpointWriter:
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         with self._lock:
-            if name in self._written:
+            if name in self._written or (rows is None and self._rows.get(name)):
                 raise CheckpointError(f"{self.out_dir}: tensor {name!r} written twice")
-            self._written.add(name)
+            if rows is None:
+                self._written.add(name)
+            else:
+                done = self._rows.setdefault(name, [])
+                if any(a < r1 and r0 < b for a, b in done):
+                    raise CheckpointError(f"{self.out_dir}: tensor {name!r}: rows {r0}:{r1} written twice")
+                done.append((r0, r1))
+                if sum(b - a for a, b in done) == whole[0]:
+                    self._written.add(name)
         si, off, nb = self._where[name]
+        if rows is not None:
+            row = nb // whole[0]
+            off, nb = off + r0 * row, (r1 - r0) * row
         try:
             if nb:
                 data = memoryview(arr.reshape(-1).view(np.uint8))
@@ -725,6 +783,8 @@ class CheckpointWriter:
         except BaseException:
             with self._lock:
                 self._written.discard(name)
+                if rows is not None:
+                    self._rows[name].remove((r0, r1))
             raise
 
     def _write_direct(self, si: int, data: memoryview, off: int) -> None:

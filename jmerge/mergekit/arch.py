@@ -360,6 +360,17 @@ class ModelView:
             self.reader.get(disk, out=arr[e] if lo is None else arr[e, lo:hi])
         return arr
 
+    def get_rows(self, name: str, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows ``start:stop`` of a tensor stored whole (see :meth:`rows_readable`); ``out`` as the reader's."""
+        if not self.rows_readable(name):
+            raise MergeInputError(f"{self.reader.path}: tensor '{name}' cannot be read by rows")
+        return self.reader.get_rows(self._disk_name(name), start, stop, out=out)
+
+    def rows_readable(self, name: str) -> bool:
+        """Whether :meth:`get_rows` reads ``name``: a tensor stored whole, in a checkpoint that reads rows."""
+        return (name not in self._fused and hasattr(self.reader, "rows_readable")
+                and self.reader.rows_readable(self._disk_name(name)))
+
     def __getitem__(self, name: str) -> np.ndarray:
         return self.get(name)
 

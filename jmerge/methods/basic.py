@@ -35,6 +35,9 @@ def _weighted_sum(state: MergeState, hp, *, normalize: bool) -> MergeState:
     return state.replace(merged=total)
 
 
+_weighted_sum.entrywise = True  # each entry from the same entries alone (read by jmerge.core.chunks.entrywise)
+
+
 def weighted_sum(weight: HParamSpec = 1.0, normalize: bool = False) -> Transform:
     """Aggregate: ``merged = sum_t w_t tau_t`` (divided by ``sum_t w_t`` when ``normalize``).
 
@@ -49,6 +52,7 @@ def _scale(state: MergeState, hp) -> MergeState:
 
 
 _scale.chunk_form = lambda step: step  # elementwise: runs unchanged on a tensor's chunks (jmerge.core.chunks)
+_scale.entrywise = True
 
 
 def scale(scale: HParamSpec = 1.0) -> Transform:
@@ -69,6 +73,9 @@ def _linear(state: MergeState, hp, *, normalize: bool) -> MergeState:
     if normalize:
         avg = avg / jnp.sum(w)
     return state.replace(merged=avg - state.base)
+
+
+_linear.entrywise = True
 
 
 def linear(weight: HParamSpec = 1.0, normalize: bool = True) -> Transform:

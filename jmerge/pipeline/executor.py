@@ -28,13 +28,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from ..core import LeafProgram, check_ranges, infer_views, leaf_key
-from ..core.chunks import CHUNK_ENTRIES, chunked_form, merge_chunked
+from ..core.chunks import CHUNK_ENTRIES, chunked_form, entrywise, merge_chunked
 from ..core.heap import M_ARENA_MAX as _M_ARENA_MAX, M_MMAP_MAX as _M_MMAP_MAX
 from ..core.heap import M_TRIM_THRESHOLD as _M_TRIM_THRESHOLD, glibc
 from ..io.memory import HUGE_PAGE as _HUGE, anon_buffer as _anon_buffer
 from ..mergekit import MergePlan
 from ..mergekit.arch import layer_sources, model_views, output_config
-from .jobs import Copy, Merge, Tensor, TensorJob, read_source
+from .jobs import Copy, Merge, Tensor, TensorJob, read_source, read_tensor, row_parts, tensor_shape
 from .planners import input_paths, np_dtype, plan_jobs
 from .progress import Progress
 from .validate import open_input, validate_plan
@@ -256,6 +256,9 @@ class MergeContext:
       chunk_program: the method's :func:`~jmerge.core.chunks.chunked_form`, or None: tensors of at least
         ``CHUNK_ENTRIES`` entries whose models are read stacked merge chunk by chunk with it (one compiled
         program for every shape; bit-identical results).
+      entrywise: the method computes each entry from the same entries of its inputs alone
+        (:func:`jmerge.core.chunks.entrywise`): large merges then run a block of rows at a time
+        (:func:`~jmerge.pipeline.jobs.row_parts`), as copies always may.
 
     References: none (infrastructure).
     """
@@ -269,6 +272,29 @@ class MergeContext:
     compute_float32: bool = False
     fast_compile: frozenset = frozenset()
     chunk_program: Optional[LeafProgram] = None
+    entrywise: bool = False
+
+
+PART_BYTES = 32 * 2**20  # input bytes (all models) of a block of rows of a large tensor (row_parts)
+
+
+def split_rows(jobs: Sequence[TensorJob], readers, ctx: MergeContext, part_bytes: Optional[int] = None) -> list:
+    """The jobs with each large copy, and each large merge of an entrywise method, split into blocks of rows
+    (:func:`~jmerge.pipeline.jobs.row_parts`): their reads, merges and writes then hold a block at a time, so
+    the read buffers and XLA's outputs take a few blocks' memory instead of the largest tensor's inputs (an
+    embedding's four inputs: 500 MiB for a 0.54B Llama). Not with a mesh (sharded inputs) or whole-model
+    statistics (their passes read whole tensors).
+
+    References: none (infrastructure).
+    """
+    if ctx.put is not None or (ctx.program is not None and ctx.program.phases):
+        return list(jobs)
+    part_bytes = PART_BYTES if part_bytes is None else part_bytes
+    out = []
+    for j in jobs:
+        ok = isinstance(j.op, Copy) or (isinstance(j.op, Merge) and ctx.entrywise)
+        out += row_parts(j, readers, part_bytes) if ok else [j]
+    return out
 
 
 def fast_compile_shapes(merges: Sequence[TensorJob]) -> frozenset:
@@ -294,8 +320,8 @@ def _stackable(job: TensorJob, readers, ctx: MergeContext) -> bool:
     if not all(isinstance(s, Tensor) for s in ms):
         return False
     first = readers[ms[0].reader]
-    key = (np.dtype(first.dtype(ms[0].name)), tuple(first.shape(ms[0].name)))
-    return all((np.dtype(readers[s.reader].dtype(s.name)), tuple(readers[s.reader].shape(s.name))) == key for s in ms)
+    key = (np.dtype(first.dtype(ms[0].name)), tensor_shape(ms[0], readers))
+    return all((np.dtype(readers[s.reader].dtype(s.name)), tensor_shape(s, readers)) == key for s in ms)
 
 
 def _read(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext):
@@ -316,12 +342,12 @@ def _read(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext):
         arrays.append(cast(a))
     if stacked:
         ms = job.op.models
-        first = readers[ms[0].reader]
-        nb, dt, shape = int(first.nbytes(ms[0].name)), np.dtype(first.dtype(ms[0].name)), tuple(first.shape(ms[0].name))
+        dt, shape = np.dtype(readers[ms[0].reader].dtype(ms[0].name)), tensor_shape(ms[0], readers)
+        nb = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         buf = bufs.get(nb * len(ms))
         raw.append(buf)
         for t, s in enumerate(ms):
-            readers[s.reader].get(s.name, out=buf[t * nb:(t + 1) * nb])
+            read_tensor(s, readers, out=buf[t * nb:(t + 1) * nb])
         arrays.append(cast(buf.view(dt).reshape((len(ms),) + shape)))
     return arrays, raw, stacked
 
@@ -383,7 +409,7 @@ def _collect_stats(jobs, readers, bufs, ctx, pool, window, max_bytes, progress) 
             r = ctx.program.collect(pi, _put(ctx, arrays[0]), models,
                                     ctx.hparams[j.out_name], leaf_key(ctx.seed, j.out_name), stats[j.out_name],
                                     ctx.views[j.out_name], compute_dtype=_compute_dtype(ctx, arrays),
-                                    fast_compile=tuple(j.shape) in ctx.fast_compile, sort_limit="auto",
+                                    fast_compile=j.tensor_shape in ctx.fast_compile, sort_limit="auto",
                                     **({"models_stacked": True} if stacked else {}))
             # copied when it is a view of a read buffer (e.g. an input JAX forwarded): the buffer is reused
             collected.append(jax.tree.map(lambda x: _unaliased(np.asarray(x), raw), r))
@@ -437,7 +463,7 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool
     return ctx.program(_put(ctx, arrays[0]), models, hp,
                        leaf_key(ctx.seed, job.out_name), stats.get(job.out_name) or {}, ctx.views[job.out_name],
                        out_dtype=out_dtype, compute_dtype=_compute_dtype(ctx, arrays),
-                       fast_compile=tuple(job.shape) in ctx.fast_compile, sort_limit="auto",
+                       fast_compile=job.tensor_shape in ctx.fast_compile, sort_limit="auto",
                        **({"models_stacked": True} if stacked else {}))
 
 
@@ -466,6 +492,10 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
     (EMNLP 2024 industry track) for the tensor-by-tensor execution model.
     """
     progress = progress or Progress(sum(j.read_bytes(readers) for j in jobs), disable=True)
+    main = split_rows(jobs, readers, ctx)
+    if len(main) > len(jobs):  # blocks of rows: a few of them in flight (and any job that runs whole)
+        max_inflight_bytes = min(max_inflight_bytes, max(max(j.pool_bytes(readers) for j in main),
+                                                         (window + 1) * PART_BYTES))
     if buffers is None:  # one chunk of the budget (or of the whole merge, when smaller) serves every read
         total = sum(j.pool_bytes(readers) for j in jobs)
         buffers = Buffers(chunk_bytes=min(max_inflight_bytes, total))
@@ -487,7 +517,10 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
             if not any(np.may_share_memory(out, b) for b in raw):
                 bufs.put(raw)  # the inputs are free once computed: the next reads reuse them during the write
                 raw = ()
-            writer.write(job.out_name, out)
+            if job.rows is None:
+                writer.write(job.out_name, out)
+            else:
+                writer.write(job.out_name, out, rows=job.rows)
             bufs.put(raw)
             progress.update(job.read_bytes(readers))
             done[0] += 1
@@ -517,7 +550,7 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
 
         # the largest first (each result is the same in any order): the largest two (an embedding and an LM head)
         # then take the same pooled memory one after the other, and the smaller tensors share it afterwards
-        order = sorted(jobs, key=lambda j: -j.read_bytes(readers))
+        order = sorted(main, key=lambda j: -j.read_bytes(readers))
         _stream(order, readers, bufs, ctx, rpool, window, max_inflight_bytes, consume)
         while futures:
             futures.popleft()[1].result()
@@ -575,7 +608,8 @@ def _context(plan, jobs, seed: int, mesh: Optional[str], compute_float32: bool =
     return MergeContext(program=LeafProgram(method) if method is not None else None, hparams=hps, views=views,
                         seed=seed, compute_dtype=np_dtype(plan.config.dtype), put=mesh_sharding(mesh),
                         compute_float32=bool(compute_float32), fast_compile=fast_compile_shapes(merges),
-                        chunk_program=LeafProgram(chunked) if chunked is not None else None)
+                        chunk_program=LeafProgram(chunked) if chunked is not None else None,
+                        entrywise=method is not None and entrywise(method))
 
 
 def _layer_sources(jobs, readers) -> list:

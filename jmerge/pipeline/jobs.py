@@ -20,18 +20,37 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 __all__ = ["Tensor", "Zeros", "Stack", "Concat", "Mapped", "Computed", "Source", "Merge", "Copy", "Op", "TensorJob",
-           "source_nbytes", "read_source", "Rows"]
+           "source_nbytes", "read_source", "Rows", "row_parts", "read_tensor", "tensor_shape"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-    """Tensor ``name`` of input checkpoint ``reader`` (an index into the executor's readers).
+    """Tensor ``name`` of input checkpoint ``reader`` (an index into the executor's readers); with ``rows``
+    ``(start, stop)``, only those rows of its leading axis (the reader's ``get_rows``; see :func:`row_parts`).
 
     References: none (infrastructure).
     """
 
     reader: int
     name: str
+    rows: Optional[tuple[int, int]] = None
+
+
+def tensor_shape(s: Tensor, readers: Sequence[Any]) -> tuple:
+    """The shape of a tensor source (its rows' when it names some)."""
+    shape = tuple(int(d) for d in readers[s.reader].shape(s.name))
+    return shape if s.rows is None else (s.rows[1] - s.rows[0],) + shape[1:]
+
+
+def _tensor_nbytes(s: Tensor, readers: Sequence[Any]) -> int:
+    r = readers[s.reader]
+    return int(r.nbytes(s.name)) if s.rows is None else math.prod(tensor_shape(s, readers)) * np.dtype(r.dtype(s.name)).itemsize
+
+
+def read_tensor(s: Tensor, readers: Sequence[Any], out: Optional[np.ndarray] = None) -> np.ndarray:
+    """A tensor source's array (its rows when it names some), read into ``out`` when given."""
+    r = readers[s.reader]
+    return r.get(s.name, out=out) if s.rows is None else r.get_rows(s.name, s.rows[0], s.rows[1], out=out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +170,9 @@ class TensorJob:
       dtype: output dtype (NumPy).
       op: :class:`Merge` or :class:`Copy`.
       in_dtype: dtype of the (first) input as stored, for summaries and byte budgets.
+      rows: ``(start, stop)`` when the job computes only those rows of the tensor (its leading axis; see
+        :func:`row_parts`): ``shape`` is then the rows' shape and ``whole`` the tensor's.
+      whole: the whole tensor's shape, for a job of some rows; else None.
 
     References: none (infrastructure).
     """
@@ -160,6 +182,13 @@ class TensorJob:
     dtype: np.dtype
     op: Op
     in_dtype: np.dtype
+    rows: Optional[tuple[int, int]] = None
+    whole: Optional[tuple] = None
+
+    @property
+    def tensor_shape(self) -> tuple:
+        """The output tensor's whole shape (``shape`` unless the job computes some of its rows)."""
+        return tuple(self.whole) if self.whole is not None else tuple(self.shape)
 
     @property
     def sources(self) -> tuple:
@@ -177,13 +206,65 @@ class TensorJob:
         return sum(_pool_nbytes(s, readers) for s in self.sources)
 
 
+def row_parts(job: TensorJob, readers: Sequence[Any], part_bytes: int, *, align: int = 64) -> list[TensorJob]:
+    """``job`` as jobs of consecutive rows (its leading axis), each reading at most about ``part_bytes`` of
+    inputs, or ``[job]`` when it is smaller or cannot be split.
+
+    A job splits when each of its sources is a checkpoint tensor of the output's shape whose reader reads
+    rows (``rows_readable``) or zeros of that shape; the caller decides that its operation computes every
+    entry from the same entries of its inputs alone (``jmerge.core.chunks.entrywise``), so that the parts
+    give the whole tensor's bytes. Parts hold a multiple of ``align`` entries (all but the last, which ends
+    where the tensor ends), so an entry falls in the same place of a vector loop as in the whole tensor; they
+    are of one size where up to twice the blocks needed divide the rows evenly (one program to compile).
+
+    References: none (infrastructure).
+    """
+    shape = tuple(int(d) for d in job.shape)
+    if job.rows is not None or not shape or shape[0] < 2 or part_bytes <= 0:
+        return [job]
+    for src in job.sources:
+        if isinstance(src, Tensor):
+            r = readers[src.reader]
+            if src.rows is not None or not getattr(r, "rows_readable", lambda n: False)(src.name) \
+                    or tuple(int(d) for d in r.shape(src.name)) != shape:
+                return [job]
+        elif not (isinstance(src, Zeros) and tuple(src.shape) == shape):
+            return [job]
+    total = job.pool_bytes(readers)
+    if total <= part_bytes:
+        return [job]
+    R, per_row = shape[0], math.prod(shape[1:])
+    step = align // math.gcd(per_row, align) if per_row else 1  # rows whose entries are a multiple of align
+    n = -(-total // part_bytes)
+    # equal blocks where up to twice as many divide the rows evenly (one compiled program per tensor shape)
+    even = [R // k for k in range(n, 2 * n + 1) if R % k == 0 and (R // k) % step == 0]
+    rows = even[0] if even else -(-(-(-R // n)) // step) * step
+    if rows >= R:
+        return [job]
+
+    def part(src, r0: int, r1: int):
+        if isinstance(src, Tensor):
+            return Tensor(src.reader, src.name, (r0, r1))
+        return Zeros((r1 - r0,) + shape[1:], src.dtype)
+
+    jobs = []
+    for r0 in range(0, R, rows):
+        r1 = min(R, r0 + rows)
+        if isinstance(job.op, Merge):
+            op: Op = Merge(part(job.op.base, r0, r1), tuple(part(m, r0, r1) for m in job.op.models))
+        else:
+            op = Copy(part(job.op.source, r0, r1), job.op.scale)
+        jobs.append(dataclasses.replace(job, shape=(r1 - r0,) + shape[1:], op=op, rows=(r0, r1), whole=shape))
+    return jobs
+
+
 def source_nbytes(s: Source, readers: Sequence[Any]) -> int:
     """Bytes a source reads from disk (zeros and computed values read nothing).
 
     References: none (infrastructure).
     """
     if isinstance(s, Tensor):
-        return int(readers[s.reader].nbytes(s.name))
+        return _tensor_nbytes(s, readers)
     if isinstance(s, (Stack, Concat)):
         return sum(source_nbytes(p, readers) for p in s.parts)
     if isinstance(s, Mapped):
@@ -216,9 +297,8 @@ def read_source(s: Source, readers: Sequence[Any], buffers: Any) -> tuple[np.nda
     References: none (infrastructure).
     """
     if isinstance(s, Tensor):
-        r = readers[s.reader]
-        buf = buffers.get(r.nbytes(s.name))
-        return r.get(s.name, out=buf), [buf]
+        buf = buffers.get(_tensor_nbytes(s, readers))
+        return read_tensor(s, readers, out=buf), [buf]
     if isinstance(s, Zeros):
         out, buf = _pooled(buffers, tuple(s.shape), np.dtype(s.dtype))
         out.fill(0)
@@ -274,8 +354,7 @@ def _spec(s: Source, readers: Sequence[Any]) -> Optional[tuple[tuple, np.dtype]]
     """``(shape, dtype)`` of a source's array, known before reading (None: not known, or parts that do not fit;
     a mapped source is planned with its input's dtype and checked when it runs)."""
     if isinstance(s, Tensor):
-        r = readers[s.reader]
-        return tuple(int(d) for d in r.shape(s.name)), np.dtype(r.dtype(s.name))
+        return tensor_shape(s, readers), np.dtype(readers[s.reader].dtype(s.name))
     if isinstance(s, (Zeros, Computed, Rows)):
         return tuple(int(d) for d in s.shape), np.dtype(s.dtype)
     if isinstance(s, Mapped):
@@ -304,8 +383,8 @@ def _fill(s: Source, out: np.ndarray, readers: Sequence[Any], buffers: Any) -> N
     when ``out`` is contiguous and of their dtype, otherwise through a temporary pooled buffer."""
     if isinstance(s, Tensor):
         r = readers[s.reader]
-        if out.flags.c_contiguous and out.dtype == np.dtype(r.dtype(s.name)) and out.nbytes == r.nbytes(s.name):
-            a = r.get(s.name, out=out)
+        if out.flags.c_contiguous and out.dtype == np.dtype(r.dtype(s.name)) and out.nbytes == _tensor_nbytes(s, readers):
+            a = read_tensor(s, readers, out=out)
             if not np.may_share_memory(a, out):  # a reader that returned its own array
                 out[...] = a.reshape(out.shape)
             return
