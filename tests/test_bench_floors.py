@@ -96,3 +96,29 @@ def test_compare_streams_alternates_the_settings_and_restores_them():
     with pytest.raises(RuntimeError):
         bench.timed_streams(fails, 1)
     assert streams.LEAF_STREAMS == before
+
+
+def test_copy_floor_writes_the_base_as_read(tiny_base, tiny_fts, tmp_path, monkeypatch):
+    """``scripts/bench_floor.py``'s floor runs the executor with a program that does no arithmetic: its output is the
+    base checkpoint's tensors, byte for byte, whole or in blocks of rows (as task arithmetic's large tensors go)."""
+    import sys
+
+    from jmerge.io.safetensors import open_checkpoint
+    from jmerge.pipeline import executor
+
+    sys.path.insert(0, str(_SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_floor", _SCRIPT.parent / "bench_floor.py")
+        floor = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(floor)
+    finally:
+        sys.path.remove(str(_SCRIPT.parent))
+    for part_bytes in (executor.PART_BYTES, 2000):
+        monkeypatch.setattr(executor, "PART_BYTES", part_bytes)
+        out = tmp_path / f"floor-{part_bytes}"
+        floor.copy_floor([tiny_base, *tiny_fts], str(out))
+        with open_checkpoint(tiny_base) as want, open_checkpoint(out) as got:
+            assert sorted(got.keys()) == sorted(want.keys())
+            for k in want.keys():
+                assert got.get(k).dtype == want.get(k).dtype
+                np.testing.assert_array_equal(got.get(k).view(np.uint8), want.get(k).view(np.uint8), err_msg=k)
