@@ -15,11 +15,7 @@ from jmerge.mergekit import parse_config
 from jmerge.pipeline import executor
 from jmerge.pipeline.executor import run_merge
 from jmerge.pipeline.jobs import Copy, Merge, Tensor, TensorJob, Zeros, row_parts
-
-
-def _read_all(path):
-    with open_checkpoint(path) as r:
-        return {k: r.get(k) for k in r.keys()}
+from tests.test_buffers import _CONFIGS as _BUFFER_CONFIGS, _read_all
 
 
 def test_reader_reads_rows_as_slices_of_the_whole(tiny_base):
@@ -148,18 +144,9 @@ def test_entrywise_methods():
 
 
 _CONFIGS = {
-    "task_arithmetic_bf16": """merge_method: task_arithmetic
-base_model: {b}
-models:
-  - model: {f0}
-    parameters: {{weight: 0.5}}
-  - model: {f1}
-    parameters: {{weight: [0.2, 0.9]}}
-  - model: {f2}
-    parameters: {{weight: 0.3}}
-parameters: {{lambda: 0.7}}
-dtype: bfloat16
-""",
+    # per-layer weights (a gradient), and a scale step that is not 1
+    "task_arithmetic_bf16": _BUFFER_CONFIGS["task_arithmetic_bf16"].replace(
+        "dtype: bfloat16", "parameters: {{lambda: 0.7}}\ndtype: bfloat16"),
     "task_arithmetic_float32": """merge_method: task_arithmetic
 base_model: {b}
 models:
@@ -169,27 +156,8 @@ models:
     parameters: {{weight: -0.4}}
 dtype: float32
 """,
-    "linear_float32": """merge_method: linear
-models:
-  - model: {f0}
-    parameters: {{weight: 0.3}}
-  - model: {f1}
-    parameters: {{weight: 0.7}}
-  - model: {f2}
-    parameters: {{weight: 0.11}}
-dtype: float32
-out_dtype: bfloat16
-""",
-    "passthrough_slices": """merge_method: passthrough
-slices:
-  - sources:
-      - model: {f0}
-        layer_range: [0, 2]
-  - sources:
-      - model: {f1}
-        layer_range: [1, 2]
-dtype: bfloat16
-""",
+    "linear_float32": _BUFFER_CONFIGS["linear_float32"],
+    "passthrough_slices": _BUFFER_CONFIGS["passthrough_slices"],  # copies
     "ties": """merge_method: ties
 base_model: {b}
 models:
