@@ -128,7 +128,8 @@ def test_writer_puts_blocks_of_rows_in_place(tmp_path):
             w.write("a", a[:3], rows=(10, 12))  # the array is not those rows' shape
         w.write("a", a[10:], rows=(10, 37))
         w.write("b", b)
-    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "bad" / "model.safetensors").read_bytes()
+    whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert whole == (tmp_path / "bad" / "model.safetensors").read_bytes()
     w = CheckpointWriter(tmp_path / "partial", layout)
     w.write("a", a)
     w.write("b", b[:10], rows=(0, 10))

@@ -44,7 +44,9 @@ def tensor_shape(s: Tensor, readers: Sequence[Any]) -> tuple:
 
 def _tensor_nbytes(s: Tensor, readers: Sequence[Any]) -> int:
     r = readers[s.reader]
-    return int(r.nbytes(s.name)) if s.rows is None else math.prod(tensor_shape(s, readers)) * np.dtype(r.dtype(s.name)).itemsize
+    if s.rows is None:
+        return int(r.nbytes(s.name))
+    return math.prod(tensor_shape(s, readers)) * np.dtype(r.dtype(s.name)).itemsize
 
 
 def read_tensor(s: Tensor, readers: Sequence[Any], out: Optional[np.ndarray] = None) -> np.ndarray:
