@@ -365,23 +365,7 @@ class CheckpointReader:
         Safe to call from several threads at once (positional reads, no shared file offset).
         """
         info = self._get_info(name)
-        if not self._fds:
-            raise CheckpointError(f"{self.path}: reader is closed")
-        if out is None:
-            arr = np.empty(info.shape, info.dtype)
-        else:
-            if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.flags.writeable):
-                raise CheckpointError(f"{self.path}: tensor {name!r}: `out` must be a writeable C-contiguous numpy array")
-            if out.nbytes != info.end - info.start:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} has {info.end - info.start} bytes (shape {info.shape} "
-                    f"{info.dtype}) but `out` has {out.nbytes} bytes (shape {out.shape} {out.dtype})"
-                )
-            arr = out.reshape(-1).view(np.uint8).view(info.dtype).reshape(info.shape)
-        if arr.nbytes:
-            _pread_into(self._fds[info.file], memoryview(arr.reshape(-1).view(np.uint8)), info.start,
-                        self._files[info.file], name)
-        return arr
+        return self._read(info, name, tuple(info.shape), info.start, out)
 
     def get_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Read rows ``start:stop`` of one tensor (its leading axis): one positional read of their bytes.
@@ -395,22 +379,32 @@ class CheckpointReader:
           An array of shape ``(stop - start, *shape[1:])`` and the stored dtype (``out``-backed when given).
         """
         info = self._get_info(name)
-        if not self._fds:
-            raise CheckpointError(f"{self.path}: reader is closed")
         if not info.shape or not 0 <= start <= stop <= info.shape[0]:
             raise CheckpointError(f"{self.path}: tensor {name!r} of shape {info.shape} has no rows {start}:{stop}")
-        shape = (stop - start,) + tuple(info.shape[1:])
         row = math.prod(info.shape[1:]) * info.dtype.itemsize
+        return self._read(info, name, (stop - start,) + tuple(info.shape[1:]), info.start + start * row, out,
+                          f" rows {start}:{stop}")
+
+    def _read(self, info: _TensorInfo, name: str, shape: tuple, offset: int, out: np.ndarray | None,
+              part: str = "") -> np.ndarray:
+        """The bytes of ``shape`` (``info``'s dtype) at file ``offset`` as an array, in ``out`` when given
+        (:meth:`get`, :meth:`get_rows`; ``part`` names the rows in errors)."""
+        if not self._fds:
+            raise CheckpointError(f"{self.path}: reader is closed")
         if out is None:
             arr = np.empty(shape, info.dtype)
         else:
-            if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.flags.writeable) \
-                    or out.nbytes != row * (stop - start):
-                raise CheckpointError(f"{self.path}: tensor {name!r} rows {start}:{stop}: `out` must be a writeable "
-                                      f"C-contiguous numpy array of {row * (stop - start)} bytes")
+            if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.flags.writeable):
+                raise CheckpointError(f"{self.path}: tensor {name!r}: `out` must be a writeable C-contiguous numpy array")
+            nbytes = math.prod(shape) * info.dtype.itemsize
+            if out.nbytes != nbytes:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r}{part} has {nbytes} bytes (shape {shape} "
+                    f"{info.dtype}) but `out` has {out.nbytes} bytes (shape {out.shape} {out.dtype})"
+                )
             arr = out.reshape(-1).view(np.uint8).view(info.dtype).reshape(shape)
         if arr.nbytes:
-            _pread_into(self._fds[info.file], memoryview(arr.reshape(-1).view(np.uint8)), info.start + start * row,
+            _pread_into(self._fds[info.file], memoryview(arr.reshape(-1).view(np.uint8)), offset,
                         self._files[info.file], name)
         return arr
 

@@ -34,7 +34,8 @@ from ..core.heap import M_TRIM_THRESHOLD as _M_TRIM_THRESHOLD, glibc
 from ..io.memory import HUGE_PAGE as _HUGE, anon_buffer as _anon_buffer
 from ..mergekit import MergePlan
 from ..mergekit.arch import layer_sources, model_views, output_config
-from .jobs import Copy, Merge, Tensor, TensorJob, read_source, read_tensor, row_parts, tensor_shape
+from .jobs import (Copy, Merge, Tensor, TensorJob, read_source, read_tensor, row_parts, tensor_nbytes,
+                   tensor_shape)
 from .planners import input_paths, np_dtype, plan_jobs
 from .progress import Progress
 from .validate import open_input, validate_plan
@@ -342,8 +343,8 @@ def _read(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext):
         arrays.append(cast(a))
     if stacked:
         ms = job.op.models
-        dt, shape = np.dtype(readers[ms[0].reader].dtype(ms[0].name)), tensor_shape(ms[0], readers)
-        nb = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        dt, shape, nb = np.dtype(readers[ms[0].reader].dtype(ms[0].name)), tensor_shape(ms[0], readers), \
+            tensor_nbytes(ms[0], readers)
         buf = bufs.get(nb * len(ms))
         raw.append(buf)
         for t, s in enumerate(ms):

@@ -20,7 +20,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 __all__ = ["Tensor", "Zeros", "Stack", "Concat", "Mapped", "Computed", "Source", "Merge", "Copy", "Op", "TensorJob",
-           "source_nbytes", "read_source", "Rows", "row_parts", "read_tensor", "tensor_shape"]
+           "source_nbytes", "read_source", "Rows", "row_parts", "read_tensor", "tensor_shape",
+           "tensor_nbytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,8 @@ def tensor_shape(s: Tensor, readers: Sequence[Any]) -> tuple:
     return shape if s.rows is None else (s.rows[1] - s.rows[0],) + shape[1:]
 
 
-def _tensor_nbytes(s: Tensor, readers: Sequence[Any]) -> int:
+def tensor_nbytes(s: Tensor, readers: Sequence[Any]) -> int:
+    """The bytes of a tensor source (its rows' when it names some)."""
     r = readers[s.reader]
     if s.rows is None:
         return int(r.nbytes(s.name))
@@ -266,7 +268,7 @@ def source_nbytes(s: Source, readers: Sequence[Any]) -> int:
     References: none (infrastructure).
     """
     if isinstance(s, Tensor):
-        return _tensor_nbytes(s, readers)
+        return tensor_nbytes(s, readers)
     if isinstance(s, (Stack, Concat)):
         return sum(source_nbytes(p, readers) for p in s.parts)
     if isinstance(s, Mapped):
@@ -299,7 +301,7 @@ def read_source(s: Source, readers: Sequence[Any], buffers: Any) -> tuple[np.nda
     References: none (infrastructure).
     """
     if isinstance(s, Tensor):
-        buf = buffers.get(_tensor_nbytes(s, readers))
+        buf = buffers.get(tensor_nbytes(s, readers))
         return read_tensor(s, readers, out=buf), [buf]
     if isinstance(s, Zeros):
         out, buf = _pooled(buffers, tuple(s.shape), np.dtype(s.dtype))
@@ -385,7 +387,7 @@ def _fill(s: Source, out: np.ndarray, readers: Sequence[Any], buffers: Any) -> N
     when ``out`` is contiguous and of their dtype, otherwise through a temporary pooled buffer."""
     if isinstance(s, Tensor):
         r = readers[s.reader]
-        if out.flags.c_contiguous and out.dtype == np.dtype(r.dtype(s.name)) and out.nbytes == _tensor_nbytes(s, readers):
+        if out.flags.c_contiguous and out.dtype == np.dtype(r.dtype(s.name)) and out.nbytes == tensor_nbytes(s, readers):
             a = read_tensor(s, readers, out=out)
             if not np.may_share_memory(a, out):  # a reader that returned its own array
                 out[...] = a.reshape(out.shape)
