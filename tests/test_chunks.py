@@ -182,6 +182,109 @@ def test_merge_through_chunks_writes_the_same_bytes(tiny_base, tiny_fts, tmp_pat
     assert big and small and len(calls) == 2 * big  # large tensors went through chunks, small ones did not
 
 
+@pytest.mark.parametrize("cf32", [False, True])
+def test_chunks_streamed_from_the_checkpoints_write_the_same_bytes(cf32, tiny_base, tiny_fts, tmp_path, monkeypatch):
+    """Large tensors merged chunk by chunk straight from the files (every pass reads the chunks again; pieces
+    written at their entries' place) give the bytes of the per-tensor program, with few chunks in the pool."""
+    import jmerge.pipeline.executor as ex
+    from jmerge.io.safetensors import CheckpointReader, CheckpointWriter
+    from jmerge.mergekit import parse_config
+    from jmerge.pipeline import run_merge
+    cfg = _ties_yaml(tiny_base, tiny_fts)
+    run_merge(parse_config(cfg), str(tmp_path / "ref"), quiet=True, compute_float32=cf32)
+    monkeypatch.setattr(ex, "CHUNK_ENTRIES", 1000)
+    monkeypatch.setattr(ex, "STREAM_BYTES", 0)
+    monkeypatch.setattr(ex, "merge_chunked", lambda *a, **k: pytest.fail("read whole, not streamed"))
+    flat_reads, flat_writes = [], []
+    real_get, real_write = CheckpointReader.get_flat, CheckpointWriter.write
+
+    def get_flat(self, name, start, stop, out=None):
+        flat_reads.append((name, start, stop))
+        return real_get(self, name, start, stop, out=out)
+
+    def write(self, name, array, rows=None, flat=None):
+        if flat is not None:
+            flat_writes.append((name, flat))
+        return real_write(self, name, array, rows=rows, flat=flat)
+
+    monkeypatch.setattr(CheckpointReader, "get_flat", get_flat)
+    monkeypatch.setattr(CheckpointWriter, "write", write)
+    run_merge(parse_config(cfg), str(tmp_path / "got"), quiet=True, compute_float32=cf32, window=2)
+    if not cf32:  # the dry run says so, counting the tensors
+        from jmerge.pipeline.summary import plan_summary
+        with open_checkpoint(tiny_base) as r:
+            n_big = sum(int(np.prod(r.shape(k))) >= 1000 for k in r.keys())
+        assert f"({n_big} merged chunk by chunk from the checkpoints)" in plan_summary(parse_config(cfg))
+    got, ref = _read(tmp_path / "got"), _read(tmp_path / "ref")
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype, k
+        np.testing.assert_array_equal(_bits(got[k]), _bits(ref[k]), err_msg=k)
+    with open_checkpoint(tiny_base) as r:
+        big = {k: int(np.prod(r.shape(k))) for k in r.keys() if np.prod(r.shape(k)) >= 1000}
+    assert big and {n for n, _ in flat_writes} == set(big)
+    for k, size in big.items():  # each piece once, in place, covering the tensor; each chunk read once per pass
+        spans = sorted(f for n, f in flat_writes if n == k)
+        assert spans[0][0] == 0 and spans[-1][1] == size
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and all(b - a <= 1000 for a, b in spans)
+        reads = [(s, e) for n, s, e in flat_reads if n == k]
+        assert len(reads) >= 4 * 2 * len(spans)  # base and 3 models, statistics passes and the merge
+        assert len(reads) % (4 * len(spans)) == 0
+
+
+def test_chunk_sizes_and_fast_compile_keys():
+    import jmerge.pipeline.executor as ex
+    from jmerge.pipeline.jobs import Merge, Tensor, TensorJob
+    C, S = ex.CHUNK_ENTRIES, ex.SMALL_CHUNK_ENTRIES
+    assert (C, S) == (1 << 22, 1 << 19)
+    got = [ex.chunk_entries(n) for n in (0, S - 1, S, S + 1, C - 1, C, 10 * C + 3)]
+    assert got == [0, 0, S, S, S, C, C]
+    bf = np.dtype(ml_dtypes.bfloat16)
+
+    def job(shape, t=3):
+        return TensorJob("w", shape, bf, Merge(Tensor(0, "w"), tuple(Tensor(i, "w") for i in range(1, t + 1))), bf)
+
+    jobs = [job((256, 2048))] * 16 + [job((2048,))] * 17 + [job((600, 1000))] + [job((32000, 2048))] * 70
+    keys = ex.fast_compile_shapes(jobs, chunked=True)
+    # small chunks: 16 x 3 x 2^19 + 3 x 2 x 2^19 (600k entries padded to two chunks) entries of work: fast
+    assert keys == {("chunks", S), (2048,)}
+    assert ex.fast_compile_shapes(jobs) == {(256, 2048), (2048,), (600, 1000)}  # no chunked form: per shape
+
+
+def test_mid_size_tensors_merge_in_small_chunks_with_the_same_bits(tmp_path, monkeypatch):
+    """Tensors of 2^19 up to 2^22 entries merge in chunks of 2^19 (one program set for all their shapes) and
+    give the per-tensor program's bits; the 576000-entry embedding and LM head take a padded second chunk."""
+    import importlib.util
+    import pathlib
+
+    import jmerge.pipeline.executor as ex
+    from jmerge.mergekit import parse_config
+    from jmerge.pipeline import run_merge
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_vs_mergekit.py"
+    spec = importlib.util.spec_from_file_location("bench_vs_mergekit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(bench.SIZES, "mid", dict(hidden=64, intermediate=160, layers=1, vocab=9000, heads=4,
+                                                 kv_heads=2))
+    dirs = bench.make_models(str(tmp_path / "models"), "mid", delta=0.5)
+    cfg = _ties_yaml(dirs[0], dirs[1:])
+    sizes = []
+    real = ex.merge_chunked
+    monkeypatch.setattr(ex, "merge_chunked", lambda *a, **k: (sizes.append((a[1].size, k["chunk"])),
+                                                              real(*a, **k))[1])
+    run_merge(parse_config(cfg), str(tmp_path / "chunks"), quiet=True)
+    assert sorted(sizes) == [(576000, 1 << 19)] * 2
+    monkeypatch.setattr(ex, "SMALL_CHUNK_ENTRIES", 10 ** 12)  # every tensor by the per-tensor program
+    run_merge(parse_config(cfg), str(tmp_path / "whole"), quiet=True)
+    assert len(sizes) == 2
+    got, ref = _read(tmp_path / "chunks"), _read(tmp_path / "whole")
+    assert set(got) == set(ref) and len(ref) > 5
+    for k in ref:
+        np.testing.assert_array_equal(_bits(got[k]), _bits(ref[k]), err_msg=k)
+    kept = _bits(got["model.embed_tokens.weight"]) != _bits(_read(dirs[0])["model.embed_tokens.weight"])
+    assert 0.2 < kept.mean() < 0.9  # the trim and the sign election changed a part of the entries
+
+
 @pytest.mark.parametrize("case", ["ties", "ties_dtype", "ties_nonorm"])
 def test_mergekit_golden_ties_configs_through_chunks(case, tmp_path, monkeypatch, in_repo_root):
     import jmerge.pipeline.executor as ex

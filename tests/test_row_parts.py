@@ -39,6 +39,28 @@ def test_reader_reads_rows_as_slices_of_the_whole(tiny_base):
             r.get_rows(name, 0, 1, out=np.empty(3, np.uint8))
 
 
+def test_reader_reads_flat_ranges_as_slices_of_the_whole(tiny_base):
+    with open_checkpoint(tiny_base) as r:
+        for name in r.keys():
+            whole = r.get(name).reshape(-1)
+            n = whole.size
+            for a, b in [(0, n), (0, 1), (n - 1, n), (n // 3, 2 * n // 3 + 1), (3, 3), (1, n - 1)]:
+                if not 0 <= a <= b <= n:
+                    continue
+                got = r.get_flat(name, a, b)
+                assert got.shape == (b - a,) and got.dtype == whole.dtype
+                np.testing.assert_array_equal(got.view(np.uint8), whole[a:b].view(np.uint8))
+                out = np.empty(got.nbytes, np.uint8)
+                assert np.shares_memory(r.get_flat(name, a, b, out=out), out) or b == a
+        name = r.keys()[0]
+        with pytest.raises(CheckpointError, match="no entries"):
+            r.get_flat(name, 0, int(np.prod(r.shape(name))) + 1)
+        with pytest.raises(CheckpointError, match="no entries"):
+            r.get_flat(name, 2, 1)
+        with pytest.raises(CheckpointError, match="entries 0:1 has 2 bytes"):
+            r.get_flat(name, 0, 1, out=np.empty(3, np.uint8))
+
+
 def _job(r, name, T=3, base_zeros=False):
     shape, dt = tuple(r.shape(name)), np.dtype(r.dtype(name))
     base = Zeros(shape, dt) if base_zeros else Tensor(0, name)
@@ -130,6 +152,29 @@ def test_writer_puts_blocks_of_rows_in_place(tmp_path):
         w.write("b", b)
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert whole == (tmp_path / "bad" / "model.safetensors").read_bytes()
+    with CheckpointWriter(tmp_path / "flat", layout) as w:  # entry ranges in flat order, across rows, any order
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        for lo, hi in [(101, 185), (0, 7), (7, 101)]:
+            w.write("a", fa[lo:hi], flat=(lo, hi))
+        w.write("b", b[:1000], rows=(0, 1000))  # rows and entry ranges mix
+        w.write("b", fb[7000:], flat=(7000, fb.size))
+        assert w.missing() == []
+    assert whole == (tmp_path / "flat" / "model.safetensors").read_bytes()
+    with CheckpointWriter(tmp_path / "flatbad", layout) as w:
+        w.write("a", a.reshape(-1)[:30], flat=(0, 30))
+        with pytest.raises(CheckpointError, match="entries 25:40 written twice"):
+            w.write("a", a.reshape(-1)[25:40], flat=(25, 40))
+        with pytest.raises(CheckpointError, match="written twice"):
+            w.write("a", a[5:7], rows=(5, 7))  # entries 25:35, an overlap across kinds
+        with pytest.raises(CheckpointError, match="no entries"):
+            w.write("a", a.reshape(-1)[:2], flat=(184, 186))
+        with pytest.raises(CheckpointError, match="rows or flat"):
+            w.write("a", a[6:], rows=(6, 37), flat=(30, 185))
+        with pytest.raises(CheckpointError, match=r"entries 30:40 of \(37, 5\)"):
+            w.write("a", a.reshape(-1)[30:41], flat=(30, 40))  # not those entries' count
+        w.write("a", a.reshape(-1)[30:], flat=(30, 185))
+        w.write("b", b)
+    assert whole == (tmp_path / "flatbad" / "model.safetensors").read_bytes()
     w = CheckpointWriter(tmp_path / "partial", layout)
     w.write("a", a)
     w.write("b", b[:10], rows=(0, 10))

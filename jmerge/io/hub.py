@@ -359,6 +359,9 @@ class RemoteHeaderReader:
     def get_rows(self, name: str, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
         return self.get(name, out)
 
+    def get_flat(self, name: str, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        return self.get(name, out)
+
     def rows_readable(self, name: str) -> bool:
         """As the downloaded checkpoint's reader will say (a dry run's plan matches the merge's)."""
         return len(self._info(name)[1]) >= 1

@@ -385,10 +385,28 @@ class CheckpointReader:
         return self._read(info, name, (stop - start,) + tuple(info.shape[1:]), info.start + start * row, out,
                           f" rows {start}:{stop}")
 
+    def get_flat(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Read entries ``start:stop`` of one tensor in flat (C) order: one positional read of their bytes.
+
+        Args:
+          name: tensor name.
+          start, stop: the entries, ``0 <= start <= stop <= size``.
+          out: as in :meth:`get`, of exactly the entries' bytes.
+
+        Returns:
+          A 1-D array of ``stop - start`` entries of the stored dtype (``out``-backed when given).
+        """
+        info = self._get_info(name)
+        size = math.prod(info.shape)
+        if not 0 <= start <= stop <= size:
+            raise CheckpointError(f"{self.path}: tensor {name!r} of shape {info.shape} has no entries {start}:{stop}")
+        return self._read(info, name, (stop - start,), info.start + start * info.dtype.itemsize, out,
+                          f" entries {start}:{stop}")
+
     def _read(self, info: _TensorInfo, name: str, shape: tuple, offset: int, out: np.ndarray | None,
               part: str = "") -> np.ndarray:
         """The bytes of ``shape`` (``info``'s dtype) at file ``offset`` as an array, in ``out`` when given
-        (:meth:`get`, :meth:`get_rows`; ``part`` names the rows in errors)."""
+        (:meth:`get`, :meth:`get_rows`, :meth:`get_flat`; ``part`` names the rows or entries in errors)."""
         if not self._fds:
             raise CheckpointError(f"{self.path}: reader is closed")
         if out is None:
@@ -409,7 +427,7 @@ class CheckpointReader:
         return arr
 
     def rows_readable(self, name: str) -> bool:
-        """Whether :meth:`get_rows` reads ``name`` (a tensor of at least one dimension)."""
+        """Whether :meth:`get_rows` reads ``name`` (a tensor of at least one dimension; :meth:`get_flat` reads any)."""
         return len(self._get_info(name).shape) >= 1
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -645,7 +663,7 @@ class CheckpointWriter:
         self._fds: list[int] = []
         self._direct: list[_DirectFile | None] = []  # per shard, with fsync: O_DIRECT writes where possible
         self._written: set[str] = set()
-        self._rows: dict[str, list[tuple[int, int]]] = {}  # name -> row blocks written so far (write(rows=...))
+        self._rows: dict[str, list[tuple[int, int]]] = {}  # name -> entry ranges written so far (rows=/flat=)
         meta = {"format": "pt"}
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
 
@@ -717,54 +735,65 @@ class CheckpointWriter:
         if self._done:
             raise CheckpointError(f"{self.out_dir}: writer already committed or aborted")
 
-    def write(self, name: str, array: Any, rows: tuple[int, int] | None = None) -> None:
+    def write(self, name: str, array: Any, rows: tuple[int, int] | None = None,
+              flat: tuple[int, int] | None = None) -> None:
         """Write one tensor's bytes at its planned offset (any order, thread-safe).
 
         ``array`` (NumPy or JAX) must have the layout's shape; it is cast to the layout's dtype if it
         differs. Writing a name twice, or one not in the layout, raises CheckpointError.
 
         With ``rows=(start, stop)``, ``array`` is those rows of the tensor (its leading axis) and lands at
-        their place; the tensor counts as written once its blocks of rows cover it. A block that overlaps
-        one already written raises CheckpointError.
+        their place; with ``flat=(start, stop)``, it is those entries of the tensor in flat (C) order, as a
+        1-D array. The tensor counts as written once its blocks cover it. A block that overlaps one already
+        written raises CheckpointError.
         """
         self._check_open()
         try:
             whole, dt = self._layout[name]
         except KeyError:
             raise CheckpointError(f"{self.out_dir}: tensor {name!r} is not in the writer's layout") from None
-        shape = whole
+        if rows is not None and flat is not None:
+            raise CheckpointError(f"{self.out_dir}: tensor {name!r}: give rows or flat, not both")
+        size = math.prod(whole)
+        shape, part, e0, e1 = whole, "", 0, size  # the entries written, in flat order
         if rows is not None:
             r0, r1 = (int(r) for r in rows)
             if not whole or not 0 <= r0 < r1 <= whole[0]:
                 raise CheckpointError(f"{self.out_dir}: tensor {name!r} of shape {whole} has no rows {r0}:{r1}")
-            shape = (r1 - r0,) + whole[1:]
+            shape, part = (r1 - r0,) + whole[1:], f"rows {r0}:{r1}"
+            e0, e1 = r0 * (size // whole[0]), r1 * (size // whole[0])
+        elif flat is not None:
+            e0, e1 = (int(e) for e in flat)
+            if not 0 <= e0 < e1 <= size:
+                raise CheckpointError(f"{self.out_dir}: tensor {name!r} of shape {whole} has no entries {e0}:{e1}")
+            shape, part = (e1 - e0,), f"entries {e0}:{e1}"
         arr = np.asarray(array)
         if tuple(arr.shape) != shape:
             raise CheckpointError(
                 f"{self.out_dir}: tensor {name!r} has shape {tuple(arr.shape)} but the layout says {shape}"
-                + ("" if rows is None else f" (rows {r0}:{r1} of {whole})")
+                + (f" ({part} of {whole})" if part else "")
             )
         if arr.dtype != dt:
             arr = arr.astype(dt)
         arr = np.ascontiguousarray(arr)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
+        block = part != ""
         with self._lock:
-            if name in self._written or (rows is None and self._rows.get(name)):
+            if name in self._written or (not block and self._rows.get(name)):
                 raise CheckpointError(f"{self.out_dir}: tensor {name!r} written twice")
-            if rows is None:
+            if not block:
                 self._written.add(name)
             else:
                 done = self._rows.setdefault(name, [])
-                if any(a < r1 and r0 < b for a, b in done):
-                    raise CheckpointError(f"{self.out_dir}: tensor {name!r}: rows {r0}:{r1} written twice")
-                done.append((r0, r1))
-                if sum(b - a for a, b in done) == whole[0]:
+                if any(a < e1 and e0 < b for a, b in done):
+                    raise CheckpointError(f"{self.out_dir}: tensor {name!r}: {part} written twice")
+                done.append((e0, e1))
+                if sum(b - a for a, b in done) == size:
                     self._written.add(name)
         si, off, nb = self._where[name]
-        if rows is not None:
-            row = nb // whole[0]
-            off, nb = off + r0 * row, (r1 - r0) * row
+        if block:
+            off, nb = off + e0 * dt.itemsize, (e1 - e0) * dt.itemsize
         try:
             if nb:
                 data = memoryview(arr.reshape(-1).view(np.uint8))
@@ -777,8 +806,8 @@ class CheckpointWriter:
         except BaseException:
             with self._lock:
                 self._written.discard(name)
-                if rows is not None:
-                    self._rows[name].remove((r0, r1))
+                if block:
+                    self._rows[name].remove((e0, e1))
             raise
 
     def _write_direct(self, si: int, data: memoryview, off: int) -> None:

@@ -366,8 +366,15 @@ class ModelView:
             raise MergeInputError(f"{self.reader.path}: tensor '{name}' cannot be read by rows")
         return self.reader.get_rows(self._disk_name(name), start, stop, out=out)
 
+    def get_flat(self, name: str, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Entries ``start:stop`` (flat order) of a tensor stored whole (see :meth:`rows_readable`)."""
+        if not self.rows_readable(name):
+            raise MergeInputError(f"{self.reader.path}: tensor '{name}' cannot be read in parts")
+        return self.reader.get_flat(self._disk_name(name), start, stop, out=out)
+
     def rows_readable(self, name: str) -> bool:
-        """Whether :meth:`get_rows` reads ``name``: a tensor stored whole, in a checkpoint that reads rows."""
+        """Whether :meth:`get_rows` and :meth:`get_flat` read ``name``: a tensor stored whole, in a checkpoint that
+        reads rows."""
         return (name not in self._fused and hasattr(self.reader, "rows_readable")
                 and self.reader.rows_readable(self._disk_name(name)))
 

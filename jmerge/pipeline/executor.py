@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from ..core import LeafProgram, check_ranges, infer_views, leaf_key
-from ..core.chunks import CHUNK_ENTRIES, chunked_form, entrywise, merge_chunked
+from ..core.chunks import CHUNK_ENTRIES, chunked_form, entrywise, merge_chunked, merge_chunked_stream
 from ..core.heap import M_ARENA_MAX as _M_ARENA_MAX, M_MMAP_MAX as _M_MMAP_MAX
 from ..core.heap import M_TRIM_THRESHOLD as _M_TRIM_THRESHOLD, glibc
 from ..io.memory import HUGE_PAGE as _HUGE, anon_buffer as _anon_buffer
@@ -255,8 +255,8 @@ class MergeContext:
       fast_compile: tensor shapes whose program compiles with ``LeafProgram(..., fast_compile=True)``
         (see :func:`fast_compile_shapes`).
       chunk_program: the method's :func:`~jmerge.core.chunks.chunked_form`, or None: tensors of at least
-        ``CHUNK_ENTRIES`` entries whose models are read stacked merge chunk by chunk with it (one compiled
-        program for every shape; bit-identical results).
+        ``SMALL_CHUNK_ENTRIES`` entries whose models are read stacked merge chunk by chunk with it (one compiled
+        program for every shape of a chunk size, :func:`chunk_entries`; bit-identical results).
       entrywise: the method computes each entry from the same entries of its inputs alone
         (:func:`jmerge.core.chunks.entrywise`): large merges then run a block of rows at a time
         (:func:`~jmerge.pipeline.jobs.row_parts`), as copies always may.
@@ -298,18 +298,69 @@ def split_rows(jobs: Sequence[TensorJob], readers, ctx: MergeContext, part_bytes
     return out
 
 
-def fast_compile_shapes(merges: Sequence[TensorJob]) -> frozenset:
+SMALL_CHUNK_ENTRIES = 1 << 19  # entries per chunk of chunked merges of tensors smaller than CHUNK_ENTRIES
+
+
+def chunk_entries(n: int) -> int:
+    """Entries per chunk of a chunked merge of a tensor of ``n`` entries, or 0 when it merges whole.
+
+    ``CHUNK_ENTRIES`` from that size on; from ``SMALL_CHUNK_ENTRIES`` up to it, chunks of that size (a 0.54B Llama's
+    K and V projections, 2^19 entries: one compiled program set of the small size for every such shape, about
+    half the compile of one per-tensor TIES program, which each shape would compile); smaller tensors merge
+    whole (their padding would outweigh the compile saved). The results are the same either way.
+
+    References: none (infrastructure).
+    """
+    n = int(n)
+    if n >= CHUNK_ENTRIES:
+        return CHUNK_ENTRIES
+    return SMALL_CHUNK_ENTRIES if n >= SMALL_CHUNK_ENTRIES else 0
+
+
+STREAM_BYTES = 4 * PART_BYTES  # input bytes (all models) above which a chunked merge reads its chunks per pass
+
+
+def streams(job: TensorJob, readers, ctx: MergeContext) -> bool:
+    """Whether a merge runs chunk by chunk straight from the checkpoints (:func:`_run_streamed`,
+    :func:`~jmerge.core.chunks.merge_chunked_stream`): the method has a chunked form, the job reads more than
+    ``STREAM_BYTES``, and its base and models are whole checkpoint tensors of its shape, the models of one
+    dtype, that their readers read in parts (``rows_readable``, ``get_flat``). Each pass then reads the chunks
+    again (from the page cache) instead of holding the tensor's inputs (a 0.54B Llama's embedding: 500 MiB).
+    Not with a mesh.
+
+    References: none (infrastructure).
+    """
+    if (ctx.chunk_program is None or ctx.put is not None or not isinstance(job.op, Merge) or job.rows is not None
+            or not chunk_entries(int(np.prod(job.shape, dtype=np.int64))) or job.pool_bytes(readers) <= STREAM_BYTES
+            or not _stackable(job, readers, ctx)):
+        return False
+    for s in job.sources:
+        if not isinstance(s, Tensor) or s.rows is not None or tensor_shape(s, readers) != tuple(job.shape):
+            return False
+        r = readers[s.reader]
+        if not (hasattr(r, "get_flat") and getattr(r, "rows_readable", lambda n: False)(s.name)):
+            return False
+    return True
+
+
+def fast_compile_shapes(merges: Sequence[TensorJob], chunked: bool = False) -> frozenset:
     """Shapes whose merges process at most ``FAST_COMPILE_MAX_WORK`` model entries in all (models x
     entries summed over the tensors of that shape): their program compiles with XLA:CPU options that
-    save more compile time than its slower kernels cost (``jmerge.core.xla``, workaround 9).
+    save more compile time than its slower kernels cost (``jmerge.core.xla``, workaround 9). With
+    ``chunked`` (the method has a chunked form), merges of :func:`chunk_entries` > 0 count towards the key
+    ``("chunks", C)`` of their chunk size instead, with their padded entries.
 
     References: none (an XLA workaround measured on this project's machines).
     """
     from ..core.xla import FAST_COMPILE_MAX_WORK  # noqa: PLC0415
     work: dict = {}
     for j in merges:
-        shape = tuple(j.shape)
-        work[shape] = work.get(shape, 0) + len(j.op.models) * int(np.prod(shape, dtype=np.int64))
+        key: Any = tuple(j.shape)
+        n = int(np.prod(key, dtype=np.int64))
+        c = chunk_entries(n) if chunked else 0
+        if c:
+            key, n = ("chunks", c), -(-n // c) * c
+        work[key] = work.get(key, 0) + len(j.op.models) * n
     return frozenset(s for s, w in work.items() if w <= FAST_COMPILE_MAX_WORK)
 
 
@@ -325,16 +376,23 @@ def _stackable(job: TensorJob, readers, ctx: MergeContext) -> bool:
     return all((np.dtype(readers[s.reader].dtype(s.name)), tensor_shape(s, readers)) == key for s in ms)
 
 
+def _cast_dtype(job: TensorJob, dtype: np.dtype, ctx: MergeContext) -> np.dtype:
+    """The dtype an input of ``dtype`` is merged in: the config's narrower ``dtype`` (mergekit casts inputs to
+    it before merging; wider casts are exact), else its own."""
+    cd = None if ctx.compute_float32 else ctx.compute_dtype
+    if isinstance(job.op, Merge) and cd is not None and dtype != cd and np.dtype(cd).itemsize < dtype.itemsize:
+        return np.dtype(cd)
+    return np.dtype(dtype)
+
+
 def _read(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext):
     """``(arrays, raw, stacked)``: the job's inputs (base first), the pooled buffers they live in, and whether
     ``arrays[1]`` holds every model in one ``(T, *shape)`` array (read straight into one pooled buffer)."""
     arrays, raw = [], []
-    cd = None if ctx.compute_float32 else ctx.compute_dtype
 
     def cast(a):
-        if isinstance(job.op, Merge) and cd is not None and a.dtype != cd and cd.itemsize < a.dtype.itemsize:
-            return a.astype(cd)  # mergekit casts inputs to `dtype` before merging (wider casts are exact)
-        return a
+        dt = _cast_dtype(job, a.dtype, ctx)
+        return a if dt == a.dtype else a.astype(dt)
 
     stacked = _stackable(job, readers, ctx)
     for s in (job.sources[:1] if stacked else job.sources):
@@ -441,9 +499,15 @@ class _Pieces:
         return np.concatenate(parts).reshape(self.shape)
 
 
+def _chunk_bytes(job: TensorJob, readers) -> int:
+    """Bytes of one chunk's pooled buffer of a :func:`streams` job (the base's and the models' entries)."""
+    its = [np.dtype(readers[s.reader].dtype(s.name)).itemsize for s in job.sources]
+    return chunk_entries(int(np.prod(job.shape, dtype=np.int64))) * sum(its)
+
+
 def _chunked(job: TensorJob, ctx: MergeContext, stacked: bool) -> bool:
     return (ctx.chunk_program is not None and stacked and isinstance(job.op, Merge)
-            and int(np.prod(job.shape, dtype=np.int64)) >= CHUNK_ENTRIES)
+            and chunk_entries(int(np.prod(job.shape, dtype=np.int64))) > 0)
 
 
 def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool = False, alloc=None):
@@ -458,7 +522,9 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool
     if _chunked(job, ctx, stacked):
         pieces, last = merge_chunked(ctx.chunk_program, arrays[0], arrays[1], ctx.hparams[job.out_name],
                                      leaf_key(ctx.seed, job.out_name), out_dtype=out_dtype,
-                                     compute_dtype=_compute_dtype(ctx, arrays), chunk=CHUNK_ENTRIES, alloc=alloc)
+                                     compute_dtype=_compute_dtype(ctx, arrays), chunk=chunk_entries(int(arrays[0].size)),
+                                     fast_compile=("chunks", chunk_entries(int(arrays[0].size))) in ctx.fast_compile,
+                                     alloc=alloc)
         return _Pieces(pieces, last, tuple(job.shape))
     models = arrays[1] if stacked else tuple(_put(ctx, a) for a in arrays[1:])
     return ctx.program(_put(ctx, arrays[0]), models, hp,
@@ -466,6 +532,86 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool
                        out_dtype=out_dtype, compute_dtype=_compute_dtype(ctx, arrays),
                        fast_compile=job.tensor_shape in ctx.fast_compile, sort_limit="auto",
                        **({"models_stacked": True} if stacked else {}))
+
+
+def _run_streamed(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext, rpool, wpool, writer,
+                  window: int, max_bytes: int) -> None:
+    """Merge a :func:`streams` job chunk by chunk from the checkpoints and write each piece in place.
+
+    Chunk ``i`` (entries ``i * C`` on, ``C`` = :func:`chunk_entries`, the last zero-padded) of the base and the
+    models is read into one pooled buffer (the next chunk's read runs ahead in ``rpool``), given back once its
+    values are on the host; the merged pieces are written by ``wpool``, each at its entries' place. Chunks held
+    (one read ahead, one merging, the pieces not yet computed) stay within ``max_bytes`` (at least three)."""
+    ms = job.op.models
+    n = int(np.prod(job.shape, dtype=np.int64))
+    T, C = len(ms), chunk_entries(n)
+    base = job.op.base
+    bdt = np.dtype(readers[base.reader].dtype(base.name))
+    mdt = np.dtype(readers[ms[0].reader].dtype(ms[0].name))
+    split = C * bdt.itemsize
+    size = split + T * C * mdt.itemsize
+    count = -(-n // C)
+
+    def read(i):
+        lo = i * C
+        rest = min(C, n - lo)
+        buf = bufs.get(size)
+        try:
+            b = buf[:split].view(bdt)
+            m = buf[split:].view(mdt).reshape(T, C)
+            readers[base.reader].get_flat(base.name, lo, lo + rest, out=b[:rest])
+            b[rest:] = 0
+            for t, s in enumerate(ms):
+                readers[s.reader].get_flat(s.name, lo, lo + rest, out=m[t, :rest])
+            m[:, rest:] = 0
+        except BaseException:
+            bufs.put([buf])
+            raise
+        cb, cm = _cast_dtype(job, bdt, ctx), _cast_dtype(job, mdt, ctx)
+        b = b if cb == bdt else b.astype(cb)
+        m = m if cm == mdt else m.astype(cm)
+        return (b, tuple(m[t] for t in range(T))), buf
+
+    ahead: dict = {}
+
+    def load(i):
+        fut = ahead.pop(i, None)
+        if i + 1 < count and i + 1 not in ahead:
+            ahead[i + 1] = rpool.submit(read, i + 1)
+        chunk, buf = fut.result() if fut is not None else read(i)
+        return chunk, lambda: bufs.put([buf])
+
+    writes: collections.deque = collections.deque()
+
+    def write(i, piece, release):
+        lo = i * C
+        out = np.asarray(piece)[:min(C, n - lo)]  # waits for the piece
+        if release is not None:
+            release()
+        writer.write(job.out_name, out, flat=(lo, lo + out.shape[0]))
+
+    most = max(1, min(window, max_bytes // size - 2))  # pieces in flight, besides the chunk read ahead
+
+    def emit(i, piece, release):
+        writes.append(wpool.submit(write, i, piece, release))
+        while len(writes) > most:
+            writes.popleft().result()
+
+    kinds = [np.zeros(0, _cast_dtype(job, bdt, ctx)), np.zeros(0, _cast_dtype(job, mdt, ctx))]
+    out_dtype = np.float32 if np.dtype(job.dtype) == np.float64 else job.dtype
+    try:
+        merge_chunked_stream(ctx.chunk_program, load, n, ctx.hparams[job.out_name], leaf_key(ctx.seed, job.out_name),
+                             emit, out_dtype=out_dtype, compute_dtype=_compute_dtype(ctx, kinds), chunk=C,
+                             fast_compile=("chunks", C) in ctx.fast_compile)
+        while writes:
+            writes.popleft().result()
+    finally:
+        for f in ahead.values():  # a failed pass: its read-ahead's buffer goes back too
+            with contextlib.suppress(BaseException):
+                bufs.put([f.result()[1]])
+        for f in writes:
+            with contextlib.suppress(BaseException):
+                f.result()
 
 
 def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx: MergeContext, *, window: int = 4,
@@ -494,9 +640,13 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
     """
     progress = progress or Progress(sum(j.read_bytes(readers) for j in jobs), disable=True)
     main = split_rows(jobs, readers, ctx)
-    if len(main) > len(jobs):  # blocks of rows: a few of them in flight (and any job that runs whole)
-        max_inflight_bytes = min(max_inflight_bytes, max(max(j.pool_bytes(readers) for j in main),
-                                                         (window + 1) * PART_BYTES))
+    flows = [j for j in main if streams(j, readers, ctx)]  # chunk by chunk from the checkpoints, first
+    if flows:
+        main = [j for j in main if not any(j is f for f in flows)]
+    if len(main) + len(flows) > len(jobs) or flows:  # a few blocks or chunks in flight (and any job that runs whole)
+        chunk = max((_chunk_bytes(j, readers) for j in flows), default=0)
+        max_inflight_bytes = min(max_inflight_bytes, max(max((j.pool_bytes(readers) for j in main), default=0),
+                                                         (min(window, 2) + 1) * PART_BYTES, 3 * chunk))
     if buffers is None:  # one chunk of the budget (or of the whole merge, when smaller) serves every read
         total = sum(j.pool_bytes(readers) for j in jobs)
         buffers = Buffers(chunk_bytes=min(max_inflight_bytes, total))
@@ -529,7 +679,7 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
                 raise RuntimeError(f"injected failure after {done[0]} tensors")
 
         def consume(job, arrays, raw, stacked):
-            sig = ("chunks" if _chunked(job, ctx, stacked) else job.shape, str(arrays[0].dtype) if arrays else "",
+            sig = (("chunks", chunk_entries(int(np.prod(job.shape)))) if _chunked(job, ctx, stacked) else job.shape, str(arrays[0].dtype) if arrays else "",
                    type(job.op).__name__)
             if isinstance(job.op, Merge) and sig not in compiled:
                 compiled.add(sig)
@@ -551,6 +701,10 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
 
         # the largest first (each result is the same in any order): the largest two (an embedding and an LM head)
         # then take the same pooled memory one after the other, and the smaller tensors share it afterwards
+        for job in sorted(flows, key=lambda j: -j.read_bytes(readers)):
+            progress.phase("merging")
+            _run_streamed(job, readers, bufs, ctx, rpool, wpool, writer, window, max_inflight_bytes)
+            progress.update(job.read_bytes(readers))
         order = sorted(main, key=lambda j: -j.read_bytes(readers))
         _stream(order, readers, bufs, ctx, rpool, window, max_inflight_bytes, consume)
         while futures:
@@ -608,7 +762,8 @@ def _context(plan, jobs, seed: int, mesh: Optional[str], compute_float32: bool =
     chunked = chunked_form(method) if method is not None and mesh is None else None
     return MergeContext(program=LeafProgram(method) if method is not None else None, hparams=hps, views=views,
                         seed=seed, compute_dtype=np_dtype(plan.config.dtype), put=mesh_sharding(mesh),
-                        compute_float32=bool(compute_float32), fast_compile=fast_compile_shapes(merges),
+                        compute_float32=bool(compute_float32),
+                        fast_compile=fast_compile_shapes(merges, chunked=chunked is not None),
                         chunk_program=LeafProgram(chunked) if chunked is not None else None,
                         entrywise=method is not None and entrywise(method))
 

@@ -108,16 +108,22 @@ def plan_summary(plan: MergePlan, *, window: int = 4, allow_crimes: bool = False
         n_in = len(jobs[0].sources)
         read_b = sum(j.read_bytes(readers) for j in jobs)
         out_b = sum(math.prod(j.shape) * np.dtype(j.dtype).itemsize for j in jobs)
-        # as the executor runs them: large copies and merges of an entrywise method in blocks of rows
-        from ..core.chunks import entrywise  # noqa: PLC0415
-        from .executor import MergeContext, split_rows  # noqa: PLC0415
+        # as the executor runs them: large copies and merges of an entrywise method in blocks of rows, large merges
+        # of a method with a chunked form (TIES) chunk by chunk from the checkpoints
+        from ..core import LeafProgram  # noqa: PLC0415
+        from ..core.chunks import chunked_form, entrywise  # noqa: PLC0415
+        from .executor import MergeContext, chunk_entries, split_rows, streams  # noqa: PLC0415
+        chunked = chunked_form(method) if method is not None else None
         ctx = MergeContext(program=None, hparams={}, views={}, seed=0,
-                           entrywise=method is not None and entrywise(method))
+                           entrywise=method is not None and entrywise(method),
+                           chunk_program=LeafProgram(chunked) if chunked is not None else None)
         runs = split_rows(jobs, readers, ctx)
-        big = max(math.prod(j.shape) for j in runs)
+        flows = sum(streams(j, readers, ctx) for j in runs)
+        big = max(chunk_entries(math.prod(j.shape)) if streams(j, readers, ctx) else math.prod(j.shape) for j in runs)
         itm = max(np.dtype(j.in_dtype).itemsize for j in jobs)
         peak = window * big * itm * n_in + big * 4 * (n_in + 3) + 400 * 2**20
         blocks = f" (blocks of rows: {len(runs)} runs for {len(jobs)} tensors)" if len(runs) > len(jobs) else ""
+        blocks += f" ({flows} merged chunk by chunk from the checkpoints)" if flows else ""
         lines += [f"output tensors: {len(jobs)}{blocks}",
                   f"bytes read: {_fmt_bytes(read_b)}, written: {_fmt_bytes(out_b)}",
                   f"peak memory estimate: {peak / 2**30:.2f} GiB ({window} tensors in flight, largest "
