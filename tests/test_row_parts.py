@@ -185,8 +185,34 @@ def test_writer_puts_blocks_of_rows_in_place(tmp_path):
 
 def test_entrywise_methods():
     assert entrywise(jmerge.task_arithmetic()) and entrywise(jmerge.linear()) and entrywise(jmerge.negation())
-    for m in (jmerge.ties(), jmerge.dare_linear(), jmerge.slerp(), jmerge.della(), jmerge.breadcrumbs()):
+    # DARE's draws take the block's offset; its L1 rescale is a norm of the whole tensor
+    assert entrywise(jmerge.dare_linear()) and entrywise(jmerge.dare_ties()) and entrywise(jmerge.dare_linear(rescale="none"))
+    for m in (jmerge.ties(), jmerge.dare_linear(rescale="l1"), jmerge.dare_ties(rescale="l1"),
+              jmerge.dare_ties(trim_density=0.5), jmerge.slerp(), jmerge.della(), jmerge.breadcrumbs()):
         assert not entrywise(m)
+
+
+def test_bernoulli_at_an_offset_is_the_whole_tensors_draw_there():
+    """A block of rows drawn at its flat offset has the bits of the whole tensor's draw (jax.random.bernoulli's)."""
+    import jax
+    from jmerge.core.xla import bernoulli
+    key = jax.random.key(11)
+    p = np.random.default_rng(0).uniform(size=(37, 29)).astype(np.float32)
+    want = np.asarray(jax.random.bernoulli(key, p))
+    np.testing.assert_array_equal(np.asarray(bernoulli(key, p)), want)
+    draw = jax.jit(bernoulli, static_argnames=("whole", "block_ndim"))
+    for r0, r1 in [(0, 5), (5, 6), (13, 37), (36, 37)]:
+        got = draw(key, p[r0:r1], np.uint32(r0 * 29), whole=37 * 29, block_ndim=2)
+        np.testing.assert_array_equal(np.asarray(got), want[r0:r1])
+    assert not np.array_equal(np.asarray(draw(key, p[13:37], np.uint32(0), whole=37 * 29, block_ndim=2)), want[13:37])
+    # models x tensor, as DARE draws: a block of rows of each model's copy, the leading axis stepping over tensors
+    pt = np.random.default_rng(1).uniform(size=(3, 37, 29)).astype(np.float32)
+    want = np.asarray(jax.random.bernoulli(key, pt))
+    for r0, r1 in [(0, 7), (7, 37), (20, 21)]:
+        got = draw(key, pt[:, r0:r1], np.uint32(r0 * 29), whole=37 * 29, block_ndim=2)
+        np.testing.assert_array_equal(np.asarray(got), want[:, r0:r1])
+    got = draw(key, pt[:, 4:9].reshape(3, -1), np.uint32(4 * 29), whole=37 * 29, block_ndim=1)  # any block shape
+    np.testing.assert_array_equal(np.asarray(got), want[:, 4:9].reshape(3, -1))
 
 
 _CONFIGS = {
@@ -210,6 +236,38 @@ models:
   - model: {f0}
   - model: {f1}
 parameters: {{density: 0.3, weight: 1.0}}
+""",
+    # DARE's draws, keyed by flat index, start at each block's first entry (MergeState.offset)
+    "dare_linear_bf16": """merge_method: dare_linear
+base_model: {b}
+models:
+  - model: {f0}
+    parameters: {{weight: 0.7, density: 0.4}}
+  - model: {f1}
+    parameters: {{weight: 0.5, density: 0.6}}
+parameters: {{rescale: false}}
+dtype: bfloat16
+seed: 7
+""",
+    "dare_ties_float32": """merge_method: dare_ties
+base_model: {b}
+models:
+  - model: {f0}
+    parameters: {{weight: 1.0, density: 0.3}}
+  - model: {f1}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {f2}
+    parameters: {{weight: 0.4, density: 0.7}}
+parameters: {{rescale: false, normalize: true}}
+dtype: float32
+""",
+    "dare_ties_l1": """merge_method: dare_ties
+base_model: {b}
+models:
+  - model: {f0}
+    parameters: {{weight: 1.0, density: 0.3}}
+  - model: {f1}
+    parameters: {{weight: 0.6, density: 0.5}}
 """,
 }
 
@@ -236,7 +294,7 @@ def test_merges_by_blocks_of_rows_are_byte_identical(name, tiny_base, tiny_fts, 
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
         np.testing.assert_array_equal(got[k].view(np.uint8), want[k].view(np.uint8), err_msg=k)
     blocks = [n for n, rows in written if rows is not None]
-    if name == "ties":  # a per-tensor top-k: every tensor whole
+    if name in ("ties", "dare_ties_l1"):  # a per-tensor top-k, a per-tensor L1 norm: every tensor whole
         assert not blocks
     else:
         assert len(set(blocks)) >= 5 and len(blocks) > 2 * len(set(blocks))

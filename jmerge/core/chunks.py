@@ -57,15 +57,21 @@ def chunked_form(method: Transform) -> Transform | None:
 def entrywise(method: Transform) -> bool:
     """Whether every entry of ``method``'s merged leaf is computed from the same entry of its inputs alone, by
     the same operations whatever the leaf's shape (each step's update says so with an ``entrywise``
-    attribute; no whole-model statistics, matrix views or random draws, whose keys follow the leaf's flat
-    index): any rows of a tensor then merge to those rows of the whole tensor's result, so the out-of-core
-    executor may read, merge and write a large tensor a block of rows at a time
-    (:func:`jmerge.pipeline.jobs.row_parts`). Task arithmetic, linear and their scalings are.
+    attribute, True or a function of the step; no whole-model statistics or matrix views; random draws only
+    where they are keyed by the entry's flat index plus the block's offset, ``MergeState.offset``): any rows of
+    a tensor then merge to those rows of the whole tensor's result, so the out-of-core executor may read, merge
+    and write a large tensor a block of rows at a time (:func:`jmerge.pipeline.jobs.row_parts`). Task
+    arithmetic, linear, their scalings, DARE (but not its L1 rescale) and DARE-TIES are.
 
-    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
+    References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023); Yu et al., "Language Models
+    are Super Mario" (ICML 2024) (DARE).
     """
+    def marked(step) -> bool:
+        mark = getattr(step.update, "entrywise", False)
+        return bool(mark(step) if callable(mark) else mark)
+
     return (bool(method.steps) and not method.stats and not method.uses_view
-            and all(getattr(step.update, "entrywise", False) for _, step in method.steps))
+            and all(marked(step) for _, step in method.steps))
 
 
 def merge_chunked(program: LeafProgram, base: np.ndarray, models: np.ndarray, hp: Mapping[str, Any], key: Any, *,

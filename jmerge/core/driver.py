@@ -178,24 +178,24 @@ def _traced_range_check(method: Transform, specs: Mapping[str, Any]) -> None:
 
 
 def _initial_state(base_leaf, model_leaves, key, stacked: bool | str, materialize: bool, view,
-                   precision: str | None = None) -> MergeState:
+                   precision: str | None = None, offset: Any = None, whole: int | None = None) -> MergeState:
     b = round_to(base_leaf, precision)
     if stacked == "models":  # the models in one (T, *shape) array: tau is elementwise in it (fused, not stacked)
         rows = tuple(model_leaves[t] for t in range(model_leaves.shape[0]))
         make = lambda: diff_stack(base_leaf, model_leaves, precision)
         tau = materialized(make, b) if materialize and b.size else make()
         return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, base_leaf, rows), view=view,
-                          precision=precision)
+                          precision=precision, offset=offset, whole=whole)
     if stacked:
         tau = round_to(model_leaves, precision)
         return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, None, None), view=view,
-                          precision=precision)
+                          precision=precision, offset=offset, whole=whole)
     if materialize and b.size:
         tau = materialized(lambda: stack_diffs(b, model_leaves, precision), b)
     else:
         tau = stack_diffs(b, model_leaves, precision)
     return MergeState(tau=tau, base=b, merged=None, key=key, source=(tau, base_leaf, tuple(model_leaves)), view=view,
-                      precision=precision)
+                      precision=precision, offset=offset, whole=whole)
 
 
 def _finish(method: Transform, state: MergeState, base_leaf, out_dtype):
@@ -207,8 +207,9 @@ def _finish(method: Transform, state: MergeState, base_leaf, out_dtype):
 
 
 def _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view,
-               precision=None):
-    state = _initial_state(base_leaf, model_leaves, key, stacked, method.materialize_tau, view, precision)
+               precision=None, offset=None, whole=None):
+    state = _initial_state(base_leaf, model_leaves, key, stacked, method.materialize_tau, view, precision, offset,
+                           whole)
     if not return_extras:
         out = _fused_leaf(method, state, hp, stats, base_leaf=base_leaf, model_leaves=model_leaves, stacked=stacked,
                           out_dtype=out_dtype)
@@ -231,7 +232,7 @@ def _fused_leaf(method, state, hp, stats, **inputs):
 
 
 # Paths are not part of the compile key: leaves of equal shape, dtype and view share one executable.
-_LEAF_STATIC = ("method", "stacked", "out_dtype", "return_extras", "view", "precision", "sort_limit")
+_LEAF_STATIC = ("method", "stacked", "out_dtype", "return_extras", "view", "precision", "sort_limit", "whole")
 _COLLECT_STATIC = ("method", "index", "stacked", "view", "precision", "sort_limit")
 
 
@@ -240,11 +241,11 @@ def _limit(sort_limit):
 
 
 def _leaf_program(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view,
-                  precision=None, sort_limit=None):
+                  precision=None, sort_limit=None, offset=None, whole=None):
     _TRACES["count"] += 1
     with _limit(sort_limit):
         return _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, stacked=stacked, out_dtype=out_dtype,
-                          return_extras=return_extras, view=view, precision=precision)
+                          return_extras=return_extras, view=view, precision=precision, offset=offset, whole=whole)
 
 
 _leaf_jit = jax.jit(_leaf_program, static_argnames=_LEAF_STATIC)
@@ -381,14 +382,20 @@ class LeafProgram:
                  hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any] | None = None,
                  view: MatrixView | None = None, *, traced: bool = False, out_dtype: Any = None,
                  compute_dtype: Any = _PROGRAM, models_stacked: bool = False, fast_compile: bool = False,
-                 sort_limit: int | str | None = None) -> Any:
+                 sort_limit: int | str | None = None, offset: tuple[int, int] | None = None) -> Any:
         """The merged leaf (and its extras with ``return_extras``); ``out_dtype`` and ``compute_dtype``
-        override the program's."""
+        override the program's. ``offset``: ``(start, entries)``, the leaf is a block of a tensor of ``entries``
+        entries starting at flat index ``start`` (traced; see :class:`~jmerge.core.state.MergeState`), for methods
+        that :func:`~jmerge.core.chunks.entrywise` allows to run on blocks."""
         view = view if self.method.uses_view else None
         dt = self.out_dtype if out_dtype is None else jnp.dtype(out_dtype).name
         args = (self.method, base_leaf, model_leaves, hp, key, stats or {})
         kwargs = dict(stacked=self._stacked(models_stacked), out_dtype=dt, return_extras=self.return_extras, view=view,
                       precision=self._precision(compute_dtype))
+        if offset is not None:
+            start, whole = offset
+            kwargs["offset"] = jnp.asarray(start, jnp.uint32) if traced else np.uint32(start)
+            kwargs["whole"] = int(whole)
         return _dispatch(0, args, kwargs, (base_leaf, model_leaves), traced, fast_compile, sort_limit)
 
 

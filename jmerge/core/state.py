@@ -142,6 +142,10 @@ class MergeState:
       view: the leaf's matrix view (fan-in x fan-out axes), or None for vectors; static.
       precision: None (float32) or the emulated compute dtype (``"bfloat16"``, ``"float16"``); static.
         ``tau``, ``base`` and the raw inputs are then rounded to it; see :meth:`rounded`.
+      offset: where the leaf is a block of a larger tensor's entries (the out-of-core executor's blocks of
+        rows), the flat index of its first entry in that tensor (a uint32 scalar), else None: random draws
+        keyed by flat index (DARE's) add it, so a block draws the whole tensor's bits at its entries.
+      whole: with ``offset``, the entries of that whole tensor (static), else None.
 
     References: Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023) for task vectors.
     """
@@ -155,6 +159,8 @@ class MergeState:
     source: tuple | None = None
     view: MatrixView | None = dataclasses.field(default=None, metadata=dict(static=True))
     precision: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+    offset: Any = None
+    whole: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def num_models(self) -> int:

@@ -78,7 +78,8 @@ from jax import lax
 from jaxtyping import Array, Float
 
 __all__ = ["model_sum", "model_mean", "model_max", "materialized", "loop_variant", "honest_cost",
-           "split_blocks", "rows", "totals", "row_totals", "counts", "sign", "opaque_zero", "unfused", "uniform_exp", "bernoulli", "HONEST_COST_MIN", "HONEST_COST_ENTRIES",
+           "split_blocks", "rows", "totals", "row_totals", "counts", "sign", "opaque_zero", "unfused", "uniform_exp", "bernoulli",
+           "offset_draws", "HONEST_COST_MIN", "HONEST_COST_ENTRIES",
            "fast_compile_options", "FAST_COMPILE_OPTIONS", "FAST_COMPILE_MAX_WORK"]
 
 HONEST_COST_ENTRIES = 16384  # entries of the float sum of :func:`honest_cost`
@@ -305,13 +306,29 @@ def _threefry2x32(k1, k2, x0, x1):
     return x0, x1
 
 
-def bernoulli(key: jax.Array, p: Float[Array, "*shape"]) -> jax.Array:
+def offset_draws() -> bool:
+    """Whether :func:`bernoulli` can draw a block of a tensor at a flat ``offset`` (the threefry bits it computes
+    itself): JAX's default PRNG is threefry and ``jax_threefry_partitionable`` is on (JAX's default).
+
+    References: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011) (Threefry).
+    """
+    return bool(jax.config.jax_threefry_partitionable) and "threefry" in str(jax.config.jax_default_prng_impl)
+
+
+def bernoulli(key: jax.Array, p: Float[Array, "*shape"], offset: Any = None, whole: int | None = None,
+              block_ndim: int | None = None) -> jax.Array:
     """``jax.random.bernoulli(key, p)`` (bool, ``p``'s shape, float32 ``p``), bit for bit (workaround 8).
 
     The same partitionable threefry bits (``bits1 ^ bits2`` of the hash of each entry's flat index)
     and the same uniform (``(bits >> 9) * 2**-23``), computed elementwise so that XLA fuses the draw
     into its consumers. Falls back to ``jax.random.bernoulli`` where the bits would differ: a key
     that is not a threefry key, ``jax_threefry_partitionable`` off, or 2**32 entries or more.
+
+    With ``offset`` (a uint32 scalar, traced or not), ``whole`` and ``block_ndim``: ``p``'s last ``block_ndim``
+    axes are a block of a tensor of ``whole`` entries starting at flat index ``offset`` (rows of it), and its
+    leading axes index copies of that tensor (the models); the draw is the one of the whole ``(*leading, tensor)``
+    array at the block's entries. No fallback then (:func:`offset_draws` says when it would be needed): an error,
+    also where the whole array has 2**32 entries or more.
 
     References: Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011) (Threefry);
     JAX's ``jax.random`` (the bits reproduced).
@@ -320,16 +337,26 @@ def bernoulli(key: jax.Array, p: Float[Array, "*shape"]) -> jax.Array:
     shape = p.shape
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     impl = str(jax.random.key_impl(key)) if typed else ""
+    lead = shape[:len(shape) - block_ndim] if offset is not None else ()
+    total = int(np.prod(lead, dtype=np.int64)) * int(whole) if offset is not None else int(np.prod(shape))
     if (p.dtype != jnp.float32 or not typed or key.shape != () or "threefry" not in impl
-            or not jax.config.jax_threefry_partitionable or int(np.prod(shape)) >= 2 ** 32):
+            or not jax.config.jax_threefry_partitionable or total >= 2 ** 32):
+        if offset is not None:
+            raise ValueError("bernoulli: a block at a flat offset needs a threefry key with jax_threefry_partitionable "
+                             "on and a float32 p; merge the tensor whole instead")
         return jax.random.bernoulli(key, p)
     kd = jax.random.key_data(key)
     k1, k2 = kd[0], kd[1]
     lo = jnp.zeros(shape, jnp.uint32)
     stride = 1
     for d in reversed(range(len(shape))):  # the flat (row-major) index, < 2**32: the high word is 0
+        if offset is not None and d == len(lead) - 1:  # the leading axes step over whole tensors
+            lo = lo + jnp.asarray(offset, jnp.uint32)
+            stride = int(whole)
         lo = lo + lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(stride)
         stride *= shape[d]
+    if offset is not None and not lead:
+        lo = lo + jnp.asarray(offset, jnp.uint32)
     b0, b1 = _threefry2x32(k1, k2, jnp.zeros(shape, jnp.uint32), lo)
     bits = b0 ^ b1
     u = lax.bitcast_convert_type(lax.shift_right_logical(bits, np.uint32(9)) | np.uint32(0x3F800000),

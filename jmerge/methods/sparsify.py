@@ -35,7 +35,7 @@ from jaxtyping import Array, Float
 from ..core import HParamSpec, MergeInputError, MergeState, Transform, transform
 from ..core import select as _select
 from ..core.rank import difference_ranks, magnitude_ranks
-from ..core.xla import bernoulli as _bernoulli
+from ..core.xla import bernoulli as _bernoulli, offset_draws as _offset_draws
 from .basic import per_model
 
 __all__ = ["trim", "dare", "breadcrumbs_drop", "della_drop", "rescale_l1"]
@@ -181,9 +181,16 @@ def _kept_rescaled(state: MergeState, keep, p, rescale: str) -> jax.Array:
 
 def _dare(state: MergeState, hp, *, rescale: str) -> MergeState:
     p = per_model(hp["density"], state)
-    keep = _bernoulli(state.key, jnp.broadcast_to(p, state.tau.shape))  # jax.random.bernoulli's bits, fused
+    # jax.random.bernoulli's bits, fused; a block of rows draws the whole tensor's bits at its entries
+    keep = _bernoulli(state.key, jnp.broadcast_to(p, state.tau.shape), offset=state.offset, whole=state.whole,
+                      block_ndim=state.base.ndim)
     tau = _kept_rescaled(state, keep, p, rescale)
     return state.replace(tau=tau, extras={**state.extras, "dare_mask": keep})
+
+
+# read by jmerge.core.chunks.entrywise: each entry from the same entries and its own draw, keyed by its flat index
+# (plus the block's offset), except for the L1 rescale (a norm of the whole tensor)
+_dare.entrywise = lambda step: dict(step.static).get("rescale") != "l1" and _offset_draws()
 
 
 def dare(density: HParamSpec = 0.5, *, rescale: Literal["inverse", "l1", "none"] = "inverse") -> Transform:

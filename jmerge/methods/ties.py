@@ -53,6 +53,7 @@ def _elementwise(step):
 
 
 _elect_sign.chunk_form = _elementwise  # read by jmerge.core.chunks.chunked_form
+_elect_sign.entrywise = True  # each entry's sign from the same entries alone (read by jmerge.core.chunks.entrywise)
 
 
 def elect_sign(weight: HParamSpec = 1.0, *, method: Literal["sum", "count"] = "sum",
@@ -97,6 +98,7 @@ def _fuse_chain(*args, **kwargs):
 
 _disjoint_merge.fuse_chain = _fuse_chain  # offered to the driver (jmerge.core.driver._fused_leaf)
 _disjoint_merge.chunk_form = lambda step: None if dict(step.static).get("backend") == "pallas" else step
+_disjoint_merge.entrywise = lambda step: dict(step.static).get("backend") != "pallas"  # (jmerge.core.chunks.entrywise)
 
 
 def disjoint_merge(weight: HParamSpec = 1.0, *, reduce: Literal["mean", "sum"] = "mean",

@@ -293,7 +293,9 @@ def split_rows(jobs: Sequence[TensorJob], readers, ctx: MergeContext, part_bytes
     part_bytes = PART_BYTES if part_bytes is None else part_bytes
     out = []
     for j in jobs:
-        ok = isinstance(j.op, Copy) or (isinstance(j.op, Merge) and ctx.entrywise)
+        # (a merge's draws keyed by flat index, models x entries, stay below 2**32: jmerge.core.xla.bernoulli)
+        ok = isinstance(j.op, Copy) or (isinstance(j.op, Merge) and ctx.entrywise
+                                        and len(j.op.models) * int(np.prod(j.shape, dtype=np.int64)) < 2 ** 32)
         out += row_parts(j, readers, part_bytes) if ok else [j]
     return out
 
@@ -527,11 +529,14 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool
                                      alloc=alloc)
         return _Pieces(pieces, last, tuple(job.shape))
     models = arrays[1] if stacked else tuple(_put(ctx, a) for a in arrays[1:])
+    extra = {"models_stacked": True} if stacked else {}
+    if job.rows is not None:  # a block of rows: draws keyed by flat index start at its first entry's
+        row = int(np.prod(job.shape[1:], dtype=np.int64))
+        extra["offset"] = (job.rows[0] * row, job.tensor_shape[0] * row)
     return ctx.program(_put(ctx, arrays[0]), models, hp,
                        leaf_key(ctx.seed, job.out_name), stats.get(job.out_name) or {}, ctx.views[job.out_name],
                        out_dtype=out_dtype, compute_dtype=_compute_dtype(ctx, arrays),
-                       fast_compile=job.tensor_shape in ctx.fast_compile, sort_limit="auto",
-                       **({"models_stacked": True} if stacked else {}))
+                       fast_compile=job.tensor_shape in ctx.fast_compile, sort_limit="auto", **extra)
 
 
 def _run_streamed(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext, rpool, wpool, writer,
