@@ -95,7 +95,7 @@ def add_mergekit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--safe-serialization", action=b, default=True,
                    help=_NOOP + "the output is always safetensors (--no-safe-serialization warns)")
     for flag, why in (("--lazy-unpickle", "pickled .bin weights are refused; safetensors are read lazily anyway"),
-                      ("--low-cpu-memory", "memory is bounded by a few tensors (or blocks of rows) in flight "
+                      ("--low-cpu-memory", "memory is bounded by a few tensors (or blocks of rows, or chunks) in flight "
                                          "(see --window)"),
                       ("--read-to-gpu", "inputs go to the merge device (--device) tensor by tensor"),
                       ("--multi-gpu", "use --mesh N to shard tensors over N devices"),

@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     m.add_argument("--copy-tokenizer", dest="copy_tokenizer", action=argparse.BooleanOptionalAction, default=True,
                    help="copy tokenizer files into the output (default: yes)")
     m.add_argument("--window", type=int, default=4,
-                   help="tensors in flight, or blocks of rows of large ones (read-ahead window; default 4)")
+                   help="tensors in flight (read-ahead window; default 4); large tensors go through in blocks of "
+                        "rows or chunks, at most 3 at a time")
     m.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache (default: $JMERGE_COMPILE_CACHE or ~/.cache/jmerge/xla); "
                         "later merges with the same tensor shapes and method skip compilation")
