@@ -215,6 +215,13 @@ def test_bernoulli_at_an_offset_is_the_whole_tensors_draw_there():
     np.testing.assert_array_equal(np.asarray(got), want[:, 4:9].reshape(3, -1))
 
 
+def _dare_yaml(method: str, models: list, tail: str) -> str:
+    """A DARE config over the first models, ``(weight, density)`` each (a template: ``{b}``, ``{f0}``, ...)."""
+    rows = "".join(f"  - model: {{f{i}}}\n    parameters: {{{{weight: {w}, density: {d}}}}}\n"
+                   for i, (w, d) in enumerate(models))
+    return f"merge_method: {method}\nbase_model: {{b}}\nmodels:\n{rows}{tail}"
+
+
 _CONFIGS = {
     # per-layer weights (a gradient), and a scale step that is not 1
     "task_arithmetic_bf16": _BUFFER_CONFIGS["task_arithmetic_bf16"].replace(
@@ -238,37 +245,11 @@ models:
 parameters: {{density: 0.3, weight: 1.0}}
 """,
     # DARE's draws, keyed by flat index, start at each block's first entry (MergeState.offset)
-    "dare_linear_bf16": """merge_method: dare_linear
-base_model: {b}
-models:
-  - model: {f0}
-    parameters: {{weight: 0.7, density: 0.4}}
-  - model: {f1}
-    parameters: {{weight: 0.5, density: 0.6}}
-parameters: {{rescale: false}}
-dtype: bfloat16
-seed: 7
-""",
-    "dare_ties_float32": """merge_method: dare_ties
-base_model: {b}
-models:
-  - model: {f0}
-    parameters: {{weight: 1.0, density: 0.3}}
-  - model: {f1}
-    parameters: {{weight: 0.6, density: 0.5}}
-  - model: {f2}
-    parameters: {{weight: 0.4, density: 0.7}}
-parameters: {{rescale: false, normalize: true}}
-dtype: float32
-""",
-    "dare_ties_l1": """merge_method: dare_ties
-base_model: {b}
-models:
-  - model: {f0}
-    parameters: {{weight: 1.0, density: 0.3}}
-  - model: {f1}
-    parameters: {{weight: 0.6, density: 0.5}}
-""",
+    "dare_linear_bf16": _dare_yaml("dare_linear", [(0.7, 0.4), (0.5, 0.6)],
+                                   "parameters: {{rescale: false}}\ndtype: bfloat16\nseed: 7\n"),
+    "dare_ties_float32": _dare_yaml("dare_ties", [(1.0, 0.3), (0.6, 0.5), (0.4, 0.7)],
+                                    "parameters: {{rescale: false, normalize: true}}\ndtype: float32\n"),
+    "dare_ties_l1": _dare_yaml("dare_ties", [(1.0, 0.3), (0.6, 0.5)], ""),
 }
 
 
