@@ -187,8 +187,10 @@ def test_entrywise_methods():
     assert entrywise(jmerge.task_arithmetic()) and entrywise(jmerge.linear()) and entrywise(jmerge.negation())
     # DARE's draws take the block's offset; its L1 rescale is a norm of the whole tensor
     assert entrywise(jmerge.dare_linear()) and entrywise(jmerge.dare_ties()) and entrywise(jmerge.dare_linear(rescale="none"))
+    assert entrywise(jmerge.nearswap()) and entrywise(jmerge.ram()) and entrywise(jmerge.consensus_ta())
     for m in (jmerge.ties(), jmerge.dare_linear(rescale="l1"), jmerge.dare_ties(rescale="l1"),
-              jmerge.dare_ties(trim_density=0.5), jmerge.slerp(), jmerge.della(), jmerge.breadcrumbs()):
+              jmerge.dare_ties(trim_density=0.5), jmerge.slerp(), jmerge.della(), jmerge.breadcrumbs(),
+              jmerge.ramplus_tl(), jmerge.consensus_ties(), jmerge.arcee_fusion(), jmerge.model_stock()):
         assert not entrywise(m)
 
 
@@ -250,6 +252,13 @@ parameters: {{density: 0.3, weight: 1.0}}
     "dare_ties_float32": _dare_yaml("dare_ties", [(1.0, 0.3), (0.6, 0.5), (0.4, 0.7)],
                                     "parameters: {{rescale: false, normalize: true}}\ndtype: float32\n"),
     "dare_ties_l1": _dare_yaml("dare_ties", [(1.0, 0.3), (0.6, 0.5)], ""),
+    # other entrywise methods: NearSwap, RAM, consensus task arithmetic (TALL masks)
+    "nearswap_bf16": "merge_method: nearswap\nbase_model: {b}\nmodels:\n  - model: {f0}\n"
+                     "parameters: {{t: 0.0005}}\ndtype: bfloat16\n",
+    "ram_float32": "merge_method: ram\nbase_model: {b}\nmodels:\n  - model: {f0}\n  - model: {f1}\n  - model: {f2}\n"
+                   "parameters: {{epsilon: 0.0007}}\ndtype: float32\n",
+    "consensus_ta_bf16": "merge_method: consensus_ta\nbase_model: {b}\nmodels:\n  - model: {f0}\n  - model: {f1}\n"
+                         "  - model: {f2}\nparameters: {{k: 2, lambda_: 0.5}}\ndtype: bfloat16\n",
 }
 
 

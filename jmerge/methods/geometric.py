@@ -531,6 +531,9 @@ def _nearswap(state: MergeState, hp) -> MergeState:
     return state.replace(merged=r(r(w * b) + r(r(1.0 - w) * a)) - a)
 
 
+_nearswap.entrywise = True  # each entry from the same entries alone (read by jmerge.core.chunks.entrywise)
+
+
 def nearswap(t: HParamSpec = 1e-4) -> Transform:
     """Nearswap: take the fine-tuned value where it is close to the base, keep the base elsewhere.
 

@@ -78,6 +78,9 @@ def _tall_masks(state: MergeState, hp, *, strict: bool) -> MergeState:
     return state.replace(extras={**state.extras, "tall_masks": masks})
 
 
+_tall_masks.entrywise = True  # each entry's masks from the same entries alone (read by jmerge.core.chunks.entrywise)
+
+
 def tall_masks(lambda_: HParamSpec = 0.6, *, strict: bool = False) -> Transform:
     """Compute TALL masks and store them in ``state.extras["tall_masks"]`` (bool ``(T, *shape)``).
 
@@ -114,6 +117,9 @@ def _consensus_mask(state: MergeState, hp, *, masks_from: str, strict: bool) -> 
     keep = count >= hp["k"]
     return state.replace(merged=jnp.where(keep, state.merged, 0.0),
                          extras={**state.extras, "tall_masks": masks, "consensus_mask": keep})
+
+
+_consensus_mask.entrywise = True  # (read by jmerge.core.chunks.entrywise)
 
 
 def consensus_mask(k: HParamSpec = 2, lambda_: HParamSpec = 0.6, *,

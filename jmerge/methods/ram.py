@@ -75,6 +75,10 @@ def _ram(state: MergeState, hp, *, plus: bool) -> MergeState:
     return state.replace(merged=merged, extras=extras)
 
 
+# each entry from the same entries alone, except RAM+'s per-tensor counts (read by jmerge.core.chunks.entrywise)
+_ram.entrywise = lambda step: not dict(step.static).get("plus", False)
+
+
 def ram(epsilon: HParamSpec = 1e-5) -> Transform:
     """RAM: average the shared task-vector entries over their contributors, keep the unique ones whole.
 
