@@ -16,6 +16,8 @@ are compared tensor by tensor.
     python scripts/bench_vs_mergekit.py --size small --delta 0.25 --methods ties   # larger updates
     python scripts/bench_vs_mergekit.py --methods della   # DELLA (density 0.5, epsilon 0.1): outputs differ
                                                           # by the random draws (each tool its own RNG)
+    python scripts/bench_vs_mergekit.py --methods dare_ties   # DARE-TIES (density 0.5, rescale: false: jmerge
+                                                              # in blocks of rows); outputs differ by the draws
 
 References: Goddard et al., "Arcee's MergeKit" (EMNLP 2024 industry track); Yadav et al.,
 "TIES-Merging" (NeurIPS 2023); Ilharco et al., "Editing Models with Task Arithmetic" (ICLR 2023).
@@ -123,6 +125,21 @@ models:
     parameters: {{weight: 1.0, density: 0.2}}
 parameters:
   normalize: true
+dtype: float32
+out_dtype: bfloat16
+""",
+    "dare_ties": """merge_method: dare_ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {ft3}
+    parameters: {{weight: 1.0, density: 0.5}}
+parameters:
+  normalize: true
+  rescale: false
 dtype: float32
 out_dtype: bfloat16
 """,
