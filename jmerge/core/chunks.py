@@ -139,18 +139,20 @@ def _chunk_stats(program: LeafProgram, load: Callable[[int], tuple], count: int,
             if vals is None:
                 got: list = []
                 held: list = []  # (chunk, release) of chunks whose values are not on the host yet
+
+                def settle(j, rel):  # chunk j's values on the host, then its memory freed
+                    got[j] = jax.tree.map(np.asarray, got[j])
+                    rel()
+
                 for i in range(count):
                     (bc, mc), release = load(i)
                     got.append(program.collect(pi, bc, mc, hp, key, stats[i], None, **opts))
                     if release is not None:
                         held.append((i, release))
                     while len(held) > 1:  # a chunk computes while the previous one's values come back
-                        j, rel = held.pop(0)
-                        got[j] = jax.tree.map(np.asarray, got[j])
-                        rel()
+                        settle(*held.pop(0))
                 for j, rel in held:
-                    got[j] = jax.tree.map(np.asarray, got[j])
-                    rel()
+                    settle(j, rel)
                 vals = program.finalize(pi, [jax.tree.map(np.asarray, g) for g in got], hps)
             for st, v in zip(stats, vals):
                 st.setdefault(sname, {})[phase.name] = v

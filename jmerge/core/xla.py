@@ -351,11 +351,10 @@ def bernoulli(key: jax.Array, p: Float[Array, "*shape"], offset: Any = None, who
     stride = 1
     for d in reversed(range(len(shape))):  # the flat (row-major) index, < 2**32: the high word is 0
         if offset is not None and d == len(lead) - 1:  # the leading axes step over whole tensors
-            lo = lo + jnp.asarray(offset, jnp.uint32)
             stride = int(whole)
         lo = lo + lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(stride)
         stride *= shape[d]
-    if offset is not None and not lead:
+    if offset is not None:  # the block's first entry in its tensor
         lo = lo + jnp.asarray(offset, jnp.uint32)
     b0, b1 = _threefry2x32(k1, k2, jnp.zeros(shape, jnp.uint32), lo)
     bits = b0 ^ b1

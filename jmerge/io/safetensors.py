@@ -778,7 +778,7 @@ class CheckpointWriter:
         arr = np.ascontiguousarray(arr)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
-        block = part != ""
+        block = rows is not None or flat is not None
         with self._lock:
             if name in self._written or (not block and self._rows.get(name)):
                 raise CheckpointError(f"{self.out_dir}: tensor {name!r} written twice")

@@ -522,11 +522,11 @@ def _apply(job: TensorJob, arrays, ctx: MergeContext, stats: dict, stacked: bool
     # JAX has no float64 without x64: a float64 output is computed as float32 and cast by the writer
     out_dtype = np.float32 if np.dtype(job.dtype) == np.float64 else job.dtype
     if _chunked(job, ctx, stacked):
+        c = chunk_entries(int(arrays[0].size))
         pieces, last = merge_chunked(ctx.chunk_program, arrays[0], arrays[1], ctx.hparams[job.out_name],
                                      leaf_key(ctx.seed, job.out_name), out_dtype=out_dtype,
-                                     compute_dtype=_compute_dtype(ctx, arrays), chunk=chunk_entries(int(arrays[0].size)),
-                                     fast_compile=("chunks", chunk_entries(int(arrays[0].size))) in ctx.fast_compile,
-                                     alloc=alloc)
+                                     compute_dtype=_compute_dtype(ctx, arrays), chunk=c,
+                                     fast_compile=("chunks", c) in ctx.fast_compile, alloc=alloc)
         return _Pieces(pieces, last, tuple(job.shape))
     models = arrays[1] if stacked else tuple(_put(ctx, a) for a in arrays[1:])
     extra = {"models_stacked": True} if stacked else {}
@@ -553,8 +553,9 @@ def _run_streamed(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext, rpo
     base = job.op.base
     bdt = np.dtype(readers[base.reader].dtype(base.name))
     mdt = np.dtype(readers[ms[0].reader].dtype(ms[0].name))
+    cb, cm = _cast_dtype(job, bdt, ctx), _cast_dtype(job, mdt, ctx)  # the dtypes merged in
     split = C * bdt.itemsize
-    size = split + T * C * mdt.itemsize
+    size = _chunk_bytes(job, readers)  # split + T * C * mdt.itemsize
     count = -(-n // C)
 
     def read(i):
@@ -572,7 +573,6 @@ def _run_streamed(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext, rpo
         except BaseException:
             bufs.put([buf])
             raise
-        cb, cm = _cast_dtype(job, bdt, ctx), _cast_dtype(job, mdt, ctx)
         b = b if cb == bdt else b.astype(cb)
         m = m if cm == mdt else m.astype(cm)
         return (b, tuple(m[t] for t in range(T))), buf
@@ -602,7 +602,7 @@ def _run_streamed(job: TensorJob, readers, bufs: Buffers, ctx: MergeContext, rpo
         while len(writes) > most:
             writes.popleft().result()
 
-    kinds = [np.zeros(0, _cast_dtype(job, bdt, ctx)), np.zeros(0, _cast_dtype(job, mdt, ctx))]
+    kinds = [np.zeros(0, cb), np.zeros(0, cm)]
     out_dtype = np.float32 if np.dtype(job.dtype) == np.float64 else job.dtype
     try:
         merge_chunked_stream(ctx.chunk_program, load, n, ctx.hparams[job.out_name], leaf_key(ctx.seed, job.out_name),
@@ -644,11 +644,11 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
     (EMNLP 2024 industry track) for the tensor-by-tensor execution model.
     """
     progress = progress or Progress(sum(j.read_bytes(readers) for j in jobs), disable=True)
-    main = split_rows(jobs, readers, ctx)
-    flows = [j for j in main if streams(j, readers, ctx)]  # chunk by chunk from the checkpoints, first
-    if flows:
-        main = [j for j in main if not any(j is f for f in flows)]
-    if len(main) + len(flows) > len(jobs) or flows:  # a few blocks or chunks in flight (and any job that runs whole)
+    runs = split_rows(jobs, readers, ctx)
+    flowing = [streams(j, readers, ctx) for j in runs]  # chunk by chunk from the checkpoints, first
+    flows = [j for j, f in zip(runs, flowing) if f]
+    main = [j for j, f in zip(runs, flowing) if not f]
+    if len(runs) > len(jobs) or flows:  # a few blocks or chunks in flight (and any job that runs whole)
         chunk = max((_chunk_bytes(j, readers) for j in flows), default=0)
         max_inflight_bytes = min(max_inflight_bytes, max(max((j.pool_bytes(readers) for j in main), default=0),
                                                          (min(window, 2) + 1) * PART_BYTES, 3 * chunk))
@@ -684,8 +684,8 @@ def run_jobs(jobs: Sequence[TensorJob], readers: Sequence[Any], writer: Any, ctx
                 raise RuntimeError(f"injected failure after {done[0]} tensors")
 
         def consume(job, arrays, raw, stacked):
-            sig = (("chunks", chunk_entries(int(np.prod(job.shape)))) if _chunked(job, ctx, stacked) else job.shape, str(arrays[0].dtype) if arrays else "",
-                   type(job.op).__name__)
+            kind = ("chunks", chunk_entries(int(np.prod(job.shape)))) if _chunked(job, ctx, stacked) else job.shape
+            sig = (kind, str(arrays[0].dtype) if arrays else "", type(job.op).__name__)
             if isinstance(job.op, Merge) and sig not in compiled:
                 compiled.add(sig)
                 progress.phase("compiling")

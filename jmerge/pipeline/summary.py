@@ -118,8 +118,9 @@ def plan_summary(plan: MergePlan, *, window: int = 4, allow_crimes: bool = False
                            entrywise=method is not None and entrywise(method),
                            chunk_program=LeafProgram(chunked) if chunked is not None else None)
         runs = split_rows(jobs, readers, ctx)
-        flows = sum(streams(j, readers, ctx) for j in runs)
-        big = max(chunk_entries(math.prod(j.shape)) if streams(j, readers, ctx) else math.prod(j.shape) for j in runs)
+        flowing = [streams(j, readers, ctx) for j in runs]
+        flows = sum(flowing)
+        big = max(chunk_entries(math.prod(j.shape)) if f else math.prod(j.shape) for j, f in zip(runs, flowing))
         itm = max(np.dtype(j.in_dtype).itemsize for j in jobs)
         peak = window * big * itm * n_in + big * 4 * (n_in + 3) + 400 * 2**20
         blocks = f" (blocks of rows: {len(runs)} runs for {len(jobs)} tensors)" if len(runs) > len(jobs) else ""
