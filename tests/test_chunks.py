@@ -359,3 +359,141 @@ def test_per_row_search_finds_a_heavily_tied_kth_key_in_its_first_pass():
     kth = srt[np.arange(T), np.asarray(k) - 1]
     assert all(np.sum(srt[t] == kth[t]) > 100 for t in range(T))  # the k-th key is heavily tied
     np.testing.assert_array_equal(np.asarray(nlo), kth)
+
+
+# --------------------------------------------------------------------------------------------
+# DARE with the L1 rescale (mergekit's default): the norms from a statistic over the chunks
+
+def test_l1_norm_blocks_are_the_executors_chunks():
+    import jmerge.pipeline.executor as ex
+    from jmerge.methods.sparsify import l1_block, l1_norms, pairwise_sum
+    for n in (0, 1, 2 ** 19 - 1, 2 ** 19, 2 ** 19 + 1, 2 ** 22 - 1, 2 ** 22, 10 * 2 ** 22 + 3):
+        assert l1_block(n) == ex.chunk_entries(n), n
+    rng = np.random.default_rng(3)
+    for m in (1, 2, 3, 7, 8, 33):  # the host's tree adds what XLA's adds
+        v = (rng.standard_normal((2, m)) * 1e3 ** rng.integers(-2, 3, (2, m))).astype(np.float32)
+        np.testing.assert_array_equal(_bits(jax.jit(pairwise_sum)(jnp.asarray(v))), _bits(pairwise_sum(v, np)))
+    x = rng.standard_normal((2, 1100, 500)).astype(np.float32)  # two blocks of 2^19, the second zero-padded
+    want = np.abs(x.astype(np.float64)).sum((1, 2))
+    np.testing.assert_allclose(np.asarray(jax.jit(l1_norms)(x)), want, rtol=2e-7)
+    small = x[:, :100]  # one reduction below 2^19 entries
+    np.testing.assert_allclose(np.asarray(jax.jit(l1_norms)(small)), np.abs(small.astype(np.float64)).sum((1, 2)),
+                               rtol=2e-7)
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("precision", [None, "bfloat16"])
+def test_dare_l1_chunks_give_the_bits_of_the_per_tensor_program(name, precision):
+    method = (jmerge.dare_ties(density=0.4, rescale="l1", normalize_by="weight") if name == "dare_ties"
+              else jmerge.dare_linear(density=0.6, rescale="l1"))
+    form = chunked_form(method)
+    assert form is not None and form.stats  # the norms: one statistics phase over the chunks
+    assert chunked_form(jmerge.dare_ties(rescale="none")) is None  # entrywise: blocks of rows, not chunks
+    p, pc = LeafProgram(method), LeafProgram(form)
+    key = jax.random.key(11)
+    # one chunk; two (the second padded); five, whose sums a tree adds in another order than a running sum
+    for shape, chunk in (((1 << 19,), 1 << 19), ((1100, 500), 1 << 19), ((2100, 1000), 1 << 19)):
+        b, ms = _inputs(shape, 4, "smooth")
+        hp = _hp(method, weight=jmerge.PerModel([1.0, 0.5, 2.0]), density=jmerge.PerModel([0.3, 0.5, 0.9]))
+        ref = p(b, ms, hp, key, {}, None, compute_dtype=precision, models_stacked=True)
+        pieces, last = merge_chunked(pc, b, ms, hp, key, compute_dtype=precision, chunk=chunk)
+        got = _joined(pieces, last, shape)
+        np.testing.assert_array_equal(_bits(got), _bits(ref), err_msg=f"{shape}")
+        assert not np.array_equal(_bits(got), _bits(b))
+
+
+def test_dare_l1_chunks_match_numpy():
+    shape, dens, w = (1100, 500), np.array([0.3, 0.5, 0.9], np.float32), np.array([1.0, 0.5, 2.0], np.float32)
+    rng = np.random.default_rng(8)
+    b = rng.standard_normal(shape).astype(np.float32)
+    ms = np.stack([b + 0.01 * rng.standard_normal(shape).astype(np.float32) for _ in range(T)])
+    key = jax.random.key(2)
+    method = jmerge.dare_linear(rescale="l1")
+    hp = _hp(method, density=jmerge.PerModel(list(dens)), weight=jmerge.PerModel(list(w)))
+    pieces, last = merge_chunked(LeafProgram(chunked_form(method)), b, ms, hp, key, chunk=1 << 19)
+    tau = (ms - b[None]).astype(np.float64)
+    keep = np.asarray(jax.random.bernoulli(key, jnp.broadcast_to(jnp.asarray(dens)[:, None, None], (T,) + shape)))
+    kept = np.where(keep, tau, 0.0)
+    factor = np.abs(tau).sum((1, 2)) / np.abs(kept).sum((1, 2))
+    want = b + np.einsum("t,t,tij->ij", w, factor, kept)
+    np.testing.assert_allclose(_joined(pieces, last, shape), want, rtol=1e-5, atol=1e-6)
+
+
+def test_dare_l1_merges_chunk_by_chunk_and_streamed_with_the_same_bytes(tmp_path, monkeypatch):
+    """mergekit's DARE-TIES (``rescale: true``, an L1 norm per tensor): the 576000-entry embedding and LM head
+    merge in chunks, in memory and streamed from the checkpoints, with the per-tensor program's bytes."""
+    import importlib.util
+    import pathlib
+
+    import jmerge.pipeline.executor as ex
+    from jmerge.mergekit import parse_config
+    from jmerge.pipeline import run_merge
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_vs_mergekit.py"
+    spec = importlib.util.spec_from_file_location("bench_vs_mergekit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(bench.SIZES, "mid", dict(hidden=64, intermediate=160, layers=1, vocab=9000, heads=4,
+                                                 kv_heads=2))
+    dirs = bench.make_models(str(tmp_path / "models"), "mid", delta=0.5)
+    rows = "".join(f"  - model: {d}\n    parameters: {{weight: {w}, density: {p}}}\n"
+                   for d, w, p in zip(dirs[1:], (1.0, 0.7, 0.4), (0.3, 0.5, 0.8)))
+    cfg = f"merge_method: dare_ties\nbase_model: {dirs[0]}\nmodels:\n{rows}dtype: bfloat16\nseed: 5\n"
+    sizes = []
+    real = ex.merge_chunked
+    monkeypatch.setattr(ex, "merge_chunked", lambda *a, **k: (sizes.append((a[1].size, k["chunk"])),
+                                                              real(*a, **k))[1])
+    run_merge(parse_config(cfg), str(tmp_path / "chunks"), quiet=True)
+    assert sorted(sizes) == [(576000, 1 << 19)] * 2
+    monkeypatch.setattr(ex, "STREAM_BYTES", 0)  # straight from the files: every pass reads the chunks again
+    run_merge(parse_config(cfg), str(tmp_path / "streamed"), quiet=True, window=2)
+    assert len(sizes) == 2
+    monkeypatch.setattr(ex, "SMALL_CHUNK_ENTRIES", 10 ** 12)  # every tensor by the per-tensor program
+    run_merge(parse_config(cfg), str(tmp_path / "whole"), quiet=True)
+    ref = _read(tmp_path / "whole")
+    for run in ("chunks", "streamed"):
+        got = _read(tmp_path / run)
+        assert set(got) == set(ref) and len(ref) > 5
+        for k in ref:
+            np.testing.assert_array_equal(_bits(got[k]), _bits(ref[k]), err_msg=f"{run} {k}")
+    emb = "model.embed_tokens.weight"
+    changed = _bits(ref[emb]) != _bits(_read(dirs[0])[emb])
+    assert 0.2 < changed.mean() < 0.95  # the drop and the sign election changed a part of the entries
+
+
+def test_dare_l1_chunk_statistic_adds_the_chunks_as_the_whole_tensors_tree():
+    """The host's sum over the chunks is the whole tensor's pairwise tree, not a running sum: block sums
+    [1, 2^24, 1, 1] add to 2^24 + 2 in the tree and to 2^24 one by one in float32."""
+    from jmerge.methods.sparsify import _dare_l1_finalize, _factors, l1_norms
+    C = 1 << 19
+    tau = np.zeros((2, 4 * C), np.float32)
+    tau[:, [0, C, 2 * C, 3 * C]] = [1.0, 2.0 ** 24, 1.0, 1.0]
+    kept = tau.copy()
+    kept[:, 3 * C] = 0.0  # one entry dropped: block sums [1, 2^24, 1, 0]
+    norms = jax.jit(l1_norms)
+    assert np.asarray(norms(tau)).tolist() == [2.0 ** 24 + 2] * 2
+    chunks = [np.stack([norms(tau[:, i * C:(i + 1) * C]), norms(kept[:, i * C:(i + 1) * C])]) for i in range(4)]
+    got = _dare_l1_finalize(chunks, [{}] * 4)
+    want = np.asarray(jax.jit(lambda a, b: _factors(l1_norms(a), l1_norms(b), jnp))(tau, kept))
+    assert len(got) == 4 and all(np.array_equal(_bits(g), _bits(want)) for g in got)
+    assert want.tolist() == [np.float32(2.0 ** 24 + 2) / np.float32(2.0 ** 24)] * 2
+
+
+def test_l1_norms_of_a_leaf_known_sharded_reduce_it_in_its_own_shape():
+    from jmerge.core import driver
+    from jmerge.core.select import sharded_leaf
+    from jmerge.methods.sparsify import l1_norms
+    x = np.random.default_rng(2).standard_normal((2, 1100, 500)).astype(np.float32)
+    plain = np.asarray(jax.jit(lambda a: jnp.sum(jnp.abs(a), axis=(1, 2)))(x))
+    with sharded_leaf():  # (fresh functions: JAX caches a trace by function and shapes, not by this context)
+        jaxpr = str(jax.make_jaxpr(lambda a: l1_norms(a))(x))
+        inplace = np.asarray(jax.jit(lambda a: l1_norms(a))(x))
+    assert "pad" not in jaxpr and "slice" not in jaxpr and "reshape" not in jaxpr
+    np.testing.assert_array_equal(_bits(inplace), _bits(plain))
+    assert "pad" in str(jax.make_jaxpr(lambda a: l1_norms(a))(x))  # else blocks of the flat leaf, the last padded
+
+    class Sharded:  # what the driver reads of an array's placement
+        def __init__(self, replicated):
+            self.sharding = type("S", (), {"is_fully_replicated": replicated})()
+
+    assert driver._sharded(Sharded(False), (Sharded(True),))
+    assert not driver._sharded(Sharded(True), (np.zeros(3),))

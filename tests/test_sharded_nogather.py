@@ -92,6 +92,29 @@ SCRIPT = textwrap.dedent(r"""
             if not ok:
                 failures.append(f"{name}/{lay}: differs from one device by {np.max(np.abs(out - ref))}")
             print("ok" if ok and not bad else "FAIL", name, lay, flush=True)
+    # DARE with the L1 rescale on a leaf of 2^19 entries or more: its norms sum blocks of the flattened leaf
+    # (l1_norms, as the out-of-core chunks do) unless the leaf is known to be sharded, where they reduce it in
+    # place: the driver says so for an eager call, a caller's jit inside jmerge.core.select.sharded_leaf()
+    from jmerge.core.select import sharded_leaf
+    method = jmerge.dare_ties(density=0.5, rescale="l1")
+    shape = (1024, 640)
+    sh = NamedSharding(mesh, P(None, "model"))
+    b = rng.standard_normal(shape).astype(np.float32)
+    ms = [b + 0.1 * rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+    args = ({"w": jax.device_put(b, sh)}, [{"w": jax.device_put(m, sh)} for m in ms])
+    f = jax.jit(lambda b, ms: jmerge.merge(method, b, ms, seed=1))
+    assert full_gathers(f.lower(*args).compile().as_text(), b.size)  # flattened: gathered
+    with sharded_leaf():
+        bad = full_gathers(jax.jit(lambda b, ms: jmerge.merge(method, b, ms, seed=1)).lower(*args).compile().as_text(),
+                           b.size)
+    if bad:
+        failures.append(f"dare_ties l1 in sharded_leaf(): {len(bad)} full-leaf all-gathers, e.g. {bad[0]}")
+    one = jax.devices()[0]
+    ref = np.asarray(jmerge.merge(method, {"w": jax.device_put(b, one)}, [{"w": jax.device_put(m, one)} for m in ms],
+                                  seed=1)["w"])
+    eager = np.asarray(jmerge.merge(method, *args, seed=1)["w"])  # the driver sees the sharding
+    if not np.allclose(eager, ref, rtol=1e-5, atol=1e-6):
+        failures.append(f"dare_ties l1 eager sharded differs from one device by {np.max(np.abs(eager - ref))}")
     print("FAILURES", failures)
     assert not failures, failures
 """)

@@ -12,7 +12,9 @@ other step computes the same operations entry by entry.
 
 A step says how it runs on chunks through an attribute of its update, as ``fuse_chain`` (the core imports
 no method): ``update.chunk_form(step) -> Step | None`` returns the step to run on chunks (the step itself
-when it is elementwise), or None when it cannot.
+when it is elementwise), or None when it cannot. DARE with the L1 rescale runs on chunks too: its norms are a
+statistic over the chunks, and its draws take each chunk's flat offset (the chunked step's update is marked
+``chunk_offset``; its programs then compile per tensor size, the offset's ``whole`` being static).
 
 References: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023);
 Goddard et al., "Arcee's MergeKit" (EMNLP 2024 industry track) for the tensor-by-tensor execution.
@@ -33,6 +35,15 @@ from .transform import Transform
 __all__ = ["CHUNK_ENTRIES", "chunked_form", "merge_chunked", "merge_chunked_stream", "entrywise"]
 
 CHUNK_ENTRIES = 1 << 22  # entries per chunk (4 Mi: 8 MiB per bfloat16 model)
+
+
+def _offsets(program: LeafProgram, chunk: int, n: int) -> Callable[[int], dict]:
+    """Chunk ``i``'s ``offset`` keyword for the program's calls when a step draws random numbers keyed by flat
+    index (its update's ``chunk_offset`` attribute: the chunk then draws the whole tensor's bits at its entries,
+    ``MergeState.offset``), else none (one compiled program for every tensor size)."""
+    if any(getattr(s.update, "chunk_offset", False) for _, s in program.method.steps):
+        return lambda i: {"offset": (i * chunk, n)}
+    return lambda i: {}
 
 
 def chunked_form(method: Transform) -> Transform | None:
@@ -85,7 +96,8 @@ def merge_chunked(program: LeafProgram, base: np.ndarray, models: np.ndarray, hp
       base: the base tensor (NumPy, C-contiguous).
       models: the fine-tuned tensors stacked ``(T, *base.shape)`` (NumPy, C-contiguous).
       hp: the tensor's resolved hyperparameters (as for the per-tensor program).
-      key: the tensor's PRNG key (every chunk gets it: chunked methods draw no random numbers).
+      key: the tensor's PRNG key (every chunk gets it; a step that draws random numbers gets each chunk's flat
+        offset, so the chunks draw the whole tensor's bits).
       out_dtype, compute_dtype, fast_compile: as for :class:`LeafProgram` calls.
       chunk: entries per chunk.
       alloc: ``alloc(nbytes)`` returns a writeable uint8 buffer for the zero-padded last chunk (default
@@ -120,14 +132,16 @@ def merge_chunked(program: LeafProgram, base: np.ndarray, models: np.ndarray, hp
         leaves.append((pb, tuple(pm[t] for t in range(T))))
     leaves = [jax.device_put(x) for x in leaves]  # once: every phase and the merge read the same arrays
     opts = {"compute_dtype": compute_dtype, "fast_compile": fast_compile}
-    stats = _chunk_stats(program, lambda i: (leaves[i], None), count, n, hp, key, opts)
+    offs = _offsets(program, chunk, n)
+    stats = _chunk_stats(program, lambda i: (leaves[i], None), count, n, hp, key, opts, offs)
     hp32 = {k: np.asarray(v, np.float32) for k, v in hp.items()}
-    pieces = [program(bc, mc, hp32, key, st, None, out_dtype=out_dtype, **opts) for (bc, mc), st in zip(leaves, stats)]
+    pieces = [program(bc, mc, hp32, key, st, None, out_dtype=out_dtype, **opts, **offs(i))
+              for i, ((bc, mc), st) in enumerate(zip(leaves, stats))]
     return pieces, n - (count - 1) * chunk
 
 
 def _chunk_stats(program: LeafProgram, load: Callable[[int], tuple], count: int, n: int, hp: Mapping[str, Any],
-                 key: Any, opts: dict) -> list[dict]:
+                 key: Any, opts: dict, offs: Callable[[int], dict]) -> list[dict]:
     """Every phase of ``program`` over the ``count`` chunks of one tensor of ``n`` entries; returns each chunk's
     statistics. ``load(i)`` gives chunk ``i`` as ``((base, models), release)``: ``release()`` (when not None) is
     called once the chunk's values are on the host."""
@@ -146,7 +160,7 @@ def _chunk_stats(program: LeafProgram, load: Callable[[int], tuple], count: int,
 
                 for i in range(count):
                     (bc, mc), release = load(i)
-                    got.append(program.collect(pi, bc, mc, hp, key, stats[i], None, **opts))
+                    got.append(program.collect(pi, bc, mc, hp, key, stats[i], None, **opts, **offs(i)))
                     if release is not None:
                         held.append((i, release))
                     while len(held) > 1:  # a chunk computes while the previous one's values come back
@@ -186,9 +200,10 @@ def merge_chunked_stream(program: LeafProgram, load: Callable[[int], tuple], n: 
     """
     count = -(-n // chunk)
     opts = {"compute_dtype": compute_dtype, "fast_compile": fast_compile}
-    stats = _chunk_stats(program, load, count, n, hp, key, opts)
+    offs = _offsets(program, chunk, n)
+    stats = _chunk_stats(program, load, count, n, hp, key, opts, offs)
     hp32 = {k: np.asarray(v, np.float32) for k, v in hp.items()}
     for i in range(count):
         (bc, mc), release = load(i)
-        emit(i, program(bc, mc, hp32, key, stats[i], None, out_dtype=out_dtype, **opts), release)
+        emit(i, program(bc, mc, hp32, key, stats[i], None, out_dtype=out_dtype, **opts, **offs(i)), release)
     return n - (count - 1) * chunk

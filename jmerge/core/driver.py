@@ -49,7 +49,7 @@ from .state import MergeState, compute_precision, diff_stack, round_to, stack_di
 from .transform import StatsPhase, Transform, run_steps, _check_part
 from .tree import (check_compatible, check_task_vectors, leaf_key, leaf_kind, leaves_with_paths,
                    optimizer_state_paths)
-from .select import sort_limit_in_effect, whole_sort_limit
+from .select import sharded_leaf, sort_limit_in_effect, whole_sort_limit
 from .streams import iter_eqns, leaf_stream
 from .views import MatrixView, infer_views
 from .xla import fast_compile_options, materialized
@@ -232,18 +232,24 @@ def _fused_leaf(method, state, hp, stats, **inputs):
 
 
 # Paths are not part of the compile key: leaves of equal shape, dtype and view share one executable.
-_LEAF_STATIC = ("method", "stacked", "out_dtype", "return_extras", "view", "precision", "sort_limit", "whole")
-_COLLECT_STATIC = ("method", "index", "stacked", "view", "precision", "sort_limit")
+_LEAF_STATIC = ("method", "stacked", "out_dtype", "return_extras", "view", "precision", "sort_limit", "whole", "sharded")
+_COLLECT_STATIC = ("method", "index", "stacked", "view", "precision", "sort_limit", "whole", "sharded")
 
 
-def _limit(sort_limit):
-    return contextlib.nullcontext() if sort_limit is None else whole_sort_limit(sort_limit)
+@contextlib.contextmanager
+def _limit(sort_limit, sharded: bool = False):
+    with contextlib.ExitStack() as stack:
+        if sort_limit is not None:
+            stack.enter_context(whole_sort_limit(sort_limit))
+        if sharded:
+            stack.enter_context(sharded_leaf())
+        yield
 
 
 def _leaf_program(method, base_leaf, model_leaves, hp, key, stats, *, stacked, out_dtype, return_extras, view,
-                  precision=None, sort_limit=None, offset=None, whole=None):
+                  precision=None, sort_limit=None, offset=None, whole=None, sharded=False):
     _TRACES["count"] += 1
-    with _limit(sort_limit):
+    with _limit(sort_limit, sharded):
         return _leaf_impl(method, base_leaf, model_leaves, hp, key, stats, stacked=stacked, out_dtype=out_dtype,
                           return_extras=return_extras, view=view, precision=precision, offset=offset, whole=whole)
 
@@ -252,10 +258,11 @@ _leaf_jit = jax.jit(_leaf_program, static_argnames=_LEAF_STATIC)
 
 
 def _collect_impl(method, index, base_leaf, model_leaves, hp, key, stats, *, stacked, view, precision=None,
-                  sort_limit=None):
+                  sort_limit=None, offset=None, whole=None, sharded=False):
     si, sname, phase = method.stats[index]
-    with _limit(sort_limit):
-        state = _initial_state(base_leaf, model_leaves, key, stacked, method.materialize_tau, view, precision)
+    with _limit(sort_limit, sharded):
+        state = _initial_state(base_leaf, model_leaves, key, stacked, method.materialize_tau, view, precision, offset,
+                               whole)
         state = run_steps(method.steps[:si], state, hp, stats)
         return phase.collect(state.replace(stats=dict(stats.get(sname, {}))),
                              method.steps[si][1].own_hparams(sname, hp))
@@ -286,9 +293,17 @@ def _dispatch(which: int, args: tuple, kwargs: dict, inputs: tuple, traced: bool
     if traced:
         return (_leaf_impl, _collect_impl)[which](*args, **kwargs)
     f = _fast_jits()[which] if fast_compile else (_leaf_jit, _collect_jit)[which]
-    kwargs = dict(kwargs, sort_limit=_resolve_sort_limit(sort_limit, *inputs))
+    kwargs = dict(kwargs, sort_limit=_resolve_sort_limit(sort_limit, *inputs), sharded=_sharded(*inputs))
     with leaf_stream(f, args, kwargs, inputs):
         return f(*args, **kwargs)
+
+
+def _offset_kwargs(offset: tuple[int, int] | None, traced: bool) -> dict:
+    """The program's ``offset`` (traced uint32) and ``whole`` (static) keywords for a block at ``(start, entries)``."""
+    if offset is None:
+        return {}
+    start, whole = offset
+    return {"offset": jnp.asarray(start, jnp.uint32) if traced else np.uint32(start), "whole": int(whole)}
 
 
 class LeafProgram:
@@ -345,11 +360,14 @@ class LeafProgram:
                 model_leaves: Sequence[Shaped[ArrayLike, "*shape"]] | Float[Array, "T *shape"],
                 hp: Mapping[str, Any], key: PRNGKeyArray, stats: Mapping[str, Any], view: MatrixView | None = None,
                 *, traced: bool = False, compute_dtype: Any = _PROGRAM, models_stacked: bool = False,
-                fast_compile: bool = False, sort_limit: int | str | None = None) -> Any:
-        """Phase ``index``'s statistic of one leaf (steps before the phase's step run first)."""
+                fast_compile: bool = False, sort_limit: int | str | None = None,
+                offset: tuple[int, int] | None = None) -> Any:
+        """Phase ``index``'s statistic of one leaf (steps before the phase's step run first); ``offset`` as for a
+        call."""
         view = view if self.method.uses_view else None
         args = (self.method, index, base_leaf, model_leaves, hp, key, stats)
-        kwargs = dict(stacked=self._stacked(models_stacked), view=view, precision=self._precision(compute_dtype))
+        kwargs = dict(stacked=self._stacked(models_stacked), view=view, precision=self._precision(compute_dtype),
+                      **_offset_kwargs(offset, traced))
         return _dispatch(1, args, kwargs, (base_leaf, model_leaves), traced, fast_compile, sort_limit)
 
     def _stacked(self, models_stacked: bool) -> bool | str:
@@ -392,10 +410,7 @@ class LeafProgram:
         args = (self.method, base_leaf, model_leaves, hp, key, stats or {})
         kwargs = dict(stacked=self._stacked(models_stacked), out_dtype=dt, return_extras=self.return_extras, view=view,
                       precision=self._precision(compute_dtype))
-        if offset is not None:
-            start, whole = offset
-            kwargs["offset"] = jnp.asarray(start, jnp.uint32) if traced else np.uint32(start)
-            kwargs["whole"] = int(whole)
+        kwargs.update(_offset_kwargs(offset, traced))
         return _dispatch(0, args, kwargs, (base_leaf, model_leaves), traced, fast_compile, sort_limit)
 
 
@@ -418,11 +433,13 @@ def _eager_sort_limit(base_leaf, model_leaves) -> int | None:
     included) when no caller set a limit; else None (the default limit)."""
     if sort_limit_in_effect() is not None:
         return None
-    for x in jax.tree.leaves((base_leaf, model_leaves)):
-        sh = getattr(x, "sharding", None)
-        if sh is not None and not sh.is_fully_replicated:
-            return None
-    return EAGER_SORT_LIMIT
+    return None if _sharded(base_leaf, model_leaves) else EAGER_SORT_LIMIT
+
+
+def _sharded(base_leaf, model_leaves) -> bool:
+    """Whether a leaf's arrays are sharded over several devices (not all on one device or replicated)."""
+    return any(getattr(x, "sharding", None) is not None and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves((base_leaf, model_leaves)))
 
 
 def _resolve_sort_limit(sort_limit, base_leaf, model_leaves) -> int | None:

@@ -129,6 +129,7 @@ _SAMPLE = 4096  # target sample size for the first thresholds
 _SORT_MAX = 2048  # rows up to this length are simply sorted (default; see whole_sort_limit)
 _SORT_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("jmerge_whole_sort_limit", default=None)
 _TENSOR_N: contextvars.ContextVar[int | None] = contextvars.ContextVar("jmerge_tensor_chunks", default=None)
+_SHARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("jmerge_sharded_leaf", default=False)
 _CS0 = (-3.0, -1.2, 0.0, 1.2, 3.0)  # first thresholds, in sample standard deviations
 _CS = (-2.5, -0.8, 0.0, 0.8, 2.5)  # later thresholds, in expected errors
 _SLOPE_NOISE = 3.0  # a bracket's density slope is used beyond this many of its counting errors (_slope)
@@ -208,6 +209,29 @@ def tensor_topk_count(density: np.ndarray, n: int, rounding: str = "round") -> n
     if rounding == "floor":
         k = np.where(d > 0, np.maximum(k, np.int32(min(1, n))), k)
     return k.astype(np.int64)
+
+
+@contextlib.contextmanager
+def sharded_leaf(flag: bool = True) -> Iterator[None]:
+    """Within the block, the leaf being traced is known to be sharded over several devices (the driver sets it
+    for an eager call whose arrays are): statistics that would otherwise flatten it (``l1_norms``' blocks) reduce
+    it in its own shape, where it lives.
+
+    References: none (infrastructure).
+    """
+    token = _SHARDED.set(bool(flag))
+    try:
+        yield
+    finally:
+        _SHARDED.reset(token)
+
+
+def leaf_is_sharded() -> bool:
+    """Whether an enclosing :func:`sharded_leaf` says the leaf being traced is sharded.
+
+    References: none (infrastructure).
+    """
+    return _SHARDED.get()
 
 
 def sort_limit_in_effect() -> int | None:

@@ -36,6 +36,7 @@ def _weighted_sum(state: MergeState, hp, *, normalize: bool) -> MergeState:
 
 
 _weighted_sum.entrywise = True  # each entry from the same entries alone (read by jmerge.core.chunks.entrywise)
+_weighted_sum.chunk_form = lambda step: step  # elementwise: runs unchanged on a tensor's chunks (jmerge.core.chunks)
 
 
 def weighted_sum(weight: HParamSpec = 1.0, normalize: bool = False) -> Transform:
