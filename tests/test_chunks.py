@@ -251,27 +251,39 @@ def test_chunk_sizes_and_fast_compile_keys():
     assert ex.fast_compile_shapes(jobs) == {(256, 2048), (2048,), (600, 1000)}  # no chunked form: per shape
 
 
-def test_mid_size_tensors_merge_in_small_chunks_with_the_same_bits(tmp_path, monkeypatch):
-    """Tensors of 2^19 up to 2^22 entries merge in chunks of 2^19 (one program set for all their shapes) and
-    give the per-tensor program's bits; the 576000-entry embedding and LM head take a padded second chunk."""
+def _mid_models(tmp_path, monkeypatch) -> list:
+    """The benchmark's Llama-shaped base and 3 fine-tunes at a size whose embedding and LM head have 576000
+    entries (2^19 up to 2^22: chunks of 2^19, the second padded)."""
     import importlib.util
     import pathlib
-
-    import jmerge.pipeline.executor as ex
-    from jmerge.mergekit import parse_config
-    from jmerge.pipeline import run_merge
     path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_vs_mergekit.py"
     spec = importlib.util.spec_from_file_location("bench_vs_mergekit", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     monkeypatch.setitem(bench.SIZES, "mid", dict(hidden=64, intermediate=160, layers=1, vocab=9000, heads=4,
                                                  kv_heads=2))
-    dirs = bench.make_models(str(tmp_path / "models"), "mid", delta=0.5)
-    cfg = _ties_yaml(dirs[0], dirs[1:])
+    return bench.make_models(str(tmp_path / "models"), "mid", delta=0.5)
+
+
+def _spy_chunks(monkeypatch) -> list:
+    """The ``(entries, chunk size)`` of every in-memory chunked merge the executor runs from now on."""
+    import jmerge.pipeline.executor as ex
     sizes = []
     real = ex.merge_chunked
     monkeypatch.setattr(ex, "merge_chunked", lambda *a, **k: (sizes.append((a[1].size, k["chunk"])),
                                                               real(*a, **k))[1])
+    return sizes
+
+
+def test_mid_size_tensors_merge_in_small_chunks_with_the_same_bits(tmp_path, monkeypatch):
+    """Tensors of 2^19 up to 2^22 entries merge in chunks of 2^19 (one program set for all their shapes) and
+    give the per-tensor program's bits; the 576000-entry embedding and LM head take a padded second chunk."""
+    import jmerge.pipeline.executor as ex
+    from jmerge.mergekit import parse_config
+    from jmerge.pipeline import run_merge
+    dirs = _mid_models(tmp_path, monkeypatch)
+    cfg = _ties_yaml(dirs[0], dirs[1:])
+    sizes = _spy_chunks(monkeypatch)
     run_merge(parse_config(cfg), str(tmp_path / "chunks"), quiet=True)
     assert sorted(sizes) == [(576000, 1 << 19)] * 2
     monkeypatch.setattr(ex, "SMALL_CHUNK_ENTRIES", 10 ** 12)  # every tensor by the per-tensor program
@@ -422,26 +434,14 @@ def test_dare_l1_chunks_match_numpy():
 def test_dare_l1_merges_chunk_by_chunk_and_streamed_with_the_same_bytes(tmp_path, monkeypatch):
     """mergekit's DARE-TIES (``rescale: true``, an L1 norm per tensor): the 576000-entry embedding and LM head
     merge in chunks, in memory and streamed from the checkpoints, with the per-tensor program's bytes."""
-    import importlib.util
-    import pathlib
-
     import jmerge.pipeline.executor as ex
     from jmerge.mergekit import parse_config
     from jmerge.pipeline import run_merge
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_vs_mergekit.py"
-    spec = importlib.util.spec_from_file_location("bench_vs_mergekit", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setitem(bench.SIZES, "mid", dict(hidden=64, intermediate=160, layers=1, vocab=9000, heads=4,
-                                                 kv_heads=2))
-    dirs = bench.make_models(str(tmp_path / "models"), "mid", delta=0.5)
+    dirs = _mid_models(tmp_path, monkeypatch)
     rows = "".join(f"  - model: {d}\n    parameters: {{weight: {w}, density: {p}}}\n"
                    for d, w, p in zip(dirs[1:], (1.0, 0.7, 0.4), (0.3, 0.5, 0.8)))
     cfg = f"merge_method: dare_ties\nbase_model: {dirs[0]}\nmodels:\n{rows}dtype: bfloat16\nseed: 5\n"
-    sizes = []
-    real = ex.merge_chunked
-    monkeypatch.setattr(ex, "merge_chunked", lambda *a, **k: (sizes.append((a[1].size, k["chunk"])),
-                                                              real(*a, **k))[1])
+    sizes = _spy_chunks(monkeypatch)
     run_merge(parse_config(cfg), str(tmp_path / "chunks"), quiet=True)
     assert sorted(sizes) == [(576000, 1 << 19)] * 2
     monkeypatch.setattr(ex, "STREAM_BYTES", 0)  # straight from the files: every pass reads the chunks again
