@@ -293,7 +293,8 @@ def _dispatch(which: int, args: tuple, kwargs: dict, inputs: tuple, traced: bool
     if traced:
         return (_leaf_impl, _collect_impl)[which](*args, **kwargs)
     f = _fast_jits()[which] if fast_compile else (_leaf_jit, _collect_jit)[which]
-    kwargs = dict(kwargs, sort_limit=_resolve_sort_limit(sort_limit, *inputs), sharded=_sharded(*inputs))
+    sharded = _sharded(*inputs)
+    kwargs = dict(kwargs, sort_limit=_resolve_sort_limit(sort_limit, *inputs, sharded=sharded), sharded=sharded)
     with leaf_stream(f, args, kwargs, inputs):
         return f(*args, **kwargs)
 
@@ -428,12 +429,14 @@ inside ``jax.jit`` (compiled once, run many times) the default 2048 holds. Shard
 search (a sort would gather them)."""
 
 
-def _eager_sort_limit(base_leaf, model_leaves) -> int | None:
+def _eager_sort_limit(base_leaf, model_leaves, sharded: bool | None = None) -> int | None:
     """:data:`EAGER_SORT_LIMIT` for a leaf whose arrays are all on one device or replicated (host arrays
     included) when no caller set a limit; else None (the default limit)."""
     if sort_limit_in_effect() is not None:
         return None
-    return None if _sharded(base_leaf, model_leaves) else EAGER_SORT_LIMIT
+    if sharded is None:
+        sharded = _sharded(base_leaf, model_leaves)
+    return None if sharded else EAGER_SORT_LIMIT
 
 
 def _sharded(base_leaf, model_leaves) -> bool:
@@ -442,9 +445,9 @@ def _sharded(base_leaf, model_leaves) -> bool:
                for x in jax.tree.leaves((base_leaf, model_leaves)))
 
 
-def _resolve_sort_limit(sort_limit, base_leaf, model_leaves) -> int | None:
+def _resolve_sort_limit(sort_limit, base_leaf, model_leaves, sharded: bool | None = None) -> int | None:
     if sort_limit == "auto":
-        return _eager_sort_limit(base_leaf, model_leaves)
+        return _eager_sort_limit(base_leaf, model_leaves, sharded)
     if sort_limit is not None and (isinstance(sort_limit, str) or int(sort_limit) < 0):
         raise MergeInputError(f"sort_limit={sort_limit!r}: give a non-negative number of entries, 'auto' or None.")
     return sort_limit

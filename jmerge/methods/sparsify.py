@@ -76,8 +76,12 @@ def rescale_l1(tau: Float[Array, "T *shape"], kept: Float[Array, "T *shape"]) ->
     References: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
     Lunch" (ICML 2024); mergekit's ``rescale`` (Goddard et al., "Arcee's MergeKit", EMNLP 2024).
     """
-    T = tau.shape[0]
-    return kept * _l1_factors(tau, kept).reshape((T,) + (1,) * (tau.ndim - 1))
+    return _times_factors(kept, _l1_factors(tau, kept))
+
+
+def _times_factors(kept, factors) -> jax.Array:
+    """``kept`` (``(T, *shape)``) times each task's factor: the same product per entry whole or in chunks."""
+    return kept * factors.reshape((kept.shape[0],) + (1,) * (kept.ndim - 1))
 
 
 def _l1_factors(tau, kept) -> jax.Array:
@@ -281,8 +285,7 @@ def _dare_chunks(state: MergeState, hp, *, rescale: str) -> MergeState:
     draws are made again (their fused threefry costs less than unpacking a mask kept from the statistics pass:
     0.017 against 0.036 s for a ``(3, 2**22)`` chunk)."""
     keep = _dare_keep(state, hp, own=True)
-    T = state.num_models
-    tau = jnp.where(keep, state.tau, 0.0) * jnp.asarray(state.stats[_DARE_L1]).reshape((T,) + (1,) * (state.tau.ndim - 1))
+    tau = _times_factors(jnp.where(keep, state.tau, 0.0), jnp.asarray(state.stats[_DARE_L1]))
     return state.replace(tau=tau, extras={**state.extras, "dare_mask": keep})
 
 
