@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # what readers and type checkers see; at run time __getattr__
                        check_compatible, count_layers, density_to_k, global_topk_mask, global_topk_phases, infer_view,
                        infer_views, keep_host_memory, layer_index, layer_positions, leaf_key, leaf_kind,
                        leaves_with_paths, merge, merge_leaf, model_max, model_mean, model_sum, named_chain, path_str,
-                       prepare_leaf_hparams, resolve_hparams, task_vectors, topk_mask, topk_mask_rows, trace_count,
-                       transform)
+                       prepare_leaf_hparams, resolve_hparams, sharded_leaf, task_vectors, topk_mask, topk_mask_rows,
+                       trace_count, transform)
     from .io import (CheckpointError, CheckpointReader, CheckpointWriter, convert, copy_aux_files, flat_to_nested,
                      load_orbax, model_card, nested_to_flat, open_checkpoint, save_orbax)
     from .learned import (LearnedMerge, LearnedMergeError, adamerging, adaptive_projective_gd, atlas, concrete_mask,
@@ -56,8 +56,8 @@ _EXPORTS_BY_PACKAGE: dict[str, tuple[str, ...]] = {
         "check_compatible", "count_layers", "density_to_k", "global_topk_mask", "global_topk_phases", "infer_view",
         "infer_views", "keep_host_memory", "layer_index", "layer_positions", "leaf_key", "leaf_kind",
         "leaves_with_paths", "merge", "merge_leaf", "model_max", "model_mean", "model_sum", "named_chain", "path_str",
-        "prepare_leaf_hparams", "resolve_hparams", "task_vectors", "topk_mask", "topk_mask_rows", "trace_count",
-        "transform",
+        "prepare_leaf_hparams", "resolve_hparams", "sharded_leaf", "task_vectors", "topk_mask", "topk_mask_rows",
+        "trace_count", "transform",
     ),
     "io": (
         "CheckpointError", "CheckpointReader", "CheckpointWriter", "convert", "copy_aux_files", "flat_to_nested",
@@ -124,7 +124,7 @@ __all__ = [
     "check_compatible", "leaf_key", "leaf_kind", "layer_index", "count_layers", "HParamSpec", "Gradient", "Rules",
     "PerModel", "resolve_hparams", "layer_positions", "MatrixView", "infer_view", "infer_views", "MergeState",
     "StatsPhase", "Step", "Transform", "transform", "chain", "named_chain", "LeafProgram", "merge", "merge_leaf",
-    "prepare_leaf_hparams", "keep_host_memory",
+    "prepare_leaf_hparams", "keep_host_memory", "sharded_leaf",
     "task_vectors", "apply_delta", "trace_count", "model_sum", "model_mean", "model_max", "topk_mask",
     "topk_mask_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
     # steps and named methods

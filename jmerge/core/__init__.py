@@ -14,7 +14,8 @@ from .driver import (GROUP_MIN_EQNS, LeafProgram, apply_delta, check_method, che
 from .errors import MergeInputError, NonFloatLeavesWarning, OptimizerStateWarning
 from .heap import keep_host_memory
 from .hparams import Gradient, HParamSpec, PerModel, Rules, interp_gradient, layer_positions, resolve_hparams
-from .select import density_to_k, global_topk_mask, global_topk_phases, topk_keep_rows, topk_mask, topk_mask_rows
+from .select import (density_to_k, global_topk_mask, global_topk_phases, sharded_leaf, topk_keep_rows, topk_mask,
+                     topk_mask_rows)
 from .state import MergeState, diff_rows
 from .transform import StatsPhase, Step, Transform, chain, is_transform, named_chain, transform
 from .tree import (check_compatible, check_task_vectors, count_layers, layer_index, leaf_key, leaf_kind, leaves_with_paths,
@@ -36,7 +37,7 @@ __all__ = [
     "MergeState", "diff_rows", "StatsPhase", "Step", "Transform", "transform", "chain", "named_chain", "is_transform",
     # driver
     "LeafProgram", "merge", "merge_leaf", "prepare_leaf_hparams", "check_ranges", "check_method", "task_vectors",
-    "apply_delta", "trace_count", "count_eqns", "GROUP_MIN_EQNS", "keep_host_memory",
+    "apply_delta", "trace_count", "count_eqns", "GROUP_MIN_EQNS", "keep_host_memory", "sharded_leaf",
     # selection and reductions
     "topk_mask", "topk_mask_rows", "topk_keep_rows", "density_to_k", "global_topk_phases", "global_topk_mask",
     "model_sum", "model_mean", "model_max",

@@ -32,9 +32,24 @@ from .driver import LeafProgram
 from .select import tensor_chunks
 from .transform import Transform
 
-__all__ = ["CHUNK_ENTRIES", "chunked_form", "merge_chunked", "merge_chunked_stream", "entrywise"]
+__all__ = ["CHUNK_ENTRIES", "SMALL_CHUNK_ENTRIES", "chunk_size", "chunked_form", "merge_chunked", "merge_chunked_stream", "entrywise"]
 
 CHUNK_ENTRIES = 1 << 22  # entries per chunk (4 Mi: 8 MiB per bfloat16 model)
+SMALL_CHUNK_ENTRIES = 1 << 19  # entries per chunk of tensors smaller than CHUNK_ENTRIES
+
+
+def chunk_size(n: int, large: int = CHUNK_ENTRIES, small: int = SMALL_CHUNK_ENTRIES) -> int:
+    """Entries per chunk of a tensor of ``n`` entries, or 0 when it merges whole: ``large`` from that size on,
+    ``small`` from that size up to ``large``. The out-of-core executor's chunks
+    (``jmerge.pipeline.executor.chunk_entries``) and the blocks of DARE's L1 norms
+    (``jmerge.methods.sparsify.l1_block``) both take it, so that each chunk of a chunked merge is one block.
+
+    References: none (infrastructure).
+    """
+    n = int(n)
+    if n >= large:
+        return large
+    return small if n >= small else 0
 
 
 def _offsets(program: LeafProgram, chunk: int, n: int) -> Callable[[int], dict]:

@@ -213,9 +213,21 @@ def tensor_topk_count(density: np.ndarray, n: int, rounding: str = "round") -> n
 
 @contextlib.contextmanager
 def sharded_leaf(flag: bool = True) -> Iterator[None]:
-    """Within the block, the leaf being traced is known to be sharded over several devices (the driver sets it
-    for an eager call whose arrays are): statistics that would otherwise flatten it (``l1_norms``' blocks) reduce
-    it in its own shape, where it lives.
+    """Within the block, the leaves being traced are known to be sharded over several devices: statistics that
+    would otherwise flatten a leaf (the blocks of DARE's and DELLA's L1 norms, ``methods.sparsify.l1_norms``)
+    reduce it in its own shape, where it lives, so that it is not gathered.
+
+    The driver sets it for an eager :func:`jmerge.merge` whose arrays are sharded. Inside your own ``jax.jit``
+    the arrays are tracers, so enter it around the call that traces the merge::
+
+        with jmerge.sharded_leaf():
+            merged = jax.jit(lambda b, fts: jmerge.merge(jmerge.dare_ties(rescale="l1"), b, fts))(base, fts)
+
+    The results equal the flattened form's to float32 rounding (the sum's order differs); a merge outside it
+    on one device equals the out-of-core merge bit for bit.
+
+    Args:
+      flag: True (default) inside the block; False to say the leaves are not sharded.
 
     References: none (infrastructure).
     """

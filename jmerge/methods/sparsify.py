@@ -34,6 +34,7 @@ from jaxtyping import Array, Float
 
 from ..core import HParamSpec, MergeInputError, MergeState, StatsPhase, Transform, transform
 from ..core import select as _select
+from ..core.chunks import chunk_size
 from ..core.rank import difference_ranks, magnitude_ranks
 from ..core.xla import bernoulli as _bernoulli, materialized, offset_draws as _offset_draws
 from .basic import per_model
@@ -97,13 +98,12 @@ def _factors(before, after, xp):
 
 def l1_block(n: int) -> int:
     """Entries per block of the L1 norm of a tensor of ``n`` entries (:func:`l1_norms`), or 0 for one reduction:
-    the out-of-core executor's chunk size for that tensor (``jmerge.pipeline.executor.chunk_entries``: 2^22 from
+    the out-of-core executor's chunk size for that tensor (:func:`jmerge.core.chunks.chunk_size`: 2^22 from
     2^22 entries, 2^19 from 2^19), so that each chunk of a chunked merge is one block.
 
     References: none (infrastructure).
     """
-    n = int(n)
-    return 1 << 22 if n >= 1 << 22 else (1 << 19 if n >= 1 << 19 else 0)
+    return chunk_size(n)
 
 
 def l1_norms(x: Float[Array, "T *shape"]) -> Float[Array, " T"]:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from ..core import LeafProgram, check_ranges, infer_views, leaf_key
-from ..core.chunks import CHUNK_ENTRIES, chunked_form, entrywise, merge_chunked, merge_chunked_stream
+from ..core.chunks import CHUNK_ENTRIES, SMALL_CHUNK_ENTRIES, chunk_size, chunked_form, entrywise, merge_chunked, merge_chunked_stream
 from ..core.heap import M_ARENA_MAX as _M_ARENA_MAX, M_MMAP_MAX as _M_MMAP_MAX
 from ..core.heap import M_TRIM_THRESHOLD as _M_TRIM_THRESHOLD, glibc
 from ..io.memory import HUGE_PAGE as _HUGE, anon_buffer as _anon_buffer
@@ -300,23 +300,18 @@ def split_rows(jobs: Sequence[TensorJob], readers, ctx: MergeContext, part_bytes
     return out
 
 
-SMALL_CHUNK_ENTRIES = 1 << 19  # entries per chunk of chunked merges of tensors smaller than CHUNK_ENTRIES
-
-
 def chunk_entries(n: int) -> int:
     """Entries per chunk of a chunked merge of a tensor of ``n`` entries, or 0 when it merges whole.
 
     ``CHUNK_ENTRIES`` from that size on; from ``SMALL_CHUNK_ENTRIES`` up to it, chunks of that size (a 0.54B Llama's
     K and V projections, 2^19 entries: one compiled program set of the small size for every such shape, about
     half the compile of one per-tensor TIES program, which each shape would compile); smaller tensors merge
-    whole (their padding would outweigh the compile saved). The results are the same either way.
+    whole (their padding would outweigh the compile saved). The results are the same either way
+    (:func:`jmerge.core.chunks.chunk_size`, read with this module's two sizes).
 
     References: none (infrastructure).
     """
-    n = int(n)
-    if n >= CHUNK_ENTRIES:
-        return CHUNK_ENTRIES
-    return SMALL_CHUNK_ENTRIES if n >= SMALL_CHUNK_ENTRIES else 0
+    return chunk_size(n, CHUNK_ENTRIES, SMALL_CHUNK_ENTRIES)
 
 
 STREAM_BYTES = 4 * PART_BYTES  # input bytes (all models) above which a chunked merge reads its chunks per pass
