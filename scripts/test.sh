@@ -22,4 +22,5 @@ fi
 "$VENV/bin/python" -c 'import jax, sys; print(f"python {sys.version.split()[0]}  jax {jax.__version__}  devices {jax.devices()}")'
 # --max-worker-restart 0: a crashed worker ends the run at once (pytest-xdist 3.8's loadfile scheduler can
 # wait forever after replacing a crashed worker: pytest-dev/pytest-xdist#784, #1378)
-exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 "$@" tests
+# --durations 25: the slowest tests in the log (CI time is a budget: aim under 20 min)
+exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 --durations 25 "$@" tests
