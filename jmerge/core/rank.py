@@ -386,7 +386,9 @@ def difference_ranks(base: Float[Array, "*shape"], models: Sequence[Float[Array,
     differences block by block, instead of XLA writing the stacked task vectors for
     it (a ``(3, 1024, 2816)`` leaf: ~22 ms less of ~80). Its threads take the calling XLA thread's
     floating-point environment, in which denormal inputs and results are flushed to zero as in XLA's own
-    kernels, so every difference has XLA's bits (``tests/test_rank.py`` checks denormal differences).
+    kernels, so every difference has XLA's bits (``tests/test_rank.py`` checks denormal differences). JAX 0.12.1
+    calls host callbacks on a thread that does not flush; the differences are then flushed explicitly (inputs
+    and results), the same bits.
 
     Args:
       base: the base leaf.
