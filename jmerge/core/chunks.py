@@ -32,8 +32,8 @@ from .driver import LeafProgram
 from .select import tensor_chunks
 from .transform import Transform
 
-__all__ = ["CHUNK_ENTRIES", "SMALL_CHUNK_ENTRIES", "chunk_size", "chunked_form", "merge_chunked", "merge_chunked_stream",
-           "entrywise"]
+__all__ = ["CHUNK_ENTRIES", "SMALL_CHUNK_ENTRIES", "chunk_size", "chunked_form", "merge_chunked",
+           "merge_chunked_stream", "entrywise"]
 
 CHUNK_ENTRIES = 1 << 22  # entries per chunk (4 Mi: 8 MiB per bfloat16 model)
 SMALL_CHUNK_ENTRIES = 1 << 19  # entries per chunk of tensors smaller than CHUNK_ENTRIES

@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from ..core import LeafProgram, check_ranges, infer_views, leaf_key
-from ..core.chunks import CHUNK_ENTRIES, SMALL_CHUNK_ENTRIES, chunk_size, chunked_form, entrywise, merge_chunked, merge_chunked_stream
+from ..core.chunks import (CHUNK_ENTRIES, SMALL_CHUNK_ENTRIES, chunk_size, chunked_form, entrywise, merge_chunked,
+                           merge_chunked_stream)
 from ..core.heap import M_ARENA_MAX as _M_ARENA_MAX, M_MMAP_MAX as _M_MMAP_MAX
 from ..core.heap import M_TRIM_THRESHOLD as _M_TRIM_THRESHOLD, glibc
 from ..io.memory import HUGE_PAGE as _HUGE, anon_buffer as _anon_buffer
